@@ -1,0 +1,39 @@
+"""Exceptions a user of insloc-hub can meet, each with a message that says what to do.
+
+Every error derives from :class:`InsLocError`, and also from the built-in exception a caller
+would naturally catch (``ValueError``, ``FileNotFoundError``...), so existing handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class InsLocError(Exception):
+    """Base class of every error raised on purpose by insloc-hub."""
+
+
+class InvalidImageError(InsLocError, ValueError):
+    """An input could not be decoded as an image, or breaks a limit (size, pixels)."""
+
+
+class ConfigError(InsLocError, ValueError):
+    """An argument or a config value is invalid (unknown architecture, bad combination...)."""
+
+
+class WeightsMismatchError(InsLocError, RuntimeError):
+    """Pretrained tensors do not fit the model: missing, unexpected or wrongly shaped keys."""
+
+
+class IntegrityError(InsLocError, RuntimeError):
+    """A weights file does not match the checksum recorded in its config."""
+
+
+class ModelNotFoundError(InsLocError, FileNotFoundError):
+    """A model name, alias, repo or revision could not be resolved (locally or on the Hub)."""
+
+
+class DatasetError(InsLocError, ValueError):
+    """A dataset path or annotation file cannot be used (missing, empty, malformed)."""
+
+
+class CheckpointError(InsLocError, RuntimeError):
+    """A training checkpoint is unreadable or belongs to another configuration."""
