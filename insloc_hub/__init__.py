@@ -1,0 +1,23 @@
+"""insloc-hub: InsLoc detection-pretrained backbones as an installable library.
+
+Example:
+    >>> import insloc_hub
+    >>> detector = insloc_hub.build_detector("faster_rcnn_fpn", class_names=["raccoon"], backbone="tiny-fpn")
+"""
+
+from insloc_hub.detectors import ARCHITECTURES, LoadReport, build_detector
+from insloc_hub.errors import (
+    ConfigError,
+    InsLocError,
+    InvalidImageError,
+    ModelNotFoundError,
+    WeightsMismatchError,
+)
+from insloc_hub.models import BackboneConfig, InsLocBackbone
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCHITECTURES", "BackboneConfig", "ConfigError", "InsLocBackbone", "InsLocError", "InvalidImageError",
+    "LoadReport", "ModelNotFoundError", "WeightsMismatchError", "__version__", "build_detector",
+]

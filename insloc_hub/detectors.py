@@ -1,0 +1,421 @@
+"""``build_detector``: torchvision detectors assembled from insloc-hub's modules.
+
+The detectors are torchvision's own classes (``FasterRCNN``, ``MaskRCNN``, ``RetinaNet``) with the
+trunk, FPN and box head of :mod:`insloc_hub.models`, so a pretrained bundle's weights drop in by
+prefix: ``trunk.*`` -> ``backbone.trunk.*``, ``fpn.*`` -> ``backbone.fpn.*``, ``box_head.*`` ->
+``roi_heads.box_head.*``.
+
+Architectures:
+- ``faster_rcnn_fpn``: torchvision's ``fasterrcnn_resnet50_fpn_v2`` structure (FPN with BN, P6 by
+  max-pool, 2-conv RPN head, 4conv1fc box head with BN).
+- ``mask_rcnn_fpn``: likewise ``maskrcnn_resnet50_fpn_v2`` (4-conv mask head with BN).
+- ``faster_rcnn_c4``: detectron2's R50-C4: trunk to res4, single-level RPN, RoIAlign 14x14, res5
+  head with average pooling. torchvision has none; this one is ours.
+- ``retinanet_fpn``: ``retinanet_resnet50_fpn_v2``'s head (GroupNorm, GIoU) on the pretrained FPN's
+  P3-P5 plus P6/P7 from C5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from insloc_hub.errors import ConfigError, WeightsMismatchError
+from insloc_hub.models import FPN, BackboneConfig, BoxHead, InsLocBackbone, Res5Head, ResNetTrunk, backbone_config
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = ("faster_rcnn_fpn", "mask_rcnn_fpn", "faster_rcnn_c4", "retinanet_fpn")
+NORM_MODES = ("bn", "frozen", "sync")
+# where each part of a pretrained bundle lives inside a detector
+PART_PREFIXES = {"trunk": "backbone.trunk.", "fpn": "backbone.fpn.", "box_head": "roi_heads.box_head."}
+FPN_LEVELS = ["p2", "p3", "p4", "p5"]
+
+
+@dataclass
+class DetectorConfig:
+    """Everything needed to rebuild a detector; stored in a detection hub folder's config.json."""
+
+    arch: str = "faster_rcnn_fpn"
+    num_classes: int = 91
+    class_names: list[str] | None = None
+    backbone: dict[str, Any] = field(default_factory=lambda: BackboneConfig().to_dict())
+    box_head_extra_norm: bool = False
+    norm: str = "bn"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DetectorConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown detector config fields {sorted(unknown)}")
+        return cls(**dict(data))
+
+
+@dataclass
+class LoadReport:
+    """What loading pretrained weights into a detector did.
+
+    Attributes:
+        loaded: detector keys filled from the pretrained weights.
+        new: detector keys left at their fresh initialisation (RPN, predictor, mask head...).
+        ignored: pretrained key -> why it was not used (a part the architecture lacks, or a
+            mismatch tolerated by ``strict=False``).
+    """
+
+    loaded: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    ignored: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One paragraph for logs: counts and the new/ignored module prefixes."""
+        new_modules = sorted({".".join(k.split(".")[:2]) for k in self.new})
+        lines = [f"loaded {len(self.loaded)} pretrained tensors; {len(self.new)} new tensors in {new_modules}"]
+        if self.ignored:
+            reasons: dict[str, int] = {}
+            for reason in self.ignored.values():
+                reasons[reason] = reasons.get(reason, 0) + 1
+            lines += [f"ignored {n} pretrained tensors: {r}" for r, n in reasons.items()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class FPNDetectorBackbone(nn.Module):
+    """Trunk + pretrained FPN + the extra levels a detector wants (P6 max-pool or P6/P7 convs)."""
+
+    def __init__(self, config: BackboneConfig, levels: list[str], extra: str) -> None:
+        super().__init__()
+        self.trunk = ResNetTrunk(config.depth, config.width, num_stages=4)
+        first = int(levels[0][1:]) - 2
+        self.stages = [f"c{i + 2}" for i in range(first, 4)]
+        self.fpn = FPN(config.stage_channels[first:], config.fpn_channels, levels)
+        self.out_channels = config.fpn_channels
+        self.extra_kind = extra
+        self.extra = LastLevelP6P7(config.stage_channels[3], config.fpn_channels) if extra == "p6p7" else None
+
+    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        c = self.trunk(images)
+        feats = self.fpn([c[name] for name in self.stages])
+        if self.extra_kind == "maxpool":
+            # torchvision's LastLevelMaxPool: P6 = subsampled P5, for the RPN's 512 anchors
+            feats["p6"] = F.max_pool2d(feats["p5"], kernel_size=1, stride=2, padding=0)
+        elif self.extra is not None:
+            results, names = self.extra(list(feats.values()), [c[n] for n in self.stages], list(feats))
+            feats = OrderedDict(zip(names, results))
+        return feats
+
+
+class C4DetectorBackbone(nn.Module):
+    """Trunk up to res4 (stride 16), returning ``{"c4": ...}``."""
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.trunk = ResNetTrunk(config.depth, config.width, num_stages=3)
+        self.out_channels = self.trunk.out_channels
+
+    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return OrderedDict(c4=self.trunk(images)["c4"])
+
+
+def build_detector(
+    arch: str = "faster_rcnn_fpn",
+    num_classes: int | None = None,
+    *,
+    class_names: list[str] | None = None,
+    backbone: str | BackboneConfig | dict[str, Any] | None = None,
+    pretrained: str | Path | InsLocBackbone | None = None,
+    norm: str = "bn",
+    strict: bool = True,
+    box_head_extra_norm: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a torchvision detector, optionally with InsLoc-pretrained trunk, FPN and box head.
+
+    Args:
+        arch: one of ``faster_rcnn_fpn``, ``mask_rcnn_fpn``, ``faster_rcnn_c4``, ``retinanet_fpn``.
+        num_classes: torchvision's convention, background included (91 for COCO). Derived from
+            ``class_names`` (``len + 1``) when omitted; 91 when both are omitted.
+        class_names: foreground class names, stored with the model (label ``i`` is
+            ``class_names[i - 1]``).
+        backbone: architecture preset (``"r50-fpn"``, ``"r50-c4"``, ``"tiny-fpn"``...) or config;
+            taken from ``pretrained`` when that is given. Default: ``r50-fpn`` / ``r50-c4`` by arch.
+        pretrained: a backbone bundle, or a hub name/alias/folder loaded with ``from_pretrained``.
+        norm: ``"bn"`` (plain, trained; the default, since frozen layers hurt self-supervised
+            transfer), ``"frozen"`` (FrozenBatchNorm2d) or ``"sync"`` (SyncBatchNorm, for DDP).
+        strict: fail if a pretrained tensor would be dropped or has the wrong shape (default). With
+            ``False``, what cannot be loaded is skipped and listed in the report.
+        box_head_extra_norm: BatchNorm1d after the box head's fc (the official InsLoc fine-tuning
+            head, ``FastRCNNConvFCHeadExtraNorm``); FPN R-CNNs only.
+        **kwargs: passed to torchvision's detector class (``min_size``, ``max_size``,
+            ``box_score_thresh``, ``box_detections_per_img``, ``rpn_*``, ``image_mean``...).
+
+    Returns:
+        The torchvision model; ``model.insloc_config`` holds its :class:`DetectorConfig` and
+        ``model.load_report`` the :class:`LoadReport` (``None`` without ``pretrained``).
+
+    Example:
+        >>> model = build_detector("faster_rcnn_fpn", class_names=["raccoon"], backbone="tiny-fpn")
+        >>> model.roi_heads.box_predictor.cls_score.out_features
+        2
+    """
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown detector architecture {arch!r}; choose one of {ARCHITECTURES}")
+    if norm not in NORM_MODES:
+        raise ConfigError(f"unknown norm mode {norm!r}; choose one of {NORM_MODES}")
+    if class_names is not None:
+        class_names = [str(c) for c in class_names]
+        if num_classes is not None and num_classes != len(class_names) + 1:
+            raise ConfigError(
+                f"num_classes={num_classes} disagrees with {len(class_names)} class names "
+                "(num_classes counts the background: it should be len(class_names) + 1)"
+            )
+        num_classes = len(class_names) + 1
+    num_classes = 91 if num_classes is None else int(num_classes)
+    if num_classes < 2:
+        raise ConfigError(f"num_classes must be at least 2 (background + one class), got {num_classes}")
+
+    bundle = _resolve_pretrained(pretrained)
+    variant = "c4" if arch == "faster_rcnn_c4" else "fpn"
+    if bundle is not None:
+        if backbone is not None and backbone_config(backbone).to_dict() != bundle.config.to_dict():
+            logger.info("using the pretrained bundle's architecture instead of backbone=%r", backbone)
+        cfg = dataclasses.replace(bundle.config, parts=None)
+        if cfg.variant != variant:
+            raise ConfigError(
+                f"{arch} needs a {variant} backbone but the pretrained weights are a {cfg.variant} bundle; "
+                f"use arch={'faster_rcnn_c4' if cfg.variant == 'c4' else 'faster_rcnn_fpn'} or a {variant} model"
+            )
+    else:
+        cfg = backbone_config(backbone if backbone is not None else f"r50-{variant}")
+        if cfg.variant != variant:
+            raise ConfigError(f"{arch} needs a {variant} backbone, got a {cfg.variant} config")
+    if box_head_extra_norm and arch not in ("faster_rcnn_fpn", "mask_rcnn_fpn"):
+        raise ConfigError("box_head_extra_norm applies to the 4conv1fc box head of FPN R-CNNs only")
+
+    model = _ASSEMBLERS[arch](cfg, num_classes, box_head_extra_norm, kwargs)
+    model.insloc_config = DetectorConfig(
+        arch=arch, num_classes=num_classes, class_names=class_names,
+        backbone=dataclasses.replace(cfg, parts=None).to_dict(), box_head_extra_norm=box_head_extra_norm,
+        norm=norm, options={k: v for k, v in kwargs.items() if _is_json_value(v)},
+    )
+    model.load_report = None
+    if bundle is not None:
+        model.load_report = load_pretrained_into_detector(model, bundle, strict=strict)
+        logger.info("%s", model.load_report.summary())
+    return convert_norm(model, norm)
+
+
+def _is_json_value(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool, type(None))) or (
+        isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str, bool)) for v in value)
+    )
+
+
+def _resolve_pretrained(pretrained: Any) -> InsLocBackbone | None:
+    if pretrained is None or isinstance(pretrained, InsLocBackbone):
+        return pretrained
+    if isinstance(pretrained, (str, Path)):
+        from insloc_hub.pretrained import from_pretrained
+
+        loaded = from_pretrained(pretrained)
+        if not isinstance(loaded, InsLocBackbone):
+            raise ConfigError(f"{pretrained!s} is a fine-tuned detector, not a backbone; load it with from_pretrained")
+        return loaded
+    raise ConfigError(f"pretrained must be a name, a folder or an InsLocBackbone, not {type(pretrained).__name__}")
+
+
+def _fpn_box_parts(cfg: BackboneConfig, extra_norm: bool) -> tuple[MultiScaleRoIAlign, BoxHead]:
+    pool = MultiScaleRoIAlign(FPN_LEVELS, output_size=7, sampling_ratio=2)
+    head = BoxHead(cfg.fpn_channels, 7, cfg.head_channels, cfg.head_convs, cfg.head_fc, extra_norm=extra_norm)
+    return pool, head
+
+
+def _rpn_fpn(cfg: BackboneConfig) -> tuple[AnchorGenerator, RPNHead]:
+    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    return anchors, RPNHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0], conv_depth=2)
+
+
+def _faster_rcnn_fpn(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwargs: dict) -> nn.Module:
+    anchors, rpn_head = _rpn_fpn(cfg)
+    pool, box_head = _fpn_box_parts(cfg, extra_norm)
+    options = dict(rpn_anchor_generator=anchors, rpn_head=rpn_head, box_roi_pool=pool, box_head=box_head,
+                   box_predictor=FastRCNNPredictor(cfg.head_fc, num_classes))
+    return FasterRCNN(FPNDetectorBackbone(cfg, FPN_LEVELS, "maxpool"), **{**options, **kwargs})
+
+
+def _mask_rcnn_fpn(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwargs: dict) -> nn.Module:
+    anchors, rpn_head = _rpn_fpn(cfg)
+    pool, box_head = _fpn_box_parts(cfg, extra_norm)
+    width = cfg.fpn_channels
+    options = dict(
+        rpn_anchor_generator=anchors, rpn_head=rpn_head, box_roi_pool=pool, box_head=box_head,
+        box_predictor=FastRCNNPredictor(cfg.head_fc, num_classes),
+        mask_roi_pool=MultiScaleRoIAlign(FPN_LEVELS, output_size=14, sampling_ratio=2),
+        mask_head=MaskRCNNHeads(width, [width] * 4, 1, norm_layer=nn.BatchNorm2d),
+        mask_predictor=MaskRCNNPredictor(width, width, num_classes),
+    )
+    return MaskRCNN(FPNDetectorBackbone(cfg, FPN_LEVELS, "maxpool"), **{**options, **kwargs})
+
+
+def _faster_rcnn_c4(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwargs: dict) -> nn.Module:
+    body = C4DetectorBackbone(cfg)
+    # detectron2 R50-C4: one level at stride 16, five sizes x three ratios
+    anchors = AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),))
+    res5 = Res5Head(cfg.depth, cfg.width)
+    options = dict(
+        rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(body.out_channels, anchors.num_anchors_per_location()[0], conv_depth=1),
+        box_roi_pool=MultiScaleRoIAlign(["c4"], output_size=14, sampling_ratio=0),
+        box_head=res5, box_predictor=FastRCNNPredictor(res5.out_channels, num_classes),
+    )
+    return FasterRCNN(body, **{**options, **kwargs})
+
+
+def _retinanet_fpn(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwargs: dict) -> nn.Module:
+    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in [32, 64, 128, 256, 512])
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    head = RetinaNetHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
+                         norm_layer=partial(nn.GroupNorm, 32))
+    head.regression_head._loss_type = "giou"  # as torchvision's retinanet_resnet50_fpn_v2
+    model = RetinaNet(FPNDetectorBackbone(cfg, ["p3", "p4", "p5"], "p6p7"), num_classes,
+                      **{**dict(anchor_generator=anchors, head=head), **kwargs})
+    model.insloc_unused_parts = {
+        "fpn.lateral.p2.": "retinanet_fpn uses P3-P7; the pretrained P2 level is not part of it",
+        "fpn.output.p2.": "retinanet_fpn uses P3-P7; the pretrained P2 level is not part of it",
+        "box_head.": "retinanet_fpn has no RoI box head",
+    }
+    return model
+
+
+_ASSEMBLERS = {
+    "faster_rcnn_fpn": _faster_rcnn_fpn,
+    "mask_rcnn_fpn": _mask_rcnn_fpn,
+    "faster_rcnn_c4": _faster_rcnn_c4,
+    "retinanet_fpn": _retinanet_fpn,
+}
+
+
+def load_pretrained_into_detector(
+    detector: nn.Module,
+    pretrained: InsLocBackbone | Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+) -> LoadReport:
+    """Copy a bundle's trunk, FPN and box head into a detector built by :func:`build_detector`.
+
+    Raises:
+        WeightsMismatchError: (``strict=True``) a pretrained tensor has no place in the detector,
+            has another shape, or a detector tensor of a pretrained part is absent; the message
+            lists the keys.
+    """
+    bundle_state = pretrained.state_dict() if isinstance(pretrained, nn.Module) else dict(pretrained)
+    target = detector.state_dict()
+    unused_parts: dict[str, str] = getattr(detector, "insloc_unused_parts", {})
+    report = LoadReport()
+    to_load: dict[str, torch.Tensor] = {}
+    unexpected, mismatched = [], []
+    for key, tensor in bundle_state.items():
+        reason = next((r for prefix, r in unused_parts.items() if key.startswith(prefix)), None)
+        if reason is not None:
+            report.ignored[key] = reason
+            continue
+        part = key.split(".", 1)[0]
+        if part not in PART_PREFIXES:
+            unexpected.append(key)
+            continue
+        dest = PART_PREFIXES[part] + key.split(".", 1)[1]
+        if dest not in target:
+            if key.endswith("num_batches_tracked"):
+                report.ignored[key] = "the detector's norm layers keep no batch counter (frozen BN)"
+            else:
+                unexpected.append(key)
+        elif target[dest].shape != tensor.shape:
+            mismatched.append(f"{key}: pretrained {tuple(tensor.shape)} vs detector {tuple(target[dest].shape)}")
+        else:
+            to_load[dest] = tensor
+    parts_present = {k.split(".", 1)[0] for k in bundle_state if k.split(".", 1)[0] in PART_PREFIXES}
+    missing = [
+        k for k in target
+        if any(k.startswith(PART_PREFIXES[p]) for p in parts_present)
+        and k not in to_load and ".extra_norm." not in k and not k.endswith("num_batches_tracked")
+    ]
+    problems = []
+    if unexpected:
+        problems.append(_key_list("pretrained tensors with no place in the detector", unexpected))
+    if mismatched:
+        problems.append(_key_list("shape mismatches", mismatched))
+    if missing:
+        problems.append(_key_list("detector tensors absent from the pretrained weights", missing))
+    if problems and strict:
+        raise WeightsMismatchError(
+            "pretrained weights do not fit the detector:\n" + "\n".join(problems)
+            + "\nCheck that the backbone architecture matches, or pass strict=False to load what fits."
+        )
+    for key in unexpected:
+        report.ignored[key] = "no matching tensor in the detector (strict=False)"
+    for entry in mismatched:
+        report.ignored[entry.split(":", 1)[0]] = "shape mismatch (strict=False)"
+    detector.load_state_dict(to_load, strict=False)
+    report.loaded = sorted(to_load)
+    report.new = sorted(k for k in target if k not in to_load)
+    return report
+
+
+def _key_list(title: str, keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+    return f"  {len(keys)} {title}: {shown}"
+
+
+def convert_norm(model: nn.Module, mode: str) -> nn.Module:
+    """Turn every BatchNorm2d into FrozenBatchNorm2d (``"frozen"``) or SyncBatchNorm (``"sync"``)."""
+    if mode == "bn":
+        return model
+    if mode == "sync":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if mode != "frozen":
+        raise ConfigError(f"unknown norm mode {mode!r}; choose one of {NORM_MODES}")
+    for name, child in list(model.named_children()):
+        if type(child) is nn.BatchNorm2d:
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            setattr(model, name, frozen)
+        else:
+            convert_norm(child, mode)
+    return model
+
+
+def build_detector_from_config(config: DetectorConfig | Mapping[str, Any]) -> nn.Module:
+    """Rebuild a detector (random weights) from a :class:`DetectorConfig` or its dict."""
+    cfg = config if isinstance(config, DetectorConfig) else DetectorConfig.from_dict(config)
+    return build_detector(
+        cfg.arch, cfg.num_classes, class_names=cfg.class_names, backbone=cfg.backbone, norm=cfg.norm,
+        box_head_extra_norm=cfg.box_head_extra_norm, **cfg.options,
+    )
