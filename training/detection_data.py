@@ -1,0 +1,1009 @@
+"""Detection datasets for torchvision detectors: COCO JSON and PASCAL VOC XML behind one interface.
+
+``load_coco`` / ``load_voc`` / ``load_dataset`` read annotations into a :class:`DetectionDataset`,
+which yields ``(image, target)`` in the format torchvision's detection models take:
+
+* ``image``: ``float32`` tensor ``[3, H, W]``, RGB, values in ``[0, 1]`` (not normalised: the
+  detector's ``GeneralizedRCNNTransform`` normalises and resizes).
+* ``target``: ``boxes`` (``float32 [N, 4]``, ``x1, y1, x2, y2`` in absolute 0-based pixel
+  coordinates), ``labels`` (``int64 [N]`` in ``1..C``; 0 is the background), ``image_id`` (``int``),
+  ``iscrowd`` (``int64 [N]``), ``area`` (``float32 [N]``), ``difficult`` (``bool [N]``).
+
+Label ``i + 1`` is ``class_names[i]``. ``to_coco_dict()`` gives the ground truth in COCO format for
+:func:`insloc_hub.training.evaluation.evaluate_detections`.
+
+Bad annotations never crash a load and are never accepted silently: boxes outside the image are
+clipped, empty boxes dropped, missing or unreadable files and unknown classes counted; everything
+lands in ``dataset.report`` (a :class:`DatasetReport`, logged once). A dataset without a single
+usable image raises :class:`~insloc_hub.errors.DatasetError` saying why.
+
+Multi-scale training: torchvision's detectors resize inside the model, so the scales of the standard
+protocols are given by :func:`protocol_sizes` as the detector's ``min_size`` / ``max_size``; the
+dataset itself only flips (:class:`RandomHorizontalFlip`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from insloc_hub.errors import ConfigError, DatasetError
+from insloc_hub.transforms import DEFAULT_MAX_PIXELS, decode_image, to_tensor
+
+__all__ = [
+    "VOC_CLASSES",
+    "Compose",
+    "DatasetReport",
+    "DetectionDataset",
+    "DetectionRecord",
+    "RandomHorizontalFlip",
+    "ResizeShortestEdge",
+    "collate_detection",
+    "load_coco",
+    "load_dataset",
+    "load_voc",
+    "protocol_sizes",
+]
+
+logger = logging.getLogger(__name__)
+
+Target = dict[str, Any]
+Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+#: The 20 PASCAL VOC classes in the order of the devkit (label ``i + 1`` is ``VOC_CLASSES[i]``).
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Image files. Pixels are decoded by ``insloc_hub.transforms.decode_image`` (EXIF orientation
+# applied, limits, InvalidImageError); loading only reads headers, honouring the EXIF orientation
+# too, so the size found at load time is the size of the decoded image.
+# ----------------------------------------------------------------------------------------------
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def _read_image_size(path: Path) -> tuple[int, int]:
+    """Return ``(width, height)`` of an image file from its header only (no pixel decoding)."""
+    with Image.open(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees: decoded as height x width
+        width, height = height, width
+    return int(width), int(height)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+#: Problem kinds counted by :class:`DatasetReport`, with the words used in messages.
+PROBLEM_KINDS: dict[str, str] = {
+    "missing_images": "missing image files",
+    "unreadable_images": "unreadable image files",
+    "missing_annotations": "missing annotation files",
+    "parse_errors": "annotation entries that could not be parsed",
+    "duplicate_images": "duplicate image entries",
+    "skipped_empty": "images without boxes skipped (keep_empty=False)",
+    "unknown_classes": "boxes of unknown classes dropped",
+    "malformed_boxes": "malformed boxes dropped (missing or non-numeric coordinates)",
+    "degenerate_boxes": "empty or degenerate boxes dropped",
+    "clipped_boxes": "boxes clipped to the image",
+    "orphan_annotations": "annotations of unknown image ids dropped",
+    "size_mismatches": "images whose annotated size differs from the file (file size used)",
+}
+
+#: Kinds that make an image unusable; they explain a DatasetError.
+_IMAGE_LEVEL = (
+    "missing_images",
+    "unreadable_images",
+    "missing_annotations",
+    "parse_errors",
+    "duplicate_images",
+    "skipped_empty",
+)
+
+
+@dataclass
+class DatasetReport:
+    """What loading a dataset found: counts of every problem and a few examples of each.
+
+    Each problem kind of :data:`PROBLEM_KINDS` is an ``int`` field; ``examples[kind]`` holds up to
+    ``max_examples`` strings naming the file (and the box or class) concerned.
+    """
+
+    source: str = ""
+    format: str = ""
+    num_images: int = 0  # images listed by the annotations (or the split)
+    num_usable: int = 0  # images in the dataset
+    num_boxes: int = 0  # boxes kept (all of them, crowd and difficult included)
+    num_negatives: int = 0  # usable images without a training box
+    num_difficult: int = 0
+    num_crowd: int = 0
+    missing_images: int = 0
+    unreadable_images: int = 0
+    missing_annotations: int = 0
+    parse_errors: int = 0
+    duplicate_images: int = 0
+    skipped_empty: int = 0
+    unknown_classes: int = 0
+    malformed_boxes: int = 0
+    degenerate_boxes: int = 0
+    clipped_boxes: int = 0
+    orphan_annotations: int = 0
+    size_mismatches: int = 0
+    max_examples: int = 5
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def note(self, kind: str, example: str) -> None:
+        """Count one problem of ``kind`` and keep ``example`` if fewer than ``max_examples`` are kept."""
+        if kind not in PROBLEM_KINDS:
+            raise KeyError(f"unknown problem kind {kind!r}")
+        setattr(self, kind, getattr(self, kind) + 1)
+        kept = self.examples.setdefault(kind, [])
+        if len(kept) < self.max_examples:
+            kept.append(example)
+
+    @property
+    def problems(self) -> dict[str, int]:
+        """Non-zero problem counts, by kind."""
+        return {kind: getattr(self, kind) for kind in PROBLEM_KINDS if getattr(self, kind)}
+
+    def describe(self, kinds: Sequence[str] | None = None) -> str:
+        """``"3 missing image files (e.g. a.jpg, b.jpg); ..."`` for the non-zero ``kinds``."""
+        parts = []
+        for kind, count in self.problems.items():
+            if kinds is not None and kind not in kinds:
+                continue
+            examples = ", ".join(self.examples.get(kind, []))
+            parts.append(f"{count} {PROBLEM_KINDS[kind]}" + (f" (e.g. {examples})" if examples else ""))
+        return "; ".join(parts)
+
+    def summary(self) -> str:
+        """One paragraph: what was loaded and every problem found."""
+        head = (
+            f"{self.format or 'dataset'} {self.source}: {self.num_usable} of {self.num_images} images "
+            f"usable, {self.num_boxes} boxes ({self.num_difficult} difficult, {self.num_crowd} crowd), "
+            f"{self.num_negatives} images without boxes"
+        )
+        problems = self.describe()
+        return f"{head}. Problems: {problems}." if problems else f"{head}. No problems found."
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable copy."""
+        return asdict(self)
+
+
+def _raise_if_unusable(report: DatasetReport) -> None:
+    if report.num_usable > 0:
+        return
+    why = report.describe(_IMAGE_LEVEL) or "no images listed"
+    raise DatasetError(
+        f"{report.source}: 0 of {report.num_images} images usable: {why}. "
+        "Check the image folder, the split and the annotation files."
+    )
+
+
+def _log_report(report: DatasetReport) -> None:
+    if report.problems:
+        logger.warning("%s", report.summary())
+    else:
+        logger.info("%s", report.summary())
+
+
+# ----------------------------------------------------------------------------------------------
+# Records and the dataset
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DetectionRecord:
+    """One image and all its boxes, already cleaned (clipped, degenerate ones dropped).
+
+    ``boxes`` are ``float32 [N, 4]`` ``x1, y1, x2, y2`` in 0-based continuous pixel coordinates
+    (``0 <= x1 < x2 <= width``); ``labels`` are ``1..C``. Crowd and difficult boxes are kept here,
+    flagged; :meth:`DetectionDataset.get_target` decides which ones a training target holds.
+    """
+
+    image_id: int
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray
+    labels: np.ndarray
+    area: np.ndarray
+    iscrowd: np.ndarray
+    difficult: np.ndarray
+    file_name: str = ""
+
+
+@dataclass
+class _Box:
+    label: int
+    xyxy: tuple[float, float, float, float]
+    area: float
+    iscrowd: bool = False
+    difficult: bool = False
+
+
+def _make_record(
+    image_id: int, path: Path, width: int, height: int, boxes: Sequence[_Box], file_name: str
+) -> DetectionRecord:
+    return DetectionRecord(
+        image_id=image_id,
+        path=path,
+        width=width,
+        height=height,
+        boxes=np.asarray([b.xyxy for b in boxes], dtype=np.float32).reshape(-1, 4),
+        labels=np.asarray([b.label for b in boxes], dtype=np.int64),
+        area=np.asarray([b.area for b in boxes], dtype=np.float32),
+        iscrowd=np.asarray([b.iscrowd for b in boxes], dtype=bool),
+        difficult=np.asarray([b.difficult for b in boxes], dtype=bool),
+        file_name=file_name,
+    )
+
+
+class DetectionDataset(Dataset):
+    """Images and boxes for a torchvision detector; ``dataset[i] -> (image, target)``.
+
+    Args:
+        records: the images (see :class:`DetectionRecord`).
+        class_names: ``class_names[i]`` is label ``i + 1``.
+        category_ids: COCO category id of each class (default ``1..C``); used by
+            :meth:`to_coco_dict` and to write COCO results, so results of a COCO dataset keep the
+            original ids.
+        transforms: callable ``(image, target) -> (image, target)`` applied by ``__getitem__``.
+        keep_difficult: put VOC "difficult" boxes in training targets (default ``True``, as
+            detectron2 and the MoCo/InsLoc VOC protocol train on them). Evaluation ignores them
+            either way (see :meth:`to_coco_dict`).
+        include_crowd: put COCO crowd regions in training targets (default ``False``, as
+            torchvision's references and detectron2 drop them for training).
+        report: what loading found.
+        source: where the data came from, for messages.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[DetectionRecord],
+        class_names: Sequence[str],
+        *,
+        category_ids: Sequence[int] | None = None,
+        transforms: Transform | None = None,
+        keep_difficult: bool = True,
+        include_crowd: bool = False,
+        report: DatasetReport | None = None,
+        source: str = "",
+    ) -> None:
+        self.records = list(records)
+        self.class_names = [str(name) for name in class_names]
+        if category_ids is None:
+            category_ids = range(1, len(self.class_names) + 1)
+        self.category_ids = [int(c) for c in category_ids]
+        if len(self.category_ids) != len(self.class_names) or len(set(self.category_ids)) != len(self.category_ids):
+            raise ConfigError(
+                f"category_ids {self.category_ids} must be {len(self.class_names)} distinct ids, one per class name"
+            )
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ConfigError(f"class names must be distinct, got {self.class_names}")
+        self.transforms = transforms
+        self.keep_difficult = keep_difficult
+        self.include_crowd = include_crowd
+        self.report = report if report is not None else DatasetReport(source=source)
+        self.source = source
+
+    @property
+    def num_classes(self) -> int:
+        """Number of object classes ``C`` (a torchvision detector needs ``num_classes=C + 1``)."""
+        return len(self.class_names)
+
+    @property
+    def image_ids(self) -> list[int]:
+        """Image ids in dataset order (``target["image_id"]`` and the COCO ``image_id``)."""
+        return [record.image_id for record in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_image(self, index: int) -> Image.Image:
+        """The RGB image of item ``index`` (no transforms); InvalidImageError if it cannot be decoded."""
+        return decode_image(self.records[index].path)
+
+    def get_target(self, index: int) -> Target:
+        """The training target of item ``index`` (no transforms, no image decoding)."""
+        record = self.records[index]
+        keep = np.ones(len(record.labels), dtype=bool)
+        if not self.include_crowd:
+            keep &= ~record.iscrowd
+        if not self.keep_difficult:
+            keep &= ~record.difficult
+        return {
+            "boxes": torch.from_numpy(record.boxes[keep].copy()).reshape(-1, 4),
+            "labels": torch.from_numpy(record.labels[keep].copy()),
+            "image_id": int(record.image_id),
+            "iscrowd": torch.from_numpy(record.iscrowd[keep].astype(np.int64)),
+            "area": torch.from_numpy(record.area[keep].copy()),
+            "difficult": torch.from_numpy(record.difficult[keep].copy()),
+        }
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        image = to_tensor(self.load_image(index))
+        target = self.get_target(index)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def to_coco_dict(self) -> dict[str, Any]:
+        """The ground truth in COCO format (``images``, ``annotations``, ``categories``).
+
+        Every kept box is written, including crowd regions and VOC difficult boxes. A difficult box
+        is written with ``iscrowd: 1`` (plus ``ignore: 1`` and ``difficult: 1`` for readers):
+        pycocotools reads only ``iscrowd`` to decide what to ignore, and an ignored box counts
+        neither as a miss when nothing detects it nor as a false positive when something does,
+        which is how the VOC devkit treats difficult objects. One difference remains: pycocotools
+        matches a detection to an ignored box by intersection over the detection's area rather
+        than IoU, so it is slightly more lenient about what overlaps a difficult box.
+        """
+        images, annotations = [], []
+        for record in self.records:
+            images.append(
+                {
+                    "id": int(record.image_id),
+                    "file_name": record.file_name or record.path.name,
+                    "width": int(record.width),
+                    "height": int(record.height),
+                }
+            )
+            for box, label, area, crowd, difficult in zip(
+                record.boxes, record.labels, record.area, record.iscrowd, record.difficult, strict=True
+            ):
+                x1, y1, x2, y2 = (float(v) for v in box)
+                ignored = bool(crowd or difficult)
+                annotation = {
+                    "id": len(annotations) + 1,
+                    "image_id": int(record.image_id),
+                    "category_id": self.category_ids[int(label) - 1],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": float(area),
+                    "iscrowd": int(ignored),
+                    "ignore": int(ignored),
+                }
+                if difficult:
+                    annotation["difficult"] = 1
+                annotations.append(annotation)
+        categories = [{"id": cid, "name": name} for cid, name in zip(self.category_ids, self.class_names, strict=True)]
+        return {
+            "info": {"description": f"insloc-hub ground truth of {self.source}"},
+            "images": images,
+            "annotations": annotations,
+            "categories": sorted(categories, key=lambda c: c["id"]),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({len(self)} images, {self.report.num_boxes} boxes, "
+            f"classes={self.class_names}, source={self.source!r})"
+        )
+
+
+def _finish(
+    records: list[DetectionRecord],
+    class_names: Sequence[str],
+    report: DatasetReport,
+    *,
+    category_ids: Sequence[int] | None,
+    keep_difficult: bool,
+    keep_empty: bool,
+    transforms: Transform | None,
+) -> DetectionDataset:
+    """Drop images without training boxes if asked, fill the report, log it, build the dataset."""
+    kept = []
+    for record in records:
+        trainable = ~record.iscrowd & (~record.difficult if not keep_difficult else True)
+        if not np.any(trainable):
+            if not keep_empty:
+                report.note("skipped_empty", record.file_name)
+                continue
+            report.num_negatives += 1
+        kept.append(record)
+    report.num_usable = len(kept)
+    report.num_boxes = int(sum(len(r.labels) for r in kept))
+    report.num_difficult = int(sum(int(r.difficult.sum()) for r in kept))
+    report.num_crowd = int(sum(int(r.iscrowd.sum()) for r in kept))
+    _log_report(report)
+    _raise_if_unusable(report)
+    return DetectionDataset(
+        kept,
+        class_names,
+        category_ids=category_ids,
+        transforms=transforms,
+        keep_difficult=keep_difficult,
+        report=report,
+        source=report.source,
+    )
+
+
+def _clean_box(
+    xyxy: Sequence[float], width: int, height: int, report: DatasetReport, where: str
+) -> tuple[float, float, float, float] | None:
+    """Clip a box to the image; ``None`` (and a note) if it is malformed or empty after clipping."""
+    x1, y1, x2, y2 = xyxy
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        report.note("malformed_boxes", f"{where}: {list(xyxy)}")
+        return None
+    clipped = (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width),
+               min(max(y2, 0.0), height))  # fmt: skip
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        report.note("degenerate_boxes", f"{where}: {[round(v, 2) for v in xyxy]}")
+        return None
+    if clipped != (x1, y1, x2, y2):
+        report.note("clipped_boxes", f"{where}: {[round(v, 2) for v in xyxy]}")
+    return clipped
+
+
+def _check_image(
+    path: Path, annotated: tuple[int, int] | None, report: DatasetReport, name: str
+) -> tuple[int, int] | None:
+    """Size of the image file (header read), noting missing/unreadable files and wrong sizes."""
+    if not path.is_file():
+        report.note("missing_images", name)
+        return None
+    try:
+        size = _read_image_size(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        report.note("unreadable_images", f"{name}: {exc}")
+        return None
+    if size[0] * size[1] > DEFAULT_MAX_PIXELS:
+        report.note("unreadable_images", f"{name}: {size[0]}x{size[1]} is over {DEFAULT_MAX_PIXELS:,} pixels")
+        return None
+    if annotated is not None and annotated != size:
+        report.note(
+            "size_mismatches",
+            f"{name}: annotated {annotated[0]}x{annotated[1]}, file {size[0]}x{size[1]}",
+        )
+    return size
+
+
+def _positive_int(value: Any) -> int | None:
+    try:
+        number = int(float(value))
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO
+# ----------------------------------------------------------------------------------------------
+
+
+def load_coco(
+    annotation_json: str | Path,
+    image_root: str | Path,
+    *,
+    class_names: Sequence[str] | None = None,
+    keep_empty: bool = True,
+    transforms: Transform | None = None,
+    max_examples: int = 5,
+) -> DetectionDataset:
+    """Read a COCO-format detection set (``images``, ``annotations`` with ``bbox`` xywh, ``categories``).
+
+    Args:
+        annotation_json: the COCO JSON file.
+        image_root: folder that ``images[*].file_name`` are relative to.
+        class_names: classes to keep, in label order; annotations of other categories are dropped
+            and counted. Default: every category, ordered by id (label ``i + 1`` is the i-th id).
+        keep_empty: keep images without boxes as negatives (``True``) or skip them.
+        transforms: ``(image, target) -> (image, target)`` training transforms.
+        max_examples: examples kept per problem kind in the report.
+
+    Original image ids and category ids are kept (``dataset.category_ids``), so results written
+    from this dataset can be scored against the original JSON. Crowd regions stay in the ground
+    truth and are left out of training targets.
+    """
+    path = Path(annotation_json)
+    report = DatasetReport(source=str(path), format="coco", max_examples=max_examples)
+    try:
+        with path.open("rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(f"COCO annotation file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot parse COCO annotations: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DatasetError(f"{path}: not COCO annotations (expected an object with an 'images' list)")
+    root = Path(image_root)
+
+    class_names, category_ids, label_of = _coco_categories(data.get("categories"), class_names, path)
+    category_names = {
+        c["id"]: str(c.get("name")) for c in data.get("categories") or [] if isinstance(c, dict) and "id" in c
+    }
+
+    images: dict[int, dict[str, Any]] = {}
+    for position, entry in enumerate(data["images"]):
+        image_id = entry.get("id") if isinstance(entry, dict) else None
+        file_name = entry.get("file_name") if isinstance(entry, dict) else None
+        if not isinstance(image_id, int) or isinstance(image_id, bool) or not isinstance(file_name, str):
+            report.note("parse_errors", f"images[{position}]: needs an integer 'id' and a 'file_name'")
+            continue
+        if image_id in images:
+            report.note("duplicate_images", f"images[{position}]: id {image_id} ({file_name})")
+            continue
+        images[image_id] = entry
+    report.num_images = len(images)
+
+    annotations = data.get("annotations") or []
+    if not isinstance(annotations, list):
+        raise DatasetError(f"{path}: 'annotations' must be a list")
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for position, ann in enumerate(annotations):
+        if not isinstance(ann, dict) or ann.get("image_id") not in images:
+            where = ann.get("image_id") if isinstance(ann, dict) else "?"
+            report.note("orphan_annotations", f"annotations[{position}]: image_id {where}")
+            continue
+        by_image.setdefault(ann["image_id"], []).append(ann)
+
+    records = []
+    for image_id, entry in images.items():
+        file_name = entry["file_name"]
+        annotated = (_positive_int(entry.get("width")), _positive_int(entry.get("height")))
+        size = _check_image(root / file_name, annotated if None not in annotated else None, report, file_name)
+        if size is None:
+            continue
+        width, height = size
+        boxes = []
+        for ann in by_image.get(image_id, []):
+            category = ann.get("category_id")
+            if category not in label_of:
+                known = f" ({category_names[category]!r})" if category in category_names else ""
+                report.note("unknown_classes", f"{file_name}: category_id {category}{known}")
+                continue
+            bbox = ann.get("bbox")
+            try:
+                x, y, w, h = (float(v) for v in bbox)
+            except (TypeError, ValueError):
+                report.note("malformed_boxes", f"{file_name}: bbox {bbox!r}")
+                continue
+            xyxy = (x, y, x + w, y + h)  # COCO boxes are already 0-based continuous coordinates
+            clean = _clean_box(xyxy, width, height, report, file_name)
+            if clean is None:
+                continue
+            area = ann.get("area")
+            if clean != xyxy or not isinstance(area, (int, float)) or not area > 0:
+                area = (clean[2] - clean[0]) * (clean[3] - clean[1])
+            boxes.append(_Box(label_of[category], clean, float(area), iscrowd=bool(ann.get("iscrowd"))))
+        records.append(_make_record(image_id, root / file_name, width, height, boxes, file_name))
+
+    return _finish(
+        records,
+        class_names,
+        report,
+        category_ids=category_ids,
+        keep_difficult=True,
+        keep_empty=keep_empty,
+        transforms=transforms,
+    )
+
+
+def _coco_categories(
+    categories: Any, class_names: Sequence[str] | None, path: Path
+) -> tuple[list[str], list[int], dict[int, int]]:
+    """Class names, their category ids and ``category id -> label``."""
+    found: dict[int, str] = {}
+    for category in categories or []:
+        if isinstance(category, dict) and isinstance(category.get("id"), int):
+            found[category["id"]] = str(category.get("name", category["id"]))
+    if class_names is None:
+        if not found:
+            raise DatasetError(f"{path}: no 'categories'; pass class_names to say which classes exist")
+        ids = sorted(found)
+        names = [found[i] for i in ids]
+        if len(set(names)) != len(names):
+            raise DatasetError(f"{path}: category names are not unique: {names}")
+        return names, ids, {cid: label for label, cid in enumerate(ids, start=1)}
+    names = [str(n) for n in class_names]
+    id_of_name = {name: cid for cid, name in found.items()}
+    next_id = max(found, default=0) + 1
+    ids = []
+    for name in names:
+        if name in id_of_name:
+            ids.append(id_of_name[name])
+        else:  # a class the file does not know: give it a fresh id
+            ids.append(next_id)
+            next_id += 1
+    return names, ids, {cid: label for label, cid in enumerate(ids, start=1) if cid in found}
+
+
+# ----------------------------------------------------------------------------------------------
+# PASCAL VOC
+# ----------------------------------------------------------------------------------------------
+
+
+def _child_dir(root: Path, names: Sequence[str]) -> Path | None:
+    """First of ``names`` that is a folder under ``root``, matched exactly, then case-insensitively."""
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    children = {child.name.lower(): child for child in root.iterdir() if child.is_dir()}
+    for name in names:
+        if name.lower() in children:
+            return children[name.lower()]
+    return None
+
+
+def _split_file(root: Path, split: str | Path) -> Path:
+    """Resolve a split given as a file path or as an ``ImageSets/Main/{split}.txt`` name."""
+    given = Path(split)
+    path_like = given.is_absolute() or given.suffix != "" or len(given.parts) > 1
+    candidates = [given] if path_like else []
+    candidates += [root / given, root / "ImageSets" / "Main" / f"{split}.txt", root / f"{split}.txt"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
+    raise DatasetError(f"split {str(split)!r} not found; tried {tried}")
+
+
+def _entry_name(entry: str) -> tuple[str, str | None]:
+    """Split-list entry -> ``(image id, file name or None)``; entries may be ids or file names."""
+    name = Path(entry).name
+    suffix = Path(name).suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return Path(name).stem, name
+    if suffix == ".xml":
+        return Path(name).stem, None
+    return name, None
+
+
+def load_voc(
+    root: str | Path,
+    split: str | Path | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    keep_difficult: bool = True,
+    keep_empty: bool = True,
+    transforms: Transform | None = None,
+    max_examples: int = 5,
+) -> DetectionDataset:
+    """Read a PASCAL VOC-style set: ``root/Annotations/*.xml`` and ``root/JPEGImages`` (or ``images``).
+
+    Folder names match case-insensitively (``annotations/``, ``images/`` work).
+
+    Args:
+        root: the dataset folder.
+        split: ``None`` (every XML file), a name of ``root/ImageSets/Main/{split}.txt`` (e.g.
+            ``"trainval"``), or a path (absolute or relative to ``root``) of a list with one image
+            per line, given as an id (``000005``) or a file name (``raccoon-1.jpg``).
+        class_names: classes to keep, in label order (e.g. :data:`VOC_CLASSES`); objects of other
+            classes are dropped and counted. Default: every name found, sorted. Pass the training
+            set's ``class_names`` when loading its test set so labels agree.
+        keep_difficult: put difficult objects in training targets (default ``True``, as detectron2
+            does). They are ignored by evaluation either way, as the VOC devkit does.
+        keep_empty: keep images without boxes as negatives (``True``) or skip them.
+        transforms: ``(image, target) -> (image, target)`` training transforms.
+        max_examples: examples kept per problem kind in the report.
+
+    Image ids are the 1-based positions in the split list (or in the sorted XML file list).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"VOC root {root} is not a folder")
+    annotation_dir = _child_dir(root, ("Annotations",))
+    image_dir = _child_dir(root, ("JPEGImages", "images"))
+    if annotation_dir is None or image_dir is None:
+        missing = "Annotations/" if annotation_dir is None else "JPEGImages/ (or images/)"
+        raise DatasetError(f"{root} is not a VOC folder: no {missing} under it")
+
+    source = str(root) if split is None else f"{root} (split {split})"
+    report = DatasetReport(source=source, format="voc", max_examples=max_examples)
+    if split is None:
+        entries = sorted(p.name for p in annotation_dir.glob("*.xml"))
+    else:
+        lines = _split_file(root, split).read_text(encoding="utf-8").splitlines()
+        # First token only: VOC's per-class lists (ImageSets/Main/dog_train.txt) add a flag column.
+        entries = [line.split()[0] for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+    wanted = None if class_names is None else {str(n): i for i, n in enumerate(class_names, start=1)}
+    if class_names is not None and len(wanted) != len(class_names):
+        raise ConfigError(f"class names must be distinct, got {list(class_names)}")
+    parsed: list[tuple[int, Path, int, int, list[tuple[str, tuple[float, ...], bool]], str]] = []
+    seen: set[str] = set()
+    for position, entry in enumerate(entries, start=1):
+        stem, listed_name = _entry_name(entry)
+        if stem in seen:
+            report.note("duplicate_images", entry)
+            continue
+        seen.add(stem)
+        report.num_images += 1
+        item = _parse_voc_xml(annotation_dir, image_dir, stem, listed_name, report)
+        if item is None:
+            continue
+        image_path, width, height, objects = item
+        kept = []
+        for name, xyxy, difficult in objects:
+            if wanted is not None and name not in wanted:
+                report.note("unknown_classes", f"{stem}.xml: {name!r}")
+                continue
+            clean = _clean_box(xyxy, width, height, report, f"{stem}.xml")
+            if clean is not None:
+                kept.append((name, clean, difficult))
+        parsed.append((position, image_path, width, height, kept, image_path.name))
+
+    if wanted is None:
+        names = sorted({name for *_, objects, _ in parsed for name, _, _ in objects})
+        wanted = {name: i for i, name in enumerate(names, start=1)}
+        if not names and parsed:
+            raise DatasetError(f"{source}: no object with a class name in any annotation; pass class_names")
+    records = []
+    for position, image_path, width, height, objects, file_name in parsed:
+        boxes = [
+            _Box(wanted[name], xyxy, (xyxy[2] - xyxy[0]) * (xyxy[3] - xyxy[1]), difficult=difficult)
+            for name, xyxy, difficult in objects
+        ]
+        records.append(_make_record(position, image_path, width, height, boxes, file_name))
+    return _finish(
+        records,
+        list(wanted),
+        report,
+        category_ids=None,
+        keep_difficult=keep_difficult,
+        keep_empty=keep_empty,
+        transforms=transforms,
+    )
+
+
+def _parse_voc_xml(
+    annotation_dir: Path, image_dir: Path, stem: str, listed_name: str | None, report: DatasetReport
+) -> tuple[Path, int, int, list[tuple[str, tuple[float, ...], bool]]] | None:
+    """Parse one VOC XML; ``(image path, width, height, [(name, xyxy, difficult)])`` or ``None``."""
+    xml_path = annotation_dir / f"{stem}.xml"
+    if not xml_path.is_file():
+        report.note("missing_annotations", f"{annotation_dir.name}/{xml_path.name}")
+        return None
+    try:
+        tree = ET.parse(xml_path).getroot()
+    except (ET.ParseError, OSError) as exc:
+        report.note("parse_errors", f"{xml_path.name}: {exc}")
+        return None
+
+    xml_name = (tree.findtext("filename") or "").strip()
+    candidates = [listed_name] if listed_name else []
+    candidates += [stem + ext for ext in IMAGE_EXTENSIONS] + [stem + ext.upper() for ext in IMAGE_EXTENSIONS]
+    candidates += [xml_name] if xml_name else []
+    image_path = next((image_dir / c for c in candidates if (image_dir / c).is_file()), None)
+    if image_path is None:
+        report.note("missing_images", f"{image_dir.name}/{listed_name or xml_name or stem + '.jpg'}")
+        return None
+    annotated = (_positive_int(tree.findtext("size/width")), _positive_int(tree.findtext("size/height")))
+    size = _check_image(image_path, annotated if None not in annotated else None, report, image_path.name)
+    if size is None:
+        return None
+
+    objects = []
+    for obj in tree.findall("object"):
+        name = (obj.findtext("name") or "").strip()
+        try:
+            coords = [float(obj.findtext(f"bndbox/{k}") or "nan") for k in ("xmin", "ymin", "xmax", "ymax")]
+        except ValueError:
+            coords = [math.nan] * 4
+        if not name or not all(math.isfinite(v) for v in coords):
+            report.note("malformed_boxes", f"{xml_path.name}: object {name or '(no name)'}")
+            continue
+        # VOC coordinates are 1-based inclusive pixel indices: (xmin=1, xmax=W) spans the whole
+        # image. As detectron2 and torchvision's references do, subtract 1 from xmin/ymin and keep
+        # xmax/ymax, giving 0-based continuous coordinates with the box covering [xmin-1, xmax].
+        xyxy = (coords[0] - 1.0, coords[1] - 1.0, coords[2], coords[3])
+        difficult = (_positive_int(obj.findtext("difficult")) or 0) > 0
+        objects.append((name, xyxy, difficult))
+    return image_path, size[0], size[1], objects
+
+
+# ----------------------------------------------------------------------------------------------
+# One entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def _guess_coco_image_root(annotation_json: Path) -> Path:
+    """``images/`` next to the JSON or its folder, COCO's ``val2017/`` for ``instances_val2017.json``."""
+    folder = annotation_json.parent
+    candidates = [folder / "images", folder.parent / "images"]
+    if annotation_json.stem.startswith("instances_"):
+        split = annotation_json.stem[len("instances_") :]
+        candidates += [folder.parent / split, folder.parent / "images" / split]
+    return next((c for c in candidates if c.is_dir()), folder)
+
+
+def load_dataset(path_or_spec: str | Path | Mapping[str, Any], **kwargs: Any) -> DetectionDataset:
+    """Load a COCO or VOC dataset, telling the format from the path.
+
+    ``path_or_spec`` is one of:
+
+    * a COCO ``.json`` file (``image_root`` from kwargs, else ``images/`` next to it, else the
+      ``val2017/``-style folder of ``instances_val2017.json``, else its folder);
+    * a VOC root folder (it has ``Annotations/``), with ``split`` from kwargs;
+    * a VOC split list ``.txt`` whose folder is the VOC root (``raccoon/train_split.txt``);
+    * a folder holding one COCO json (``annotations.json`` or a single ``*.json`` in it or in
+      ``annotations/``);
+    * a mapping ``{"format": "coco"|"voc", "path": ..., "image_root": ..., "split": ...}`` whose
+      other keys are keyword arguments of :func:`load_coco` / :func:`load_voc`.
+
+    Remaining ``kwargs`` go to :func:`load_coco` or :func:`load_voc`.
+    """
+    if isinstance(path_or_spec, Mapping):
+        spec = dict(path_or_spec)
+        spec.update(kwargs)
+        fmt = spec.pop("format", None)
+        path = spec.pop("path", None) or spec.pop("root", None) or spec.pop("annotations", None)
+        if path is None:
+            raise ConfigError(f"dataset spec {path_or_spec!r} needs a 'path'")
+        if fmt == "coco":
+            image_root = spec.pop("image_root", None) or _guess_coco_image_root(Path(path))
+            return load_coco(path, image_root, **spec)
+        if fmt == "voc":
+            return load_voc(path, **spec)
+        if fmt is not None:
+            raise ConfigError(f"unknown dataset format {fmt!r}; use 'coco' or 'voc'")
+        return load_dataset(path, **spec)
+
+    path = Path(path_or_spec)
+    if path.is_file() and path.suffix.lower() == ".json":
+        image_root = kwargs.pop("image_root", None) or _guess_coco_image_root(path)
+        return load_coco(path, image_root, **kwargs)
+    if path.is_file() and path.suffix.lower() == ".txt":
+        if "split" in kwargs:
+            raise ConfigError(f"{path} is a split list already; do not pass split as well")
+        return load_voc(path.parent, split=path, **kwargs)
+    if path.is_dir():
+        annotation_dir = _child_dir(path, ("Annotations",))
+        if annotation_dir is not None and any(annotation_dir.glob("*.xml")):
+            return load_voc(path, **kwargs)
+        jsons = sorted(path.glob("*.json")) or sorted((annotation_dir or path / "annotations").glob("*.json"))
+        preferred = [j for j in jsons if j.name == "annotations.json"]
+        if preferred or len(jsons) == 1:
+            json_path = (preferred or jsons)[0]
+            kwargs.setdefault("image_root", _guess_coco_image_root(json_path))
+            return load_dataset(json_path, **kwargs)
+    if not path.exists():
+        raise DatasetError(f"dataset path {path} does not exist")
+    raise DatasetError(
+        f"cannot tell the format of {path}: expected a COCO .json file, a VOC folder with "
+        "Annotations/*.xml, or a VOC split list .txt next to Annotations/"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Training transforms and protocols
+# ----------------------------------------------------------------------------------------------
+
+
+class Compose:
+    """Apply ``(image, target)`` transforms in order."""
+
+    def __init__(self, transforms: Sequence[Transform]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        for transform in self.transforms:
+            image, target = transform(image, target)
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"Compose({self.transforms})"
+
+
+class RandomHorizontalFlip:
+    """Flip the image and its boxes left-right with probability ``p`` (``torch`` RNG)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = float(p)
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        if torch.rand(()).item() >= self.p:
+            return image, target
+        width = image.shape[-1]
+        target = dict(target)
+        boxes = target["boxes"].clone()
+        boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+        target["boxes"] = boxes
+        return image.flip(-1), target
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+class ResizeShortestEdge:
+    """Resize so the short side is one of ``min_sizes`` (long side at most ``max_size``), boxes too.
+
+    ``sample="choice"`` picks one of ``min_sizes``; ``"range"`` draws an integer in
+    ``[min(min_sizes), max(min_sizes)]`` (detectron2's two modes). Do NOT use it in front of a
+    torchvision detector: ``GeneralizedRCNNTransform`` resizes again inside the model. For those,
+    pass :func:`protocol_sizes` to the detector instead. This is for models that do not resize.
+    """
+
+    def __init__(self, min_sizes: Sequence[int], max_size: int = 1333, sample: str = "choice") -> None:
+        if sample not in ("choice", "range"):
+            raise ConfigError(f"sample must be 'choice' or 'range', got {sample!r}")
+        if not min_sizes:
+            raise ConfigError("min_sizes must not be empty")
+        self.min_sizes = tuple(int(s) for s in min_sizes)
+        self.max_size = int(max_size)
+        self.sample = sample
+
+    def _draw_size(self) -> int:
+        if self.sample == "range":
+            low, high = min(self.min_sizes), max(self.min_sizes)
+            return int(torch.randint(low, high + 1, ()).item())
+        return self.min_sizes[int(torch.randint(len(self.min_sizes), ()).item())]
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        height, width = image.shape[-2:]
+        size = self._draw_size()
+        scale = min(size / min(height, width), self.max_size / max(height, width))
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
+        sx, sy = new_w / width, new_h / height
+        target = dict(target)
+        target["boxes"] = target["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=target["boxes"].dtype)
+        if "area" in target:
+            target["area"] = target["area"] * (sx * sy)
+        return image, target
+
+    def __repr__(self) -> str:
+        sizes = f"min_sizes={self.min_sizes}, max_size={self.max_size}"
+        return f"ResizeShortestEdge({sizes}, sample={self.sample!r})"
+
+
+_PROTOCOLS: dict[str, dict[str, Any]] = {
+    # MoCo / InsLoc VOC protocol (detectron2 MIN_SIZE_TRAIN 480..800 step 32, test 800).
+    "voc": {"min_size": tuple(range(480, 801, 32)), "max_size": 1333, "test_size": 800},
+    # InsLoc COCO protocol (MIN_SIZE_TRAIN 640..800 step 32, test 800).
+    "coco": {"min_size": tuple(range(640, 801, 32)), "max_size": 1333, "test_size": 800},
+}
+
+
+def protocol_sizes(name: str) -> dict[str, Any]:
+    """Image sizes of a standard fine-tuning protocol: ``{"min_size", "max_size", "test_size"}``.
+
+    Pass ``min_size`` (a tuple) and ``max_size`` to the torchvision detector
+    (``FasterRCNN(..., min_size=..., max_size=...)``): in training ``GeneralizedRCNNTransform``
+    draws one of ``min_size`` per image, which is multi-scale training; in eval it uses
+    ``min_size[-1]``, which equals ``test_size`` (800) in both presets.
+
+    ``"voc"``: short side 480..800 step 32, long side <= 1333, test 800.
+    ``"coco"``: short side 640..800 step 32, long side <= 1333, test 800.
+    """
+    key = name.lower()
+    if key not in _PROTOCOLS:
+        raise ConfigError(f"unknown protocol {name!r}; choose one of {sorted(_PROTOCOLS)}")
+    preset = _PROTOCOLS[key]
+    return {
+        "min_size": tuple(preset["min_size"]),
+        "max_size": preset["max_size"],
+        "test_size": preset["test_size"],
+    }
+
+
+def collate_detection(
+    batch: Sequence[tuple[torch.Tensor, Target]],
+) -> tuple[list[torch.Tensor], list[Target]]:
+    """``DataLoader`` collate function: ``[(image, target), ...] -> ([images], [targets])``."""
+    images = [image for image, _ in batch]
+    targets = [target for _, target in batch]
+    return images, targets

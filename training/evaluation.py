@@ -1,0 +1,589 @@
+"""COCO-style box evaluation (pycocotools), result files and pictures of detections.
+
+* :func:`evaluate_detections` scores COCO results (``image_id``, ``category_id``, ``bbox`` xywh,
+  ``score``) against a ground truth (a :class:`DetectionDataset`, a COCO dict or a pycocotools
+  ``COCO``) with pycocotools' ``COCOeval`` and returns an :class:`EvalResult`. The numbers are
+  pycocotools' own: nothing is recomputed except per-class AP, which is read from
+  ``COCOeval.eval["precision"]`` the way detectron2's ``COCOEvaluator`` does.
+* :func:`detections_from_outputs` turns torchvision detector outputs into COCO results.
+* :func:`run_evaluation` runs any torchvision detector over a dataset and does all of the above,
+  writing ``detections.json``, ``metrics.json`` and ``examples.png``.
+
+All AP / AR values are fractions in ``[0, 1]`` as in ``COCOeval.stats``; ``-1`` means pycocotools
+had no ground truth to score (e.g. ``ap_small`` on a set without small objects).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader, Dataset
+
+from insloc_hub.errors import ConfigError
+from insloc_hub.transforms import to_tensor
+
+from .detection_data import DetectionDataset
+
+__all__ = [
+    "STAT_NAMES",
+    "EvalResult",
+    "detections_from_outputs",
+    "draw_detections",
+    "evaluate_detections",
+    "run_evaluation",
+    "save_examples_grid",
+    "write_coco_results",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Names of the 12 values of ``COCOeval.stats`` (bbox), in order.
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+PRED_COLOR = (230, 40, 40)
+GT_COLOR = (30, 190, 60)
+
+
+def _pycocotools() -> tuple[Any, Any]:
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("COCO evaluation needs pycocotools: pip install 'insloc-hub[coco]'") from exc
+    return COCO, COCOeval
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Swallow pycocotools' prints unless ``verbose``."""
+    if verbose:
+        yield
+    else:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+
+
+@dataclass
+class EvalResult:
+    """COCO box metrics, as fractions in ``[0, 1]`` (``-1``: no ground truth in that range).
+
+    Attributes:
+        ap: AP averaged over IoU 0.50:0.05:0.95 (COCO's primary metric), all areas, 100 dets.
+        ap50, ap75: AP at IoU 0.50 / 0.75.
+        ap_small, ap_medium, ap_large: AP@[.5:.95] on small (< 32^2), medium, large (> 96^2) boxes.
+        ar1, ar10, ar100: average recall with 1 / 10 / 100 detections per image.
+        ar_small, ar_medium, ar_large: AR@100 by area.
+        per_class_ap: class name -> AP@[.5:.95] (``nan`` where the class has no ground truth).
+        per_class_ap50: class name -> AP@0.5.
+        stats: ``COCOeval.stats``, the 12 values above in pycocotools' order (:data:`STAT_NAMES`).
+        num_images, num_detections, num_ground_truth: what was scored (``num_ground_truth`` counts
+            boxes that are not crowd / difficult).
+    """
+
+    ap: float
+    ap50: float
+    ap75: float
+    ap_small: float
+    ap_medium: float
+    ap_large: float
+    ar1: float
+    ar10: float
+    ar100: float
+    ar_small: float
+    ar_medium: float
+    ar_large: float
+    per_class_ap: dict[str, float] = field(default_factory=dict)
+    per_class_ap50: dict[str, float] = field(default_factory=dict)
+    stats: list[float] = field(default_factory=list)
+    num_images: int = 0
+    num_detections: int = 0
+    num_ground_truth: int = 0
+
+    @classmethod
+    def from_stats(cls, stats: Sequence[float], **extra: Any) -> EvalResult:
+        """Build from the 12 values of ``COCOeval.stats``."""
+        values = [float(v) for v in stats]
+        if len(values) != len(STAT_NAMES):
+            raise ValueError(f"expected {len(STAT_NAMES)} COCO stats, got {len(values)}")
+        names = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
+        names += ("ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large")
+        return cls(**dict(zip(names, values, strict=True)), stats=values, **extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (``nan`` becomes ``None``)."""
+
+        def clean(value: Any) -> Any:
+            if isinstance(value, float) and math.isnan(value):
+                return None
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [clean(v) for v in value]
+            return value
+
+        return {name: clean(getattr(self, name)) for name in self.__dataclass_fields__}
+
+    def summary(self) -> str:
+        """Human-readable table: the main numbers, then AP / AP50 per class (in percent)."""
+
+        def pct(value: float) -> str:
+            return "  n/a" if value < 0 or math.isnan(value) else f"{100 * value:5.1f}"
+
+        lines = [
+            f"AP {pct(self.ap)}  AP50 {pct(self.ap50)}  AP75 {pct(self.ap75)}  "
+            f"APs {pct(self.ap_small)}  APm {pct(self.ap_medium)}  APl {pct(self.ap_large)}  "
+            f"({self.num_images} images, {self.num_ground_truth} boxes, {self.num_detections} detections)"
+        ]
+        if self.per_class_ap:
+            width = max(len(name) for name in self.per_class_ap)
+            lines.append(f"{'class':<{width}}     AP   AP50")
+            for name, ap in self.per_class_ap.items():
+                lines.append(f"{name:<{width}}  {pct(ap)}  {pct(self.per_class_ap50.get(name, math.nan))}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_coco(ground_truth: Any, verbose: bool) -> Any:
+    """A pycocotools ``COCO`` for a dataset, a COCO dict, or a ``COCO`` itself."""
+    COCO, _ = _pycocotools()
+    if isinstance(ground_truth, COCO):
+        return ground_truth
+    if isinstance(ground_truth, DetectionDataset):
+        data = ground_truth.to_coco_dict()
+    elif isinstance(ground_truth, Mapping):
+        data = copy.deepcopy(dict(ground_truth))
+    else:
+        raise ConfigError(
+            f"ground truth must be a DetectionDataset, a COCO dict or a pycocotools COCO, "
+            f"got {type(ground_truth).__name__}"
+        )
+    for key in ("images", "annotations", "categories"):
+        data.setdefault(key, [])
+    coco = COCO()
+    coco.dataset = data
+    with _quiet(verbose):
+        coco.createIndex()
+    return coco
+
+
+def _empty_results(coco_gt: Any) -> Any:
+    """A result ``COCO`` with no detections (``COCO.loadRes`` fails on an empty list)."""
+    COCO, _ = _pycocotools()
+    results = COCO()
+    results.dataset = {
+        "info": copy.deepcopy(coco_gt.dataset.get("info", {})),
+        "images": list(coco_gt.dataset["images"]),
+        "categories": copy.deepcopy(coco_gt.dataset["categories"]),
+        "annotations": [],
+    }
+    with _quiet(False):
+        results.createIndex()
+    return results
+
+
+def _as_result(detection: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain-Python copy of one COCO result (``loadRes`` writes into the dicts it gets)."""
+    try:
+        bbox = [float(v) for v in detection["bbox"]]
+        out = dict(detection)
+        out.update(
+            image_id=int(detection["image_id"]),
+            category_id=int(detection["category_id"]),
+            bbox=bbox,
+            score=float(detection["score"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"a detection must have image_id, category_id, bbox [x, y, w, h] and score; got {detection!r}"
+        ) from exc
+    if len(bbox) != 4:
+        raise ConfigError(f"bbox must be [x, y, w, h], got {bbox}")
+    return out
+
+
+def evaluate_detections(
+    ground_truth: DetectionDataset | Mapping[str, Any] | Any,
+    detections: Sequence[Mapping[str, Any]],
+    *,
+    class_names: Sequence[str] | None = None,
+    verbose: bool = False,
+) -> EvalResult:
+    """Score COCO-format detections with pycocotools ``COCOeval`` (``iouType="bbox"``).
+
+    Args:
+        ground_truth: a :class:`DetectionDataset` (its :meth:`~DetectionDataset.to_coco_dict`), a
+            COCO-format dict or a pycocotools ``COCO``.
+        detections: COCO results: dicts with ``image_id``, ``category_id``, ``bbox`` (x, y, w, h
+            in pixels) and ``score``. Not modified.
+        class_names: names of the categories in increasing category-id order, for the per-class
+            keys; default: the names in the ground truth.
+        verbose: let pycocotools print its usual summary.
+
+    Returns:
+        :class:`EvalResult` whose ``stats`` are exactly ``COCOeval.stats``. Detections of images
+        that are not in the ground truth raise :class:`~insloc_hub.errors.ConfigError`.
+    """
+    _, COCOeval = _pycocotools()
+    coco_gt = _as_coco(ground_truth, verbose)
+    results = [_as_result(d) for d in detections]
+
+    known_images = set(coco_gt.getImgIds())
+    unknown = sorted({r["image_id"] for r in results} - known_images)
+    if unknown:
+        raise ConfigError(
+            f"{len(unknown)} detected image ids are not in the ground truth (e.g. {unknown[:5]}); "
+            "use the dataset's image_ids when converting outputs"
+        )
+    category_ids = sorted(coco_gt.getCatIds())
+    stray = {r["category_id"] for r in results} - set(category_ids)
+    if stray:
+        logger.warning("detections with category ids %s not in the ground truth are ignored", sorted(stray))
+
+    with _quiet(verbose):
+        coco_dt = coco_gt.loadRes(results) if results else _empty_results(coco_gt)
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+
+    names = [coco_gt.cats[cid].get("name", str(cid)) for cid in category_ids]
+    if class_names is not None:
+        if len(class_names) != len(category_ids):
+            raise ConfigError(f"{len(class_names)} class names given for {len(category_ids)} categories {category_ids}")
+        names = [str(n) for n in class_names]
+    per_class_ap, per_class_ap50 = _per_class_ap(evaluator, names)
+    num_gt = sum(1 for ann in coco_gt.dataset["annotations"] if not ann.get("iscrowd", 0))
+    return EvalResult.from_stats(
+        evaluator.stats,
+        per_class_ap=per_class_ap,
+        per_class_ap50=per_class_ap50,
+        num_images=len(known_images),
+        num_detections=len(results),
+        num_ground_truth=num_gt,
+    )
+
+
+def _per_class_ap(evaluator: Any, names: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """AP@[.5:.95] and AP@.5 per class from ``eval["precision"]``, as detectron2 computes them.
+
+    ``precision`` has shape ``[T IoUs, R recalls, K classes, A areas, M maxDets]``; area index 0 is
+    "all" and the last maxDets is 100. Entries of -1 (no ground truth) are left out of the mean.
+    """
+    precision = evaluator.eval["precision"]
+    per_class_ap, per_class_ap50 = {}, {}
+    for k, name in enumerate(names):
+        values = precision[:, :, k, 0, -1]
+        values = values[values > -1]
+        per_class_ap[name] = float(np.mean(values)) if values.size else math.nan
+        values50 = precision[0, :, k, 0, -1]  # iouThrs[0] == 0.5
+        values50 = values50[values50 > -1]
+        per_class_ap50[name] = float(np.mean(values50)) if values50.size else math.nan
+    return per_class_ap, per_class_ap50
+
+
+def detections_from_outputs(
+    outputs: Sequence[Mapping[str, Any]],
+    image_ids: Sequence[int],
+    *,
+    category_ids: Sequence[int] | None = None,
+    score_threshold: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Convert torchvision detector outputs to COCO results.
+
+    Args:
+        outputs: one dict per image with ``boxes`` (``[N, 4]`` x1, y1, x2, y2 pixels), ``labels``
+            (``1..C``) and ``scores`` (tensors or arrays).
+        image_ids: the image id of each output (``dataset.image_ids`` in order).
+        category_ids: category id of label ``i + 1`` (``dataset.category_ids``); default: the
+            label itself. Labels outside ``1..C`` are dropped with a warning.
+        score_threshold: drop detections scoring below it.
+    """
+    if len(outputs) != len(image_ids):
+        raise ConfigError(f"{len(outputs)} outputs for {len(image_ids)} image ids")
+    results: list[dict[str, Any]] = []
+    dropped = 0
+    for output, image_id in zip(outputs, image_ids, strict=True):
+        boxes = np.asarray(_numpy(output["boxes"]), dtype=np.float64).reshape(-1, 4)
+        labels = np.asarray(_numpy(output["labels"]), dtype=np.int64).reshape(-1)
+        scores = np.asarray(_numpy(output["scores"]), dtype=np.float64).reshape(-1)
+        for (x1, y1, x2, y2), label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist(), strict=True):
+            if score < score_threshold:
+                continue
+            if category_ids is not None:
+                if not 1 <= label <= len(category_ids):
+                    dropped += 1
+                    continue
+                category = int(category_ids[label - 1])
+            else:
+                category = int(label)
+            results.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": category,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": score,
+                }
+            )
+    if dropped:
+        logger.warning("%d detections with labels outside 1..%d dropped", dropped, len(category_ids or []))
+    return results
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def write_coco_results(detections: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write COCO results as JSON (the format of the COCO evaluation server); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        json.dump([_as_result(d) for d in detections], f)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_pil(image: Any) -> Image.Image:
+    """``PIL.Image``, ``float [3, H, W]`` tensor in [0, 1] or ``uint8 [H, W, 3]`` array -> RGB image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        array = image.detach().cpu().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+        return Image.fromarray(array, "RGB")
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    return Image.fromarray(array).convert("RGB")
+
+
+def _class_name(label: int, class_names: Sequence[str]) -> str:
+    return class_names[label - 1] if 1 <= label <= len(class_names) else f"class {label}"
+
+
+def _draw_box(
+    draw: ImageDraw.ImageDraw,
+    box: Sequence[float],
+    text: str,
+    color: tuple[int, int, int],
+    width: int,
+    font: Any,
+    below: bool,
+    image_height: int,
+) -> None:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    draw.rectangle((x1, y1, x2, y2), outline=color, width=width)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    tw, th = right - left + 4, bottom - top + 4
+    # Ground truth: label under the box's bottom edge (kept inside the picture). Prediction: label
+    # above the top edge, or just inside the box when that would leave the picture.
+    above = y1 - th if y1 - th >= 0 else y1
+    ty = min(y2, image_height - th) if below else above
+    draw.rectangle((x1, ty, x1 + tw, ty + th), fill=color)
+    draw.text((x1 + 2 - left, ty + 2 - top), text, fill=(255, 255, 255), font=font)
+
+
+def draw_detections(
+    image: Any,
+    pred_boxes: Any,
+    pred_labels: Any,
+    pred_scores: Any,
+    gt_boxes: Any = None,
+    gt_labels: Any = None,
+    class_names: Sequence[str] = (),
+    path: str | Path | None = None,
+    *,
+    score_threshold: float = 0.0,
+) -> Image.Image:
+    """Draw predicted boxes (red, "name score") and true boxes (green, "name") on an image.
+
+    Boxes are ``[N, 4]`` x1, y1, x2, y2 pixels; labels are ``1..C`` (``class_names[label - 1]``).
+    ``image`` is a ``PIL.Image``, a ``float [3, H, W]`` tensor in [0, 1] or a ``uint8 [H, W, 3]``
+    array. Predictions below ``score_threshold`` are not drawn. Writes a PNG if ``path`` is given;
+    returns the picture.
+    """
+    canvas = _as_pil(image).copy()
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    line = max(1, round(min(canvas.size) / 200))
+    if gt_boxes is not None:
+        gt = np.asarray(_numpy(gt_boxes), dtype=np.float64).reshape(-1, 4)
+        labels = np.asarray(_numpy(gt_labels), dtype=np.int64).reshape(-1) if gt_labels is not None else None
+        for i, box in enumerate(gt):
+            text = _class_name(int(labels[i]), class_names) if labels is not None else "gt"
+            _draw_box(draw, box, text, GT_COLOR, line, font, True, canvas.height)
+    boxes = np.asarray(_numpy(pred_boxes), dtype=np.float64).reshape(-1, 4)
+    labels = np.asarray(_numpy(pred_labels), dtype=np.int64).reshape(-1)
+    scores = np.asarray(_numpy(pred_scores), dtype=np.float64).reshape(-1)
+    for box, label, score in sorted(zip(boxes, labels, scores, strict=True), key=lambda t: t[2]):
+        if score < score_threshold:
+            continue
+        text = f"{_class_name(int(label), class_names)} {score:.2f}"
+        _draw_box(draw, box, text, PRED_COLOR, line, font, False, canvas.height)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        canvas.save(path, format="PNG")
+    return canvas
+
+
+def save_examples_grid(
+    pictures: Sequence[Image.Image],
+    path: str | Path,
+    *,
+    ncols: int = 2,
+    tile_size: int = 480,
+) -> Image.Image:
+    """Tile pictures (e.g. from :func:`draw_detections`) into one PNG with a colour legend.
+
+    Each picture is shrunk to fit a ``tile_size`` square, keeping its aspect ratio.
+    """
+    if not pictures:
+        raise ConfigError("save_examples_grid needs at least one picture")
+    ncols = max(1, min(ncols, len(pictures)))
+    nrows = math.ceil(len(pictures) / ncols)
+    legend_h, pad = 18, 4
+    grid = Image.new("RGB", (ncols * (tile_size + pad) + pad, legend_h + nrows * (tile_size + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    draw.rectangle((pad, 4, pad + 10, 14), fill=PRED_COLOR)
+    draw.text((pad + 14, 3), "predicted (class score)", fill=(0, 0, 0), font=font)
+    draw.rectangle((pad + 170, 4, pad + 180, 14), fill=GT_COLOR)
+    draw.text((pad + 184, 3), "ground truth", fill=(0, 0, 0), font=font)
+    for i, picture in enumerate(pictures):
+        tile = _as_pil(picture).copy()
+        tile.thumbnail((tile_size, tile_size))
+        row, col = divmod(i, ncols)
+        x = pad + col * (tile_size + pad) + (tile_size - tile.width) // 2
+        y = legend_h + pad + row * (tile_size + pad) + (tile_size - tile.height) // 2
+        grid.paste(tile, (x, y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path, format="PNG")
+    return grid
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a detector
+# ----------------------------------------------------------------------------------------------
+
+
+class _EvalImages(Dataset):
+    """The dataset's images at their original size, without its (training) transforms."""
+
+    def __init__(self, dataset: DetectionDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return to_tensor(self.dataset.load_image(index)), index
+
+
+def _collate_eval(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], list[int]]:
+    return [image for image, _ in batch], [index for _, index in batch]
+
+
+def run_evaluation(
+    model: torch.nn.Module,
+    dataset: DetectionDataset,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 2,
+    score_threshold: float = 0.0,
+    output_dir: str | Path | None = None,
+    num_visualize: int = 4,
+    num_workers: int = 0,
+    verbose: bool = False,
+) -> EvalResult:
+    """Run a torchvision detector over ``dataset`` and score it COCO-style.
+
+    The model is moved to ``device`` and put in eval mode for the run (its training mode is
+    restored afterwards); gradients are off. Images go in at their original size, without the
+    dataset's transforms: torchvision detectors resize internally and return boxes in input pixel
+    coordinates, the coordinates of the ground truth. Any module that maps a list of ``[3, H, W]``
+    tensors to a list of ``{"boxes", "labels", "scores"}`` dicts works.
+
+    If ``output_dir`` is given it receives ``detections.json`` (COCO results), ``metrics.json``
+    (:meth:`EvalResult.to_dict`) and ``examples.png`` (the first ``num_visualize`` images, with
+    predictions scoring at least ``max(score_threshold, 0.3)`` and the ground truth).
+    """
+    device = torch.device(device)
+    loader = DataLoader(
+        _EvalImages(dataset),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate_eval,
+    )
+    was_training = model.training
+    model.to(device).eval()
+    outputs: list[dict[str, torch.Tensor]] = [{}] * len(dataset)
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            for images, indices in loader:
+                batch_out = model([image.to(device) for image in images])
+                for index, out in zip(indices, batch_out, strict=True):
+                    outputs[index] = {
+                        k: v.detach().to("cpu") for k, v in out.items() if k in ("boxes", "labels", "scores")
+                    }
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    logger.info("ran the detector on %d images in %.1f s", len(dataset), seconds)
+
+    detections = detections_from_outputs(
+        outputs, dataset.image_ids, category_ids=dataset.category_ids, score_threshold=score_threshold
+    )
+    result = evaluate_detections(dataset, detections, verbose=verbose)
+    logger.info("COCO box evaluation of %s:\n%s", dataset.source or "the dataset", result.summary())
+
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_coco_results(detections, output_dir / "detections.json")
+        metrics = result.to_dict()
+        metrics.update(score_threshold=score_threshold, seconds=round(seconds, 3), dataset=dataset.source)
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        if num_visualize > 0 and len(dataset) > 0:
+            pictures = []
+            for index in range(min(num_visualize, len(dataset))):
+                out, target = outputs[index], dataset.records[index]
+                pictures.append(
+                    draw_detections(
+                        dataset.load_image(index),
+                        out["boxes"],
+                        out["labels"],
+                        out["scores"],
+                        target.boxes,
+                        target.labels,
+                        dataset.class_names,
+                        score_threshold=max(score_threshold, 0.3),
+                    )
+                )
+            save_examples_grid(pictures, output_dir / "examples.png")
+    return result
