@@ -1,0 +1,284 @@
+"""Save and load hub folders: ``model.safetensors`` + ``config.json`` + ``README.md``.
+
+``save_pretrained`` writes the folder described in docs/design.md; ``from_pretrained`` resolves a
+name (alias, Hub repo id, ``repo@revision`` or local folder, see :mod:`insloc_hub.hub`), checks the
+weights against config.json's sha256 and loads them strictly, memory-mapped with safetensors and
+never with pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from insloc_hub import __version__
+from insloc_hub.card import render_card
+from insloc_hub.detectors import DetectorConfig, build_detector_from_config
+from insloc_hub.errors import ConfigError, IntegrityError, WeightsMismatchError
+from insloc_hub.hub import resolve_model_dir
+from insloc_hub.models import BackboneConfig, InsLocBackbone
+from insloc_hub.transforms import PREPROCESSING
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+FORMAT_VERSION = 1
+_VERIFIED_RECORD = "verified-weights.json"
+
+
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    results: list[dict[str, Any]] | None = None,
+    license: str = "apache-2.0",
+    extra_files: Mapping[str, str | os.PathLike[str]] | None = None,
+) -> Path:
+    """Write ``model`` as a hub folder and return its path.
+
+    Args:
+        model: an :class:`InsLocBackbone`, or a detector from :func:`insloc_hub.build_detector`.
+        directory: target folder (created; existing hub files in it are replaced).
+        name: display name for the card (default: the folder name).
+        provenance: how it was made (recipe, epochs, data, ...); stored in config.json and the card.
+        results: evaluation results, ``[{"dataset": "voc07", "metrics": {"AP": 55.1}}]``; they become
+            the card's model-index.
+        license: SPDX-style licence id for the card.
+        extra_files: more files to copy in (``{"metrics.jsonl": path}``), listed in config.json.
+
+    Example:
+        >>> save_pretrained(InsLocBackbone("tiny-fpn"), "out/tiny")  # doctest: +SKIP
+        PosixPath('out/tiny')
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = _model_config(model)
+    config.update(
+        name=name or directory.resolve().name,
+        license=license,
+        provenance={"code": f"insloc-hub {__version__}", **dict(provenance or {})},
+        results=list(results or []),
+    )
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    files = [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME]
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as staging:
+        staging_dir = Path(staging)
+        save_file(state, str(staging_dir / WEIGHTS_NAME), metadata={"format": "pt", "library": "insloc-hub"})
+        config["weights"] = {
+            "file": WEIGHTS_NAME,
+            "sha256": _sha256(staging_dir / WEIGHTS_NAME),
+            "num_tensors": len(state),
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+        }
+        for file_name, source in (extra_files or {}).items():
+            shutil.copyfile(source, staging_dir / file_name)
+            files.append(file_name)
+        config["files"] = files
+        (staging_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        (staging_dir / CARD_NAME).write_text(render_card(config))
+        # the weights go last, so an interrupted save never leaves new weights beside an old config
+        for file_name in [f for f in files if f != WEIGHTS_NAME] + [WEIGHTS_NAME]:
+            os.replace(staging_dir / file_name, directory / file_name)
+    return directory
+
+
+def _model_config(model: nn.Module) -> dict[str, Any]:
+    base: dict[str, Any] = {"library": "insloc-hub", "format_version": FORMAT_VERSION,
+                            "preprocessing": dict(PREPROCESSING)}
+    if isinstance(model, InsLocBackbone):
+        return {**base, "task": "backbone", "architecture": model.config.to_dict(),
+                "pretrained_parts": list(model.config.parts), "features": model.feature_info,
+                "embedding_dim": model.embedding_dim}
+    det_config: DetectorConfig | None = getattr(model, "insloc_config", None)
+    if det_config is None:
+        raise ConfigError(
+            f"cannot save a {type(model).__name__}: expected an InsLocBackbone or a detector from build_detector"
+        )
+    return {**base, "task": "detection", "architecture": det_config.backbone,
+            "pretrained_parts": ["trunk", "fpn", "box_head"] if det_config.arch != "faster_rcnn_c4"
+            else ["trunk", "box_head"], "detector": det_config.to_dict(), "class_names": det_config.class_names}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a hub folder's config.json, with a clear error if it is not an insloc-hub folder."""
+    path = Path(folder) / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    if config.get("library") != "insloc-hub" or "architecture" not in config:
+        raise ConfigError(f"{path} is not an insloc-hub config (no 'library': 'insloc-hub' / 'architecture')")
+    if int(config.get("format_version", 1)) > FORMAT_VERSION:
+        raise ConfigError(f"{path} has format_version {config['format_version']}; upgrade insloc-hub to read it")
+    return config
+
+
+def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *, always: bool = False) -> None:
+    """Check the weights file against config.json's sha256.
+
+    A file already verified (same path, size, mtime and inode) is not hashed again unless
+    ``always``: the record lives in ``$INSLOC_HUB_CACHE`` (default ``~/.cache/insloc_hub``).
+
+    Raises:
+        IntegrityError: the hashes differ (a tampered or corrupted download).
+    """
+    path = Path(folder) / config.get("weights", {}).get("file", WEIGHTS_NAME)
+    expected = config.get("weights", {}).get("sha256")
+    if not expected:
+        raise IntegrityError(f"{Path(folder) / CONFIG_NAME} records no sha256 for {path.name}; re-save the model")
+    real = path.resolve()
+    stat = real.stat()
+    key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    record_path = Path(os.environ.get("INSLOC_HUB_CACHE", Path.home() / ".cache" / "insloc_hub")) / _VERIFIED_RECORD
+    record = _read_record(record_path)
+    if not always and record.get(key) == expected:
+        return
+    actual = _sha256(real)
+    if actual != expected:
+        raise IntegrityError(
+            f"{path} has sha256 {actual} but config.json records {expected}: the file is corrupted or was "
+            "modified. Delete it and download again (insloc-hub download NAME)."
+        )
+    record[key] = expected
+    try:
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(list(record.items())[-256:])))
+        os.replace(tmp, record_path)
+    except OSError:  # a read-only home only costs a re-hash next time
+        pass
+
+
+def _read_record(path: Path) -> dict[str, str]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def load_state(folder: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The weights of a hub folder as a state dict (safetensors, memory-mapped)."""
+    path = Path(folder) / WEIGHTS_NAME
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+
+
+def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        lines = [f"{source} does not match its architecture config:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                lines.append(f"  {len(keys)} {title}: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}")
+        lines.append("Pass strict=False to load what fits, or check that config.json belongs to these weights.")
+        raise WeightsMismatchError("\n".join(lines))
+
+
+def from_pretrained(
+    name: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    strict: bool = True,
+    namespace: str | None = None,
+    token: str | bool | None = None,
+    verify: bool | str = "auto",
+) -> nn.Module:
+    """Load a backbone bundle or a fine-tuned detector from an alias, Hub repo or local folder.
+
+    Args:
+        name: ``"insloc-r50"`` (alias), ``"owner/repo"``, ``"owner/repo@revision"`` or a folder path.
+        revision: branch, tag or commit (alternative to ``@revision``).
+        cache_dir: Hugging Face cache to use (default: huggingface_hub's).
+        local_files_only: never touch the network (``HF_HUB_OFFLINE=1`` does the same).
+        device: where the weights are loaded.
+        dtype: cast floating-point weights (e.g. ``torch.bfloat16``).
+        strict: every tensor of the file must fit the architecture and vice versa.
+        namespace: Hub namespace for aliases (default ``insloc-hub`` or ``$INSLOC_HUB_NAMESPACE``).
+        token: Hub token for private repos.
+        verify: ``"auto"`` checks sha256 once per file version, ``True`` always, ``False`` never.
+
+    Returns:
+        An :class:`InsLocBackbone` in eval mode (``task: backbone``) or a torchvision detector in eval
+        mode (``task: detection``), with ``model.hub_config`` holding config.json.
+
+    Example:
+        >>> backbone = from_pretrained("insloc-r50")  # doctest: +SKIP
+        >>> detector = from_pretrained("me/raccoon-detector@v1", device="cuda")  # doctest: +SKIP
+    """
+    folder = resolve_model_dir(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                               namespace=namespace, token=token)
+    config = read_config(folder)
+    if verify:
+        verify_weights(folder, config, always=verify is True)
+    state = load_state(folder, device)
+    source = f"{folder / WEIGHTS_NAME}"
+    if config.get("task") == "detection":
+        model = build_detector_from_config(config["detector"])
+        if strict:
+            _check_keys(model, state, source)
+        model.load_state_dict(state, strict=False)
+    elif config.get("task", "backbone") == "backbone":
+        arch = BackboneConfig.from_dict(config["architecture"])
+        with torch.device("meta"):  # no random init: every tensor comes from the file
+            model = InsLocBackbone(arch)
+        if strict:
+            _check_keys(model, state, source)
+        model.load_state_dict(state, strict=False, assign=True)
+        _materialise_missing(model, device)
+    else:
+        raise ConfigError(f"{folder / CONFIG_NAME} has unknown task {config.get('task')!r}")
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model.hub_config = config
+    model.hub_folder = folder
+    return model.eval()
+
+
+def _materialise_missing(model: nn.Module, device: str | torch.device) -> None:
+    """With strict=False some tensors stay on the meta device: give them fresh values."""
+    if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        return
+    fresh = InsLocBackbone(model.config).to(device).state_dict()
+    state = model.state_dict()
+    model.load_state_dict({k: fresh[k] if v.is_meta else v for k, v in state.items()}, assign=True)
+    logger.warning("strict=False: %d tensors were not in the file and keep a fresh initialisation",
+                   sum(v.is_meta for v in state.values()))
+
+
+def timed_load(name: str, **kwargs: Any) -> tuple[nn.Module, float]:
+    """``from_pretrained`` and the seconds it took (used by the load benchmark and ``insloc-hub info``)."""
+    start = time.perf_counter()
+    model = from_pretrained(name, **kwargs)
+    return model, time.perf_counter() - start

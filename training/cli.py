@@ -1,0 +1,54 @@
+"""``insloc-train``: pretraining, weight export, fine-tuning and evaluation.
+
+Each subcommand lives in the module that implements it; the module exposes
+``add_subcommands(subparsers)``, which adds its parsers with ``set_defaults(func=...)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from insloc_hub.errors import InsLocError
+
+# modules that contribute subcommands, in the order they appear in --help
+SUBCOMMAND_MODULES = ("insloc_hub.training.pretrain", "insloc_hub.training.finetune")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="insloc-train",
+        description="InsLoc pretraining (faithful to the official recipe), detector fine-tuning and evaluation.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.add_subcommands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except InsLocError as exc:
+        print(f"insloc-train {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"insloc-train {args.command}: interrupted; resume with --resume auto", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
