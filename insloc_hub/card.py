@@ -15,7 +15,9 @@ CITATION = """@inproceedings{yang2021insloc,
 
 def _yaml_scalar(value: Any) -> str:
     # JSON strings are valid YAML scalars and quote whatever needs quoting
-    return json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, str) else str(value)
 
 
 def _yaml(data: Any, indent: int = 0) -> list[str]:
@@ -120,6 +122,7 @@ def render_card(config: dict[str, Any]) -> str:
         for result in config["results"]:
             for metric, value in result.get("metrics", {}).items():
                 body.append(f"| {result.get('dataset', '')} | {metric} | {value} |")
-    body += ["", "## Weights", f"`model.safetensors`, sha256 `{config['weights']['sha256']}`, "
-             f"{config['weights']['num_parameters']:,} parameters.", "", "## Citation", "```bibtex", CITATION, "```", ""]
+    weights = config["weights"]
+    body += ["", "## Weights", f"`model.safetensors`, sha256 `{weights['sha256']}`, "
+             f"{weights['num_parameters']:,} parameters.", "", "## Citation", "```bibtex", CITATION, "```", ""]
     return front + "\n\n" + "\n".join(body)
