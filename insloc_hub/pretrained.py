@@ -282,3 +282,32 @@ def timed_load(name: str, **kwargs: Any) -> tuple[nn.Module, float]:
     start = time.perf_counter()
     model = from_pretrained(name, **kwargs)
     return model, time.perf_counter() - start
+
+
+def push_to_hub(
+    model_or_directory: nn.Module | str | os.PathLike[str],
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool = False,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    **save_kwargs: Any,
+) -> str:
+    """Publish a model (saved first with :func:`save_pretrained`) or a hub folder; return the commit id.
+
+    Example:
+        >>> push_to_hub("runs/insloc/final", "me/insloc-r50-fpn", revision="v1")  # doctest: +SKIP
+        '1f0c...'
+    """
+    from insloc_hub.hub import push_folder_to_hub
+
+    kwargs = dict(revision=revision, private=private, token=token, commit_message=commit_message, create_pr=create_pr)
+    if isinstance(model_or_directory, nn.Module):
+        with tempfile.TemporaryDirectory(prefix="insloc-push-") as staging:
+            folder = save_pretrained(model_or_directory, Path(staging) / repo_id.split("/")[-1].split("@")[0],
+                                     **save_kwargs)
+            return push_folder_to_hub(folder, repo_id, **kwargs)
+    read_config(model_or_directory)
+    return push_folder_to_hub(model_or_directory, repo_id, **kwargs)

@@ -1,0 +1,53 @@
+"""The insloc-hub command line: info, download, push, list, demo and its errors."""
+
+import json
+
+import pytest
+
+from insloc_hub.cli import main
+from insloc_hub.models import InsLocBackbone
+from insloc_hub.pretrained import save_pretrained
+
+
+@pytest.fixture(autouse=True)
+def _private_verification_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSLOC_HUB_CACHE", str(tmp_path / "insloc-cache"))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "tiny", provenance={"epochs": 2})
+
+
+def test_info_prints_summary_files_and_sha(folder, capsys):
+    assert main(["info", str(folder), "--verify"]) == 0
+    out = capsys.readouterr().out
+    sha = json.loads((folder / "config.json").read_text())["weights"]["sha256"]
+    assert "ResNet-18 width 16, variant fpn" in out and f"{sha} (verified)" in out
+    assert "model.safetensors" in out and "epochs = 2" in out
+    assert main(["info", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["task"] == "backbone"
+
+
+def test_info_of_a_missing_model_exits_2_with_a_message(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nothing-here")]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_push_download_and_list_against_a_local_hub(hub_env, folder, capsys):
+    assert main(["push", str(folder), "team/cli-model", "--message", "first"]) == 0
+    commit = capsys.readouterr().out.strip()
+    assert len(commit) == 40
+    assert main(["download", "team/cli-model", "--revision", commit]) == 0
+    snapshot = capsys.readouterr().out.strip()
+    assert snapshot.endswith(commit)
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "insloc-r50" in out and "team/cli-model" in out
+
+
+def test_demo_runs_on_a_tiny_backbone(capsys):
+    assert main(["demo", "--backbone", "tiny-fpn", "--size", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "loaded 194 pretrained tensors" in out and "training step: loss_classifier" in out
+    assert "inference on a 512x512 photo" in out
