@@ -1,0 +1,140 @@
+"""Shared pytest fixtures.
+
+Hub fixtures (real HTTP on 127.0.0.1, never huggingface.co):
+
+- ``hub_server``: a started :class:`hub_server.HubServer` (fresh, empty) with ``.endpoint``,
+  ``.stop()``, ``.requests``; token ``"test-token"`` may write. Stopped after the test.
+- ``hub_env``: ``hub_server`` plus huggingface_hub pointed at it for the duration of one test:
+  HF_ENDPOINT, HF_HOME, HF_HUB_CACHE (a tmp folder), HF_TOKEN="test-token", telemetry off, offline
+  mode off, and the ``huggingface_hub.constants`` values that are read once at import time. All of
+  it is undone after the test (pytest's monkeypatch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:  # make ``import hub_server`` work whatever the rootdir/import mode
+    sys.path.insert(0, _TESTS_DIR)
+
+from hub_server import HubServer  # noqa: E402
+
+TEST_TOKEN = "test-token"
+
+# huggingface_hub loads these submodules lazily, and they copy constants when they are first imported
+# (``from ..constants import HF_HUB_CACHE``). Imported for the first time while ``hub_env`` has the
+# constants patched, they would keep the temporary values for the rest of the session: import them now.
+_HF_MODULES_COPYING_CONSTANTS = (
+    "huggingface_hub.utils._cache_manager",
+    "huggingface_hub.utils._cache_assets",
+    "huggingface_hub.utils._git_credential",
+    "huggingface_hub.utils._detect_agent",
+    "huggingface_hub.utils.tqdm",
+)
+for _name in _HF_MODULES_COPYING_CONSTANTS:
+    with contextlib.suppress(ImportError):  # other huggingface_hub versions may lack some
+        importlib.import_module(_name)
+
+
+@dataclass
+class HubEnv:
+    """What ``hub_env`` set up: the server, and where huggingface_hub now points."""
+
+    server: HubServer
+    endpoint: str
+    home: Path
+    cache_dir: Path
+    token: str
+
+
+@pytest.fixture
+def hub_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
+    """A real Hub server on 127.0.0.1:<random port>, started for one test and stopped after it."""
+    server = HubServer(tmp_path_factory.mktemp("hub-server"), tokens={TEST_TOKEN: "write", "read-token": "read"})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def hub_env(hub_server: HubServer, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> HubEnv:
+    """Point huggingface_hub (env vars and import-time constants) at ``hub_server`` for one test."""
+    from huggingface_hub import constants
+
+    home = tmp_path_factory.mktemp("hf-home")
+    cache = home / "hub"
+    endpoint = hub_server.endpoint
+
+    for name in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_OIDC_RESOURCE",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_HUB_ETAG_TIMEOUT",
+        "INSLOC_HUB_NAMESPACE",
+        "HUGGINGFACE_CO_STAGING",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    env = {
+        "HF_ENDPOINT": endpoint,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(cache),
+        "HF_XET_CACHE": str(home / "xet"),
+        "HF_TOKEN": TEST_TOKEN,
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("NO_PROXY", "no_proxy"):  # never send 127.0.0.1 / localhost through a proxy
+        monkeypatch.setenv(name, ",".join(filter(None, [os.environ.get(name), "127.0.0.1", "localhost"])))
+
+    # huggingface_hub reads these once, at import: patch the module attributes too.
+    patched = {
+        "ENDPOINT": endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(cache),
+        "HUGGINGFACE_HUB_CACHE": str(cache),
+        "HF_ASSETS_CACHE": str(home / "assets"),
+        "HF_XET_CACHE": str(home / "xet"),
+        "HF_TOKEN_PATH": str(home / "token"),
+        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+        "AGENT_HARNESSES_PATH": str(home / ".agent_harnesses.json"),
+        "CHECK_FOR_UPDATE_DONE_PATH": str(home / ".check_for_update_done"),
+        "HF_HUB_OFFLINE": False,
+        "HF_HUB_DISABLE_TELEMETRY": True,  # also stops the per-request agent-registry fetch from ENDPOINT
+        "HF_HUB_DISABLE_UPDATE_CHECK": True,
+        "HF_HUB_DISABLE_IMPLICIT_TOKEN": False,
+        "HF_HUB_ETAG_TIMEOUT": constants.DEFAULT_ETAG_TIMEOUT,
+    }
+    for name, value in patched.items():
+        monkeypatch.setattr(constants, name, value, raising=False)
+    # Modules that copied a constant with ``from ..constants import X`` (imported above, before any patch).
+    copies = {
+        "huggingface_hub.utils._cache_manager": {"HF_HUB_CACHE": str(cache)},
+        "huggingface_hub.utils._cache_assets": {"HF_ASSETS_CACHE": str(home / "assets")},
+        "huggingface_hub.utils._git_credential": {"ENDPOINT": endpoint},
+        # The agent-harness registry is fetched from ENDPOINT once per process: make it a no-op.
+        "huggingface_hub.utils._detect_agent": {"_registry": {"standardEnvVars": [], "harnesses": {}}},
+    }
+    for module_name, values in copies.items():
+        module = sys.modules.get(module_name)
+        for name, value in values.items():
+            if module is not None and hasattr(module, name):
+                monkeypatch.setattr(module, name, value)
+
+    return HubEnv(server=hub_server, endpoint=endpoint, home=home, cache_dir=cache, token=TEST_TOKEN)
