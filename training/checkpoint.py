@@ -1,0 +1,333 @@
+"""Training checkpoints: atomic writes, finding the newest, safe loading, RNG state, config checks.
+
+A checkpoint is one ``torch.save`` file holding a plain dict (whatever the trainer puts in it:
+model/optimizer state dicts, counters, the config, RNG states). The rules here are shared by
+pretraining and fine-tuning:
+
+* **Atomic.** :func:`save_checkpoint` writes ``.NAME.tmp-PID`` in the same folder, flushes and
+  fsyncs it, then ``os.replace``-s it onto ``NAME`` and fsyncs the folder. A process killed at any
+  moment (SIGKILL, preemption, power loss) leaves either the previous file or the new one, never a
+  truncated ``NAME``; stray ``.tmp-`` files are ignored by :func:`find_latest` and removed by
+  :func:`prune_checkpoints`.
+* **Named by step.** :func:`checkpoint_path` gives ``RUN_DIR/checkpoint_000001234.pt`` (global
+  step, zero padded); :func:`find_latest` picks the highest step whose file is a readable archive,
+  warning about and skipping corrupt ones.
+* **No arbitrary unpickling.** :func:`load_checkpoint` uses ``torch.load(weights_only=True)``: only
+  tensors and plain containers/numbers/strings are accepted. :func:`capture_rng_state` therefore
+  stores python's and numpy's RNG states as lists and tensors, not tuples of numpy arrays. A file
+  holding other objects (a foreign or older checkpoint) is refused with a :class:`CheckpointError`
+  that explains the choice; ``allow_pickle=True`` loads it with full unpickling, only for files you
+  trust.
+* **Same configuration.** :func:`check_config` compares the config stored in a checkpoint with the
+  current one and raises :class:`CheckpointError` naming every differing field, so a run is never
+  silently continued with other hyper-parameters.
+* **Bounded disk use.** :func:`prune_checkpoints` keeps the newest ``keep`` checkpoints.
+
+Example::
+
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+             "config": cfg.to_dict(), "rng": capture_rng_state()}
+    save_checkpoint(checkpoint_path(run_dir, step), state)
+    prune_checkpoints(run_dir, keep=3)
+    ...
+    latest = find_latest(run_dir)
+    if latest is not None:
+        state = load_checkpoint(latest)
+        check_config(state["config"], cfg.to_dict(), ignore={"workers", "output"})
+        restore_rng_state(state["rng"])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import re
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from insloc_hub.errors import CheckpointError
+
+__all__ = [
+    "CHECKPOINT_PATTERN",
+    "checkpoint_path",
+    "checkpoint_step",
+    "list_checkpoints",
+    "atomic_save",
+    "save_checkpoint",
+    "find_latest",
+    "is_readable_checkpoint",
+    "load_checkpoint",
+    "prune_checkpoints",
+    "capture_rng_state",
+    "restore_rng_state",
+    "check_config",
+    "config_differences",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)\.pt$")
+_TMP_MARK = ".tmp-"
+
+
+# --------------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------------
+def checkpoint_path(run_dir: str | os.PathLike[str], step: int) -> Path:
+    """``RUN_DIR/checkpoint_{step:09d}.pt``."""
+    return Path(run_dir) / f"checkpoint_{int(step):09d}.pt"
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int | None:
+    """The step encoded in a checkpoint file name, or ``None`` for other files (tmp files included)."""
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Checkpoint files of a run folder, oldest step first (no readability check)."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in folder.iterdir() if p.is_file()]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (tmp file in the same folder, fsync, ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
+    """Atomically write a checkpoint dict; returns the path. Tensors should be on any device (they
+    are saved as they are; :func:`load_checkpoint` maps them to the CPU by default)."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"a checkpoint is a dict, got {type(state).__name__}")
+    return atomic_save(dict(state), path)
+
+
+def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (and stale tmp files of dead writers).
+
+    ``keep <= 0`` keeps everything. Returns the deleted paths.
+    """
+    folder = Path(run_dir)
+    removed: list[Path] = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if _TMP_MARK in p.name and p.name.startswith(".checkpoint_"):
+                pid = p.name.rsplit(_TMP_MARK, 1)[-1]
+                if pid != str(os.getpid()):
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+    if keep > 0:
+        for p in list_checkpoints(folder)[:-keep]:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+def is_readable_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a complete ``torch.save`` archive (every member's CRC checks out).
+
+    This reads the file but unpickles nothing. A file cut short by a crash fails here.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None and any(n.endswith("data.pkl") for n in archive.namelist())
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError):
+        return False
+
+
+def find_latest(run_dir: str | os.PathLike[str], *, validate: bool = True) -> Path | None:
+    """Newest readable checkpoint of a run folder (highest step), or ``None``.
+
+    Temporary files of interrupted writes are ignored; with ``validate`` (default), files that are
+    not complete archives are skipped with a warning, and the next newest is tried.
+    """
+    for path in reversed(list_checkpoints(run_dir)):
+        if not validate or is_readable_checkpoint(path):
+            return path
+        logger.warning("skipping unreadable or corrupt checkpoint %s", path)
+    return None
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu", *, allow_pickle: bool = False
+) -> dict[str, Any]:
+    """Load a checkpoint dict with ``torch.load(weights_only=True)``.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where tensors go (CPU by default).
+        allow_pickle: if the file holds objects ``weights_only`` refuses (not one of ours), load it with
+            full unpickling instead of failing. Only for files you trust: unpickling runs code.
+
+    Raises:
+        CheckpointError: missing, unreadable or corrupt file, or one that needs unpickling (message
+            says how to load it anyway).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path} contains Python objects other than tensors and plain containers, so it was not written "
+                f"by this version of insloc-hub (weights_only=True refused it: {str(err).splitlines()[0]}). "
+                "If you trust the file, load it with load_checkpoint(..., allow_pickle=True)."
+            ) from err
+        logger.warning("loading %s with full unpickling (allow_pickle=True): only do this for trusted files", path)
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as err2:  # noqa: BLE001 - report any failure as a checkpoint error
+            raise CheckpointError(f"cannot read checkpoint {path}: {err2}") from err2
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {err}. The file is truncated or corrupt; delete it to resume from "
+            "the previous checkpoint."
+        ) from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG state
+# --------------------------------------------------------------------------------------------------
+def capture_rng_state() -> dict[str, Any]:
+    """Python ``random``, numpy's global RNG, torch CPU and every CUDA device, as safe types.
+
+    The result contains only lists, ints, floats, strings and tensors, so it survives
+    ``torch.load(weights_only=True)``.
+    """
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": [int(version), list(internal), gauss],
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64).copy()),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": [],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`. CUDA states are restored when the device count matches
+    (otherwise a warning: the data and model randomness of this project does not depend on them)."""
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    npst = state["numpy"]
+    keys = npst["keys"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((npst["name"], keys.astype(np.uint32), int(npst["pos"]), int(npst["has_gauss"]),
+                         float(npst["cached_gaussian"])))
+    torch.set_rng_state(state["torch"].cpu() if isinstance(state["torch"], torch.Tensor) else
+                        torch.tensor(state["torch"], dtype=torch.uint8))
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available():
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+        else:
+            logger.warning("checkpoint has CUDA RNG states for %d devices, this machine has %d; not restored",
+                           len(cuda_states), torch.cuda.device_count())
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration check
+# --------------------------------------------------------------------------------------------------
+def config_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], *, ignore: Iterable[str] = ()
+) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved_value, current_value)}`` for every field that differs (``ignore`` skipped).
+
+    Values are compared after a JSON-style normalisation (tuples as lists), so a config read back
+    from JSON equals the dataclass it came from. A field missing on one side shows as ``"<absent>"``.
+    """
+    skip = set(ignore)
+
+    def norm(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [norm(x) for x in v]
+        if isinstance(v, Mapping):
+            return {str(k): norm(x) for k, x in v.items()}
+        return v
+
+    diffs: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(saved) | set(current)):
+        if key in skip:
+            continue
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if norm(a) != norm(b):
+            diffs[key] = (a, b)
+    return diffs
+
+
+def check_config(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    *,
+    ignore: Iterable[str] = (),
+    source: str | os.PathLike[str] = "the checkpoint",
+) -> None:
+    """Raise :class:`CheckpointError` naming every differing field if ``saved`` != ``current``.
+
+    ``ignore`` lists fields that may legitimately change between runs (output folder, number of
+    loader workers, logging frequency...).
+    """
+    diffs = config_differences(saved, current, ignore=ignore)
+    if diffs:
+        lines = [f"  {k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items()]
+        raise CheckpointError(
+            f"{source} was written by a run with another configuration; differing fields:\n" + "\n".join(lines)
+            + "\nUse the same settings to resume, or start a new run in another --output folder."
+        )

@@ -1,0 +1,326 @@
+"""Distributed helpers: one process per GPU, started by ``torchrun`` or SLURM ``srun``.
+
+Everything here also works in a plain single process (no process group): ranks are 0, the world
+size is 1, gathers return their input, broadcasts return the object and barriers do nothing. Code
+that calls these helpers therefore runs unchanged on a laptop CPU, one GPU, or many nodes.
+
+Launchers understood by :func:`init_distributed`:
+
+* ``torchrun`` (and ``torch.distributed.launch``): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+  ``MASTER_ADDR``, ``MASTER_PORT`` are set by the launcher.
+* SLURM ``srun`` with one task per GPU: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID`` and
+  ``SLURM_NODELIST``; the first host of the node list becomes ``MASTER_ADDR`` (via
+  ``scontrol show hostnames`` when available, else parsed here), ``MASTER_PORT`` defaults to
+  ``29500 + SLURM_JOB_ID % 1000`` unless set.
+
+``torchrun`` variables win over SLURM ones, so ``srun torchrun ...`` (one task per node) works too.
+
+The backend is NCCL when the process uses a CUDA device, gloo otherwise (CPU tests use gloo).
+
+Example::
+
+    info = init_distributed("auto")        # DistInfo(rank=0, world_size=1, ..., device=cuda:0)
+    keys = all_gather_tensor(local_keys)   # [world_size * B, ...]
+    if is_main_process():
+        save(...)
+    cleanup()
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from insloc_hub.errors import ConfigError
+
+__all__ = [
+    "DistInfo",
+    "LaunchEnv",
+    "detect_launch_env",
+    "first_slurm_host",
+    "init_distributed",
+    "is_distributed",
+    "get_rank",
+    "get_world_size",
+    "get_local_rank",
+    "is_main_process",
+    "all_gather_tensor",
+    "broadcast_object",
+    "broadcast_tensor",
+    "barrier",
+    "cleanup",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Rank layout read from the environment (before any process group exists)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    launcher: str = "none"
+    """``"torchrun"``, ``"slurm"`` or ``"none"``."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """What :func:`init_distributed` set up."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+    """``"nccl"``, ``"gloo"``, or ``None`` when no process group was created (one process)."""
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------------------------------
+def _int_env(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError as err:
+        raise ConfigError(f"environment variable {name}={env[name]!r} is not an integer") from err
+
+
+def first_slurm_host(nodelist: str, *, use_scontrol: bool = True) -> str:
+    """First host name of a SLURM node list (``"node[003-005,9]"`` -> ``"node003"``).
+
+    Asks ``scontrol show hostnames`` when it is installed; otherwise parses the usual compressed
+    forms: plain names, comma lists, and bracket ranges with zero padding, possibly several bracket
+    groups in one name (``"rack[1-2]-gpu[01-04]"`` -> ``"rack1-gpu01"``).
+    """
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise ConfigError("SLURM_NODELIST is empty; cannot pick the master host")
+    if use_scontrol and shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (OSError, subprocess.SubprocessError) as err:  # fall back to parsing
+            logger.debug("scontrol show hostnames failed (%s); parsing %r", err, nodelist)
+    # first top-level entry: split on commas outside brackets
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            end = i
+            break
+    first = nodelist[:end]
+
+    def _first_of_group(match: re.Match[str]) -> str:
+        item = match.group(1).split(",")[0]
+        return item.split("-")[0]
+
+    host = re.sub(r"\[([^\]]*)\]", _first_of_group, first)
+    if not host or "[" in host or "]" in host:
+        raise ConfigError(f"cannot parse SLURM_NODELIST={nodelist!r}; set MASTER_ADDR yourself")
+    return host
+
+
+def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Read the rank layout from torchrun or SLURM variables (``env`` defaults to ``os.environ``)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            rank=_int_env(env, "RANK"),
+            world_size=_int_env(env, "WORLD_SIZE"),
+            local_rank=_int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            master_addr=env.get("MASTER_ADDR"),
+            master_port=_int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else None,
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        world = _int_env(env, "SLURM_NTASKS")
+        addr = env.get("MASTER_ADDR")
+        if addr is None and world > 1:
+            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            if not nodelist:
+                raise ConfigError("SLURM_NTASKS > 1 but no SLURM_NODELIST; set MASTER_ADDR yourself")
+            addr = first_slurm_host(nodelist)
+        if "MASTER_PORT" in env:
+            port: int | None = _int_env(env, "MASTER_PORT")
+        else:
+            job = env.get("SLURM_JOB_ID", "0")
+            port = DEFAULT_PORT + (int(job) % 1000 if job.isdigit() else 0)
+        return LaunchEnv(
+            rank=_int_env(env, "SLURM_PROCID"),
+            world_size=world,
+            local_rank=_int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+            master_addr=addr,
+            master_port=port,
+            launcher="slurm",
+        )
+    return LaunchEnv()
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup / teardown
+# --------------------------------------------------------------------------------------------------
+def _select_device(device: str | torch.device, local_rank: int) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu")
+        if dev.index is None:
+            count = torch.cuda.device_count()
+            dev = torch.device("cuda", local_rank % max(count, 1))
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def init_distributed(
+    device: str | torch.device = "auto",
+    *,
+    backend: str | None = None,
+    timeout_minutes: float = 30.0,
+    env: Mapping[str, str] | None = None,
+) -> DistInfo:
+    """Create the process group when the launcher asked for several processes.
+
+    Args:
+        device: ``"auto"`` (``cuda:LOCAL_RANK`` when CUDA is available, else CPU), ``"cpu"``,
+            ``"cuda"`` or an explicit device.
+        backend: override the backend (default NCCL on CUDA, gloo on CPU).
+        timeout_minutes: collective timeout.
+        env: environment to read (default ``os.environ``); SLURM master address/port are written
+            back to ``os.environ`` for ``env://`` initialisation.
+
+    Returns:
+        :class:`DistInfo`. With a world size of 1 no process group is created. Calling it again
+        when a group already exists returns the current layout.
+    """
+    launch = detect_launch_env(env)
+    dev = _select_device(device, launch.local_rank)
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), launch.local_rank, dev, dist.get_backend(),
+                        launch.launcher)
+    if launch.world_size <= 1:
+        return DistInfo(0, 1, 0, dev, None, launch.launcher)
+    if not dist.is_available():
+        raise ConfigError("this PyTorch build has no torch.distributed; run a single process")
+    if launch.master_addr is not None:
+        os.environ["MASTER_ADDR"] = launch.master_addr
+    if launch.master_port is not None:
+        os.environ["MASTER_PORT"] = str(launch.master_port)
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise ConfigError(f"{launch.launcher}: MASTER_ADDR/MASTER_PORT are not set; start with torchrun or srun")
+    chosen = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    dist.init_process_group(
+        chosen, init_method="env://", rank=launch.rank, world_size=launch.world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    logger.info("process group: %s, rank %d of %d (local rank %d), device %s, launcher %s", chosen, launch.rank,
+                launch.world_size, launch.local_rank, dev, launch.launcher)
+    return DistInfo(launch.rank, launch.world_size, launch.local_rank, dev, chosen, launch.launcher)
+
+
+def cleanup() -> None:
+    """Destroy the process group if one exists (safe to call always)."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------
+# Queries and collectives (all valid without a process group)
+# --------------------------------------------------------------------------------------------------
+def is_distributed() -> bool:
+    """Whether a process group with more than zero peers is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def get_local_rank() -> int:
+    """``LOCAL_RANK`` (torchrun) or ``SLURM_LOCALID``, 0 in a single process."""
+    return detect_launch_env().local_rank
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single process): the one that logs and writes files."""
+    return get_rank() == 0
+
+
+@torch.no_grad()
+def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0 (rank order); no gradient flows.
+
+    Every rank must pass the same shape. Without a process group the input is returned as is.
+    This is MoCo's ``concat_all_gather``.
+    """
+    world = get_world_size()
+    if world == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    # list-based all_gather: the same call on every torch version (the single-tensor variant was
+    # renamed between releases) and on every backend
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts, dim=0)
+
+
+def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Broadcast ``tensor`` in place from ``src`` and return it (no-op in a single process)."""
+    if is_distributed():
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send a picklable object from ``src`` to every rank; returns it everywhere."""
+    if not is_distributed():
+        return obj
+    box = [obj if get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if is_distributed():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
