@@ -30,6 +30,7 @@ from insloc_hub.detectors import DetectorConfig, build_detector_from_config
 from insloc_hub.errors import ConfigError, IntegrityError, WeightsMismatchError
 from insloc_hub.hub import resolve_model_dir
 from insloc_hub.models import BackboneConfig, InsLocBackbone
+from insloc_hub.models.init_control import skip_init
 from insloc_hub.transforms import PREPROCESSING
 
 logger = logging.getLogger(__name__)
@@ -252,12 +253,13 @@ def from_pretrained(
         model.load_state_dict(state, strict=False)
     elif config.get("task", "backbone") == "backbone":
         arch = BackboneConfig.from_dict(config["architecture"])
-        with torch.device("meta"):  # no random init: every tensor comes from the file
+        with skip_init():  # no random init: every tensor comes from the file
             model = InsLocBackbone(arch)
         if strict:
             _check_keys(model, state, source)
+        else:
+            _initialise_missing(model, state)
         model.load_state_dict(state, strict=False, assign=True)
-        _materialise_missing(model, device)
     else:
         raise ConfigError(f"{folder / CONFIG_NAME} has unknown task {config.get('task')!r}")
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
@@ -266,15 +268,17 @@ def from_pretrained(
     return model.eval()
 
 
-def _materialise_missing(model: nn.Module, device: str | torch.device) -> None:
-    """With strict=False some tensors stay on the meta device: give them fresh values."""
-    if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        return
-    fresh = InsLocBackbone(model.config).to(device).state_dict()
-    state = model.state_dict()
-    model.load_state_dict({k: fresh[k] if v.is_meta else v for k, v in state.items()}, assign=True)
-    logger.warning("strict=False: %d tensors were not in the file and keep a fresh initialisation",
-                   sum(v.is_meta for v in state.values()))
+def _initialise_missing(model: InsLocBackbone, state: dict[str, torch.Tensor]) -> None:
+    """With strict=False, tensors absent from the file (or misshapen) get a proper fresh init."""
+    expected = model.state_dict()
+    bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
+    for key in [k for k in state if k not in expected or state[k].shape != expected[k].shape]:
+        del state[key]
+    if bad:
+        fresh = InsLocBackbone(model.config).state_dict()
+        state.update({k: fresh[k] for k in bad})
+        logger.warning("strict=False: %d tensors were not usable from the file and keep a fresh initialisation: %s",
+                       len(bad), ", ".join(bad[:8]))
 
 
 def timed_load(name: str, **kwargs: Any) -> tuple[nn.Module, float]:

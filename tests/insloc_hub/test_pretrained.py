@@ -131,7 +131,7 @@ def test_missing_keys_are_named_and_strict_false_loads_the_rest(tmp_path):
         from_pretrained(folder, verify=False)
     model = from_pretrained(folder, verify=False, strict=False)
     assert torch.equal(model.box_head.fc1.weight, state["box_head.fc1.weight"])
-    assert not model.box_head.fc1.bias.is_meta
+    assert model.box_head.fc1.bias.shape == (64,) and torch.isfinite(model.box_head.fc1.bias).all()
 
 
 def test_not_an_insloc_folder(tmp_path):
