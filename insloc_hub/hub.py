@@ -795,6 +795,7 @@ def list_cached(cache_dir: str | os.PathLike[str] | None = None, namespace: str 
     says so (``"library_name": "insloc-hub"``). Each dict::
 
         {"repo_id": "insloc-hub/insloc-r50-fpn-200ep", "path": "...", "size": 94371840,
+         "size_on_disk": 94371840,
          "revisions": [{"commit": "3f2a...", "refs": ["main"], "size": 94371840,
                         "files": ["config.json", "model.safetensors"], "path": ".../snapshots/3f2a..."}]}
 
@@ -834,6 +835,7 @@ def list_cached(cache_dir: str | os.PathLike[str] | None = None, namespace: str 
                 "repo_id": repo.repo_id,
                 "path": str(repo.repo_path),
                 "size": repo.size_on_disk,
+                "size_on_disk": repo.size_on_disk,  # huggingface_hub's name for the same number
                 "revisions": [
                     {
                         "commit": rev.commit_hash,
