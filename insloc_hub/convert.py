@@ -1,0 +1,790 @@
+"""Key maps at the borders: foreign checkpoints in, detectron2 ``.pkl`` out.
+
+Inside the project every stage uses the names of :mod:`insloc_hub.models` (see docs/design.md);
+this module is the only place where other names appear.
+
+In (each returns ``(InsLocBackbone, ConversionReport)``; ``convert_*_to_folder`` also writes a hub
+folder with the conversion recorded in ``config.json["provenance"]``):
+
+- :func:`convert_official`: an official InstanceLoc (mmdet 2.1 / mmcv 0.6) checkpoint, FPN or C4.
+- :func:`convert_torchvision_resnet`: a torchvision ResNet state dict (supervised ImageNet...).
+- :func:`convert_moco`: a MoCo v1/v2 checkpoint (``module.encoder_q.*``).
+
+Out: :func:`export_detectron2` writes the pickle that the official
+``transfer/detection/convert_pretrained.py`` writes, so the official detectron2 fine-tuning configs
+load it unchanged.
+
+Foreign files are read with ``torch.load(..., weights_only=True)`` only: a file that needs
+arbitrary Python objects to unpickle is refused (:class:`~insloc_hub.errors.CheckpointError`).
+Every converter accounts for every source tensor: mapped, or dropped with a reason. A key that is
+neither is an error unless ``strict=False``.
+
+Example:
+    >>> bundle, report = convert_official("insloc_fpn_200ep.pth")  # doctest: +SKIP
+    >>> print(report.summary())  # doctest: +SKIP
+    >>> export_detectron2(bundle, "insloc_fpn_200ep.pkl")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pickle
+import re
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from insloc_hub.errors import CheckpointError, ConfigError, WeightsMismatchError
+from insloc_hub.models import BackboneConfig, InsLocBackbone
+from insloc_hub.models.resnet import RESNET_SPECS
+from insloc_hub.pretrained import from_pretrained, save_pretrained
+
+__all__ = [
+    "ConversionReport", "convert_moco", "convert_moco_to_folder", "convert_official", "convert_official_to_folder",
+    "convert_torchvision_resnet", "convert_torchvision_resnet_to_folder", "export_detectron2",
+    "load_foreign_checkpoint", "official_state_dict_from_bundle",
+]
+
+PathLike = str | os.PathLike[str]
+StateDict = Mapping[str, torch.Tensor]
+
+# reasons, shared by the report and the provenance record
+MOMENTUM = "momentum (key) encoder; only the query encoder is transferred, as the official converter does"
+QUEUE = "negative-key queue / pointer of the contrastive loss (pretraining state)"
+PROJ_FC2 = ("second fc of the pretraining projection (shared_fcs.1); not transferred: the official converter "
+            "leaves it under its mmdet name, which detectron2 ignores")
+PROJ_CLS = "128-d embedding layer of the pretraining projection (fc_cls); the official converter skips it"
+C4_PROJ = "C4 pretraining projection head (bbox_head); the official converter with --c4 copies no bbox_head weight"
+CLASSIFIER = "ImageNet classifier (fc); a backbone has none"
+MOCO_MLP = "MoCo projection head (encoder_q.fc); not part of the backbone"
+UNKNOWN = "unknown key, dropped because strict=False"
+NUM_BATCHES = "BN num_batches_tracked counter; detectron2 has no such buffer"
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did with every source tensor.
+
+    Attributes:
+        source: the file (or ``"<state dict>"``) that was converted.
+        source_format: ``"insloc-official"``, ``"torchvision"``, ``"moco"`` or ``"insloc-hub"`` (export).
+        target_format: ``"insloc-hub"`` or ``"detectron2"``.
+        mapped: source key -> target key, for every tensor that was carried over.
+        dropped: source key -> why it was not carried over.
+        notes: anything else worth knowing (filled buffers, dtype casts, checkpoint epoch...).
+        architecture: the inferred :class:`BackboneConfig` as a dict (imports only).
+
+    Example:
+        >>> report = ConversionReport("x.pth", "torchvision", mapped={"conv1.weight": "trunk.conv1.weight"},
+        ...                           dropped={"fc.weight": CLASSIFIER, "fc.bias": CLASSIFIER})
+        >>> print(report.summary().splitlines()[0])
+        torchvision x.pth -> insloc-hub: 1 tensors mapped, 2 dropped
+    """
+
+    source: str
+    source_format: str
+    target_format: str = "insloc-hub"
+    mapped: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    architecture: dict[str, Any] | None = None
+
+    def dropped_by_reason(self) -> dict[str, list[str]]:
+        """Dropped keys grouped by reason, in first-seen order."""
+        groups: dict[str, list[str]] = defaultdict(list)
+        for key, reason in self.dropped.items():
+            groups[reason].append(key)
+        return dict(groups)
+
+    def summary(self) -> str:
+        """A few human-readable lines: counts, and the dropped keys per reason (abbreviated)."""
+        lines = [f"{self.source_format} {self.source} -> {self.target_format}: "
+                 f"{len(self.mapped)} tensors mapped, {len(self.dropped)} dropped"]
+        if self.architecture:
+            arch = self.architecture
+            lines.append(f"  architecture: ResNet-{arch['depth']} width {arch['width']}, variant {arch['variant']}, "
+                         f"parts {', '.join(arch['parts'])}")
+        for reason, keys in self.dropped_by_reason().items():
+            lines.append(f"  dropped {len(keys)}: {reason}: {_abbreviate(keys)}")
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def provenance(self) -> dict[str, Any]:
+        """The record ``convert_*_to_folder`` stores in ``config.json["provenance"]``."""
+        return {
+            "source_file": Path(self.source).name,
+            "source_format": self.source_format,
+            "conversion": f"{len(self.mapped)} tensors mapped, {len(self.dropped)} dropped",
+            "dropped": [{"reason": reason, "count": len(keys), "keys": _prefixes(keys)}
+                        for reason, keys in self.dropped_by_reason().items()],
+            "conversion_notes": list(self.notes),
+        }
+
+
+def _abbreviate(keys: list[str], limit: int = 4) -> str:
+    shown = _prefixes(keys)
+    return ", ".join(shown[:limit]) + (f" (+{len(shown) - limit} more)" if len(shown) > limit else "")
+
+
+def _prefixes(keys: list[str]) -> list[str]:
+    """Keys as short patterns: whole keys when few, else their module prefixes (``backbone_k.*``)."""
+    if len(keys) <= 8:
+        return list(keys)
+    seen: dict[str, None] = {}
+    for key in keys:
+        head = key.split(".")[0]
+        if head in ("roi_head", "roi_head_k", "module") and key.count(".") > 2:
+            head = ".".join(key.split(".")[:2])
+        seen[f"{head}.*" if "." in key else head] = None
+    return list(seen)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reading foreign files
+
+
+def load_foreign_checkpoint(path: PathLike) -> Any:
+    """``torch.load`` a foreign file safely (``weights_only=True``, on the CPU).
+
+    Raises:
+        CheckpointError: the file is missing or unreadable, or it needs arbitrary Python objects
+            (custom classes, functions) to unpickle. We refuse those: unpickling runs code the file
+            chooses, so a checkpoint from the internet could do anything on this machine.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        needs = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if needs is None:
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+            raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint "
+                                  f"({detail.group(1).strip() if detail else text.splitlines()[0]})") from exc
+        raise CheckpointError(
+            f"refusing to load {path}: it needs the Python object {needs.group(1)} beyond tensors and plain "
+            "containers, and unpickling it would run code chosen by the file (torch.load with weights_only=True "
+            "refuses it). insloc-hub never unpickles untrusted files. If you trust its origin, re-save only the "
+            "weights where it can be read, e.g. torch.save({'state_dict': torch.load(p, weights_only=False)"
+            "['state_dict']}, 'clean.pth'), and convert that file."
+        ) from exc
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from exc
+
+
+def _sha256(path: PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _state_dict_of(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:
+    """The tensor dict of a checkpoint: ``checkpoint["state_dict"]`` (mmcv, MoCo), ``["model"]`` or itself."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{source} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    state: Any = checkpoint
+    for wrapper in ("state_dict", "model"):
+        if isinstance(checkpoint.get(wrapper), Mapping):
+            state = checkpoint[wrapper]
+            break
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{source} has no tensors (top-level keys: {sorted(map(str, checkpoint))[:10]})")
+    others = sorted(set(state) - set(tensors))
+    if others:
+        raise CheckpointError(f"{source}: state dict entries that are not tensors: {others[:10]}")
+    return tensors
+
+
+def _strip_module(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove the ``module.`` prefix DistributedDataParallel adds."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# architecture inference
+
+
+def _blocks(keys: list[str], prefix: str) -> int:
+    """Number of residual blocks under ``prefix`` (e.g. ``backbone.layer3.``)."""
+    found = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+def _infer_resnet(state: StateDict, stem: str, layer_prefixes: list[str], depth: int | None,
+                  source: str) -> tuple[int, int]:
+    """(depth, width) of a ResNet from its tensors: blocks per stage, bottleneck or basic, stem width."""
+    keys = list(state)
+    stem_key = f"{stem}conv1.weight"
+    if stem_key not in state:
+        raise WeightsMismatchError(f"{source} has no ResNet stem ({stem_key}); is it the right format?")
+    width = int(state[stem_key].shape[0])
+    counts = tuple(_blocks(keys, p) for p in layer_prefixes)
+    bottleneck = f"{layer_prefixes[0]}0.conv3.weight" in state
+    inferred = [d for d, (block, layers) in RESNET_SPECS.items()
+                if layers == counts and (block.expansion == 4) == bottleneck]
+    if not inferred:
+        kind = "bottleneck" if bottleneck else "basic"
+        raise ConfigError(f"{source}: a ResNet with {kind} blocks {list(counts)} per stage is not supported "
+                          f"(supported depths: {sorted(RESNET_SPECS)})")
+    if depth is not None and depth != inferred[0]:
+        raise ConfigError(f"{source} holds a ResNet-{inferred[0]} (blocks {list(counts)}), not the ResNet-{depth} "
+                          "you asked for; leave depth unset to use what the file holds")
+    return inferred[0], width
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# building the bundle
+
+
+def _build(config: BackboneConfig, state: dict[str, torch.Tensor], report: ConversionReport) -> InsLocBackbone:
+    """An InsLocBackbone holding exactly ``state`` (every tensor of the model must be there)."""
+    with torch.device("meta"):  # no random init: every tensor comes from the source
+        model = InsLocBackbone(config)
+    expected = model.state_dict()
+    filled = [k for k in expected if k.endswith("num_batches_tracked") and k not in state]
+    for key in filled:
+        state[key] = torch.tensor(0, dtype=torch.long)
+    if filled:
+        report.notes.append(f"{len(filled)} BN num_batches_tracked counters absent from the source; set to 0")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: source {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        lines = [f"{report.source} does not convert to a complete {config.variant} bundle "
+                 f"(ResNet-{config.depth}, width {config.width}, parts {list(config.parts)}):"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                lines.append(f"  {len(keys)} {title}: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}")
+        raise WeightsMismatchError("\n".join(lines))
+    cast = sorted({str(v.dtype) for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32})
+    if cast:
+        report.notes.append(f"floating-point tensors cast from {', '.join(cast)} to float32")
+    state = {k: (v.float() if v.is_floating_point() else v).clone().contiguous() for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    report.architecture = config.to_dict()
+    return model.eval()
+
+
+def _resolve_unknown(unknown: list[str], report: ConversionReport, strict: bool, hint: str) -> None:
+    if not unknown:
+        return
+    if strict:
+        raise WeightsMismatchError(
+            f"{report.source} ({report.source_format}) has {len(unknown)} keys this converter does not know: "
+            f"{', '.join(unknown[:20])}{' ...' if len(unknown) > 20 else ''}. {hint} "
+            "Pass strict=False to drop them (they are listed in the report)."
+        )
+    for key in unknown:
+        report.dropped[key] = UNKNOWN
+
+
+def _map_resnet_layers(key: str, variant: str) -> str:
+    """torchvision trunk key (``conv1.weight``, ``layer4.0.bn1.weight``) -> bundle key for ``variant``."""
+    if variant == "c4" and key.startswith("layer4."):
+        return f"box_head.{key}"
+    return f"trunk.{key}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# official InstanceLoc (mmdet) checkpoints
+
+_OFFICIAL_DROP: list[tuple[Callable[[str], bool], str]] = [
+    (lambda k: k in ("queue", "queues", "queue_ptr") or k.startswith(("queue.", "queues.")), QUEUE),
+    (lambda k: k.startswith(("backbone_k.", "neck_k.", "roi_head_k.", "rpn_head_k.")), MOMENTUM),
+]
+
+
+def _official_fpn_key(key: str) -> str | None:
+    """Map one query-side key of an official FPN checkpoint, or None if it is not a transferred key."""
+    if re.match(r"backbone\.(conv1|bn1|layer[1-4])\.", key):
+        return "trunk." + key[len("backbone."):]
+    m = re.fullmatch(r"neck\.(lateral_convs|fpn_convs)\.([0-3])\.(conv|bn)\.(\w+)", key)
+    if m:
+        kind, level, part, leaf = m.groups()
+        return (f"fpn.{'lateral' if kind == 'lateral_convs' else 'output'}.p{int(level) + 2}."
+                f"{'conv' if part == 'conv' else 'norm'}.{leaf}")
+    m = re.fullmatch(r"roi_head\.bbox_head\.shared_convs\.(\d+)\.(conv|bn)\.(\w+)", key)
+    if m:
+        idx, part, leaf = m.groups()
+        return f"box_head.convs.{idx}.{'conv' if part == 'conv' else 'norm'}.{leaf}"
+    m = re.fullmatch(r"roi_head\.bbox_head\.shared_fcs\.0\.(weight|bias)", key)
+    if m:
+        return f"box_head.fc1.{m.group(1)}"
+    return None
+
+
+def _official_c4_key(key: str) -> str | None:
+    """Map one query-side key of an official C4 checkpoint, or None."""
+    if re.match(r"backbone\.(conv1|bn1|layer[1-3])\.", key):
+        return "trunk." + key[len("backbone."):]
+    if key.startswith("roi_head.shared_head.layer4."):
+        return "box_head." + key[len("roi_head.shared_head."):]
+    return None
+
+
+def _detect_variant(state: StateDict, variant: str, source: str) -> str:
+    has_c4 = any(k.startswith("roi_head.shared_head.") for k in state)
+    has_fpn = any(k.startswith("neck.") for k in state)
+    if variant == "auto":
+        if has_c4 and not has_fpn:
+            return "c4"
+        if has_fpn and not has_c4:
+            return "fpn"
+        raise ConfigError(f"{source}: cannot tell FPN from C4 (neck.* present: {has_fpn}, "
+                          f"roi_head.shared_head.* present: {has_c4}); pass variant='fpn' or 'c4'")
+    if variant not in ("fpn", "c4"):
+        raise ConfigError(f"variant must be 'auto', 'fpn' or 'c4', got {variant!r}")
+    if (variant == "fpn" and has_c4) or (variant == "c4" and has_fpn):
+        found = "roi_head.shared_head.* (a C4 res5 head)" if variant == "fpn" else "neck.* (an FPN)"
+        raise ConfigError(f"{source} has {found}, so it is not a {variant} checkpoint; use variant='auto'")
+    return variant
+
+
+def convert_official(
+    path: PathLike, *, variant: str = "auto", depth: int | None = None, strict: bool = True,
+) -> tuple[InsLocBackbone, ConversionReport]:
+    """Convert an official InstanceLoc checkpoint (mmcv ``.pth``) to an :class:`InsLocBackbone`.
+
+    Only the query encoder is kept. FPN: ``backbone.*`` -> ``trunk.*``,
+    ``neck.lateral_convs.{i}.conv/bn`` -> ``fpn.lateral.p{i+2}.conv/norm``,
+    ``neck.fpn_convs.{i}`` -> ``fpn.output.p{i+2}``, ``roi_head.bbox_head.shared_convs.{j}.conv/bn`` ->
+    ``box_head.convs.{j}.conv/norm``, ``shared_fcs.0`` -> ``box_head.fc1``. C4: ``backbone.*`` (stem,
+    layer1-3) -> ``trunk.*``, ``roi_head.shared_head.layer4.*`` -> ``box_head.layer4.*``. Dropped with a
+    reason: ``backbone_k``/``neck_k``/``roi_head_k``, ``queue``/``queues``/``queue_ptr``, ``shared_fcs.1``,
+    ``fc_cls`` (FPN) and the whole ``roi_head.bbox_head`` (C4), exactly what the official
+    ``convert_pretrained.py`` leaves out.
+
+    Args:
+        path: the ``.pth`` file (``{"state_dict": ..., "meta": ...}``; a bare state dict works too).
+        variant: ``"auto"`` (from the keys), ``"fpn"`` or ``"c4"``.
+        depth: expected ResNet depth; None infers it (and the width) from the tensors.
+        strict: unknown keys are an error (True) or dropped and reported (False).
+
+    Raises:
+        CheckpointError: unreadable file, or one that needs pickle beyond weights_only.
+        WeightsMismatchError: unknown keys (strict), or tensors that do not form a complete bundle.
+        ConfigError: variant or depth that do not fit the file.
+
+    Example:
+        >>> bundle, report = convert_official("insloc_c4_400ep.pth")  # doctest: +SKIP
+        >>> bundle.config.variant, bundle.config.parts  # doctest: +SKIP
+        ('c4', ('trunk', 'box_head'))
+    """
+    source = str(path)
+    checkpoint = load_foreign_checkpoint(path)
+    state = _strip_module(_state_dict_of(checkpoint, source))
+    report = ConversionReport(source, "insloc-official")
+    meta = checkpoint.get("meta") if isinstance(checkpoint, Mapping) else None
+    if isinstance(meta, Mapping) and "epoch" in meta:
+        report.notes.append(f"checkpoint saved after epoch {meta['epoch']}")
+    variant = _detect_variant(state, variant, source)
+
+    mapped: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for key, value in state.items():
+        reason = next((why for match, why in _OFFICIAL_DROP if match(key)), None)
+        if reason is None and variant == "fpn":
+            if key.startswith("roi_head.bbox_head.shared_fcs.") and not key.startswith(
+                    "roi_head.bbox_head.shared_fcs.0."):
+                reason = PROJ_FC2
+            elif key.startswith("roi_head.bbox_head.fc_cls."):
+                reason = PROJ_CLS
+        elif reason is None and key.startswith("roi_head.bbox_head."):
+            reason = C4_PROJ
+        if reason is not None:
+            report.dropped[key] = reason
+            continue
+        target = _official_fpn_key(key) if variant == "fpn" else _official_c4_key(key)
+        if target is None:
+            unknown.append(key)
+            continue
+        mapped[target] = value
+        report.mapped[key] = target
+    _resolve_unknown(unknown, report, strict, "Expected the mmdet layout of limbo0000/InstanceLoc "
+                     "(backbone, neck, roi_head and their *_k momentum copies, queues).")
+
+    if variant == "fpn":
+        depth, width = _infer_resnet(mapped, "trunk.", [f"trunk.layer{i}." for i in range(1, 5)], depth, source)
+        parts = ["trunk"]
+        kwargs: dict[str, Any] = {}
+        if "fpn.lateral.p2.conv.weight" in mapped:
+            parts.append("fpn")
+            kwargs["fpn_channels"] = int(mapped["fpn.lateral.p2.conv.weight"].shape[0])
+        if "box_head.convs.0.conv.weight" in mapped:
+            parts.append("box_head")
+            head_convs = _blocks(list(mapped), "box_head.convs.")
+            head_channels = int(mapped["box_head.convs.0.conv.weight"].shape[0])
+            fc_in = int(mapped["box_head.fc1.weight"].shape[1]) if "box_head.fc1.weight" in mapped else 0
+            roi_size = math.isqrt(fc_in // head_channels) if head_channels else 0
+            if roi_size * roi_size * head_channels != fc_in:
+                raise WeightsMismatchError(f"{source}: box head fc input {fc_in} is not "
+                                           f"{head_channels} x roi_size^2; the box head is incomplete")
+            kwargs.update(head_convs=head_convs, head_channels=head_channels, roi_size=roi_size,
+                          head_fc=int(mapped["box_head.fc1.weight"].shape[0]))
+        config = BackboneConfig(depth=depth, width=width, variant="fpn", parts=tuple(parts), **kwargs)
+    else:
+        depth, width = _infer_resnet(mapped, "trunk.", [f"trunk.layer{i}." for i in range(1, 4)]
+                                     + ["box_head.layer4."], depth, source)
+        parts = ("trunk", "box_head") if any(k.startswith("box_head.") for k in mapped) else ("trunk",)
+        config = BackboneConfig(depth=depth, width=width, variant="c4", roi_size=14, parts=parts)
+        report.notes.append("C4 RoIAlign size is not stored in the checkpoint; set to 14 (mmdet/detectron2 C4)")
+    return _build(config, mapped, report), report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# torchvision and MoCo ResNets
+
+
+def _convert_resnet(state: Mapping[str, torch.Tensor], report: ConversionReport, variant: str,
+                    depth: int | None, strict: bool, drop: Callable[[str], str | None], prefix: str = "",
+                    ) -> InsLocBackbone:
+    if variant not in ("fpn", "c4"):
+        raise ConfigError(f"variant must be 'fpn' or 'c4', got {variant!r}")
+    mapped: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for key, value in state.items():
+        reason = drop(key)
+        if reason is not None:
+            report.dropped[key] = reason
+            continue
+        local = key[len(prefix):] if key.startswith(prefix) else None
+        if local is None or not re.match(r"(conv1|bn1|layer[1-4])\.", local):
+            unknown.append(key)
+            continue
+        target = _map_resnet_layers(local, variant)
+        mapped[target] = value
+        report.mapped[key] = target
+    _resolve_unknown(unknown, report, strict, f"Expected a torchvision ResNet under {prefix or 'the top level'!r}.")
+    layers = [f"trunk.layer{i}." for i in range(1, 4)] + ["box_head.layer4." if variant == "c4" else "trunk.layer4."]
+    depth, width = _infer_resnet(mapped, "trunk.", layers, depth, report.source)
+    if variant == "fpn":
+        config = BackboneConfig(depth=depth, width=width, variant="fpn", parts=("trunk",))
+    else:
+        config = BackboneConfig(depth=depth, width=width, variant="c4", roi_size=14, parts=("trunk", "box_head"))
+    return _build(config, mapped, report)
+
+
+def convert_torchvision_resnet(
+    path_or_state_dict: PathLike | StateDict, *, variant: str = "fpn", depth: int | None = None,
+    strict: bool = True,
+) -> tuple[InsLocBackbone, ConversionReport]:
+    """Convert a torchvision ResNet state dict (``fc.*`` dropped) to a backbone bundle.
+
+    ``variant="fpn"`` gives a trunk-only bundle (FPN and box head are left to the detector);
+    ``variant="c4"`` puts ``layer1-3`` in the trunk and ``layer4`` in the res5 head (``box_head``).
+
+    Args:
+        path_or_state_dict: a ``.pth`` file or an in-memory state dict (a ``module.`` prefix is removed).
+        variant: ``"fpn"`` or ``"c4"``.
+        depth: expected depth; None infers depth and width from the tensors.
+        strict: unknown keys are an error (True) or dropped and reported (False).
+
+    Example:
+        >>> from torchvision.models import resnet18
+        >>> bundle, report = convert_torchvision_resnet(resnet18(weights=None).state_dict())
+        >>> bundle.config.depth, bundle.config.parts, sorted(report.dropped)
+        (18, ('trunk',), ['fc.bias', 'fc.weight'])
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        source = "<state dict>"
+        state = _strip_module(_state_dict_of(path_or_state_dict, source))
+    else:
+        source = str(path_or_state_dict)
+        state = _strip_module(_state_dict_of(load_foreign_checkpoint(path_or_state_dict), source))
+    report = ConversionReport(source, "torchvision")
+
+    def drop(key: str) -> str | None:
+        return CLASSIFIER if key.startswith("fc.") else None
+
+    return _convert_resnet(state, report, variant, depth, strict, drop), report
+
+
+def convert_moco(
+    path: PathLike, *, variant: str = "fpn", depth: int | None = None, strict: bool = True,
+) -> tuple[InsLocBackbone, ConversionReport]:
+    """Convert a MoCo v1/v2 checkpoint (``state_dict`` with ``module.encoder_q.*``) to a backbone bundle.
+
+    ``encoder_q`` without its ``fc`` (the v1 linear or v2 MLP projection) becomes the trunk
+    (``variant="c4"``: ``layer4`` becomes the res5 head); ``encoder_k``, ``queue`` and ``queue_ptr``
+    are dropped.
+
+    Example:
+        >>> bundle, report = convert_moco("moco_v2_800ep_pretrain.pth.tar")  # doctest: +SKIP
+        >>> bundle.config.depth  # doctest: +SKIP
+        50
+    """
+    source = str(path)
+    state = _strip_module(_state_dict_of(load_foreign_checkpoint(path), source))
+    report = ConversionReport(source, "moco")
+    if not any(k.startswith("encoder_q.") for k in state):
+        raise CheckpointError(f"{source} has no encoder_q.* keys: not a MoCo checkpoint "
+                              "(use convert_torchvision_resnet for a plain ResNet state dict)")
+
+    def drop(key: str) -> str | None:
+        if key.startswith("encoder_k."):
+            return MOMENTUM
+        if key in ("queue", "queue_ptr"):
+            return QUEUE
+        if key.startswith("encoder_q.fc."):
+            return MOCO_MLP
+        return None
+
+    return _convert_resnet(state, report, variant, depth, strict, drop, prefix="encoder_q."), report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# hub folders
+
+
+def _to_folder(bundle: InsLocBackbone, report: ConversionReport, src: PathLike | StateDict, out_dir: PathLike,
+               converter: str, name: str | None, provenance: Mapping[str, Any] | None) -> Path:
+    record = report.provenance()
+    record["converted_with"] = f"insloc_hub.convert.{converter}"
+    record["source_sha256"] = _sha256(src) if not isinstance(src, Mapping) else None
+    record.update(provenance or {})
+    return save_pretrained(bundle, out_dir, name=name, provenance=record)
+
+
+def convert_official_to_folder(
+    src: PathLike, out_dir: PathLike, *, variant: str = "auto", depth: int | None = None, strict: bool = True,
+    name: str | None = None, provenance: Mapping[str, Any] | None = None,
+) -> tuple[Path, ConversionReport]:
+    """:func:`convert_official` then ``save_pretrained``; the provenance records the source file, its
+    sha256, its format and what was dropped (plus ``provenance``, e.g. ``{"epochs": 200}``).
+
+    Example:
+        >>> folder, report = convert_official_to_folder("insloc_fpn_200ep.pth", "hub/insloc-r50-fpn")  # doctest: +SKIP
+    """
+    bundle, report = convert_official(src, variant=variant, depth=depth, strict=strict)
+    return _to_folder(bundle, report, src, out_dir, "convert_official", name, provenance), report
+
+
+def convert_torchvision_resnet_to_folder(
+    src: PathLike | StateDict, out_dir: PathLike, *, variant: str = "fpn", depth: int | None = None,
+    strict: bool = True, name: str | None = None, provenance: Mapping[str, Any] | None = None,
+) -> tuple[Path, ConversionReport]:
+    """:func:`convert_torchvision_resnet` then ``save_pretrained`` (see :func:`convert_official_to_folder`).
+
+    Example:
+        >>> folder, _ = convert_torchvision_resnet_to_folder("resnet50-0676ba61.pth", "hub/r50-sup")  # doctest: +SKIP
+    """
+    bundle, report = convert_torchvision_resnet(src, variant=variant, depth=depth, strict=strict)
+    return _to_folder(bundle, report, src, out_dir, "convert_torchvision_resnet", name, provenance), report
+
+
+def convert_moco_to_folder(
+    src: PathLike, out_dir: PathLike, *, variant: str = "fpn", depth: int | None = None, strict: bool = True,
+    name: str | None = None, provenance: Mapping[str, Any] | None = None,
+) -> tuple[Path, ConversionReport]:
+    """:func:`convert_moco` then ``save_pretrained`` (see :func:`convert_official_to_folder`).
+
+    Example:
+        >>> folder, _ = convert_moco_to_folder("moco_v2_200ep_pretrain.pth.tar", "hub/mocov2-r50")  # doctest: +SKIP
+    """
+    bundle, report = convert_moco(src, variant=variant, depth=depth, strict=strict)
+    return _to_folder(bundle, report, src, out_dir, "convert_moco", name, provenance), report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# detectron2 export
+
+_D2_BLOCK = [(re.compile(r"\.bn(\d)\."), r".conv\1.norm."), (re.compile(r"\.downsample\.0\."), ".shortcut."),
+             (re.compile(r"\.downsample\.1\."), ".shortcut.norm.")]
+
+
+def _d2_resnet_key(key: str, stem: str, stages: str) -> str:
+    """``conv1.weight``/``bn1.x``/``layerN.*`` (torchvision) -> detectron2 ResNet key."""
+    if key.startswith("conv1."):
+        return f"{stem}.conv1.{key[len('conv1.'):]}"
+    if key.startswith("bn1."):
+        return f"{stem}.conv1.norm.{key[len('bn1.'):]}"
+    m = re.match(r"layer([1-4])\.(.*)", key)
+    if m is None:
+        raise WeightsMismatchError(f"no detectron2 name for trunk key {key!r}")
+    stage, rest = int(m.group(1)), "." + m.group(2)
+    for pattern, replacement in _D2_BLOCK:
+        rest = pattern.sub(replacement, rest)
+    prefix = "roi_heads" if (stage == 4 and stages == "c4") else _stages_prefix(stages)
+    return f"{prefix}.res{stage + 1}{rest}"
+
+
+def _stages_prefix(stages: str) -> str:
+    """Prefix of res2-res4 (and res5 for FPN) in detectron2: ``backbone.bottom_up`` (FPN), ``backbone`` (C4)."""
+    return "backbone.bottom_up" if stages == "fpn" else "backbone"
+
+
+def _d2_key(key: str, c4: bool) -> str:
+    """One bundle key -> its detectron2 key (FPN layout unless ``c4``)."""
+    layout = "c4" if c4 else "fpn"
+    if key.startswith("trunk."):
+        return _d2_resnet_key(key[len("trunk."):], "backbone.stem" if c4 else "backbone.bottom_up.stem", layout)
+    if key.startswith("box_head.layer4."):  # res5 of a C4 bundle
+        return _d2_resnet_key(key[len("box_head."):], "", layout)
+    m = re.fullmatch(r"fpn\.(lateral|output)\.p([2-5])\.(conv|norm)\.(\w+)", key)
+    if m and not c4:
+        kind, level, part, leaf = m.groups()
+        return f"backbone.fpn_{kind}{level}{'.norm' if part == 'norm' else ''}.{leaf}"
+    m = re.fullmatch(r"box_head\.convs\.(\d+)\.(conv|norm)\.(\w+)", key)
+    if m and not c4:
+        idx, part, leaf = m.groups()
+        return f"roi_heads.box_head.conv{int(idx) + 1}{'.norm' if part == 'norm' else ''}.{leaf}"
+    m = re.fullmatch(r"box_head\.fc1\.(weight|bias)", key)
+    if m and not c4:
+        return f"roi_heads.box_head.fc1.{m.group(1)}"
+    raise ConfigError(f"{key!r} has no detectron2 counterpart in the {layout.upper()} layout"
+                      + (" (an FPN / 4conv box head cannot go into a C4 detector)" if c4 else ""))
+
+
+def export_detectron2(
+    folder_or_bundle: PathLike | InsLocBackbone, out_pkl: PathLike, *, c4: bool | None = None,
+) -> ConversionReport:
+    """Write a backbone bundle as the detectron2 pickle of the official ``convert_pretrained.py``.
+
+    The file is ``{"model": {d2_key: numpy array}, "__author__": "insloc-hub", "matching_heuristics":
+    True}`` (the official script writes ``"__author__": "Ceyuan"``; detectron2 does not read it).
+
+    FPN layout (the default for FPN bundles): ``trunk.conv1``/``bn1`` -> ``backbone.bottom_up.stem.conv1``
+    / ``.conv1.norm``; ``trunk.layerN`` -> ``backbone.bottom_up.res{N+1}`` (``bnK`` -> ``convK.norm``,
+    ``downsample.0/1`` -> ``shortcut``/``shortcut.norm``); ``fpn.lateral.p{i}`` / ``fpn.output.p{i}``
+    -> ``backbone.fpn_lateral{i}`` / ``backbone.fpn_output{i}`` (``.norm`` for BN);
+    ``box_head.convs.{j}`` -> ``roi_heads.box_head.conv{j+1}`` (``.norm``); ``box_head.fc1`` ->
+    ``roi_heads.box_head.fc1``.
+
+    C4 layout (``c4=True``, the default for C4 bundles; the official ``--c4``): stem ->
+    ``backbone.stem.conv1`` (``.norm``), ``layer1-3`` -> ``backbone.res2-res4``, res5
+    (``box_head.layer4`` of a C4 bundle, or ``trunk.layer4`` of a trunk-only FPN bundle) ->
+    ``roi_heads.res5``. ``c4=False`` on a C4 bundle puts its res5 at ``backbone.bottom_up.res5``.
+
+    BN keeps ``weight``, ``bias``, ``running_mean``, ``running_var`` under ``.norm.``;
+    ``num_batches_tracked`` is dropped (the official script keeps it; detectron2 has no such buffer
+    and would only warn).
+
+    Args:
+        folder_or_bundle: a hub folder / name for :func:`insloc_hub.pretrained.from_pretrained`, or a bundle.
+        out_pkl: output path (``.pkl``).
+        c4: layout; None follows the bundle's variant.
+
+    Returns:
+        The report: bundle key -> detectron2 key, and the dropped counters.
+
+    Example:
+        >>> report = export_detectron2("hub/insloc-r50-fpn", "insloc_r50_fpn.pkl")  # doctest: +SKIP
+        >>> report.mapped["fpn.lateral.p2.norm.weight"]  # doctest: +SKIP
+        'backbone.fpn_lateral2.norm.weight'
+    """
+    if isinstance(folder_or_bundle, InsLocBackbone):
+        bundle, source = folder_or_bundle, getattr(folder_or_bundle, "hub_folder", "<bundle>")
+    else:
+        bundle, source = from_pretrained(folder_or_bundle), str(folder_or_bundle)
+        if not isinstance(bundle, InsLocBackbone):
+            raise ConfigError(f"{source} is a fine-tuned detector; export_detectron2 takes a backbone bundle")
+    cfg = bundle.config
+    c4 = cfg.variant == "c4" if c4 is None else bool(c4)
+    if c4 and cfg.variant == "fpn" and cfg.parts != ("trunk",):
+        raise ConfigError(f"{source} is an FPN bundle with {', '.join(cfg.parts)}: its FPN and 4conv box head have no "
+                          "place in a C4 detector. Export with c4=False, or convert a trunk-only bundle.")
+    report = ConversionReport(str(source), "insloc-hub", target_format="detectron2")
+    model: dict[str, np.ndarray] = OrderedDict()
+    for key, value in bundle.state_dict().items():
+        if key.endswith(".num_batches_tracked"):
+            report.dropped[key] = NUM_BATCHES
+            continue
+        d2_key = _d2_key(key, c4)
+        tensor = value.detach().cpu()
+        model[d2_key] = (tensor.float() if tensor.is_floating_point() else tensor).numpy()
+        report.mapped[key] = d2_key
+    report.architecture = cfg.to_dict()
+    report.notes.append("__author__ is 'insloc-hub' (the official converter writes 'Ceyuan')")
+    out = Path(out_pkl)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump({"model": model, "__author__": "insloc-hub", "matching_heuristics": True}, f)
+    os.replace(tmp, out)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the official layout, produced from our modules (tests, round trips)
+
+
+def _to_official_key(key: str, variant: str) -> str:
+    if key.startswith("trunk."):
+        return "backbone." + key[len("trunk."):]
+    if key.startswith("box_head.layer4."):
+        return "roi_head.shared_head." + key[len("box_head."):]
+    m = re.fullmatch(r"fpn\.(lateral|output)\.p([2-5])\.(conv|norm)\.(\w+)", key)
+    if m:
+        kind, level, part, leaf = m.groups()
+        return (f"neck.{'lateral_convs' if kind == 'lateral' else 'fpn_convs'}.{int(level) - 2}."
+                f"{'conv' if part == 'conv' else 'bn'}.{leaf}")
+    m = re.fullmatch(r"box_head\.convs\.(\d+)\.(conv|norm)\.(\w+)", key)
+    if m:
+        idx, part, leaf = m.groups()
+        return f"roi_head.bbox_head.shared_convs.{idx}.{'conv' if part == 'conv' else 'bn'}.{leaf}"
+    m = re.fullmatch(r"box_head\.fc1\.(weight|bias)", key)
+    if m:
+        return f"roi_head.bbox_head.shared_fcs.0.{m.group(1)}"
+    raise ConfigError(f"{key!r} has no place in the official {variant} layout")
+
+
+def official_state_dict_from_bundle(
+    bundle: InsLocBackbone, *, with_momentum: bool = True, queue_size: int = 64, embed_dim: int = 128,
+    ddp_prefix: bool = False, path: PathLike | None = None, seed: int = 0,
+) -> dict[str, Any]:
+    """Produce a checkpoint in the official layout from our modules: ``{"state_dict": ..., "meta": {"epoch": 200}}``.
+
+    The query side carries the bundle's tensors under mmdet names (``backbone.*``, ``neck.*``,
+    ``roi_head.bbox_head.shared_convs/shared_fcs.0``; C4: ``roi_head.shared_head.layer4.*``). The
+    pretraining projection the bundle does not hold is made up (random): ``shared_fcs.1`` and
+    ``fc_cls`` for FPN, ``bbox_head.shared_fcs.0`` and ``fc_cls`` for C4 (whose head is unreleased).
+    With ``with_momentum``, ``backbone_k``/``neck_k``/``roi_head_k`` copies and the ``queue``,
+    ``queues`` and ``queue_ptr`` buffers are added as in ``InsLocFPN``. Used by the tests to check
+    that :func:`convert_official` inverts it; ``path`` also ``torch.save``s it there.
+
+    Example:
+        >>> ckpt = official_state_dict_from_bundle(InsLocBackbone("tiny-fpn"))
+        >>> "neck.lateral_convs.0.bn.running_var" in ckpt["state_dict"], ckpt["meta"]["epoch"]
+        (True, 200)
+    """
+    variant = bundle.config.variant
+    gen = torch.Generator().manual_seed(seed)
+    query: dict[str, torch.Tensor] = OrderedDict()
+    for key, value in bundle.state_dict().items():
+        query[_to_official_key(key, variant)] = value.detach().cpu().clone()
+    if "box_head" in bundle.config.parts:
+        dim = bundle.config.head_fc if variant == "fpn" else bundle.embedding_dim
+        fc = "shared_fcs.1" if variant == "fpn" else "shared_fcs.0"
+        query[f"roi_head.bbox_head.{fc}.weight"] = torch.randn(dim, dim, generator=gen) * 0.01
+        query[f"roi_head.bbox_head.{fc}.bias"] = torch.zeros(dim)
+        query["roi_head.bbox_head.fc_cls.weight"] = torch.randn(embed_dim, dim, generator=gen) * 0.01
+        query["roi_head.bbox_head.fc_cls.bias"] = torch.zeros(embed_dim)
+    state: dict[str, torch.Tensor] = OrderedDict(query)
+    if with_momentum:
+        for key, value in query.items():
+            head, rest = key.split(".", 1)
+            state[f"{head}_k.{rest}"] = value.clone()
+        levels = 4 if variant == "fpn" else 1
+        queues = torch.nn.functional.normalize(torch.randn(levels, embed_dim, queue_size, generator=gen), dim=1)
+        state["queue"] = queues[-1].clone()
+        state["queues"] = queues
+        state["queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    if ddp_prefix:
+        state = OrderedDict((f"module.{k}", v) for k, v in state.items())
+    checkpoint = {"state_dict": state, "meta": {"epoch": 200, "iter": 200 * 5005, "mmdet_version": "2.1.0"}}
+    if path is not None:
+        torch.save(checkpoint, path)
+    return checkpoint
