@@ -90,7 +90,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     cached = list_cached(args.cache_dir)
     print("cached:" if cached else "cached: (none)")
     for entry in cached:
-        revisions = ", ".join(str(r)[:12] for r in entry.get("revisions", []))
+        revisions = ", ".join(r["commit"][:12] for r in entry.get("revisions", []))
         print(f"  {entry['repo_id']:<40} {_human(entry.get('size_on_disk', 0)):>10}  {revisions}")
     return 0
 

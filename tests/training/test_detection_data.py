@@ -9,6 +9,9 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
+
+from insloc_hub.errors import ConfigError, DatasetError
 from insloc_hub.training.detection_data import (
     Compose,
     DetectionDataset,
@@ -20,9 +23,6 @@ from insloc_hub.training.detection_data import (
     load_voc,
     protocol_sizes,
 )
-from PIL import Image
-
-from insloc_hub.errors import ConfigError, DatasetError
 
 RACCOON = Path(__file__).resolve().parents[3] / "shared/data/raccoon"
 

@@ -11,6 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from insloc_hub.errors import ConfigError
 from insloc_hub.training.detection_data import DetectionDataset, load_coco, load_voc
 from insloc_hub.training.evaluation import (
     EvalResult,
@@ -21,11 +26,6 @@ from insloc_hub.training.evaluation import (
     save_examples_grid,
     write_coco_results,
 )
-from PIL import Image
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
-
-from insloc_hub.errors import ConfigError
 
 # Boxes in VOC 1-based XML coordinates, per image: (class, xmin, ymin, xmax, ymax, difficult).
 OBJECTS = {
