@@ -108,9 +108,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         kwargs["variant"] = args.variant
     if args.no_strict:
         kwargs["strict"] = False
-    report = converters[args.source_format](args.source, args.output, **kwargs)
+    folder, report = converters[args.source_format](args.source, args.output, **kwargs)
     print(report.summary())
-    print(f"wrote {args.output}")
+    print(f"wrote {folder}")
     return 0
 
 

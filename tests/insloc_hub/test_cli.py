@@ -51,3 +51,29 @@ def test_demo_runs_on_a_tiny_backbone(capsys):
     out = capsys.readouterr().out
     assert "loaded 194 pretrained tensors" in out and "training step: loss_classifier" in out
     assert "inference on a 512x512 photo" in out
+
+
+def test_convert_official_and_export_d2(tmp_path, capsys):
+    import pickle
+
+    import torch
+
+    from insloc_hub.convert import official_state_dict_from_bundle
+
+    bundle = InsLocBackbone("tiny-fpn")
+    checkpoint = tmp_path / "insloc_fpn_200ep.pth"
+    torch.save(official_state_dict_from_bundle(bundle), checkpoint)
+    out = tmp_path / "converted"
+    assert main(["convert", "official", str(checkpoint), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "momentum" in printed and f"wrote {out}" in printed
+    assert main(["export-d2", str(out), str(tmp_path / "d2.pkl")]) == 0
+    with open(tmp_path / "d2.pkl", "rb") as f:
+        d2 = pickle.load(f)
+    assert d2["matching_heuristics"] is True
+    assert "backbone.fpn_lateral2.norm.weight" in d2["model"]
+
+
+def test_convert_refuses_a_missing_file(tmp_path, capsys):
+    assert main(["convert", "moco", str(tmp_path / "nope.pth"), str(tmp_path / "out")]) == 2
+    assert "error:" in capsys.readouterr().err
