@@ -14,10 +14,11 @@ from insloc_hub.errors import (
     WeightsMismatchError,
 )
 from insloc_hub.models import BackboneConfig, InsLocBackbone
-
-__version__ = "0.1.0"
+from insloc_hub.pretrained import from_pretrained, push_to_hub, save_pretrained
+from insloc_hub.version import __version__
 
 __all__ = [
     "ARCHITECTURES", "BackboneConfig", "ConfigError", "InsLocBackbone", "InsLocError", "InvalidImageError",
-    "LoadReport", "ModelNotFoundError", "WeightsMismatchError", "__version__", "build_detector",
+    "LoadReport", "ModelNotFoundError", "WeightsMismatchError", "__version__", "build_detector", "from_pretrained",
+    "push_to_hub", "save_pretrained",
 ]

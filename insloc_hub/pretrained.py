@@ -24,7 +24,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from insloc_hub import __version__
 from insloc_hub.card import render_card
 from insloc_hub.detectors import DetectorConfig, build_detector_from_config
 from insloc_hub.errors import ConfigError, IntegrityError, WeightsMismatchError
@@ -32,6 +31,7 @@ from insloc_hub.hub import resolve_model_dir
 from insloc_hub.models import BackboneConfig, InsLocBackbone
 from insloc_hub.models.init_control import skip_init
 from insloc_hub.transforms import PREPROCESSING
+from insloc_hub.version import __version__
 
 logger = logging.getLogger(__name__)
 
