@@ -36,6 +36,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -407,7 +408,10 @@ class COCOMasks:
             if best is not None and best_iou >= 0.5:
                 rles = mask_utils.frPyObjects(best, height, width)
                 rle = mask_utils.merge(rles) if isinstance(rles, list) else rles
-                masks[i] = torch.from_numpy(mask_utils.decode([rle])[:, :, 0].astype(np.uint8))
+                with warnings.catch_warnings():  # pycocotools' numpy-2 copy= deprecation, harmless
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    decoded = mask_utils.decode([rle])[:, :, 0]
+                masks[i] = torch.from_numpy(decoded.astype(np.uint8))
             else:
                 x1, y1, x2, y2 = (int(round(v)) for v in box)
                 masks[i, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)] = 1
