@@ -1,0 +1,299 @@
+"""Transfer experiment on real photographs: random init vs MoCo v2 vs InsLoc, Faster R-CNN FPN on raccoon.
+
+Every row fine-tunes the same detector (Faster R-CNN FPN, same trunk) with the same budget on the
+raccoon TRAIN split and is scored on its TEST split (COCO AP / AP50 / AP75), over several seeds:
+
+* ``random``: no pretraining (``--init random``).
+* ``moco``: image-level MoCo v2 pretraining (``insloc-train pretrain --method moco``).
+* ``insloc``: InsLoc pretraining (``insloc-train pretrain --method insloc``).
+
+Both pretrainings use the same unlabelled images, trunk, schedule and seed. The unlabelled folder
+is built here in the work folder: the photographs of the raccoon train split (never the test
+split; the script checks) plus the real photographs shipped with scikit-image. Labels are not used
+by pretraining.
+
+The stages run the real CLIs (``python -m insloc_hub.training.cli pretrain|finetune``) as
+subprocesses, ``--jobs`` at a time, each with ``--threads`` intra-op threads; finished stages are
+reused when the script is run again with the same ``--work`` folder (``--resume auto``).
+
+Usage::
+
+    python benchmarks/transfer_raccoon.py --config cpu --work /tmp/raccoon-transfer --table table.md
+    python benchmarks/transfer_raccoon.py --config gpu --work runs/raccoon --table table.md --device cuda
+
+``--config cpu`` is sized for a 2-core CPU (about 25 minutes); ``--config gpu`` is the same
+experiment at a useful size (ResNet-50 FPN, official 256-pixel pretraining canvas, detection at
+480-800 pixels, 5 seeds) for one GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROWS = ("random", "moco", "insloc")
+ROW_TITLES = {"random": "random init", "moco": "MoCo v2 (image-level)", "insloc": "InsLoc"}
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raccoon"
+
+#: scikit-image sample photographs that load without a download (real photos; synthetic ones left out)
+SKIMAGE_PHOTOS = (
+    "astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "clock", "hubble_deep_field",
+    "immunohistochemistry", "retina", "grass", "gravel", "brick", "stereo_motorcycle",
+)  # fmt: skip
+
+
+@dataclass
+class Budget:
+    """One configuration of the experiment: pretraining and fine-tuning budgets, shared by all rows."""
+
+    name: str
+    trunk: str
+    pretrain_epochs: int
+    pretrain_batch: int
+    pretrain_canvas: int
+    pretrain_queue: int
+    pretrain_lr: float
+    iterations: int
+    batch_size: int
+    lr: float
+    warmup: int
+    min_size: str
+    max_size: int
+    test_size: int
+    seeds: int
+    detector_opts: list[str] = field(default_factory=list)
+    pretrain_extra: list[str] = field(default_factory=list)
+
+
+CONFIGS: dict[str, Budget] = {
+    # ~25 min on 2 CPU cores: ResNet-18 at 1/4 width, 128-pixel pretraining canvas, 256-320-pixel detection
+    "cpu": Budget(
+        name="cpu", trunk="tiny-fpn", pretrain_epochs=40, pretrain_batch=16, pretrain_canvas=128,
+        pretrain_queue=256, pretrain_lr=0.3, iterations=300, batch_size=4, lr=0.02, warmup=50,
+        min_size="256-320", max_size=512, test_size=320, seeds=3,
+        detector_opts=["rpn_pre_nms_top_n_train=1000", "rpn_post_nms_top_n_train=500",
+                       "box_batch_size_per_image=128"],
+    ),
+    # one GPU: ResNet-50 FPN, official canvas; still a small-data pretraining (a few hundred photos)
+    "gpu": Budget(
+        name="gpu", trunk="r50-fpn", pretrain_epochs=200, pretrain_batch=64, pretrain_canvas=256,
+        pretrain_queue=4096, pretrain_lr=0.03, iterations=3000, batch_size=8, lr=0.01, warmup=200,
+        min_size="480-800", max_size=1333, test_size=800, seeds=5,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Unlabelled images
+# ----------------------------------------------------------------------------------------------
+
+
+def _split_names(path: Path) -> list[str]:
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def build_unlabelled_folder(data: Path, folder: Path) -> dict[str, int]:
+    """Raccoon train-split photos + scikit-image photos in ``folder`` (created); returns counts.
+
+    Raises:
+        RuntimeError: a test-split image would end up in the folder.
+    """
+    train = _split_names(data / "train_split.txt")
+    test = set(_split_names(data / "test_split.txt"))
+    leaked = test & set(train)
+    if leaked:
+        raise RuntimeError(f"train and test splits overlap: {sorted(leaked)[:5]}")
+    folder.mkdir(parents=True, exist_ok=True)
+    image_dir = data / "images"
+    for name in train:
+        target = folder / f"raccoon-train-{name}"
+        if not target.exists():
+            os.symlink((image_dir / name).resolve(), target)
+    from skimage import data as skdata
+
+    extra = 0
+    for name in SKIMAGE_PHOTOS:
+        arrays = getattr(skdata, name)()
+        arrays = list(arrays[:2]) if isinstance(arrays, tuple) else [arrays]  # stereo pair: both views
+        for k, array in enumerate(arrays):
+            target = folder / f"skimage-{name}{'-' + str(k) if len(arrays) > 1 else ''}.jpg"
+            if not target.exists():
+                Image.fromarray(np.asarray(array)).convert("RGB").save(target, quality=95)
+            extra += 1
+    present = {p.name for p in folder.iterdir()}
+    if any(f"raccoon-train-{name}" in present for name in test):
+        raise RuntimeError("a test-split image is in the unlabelled folder")
+    return {"raccoon_train": len(train), "skimage": extra, "total": len(present)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+
+
+def _run(cmd: list[str], log: Path, threads: int) -> float:
+    """Run a CLI command, its output to ``log``; returns seconds. Raises on failure with the log tail."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        tail = "\n".join(log.read_text().splitlines()[-25:])
+        raise RuntimeError(f"command failed ({code}): {' '.join(cmd)}\n{tail}")
+    return time.perf_counter() - start
+
+
+CLI = [sys.executable, "-m", "insloc_hub.training.cli"]
+
+
+def pretrain_command(method: str, unlabelled: Path, out: Path, budget: Budget, device: str, seed: int) -> list[str]:
+    return [*CLI, "pretrain", "--data", str(unlabelled), "--output", str(out), "--preset", "tiny",
+            "--arch", budget.trunk, "--method", method, "--epochs", str(budget.pretrain_epochs),
+            "--batch-size", str(budget.pretrain_batch), "--canvas", str(budget.pretrain_canvas),
+            "--queue-size", str(budget.pretrain_queue), "--lr", str(budget.pretrain_lr), "--workers", "0",
+            "--log-every", "50", "--seed", str(seed), "--device", device, "--dataset-name",
+            "raccoon-train+skimage-photos", "--resume", "auto", *budget.pretrain_extra]
+
+
+def finetune_command(init: str, data: Path, out: Path, budget: Budget, device: str, seed: int) -> list[str]:
+    cmd = [*CLI, "finetune", "--data", str(data / "train_split.txt"), "--val-data", str(data / "test_split.txt"),
+           "--init", init, "--arch", "faster_rcnn_fpn", "--iterations", str(budget.iterations),
+           "--batch-size", str(budget.batch_size), "--lr", str(budget.lr), "--warmup", str(budget.warmup),
+           "--min-size", budget.min_size, "--max-size", str(budget.max_size), "--test-size", str(budget.test_size),
+           "--seed", str(seed), "--workers", "0", "--log-every", "50", "--device", device,
+           "--output", str(out), "--resume", "auto"]
+    if init == "random":
+        cmd += ["--backbone", budget.trunk]
+    for opt in budget.detector_opts:
+        cmd += ["--detector-opt", opt]
+    return cmd
+
+
+def _metrics(run: Path) -> dict[str, float]:
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    return {"AP": 100 * metrics["ap"], "AP50": 100 * metrics["ap50"], "AP75": 100 * metrics["ap75"]}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def render_table(results: dict[str, list[dict[str, float]]], budget: Budget, seeds: list[int]) -> str:
+    """Markdown: mean +- sample std over seeds, then the per-seed values."""
+    lines = [
+        f"| init ({budget.trunk} trunk) | AP | AP50 | AP75 | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for row, runs in results.items():
+        cells = []
+        for key in ("AP", "AP50", "AP75"):
+            mean, std = _mean_std([r[key] for r in runs])
+            cells.append(f"{mean:.1f} ± {std:.1f}")
+        lines.append(f"| {ROW_TITLES[row]} | {' | '.join(cells)} | {len(runs)} |")
+    lines += ["", "Per seed (AP / AP50 / AP75):", "", "| init | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+              "|---|" + "---|" * len(seeds)]
+    for row, runs in results.items():
+        cells = [f"{r['AP']:.1f} / {r['AP50']:.1f} / {r['AP75']:.1f}" for r in runs]
+        lines.append(f"| {ROW_TITLES[row]} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="raccoon folder (read only)")
+    parser.add_argument("--work", type=Path, required=True, help="work folder: unlabelled images, runs, logs")
+    parser.add_argument("--table", type=Path, required=True, help="markdown table to write")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
+    parser.add_argument("--seeds", type=int, help="fine-tuning seeds (default: the config's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--jobs", type=int, default=2, help="stages run at the same time")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per stage")
+    parser.add_argument("--pretrain-seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    budget = CONFIGS[args.config]
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
+    seeds = list(range(args.seeds or budget.seeds))
+    data = args.data.resolve()
+    if not (data / "train_split.txt").is_file() or not (data / "test_split.txt").is_file():
+        parser.error(f"{data} has no train_split.txt / test_split.txt (the raccoon set)")
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    counts = build_unlabelled_folder(data, work / "unlabelled")
+    print(f"unlabelled folder {work / 'unlabelled'}: {counts}", flush=True)
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs))
+    # 1. pretrainings (both at once)
+    pretrained: dict[str, str] = {"random": "random"}
+    futures = {}
+    for method in [r for r in rows if r != "random"]:
+        out = work / f"pretrain-{method}"
+        pretrained[method] = str(out / "final")
+        if (out / "final" / "config.json").is_file():
+            print(f"pretrain {method}: reusing {out / 'final'}", flush=True)
+            continue
+        cmd = pretrain_command(method, work / "unlabelled", out, budget, args.device, args.pretrain_seed)
+        futures[pool.submit(_run, cmd, work / "logs" / f"pretrain-{method}.log", args.threads)] = f"pretrain-{method}"
+    for future in concurrent.futures.as_completed(futures):
+        timings[futures[future]] = future.result()
+        print(f"{futures[future]}: {timings[futures[future]]:.0f} s", flush=True)
+
+    # 2. fine-tunings, every (row, seed)
+    futures = {}
+    for row in rows:
+        for seed in seeds:
+            out = work / f"finetune-{row}-seed{seed}"
+            if (out / "final" / "config.json").is_file() and (out / "eval" / "metrics.json").is_file():
+                continue
+            cmd = finetune_command(pretrained[row], data, out, budget, args.device, seed)
+            futures[pool.submit(_run, cmd, work / "logs" / f"finetune-{row}-seed{seed}.log", args.threads)] = (
+                f"finetune-{row}-seed{seed}")
+    for future in concurrent.futures.as_completed(futures):
+        timings[futures[future]] = future.result()
+        print(f"{futures[future]}: {timings[futures[future]]:.0f} s", flush=True)
+    pool.shutdown()
+
+    results = {row: [_metrics(work / f"finetune-{row}-seed{seed}") for seed in seeds] for row in rows}
+    total = time.perf_counter() - started
+    table = render_table(results, budget, seeds)
+    header = (
+        f"Raccoon transfer, config `{budget.name}` ({datetime.date.today().isoformat()}, "
+        f"{platform.machine()}, {os.cpu_count()} CPUs, device {args.device}); total {total / 60:.1f} min.\n\n"
+    )
+    args.table.parent.mkdir(parents=True, exist_ok=True)
+    args.table.write_text(header + table)
+    (work / "results.json").write_text(json.dumps(
+        {"config": asdict(budget), "seeds": seeds, "results": results, "timings_s": timings,
+         "total_s": total, "unlabelled": counts}, indent=2) + "\n")
+    print(header + table)
+    print("stage timings (s):", json.dumps({k: round(v) for k, v in sorted(timings.items())}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
