@@ -195,3 +195,39 @@ def test_mask_rcnn_without_masks_is_refused(tmp_path: Path) -> None:
     coco = load_dataset(make_coco(tmp_path / "coco", 2, with_masks=False))
     with pytest.raises(ConfigError, match="has a 'segmentation'"):
         ft.COCOMasks(coco)
+
+
+# ----------------------------------------------------------------------------------------------
+# What --init puts into the detector
+# ----------------------------------------------------------------------------------------------
+
+
+def _cfg(tmp_path: Path, **flags: Any) -> ft.FinetuneConfig:
+    cfg, _ = ft.resolve_config({"data": "d", "output": str(tmp_path / "run"), **flags})
+    return cfg
+
+
+def test_trunk_only_folder_loads_the_trunk_and_leaves_fpn_and_head_fresh(tmp_path: Path) -> None:
+    from insloc_hub.models import BackboneConfig, InsLocBackbone
+    from insloc_hub.pretrained import save_pretrained
+
+    arch = BackboneConfig(depth=18, width=16, fpn_channels=32, head_channels=32, head_fc=64, parts=("trunk",))
+    folder = save_pretrained(InsLocBackbone(arch), tmp_path / "moco-like")
+    model, report = ft.build_model(_cfg(tmp_path, init=str(folder)), ["raccoon"], "bn")
+    assert report["pretrained_parts"] == ["trunk"]
+    assert report["loaded"] and all(k.startswith("backbone.trunk.") for k in report["loaded"])
+    assert any(k.startswith("backbone.fpn.") for k in report["new"])
+    assert any(k.startswith("roi_heads.box_head.") for k in report["new"])
+    assert model.roi_heads.box_predictor.cls_score.out_features == 2
+
+
+def test_c4_folder_fills_the_res5_head_and_fpn_folder_is_refused_for_c4(tmp_path: Path) -> None:
+    from insloc_hub.models import InsLocBackbone
+    from insloc_hub.pretrained import save_pretrained
+
+    c4 = save_pretrained(InsLocBackbone("tiny-c4"), tmp_path / "c4")
+    _, report = ft.build_model(_cfg(tmp_path, init=str(c4), arch="faster_rcnn_c4"), ["raccoon"], "bn")
+    assert any(k.startswith("roi_heads.box_head.") for k in report["loaded"])  # res5 as the RoI head
+    fpn = save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "fpn")
+    with pytest.raises(ConfigError, match="needs a c4 backbone"):
+        ft.build_model(_cfg(tmp_path, init=str(fpn), arch="faster_rcnn_c4"), ["raccoon"], "bn")
