@@ -67,6 +67,9 @@ class Budget:
     pretrain_canvas: int
     pretrain_queue: int
     pretrain_lr: float
+    pretrain_key_momentum: float
+    pretrain_workers: int
+    finetune_workers: int
     iterations: int
     batch_size: int
     lr: float
@@ -82,8 +85,9 @@ class Budget:
 CONFIGS: dict[str, Budget] = {
     # ~25 min on 2 CPU cores: ResNet-18 at 1/4 width, 128-pixel pretraining canvas, 256-320-pixel detection
     "cpu": Budget(
-        name="cpu", trunk="tiny-fpn", pretrain_epochs=40, pretrain_batch=16, pretrain_canvas=128,
-        pretrain_queue=256, pretrain_lr=0.3, iterations=300, batch_size=4, lr=0.02, warmup=50,
+        name="cpu", trunk="tiny-fpn", pretrain_epochs=60, pretrain_batch=16, pretrain_canvas=128,
+        pretrain_queue=256, pretrain_lr=0.3, pretrain_key_momentum=0.99, pretrain_workers=0, finetune_workers=0,
+        iterations=300, batch_size=4, lr=0.02, warmup=50,
         min_size="256-320", max_size=512, test_size=320, seeds=3,
         detector_opts=["rpn_pre_nms_top_n_train=1000", "rpn_post_nms_top_n_train=500",
                        "box_batch_size_per_image=128"],
@@ -91,7 +95,8 @@ CONFIGS: dict[str, Budget] = {
     # one GPU: ResNet-50 FPN, official canvas; still a small-data pretraining (a few hundred photos)
     "gpu": Budget(
         name="gpu", trunk="r50-fpn", pretrain_epochs=200, pretrain_batch=64, pretrain_canvas=256,
-        pretrain_queue=4096, pretrain_lr=0.03, iterations=3000, batch_size=8, lr=0.01, warmup=200,
+        pretrain_queue=4096, pretrain_lr=0.03, pretrain_key_momentum=0.99, pretrain_workers=8, finetune_workers=4,
+        iterations=3000, batch_size=8, lr=0.01, warmup=200,
         min_size="480-800", max_size=1333, test_size=800, seeds=5,
     ),
 }
@@ -164,12 +169,13 @@ CLI = [sys.executable, "-m", "insloc_hub.training.cli"]
 
 
 def pretrain_command(method: str, unlabelled: Path, out: Path, budget: Budget, device: str, seed: int) -> list[str]:
-    return [*CLI, "pretrain", "--data", str(unlabelled), "--output", str(out), "--preset", "tiny",
+    return [*CLI, "pretrain", "--data", str(unlabelled), "--output", str(out),
             "--arch", budget.trunk, "--method", method, "--epochs", str(budget.pretrain_epochs),
             "--batch-size", str(budget.pretrain_batch), "--canvas", str(budget.pretrain_canvas),
-            "--queue-size", str(budget.pretrain_queue), "--lr", str(budget.pretrain_lr), "--workers", "0",
-            "--log-every", "50", "--seed", str(seed), "--device", device, "--dataset-name",
-            "raccoon-train+skimage-photos", "--resume", "auto", *budget.pretrain_extra]
+            "--queue-size", str(budget.pretrain_queue), "--lr", str(budget.pretrain_lr),
+            "--key-momentum", str(budget.pretrain_key_momentum), "--workers", str(budget.pretrain_workers),
+            "--log-every", "10", "--keep-checkpoints", "1", "--seed", str(seed), "--device", device,
+            "--dataset-name", "raccoon-train+skimage-photos", "--resume", "auto", *budget.pretrain_extra]
 
 
 def finetune_command(init: str, data: Path, out: Path, budget: Budget, device: str, seed: int) -> list[str]:
@@ -177,7 +183,7 @@ def finetune_command(init: str, data: Path, out: Path, budget: Budget, device: s
            "--init", init, "--arch", "faster_rcnn_fpn", "--iterations", str(budget.iterations),
            "--batch-size", str(budget.batch_size), "--lr", str(budget.lr), "--warmup", str(budget.warmup),
            "--min-size", budget.min_size, "--max-size", str(budget.max_size), "--test-size", str(budget.test_size),
-           "--seed", str(seed), "--workers", "0", "--log-every", "50", "--device", device,
+           "--seed", str(seed), "--workers", str(budget.finetune_workers), "--log-every", "50", "--device", device,
            "--output", str(out), "--resume", "auto"]
     if init == "random":
         cmd += ["--backbone", budget.trunk]
@@ -247,35 +253,40 @@ def main(argv: list[str] | None = None) -> int:
     counts = build_unlabelled_folder(data, work / "unlabelled")
     print(f"unlabelled folder {work / 'unlabelled'}: {counts}", flush=True)
 
+    # Pretrainings first, then every (row, seed) fine-tuning as soon as its init exists (random at once).
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs))
-    # 1. pretrainings (both at once)
-    pretrained: dict[str, str] = {"random": "random"}
-    futures = {}
+    pending: dict[concurrent.futures.Future[float], str] = {}
+    init_of = {"random": "random"}
+
+    def submit_finetunes(row: str) -> None:
+        for seed in seeds:
+            name = f"finetune-{row}-seed{seed}"
+            out = work / name
+            if (out / "final" / "config.json").is_file() and (out / "eval" / "metrics.json").is_file():
+                print(f"{name}: reusing {out}", flush=True)
+                continue
+            cmd = finetune_command(init_of[row], data, out, budget, args.device, seed)
+            pending[pool.submit(_run, cmd, work / "logs" / f"{name}.log", args.threads)] = name
+
     for method in [r for r in rows if r != "random"]:
         out = work / f"pretrain-{method}"
-        pretrained[method] = str(out / "final")
+        init_of[method] = str(out / "final")
         if (out / "final" / "config.json").is_file():
-            print(f"pretrain {method}: reusing {out / 'final'}", flush=True)
+            print(f"pretrain-{method}: reusing {out / 'final'}", flush=True)
+            submit_finetunes(method)
             continue
         cmd = pretrain_command(method, work / "unlabelled", out, budget, args.device, args.pretrain_seed)
-        futures[pool.submit(_run, cmd, work / "logs" / f"pretrain-{method}.log", args.threads)] = f"pretrain-{method}"
-    for future in concurrent.futures.as_completed(futures):
-        timings[futures[future]] = future.result()
-        print(f"{futures[future]}: {timings[futures[future]]:.0f} s", flush=True)
-
-    # 2. fine-tunings, every (row, seed)
-    futures = {}
-    for row in rows:
-        for seed in seeds:
-            out = work / f"finetune-{row}-seed{seed}"
-            if (out / "final" / "config.json").is_file() and (out / "eval" / "metrics.json").is_file():
-                continue
-            cmd = finetune_command(pretrained[row], data, out, budget, args.device, seed)
-            futures[pool.submit(_run, cmd, work / "logs" / f"finetune-{row}-seed{seed}.log", args.threads)] = (
-                f"finetune-{row}-seed{seed}")
-    for future in concurrent.futures.as_completed(futures):
-        timings[futures[future]] = future.result()
-        print(f"{futures[future]}: {timings[futures[future]]:.0f} s", flush=True)
+        pending[pool.submit(_run, cmd, work / "logs" / f"pretrain-{method}.log", args.threads)] = f"pretrain-{method}"
+    if "random" in rows:
+        submit_finetunes("random")
+    while pending:
+        done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in done:
+            name = pending.pop(future)
+            timings[name] = future.result()
+            print(f"{name}: {timings[name]:.0f} s", flush=True)
+            if name.startswith("pretrain-"):
+                submit_finetunes(name[len("pretrain-"):])
     pool.shutdown()
 
     results = {row: [_metrics(work / f"finetune-{row}-seed{seed}") for seed in seeds] for row in rows}
@@ -284,9 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"Raccoon transfer, config `{budget.name}` ({datetime.date.today().isoformat()}, "
         f"{platform.machine()}, {os.cpu_count()} CPUs, device {args.device}); total {total / 60:.1f} min.\n\n"
+        f"Pretraining (MoCo v2 and InsLoc alike): {counts['total']} unlabelled photos, {budget.trunk}, "
+        f"{budget.pretrain_epochs} epochs, batch {budget.pretrain_batch}, canvas {budget.pretrain_canvas}, "
+        f"queue {budget.pretrain_queue}, key momentum {budget.pretrain_key_momentum}. Fine-tuning (every row): "
+        f"Faster R-CNN FPN, {budget.iterations} iterations, batch {budget.batch_size}, lr {budget.lr}, "
+        f"short side {budget.min_size} (test {budget.test_size}); test split of 40 photos.\n\n"
     )
     args.table.parent.mkdir(parents=True, exist_ok=True)
-    args.table.write_text(header + table)
+    stages = ", ".join(f"{k} {v / 60:.1f} min" for k, v in sorted(timings.items()))
+    args.table.write_text(header + table + (f"\nStage wall times: {stages}.\n" if stages else ""))
     (work / "results.json").write_text(json.dumps(
         {"config": asdict(budget), "seeds": seeds, "results": results, "timings_s": timings,
          "total_s": total, "unlabelled": counts}, indent=2) + "\n")
