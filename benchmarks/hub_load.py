@@ -49,17 +49,32 @@ def main() -> None:
         def pth_state() -> None:
             torch.load(pth, map_location="cpu", weights_only=True)
 
+        def pth_mmap() -> None:
+            torch.load(pth, map_location="cpu", weights_only=True, mmap=True)
+
+        # memory-mapped tensors are paged in when first used: compare with that cost on both sides
+        def pth_touched() -> None:
+            for tensor in torch.load(pth, map_location="cpu", weights_only=True).values():
+                tensor.sum()
+
+        def ours_touched() -> None:
+            for tensor in from_pretrained(folder).state_dict().values():
+                tensor.sum()
+
         def pth_model() -> None:
             fresh = InsLocBackbone(args.arch)
             fresh.load_state_dict(torch.load(pth, map_location="cpu", weights_only=True))
 
         rows = {
             "torch.load(.pth) state dict only": median_seconds(pth_state, args.repeats),
+            "torch.load(.pth, mmap=True) state dict only": median_seconds(pth_mmap, args.repeats),
             "build model + torch.load(.pth) + load_state_dict": median_seconds(pth_model, args.repeats),
             "from_pretrained(folder), sha256 re-checked every time": median_seconds(
                 lambda: from_pretrained(folder, verify=True), args.repeats),
             "from_pretrained(folder), default (sha256 once per file)": median_seconds(
                 lambda: from_pretrained(folder), args.repeats),
+            "torch.load(.pth) + read every tensor once": median_seconds(pth_touched, args.repeats),
+            "from_pretrained(folder) + read every tensor once": median_seconds(ours_touched, args.repeats),
         }
     base = rows["torch.load(.pth) state dict only"]
     ours = rows["from_pretrained(folder), default (sha256 once per file)"]

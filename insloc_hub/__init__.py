@@ -7,8 +7,12 @@ Example:
 
 from insloc_hub.detectors import ARCHITECTURES, LoadReport, build_detector
 from insloc_hub.errors import (
+    CheckpointError,
     ConfigError,
+    DatasetError,
+    HubAccessError,
     InsLocError,
+    IntegrityError,
     InvalidImageError,
     ModelNotFoundError,
     WeightsMismatchError,
@@ -18,7 +22,8 @@ from insloc_hub.pretrained import from_pretrained, push_to_hub, save_pretrained
 from insloc_hub.version import __version__
 
 __all__ = [
-    "ARCHITECTURES", "BackboneConfig", "ConfigError", "InsLocBackbone", "InsLocError", "InvalidImageError",
+    "ARCHITECTURES", "BackboneConfig", "CheckpointError", "ConfigError", "DatasetError", "HubAccessError",
+    "IntegrityError", "InsLocBackbone", "InsLocError", "InvalidImageError",
     "LoadReport", "ModelNotFoundError", "WeightsMismatchError", "__version__", "build_detector", "from_pretrained",
     "push_to_hub", "save_pretrained",
 ]

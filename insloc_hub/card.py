@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 CITATION = """@inproceedings{yang2021insloc,
@@ -57,17 +58,30 @@ def card_metadata(config: dict[str, Any]) -> dict[str, Any]:
     datasets = provenance.get("datasets") or ([provenance["data"]] if provenance.get("data") else [])
     if datasets:
         meta["datasets"] = list(datasets)
-    results = config.get("results") or []
+    base_model = provenance.get("base_model")
+    if isinstance(base_model, str) and base_model.count("/") == 1 and not base_model.startswith(("/", ".")):
+        meta["base_model"] = base_model
+    results = [r for r in (config.get("results") or []) if _metrics(r)]
     if results:
         meta["model-index"] = [{
             "name": config.get("name", "insloc-model"),
             "results": [{
                 "task": {"type": r.get("task", "object-detection")},
                 "dataset": {"name": r.get("dataset", "unknown"), "type": r.get("dataset_type", r.get("dataset", ""))},
-                "metrics": [{"type": k, "value": v} for k, v in r.get("metrics", {}).items()],
+                "metrics": [{"type": k, "value": v} for k, v in _metrics(r).items()],
             } for r in results],
         }]
     return meta
+
+
+def _metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The finite numeric metrics of a result (NaN/None, e.g. AP of a class without boxes, are left out)."""
+    return {k: v for k, v in (result.get("metrics") or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _one_line(value: Any) -> str:
+    return " ".join(str(value).split())
 
 
 def render_card(config: dict[str, Any]) -> str:
@@ -114,13 +128,13 @@ def render_card(config: dict[str, Any]) -> str:
         "## Training",
     ]
     if provenance:
-        body += [f"- {k}: {v}" for k, v in provenance.items() if not isinstance(v, (dict, list))]
+        body += [f"- {k}: {_one_line(v)}" for k, v in provenance.items() if not isinstance(v, (dict, list))]
     else:
         body.append("- not recorded")
     if config.get("results"):
         body += ["", "## Results", "", "| dataset | metric | value |", "|---|---|---|"]
         for result in config["results"]:
-            for metric, value in result.get("metrics", {}).items():
+            for metric, value in _metrics(result).items():
                 body.append(f"| {result.get('dataset', '')} | {metric} | {value} |")
     weights = config["weights"]
     body += ["", "## Weights", f"`model.safetensors`, sha256 `{weights['sha256']}`, "

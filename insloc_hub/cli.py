@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from insloc_hub.detectors import ARCHITECTURES
 from insloc_hub.errors import InsLocError
+from insloc_hub.models import PRESETS
 
 
 def _human(n: float) -> str:
@@ -136,16 +138,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     torch.manual_seed(0)
     image = load_image_tensor(args.image) if args.image else _sample_photo()
+    backbone = args.backbone or ("r50-c4" if args.arch == "faster_rcnn_c4" else "r50-fpn")
+    if args.size < 128:
+        raise InsLocError("--size must be at least 128 (the coarsest pyramid level needs a few pixels)")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        folder = save_pretrained(InsLocBackbone(args.backbone), Path(tmp) / "backbone")
+        folder = save_pretrained(InsLocBackbone(backbone), Path(tmp) / "backbone")
         bundle = from_pretrained(folder)
-        print(f"saved and reloaded a {args.backbone} backbone hub folder in {time.perf_counter() - start:.2f}s")
+        print(f"saved and reloaded a {backbone} backbone hub folder in {time.perf_counter() - start:.2f}s")
     detector = build_detector(args.arch, class_names=["object"], pretrained=bundle, min_size=args.size,
                               max_size=int(args.size * 1.667))
     print(detector.load_report.summary())
     h, w = image.shape[1:]
-    target = {"boxes": torch.tensor([[w * 0.25, h * 0.25, w * 0.75, h * 0.75]]), "labels": torch.tensor([1])}
+    x1, y1, x2, y2 = int(w * 0.25), int(h * 0.25), int(w * 0.75), int(h * 0.75)
+    target = {"boxes": torch.tensor([[x1, y1, x2, y2]], dtype=torch.float32), "labels": torch.tensor([1])}
+    if args.arch == "mask_rcnn_fpn":
+        target["masks"] = torch.zeros(1, h, w, dtype=torch.uint8)
+        target["masks"][0, y1:y2, x1:x2] = 1
     detector.train()
     losses = detector([image], [target])
     sum(losses.values()).backward()
@@ -223,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_d2)
 
     p = sub.add_parser("demo", help="save/load a backbone, build a detector, train a step, detect on a photo")
-    p.add_argument("--arch", default="faster_rcnn_fpn")
-    p.add_argument("--backbone", default="r50-fpn")
+    p.add_argument("--arch", default="faster_rcnn_fpn", choices=ARCHITECTURES)
+    p.add_argument("--backbone", choices=sorted(PRESETS), help="default: r50-fpn, or r50-c4 for faster_rcnn_c4")
     p.add_argument("--image", help="an image file (default: scikit-image's astronaut photo)")
     p.add_argument("--size", type=int, default=480, help="shorter side the detector resizes to")
     p.set_defaults(func=cmd_demo)

@@ -18,6 +18,8 @@ Architectures:
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -35,7 +37,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -130,6 +132,25 @@ class FPNDetectorBackbone(nn.Module):
         return feats
 
 
+class AlignedRoIPool(MultiScaleRoIAlign):
+    """RoIAlign on one feature map with ``aligned=True`` and adaptive sampling (detectron2's ROIAlignV2).
+
+    A ``MultiScaleRoIAlign`` (so torchvision's detectors accept it) whose forward pools one known
+    stride with ``aligned=True``; torchvision's own always uses ``aligned=False``.
+    """
+
+    def __init__(self, feature: str, output_size: int, stride: int, sampling_ratio: int = 0) -> None:
+        super().__init__([feature], output_size, sampling_ratio)
+        self.feature, self.stride = feature, stride
+        self.output_size = (output_size, output_size)
+
+    def forward(self, features: Mapping[str, torch.Tensor], proposals: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        feat = features[self.feature]
+        return roi_align(feat, [p.to(feat.dtype) for p in proposals], self.output_size,
+                         spatial_scale=1.0 / self.stride, sampling_ratio=self.sampling_ratio, aligned=True)
+
+
 class C4DetectorBackbone(nn.Module):
     """Trunk up to res4 (stride 16), returning ``{"c4": ...}``."""
 
@@ -166,11 +187,13 @@ def build_detector(
             taken from ``pretrained`` when that is given. Default: ``r50-fpn`` / ``r50-c4`` by arch.
         pretrained: a backbone bundle, or a hub name/alias/folder loaded with ``from_pretrained``.
         norm: ``"bn"`` (plain, trained; the default, since frozen layers hurt self-supervised
-            transfer), ``"frozen"`` (FrozenBatchNorm2d) or ``"sync"`` (SyncBatchNorm, for DDP).
+            transfer), ``"frozen"`` (FrozenBatchNorm2d in the trunk, FPN and box head) or ``"sync"``
+            (SyncBatchNorm everywhere, for DDP).
         strict: fail if a pretrained tensor would be dropped or has the wrong shape (default). With
             ``False``, what cannot be loaded is skipped and listed in the report.
-        box_head_extra_norm: BatchNorm1d after the box head's fc (the official InsLoc fine-tuning
-            head, ``FastRCNNConvFCHeadExtraNorm``); FPN R-CNNs only.
+        box_head_extra_norm: an extra BN in the RoI head, new (randomly initialised): after the 4conv1fc
+            head's fc (the official InsLoc fine-tuning head, ``FastRCNNConvFCHeadExtraNorm``) or after
+            res5 for C4 (MoCo's ``Res5ROIHeadsExtraNorm``). R-CNNs only.
         **kwargs: passed to torchvision's detector class (``min_size``, ``max_size``,
             ``box_score_thresh``, ``box_detections_per_img``, ``rpn_*``, ``image_mean``...).
 
@@ -202,9 +225,12 @@ def build_detector(
     bundle = _resolve_pretrained(pretrained)
     variant = "c4" if arch == "faster_rcnn_c4" else "fpn"
     if bundle is not None:
-        if backbone is not None and backbone_config(backbone).to_dict() != bundle.config.to_dict():
-            logger.info("using the pretrained bundle's architecture instead of backbone=%r", backbone)
         cfg = dataclasses.replace(bundle.config, parts=None)
+        if backbone is not None and dataclasses.replace(backbone_config(backbone), parts=None) != cfg:
+            raise ConfigError(
+                f"backbone={backbone!r} conflicts with the pretrained weights' architecture "
+                f"({cfg.to_dict()}); leave backbone out to use the pretrained one"
+            )
         if cfg.variant != variant:
             raise ConfigError(
                 f"{arch} needs a {variant} backbone but the pretrained weights are a {cfg.variant} bundle; "
@@ -214,8 +240,9 @@ def build_detector(
         cfg = backbone_config(backbone if backbone is not None else f"r50-{variant}")
         if cfg.variant != variant:
             raise ConfigError(f"{arch} needs a {variant} backbone, got a {cfg.variant} config")
-    if box_head_extra_norm and arch not in ("faster_rcnn_fpn", "mask_rcnn_fpn"):
-        raise ConfigError("box_head_extra_norm applies to the 4conv1fc box head of FPN R-CNNs only")
+    if box_head_extra_norm and arch == "retinanet_fpn":
+        raise ConfigError("box_head_extra_norm applies to R-CNN box heads; retinanet_fpn has none")
+    _check_options(arch, kwargs)
 
     model = _ASSEMBLERS[arch](cfg, num_classes, box_head_extra_norm, kwargs)
     model.insloc_config = DetectorConfig(
@@ -223,11 +250,46 @@ def build_detector(
         backbone=dataclasses.replace(cfg, parts=None).to_dict(), box_head_extra_norm=box_head_extra_norm,
         norm=norm, options={k: v for k, v in kwargs.items() if _is_json_value(v)},
     )
+    # options such as a custom anchor generator cannot be written to config.json: saving refuses them
+    model.insloc_unsaved_options = sorted(k for k, v in kwargs.items() if not _is_json_value(v))
     model.load_report = None
     if bundle is not None:
         model.load_report = load_pretrained_into_detector(model, bundle, strict=strict)
         logger.info("%s", model.load_report.summary())
+    if norm == "frozen":
+        # like detectron2's FrozenBN: only the (pre)trained trunk, FPN and box head; the new RPN,
+        # predictor and mask head keep trainable BN
+        for prefix in PART_PREFIXES.values():
+            module_name = prefix.rstrip(".")
+            try:
+                convert_norm(model.get_submodule(module_name), "frozen")
+            except AttributeError:  # RetinaNet has no roi_heads.box_head
+                continue
+        return model
     return convert_norm(model, norm)
+
+
+_DETECTOR_CLASSES = {"faster_rcnn_fpn": FasterRCNN, "mask_rcnn_fpn": MaskRCNN, "faster_rcnn_c4": FasterRCNN,
+                     "retinanet_fpn": RetinaNet}
+# keywords torchvision forwards to GeneralizedRCNNTransform through **kwargs
+_TRANSFORM_OPTIONS = {"size_divisible", "fixed_size", "_skip_resize"}
+
+
+def detector_options(arch: str) -> set[str]:
+    """Keyword options ``build_detector`` passes to torchvision's class for ``arch``."""
+    params = inspect.signature(_DETECTOR_CLASSES[arch].__init__).parameters
+    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return (named | _TRANSFORM_OPTIONS) - {"self", "backbone", "num_classes"}
+
+
+def _check_options(arch: str, kwargs: Mapping[str, Any]) -> None:
+    valid = detector_options(arch)
+    for key in kwargs:
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{key!r} is not an option of {arch} (torchvision {_DETECTOR_CLASSES[arch].__name__})"
+                              f"{hint}")
 
 
 def _is_json_value(value: Any) -> bool:
@@ -250,8 +312,9 @@ def _resolve_pretrained(pretrained: Any) -> InsLocBackbone | None:
 
 
 def _fpn_box_parts(cfg: BackboneConfig, extra_norm: bool) -> tuple[MultiScaleRoIAlign, BoxHead]:
-    pool = MultiScaleRoIAlign(FPN_LEVELS, output_size=7, sampling_ratio=2)
-    head = BoxHead(cfg.fpn_channels, 7, cfg.head_channels, cfg.head_convs, cfg.head_fc, extra_norm=extra_norm)
+    pool = MultiScaleRoIAlign(FPN_LEVELS, output_size=cfg.roi_size, sampling_ratio=2)
+    head = BoxHead(cfg.fpn_channels, cfg.roi_size, cfg.head_channels, cfg.head_convs, cfg.head_fc,
+                   extra_norm=extra_norm)
     return pool, head
 
 
@@ -284,13 +347,16 @@ def _mask_rcnn_fpn(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwar
 
 def _faster_rcnn_c4(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwargs: dict) -> nn.Module:
     body = C4DetectorBackbone(cfg)
-    # detectron2 R50-C4: one level at stride 16, five sizes x three ratios
+    # detectron2 R50-C4: one level at stride 16, five sizes x three ratios, ROIAlignV2 14x14, and
+    # its RPN top-k defaults for a single level (12000/6000 before NMS, 2000/1000 after)
     anchors = AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),))
-    res5 = Res5Head(cfg.depth, cfg.width)
+    res5 = Res5Head(cfg.depth, cfg.width, extra_norm=extra_norm)
     options = dict(
         rpn_anchor_generator=anchors,
         rpn_head=RPNHead(body.out_channels, anchors.num_anchors_per_location()[0], conv_depth=1),
-        box_roi_pool=MultiScaleRoIAlign(["c4"], output_size=14, sampling_ratio=0),
+        rpn_pre_nms_top_n_train=12000, rpn_pre_nms_top_n_test=6000,
+        rpn_post_nms_top_n_train=2000, rpn_post_nms_top_n_test=1000,
+        box_roi_pool=AlignedRoIPool("c4", cfg.roi_size, stride=16),
         box_head=res5, box_predictor=FastRCNNPredictor(res5.out_channels, num_classes),
     )
     return FasterRCNN(body, **{**options, **kwargs})
@@ -299,8 +365,10 @@ def _faster_rcnn_c4(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwa
 def _retinanet_fpn(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwargs: dict) -> nn.Module:
     sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in [32, 64, 128, 256, 512])
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    # torchvision's 32 groups of 8 channels at width 256; narrower test pyramids keep 8 channels a group
+    groups = max(1, min(32, cfg.fpn_channels // 8))
     head = RetinaNetHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
-                         norm_layer=partial(nn.GroupNorm, 32))
+                         norm_layer=partial(nn.GroupNorm, groups))
     head.regression_head._loss_type = "giou"  # as torchvision's retinanet_resnet50_fpn_v2
     model = RetinaNet(FPNDetectorBackbone(cfg, ["p3", "p4", "p5"], "p6p7"), num_classes,
                       **{**dict(anchor_generator=anchors, head=head), **kwargs})

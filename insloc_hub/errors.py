@@ -31,6 +31,14 @@ class ModelNotFoundError(InsLocError, FileNotFoundError):
     """A model name, alias, repo or revision could not be resolved (locally or on the Hub)."""
 
 
+class HubAccessError(ModelNotFoundError, PermissionError):
+    """The Hub refused the token (HTTP 401/403): missing, invalid, or without the needed rights.
+
+    A :class:`ModelNotFoundError` (so every resolution failure is caught by one ``except``) that is
+    also a :class:`PermissionError`.
+    """
+
+
 class DatasetError(InsLocError, ValueError):
     """A dataset path or annotation file cannot be used (missing, empty, malformed)."""
 

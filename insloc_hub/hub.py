@@ -40,7 +40,7 @@ from typing import Any, Literal
 import huggingface_hub
 from huggingface_hub import HfApi, constants, hf_hub_download, scan_cache_dir, snapshot_download
 
-from insloc_hub.errors import ConfigError, InsLocError, ModelNotFoundError
+from insloc_hub.errors import ConfigError, HubAccessError, InsLocError, ModelNotFoundError
 
 try:  # huggingface_hub >= 0.24 keeps its errors here; older versions only in ``utils``
     from huggingface_hub import errors as _hf_errors
@@ -97,14 +97,6 @@ ALIASES: dict[str, str] = {
 _COMMIT_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _REPO_PART_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
 _NAMESPACE_RE = _REPO_PART_RE
-
-
-class HubAccessError(ModelNotFoundError, PermissionError):
-    """The Hub refused the token (HTTP 401/403): missing, invalid, or without the needed rights.
-
-    A :class:`~insloc_hub.errors.ModelNotFoundError` (so every resolution failure is caught by one
-    ``except``) that is also a :class:`PermissionError`.
-    """
 
 
 @dataclass(frozen=True)
@@ -502,6 +494,15 @@ def _translate_error(
             f'{where} on {endpoint} lacks {missing}, which its {CONFIG_NAME} lists in "files". The repo '
             "is incomplete at this revision: push the missing file or use another revision."
         )
+    if action == "write":
+        if isinstance(exc, _connection_error_types()):
+            return ModelNotFoundError(
+                f"Could not reach the Hub at {endpoint} to write {where}. Check the network connection and "
+                f"HF_ENDPOINT, then push again. (original error: {_first_line(_cause_chain(exc)[-1])})"
+            )
+        return ModelNotFoundError(
+            f"The Hub at {endpoint} refused the write to {where} (HTTP {_status_code(exc)}): {_first_line(exc)}."
+        )
     if isinstance(exc, (_hf_error("LocalEntryNotFoundError"), *_connection_error_types())):
         if offline:
             return ModelNotFoundError(
@@ -724,7 +725,10 @@ def push_folder_to_hub(
                 f"Cannot push {folder}: it has no {required}. A hub folder holds {CONFIG_NAME} and "
                 f"{WEIGHTS_NAME} (see `save_pretrained` / `insloc-train`)."
             )
-    _check_local_folder(folder)
+    # only the hub folder travels: never checkpoints, logs or half-written saves lying beside it
+    upload_files = set(_check_local_folder(folder))
+    if (folder / "README.md").is_file():
+        upload_files.add("README.md")
 
     text = repo_id.strip()
     base, sep, at_revision = text.partition("@")
@@ -760,7 +764,7 @@ def push_folder_to_hub(
             revision=revision,
             commit_message=commit_message or f"Upload {folder.name} with insloc-hub",
             create_pr=create_pr,
-            ignore_patterns=[".cache/**", "**/.ipynb_checkpoints/**", "*.tmp", "*.incomplete"],
+            allow_patterns=sorted(upload_files),
         )
     except _translatable_errors() as err:
         translated = _translate_error(

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from insloc_hub.card import render_card
-from insloc_hub.detectors import DetectorConfig, build_detector_from_config
+from insloc_hub.detectors import PART_PREFIXES, DetectorConfig, LoadReport, build_detector_from_config
 from insloc_hub.errors import ConfigError, IntegrityError, WeightsMismatchError
 from insloc_hub.hub import resolve_model_dir
 from insloc_hub.models import BackboneConfig, InsLocBackbone
@@ -51,6 +51,7 @@ def save_pretrained(
     results: list[dict[str, Any]] | None = None,
     license: str = "apache-2.0",
     extra_files: Mapping[str, str | os.PathLike[str]] | None = None,
+    repo_id: str | None = None,
 ) -> Path:
     """Write ``model`` as a hub folder and return its path.
 
@@ -63,6 +64,10 @@ def save_pretrained(
             the card's model-index.
         license: SPDX-style licence id for the card.
         extra_files: more files to copy in (``{"metrics.jsonl": path}``), listed in config.json.
+        repo_id: the Hub repo the folder is meant for (used in the card's usage snippet).
+
+    A model loaded with :func:`from_pretrained` keeps its name, provenance and results when saved
+    again, unless new ones are given.
 
     Example:
         >>> save_pretrained(InsLocBackbone("tiny-fpn"), "out/tiny")  # doctest: +SKIP
@@ -70,13 +75,20 @@ def save_pretrained(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    unsaved = getattr(model, "insloc_unsaved_options", None)
+    if unsaved:
+        raise ConfigError(f"cannot save detector options {unsaved} to config.json (not JSON values); rebuild the "
+                          "detector with plain-value options so that from_pretrained can reproduce it")
+    previous = getattr(model, "hub_config", None) or {}
     config = _model_config(model)
     config.update(
-        name=name or directory.resolve().name,
+        name=name or previous.get("name") or directory.resolve().name,
         license=license,
-        provenance={"code": f"insloc-hub {__version__}", **dict(provenance or {})},
-        results=list(results or []),
+        provenance={**previous.get("provenance", {}), "code": f"insloc-hub {__version__}", **dict(provenance or {})},
+        results=list(results if results is not None else previous.get("results", [])),
     )
+    if repo_id or previous.get("repo_id"):
+        config["repo_id"] = repo_id or previous["repo_id"]
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     files = [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME]
     with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as staging:
@@ -112,9 +124,14 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
         raise ConfigError(
             f"cannot save a {type(model).__name__}: expected an InsLocBackbone or a detector from build_detector"
         )
-    return {**base, "task": "detection", "architecture": det_config.backbone,
-            "pretrained_parts": ["trunk", "fpn", "box_head"] if det_config.arch != "faster_rcnn_c4"
-            else ["trunk", "box_head"], "detector": det_config.to_dict(), "class_names": det_config.class_names}
+    report: LoadReport | None = getattr(model, "load_report", None)
+    if report is not None:  # the parts that came from a pretrained backbone, as loaded
+        parts = [p for p, prefix in PART_PREFIXES.items() if any(k.startswith(prefix) for k in report.loaded)]
+    else:  # a detector loaded from a hub folder keeps what its folder recorded
+        parts = list(getattr(model, "hub_config", {}).get("pretrained_parts", []))
+    features = InsLocBackbone(BackboneConfig.from_dict(det_config.backbone)).feature_info
+    return {**base, "task": "detection", "architecture": det_config.backbone, "pretrained_parts": parts,
+            "features": features, "detector": det_config.to_dict(), "class_names": det_config.class_names}
 
 
 def _sha256(path: Path) -> str:
@@ -132,10 +149,23 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
-    if config.get("library") != "insloc-hub" or "architecture" not in config:
+    if not isinstance(config, dict) or config.get("library") != "insloc-hub" or "architecture" not in config:
         raise ConfigError(f"{path} is not an insloc-hub config (no 'library': 'insloc-hub' / 'architecture')")
-    if int(config.get("format_version", 1)) > FORMAT_VERSION:
-        raise ConfigError(f"{path} has format_version {config['format_version']}; upgrade insloc-hub to read it")
+    version = config.get("format_version", 1)
+    if not isinstance(version, int):
+        raise ConfigError(f"{path}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ConfigError(f"{path} has format_version {version}; upgrade insloc-hub to read it")
+    weights = config.get("weights")
+    if not isinstance(weights, dict) or not isinstance(weights.get("file", WEIGHTS_NAME), str):
+        raise ConfigError(f"{path} has no 'weights' record (file, sha256); re-save the model with save_pretrained")
+    task = config.get("task", "backbone")
+    if task not in ("backbone", "detection"):
+        raise ConfigError(f"{path} has unknown task {task!r}; expected 'backbone' or 'detection'")
+    if task == "detection" and not isinstance(config.get("detector"), dict):
+        raise ConfigError(f"{path} is a detection folder without its 'detector' section; re-save the detector")
+    if not isinstance(config["architecture"], dict):
+        raise ConfigError(f"{path}: 'architecture' must be an object")
     return config
 
 
@@ -182,11 +212,19 @@ def _read_record(path: Path) -> dict[str, str]:
         return {}
 
 
-def load_state(folder: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_state(
+    folder: str | os.PathLike[str], device: str | torch.device = "cpu", file_name: str = WEIGHTS_NAME,
+) -> dict[str, torch.Tensor]:
     """The weights of a hub folder as a state dict (safetensors, memory-mapped)."""
-    path = Path(folder) / WEIGHTS_NAME
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    path = Path(folder) / file_name
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    except FileNotFoundError as exc:
+        raise IntegrityError(f"{path} is missing; download the model again (insloc-hub download NAME)") from exc
+    except Exception as exc:  # safetensors raises its own SafetensorError for corrupt headers
+        raise IntegrityError(f"cannot read {path} as safetensors ({exc}); the file is corrupt or truncated: "
+                             "download it again") from exc
 
 
 def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -224,8 +262,8 @@ def from_pretrained(
         revision: branch, tag or commit (alternative to ``@revision``).
         cache_dir: Hugging Face cache to use (default: huggingface_hub's).
         local_files_only: never touch the network (``HF_HUB_OFFLINE=1`` does the same).
-        device: where the weights are loaded.
-        dtype: cast floating-point weights (e.g. ``torch.bfloat16``).
+        device: where the weights are loaded (``"cpu"``, ``"cuda"``, ``torch.device``...).
+        dtype: cast floating-point weights (``torch.bfloat16`` or ``"bfloat16"``).
         strict: every tensor of the file must fit the architecture and vice versa.
         namespace: Hub namespace for aliases (default ``insloc-hub`` or ``$INSLOC_HUB_NAMESPACE``).
         token: Hub token for private repos.
@@ -239,19 +277,23 @@ def from_pretrained(
         >>> backbone = from_pretrained("insloc-r50")  # doctest: +SKIP
         >>> detector = from_pretrained("me/raccoon-detector@v1", device="cuda")  # doctest: +SKIP
     """
+    device, dtype = _parse_device(device), _parse_dtype(dtype)
     folder = resolve_model_dir(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                                namespace=namespace, token=token)
     config = read_config(folder)
     if verify:
         verify_weights(folder, config, always=verify is True)
-    state = load_state(folder, device)
-    source = f"{folder / WEIGHTS_NAME}"
+    weights_file = config["weights"].get("file", WEIGHTS_NAME)
+    state = load_state(folder, device, weights_file)
+    source = f"{folder / weights_file}"
     if config.get("task") == "detection":
         model = build_detector_from_config(config["detector"])
         if strict:
             _check_keys(model, state, source)
+        else:
+            _drop_unusable(model, state)
         model.load_state_dict(state, strict=False)
-    elif config.get("task", "backbone") == "backbone":
+    else:
         arch = BackboneConfig.from_dict(config["architecture"])
         with skip_init():  # no random init: every tensor comes from the file
             model = InsLocBackbone(arch)
@@ -260,12 +302,38 @@ def from_pretrained(
         else:
             _initialise_missing(model, state)
         model.load_state_dict(state, strict=False, assign=True)
-    else:
-        raise ConfigError(f"{folder / CONFIG_NAME} has unknown task {config.get('task')!r}")
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.hub_config = config
     model.hub_folder = folder
     return model.eval()
+
+
+def _parse_device(device: str | torch.device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:1', 'mps'...") from exc
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    parsed = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(parsed, torch.dtype) or not parsed.is_floating_point:
+        raise ConfigError(f"unknown floating-point dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16'")
+    return parsed
+
+
+def _drop_unusable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """strict=False for detectors: skip tensors that do not fit; the model keeps its fresh init there."""
+    expected = model.state_dict()
+    skipped = [k for k in state if k not in expected or state[k].shape != expected[k].shape]
+    for key in skipped:
+        del state[key]
+    missing = [k for k in expected if k not in state]
+    if skipped or missing:
+        logger.warning("strict=False: skipped %d tensors that do not fit (%s); %d tensors keep a fresh init (%s)",
+                       len(skipped), ", ".join(skipped[:6]), len(missing), ", ".join(missing[:6]))
 
 
 def _initialise_missing(model: InsLocBackbone, state: dict[str, torch.Tensor]) -> None:
@@ -305,13 +373,35 @@ def push_to_hub(
         >>> push_to_hub("runs/insloc/final", "me/insloc-r50-fpn", revision="v1")  # doctest: +SKIP
         '1f0c...'
     """
-    from insloc_hub.hub import push_folder_to_hub
+    from insloc_hub.hub import parse_model_name, push_folder_to_hub
 
     kwargs = dict(revision=revision, private=private, token=token, commit_message=commit_message, create_pr=create_pr)
-    if isinstance(model_or_directory, nn.Module):
-        with tempfile.TemporaryDirectory(prefix="insloc-push-") as staging:
-            folder = save_pretrained(model_or_directory, Path(staging) / repo_id.split("/")[-1].split("@")[0],
-                                     **save_kwargs)
-            return push_folder_to_hub(folder, repo_id, **kwargs)
-    read_config(model_or_directory)
-    return push_folder_to_hub(model_or_directory, repo_id, **kwargs)
+    target = parse_model_name(repo_id.split("@")[0]).repo_id or repo_id.split("@")[0]
+    with tempfile.TemporaryDirectory(prefix="insloc-push-") as staging:
+        staged = Path(staging) / target.split("/")[-1]
+        if isinstance(model_or_directory, nn.Module):
+            save_pretrained(model_or_directory, staged, repo_id=target, **save_kwargs)
+        else:
+            _stage_folder(Path(model_or_directory), staged, target)
+        return push_folder_to_hub(staged, repo_id, **kwargs)
+
+
+def _stage_folder(folder: Path, staged: Path, repo_id: str) -> None:
+    """Link the folder's hub files into ``staged`` with config.json and the card naming ``repo_id``.
+
+    Only the files config.json lists travel (never checkpoints or half-written saves lying beside
+    them), and the user's folder is left untouched.
+    """
+    config = read_config(folder)
+    staged.mkdir(parents=True)
+    for file_name in config.get("files", [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME]):
+        if file_name in (CONFIG_NAME, CARD_NAME):
+            continue
+        source = (folder / file_name).resolve()
+        if not source.is_file():
+            raise ConfigError(f"{folder / file_name} is listed in config.json but missing; re-save the model")
+        (staged / file_name).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(source, staged / file_name)
+    config["repo_id"] = repo_id
+    (staged / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    (staged / CARD_NAME).write_text(render_card(config))

@@ -66,7 +66,9 @@ def decode_image(
         raise InvalidImageError(f"{name} is empty (0 bytes); send the image file's contents")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # our own max_pixels check below replaces PIL's warning; its hard error (over twice
+            # Image.MAX_IMAGE_PIXELS) still applies and is reported below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width <= 0 or height <= 0:
@@ -81,9 +83,10 @@ def decode_image(
         raise
     except UnidentifiedImageError as exc:
         raise InvalidImageError(f"{name} is not a recognised image format (JPEG, PNG, WebP, BMP, TIFF...)") from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise InvalidImageError(
-            f"{name} is too large to decode safely (over the limit of {max_pixels:,} pixels): {exc}"
+            f"{name} is over the limit of PIL's decompression-bomb guard ({exc}); raise "
+            "PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels to decode it"
         ) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidImageError(f"{name} could not be decoded (truncated or corrupt): {exc}") from exc

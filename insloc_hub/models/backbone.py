@@ -133,11 +133,11 @@ class InsLocBackbone(nn.Module):
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:
-        """Names, channels and strides of the maps ``forward_features`` returns (timm-style)."""
+        """The maps ``forward_features`` returns, timm-style: ``name``, ``module``, ``num_chs``, ``reduction``."""
         info = list(self.trunk.feature_info)
         if self.fpn is not None:
-            info += [{"name": f"p{i + 2}", "channels": self.config.fpn_channels, "stride": 2 ** (i + 2)}
-                     for i in range(4)]
+            info += [{"name": f"p{i + 2}", "module": f"fpn.output.p{i + 2}", "num_chs": self.config.fpn_channels,
+                      "reduction": 2 ** (i + 2)} for i in range(4)]
         return info
 
     @property

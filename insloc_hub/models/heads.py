@@ -75,19 +75,26 @@ class BoxHead(nn.Module):
 class Res5Head(nn.Module):
     """ResNet stage 5 over pooled RoI features, then global average pooling.
 
+    ``extra_norm`` adds BatchNorm2d on res5's output before pooling, as detectron2's
+    ``Res5ROIHeadsExtraNorm`` in MoCo's VOC/COCO C4 fine-tuning configs; off by default.
+
     Example:
         >>> head = Res5Head(18, width=16)
         >>> head(torch.zeros(2, 64, 14, 14)).shape
         torch.Size([2, 128])
     """
 
-    def __init__(self, depth: int = 50, width: int = 64,
+    def __init__(self, depth: int = 50, width: int = 64, extra_norm: bool = False,
                  norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
         super().__init__()
         self.layer4 = make_stage(depth, 4, width, norm_layer)
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_channels = stage_channels(depth, width)[3]
+        self.extra_norm = norm_layer(self.out_channels) if extra_norm else None
+        self.pool = nn.AdaptiveAvgPool2d(1)
         init_resnet_weights(self)
 
     def forward(self, roi_features: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.layer4(roi_features)).flatten(1)
+        x = self.layer4(roi_features)
+        if self.extra_norm is not None:
+            x = self.extra_norm(x)
+        return self.pool(x).flatten(1)

@@ -113,7 +113,8 @@ class ResNetTrunk(nn.Module):
             self.add_module(f"layer{stage}", make_stage(depth, stage, width, norm_layer))
         channels = stage_channels(depth, width)
         self.feature_info = [
-            {"name": f"c{stage + 1}", "channels": channels[stage - 1], "stride": 2 ** (stage + 1)}
+            {"name": f"c{stage + 1}", "module": f"layer{stage}", "num_chs": channels[stage - 1],
+             "reduction": 2 ** (stage + 1)}
             for stage in range(1, num_stages + 1)
         ]
         init_resnet_weights(self)
@@ -121,7 +122,7 @@ class ResNetTrunk(nn.Module):
     @property
     def out_channels(self) -> int:
         """Channels of the last returned stage."""
-        return self.feature_info[-1]["channels"]
+        return self.feature_info[-1]["num_chs"]
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))

@@ -12,9 +12,16 @@ from insloc_hub.models import InsLocBackbone
 from insloc_hub.transforms import to_tensor
 from tests.photos import photo
 
-# small RoI budgets keep depth-50 steps affordable on 2 CPU cores
-FAST = dict(min_size=160, max_size=224, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
-            rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, box_batch_size_per_image=32)
+# small RoI budgets keep depth-50 steps affordable on 2 CPU cores; thresholds at 0 so that untrained
+# detectors still return boxes to check
+RCNN_FAST = dict(min_size=160, max_size=224, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
+                 rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, box_batch_size_per_image=32,
+                 box_score_thresh=0.0)
+RETINA_FAST = dict(min_size=160, max_size=224, score_thresh=0.0, topk_candidates=100)
+
+
+def fast(arch):
+    return RETINA_FAST if arch == "retinanet_fpn" else RCNN_FAST
 
 
 def n_params(model):
@@ -56,16 +63,17 @@ def _train_and_infer(model, images, targets):
         outputs = model(images)
     assert len(outputs) == len(images)
     for out, image in zip(outputs, images):
-        assert out["boxes"].shape[1] == 4 and out["scores"].shape == out["labels"].shape
-        if len(out["boxes"]):
-            assert (out["boxes"][:, 2] <= image.shape[2] + 1e-3).all()
+        assert len(out["boxes"]) > 0 and out["boxes"].shape[1] == 4
+        assert out["scores"].shape == out["labels"].shape == out["boxes"].shape[:1]
+        assert (out["boxes"][:, 2] <= image.shape[2] + 1e-3).all()
+        assert (out["boxes"][:, 3] <= image.shape[1] + 1e-3).all()
     return losses
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_tiny_detectors_train_and_infer_on_photos(arch, photos):
     variant = "c4" if arch == "faster_rcnn_c4" else "fpn"
-    model = build_detector(arch, class_names=["person", "cup"], backbone=f"tiny-{variant}", **FAST)
+    model = build_detector(arch, class_names=["person", "cup"], backbone=f"tiny-{variant}", **fast(arch))
     losses = _train_and_infer(model, *photos)
     expected = {"bbox_regression", "classification"} if arch == "retinanet_fpn" else {
         "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
@@ -77,7 +85,7 @@ def test_tiny_detectors_train_and_infer_on_photos(arch, photos):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_depth50_detectors_train_and_infer_on_photos(arch, photos):
-    model = build_detector(arch, 3, **FAST)
+    model = build_detector(arch, 3, **fast(arch))
     assert model.backbone.trunk.depth == 50
     _train_and_infer(model, *photos)
 
@@ -152,12 +160,55 @@ def test_variant_mismatch_is_a_clear_error():
         build_detector("faster_rcnn_fpn", 3, pretrained=InsLocBackbone("tiny-c4"))
 
 
+def test_faster_rcnn_fpn_computes_what_torchvision_v2_computes():
+    torch.manual_seed(0)
+    reference = fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=3, min_size=128,
+                                           max_size=160).eval()
+    ours = build_detector("faster_rcnn_fpn", 3, min_size=128, max_size=160).eval()
+    ref_state = reference.state_dict()
+    # torchvision's names -> ours: same tensors in the same order, module by module
+    assert [tuple(v.shape) for v in ref_state.values()] == [tuple(v.shape) for v in ours.state_dict().values()]
+    ours.load_state_dict(dict(zip(ours.state_dict().keys(), ref_state.values())))
+    images = [torch.rand(3, 120, 150)]
+    with torch.no_grad():
+        a, b = reference(images)[0], ours(images)[0]
+    torch.testing.assert_close(a["boxes"], b["boxes"])
+    torch.testing.assert_close(a["scores"], b["scores"])
+
+
+def test_unknown_or_misapplied_options_are_errors():
+    with pytest.raises(ConfigError, match="'bogus_knob' is not an option of faster_rcnn_fpn"):
+        build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn", bogus_knob=1)
+    with pytest.raises(ConfigError, match="did you mean score_thresh"):
+        build_detector("retinanet_fpn", 3, backbone="tiny-fpn", box_score_thresh=0.2)
+
+
+def test_explicit_backbone_conflicting_with_pretrained_is_an_error():
+    with pytest.raises(ConfigError, match="conflicts with the pretrained"):
+        build_detector("faster_rcnn_fpn", 3, backbone="r101-fpn", pretrained=InsLocBackbone("tiny-fpn"))
+
+
+def test_c4_uses_aligned_roi_align_and_detectron2_rpn_budget():
+    model = build_detector("faster_rcnn_c4", 3, backbone="tiny-c4", box_head_extra_norm=True)
+    assert model.rpn._pre_nms_top_n == {"training": 12000, "testing": 6000}
+    assert model.roi_heads.box_head.extra_norm is not None
+    feats = {"c4": torch.randn(1, 64, 8, 8)}
+    box = [torch.tensor([[16.0, 16.0, 80.0, 96.0]])]
+    pooled = model.roi_heads.box_roi_pool(feats, box, [(128, 128)])
+    from torchvision.ops import roi_align
+
+    torch.testing.assert_close(pooled, roi_align(feats["c4"], box, 14, 1 / 16, 0, aligned=True))
+
+
 def test_norm_modes_and_nothing_frozen_by_default():
     model = build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn")
     assert all(p.requires_grad for p in model.parameters())
-    frozen = build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn", norm="frozen")
+    frozen = build_detector("mask_rcnn_fpn", 3, backbone="tiny-fpn", norm="frozen")
     assert isinstance(frozen.backbone.trunk.bn1, FrozenBatchNorm2d)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
+    for part in (frozen.backbone.trunk, frozen.backbone.fpn, frozen.roi_heads.box_head):
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in part.modules())
+    # the new mask head keeps trainable BN
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.roi_heads.mask_head.modules())
     sync = build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn", norm="sync")
     assert isinstance(sync.backbone.trunk.bn1, torch.nn.SyncBatchNorm)
     with pytest.raises(ConfigError, match="norm mode"):

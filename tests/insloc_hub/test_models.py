@@ -30,8 +30,9 @@ def test_feature_info_lists_names_channels_strides():
     trunk = ResNetTrunk(18, width=16)
     feats = trunk(torch.zeros(1, 3, 64, 64))
     for info in trunk.feature_info:
-        assert feats[info["name"]].shape[1] == info["channels"]
-        assert 64 // feats[info["name"]].shape[-1] == info["stride"]
+        assert feats[info["name"]].shape[1] == info["num_chs"]
+        assert 64 // feats[info["name"]].shape[-1] == info["reduction"]
+        assert trunk.get_submodule(info["module"]) is not None
     assert [i["name"] for i in ResNetTrunk(18, width=16, num_stages=3).feature_info] == ["c2", "c3", "c4"]
 
 

@@ -50,8 +50,9 @@ def test_backbone_round_trip_is_bit_identical(tmp_path, arch):
 def test_detector_round_trip_gives_same_detections(tmp_path, arch):
     torch.manual_seed(0)
     variant = "c4" if arch == "faster_rcnn_c4" else "fpn"
+    threshold = {"score_thresh" if arch == "retinanet_fpn" else "box_score_thresh": 0.0}
     model = build_detector(arch, class_names=["person", "cup"], backbone=f"tiny-{variant}", min_size=128,
-                           max_size=160, box_score_thresh=0.0).eval()
+                           max_size=160, **threshold).eval()
     folder = save_pretrained(model, tmp_path / "det", results=[{"dataset": "toy", "metrics": {"AP": 12.5}}])
     loaded = from_pretrained(folder)
     assert type(loaded) is type(model)
@@ -60,6 +61,7 @@ def test_detector_round_trip_gives_same_detections(tmp_path, arch):
     image = to_tensor(photo("chelsea"))
     with torch.no_grad():
         a, b = model([image])[0], loaded([image])[0]
+    assert len(a["boxes"]) > 0
     for key in ("boxes", "scores", "labels"):
         assert torch.equal(a[key], b[key])
 
@@ -198,3 +200,98 @@ def test_partial_snapshot_is_detected(hub_env, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelNotFoundError, match="model.safetensors"):
         from_pretrained("team/partial")
+
+
+def test_card_metadata_parses_as_a_hub_model_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    model = build_detector("faster_rcnn_fpn", class_names=["raccoon"], backbone="tiny-fpn")
+    results = [{"dataset": "raccoon", "metrics": {"AP": 41.5, "AP50": 70.0, "AP_small": float("nan")}},
+               {"dataset": "empty", "metrics": {}}]
+    folder = save_pretrained(model, tmp_path / "d", results=results,
+                             provenance={"base_model": "insloc-hub/insloc-r50-fpn-200ep", "note": "two\nlines"})
+    card = ModelCard.load(folder / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "insloc-hub" and data["pipeline_tag"] == "object-detection"
+    assert data["base_model"] == "insloc-hub/insloc-r50-fpn-200ep"
+    metrics = data["model-index"][0]["results"][0]["metrics"]
+    assert {m["type"]: m["value"] for m in metrics} == {"AP": 41.5, "AP50": 70.0}
+    assert len(data["model-index"][0]["results"]) == 1
+    assert "- note: two lines" in card.text
+
+
+def test_detector_folder_records_which_parts_were_pretrained(tmp_path):
+    scratch = build_detector("faster_rcnn_fpn", class_names=["a"], backbone="tiny-fpn")
+    assert read_config(save_pretrained(scratch, tmp_path / "s"))["pretrained_parts"] == []
+    retina = build_detector("retinanet_fpn", class_names=["a"], pretrained=InsLocBackbone("tiny-fpn"))
+    config = read_config(save_pretrained(retina, tmp_path / "r"))
+    assert config["pretrained_parts"] == ["trunk", "fpn"]
+    assert [f["name"] for f in config["features"]][:4] == ["c2", "c3", "c4", "c5"]
+    # a reloaded detector keeps its record when saved again
+    again = read_config(save_pretrained(from_pretrained(tmp_path / "r"), tmp_path / "r2"))
+    assert again["pretrained_parts"] == ["trunk", "fpn"] and again["name"] == "r"
+
+
+def test_detector_strict_false_skips_what_does_not_fit(tmp_path):
+    folder = save_pretrained(build_detector("faster_rcnn_fpn", class_names=["a"], backbone="tiny-fpn"), tmp_path / "d")
+    config = json.loads((folder / "config.json").read_text())
+    config["detector"]["num_classes"], config["detector"]["class_names"] = 5, ["a", "b", "c", "d"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsMismatchError, match="box_predictor"):
+        from_pretrained(folder)
+    model = from_pretrained(folder, strict=False)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 5
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(format_version="two"), "format_version must be an integer"),
+    (lambda c: c.pop("weights"), "no 'weights' record"),
+    (lambda c: c.update(task="segmentation"), "unknown task"),
+    (lambda c: c.update(task="detection"), "without its 'detector' section"),
+])
+def test_malformed_configs_are_clear_errors(tmp_path, edit, message):
+    folder = save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message):
+        from_pretrained(folder)
+
+
+def test_corrupt_weights_without_verification_are_an_integrity_error(tmp_path):
+    folder = save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "m")
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(IntegrityError, match="cannot read"):
+        from_pretrained(folder, verify=False)
+
+
+def test_device_and_dtype_strings(tmp_path):
+    folder = save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "m")
+    assert from_pretrained(folder, dtype="bfloat16").trunk.conv1.weight.dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="unknown device"):
+        from_pretrained(folder, device="gpu")
+    with pytest.raises(ConfigError, match="dtype"):
+        from_pretrained(folder, dtype="int8")
+
+
+def test_saving_a_detector_with_non_json_options_is_refused(tmp_path):
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    anchors = AnchorGenerator(((16,), (32,), (64,), (128,), (256,)), ((0.5, 1.0, 2.0),) * 5)
+    model = build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn", rpn_anchor_generator=anchors)
+    with pytest.raises(ConfigError, match="rpn_anchor_generator"):
+        save_pretrained(model, tmp_path / "d")
+
+
+def test_push_uploads_only_the_hub_files_and_names_the_repo_in_the_card(hub_env, tmp_path):
+    folder = save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "m")
+    (folder / "checkpoint_0001.pth").write_bytes(b"not for the hub")
+    (folder / ".saving-x").mkdir()
+    (folder / ".saving-x" / "model.safetensors").write_bytes(b"half written")
+    commit = push_to_hub(folder, "team/clean")
+    pushed = set(hub_env.server.files_at("team/clean", commit)) - {".gitattributes"}  # made by repo creation
+    assert pushed == {"README.md", "config.json", "model.safetensors"}
+    loaded = from_pretrained("team/clean")
+    assert loaded.hub_config["repo_id"] == "team/clean"
+    assert 'from_pretrained("team/clean")' in (loaded.hub_folder / "README.md").read_text()
+    assert "repo_id" not in read_config(folder)  # the user's folder is untouched
