@@ -1,0 +1,827 @@
+"""The pretraining loop: config, data, DDP, AMP, checkpoint/resume, logging, export.
+
+:class:`PretrainConfig` holds every hyper-parameter (each one is also an ``insloc-train pretrain``
+flag, see ``pretrain.py``); :func:`train` runs it. Defaults are the official recipe
+(limbo0000/InstanceLoc @ a419bb6, ``configs/FPN/insloc_fpn_200ep.py``; sources next to each field).
+
+Exact resumption. A run killed at any moment (SIGKILL included) and resumed with ``--resume auto``
+ends with the same weights as an uninterrupted run (bit for bit on CPU in deterministic mode),
+because every random number is a function of the seed and a position, never of how far a process
+got:
+
+* data: the sampler's order of epoch ``e`` is drawn from ``(seed, e)``; sample ``i`` of epoch ``e``
+  from ``(seed, e, i)`` (``pretrain_data.sample_rng``), whatever worker decodes it;
+* model: the box jitter and the shuffle-BN permutation of global step ``s`` come from a generator
+  seeded with ``(seed, s)``;
+* resuming at step ``j`` of epoch ``e`` starts the sampler at its ``j``-th batch: the skipped
+  batches are never loaded, so they consume no randomness;
+* the checkpoint holds both encoders, the queues and their pointer, the optimizer (momentum
+  buffers), the schedule, the epoch / step-in-epoch / global step and the RNG states.
+
+Global batches do not depend on the number of processes (rank ``r`` takes the ``r``-th slice of
+each global batch), so a run may also be resumed on another number of GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from insloc_hub import __version__
+from insloc_hub.errors import CheckpointError, ConfigError, DatasetError
+from insloc_hub.models import BackboneConfig, InsLocBackbone, backbone_config
+from insloc_hub.pretrained import save_pretrained
+
+from . import distributed as dist_utils
+from .checkpoint import (
+    capture_rng_state,
+    check_config,
+    checkpoint_path,
+    find_latest,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
+from .compose import CompositionConfig, compose_batch, make_composition_grid
+from .insloc import InsLoc
+from .moco import MoCo, MocoDecodeDataset, MocoPretrainDataset
+from .pretrain_data import (
+    InsLocDecodeDataset,
+    InsLocPretrainDataset,
+    UnlabelledImages,
+    collate_decoded,
+    worker_init_fn,
+)
+
+__all__ = [
+    "PretrainConfig",
+    "PRETRAIN_PRESETS",
+    "FIELD_HELP",
+    "RESUME_IGNORED_FIELDS",
+    "CHECKPOINT_FORMAT",
+    "ResumableDistributedSampler",
+    "CosineByEpoch",
+    "build_model",
+    "train",
+    "export_checkpoint",
+    "export_backbone_from_state",
+    "query_backbone_config",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "insloc-hub/pretrain-checkpoint/v1"
+METHODS = ("insloc", "moco")
+TRI_STATE = ("auto", "on", "off")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class PretrainConfig:
+    """Every setting of a pretraining run; serialised to ``RUN_DIR/config.json`` and checkpoints.
+
+    Defaults are the official FPN recipe. ``FIELD_HELP`` documents each field and its source.
+    """
+
+    data: str = ""
+    output: str = ""
+    data_root: str | None = None
+    dataset_name: str | None = None
+    preset: str | None = None
+    arch: str = "r50-fpn"
+    method: str = "insloc"
+    epochs: int = 200
+    batch_size: int = 256
+    lr: float = 0.03
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    dim: int = 128
+    queue_size: int = 65536
+    key_momentum: float = 0.999
+    temperature: float = 0.2
+    canvas: int = 256
+    box_jitter: bool = True
+    c4_roi_size: int = 14
+    shuffle_bn: bool = True
+    sync_bn: bool = False
+    workers: int = 4
+    seed: int = 0
+    deterministic: bool = False
+    amp: str = "auto"
+    channels_last: str = "auto"
+    compile: bool = False
+    gpu_composition: str = "auto"
+    max_side: int = 512
+    device: str = "auto"
+    checkpoint_every_steps: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 20
+    max_steps: int = 0
+    resume: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for impossible settings (checked again once the data is known)."""
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown --method {self.method!r}; choose one of {METHODS}")
+        backbone_config(self.arch)  # unknown arch -> ConfigError listing the choices
+        for name in ("amp", "channels_last", "gpu_composition"):
+            if getattr(self, name) not in TRI_STATE:
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of {TRI_STATE}, got {getattr(self, name)!r}")
+        positive = ("epochs", "batch_size", "queue_size", "dim", "canvas", "log_every", "c4_roi_size", "max_side")
+        for name in positive:
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0 or self.temperature <= 0 or not 0.0 <= self.key_momentum <= 1.0:
+            raise ConfigError("need --lr > 0, --temperature > 0 and 0 <= --key-momentum <= 1")
+        if self.queue_size % self.batch_size != 0:
+            raise ConfigError(
+                f"--queue-size {self.queue_size} must be a multiple of the global --batch-size {self.batch_size} "
+                f"(the queue is filled one whole batch at a time; official 65536 / 256). For example use "
+                f"--queue-size {max(self.batch_size, self.queue_size // self.batch_size * self.batch_size)}."
+            )
+        if self.canvas % 16 != 0:
+            raise ConfigError(f"--canvas must be a multiple of 16 (box-jitter anchors), got {self.canvas}")
+        if self.workers < 0 or self.checkpoint_every_steps < 0 or self.max_steps < 0:
+            raise ConfigError("--workers, --checkpoint-every-steps and --max-steps must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PretrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown pretraining config fields {sorted(unknown)}")
+        return cls(**data)
+
+    @property
+    def scaled_lr(self) -> float:
+        """``lr * batch_size / 256``: the linear scaling rule (official: 0.03 for 8 GPUs x 32)."""
+        return self.lr * self.batch_size / 256.0
+
+
+FIELD_HELP: dict[str, str] = {
+    "data": "folder of images (any tree, class folders ignored) or a text file listing them (official DATA.md)",
+    "output": "run folder: config.json, metrics.jsonl, checkpoints, final/ hub folder",
+    "data_root": "folder that the paths of a --data list file are relative to (default: the list's folder)",
+    "dataset_name": "dataset name recorded in the model card (e.g. imagenet-1k)",
+    "preset": "tiny (CPU smoke run), r50-fpn-200ep / r50-fpn-400ep (official), r50-c4-200ep (reconstruction)",
+    "arch": "backbone: r50-fpn (official), r50-c4 (reconstruction), r18-fpn, r101-fpn, tiny-fpn, tiny-c4",
+    "method": "insloc, or moco (image-level MoCo v2 baseline on the same trunk, data and schedule)",
+    "epochs": "epochs; official 200 (configs/FPN/insloc_fpn_200ep.py total_epochs), 400ep models also released",
+    "batch_size": "GLOBAL batch over all GPUs; official 256 = 8 GPUs x samples_per_gpu=32",
+    "lr": "base learning rate for a batch of 256, scaled linearly (config L110: 0.03; GETSTARTED.md)",
+    "momentum": "SGD momentum (config L110: 0.9)",
+    "nesterov": "Nesterov momentum (config L110: nesterov=True, unlike MoCo)",
+    "weight_decay": "weight decay on ALL parameters, BN and biases included (config L110: 1e-4)",
+    "dim": "embedding size (momentum_cfg dim=128, config L48)",
+    "queue_size": "queue length K per level (momentum_cfg K=65536, config L48); multiple of --batch-size",
+    "key_momentum": "key-encoder momentum m (momentum_cfg m=0.999, config L48)",
+    "temperature": "InfoNCE temperature T (momentum_cfg T=0.2, config L48)",
+    "canvas": "composition canvas side (CopyAndPaste base_scale=(256, 256), config L5-16)",
+    "box_jitter": "jitter the query's P5 box (AnchorAugHead, config L41-47 / L93-106)",
+    "c4_roi_size": "RoIAlign size on res4 for the C4 reconstruction (not in the official code)",
+    "shuffle_bn": "shuffle keys across GPUs for the key forward (insloc_fpn.py L304-336, L401-460)",
+    "sync_bn": "SyncBatchNorm in both encoders (NOT official: plain BN per GPU, config L37-92)",
+    "workers": "data loader processes per GPU (workers_per_gpu=4 in the config)",
+    "seed": "random seed; data order and augmentation are functions of (seed, epoch, index)",
+    "deterministic": "deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic)",
+    "amp": "mixed precision: auto = bf16 autocast on CUDA, off on CPU (official: fp32)",
+    "channels_last": "channels-last memory format: auto = on for CUDA",
+    "compile": "torch.compile the encoders' modules (slow start, faster steps)",
+    "gpu_composition": "compose on the device with the batched composer (auto = on for CUDA); the CPU path is "
+                       "the PIL reference",
+    "max_side": "GPU composition: foregrounds are decoded and downscaled to this long side first",
+    "device": "auto (cuda:LOCAL_RANK if available, else cpu), cpu or cuda",
+    "checkpoint_every_steps": "write a checkpoint every N steps (0: only at epoch ends); official: every 5 epochs",
+    "keep_checkpoints": "keep the newest N checkpoints (0 keeps all)",
+    "log_every": "write metrics.jsonl / progress every N steps",
+    "max_steps": "stop after this many steps in total (0: run all epochs); the schedule still spans --epochs",
+    "resume": "'auto' (newest checkpoint in --output, if any) or a checkpoint path",
+}
+
+# Fields that may change between a run and its resumption (they do not change the results).
+RESUME_IGNORED_FIELDS = frozenset({
+    "data", "data_root", "dataset_name", "output", "preset", "resume", "workers", "device", "compile",
+    "checkpoint_every_steps", "keep_checkpoints", "log_every", "max_steps",
+})
+
+PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # CPU smoke run: ResNet-18 at 1/4 width, 64 px canvas, short queue, a few steps per epoch.
+    "tiny": dict(arch="tiny-fpn", canvas=64, queue_size=256, batch_size=16, epochs=2, lr=0.3, workers=2,
+                 log_every=1, checkpoint_every_steps=0, keep_checkpoints=2),
+    # The released recipe (configs/FPN/insloc_fpn_200ep.py) and its 400-epoch variant (MODELZOO.md).
+    "r50-fpn-200ep": dict(arch="r50-fpn", method="insloc", epochs=200, batch_size=256, lr=0.03, momentum=0.9,
+                          nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999,
+                          temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True, sync_bn=False, workers=4),
+    "r50-fpn-400ep": dict(arch="r50-fpn", method="insloc", epochs=400, batch_size=256, lr=0.03, momentum=0.9,
+                          nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999,
+                          temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True, sync_bn=False, workers=4),
+    # Reconstruction: the C4 pretraining config was never released (issue #14).
+    "r50-c4-200ep": dict(arch="r50-c4", method="insloc", epochs=200, batch_size=256, lr=0.03, momentum=0.9,
+                         nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999,
+                         temperature=0.2, canvas=256, box_jitter=True, c4_roi_size=14, workers=4),
+}
+
+
+def resolve_config(overrides: dict[str, Any]) -> PretrainConfig:
+    """Defaults < ``PRETRAIN_PRESETS[overrides["preset"]]`` < the other explicit ``overrides``."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    values: dict[str, Any] = {}
+    preset = overrides.get("preset")
+    if preset is not None:
+        if preset not in PRETRAIN_PRESETS:
+            raise ConfigError(f"unknown --preset {preset!r}; choose one of {sorted(PRETRAIN_PRESETS)}")
+        values.update(PRETRAIN_PRESETS[preset])
+    values.update(overrides)
+    return PretrainConfig.from_dict(values)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampler and schedule
+# --------------------------------------------------------------------------------------------------
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (numpy SeedSequence hashing)."""
+    state = np.random.SeedSequence([int(v) % 2**63 for v in values]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31 | int(state[1]) >> 1) & (2**63 - 1)
+
+
+class ResumableDistributedSampler(Sampler[tuple[int, int]]):
+    """Per-epoch shuffled order, padded to whole global batches, split by rank, resumable mid-epoch.
+
+    Like the official ``DistributedGroupSampler`` (one group, reshuffled every epoch, padded so every
+    GPU gets full batches), with two additions: rank ``r`` takes the ``r``-th slice of each global
+    batch, so the global batches do not depend on the number of processes; and
+    :meth:`set_start_step` skips the first batches of an epoch without drawing anything.
+
+    Yields ``(epoch, index)`` keys, which the pretraining datasets accept, so the epoch of a sample
+    never depends on shared state in the workers.
+    """
+
+    def __init__(self, num_samples: int, batch_per_rank: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        if num_samples <= 0 or batch_per_rank <= 0:
+            raise ValueError("need a positive number of samples and batch size")
+        self.num_samples, self.batch_per_rank = int(num_samples), int(batch_per_rank)
+        self.world_size, self.rank, self.seed, self.shuffle = int(world_size), int(rank), int(seed), shuffle
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_per_rank * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_samples / self.global_batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def set_start_step(self, step: int) -> None:
+        """Begin the current epoch at its ``step``-th batch (0 for a full epoch)."""
+        if not 0 <= step <= self.steps_per_epoch:
+            raise ValueError(f"start step {step} outside [0, {self.steps_per_epoch}]")
+        self.start_step = int(step)
+
+    def global_order(self, epoch: int) -> torch.Tensor:
+        """All indices of ``epoch`` in global-batch order, padded by wrapping around."""
+        n, total = self.num_samples, self.steps_per_epoch * self.global_batch
+        if self.shuffle:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0x5A3D))
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        if total > n:
+            order = order.repeat(math.ceil(total / n))[:total]
+        return order
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = self.global_order(self.epoch)
+        b, g = self.batch_per_rank, self.global_batch
+        for step in range(self.start_step, self.steps_per_epoch):
+            start = step * g + self.rank * b
+            for index in order[start:start + b].tolist():
+                yield (self.epoch, index)
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.batch_per_rank
+
+
+class CosineByEpoch:
+    """mmcv ``CosineAnnealingLrUpdaterHook(min_lr=0, by_epoch=True)``: the lr of epoch ``e`` is
+    ``min_lr + (base_lr - min_lr) * (1 + cos(pi * e / epochs)) / 2``, fixed within the epoch, no warmup."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, epochs: int, min_lr: float = 0.0) -> None:
+        self.optimizer, self.base_lr, self.epochs, self.min_lr = optimizer, float(base_lr), int(epochs), float(min_lr)
+        self.epoch = 0
+
+    def lr_at(self, epoch: int) -> float:
+        return self.min_lr + (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * epoch / self.epochs)) / 2.0
+
+    def set_epoch(self, epoch: int) -> float:
+        self.epoch = int(epoch)
+        lr = self.lr_at(self.epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base_lr": self.base_lr, "epochs": self.epochs, "min_lr": self.min_lr, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base_lr, self.epochs, self.min_lr = float(state["base_lr"]), int(state["epochs"]), float(state["min_lr"])
+        self.set_epoch(int(state["epoch"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Model and data
+# --------------------------------------------------------------------------------------------------
+def build_model(cfg: PretrainConfig, *, foreach_momentum: bool = True, batched_loss: bool = True) -> InsLoc:
+    """The pretraining model of a config: :class:`InsLoc` or the :class:`MoCo` baseline."""
+    cls = MoCo if cfg.method == "moco" else InsLoc
+    return cls(cfg.arch, cfg.dim, cfg.queue_size, cfg.key_momentum, cfg.temperature,
+               box_jitter=cfg.box_jitter and cfg.method == "insloc", canvas=cfg.canvas, shuffle_bn=cfg.shuffle_bn,
+               c4_roi_size=cfg.c4_roi_size, foreach_momentum=foreach_momentum, batched_loss=batched_loss)
+
+
+def query_backbone_config(cfg: PretrainConfig) -> BackboneConfig:
+    """Architecture of the exported bundle: trunk+FPN+box head (InsLoc FPN), trunk+res5 (C4), trunk (MoCo FPN)."""
+    arch = backbone_config(cfg.arch)
+    if cfg.method == "moco":
+        parts = ("trunk",) if arch.variant == "fpn" else ("trunk", "box_head")
+        return dataclasses.replace(arch, parts=parts)
+    return dataclasses.replace(arch, parts=None)
+
+
+def composition_config(cfg: PretrainConfig) -> CompositionConfig:
+    """The official composition scaled to the canvas (``for_canvas(256)`` is the official one)."""
+    return CompositionConfig.for_canvas(cfg.canvas)
+
+
+@dataclass
+class _Resolved:
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    gpu_composition: bool
+
+
+def _resolve_runtime(cfg: PretrainConfig, device: torch.device) -> _Resolved:
+    cuda = device.type == "cuda"
+    amp = {"auto": torch.bfloat16 if cuda else None, "on": torch.bfloat16, "off": None}[cfg.amp]
+    channels_last = {"auto": cuda, "on": True, "off": False}[cfg.channels_last]
+    gpu_comp = {"auto": cuda, "on": True, "off": False}[cfg.gpu_composition]
+    return _Resolved(device, amp, channels_last, gpu_comp)
+
+
+def _build_dataset(cfg: PretrainConfig, images: UnlabelledImages, gpu_composition: bool) -> Any:
+    comp = composition_config(cfg)
+    if cfg.method == "moco":
+        if gpu_composition:
+            return MocoDecodeDataset(images, comp, cfg.seed, max_side=cfg.max_side)
+        return MocoPretrainDataset(images, comp, cfg.seed)
+    if gpu_composition:
+        return InsLocDecodeDataset(images, comp, cfg.seed, max_side=cfg.max_side)
+    return InsLocPretrainDataset(images, comp, cfg.seed)
+
+
+def batch_to_views(batch: dict[str, Any], comp: CompositionConfig, device: torch.device, channels_last: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q_img, q_box, k_img, k_box)`` on ``device`` from a CPU-composed or a decoded batch."""
+    if "params" in batch:  # decoded: compose on the device
+        q_img, q_box, k_img, k_box = compose_batch(batch["fg"], batch["bg_q"], batch["bg_k"], comp,
+                                                   params=batch["params"], device=device)
+    else:
+        non_blocking = device.type == "cuda"
+        q_img = batch["q_img"].to(device, non_blocking=non_blocking)
+        k_img = batch["k_img"].to(device, non_blocking=non_blocking)
+        q_box = batch["q_box"].to(device, non_blocking=non_blocking)
+        k_box = batch["k_box"].to(device, non_blocking=non_blocking)
+    if channels_last:
+        q_img = q_img.contiguous(memory_format=torch.channels_last)
+        k_img = k_img.contiguous(memory_format=torch.channels_last)
+    return q_img, q_box, k_img, k_box
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+def export_backbone_from_state(model_state: dict[str, torch.Tensor], cfg: PretrainConfig) -> InsLocBackbone:
+    """A fresh :class:`InsLocBackbone` holding the query-side weights of a pretraining state dict."""
+    prefix = "encoder_q.backbone."
+    backbone = InsLocBackbone(query_backbone_config(cfg))
+    state = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+    result = backbone.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"the checkpoint's query backbone does not match {cfg.arch!r}: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return backbone
+
+
+def _provenance(cfg: PretrainConfig, *, epoch: int, step_in_epoch: int, steps_per_epoch: int, global_step: int,
+                num_images: int) -> dict[str, Any]:
+    variant = backbone_config(cfg.arch).variant
+    done = epoch + (step_in_epoch / steps_per_epoch if steps_per_epoch else 0.0)
+    recipe = (f"{cfg.method} {cfg.arch}: SGD lr {cfg.lr} x {cfg.batch_size}/256 = {cfg.scaled_lr:g}, momentum "
+              f"{cfg.momentum}{' nesterov' if cfg.nesterov else ''}, wd {cfg.weight_decay}, cosine per epoch, "
+              f"batch {cfg.batch_size}, K {cfg.queue_size}, m {cfg.key_momentum}, T {cfg.temperature}, "
+              f"canvas {cfg.canvas}")
+    prov: dict[str, Any] = {
+        "method": "InsLoc" if cfg.method == "insloc" else "MoCo v2 (image-level baseline)",
+        "recipe": recipe,
+        "epochs": cfg.epochs,
+        "epochs_completed": round(done, 4),
+        "steps": global_step,
+        "num_images": num_images,
+        "data_path": str(cfg.data),
+        "seed": cfg.seed,
+        "official_code": "limbo0000/InstanceLoc @ a419bb6 (configs/FPN/insloc_fpn_200ep.py)",
+    }
+    if cfg.dataset_name:
+        prov["data"] = cfg.dataset_name
+    notes = []
+    if cfg.method == "insloc" and variant == "c4":
+        notes.append(f"C4 head is a reconstruction (official config unreleased, issue #14): RoIAlign "
+                     f"{cfg.c4_roi_size}x{cfg.c4_roi_size} on res4 -> res5 -> avgpool -> MLP -> 128, box jitter on it")
+    if cfg.method == "moco":
+        notes.append("MoCo v2 baseline: two RandomResizedCrop(scale 0.2-1) views of the whole image at the canvas "
+                     "size with the InsLoc colour/blur/flip ops, MLP head, the InsLoc schedule")
+    if notes:
+        prov["reconstruction"] = "; ".join(notes)
+    return prov
+
+
+def _export(backbone: InsLocBackbone, out_dir: Path, cfg: PretrainConfig, provenance: dict[str, Any],
+            run_dir: Path | None) -> Path:
+    extra: dict[str, Path] = {}
+    if run_dir is not None:
+        for name, file in (("metrics.jsonl", run_dir / "metrics.jsonl"), ("training_args.json",
+                                                                          run_dir / "config.json")):
+            if file.is_file():
+                extra[name] = file
+    name = f"insloc-{cfg.arch}" if cfg.method == "insloc" else f"moco-{cfg.arch}"
+    return save_pretrained(backbone, out_dir, name=name, provenance=provenance, extra_files=extra)
+
+
+def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """Write the query-side backbone of a pretraining checkpoint as a hub folder (``export-weights``)."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        latest = find_latest(path)
+        if latest is None:
+            raise CheckpointError(f"{path} holds no readable checkpoint_*.pt")
+        path = latest
+    state = load_checkpoint(path)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an insloc-train pretraining checkpoint (format {state.get('format')!r})")
+    cfg = PretrainConfig.from_dict(state["config"])
+    backbone = export_backbone_from_state(state["model"], cfg)
+    prov = _provenance(cfg, epoch=state["epoch"], step_in_epoch=state["step_in_epoch"],
+                       steps_per_epoch=state["steps_per_epoch"], global_step=state["global_step"],
+                       num_images=state["num_images"])
+    prov["checkpoint"] = path.name
+    run_dir = path.parent if (path.parent / "config.json").is_file() else None
+    return _export(backbone, Path(out_dir), cfg, prov, run_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------------
+class _MetricsWriter:
+    """metrics.jsonl (rank 0), plus TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb: Any = None
+        if not enabled:
+            return
+        if self.path.exists():  # drop lines a killed run wrote after the checkpoint we resume from
+            kept = []
+            for line in self.path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+            self.path.write_text("".join(x + "\n" for x in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except Exception:  # noqa: BLE001 - tensorboard is optional
+            self.tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+def _set_determinism(cfg: PretrainConfig, device: torch.device) -> None:
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def _oom_error(cfg: PretrainConfig, world: int) -> ConfigError:
+    per_gpu = cfg.batch_size // world
+    return ConfigError(
+        f"CUDA ran out of memory with {per_gpu} images per GPU (--batch-size {cfg.batch_size} over {world} "
+        f"process(es)). Use a smaller --batch-size (e.g. {max(world, cfg.batch_size // 2)}; the lr is rescaled "
+        "automatically and --queue-size must stay a multiple of it), more GPUs, or --amp on / --channels-last on."
+    )
+
+
+def _write_run_config(run_dir: Path, cfg: PretrainConfig, resolved: dict[str, Any]) -> None:
+    path = run_dir / "config.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def train(cfg: PretrainConfig) -> Path:
+    """Run (or resume) pretraining; returns ``RUN_DIR/final`` (the exported hub folder).
+
+    Raises:
+        DatasetError: missing data, or fewer images than one global batch.
+        ConfigError: impossible settings, CUDA out of memory (with advice).
+        CheckpointError: ``--resume`` of a checkpoint from another configuration or data set.
+    """
+    cfg.validate()
+    if not cfg.data:
+        raise DatasetError("--data is required: a folder of images or a text file listing them")
+    if not cfg.output:
+        raise ConfigError("--output is required: the run folder")
+    info = dist_utils.init_distributed(cfg.device)
+    try:
+        return _train(cfg, info)
+    finally:
+        dist_utils.cleanup()
+
+
+def _train(cfg: PretrainConfig, info: dist_utils.DistInfo) -> Path:
+    device, world, rank, is_main = info.device, info.world_size, info.rank, info.is_main
+    run_dir = Path(cfg.output)
+    if not is_main:
+        logging.getLogger("insloc_hub").setLevel(logging.WARNING)
+    if cfg.batch_size % world != 0:
+        raise ConfigError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {world} processes")
+    batch_per_rank = cfg.batch_size // world
+    rt = _resolve_runtime(cfg, device)
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    _set_determinism(cfg, device)
+
+    # -- data --------------------------------------------------------------------------------------
+    images = UnlabelledImages(cfg.data, root=cfg.data_root)
+    if len(images) < cfg.batch_size:
+        raise DatasetError(
+            f"found {len(images)} images in {cfg.data!r} but one global batch needs --batch-size {cfg.batch_size}; "
+            "add images or use a smaller --batch-size (with a --queue-size that is a multiple of it)"
+        )
+    dataset = _build_dataset(cfg, images, rt.gpu_composition)
+    comp = composition_config(cfg)
+    sampler = ResumableDistributedSampler(len(images), batch_per_rank, world, rank, cfg.seed)
+    loader = DataLoader(
+        dataset, batch_size=batch_per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=False,
+        collate_fn=collate_decoded if rt.gpu_composition else None, pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0, worker_init_fn=worker_init_fn,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    # -- model, optimizer, schedule ----------------------------------------------------------------
+    model = build_model(cfg).to(device)
+    if cfg.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.scaled_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
+    schedule = CosineByEpoch(optimizer, cfg.scaled_lr, cfg.epochs)
+    logger.info("lr %g per 256 images x %d/256 = %g (global batch %d = %d process(es) x %d)", cfg.lr,
+                cfg.batch_size, cfg.scaled_lr, cfg.batch_size, world, batch_per_rank)
+
+    # -- resume ------------------------------------------------------------------------------------
+    epoch, step_in_epoch, global_step = 0, 0, 0
+    resume_path: Path | None = None
+    if cfg.resume == "auto":
+        resume_path = find_latest(run_dir) if is_main else None
+        resume_path = dist_utils.broadcast_object(resume_path)
+        if resume_path is None:
+            logger.info("--resume auto: no checkpoint in %s, starting from scratch", run_dir)
+    elif cfg.resume:
+        resume_path = Path(cfg.resume)
+    else:
+        existing = list_checkpoints(run_dir)
+        if existing:
+            raise ConfigError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}); pass --resume auto "
+                              "to continue that run, or choose another --output")
+    if resume_path is not None:
+        state = load_checkpoint(resume_path)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{resume_path} is not an insloc-train pretraining checkpoint")
+        check_config(state["config"], cfg.to_dict(), ignore=RESUME_IGNORED_FIELDS, source=resume_path)
+        if state["num_images"] != len(images):
+            raise CheckpointError(f"{resume_path} was trained on {state['num_images']} images but --data has "
+                                  f"{len(images)}; resume with the same data")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        restore_rng_state(state["rng"])
+        logger.info("resumed from %s: epoch %d, step %d of %d in the epoch, global step %d", resume_path, epoch,
+                    step_in_epoch, steps_per_epoch, global_step)
+        del state
+    if step_in_epoch >= steps_per_epoch:
+        epoch, step_in_epoch = epoch + 1, 0
+
+    # -- wrappers ----------------------------------------------------------------------------------
+    inner = model
+    if cfg.compile:
+        for encoder in (inner.encoder_q, inner.encoder_k):
+            for module in (encoder.backbone.trunk, encoder.backbone.fpn, encoder.backbone.box_head,
+                           encoder.projection):
+                if module is not None:
+                    module.compile()
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_run_config(run_dir, cfg, {
+            "device": str(device), "world_size": world, "batch_per_process": batch_per_rank,
+            "scaled_lr": cfg.scaled_lr, "amp": str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "off",
+            "channels_last": rt.channels_last, "gpu_composition": rt.gpu_composition, "num_images": len(images),
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "insloc_hub": __version__,
+            "torch": torch.__version__, "launcher": info.launcher,
+            "backbone": query_backbone_config(cfg).to_dict(),
+        })
+    metrics = _MetricsWriter(run_dir, is_main, global_step)
+    bar = _progress(total_steps, global_step, is_main and sys.stderr.isatty())
+
+    def save(epoch_: int, step_in_epoch_: int) -> None:
+        if not is_main:
+            return
+        path = checkpoint_path(run_dir, global_step)
+        save_checkpoint(path, {
+            "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "model": inner.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(), "epoch": epoch_,
+            "step_in_epoch": step_in_epoch_, "steps_per_epoch": steps_per_epoch, "global_step": global_step,
+            "num_images": len(images), "world_size": world, "rng": capture_rng_state(),
+        })
+        prune_checkpoints(run_dir, cfg.keep_checkpoints)
+
+    autocast = (lambda: torch.autocast(device.type, dtype=rt.amp_dtype)) if rt.amp_dtype else contextlib.nullcontext
+    model.train()
+    wrote_grid = (run_dir / "composition.png").exists()
+    window = {"steps": 0, "data": 0.0, "start": time.perf_counter()}
+    finished = global_step >= total_steps
+    try:
+        while not finished and epoch < cfg.epochs:
+            sampler.set_epoch(epoch)
+            sampler.set_start_step(step_in_epoch)
+            dataset.set_epoch(epoch)
+            lr = schedule.set_epoch(epoch)
+            fetch_start = time.perf_counter()
+            for batch in loader:
+                data_time = time.perf_counter() - fetch_start
+                q_img, q_box, k_img, k_box = batch_to_views(batch, comp, device, rt.channels_last)
+                generator = torch.Generator().manual_seed(_mix(cfg.seed, global_step, 0x3C0DE))
+                if is_main and not wrote_grid:
+                    _write_grid(run_dir, inner, q_img, q_box, k_img, k_box, comp, cfg)
+                    wrote_grid = True
+                if cfg.method == "moco":
+                    q_box = k_box = None
+                with autocast():
+                    out = model(q_img, q_box, k_img, k_box, generator=generator)
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                optimizer.step()
+                global_step += 1
+                step_in_epoch += 1
+                window["steps"] += 1
+                window["data"] += data_time
+
+                if global_step % cfg.log_every == 0 or global_step == total_steps:
+                    values = {k: float(v) for k, v in out.items()}  # synchronises the device
+                    elapsed = time.perf_counter() - window["start"]
+                    record = {"step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch, "lr": lr,
+                              **values, "img_per_s": cfg.batch_size * window["steps"] / max(elapsed, 1e-9),
+                              "data_time": window["data"] / window["steps"],
+                              "step_time": elapsed / window["steps"], "time": time.time()}
+                    metrics.write(record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.4g}",
+                                        img_s=f"{record['img_per_s']:.0f}",
+                                        data=f"{record['data_time']:.3f}s", step=f"{record['step_time']:.3f}s")
+                    elif is_main and (global_step // cfg.log_every) % 10 == 1:
+                        logger.info("step %d/%d epoch %d loss %.4f lr %.4g %.1f img/s", global_step, total_steps,
+                                    epoch, values["loss"], lr, record["img_per_s"])
+                    window = {"steps": 0, "data": 0.0, "start": time.perf_counter()}
+                if bar is not None:
+                    bar.update(1)
+                end_of_epoch = step_in_epoch == steps_per_epoch
+                finished = global_step >= total_steps
+                if end_of_epoch:
+                    save(epoch + 1, 0)
+                elif finished or (cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0):
+                    save(epoch, step_in_epoch)
+                if finished:
+                    break
+                fetch_start = time.perf_counter()
+            report = images.pop_epoch_report()
+            if report and is_main:
+                metrics.write({"step": global_step, "epoch": epoch, "unreadable_draws": report.events,
+                               "unreadable_files": len(report.files)})
+            if step_in_epoch == steps_per_epoch:
+                epoch, step_in_epoch = epoch + 1, 0
+    except torch.cuda.OutOfMemoryError as err:
+        raise _oom_error(cfg, world) from err
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+        if cfg.deterministic and not previous_deterministic:
+            torch.use_deterministic_algorithms(False)
+
+    final = run_dir / "final"
+    if is_main:
+        backbone = export_backbone_from_state(inner.state_dict(), cfg)
+        prov = _provenance(cfg, epoch=epoch, step_in_epoch=step_in_epoch, steps_per_epoch=steps_per_epoch,
+                           global_step=global_step, num_images=len(images))
+        _export(backbone, final, cfg, prov, run_dir)
+        logger.info("exported the query backbone to %s", final)
+    dist_utils.barrier()
+    return final
+
+
+@torch.no_grad()
+def _write_grid(run_dir: Path, model: InsLoc, q_img: torch.Tensor, q_box: torch.Tensor, k_img: torch.Tensor,
+                k_box: torch.Tensor, comp: CompositionConfig, cfg: PretrainConfig) -> None:
+    """composition.png: query row (GT box green, jittered P5 box red) over the key row."""
+    jittered = None
+    if model.box_jitter is not None:
+        jittered = model.box_jitter(q_box.float(), generator=torch.Generator().manual_seed(cfg.seed))
+    try:
+        make_composition_grid(q_img.float(), q_box, k_img.float(), k_box, jittered, run_dir / "composition.png",
+                              mean=comp.mean, std=comp.std)
+    except Exception as err:  # noqa: BLE001 - a picture must never stop training
+        logger.warning("could not write composition.png: %s", err)

@@ -1,0 +1,381 @@
+"""InsLoc: Instance Localization for self-supervised detection pretraining, in one file.
+
+Yang, Wu, Zhou, Lin, CVPR 2021 (arXiv 2102.08318). This module follows the official code
+(limbo0000/InstanceLoc @ a419bb6: ``mmdet/models/detectors/insloc_fpn.py``,
+``roi_heads/moco_standard_roi_head.py``, ``bbox_heads/convfc_bbox_inscls_head.py``, config
+``configs/FPN/insloc_fpn_200ep.py``); section numbers refer to docs insloc-method.md. It reads top
+to bottom like MoCo's ``builder.py``:
+
+1. **Encoders** (section 3.1). The query encoder is an :class:`~insloc_hub.models.InsLocBackbone`
+   -- ResNet trunk, FPN with BN (P2-P5) and the 4conv1fc box head -- followed by a projection:
+   ``fc2`` (1024->1024, ReLU; the official second shared fc) and ``embed`` (1024->128; the
+   official ``fc_cls``). Because the backbone *is* the bundle that detectors load, exporting it needs
+   no key map; the projection is dropped at export like the official converter drops
+   ``shared_fcs.1`` and ``fc_cls``. The key encoder is a deep copy without gradients.
+2. **RoI features** (section 3.1, pitfall 6). The single box of each image is pooled from **every**
+   level with ``roi_align(7x7, sampling_ratio=0, aligned=True)`` (no FPN level assignment) and all
+   levels go through **one shared head**; embeddings are L2-normalised.
+3. **Box jitter** (section 2, pitfall 5). Only the query's **P5** pools with a jittered box (one
+   anchor with IoU > 0.5 with the ground truth); query P2-P4 and every key level use the ground
+   truth (config ``box_replaced_with_gt=[True, True, True, False]``).
+4. **Momentum update** (section 4). ``theta_k <- m theta_k + (1 - m) theta_q`` on parameters only,
+   m = 0.999, inside ``no_grad`` *before* the key forward.
+5. **Shuffle-BN** (pitfall 10). Key images **and their boxes** are gathered, permuted (rank 0's
+   permutation), forwarded, and the embeddings un-shuffled.
+6. **Loss** (section 4, pitfall 9). One queue per level (128 x K, K = 65536, one shared pointer);
+   per level ``InfoNCE([q.k, q.queue] / T)`` with T = 0.2, summed with weights (1, 1, 1, 1). No
+   image-level loss.
+7. **Enqueue.** Keys of all GPUs are gathered and written at the pointer into every level's queue.
+
+The C4 variant (``arch="r50-c4"``) is a **reconstruction**: the official C4 pretraining config was
+never released (limbo0000/InstanceLoc issue #14). Known from the official converter: trunk = stem +
+res2-res4, RoI head = res5 (``roi_head.shared_head.layer4``). Chosen here (section 3.2, marked
+[inferred] there): RoIAlign 14x14 on res4 (stride 16) -> res5 -> global average pool -> MoCo v2 MLP
+2048-2048-128, box jitter on its single level, one queue.
+
+Example::
+
+    model = InsLoc("r50-fpn")                       # official FPN recipe
+    out = model(q_img, q_box, k_img, k_box)         # images [B, 3, 256, 256], boxes [B, 4] xyxy
+    out["loss"].backward()                          # sum of the four per-level InfoNCE losses
+    backbone = model.query_backbone()               # InsLocBackbone to save_pretrained()
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from insloc_hub.errors import ConfigError
+from insloc_hub.models import BackboneConfig, InsLocBackbone, backbone_config
+
+from .boxaug import BoxJitter
+from .distributed import all_gather_tensor, broadcast_tensor, get_rank, get_world_size
+
+__all__ = ["FPN_LEVELS", "FPN_STRIDES", "Projection", "Encoder", "InsLoc", "info_nce_per_level"]
+
+FPN_LEVELS = ("p2", "p3", "p4", "p5")
+FPN_STRIDES = (4, 8, 16, 32)
+C4_STRIDE = 16
+
+
+class Projection(nn.Module):
+    """``fc2 -> ReLU -> embed``: the part of the pretraining head that is not transferred.
+
+    FPN (official): ``fc2`` is the head's second shared fc (1024->1024, Xavier-uniform, bias 0) and
+    ``embed`` the 128-d ``fc_cls`` (N(0, 0.01), bias 0). C4 reconstruction and the MoCo baseline:
+    the MoCo v2 MLP (2048->2048->128 with PyTorch's default ``nn.Linear`` init, as MoCo v2).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, dim: int = 128, *, official_init: bool = True) -> None:
+        super().__init__()
+        self.fc2 = nn.Linear(in_dim, hidden_dim)
+        self.relu = nn.ReLU(inplace=True)
+        self.embed = nn.Linear(hidden_dim, dim)
+        if official_init:
+            nn.init.xavier_uniform_(self.fc2.weight)
+            nn.init.zeros_(self.fc2.bias)
+            nn.init.normal_(self.embed.weight, 0.0, 0.01)
+            nn.init.zeros_(self.embed.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.relu(self.fc2(x)))
+
+
+class Encoder(nn.Module):
+    """One side of InsLoc: ``backbone`` (exported) + ``projection`` (dropped at export).
+
+    ``forward(images, boxes)`` returns L2-normalised float32 embeddings ``[B, L, dim]`` -- one per
+    image and level, roi-major / level-minor as the official head stacks them -- where ``boxes`` is
+    ``[L, B, 4]`` (xyxy canvas pixels, one box per image per level).
+
+    Pooling modes: ``"fpn"`` (RoIAlign 7x7 on P2-P5, shared 4conv1fc head), ``"c4"`` (RoIAlign
+    ``roi_size`` on res4, res5 head with average pooling), ``"image"`` (no boxes: global average
+    pool of the last stage; the MoCo baseline).
+    """
+
+    def __init__(self, backbone: InsLocBackbone, projection: Projection, pooling: str,
+                 levels: Sequence[str], strides: Sequence[int], roi_size: int) -> None:
+        super().__init__()
+        if pooling not in ("fpn", "c4", "image"):
+            raise ConfigError(f"unknown pooling {pooling!r}")
+        self.backbone = backbone
+        self.projection = projection
+        self.pooling = pooling
+        self.levels = tuple(levels)
+        self.strides = tuple(strides)
+        self.roi_size = int(roi_size)
+
+    def _pool(self, feature: torch.Tensor, boxes: torch.Tensor, stride: int) -> torch.Tensor:
+        # one box per image: rois = [batch_index, x1, y1, x2, y2]
+        index = torch.arange(boxes.shape[0], device=boxes.device, dtype=feature.dtype).unsqueeze(1)
+        rois = torch.cat([index, boxes.to(feature.dtype)], dim=1)
+        # mmdet RoIAlign(out_size=7, sample_num=0, aligned=True) == torchvision's, no level mapping
+        return roi_align(feature, rois, self.roi_size, spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True)
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        batch = images.shape[0]
+        if self.pooling == "image":
+            x = self.backbone.forward_embedding(images)
+        else:
+            if boxes is None or boxes.shape[:2] != (len(self.levels), batch):
+                raise ValueError(f"boxes must be [{len(self.levels)}, {batch}, 4], got "
+                                 f"{None if boxes is None else tuple(boxes.shape)}")
+            if self.pooling == "fpn":
+                feats = self.backbone.forward_features(images)
+                pooled = [self._pool(feats[name], boxes[i], stride)
+                          for i, (name, stride) in enumerate(zip(self.levels, self.strides))]
+                x = torch.stack(pooled, dim=1).flatten(0, 1)  # [B * L, C, 7, 7], roi-major
+            else:
+                c4 = self.backbone.trunk(images)["c4"]
+                x = self._pool(c4, boxes[0], self.strides[0])  # [B, C4, 14, 14]
+            x = self.backbone.box_head(x)  # 4conv1fc -> [B * L, 1024] | res5 + avgpool -> [B, 2048]
+        x = self.projection(x).float()
+        return F.normalize(x, dim=1).view(batch, -1, x.shape[-1])
+
+
+def info_nce_per_level(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
+                       *, batched: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-level InfoNCE losses and top-1 accuracies (%).
+
+    Args:
+        q, k: ``[L, B, dim]`` normalised query / key embeddings (keys carry no gradient).
+        queue: ``[L, dim, K]`` negatives, one queue per level.
+        temperature: T (0.2).
+        batched: one ``bmm`` over the levels (fast) or the official per-level loop (same numbers).
+
+    Returns:
+        ``(losses [L], accuracies [L])``: the mean cross-entropy of ``[l_pos, l_neg] / T`` with label 0
+        for each level, and how often the positive has the highest logit.
+    """
+    if batched:
+        l_pos = (q * k).sum(dim=-1, keepdim=True)  # [L, B, 1]
+        l_neg = torch.bmm(q, queue)  # [L, B, K]
+        logits = torch.cat([l_pos, l_neg], dim=-1) / temperature
+        labels = torch.zeros(logits.shape[0] * logits.shape[1], dtype=torch.long, device=q.device)
+        losses = F.cross_entropy(logits.flatten(0, 1), labels, reduction="none").view(q.shape[:2]).mean(dim=1)
+        accuracies = (logits.detach().argmax(dim=-1) == 0).float().mean(dim=1) * 100.0
+        return losses, accuracies
+    losses, accuracies = [], []
+    for level in range(q.shape[0]):  # insloc_fpn.py: einsum('nc,nc->n'), einsum('nc,ck->nk')
+        l_pos = torch.einsum("nc,nc->n", q[level], k[level]).unsqueeze(-1)
+        l_neg = torch.einsum("nc,ck->nk", q[level], queue[level])
+        logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=q.device)
+        losses.append(F.cross_entropy(logits, labels))
+        accuracies.append((logits.detach().argmax(dim=1) == 0).float().mean() * 100.0)
+    return torch.stack(losses), torch.stack(accuracies)
+
+
+class InsLoc(nn.Module):
+    """InsLoc pretraining model: query/key encoders, per-level queues, per-level InfoNCE.
+
+    Args:
+        arch: backbone preset or config; variant ``fpn`` is the official method, ``c4`` the
+            documented reconstruction.
+        dim: embedding size (128).
+        K: queue length per level (65536); must be a multiple of the global batch size.
+        m: key-encoder momentum (0.999).
+        T: softmax temperature (0.2).
+        box_jitter: a :class:`BoxJitter`, ``True`` for ``BoxJitter.for_canvas(canvas)`` (the official
+            anchors at 256 px), or ``False``/``None`` to pool every level with the ground truth.
+        canvas: composition canvas (256), used for the default jitter anchors.
+        jitter_levels: query levels pooled with the jittered box (official: ``("p5",)``; C4: its one level).
+        level_weights: loss weight per level (official: all 1).
+        shuffle_bn: shuffle keys across GPUs for the key forward (no-op in one process, see
+            :meth:`_batch_shuffle_ddp`).
+        sync_bn: convert every BatchNorm to SyncBatchNorm (not the official setting: BN per GPU).
+        c4_roi_size: RoIAlign size on res4 for the C4 reconstruction (14).
+        foreach_momentum: momentum update with ``torch._foreach_*`` (one kernel per group) instead of
+            a Python loop over parameters; identical formula.
+        batched_loss: all levels' InfoNCE in one ``bmm`` instead of a loop; identical formula.
+    """
+
+    levels: tuple[str, ...]
+
+    def __init__(
+        self,
+        arch: str | BackboneConfig = "r50-fpn",
+        dim: int = 128,
+        K: int = 65536,
+        m: float = 0.999,
+        T: float = 0.2,
+        *,
+        box_jitter: BoxJitter | bool | None = True,
+        canvas: int = 256,
+        jitter_levels: Sequence[str] | None = None,
+        level_weights: Sequence[float] | None = None,
+        shuffle_bn: bool = True,
+        sync_bn: bool = False,
+        c4_roi_size: int = 14,
+        foreach_momentum: bool = True,
+        batched_loss: bool = True,
+    ) -> None:
+        super().__init__()
+        if K <= 0 or dim <= 0 or not 0.0 <= m <= 1.0 or T <= 0:
+            raise ConfigError(f"need K > 0, dim > 0, 0 <= m <= 1 and T > 0; got K={K}, dim={dim}, m={m}, T={T}")
+        self.K, self.m, self.T, self.dim = int(K), float(m), float(T), int(dim)
+        self.shuffle_bn, self.foreach_momentum, self.batched_loss = shuffle_bn, foreach_momentum, batched_loss
+
+        # -- encoders ------------------------------------------------------------------------------
+        self.encoder_q = self._build_encoder(backbone_config(arch), dim, c4_roi_size)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for param_k in self.encoder_k.parameters():
+            param_k.requires_grad = False
+        self.levels = self.encoder_q.levels
+        if sync_bn:
+            nn.SyncBatchNorm.convert_sync_batchnorm(self)
+
+        # -- box jitter: query only, at P5 (C4: its single level) ----------------------------------
+        if box_jitter is True:
+            box_jitter = BoxJitter.for_canvas(canvas)
+        self.box_jitter: BoxJitter | None = box_jitter or None
+        default_levels = ("p5",) if self.encoder_q.pooling == "fpn" else self.levels
+        self.jitter_levels = tuple(jitter_levels) if jitter_levels is not None else default_levels
+        if self.box_jitter is not None and not set(self.jitter_levels) <= set(self.levels):
+            raise ConfigError(f"jitter_levels {self.jitter_levels} must be among the levels {self.levels}")
+
+        weights = [1.0] * len(self.levels) if level_weights is None else [float(w) for w in level_weights]
+        if len(weights) != len(self.levels):
+            raise ConfigError(f"need one loss weight per level {self.levels}, got {weights}")
+        self.register_buffer("level_weights", torch.tensor(weights), persistent=False)
+
+        # -- one queue per level (randomly initialised, normalised columns), one shared pointer ---
+        self.register_buffer("queue", F.normalize(torch.randn(len(self.levels), dim, self.K), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    def _build_encoder(self, cfg: BackboneConfig, dim: int, c4_roi_size: int) -> Encoder:
+        """Query encoder for the FPN method or the C4 reconstruction (overridden by the MoCo baseline)."""
+        if cfg.variant == "fpn":
+            if tuple(cfg.parts) != ("trunk", "fpn", "box_head"):
+                raise ConfigError(f"InsLoc FPN pretrains trunk, fpn and box_head; the config has parts {cfg.parts}")
+            backbone = InsLocBackbone(cfg)
+            projection = Projection(cfg.head_fc, cfg.head_fc, dim)
+            return Encoder(backbone, projection, "fpn", FPN_LEVELS, FPN_STRIDES, cfg.roi_size)
+        if "box_head" not in cfg.parts:
+            raise ConfigError("InsLoc C4 pretrains the res5 RoI head; the config must include 'box_head'")
+        backbone = InsLocBackbone(cfg)
+        width = backbone.embedding_dim  # res5 output channels (2048 for R50)
+        projection = Projection(width, width, dim, official_init=False)
+        return Encoder(backbone, projection, "c4", ("c4",), (C4_STRIDE,), c4_roi_size)
+
+    # ----------------------------------------------------------------------------------------------
+    def query_backbone(self) -> InsLocBackbone:
+        """The query-side :class:`InsLocBackbone`: what pretraining exports (no key map needed)."""
+        return self.encoder_q.backbone
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self) -> None:
+        """``theta_k = m * theta_k + (1 - m) * theta_q`` for every parameter (not BN buffers)."""
+        params_q = [p.detach() for p in self.encoder_q.parameters()]
+        params_k = [p.detach() for p in self.encoder_k.parameters()]
+        if self.foreach_momentum:
+            torch._foreach_mul_(params_k, self.m)
+            torch._foreach_add_(params_k, params_q, alpha=1.0 - self.m)
+        else:
+            for param_k, param_q in zip(params_k, params_q):
+                param_k.copy_(param_k * self.m + param_q * (1.0 - self.m))
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+        """Write the keys of every GPU (``[B, L, dim]`` each) into every level's queue at the pointer."""
+        keys = all_gather_tensor(keys)
+        batch_size = keys.shape[0]
+        ptr = int(self.queue_ptr)
+        if self.K % batch_size != 0:
+            raise ConfigError(f"the queue length K={self.K} must be a multiple of the global batch size "
+                              f"{batch_size} (official: 65536 / 256); change --queue-size or --batch-size")
+        self.queue[:, :, ptr:ptr + batch_size] = keys.permute(1, 2, 0).to(self.queue.dtype)
+        self.queue_ptr[0] = (ptr + batch_size) % self.K
+
+    @torch.no_grad()
+    def _batch_shuffle_ddp(
+        self, x: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Shuffle key images and their boxes across GPUs; returns ``(x, boxes, idx_unshuffle)``.
+
+        In a single process this is a no-op (``idx_unshuffle`` is ``None``): BatchNorm statistics
+        are invariant to the order within one batch, so a local permutation would change nothing;
+        the key then sees the same per-batch BN statistics as the query, as in single-GPU MoCo.
+        """
+        world = get_world_size()
+        if world == 1 or not self.shuffle_bn:
+            return x, boxes, None
+        x_gather = all_gather_tensor(x)
+        boxes_gather = all_gather_tensor(boxes)
+        batch_all = x_gather.shape[0]
+        idx_shuffle = torch.randperm(batch_all, generator=generator).to(x.device)
+        broadcast_tensor(idx_shuffle, src=0)  # every rank uses rank 0's permutation
+        idx_unshuffle = torch.argsort(idx_shuffle)
+        idx_this = idx_shuffle.view(world, -1)[get_rank()]
+        return x_gather[idx_this], boxes_gather[idx_this], idx_unshuffle
+
+    @torch.no_grad()
+    def _batch_unshuffle_ddp(self, x: torch.Tensor, idx_unshuffle: torch.Tensor | None) -> torch.Tensor:
+        """Undo :meth:`_batch_shuffle_ddp` on the key embeddings ``[B, L, dim]``."""
+        if idx_unshuffle is None:
+            return x
+        x_gather = all_gather_tensor(x)
+        return x_gather[idx_unshuffle.view(get_world_size(), -1)[get_rank()]]
+
+    def _level_boxes(self, boxes: torch.Tensor, jittered: torch.Tensor | None) -> torch.Tensor:
+        """``[L, B, 4]``: the jittered box at ``jitter_levels``, the ground truth elsewhere."""
+        per_level = [jittered if (jittered is not None and level in self.jitter_levels) else boxes
+                     for level in self.levels]
+        return torch.stack(per_level)
+
+    # ----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        q_img: torch.Tensor,
+        q_box: torch.Tensor | None,
+        k_img: torch.Tensor,
+        k_box: torch.Tensor | None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One InsLoc step.
+
+        Args:
+            q_img, k_img: query / key views, normalised ``[B, 3, S, S]``.
+            q_box, k_box: the pasted instance's box in each view, ``[B, 4]`` xyxy canvas pixels.
+            generator: CPU generator for the box jitter and the shuffle permutation (the trainer
+                seeds one per step, so a resumed run draws the same numbers).
+
+        Returns:
+            ``{"loss": sum of weighted per-level losses, "loss_<level>": ..., "acc_<level>": top-1 %}``.
+        """
+        # query: GT boxes, jittered box at P5
+        q_levels = None
+        if q_box is not None:
+            jittered = self.box_jitter(q_box.detach().float(), generator=generator) if self.box_jitter else None
+            q_levels = self._level_boxes(q_box, jittered)
+        q = self.encoder_q(q_img, q_levels)  # [B, L, dim]
+
+        # key: momentum update first, then the shuffled forward with GT boxes on every level
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            k_box_in = k_box if k_box is not None else torch.zeros(k_img.shape[0], 4, device=k_img.device)
+            k_img, k_box_s, idx_unshuffle = self._batch_shuffle_ddp(k_img, k_box_in, generator)
+            k_levels = None if k_box is None else self._level_boxes(k_box_s, None)
+            k = self.encoder_k(k_img, k_levels)
+            k = self._batch_unshuffle_ddp(k, idx_unshuffle)
+
+        # per-level InfoNCE in float32 (autocast off), then the weighted sum
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            losses, accuracies = info_nce_per_level(
+                q.float().transpose(0, 1), k.float().transpose(0, 1), self.queue.clone().detach(), self.T,
+                batched=self.batched_loss)
+            loss = (losses * self.level_weights.to(losses.device)).sum()
+        self._dequeue_and_enqueue(k)
+
+        out = {"loss": loss}
+        for i, level in enumerate(self.levels):
+            out[f"loss_{level}"] = losses[i].detach()
+            out[f"acc_{level}"] = accuracies[i]
+        return out

@@ -1,0 +1,172 @@
+"""MoCo v2 image-level baseline on the same trunk, data, queue and schedule as InsLoc.
+
+``insloc-train pretrain --method moco`` trains this for a fair image-level comparison (InsLoc's
+tables compare against MoCo v2, insloc-method.md section 7). What is shared with InsLoc:
+
+* the ResNet trunk (``InsLocBackbone`` with ``parts=("trunk",)``; for a C4 arch trunk + res5), so the
+  export is a trunk-only bundle that every detector loads;
+* the momentum encoder, queue, shuffle-BN and InfoNCE machinery (this class subclasses
+  :class:`~insloc_hub.training.insloc.InsLoc` with a single "image" level and no boxes);
+* K, m, T, optimizer, lr schedule and epochs (the same flags);
+* the unlabelled images, and the per-view colour pipeline of the composition code
+  (``ColorJitter(0.4, 0.4, 0.4, 0.1)`` p=0.8, grayscale p=0.2, PIL Gaussian blur sigma 0.1-2 p=0.5,
+  horizontal flip p=0.5, ImageNet normalisation).
+
+MoCo v2 specifics (facebookresearch/moco ``main_moco.py`` ``aug_plus``): each view is a
+``RandomResizedCrop(canvas, scale=(0.2, 1.0))`` (aspect 3/4-4/3) of the **whole image**, resized to
+the canvas; no copy-paste and no background. The projection is the MoCo v2 MLP
+(C5 -> C5 -> 128, PyTorch's default ``nn.Linear`` init) on globally average-pooled C5.
+
+This baseline is a reconstruction for comparison purposes; it is not part of the InsLoc code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
+from insloc_hub.models import BackboneConfig, InsLocBackbone
+
+from .compose import (
+    CompositionConfig,
+    CompositionParams,
+    compose_pair_with_params,
+    random_resized_crop_params,
+    sample_composition_params,
+)
+from .insloc import Encoder, InsLoc, Projection
+from .pretrain_data import UnlabelledImages, sample_rng
+
+__all__ = ["MoCo", "MOCO_CROP_SCALE", "MOCO_CROP_RATIO", "moco_view_params", "MocoPretrainDataset",
+           "MocoDecodeDataset"]
+
+MOCO_CROP_SCALE = (0.2, 1.0)
+"""``RandomResizedCrop(224, scale=(0.2, 1.))`` in MoCo v2's ``aug_plus``."""
+MOCO_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+"""torchvision's default RandomResizedCrop aspect range."""
+
+
+class MoCo(InsLoc):
+    """MoCo v2 with the InsLoc machinery: one "image" level, one queue, no boxes.
+
+    ``forward(q_img, None, k_img, None)`` returns ``{"loss", "loss_image", "acc_image"}``.
+    """
+
+    def __init__(self, arch: str | BackboneConfig = "r50-fpn", dim: int = 128, K: int = 65536, m: float = 0.999,
+                 T: float = 0.2, **kwargs: Any) -> None:
+        kwargs["box_jitter"] = None
+        kwargs.pop("jitter_levels", None)
+        super().__init__(arch, dim, K, m, T, **kwargs)
+
+    def _build_encoder(self, cfg: BackboneConfig, dim: int, c4_roi_size: int) -> Encoder:
+        parts = ("trunk",) if cfg.variant == "fpn" else ("trunk", "box_head")
+        backbone = InsLocBackbone(dataclasses.replace(cfg, parts=parts))
+        width = backbone.embedding_dim  # C5 channels (2048 for R50)
+        projection = Projection(width, width, dim, official_init=False)  # MoCo v2 MLP
+        return Encoder(backbone, projection, "image", ("image",), (), 0)
+
+
+def moco_view_params(foreground_size: tuple[int, int], cfg: CompositionConfig,
+                     rng: np.random.Generator) -> CompositionParams:
+    """Two MoCo v2 views expressed as composition parameters.
+
+    Each view crops ``RandomResizedCrop`` geometry from the whole image and "pastes" it over the
+    entire canvas (so the background never shows); the colour, blur and flip draws are those of
+    :func:`~insloc_hub.training.compose.sample_composition_params`, so both pipelines share one
+    implementation of the per-view augmentation.
+    """
+    width, height = int(foreground_size[0]), int(foreground_size[1])
+    crops = [random_resized_crop_params(width, height, MOCO_CROP_SCALE, MOCO_CROP_RATIO, rng, cfg.crop_attempts)
+             for _ in range(2)]
+    colour = sample_composition_params((width, height), cfg, rng)
+    size = cfg.canvas
+    views = [
+        dataclasses.replace(v, crop_top=c[0], crop_left=c[1], crop_height=c[2], crop_width=c[3], bound_w=size,
+                            bound_h=size, paste_width=size, paste_height=size, paste_top=0, paste_left=0)
+        for v, c in zip((colour.query, colour.key), crops)
+    ]
+    return CompositionParams(views[0], views[1], (width, height))
+
+
+class _MocoBase(Dataset):
+    def __init__(self, images: UnlabelledImages, cfg: CompositionConfig | None = None, seed: int = 0) -> None:
+        if len(images) == 0:
+            raise DatasetError("MoCo pretraining needs at least one image")
+        self.images, self.cfg, self.seed = images, cfg or CompositionConfig(), int(seed)
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch[0] = int(epoch)
+
+    def _key(self, key: int | tuple[int, int]) -> tuple[int, int]:
+        if isinstance(key, tuple):
+            return int(key[0]), int(key[1])
+        return int(self._epoch[0]), int(key)
+
+    def _load(self, index: int, rng: np.random.Generator) -> Image.Image:
+        """Image ``index``, or a uniformly drawn replacement if it is unreadable (counted)."""
+        for _ in range(100):
+            if not self.images.is_known_unreadable(index):
+                try:
+                    return self.images.load(index)
+                except InvalidImageError as err:
+                    self.images.record_unreadable(index, err)
+            else:
+                self.images.record_unreadable(index)
+            index = int(rng.integers(0, len(self.images)))
+        raise DatasetError("100 image draws in a row were unreadable; check the data")
+
+
+class MocoPretrainDataset(_MocoBase):
+    """Two augmented views of image ``idx`` (PIL reference pipeline): ``dict(q_img, q_box, k_img, k_box, index)``.
+
+    The boxes cover the whole canvas (after flip) and are unused by the model; they keep the batch
+    layout of :class:`~insloc_hub.training.pretrain_data.InsLocPretrainDataset`.
+    """
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = self._key(key)
+        rng = sample_rng(self.seed, epoch, index)
+        image = self._load(index, rng)
+        params = moco_view_params(image.size, self.cfg, rng)
+        blank = Image.new("RGB", (self.cfg.canvas, self.cfg.canvas))
+        q_img, q_box, k_img, k_box = compose_pair_with_params(image, blank, blank, params, self.cfg)
+        return {"q_img": q_img, "q_box": q_box, "k_img": k_img, "k_box": k_box, "index": index}
+
+
+class MocoDecodeDataset(_MocoBase):
+    """Decode-only twin for composing on the device with ``compose_batch`` (see ``collate_decoded``).
+
+    Returns ``dict(fg, bg_q, bg_k, params, index)`` like ``InsLocDecodeDataset``; the backgrounds are
+    black canvases (fully covered by the views), the image is downscaled to ``max_side`` first.
+    """
+
+    def __init__(self, images: UnlabelledImages, cfg: CompositionConfig | None = None, seed: int = 0, *,
+                 max_side: int = 512) -> None:
+        super().__init__(images, cfg, seed)
+        if max_side < 1:
+            raise ConfigError("max_side must be positive")
+        self.max_side = int(max_side)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = self._key(key)
+        rng = sample_rng(self.seed, epoch, index)
+        image = self._load(index, rng)
+        width, height = image.size
+        if max(width, height) > self.max_side:
+            f = self.max_side / max(width, height)
+            image = image.resize((max(1, int(width * f + 0.5)), max(1, int(height * f + 0.5))),
+                                 Image.Resampling.BILINEAR)
+        params = moco_view_params(image.size, self.cfg, rng)
+        fg = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+        blank = torch.zeros(3, self.cfg.canvas, self.cfg.canvas, dtype=torch.uint8)
+        return {"fg": fg, "bg_q": blank, "bg_k": blank, "params": params, "index": index}
