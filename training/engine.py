@@ -33,7 +33,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,7 +233,7 @@ RESUME_IGNORED_FIELDS = frozenset({
 
 PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # CPU smoke run: ResNet-18 at 1/4 width, 64 px canvas, short queue, a few steps per epoch.
-    "tiny": dict(arch="tiny-fpn", canvas=64, queue_size=256, batch_size=16, epochs=2, lr=0.3, workers=2,
+    "tiny": dict(arch="tiny-fpn", canvas=64, queue_size=256, batch_size=16, epochs=2, workers=2,
                  log_every=1, checkpoint_every_steps=0, keep_checkpoints=2),
     # The released recipe (configs/FPN/insloc_fpn_200ep.py) and its 400-epoch variant (MODELZOO.md).
     "r50-fpn-200ep": dict(arch="r50-fpn", method="insloc", epochs=200, batch_size=256, lr=0.03, momentum=0.9,
@@ -592,8 +592,15 @@ def _write_run_config(run_dir: Path, cfg: PretrainConfig, resolved: dict[str, An
     os.replace(tmp, path)
 
 
-def train(cfg: PretrainConfig) -> Path:
+Callback = Callable[[str, dict[str, Any]], None]
+
+
+def train(cfg: PretrainConfig, *, callbacks: Sequence[Callback] = ()) -> Path:
     """Run (or resume) pretraining; returns ``RUN_DIR/final`` (the exported hub folder).
+
+    ``callbacks`` are called on every process as ``fn(event, info)``: ``"step"`` after each optimizer
+    step (``info``: ``model`` (the unwrapped :class:`InsLoc`), ``step``, ``epoch``, ``outputs``) and
+    ``"end"`` once training stops, before the export (``model``, ``step``, ``epoch``).
 
     Raises:
         DatasetError: missing data, or fewer images than one global batch.
@@ -607,12 +614,12 @@ def train(cfg: PretrainConfig) -> Path:
         raise ConfigError("--output is required: the run folder")
     info = dist_utils.init_distributed(cfg.device)
     try:
-        return _train(cfg, info)
+        return _train(cfg, info, callbacks)
     finally:
         dist_utils.cleanup()
 
 
-def _train(cfg: PretrainConfig, info: dist_utils.DistInfo) -> Path:
+def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[Callback]) -> Path:
     device, world, rank, is_main = info.device, info.world_size, info.rank, info.is_main
     run_dir = Path(cfg.output)
     if not is_main:
@@ -759,6 +766,8 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo) -> Path:
                 step_in_epoch += 1
                 window["steps"] += 1
                 window["data"] += data_time
+                for callback in callbacks:
+                    callback("step", {"model": inner, "step": global_step, "epoch": epoch, "outputs": out})
 
                 if global_step % cfg.log_every == 0 or global_step == total_steps:
                     values = {k: float(v) for k, v in out.items()}  # synchronises the device
@@ -802,6 +811,8 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo) -> Path:
         if cfg.deterministic and not previous_deterministic:
             torch.use_deterministic_algorithms(False)
 
+    for callback in callbacks:
+        callback("end", {"model": inner, "step": global_step, "epoch": epoch})
     final = run_dir / "final"
     if is_main:
         backbone = export_backbone_from_state(inner.state_dict(), cfg)

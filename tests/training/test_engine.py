@@ -1,0 +1,261 @@
+"""The pretraining loop: sampler, schedule, exact kill-and-resume, DDP on CPU, export into detectors."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from insloc_hub import build_detector
+from insloc_hub.models import InsLocBackbone
+from insloc_hub.pretrained import from_pretrained
+from insloc_hub.training.checkpoint import find_latest, load_checkpoint
+from insloc_hub.training.engine import (
+    CosineByEpoch,
+    PretrainConfig,
+    ResumableDistributedSampler,
+    build_model,
+    composition_config,
+    export_checkpoint,
+    resolve_config,
+    train,
+)
+from insloc_hub.training.pretrain_data import InsLocPretrainDataset, UnlabelledImages
+from tests.photos import photo
+
+REPO = Path(__file__).resolve().parents[2]
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: fast on a shared 2-core machine, and the same in subprocesses (bit-exact)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
+          "colorwheel", "cat", "camera", "brick", "grass", "gravel", "moon", "coins", "horse")
+
+
+def write_photos(folder: Path, count: int = 16, side: int = 96) -> Path:
+    """``count`` real photographs (scikit-image samples, quadrant crops after the first 16) as JPEGs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        img = photo(PHOTOS[i % len(PHOTOS)])
+        quadrant = i // len(PHOTOS)
+        if quadrant:
+            w, h = img.size
+            x, y = ((quadrant - 1) % 2) * w // 2, ((quadrant - 1) // 2 % 2) * h // 2
+            img = img.crop((x, y, x + w // 2, y + h // 2))
+        img.thumbnail((side, side))
+        img.save(folder / f"{i:03d}_{PHOTOS[i % len(PHOTOS)]}.jpg", quality=90)
+    return folder
+
+
+def tiny_config(data: Path, output: Path, **overrides) -> PretrainConfig:
+    """3 epochs x 2 steps of 8 images at 64 px on the CPU, deterministic, a checkpoint every step."""
+    values = dict(preset="tiny", data=str(data), output=str(output), batch_size=8, queue_size=16, epochs=3,
+                  workers=0, device="cpu", deterministic=True, seed=3, checkpoint_every_steps=1, keep_checkpoints=0,
+                  log_every=1)
+    values.update(overrides)
+    return resolve_config(values)
+
+
+def cli_args(cfg: PretrainConfig) -> list[str]:
+    args = ["pretrain"]
+    for key, value in cfg.to_dict().items():
+        if value is None or key == "preset":
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    return write_photos(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(photos, tmp_path_factory) -> Path:
+    """An uninterrupted tiny run (6 steps), in process."""
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    train(tiny_config(photos, out))
+    return out
+
+
+# -- sampler and schedule ------------------------------------------------------------------------
+def test_global_batches_do_not_depend_on_the_number_of_processes():
+    one = ResumableDistributedSampler(10, 4, world_size=1, rank=0, seed=7)
+    two = [ResumableDistributedSampler(10, 2, world_size=2, rank=r, seed=7) for r in range(2)]
+    for s in (one, *two):
+        s.set_epoch(3)
+    assert one.steps_per_epoch == 3 and len(one) == 12  # padded to whole global batches
+    a = [i for _, i in one]
+    b0, b1 = [[i for _, i in s] for s in two]
+    merged = [x for step in range(3) for x in b0[2 * step:2 * step + 2] + b1[2 * step:2 * step + 2]]
+    assert a == merged and sorted(set(a)) == list(range(10))
+    assert all(e == 3 for e, _ in one)
+    one.set_epoch(4)
+    assert [i for _, i in one] != a  # reshuffled per epoch
+
+
+def test_sampler_resumes_mid_epoch_without_drawing_anything():
+    full = ResumableDistributedSampler(20, 4, seed=1)
+    full.set_epoch(2)
+    order = list(full)
+    resumed = ResumableDistributedSampler(20, 4, seed=1)
+    resumed.set_epoch(2)
+    resumed.set_start_step(3)
+    assert list(resumed) == order[12:] and len(resumed) == 8
+
+
+def test_cosine_per_epoch_without_warmup():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = CosineByEpoch(opt, 0.03, 200)
+    assert sched.set_epoch(0) == pytest.approx(0.03) and opt.param_groups[0]["lr"] == pytest.approx(0.03)
+    assert sched.lr_at(100) == pytest.approx(0.015)
+    assert sched.lr_at(199) == pytest.approx(0.03 * (1 + math.cos(math.pi * 199 / 200)) / 2)
+    state = sched.state_dict()
+    other = CosineByEpoch(opt, 1.0, 1)
+    other.load_state_dict(state)
+    assert other.lr_at(50) == sched.lr_at(50)
+
+
+def test_presets_and_scaled_lr():
+    cfg = resolve_config({"preset": "r50-fpn-200ep", "data": "d", "output": "o"})
+    assert (cfg.arch, cfg.epochs, cfg.batch_size, cfg.queue_size, cfg.key_momentum, cfg.temperature) == (
+        "r50-fpn", 200, 256, 65536, 0.999, 0.2)
+    assert cfg.nesterov and cfg.weight_decay == 1e-4 and cfg.scaled_lr == pytest.approx(0.03)
+    cfg = resolve_config({"preset": "tiny", "batch_size": 32, "lr": 0.03, "queue_size": 256})
+    assert cfg.arch == "tiny-fpn" and cfg.scaled_lr == pytest.approx(0.00375)  # explicit flags win
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def test_run_folder_contents(reference_run):
+    names = {p.name for p in reference_run.iterdir()}
+    assert {"config.json", "metrics.jsonl", "composition.png", "final"} <= names
+    assert len([n for n in names if n.startswith("checkpoint_")]) == 6
+    state = load_checkpoint(find_latest(reference_run))
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (3, 0, 6)
+    assert {"model", "optimizer", "scheduler", "rng", "config"} <= set(state)
+    assert {"queue", "queue_ptr"} <= set(state["model"]) and any(k.startswith("encoder_k.") for k in state["model"])
+    lines = (reference_run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and '"loss_p5"' in lines[0]
+
+
+def test_sigkill_and_resume_gives_bit_identical_weights(photos, reference_run, tmp_path):
+    out = tmp_path / "killed"
+    cfg = tiny_config(photos, out)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "insloc_hub.training.cli", *cli_args(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target = out / "checkpoint_000000002.pt"
+    deadline = time.monotonic() + 240
+    try:
+        while not target.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint at step 2 within the time limit"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)  # mid-run, possibly while the next checkpoint is being written
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "final").exists(), "the run finished before it could be killed"
+    killed_at = find_latest(out)
+    assert killed_at is not None
+
+    train(tiny_config(photos, out, resume="auto"))
+    ref = load_checkpoint(find_latest(reference_run))
+    got = load_checkpoint(find_latest(out))
+    assert got["global_step"] == ref["global_step"] == 6
+    for key, value in ref["model"].items():
+        assert torch.equal(value, got["model"][key]), key
+    for a, b in zip(ref["optimizer"]["state"].values(), got["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    w_ref = load_file(str(reference_run / "final" / "model.safetensors"))
+    w_got = load_file(str(out / "final" / "model.safetensors"))
+    assert w_ref.keys() == w_got.keys() and all(torch.equal(w_ref[k], w_got[k]) for k in w_ref)
+    # metrics of the killed steps after the checkpoint were dropped, then rewritten once
+    assert [line.count('"step": ') for line in (out / "metrics.jsonl").read_text().splitlines()] == [1] * 6
+
+
+def test_export_loads_in_from_pretrained_and_detectors_without_key_map(reference_run, tmp_path):
+    backbone = from_pretrained(reference_run / "final")
+    assert isinstance(backbone, InsLocBackbone) and backbone.config.parts == ("trunk", "fpn", "box_head")
+    assert backbone.hub_config["provenance"]["method"] == "InsLoc"
+    assert (reference_run / "final" / "metrics.jsonl").is_file()
+    detector = build_detector("faster_rcnn_fpn", num_classes=3, pretrained=reference_run / "final")
+    assert not detector.load_report.ignored
+    trained = load_checkpoint(find_latest(reference_run))["model"]
+    det_state = detector.state_dict()
+    assert torch.equal(det_state["roi_heads.box_head.fc1.weight"], trained["encoder_q.backbone.box_head.fc1.weight"])
+    assert torch.equal(det_state["backbone.fpn.lateral.p2.conv.weight"],
+                       trained["encoder_q.backbone.fpn.lateral.p2.conv.weight"])
+    # export-weights of the newest checkpoint equals the run's own export
+    folder = export_checkpoint(find_latest(reference_run), tmp_path / "exported")
+    a = load_file(str(folder / "model.safetensors"))
+    b = load_file(str(reference_run / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_two_process_gloo_ddp_ranks_agree(photos, tmp_path):
+    out, dump = tmp_path / "ddp", tmp_path / "dump"
+    dump.mkdir()
+    cfg = tiny_config(photos, out, epochs=1, checkpoint_every_steps=0)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(REPO / "tests" / "training" / "ddp_worker.py"), str(dump), *cli_args(cfg)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert int(ranks[0]["step"]) == 2 and int(ranks[0]["queue_ptr"]) == 0  # 2 steps x 8 keys wrap K=16
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    state = load_checkpoint(find_latest(out))
+    assert state["world_size"] == 2 and state["global_step"] == 2
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_training_steps_lower_the_loss_on_photographs(photos, monkeypatch):
+    """20 optimizer steps (the engine's SGD settings) on one batch of composed photographs, against a
+    queue of real negatives (keys of 8 other photographs, held fixed), lower the summed loss."""
+    torch.manual_seed(0)
+    cfg = tiny_config(photos, photos / "unused", queue_size=8)
+    model = build_model(cfg)
+    dataset = InsLocPretrainDataset(UnlabelledImages(str(photos)), composition_config(cfg), seed=0)
+
+    def batch(indices):
+        samples = [dataset[(0, i)] for i in indices]
+        return [torch.stack([s[k] for s in samples]) for k in ("q_img", "q_box", "k_img", "k_box")]
+
+    q_img, q_box, k_img, k_box = batch(range(8))
+    _, _, neg_img, neg_box = batch(range(8, 16))
+    with torch.no_grad():
+        negatives = model.encoder_k(neg_img, model._level_boxes(neg_box, None))  # [8, L, dim]
+    model.queue.copy_(negatives.permute(1, 2, 0))
+    monkeypatch.setattr(model, "_dequeue_and_enqueue", lambda keys: None)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    losses, accuracies = [], []
+    for step in range(20):
+        out = model(q_img, q_box, k_img, k_box, generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(float(out["loss"].detach()))
+        accuracies.append(float(out["acc_p5"]))
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+    assert accuracies[-1] > accuracies[0]
