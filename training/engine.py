@@ -580,7 +580,7 @@ def _oom_error(cfg: PretrainConfig, world: int) -> ConfigError:
     per_gpu = cfg.batch_size // world
     return ConfigError(
         f"CUDA ran out of memory with {per_gpu} images per GPU (--batch-size {cfg.batch_size} over {world} "
-        f"process(es)). Use a smaller --batch-size (e.g. {max(world, cfg.batch_size // 2)}; the lr is rescaled "
+        f"process(es)). Use a smaller batch (e.g. --batch-size {max(world, cfg.batch_size // 2)}; the lr is rescaled "
         "automatically and --queue-size must stay a multiple of it), more GPUs, or --amp on / --channels-last on."
     )
 
@@ -770,7 +770,7 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
                     callback("step", {"model": inner, "step": global_step, "epoch": epoch, "outputs": out})
 
                 if global_step % cfg.log_every == 0 or global_step == total_steps:
-                    values = {k: float(v) for k, v in out.items()}  # synchronises the device
+                    values = {k: float(v.detach()) for k, v in out.items()}  # synchronises the device
                     elapsed = time.perf_counter() - window["start"]
                     record = {"step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch, "lr": lr,
                               **values, "img_per_s": cfg.batch_size * window["steps"] / max(elapsed, 1e-9),

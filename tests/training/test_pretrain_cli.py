@@ -1,0 +1,159 @@
+"""``insloc-train pretrain`` / ``export-weights``: smoke runs and every user-facing error message."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from insloc_hub import build_detector
+from insloc_hub.pretrained import from_pretrained
+from insloc_hub.training import cli
+from insloc_hub.training.engine import PretrainConfig
+from insloc_hub.training.insloc import InsLoc
+from tests.training.test_engine import write_photos
+
+TINY = ["--preset", "tiny", "--batch-size", "8", "--queue-size", "16", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    return write_photos(tmp_path_factory.mktemp("photos"))
+
+
+def run(argv: list[str], capsys) -> tuple[int, str]:
+    code = cli.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_every_config_field_is_a_flag(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["pretrain", "--help"])
+    text = capsys.readouterr().out
+    for field in dataclasses.fields(PretrainConfig):
+        assert "--" + field.name.replace("_", "-") in text, field.name
+    assert "--no-nesterov" in text and "65536" in text
+
+
+def test_tiny_preset_smoke_run_and_export_weights(photos, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run(["pretrain", "--data", photos, "--output", out, *TINY], capsys)
+    assert code == 0, err
+    assert (out / "final" / "model.safetensors").is_file() and (out / "composition.png").is_file()
+    config = from_pretrained(out / "final").hub_config
+    assert config["architecture"]["depth"] == 18 and config["provenance"]["epochs"] == 2
+    code, _ = run(["export-weights", out, tmp_path / "exported"], capsys)
+    assert code == 0 and (tmp_path / "exported" / "README.md").is_file()
+
+
+def test_device_composition_amp_and_channels_last_paths_on_cpu(photos, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run(["pretrain", "--data", photos, "--output", out, *TINY, "--gpu-composition", "on", "--amp", "on",
+                     "--channels-last", "on", "--max-steps", "1"], capsys)
+    assert code == 0, err
+    assert from_pretrained(out / "final").hub_config["provenance"]["steps"] == 1
+
+
+def test_moco_baseline_smoke(photos, tmp_path, capsys):
+    out = tmp_path / "moco"
+    code, err = run(["pretrain", "--data", photos, "--output", out, *TINY, "--method", "moco", "--max-steps", "2"],
+                    capsys)
+    assert code == 0, err
+    backbone = from_pretrained(out / "final")
+    assert backbone.config.parts == ("trunk",)
+    assert backbone.hub_config["provenance"]["method"].startswith("MoCo v2")
+    detector = build_detector("faster_rcnn_fpn", num_classes=2, pretrained=out / "final")
+    assert all(k.startswith("backbone.trunk.") for k in detector.load_report.loaded)
+
+
+def test_c4_reconstruction_smoke(photos, tmp_path, capsys):
+    out = tmp_path / "c4"
+    code, err = run(["pretrain", "--data", photos, "--output", out, *TINY, "--arch", "tiny-c4", "--max-steps", "1"],
+                    capsys)
+    assert code == 0, err
+    backbone = from_pretrained(out / "final")
+    assert backbone.config.parts == ("trunk", "box_head")
+    assert "reconstruction" in backbone.hub_config["provenance"]
+    detector = build_detector("faster_rcnn_c4", num_classes=2, pretrained=out / "final")
+    assert any(k.startswith("roi_heads.box_head.") for k in detector.load_report.loaded)
+
+
+# -- errors --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--arch", "r42-fpn"], "unknown architecture 'r42-fpn'"),
+        (["--queue-size", "20"], "--queue-size 20 must be a multiple of the global --batch-size 8"),
+        (["--canvas", "70"], "--canvas must be a multiple of 16"),
+        (["--epochs", "0"], "--epochs must be positive"),
+    ],
+)
+def test_config_errors(photos, tmp_path, capsys, extra, message):
+    code, err = run(["pretrain", "--data", photos, "--output", tmp_path / "r", *TINY, *extra], capsys)
+    assert code == 2 and message in err and "insloc-train pretrain: error:" in err
+
+
+def test_data_errors(tmp_path, capsys):
+    code, err = run(["pretrain", "--output", tmp_path / "r", *TINY], capsys)
+    assert code == 2 and "--data is required" in err
+    code, err = run(["pretrain", "--data", tmp_path / "nowhere", "--output", tmp_path / "r", *TINY], capsys)
+    assert code == 2 and "does not exist" in err
+    few = write_photos(tmp_path / "few", count=3)
+    code, err = run(["pretrain", "--data", few, "--output", tmp_path / "r", *TINY], capsys)
+    assert code == 2 and "found 3 images" in err and "--batch-size 8" in err
+
+
+def test_resume_errors(photos, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run(["pretrain", "--data", photos, "--output", out, *TINY, "--max-steps", "1"], capsys)
+    assert code == 0, err
+    # same folder again without --resume: refuse rather than silently continue or overwrite
+    code, err = run(["pretrain", "--data", photos, "--output", out, *TINY], capsys)
+    assert code == 2 and "already holds checkpoints" in err and "--resume auto" in err
+    # a checkpoint from another configuration names the differing fields
+    code, err = run(["pretrain", "--data", photos, "--output", out, *TINY, "--resume", "auto", "--lr", "0.5",
+                     "--temperature", "0.1"], capsys)
+    assert code == 2 and "another configuration" in err and "lr" in err and "temperature" in err
+    code, err = run(["pretrain", "--data", photos, "--output", out, *TINY, "--resume", tmp_path / "missing.pt"],
+                    capsys)
+    assert code == 2 and "does not exist" in err
+    # a different data set
+    other = write_photos(tmp_path / "more", count=24)
+    code, err = run(["pretrain", "--data", other, "--output", out, *TINY, "--resume", "auto"], capsys)
+    assert code == 2 and "trained on 16 images" in err
+    # resuming with --resume auto and a larger --max-steps continues the run
+    code, err = run(["pretrain", "--data", photos, "--output", out, *TINY, "--resume", "auto", "--max-steps", "2"],
+                    capsys)
+    assert code == 0, err
+    assert from_pretrained(out / "final").hub_config["provenance"]["steps"] == 2
+
+
+def test_export_weights_errors(tmp_path, capsys):
+    bogus = tmp_path / "checkpoint_000000001.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    code, err = run(["export-weights", bogus, tmp_path / "out"], capsys)
+    assert code == 2 and "corrupt" in err
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    code, err = run(["export-weights", tmp_path / "other.pt", tmp_path / "out"], capsys)
+    assert code == 2 and "not an insloc-train pretraining checkpoint" in err
+    code, err = run(["export-weights", tmp_path / "empty-run", tmp_path / "out"], capsys)
+    assert code == 2
+
+
+def test_cuda_out_of_memory_suggests_a_smaller_batch(photos, tmp_path, capsys, monkeypatch):
+    def oom(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(InsLoc, "forward", oom)
+    code, err = run(["pretrain", "--data", photos, "--output", tmp_path / "r", *TINY], capsys)
+    assert code == 2 and "ran out of memory with 8 images per GPU" in err and "--batch-size 4" in err
