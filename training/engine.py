@@ -81,6 +81,9 @@ __all__ = [
     "CosineByEpoch",
     "build_model",
     "train",
+    "train_step",
+    "batch_to_views",
+    "resolve_config",
     "export_checkpoint",
     "export_backbone_from_state",
     "query_backbone_config",
@@ -563,6 +566,26 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
+Views = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, views: Views, *,
+               amp_dtype: torch.dtype | None = None,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """One optimizer step: forward (autocast to ``amp_dtype`` if given), zero_grad, backward, SGD step.
+
+    The order is mmcv's ``OptimizerHook`` (zero_grad, backward, step; no gradient clipping).
+    """
+    q_img, q_box, k_img, k_box = views
+    device_type = q_img.device.type
+    with torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
+        out = model(q_img, q_box, k_img, k_box, generator=generator)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    optimizer.step()
+    return out
+
+
 def _set_determinism(cfg: PretrainConfig, device: torch.device) -> None:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
@@ -654,6 +677,8 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
 
     # -- model, optimizer, schedule ----------------------------------------------------------------
     model = build_model(cfg).to(device)
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation); drop it")
     if cfg.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if rt.channels_last:
@@ -736,7 +761,6 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
         })
         prune_checkpoints(run_dir, cfg.keep_checkpoints)
 
-    autocast = (lambda: torch.autocast(device.type, dtype=rt.amp_dtype)) if rt.amp_dtype else contextlib.nullcontext
     model.train()
     wrote_grid = (run_dir / "composition.png").exists()
     window = {"steps": 0, "data": 0.0, "start": time.perf_counter()}
@@ -757,11 +781,8 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
                     wrote_grid = True
                 if cfg.method == "moco":
                     q_box = k_box = None
-                with autocast():
-                    out = model(q_img, q_box, k_img, k_box, generator=generator)
-                optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                optimizer.step()
+                out = train_step(model, optimizer, (q_img, q_box, k_img, k_box), amp_dtype=rt.amp_dtype,
+                                 generator=generator)
                 global_step += 1
                 step_in_epoch += 1
                 window["steps"] += 1

@@ -112,6 +112,9 @@ class Encoder(nn.Module):
         self.roi_size = int(roi_size)
 
     def _pool(self, feature: torch.Tensor, boxes: torch.Tensor, stride: int) -> torch.Tensor:
+        if feature.dtype in (torch.float16, torch.bfloat16):
+            # pool in float32, as torchvision's autocast wrapper does, so box coordinates stay exact
+            feature = feature.float()
         # one box per image: rois = [batch_index, x1, y1, x2, y2]
         index = torch.arange(boxes.shape[0], device=boxes.device, dtype=feature.dtype).unsqueeze(1)
         rois = torch.cat([index, boxes.to(feature.dtype)], dim=1)

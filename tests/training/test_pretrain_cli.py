@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,19 @@ def test_cuda_out_of_memory_suggests_a_smaller_batch(photos, tmp_path, capsys, m
     monkeypatch.setattr(InsLoc, "forward", oom)
     code, err = run(["pretrain", "--data", photos, "--output", tmp_path / "r", *TINY], capsys)
     assert code == 2 and "ran out of memory with 8 images per GPU" in err and "--batch-size 4" in err
+
+
+def test_unreadable_images_are_skipped_and_reported_once_per_epoch(photos, tmp_path, capsys, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in photos.iterdir():
+        (data / p.name).write_bytes(p.read_bytes())
+    (data / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        code, err = run(["pretrain", "--data", data, "--output", out, *TINY, "--epochs", "1"], capsys)
+    assert code == 0, err
+    assert "zz_broken.jpg" in caplog.text
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    report = [r for r in records if "unreadable_draws" in r]
+    assert len(report) == 1 and report[0]["unreadable_files"] == 1 and report[0]["unreadable_draws"] >= 1
