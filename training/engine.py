@@ -137,6 +137,7 @@ class PretrainConfig:
     gpu_composition: str = "auto"
     max_side: int = 512
     device: str = "auto"
+    threads: int = 0
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 20
@@ -168,8 +169,8 @@ class PretrainConfig:
             )
         if self.canvas % 16 != 0:
             raise ConfigError(f"--canvas must be a multiple of 16 (box-jitter anchors), got {self.canvas}")
-        if self.workers < 0 or self.checkpoint_every_steps < 0 or self.max_steps < 0:
-            raise ConfigError("--workers, --checkpoint-every-steps and --max-steps must be >= 0")
+        if min(self.workers, self.checkpoint_every_steps, self.max_steps, self.threads) < 0:
+            raise ConfigError("--workers, --threads, --checkpoint-every-steps and --max-steps must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -221,6 +222,8 @@ FIELD_HELP: dict[str, str] = {
                        "the PIL reference",
     "max_side": "GPU composition: foregrounds are decoded and downscaled to this long side first",
     "device": "auto (cuda:LOCAL_RANK if available, else cpu), cpu or cuda",
+    "threads": "torch intra-op CPU threads per process (0: torch's default); 1 avoids spin-wait slowdowns on a "
+               "busy CPU",
     "checkpoint_every_steps": "write a checkpoint every N steps (0: only at epoch ends); official: every 5 epochs",
     "keep_checkpoints": "keep the newest N checkpoints (0 keeps all)",
     "log_every": "write metrics.jsonl / progress every N steps",
@@ -230,7 +233,7 @@ FIELD_HELP: dict[str, str] = {
 
 # Fields that may change between a run and its resumption (they do not change the results).
 RESUME_IGNORED_FIELDS = frozenset({
-    "data", "data_root", "dataset_name", "output", "preset", "resume", "workers", "device", "compile",
+    "data", "data_root", "dataset_name", "output", "preset", "resume", "workers", "device", "compile", "threads",
     "checkpoint_every_steps", "keep_checkpoints", "log_every", "max_steps",
 })
 
@@ -636,9 +639,15 @@ def train(cfg: PretrainConfig, *, callbacks: Sequence[Callback] = ()) -> Path:
     if not cfg.output:
         raise ConfigError("--output is required: the run folder")
     info = dist_utils.init_distributed(cfg.device)
+    previous_threads = torch.get_num_threads()
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         return _train(cfg, info, callbacks)
     finally:
+        # leave the process as we found it (matters when train() is called from Python, e.g. tests)
+        torch.set_num_threads(previous_threads)
+        if torch.are_deterministic_algorithms_enabled() != previous_deterministic:
+            torch.use_deterministic_algorithms(previous_deterministic)
         dist_utils.cleanup()
 
 
@@ -651,7 +660,8 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
         raise ConfigError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {world} processes")
     batch_per_rank = cfg.batch_size // world
     rt = _resolve_runtime(cfg, device)
-    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     _set_determinism(cfg, device)
 
     # -- data --------------------------------------------------------------------------------------
@@ -829,8 +839,7 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
         if bar is not None:
             bar.close()
         metrics.close()
-        if cfg.deterministic and not previous_deterministic:
-            torch.use_deterministic_algorithms(False)
+
 
     for callback in callbacks:
         callback("end", {"model": inner, "step": global_step, "epoch": epoch})

@@ -62,7 +62,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if default not in (None, "", dataclasses.MISSING):
             help_text += f" (default: {default})"
         group = required if name in ("data", "output") else (
-            system if name in {"workers", "device", "amp", "channels_last", "compile", "gpu_composition",
+            system if name in {"workers", "threads", "device", "amp", "channels_last", "compile", "gpu_composition",
                                "max_side", "checkpoint_every_steps", "keep_checkpoints", "log_every", "resume",
                                "deterministic", "data_root", "dataset_name", "max_steps"} else tuning)
         if kind is bool:
