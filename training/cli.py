@@ -14,7 +14,7 @@ import sys
 from insloc_hub.errors import InsLocError
 
 # modules that contribute subcommands, in the order they appear in --help
-SUBCOMMAND_MODULES = ("insloc_hub.training.pretrain", "insloc_hub.training.finetune")
+SUBCOMMAND_MODULES = ("insloc_hub.training.pretrain", "insloc_hub.training.finetune", "insloc_hub.training.demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
