@@ -170,6 +170,10 @@ class Pipeline:
         return self.cfg.batch_size * steps / (time.perf_counter() - start)
 
 
+def _fmt(rates: dict[str, list[float]]) -> str:
+    return ", ".join(f"{name} [{' '.join(f'{r:.0f}' for r in values)}]" for name, values in rates.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -186,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="folder of photographs (default: scikit-image samples)")
     parser.add_argument("--num-images", type=int, default=256, help="photographs to write when --data is not given")
     parser.add_argument("--compile", action="store_true", help="also torch.compile the optimised model")
+    parser.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
+                        help="optimised config: bf16 autocast (auto = on CUDA)")
+    parser.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
+                        help="optimised config: channels-last (auto = on CUDA)")
+    parser.add_argument("--gpu-composition", default="auto", choices=("auto", "on", "off"),
+                        help="optimised config: batched composition on the device (auto = on CUDA)")
     parser.add_argument("--skip-pipeline", action="store_true", help="only the model step")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args(argv)
@@ -201,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PretrainConfig(
         data="bench", output="bench", arch=args.arch or ("r50-fpn" if cuda else "tiny-fpn"), method=args.method,
         batch_size=args.batch_size or (256 if cuda else 32), canvas=args.canvas or (256 if cuda else 64),
-        queue_size=args.queue_size or (65536 if cuda else 4096), workers=workers, device=str(device))
+        queue_size=args.queue_size or (65536 if cuda else 4096), workers=workers, device=str(device), amp=args.amp,
+        channels_last=args.channels_last, gpu_composition=args.gpu_composition)
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else 'CPU'}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, arch {cfg.arch}, method {cfg.method}, batch {cfg.batch_size}, "
           f"canvas {cfg.canvas}, K {cfg.queue_size}, loader workers {workers}, steps {args.steps}", flush=True)
@@ -231,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("pipeline (data included)", statistics.median(pipe_rates["baseline"]),
                      statistics.median(pipe_rates["optimised"])))
 
+    print(f"  per-round img/s: step {_fmt(step)}" + ("" if args.skip_pipeline else f"; pipeline {_fmt(pipe_rates)}"))
     print()
     print("| workload | baseline fp32 eager (img/s) | optimised (img/s) | ratio |")
     print("|---|---|---|---|")
