@@ -899,7 +899,8 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--init", default="random",
                    help="pretrained backbone: hub alias, owner/repo[@rev] or local folder; 'random' for none")
     p.add_argument("--arch", choices=ARCHITECTURES, help="detector (default: the preset's, else faster_rcnn_fpn)")
-    p.add_argument("--backbone", help="architecture preset for --init random (tiny-fpn, r18-fpn, r50-fpn, r50-c4...)")
+    p.add_argument("--backbone", help="architecture for --init random (tiny-fpn, r18-fpn, r50-fpn, r50-c4...); "
+                                      "a pretrained --init brings its own")
     p.add_argument("--preset", help=f"published schedule: {', '.join(PRESETS)}")
     p.add_argument("--iterations", type=int, help="total iterations (after scaling)")
     p.add_argument("--batch-size", type=int, help="total images per iteration, all processes together")
@@ -910,9 +911,10 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--max-size", type=int, help="longest side limit")
     p.add_argument("--test-size", type=int, help="short side for evaluation and for the saved detector")
     p.add_argument("--norm", choices=("auto", "bn", "sync", "frozen"), default="auto",
-                   help="normalisation: auto = SyncBN with several GPUs, else BN")
+                   help="auto = SyncBN with several GPUs, else BN; frozen = FrozenBN in the pretrained parts")
     p.add_argument("--box-head-extra-norm", action="store_true",
-                   help="BatchNorm after the box head's fc (the official InsLoc fine-tuning head)")
+                   help="new BatchNorm in the RoI head: after the 4conv1fc head's fc (the official InsLoc "
+                        "fine-tuning head) or after res5 for C4 (MoCo's Res5ROIHeadsExtraNorm)")
     p.add_argument("--allow-partial-load", action="store_true",
                    help="skip pretrained tensors that do not fit instead of failing (listed in load_report.json)")
     p.add_argument("--detector-opt", action="append", metavar="KEY=VALUE",
