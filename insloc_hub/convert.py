@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import pickle
@@ -44,7 +43,7 @@ import torch
 from insloc_hub.errors import CheckpointError, ConfigError, WeightsMismatchError
 from insloc_hub.models import BackboneConfig, InsLocBackbone
 from insloc_hub.models.resnet import RESNET_SPECS
-from insloc_hub.pretrained import from_pretrained, save_pretrained
+from insloc_hub.pretrained import from_pretrained, save_pretrained, sha256_file
 
 __all__ = [
     "ConversionReport", "convert_moco", "convert_moco_to_folder", "convert_official", "convert_official_to_folder",
@@ -179,14 +178,6 @@ def load_foreign_checkpoint(path: PathLike) -> Any:
         ) from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from exc
-
-
-def _sha256(path: PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _state_dict_of(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:
@@ -553,7 +544,7 @@ def _to_folder(bundle: InsLocBackbone, report: ConversionReport, src: PathLike |
                converter: str, name: str | None, provenance: Mapping[str, Any] | None) -> Path:
     record = report.provenance()
     record["converted_with"] = f"insloc_hub.convert.{converter}"
-    record["source_sha256"] = _sha256(src) if not isinstance(src, Mapping) else None
+    record["source_sha256"] = sha256_file(src) if not isinstance(src, Mapping) else None
     record.update(provenance or {})
     return save_pretrained(bundle, out_dir, name=name, provenance=record)
 

@@ -41,6 +41,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from insloc_hub.configs import JsonConfig
 from insloc_hub.errors import ConfigError, WeightsMismatchError
 from insloc_hub.models import FPN, BackboneConfig, BoxHead, InsLocBackbone, Res5Head, ResNetTrunk, backbone_config
 
@@ -54,7 +55,7 @@ FPN_LEVELS = ["p2", "p3", "p4", "p5"]
 
 
 @dataclass
-class DetectorConfig:
+class DetectorConfig(JsonConfig):
     """Everything needed to rebuild a detector; stored in a detection hub folder's config.json."""
 
     arch: str = "faster_rcnn_fpn"
@@ -64,17 +65,7 @@ class DetectorConfig:
     box_head_extra_norm: bool = False
     norm: str = "bn"
     options: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DetectorConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown detector config fields {sorted(unknown)}")
-        return cls(**dict(data))
+    config_kind = "detector config"
 
 
 @dataclass

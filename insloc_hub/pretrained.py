@@ -96,7 +96,7 @@ def save_pretrained(
         save_file(state, str(staging_dir / WEIGHTS_NAME), metadata={"format": "pt", "library": "insloc-hub"})
         config["weights"] = {
             "file": WEIGHTS_NAME,
-            "sha256": _sha256(staging_dir / WEIGHTS_NAME),
+            "sha256": sha256_file(staging_dir / WEIGHTS_NAME),
             "num_tensors": len(state),
             "num_parameters": sum(p.numel() for p in model.parameters()),
         }
@@ -134,7 +134,8 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
             "features": features, "detector": det_config.to_dict(), "class_names": det_config.class_names}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -189,7 +190,7 @@ def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *,
     record = _read_record(record_path)
     if not always and record.get(key) == expected:
         return
-    actual = _sha256(real)
+    actual = sha256_file(real)
     if actual != expected:
         raise IntegrityError(
             f"{path} has sha256 {actual} but config.json records {expected}: the file is corrupted or was "

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw, ImageFilter
 
+from insloc_hub.configs import JsonConfig
 from insloc_hub.errors import ConfigError
 from insloc_hub.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -79,13 +80,15 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 # Configuration and parameters
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class CompositionConfig:
+class CompositionConfig(JsonConfig):
     """Every number of the copy-paste composition and per-view augmentation.
 
     Defaults are the official FPN recipe (``configs/FPN/insloc_fpn_200ep.py`` L5-24 and the
     defaults of ``CopyAndPaste`` / ``PixelAugPil``). A tiny preset for tests or smoke runs is a config
     change: ``CompositionConfig.for_canvas(64)`` gives canvas 64 with target bounds [32, 63).
     """
+
+    config_kind = "composition config"
 
     canvas: int = 256
     """Side of the square canvas; backgrounds are stretched to canvas x canvas (``base_scale``)."""
@@ -165,19 +168,6 @@ class CompositionConfig:
         and smoke runs (bounds [32, 63)).
         """
         return cls(canvas=canvas, bound_range=(canvas // 2, canvas - 1), **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict (tuples become lists when dumped)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CompositionConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ConfigError(f"CompositionConfig: unknown keys {sorted(unknown)}")
-        return cls(**data)
 
     # Ranges as torchvision's ColorJitter builds them from the scalar strengths.
     @property

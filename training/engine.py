@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from insloc_hub import __version__
+from insloc_hub.configs import JsonConfig
 from insloc_hub.errors import CheckpointError, ConfigError, DatasetError
 from insloc_hub.models import BackboneConfig, InsLocBackbone, backbone_config
 from insloc_hub.pretrained import save_pretrained
@@ -100,11 +101,13 @@ TRI_STATE = ("auto", "on", "off")
 # Configuration
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class PretrainConfig:
+class PretrainConfig(JsonConfig):
     """Every setting of a pretraining run; serialised to ``RUN_DIR/config.json`` and checkpoints.
 
     Defaults are the official FPN recipe. ``FIELD_HELP`` documents each field and its source.
     """
+
+    config_kind = "pretraining config"
 
     data: str = ""
     output: str = ""
@@ -171,17 +174,6 @@ class PretrainConfig:
             raise ConfigError(f"--canvas must be a multiple of 16 (box-jitter anchors), got {self.canvas}")
         if min(self.workers, self.checkpoint_every_steps, self.max_steps, self.threads) < 0:
             raise ConfigError("--workers, --threads, --checkpoint-every-steps and --max-steps must be >= 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PretrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown pretraining config fields {sorted(unknown)}")
-        return cls(**data)
 
     @property
     def scaled_lr(self) -> float:

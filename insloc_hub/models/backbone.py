@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torchvision.ops import MultiScaleRoIAlign
 
+from insloc_hub.configs import JsonConfig
 from insloc_hub.errors import ConfigError
 from insloc_hub.models.fpn import FPN
 from insloc_hub.models.heads import BoxHead, Res5Head
@@ -26,7 +27,7 @@ ALL_PARTS = ("trunk", "fpn", "box_head")
 
 
 @dataclass
-class BackboneConfig:
+class BackboneConfig(JsonConfig):
     """Architecture of a backbone bundle; serialised into ``config.json["architecture"]``.
 
     Attributes:
@@ -52,6 +53,7 @@ class BackboneConfig:
     head_fc: int = 1024
     roi_size: int = 7
     parts: tuple[str, ...] | None = None
+    config_kind = "architecture"
 
     def __post_init__(self) -> None:
         if self.parts is None:
@@ -70,14 +72,6 @@ class BackboneConfig:
         d = dataclasses.asdict(self)
         d["parts"] = list(self.parts)
         return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BackboneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = set(data) - known
-        if extra:
-            raise ConfigError(f"unknown architecture fields {sorted(extra)}; is this config from a newer insloc-hub?")
-        return cls(**data)
 
     @property
     def stage_channels(self) -> list[int]:

@@ -104,8 +104,8 @@ def test_checksum_is_not_recomputed_for_an_unchanged_file(tmp_path, monkeypatch)
     from insloc_hub import pretrained
 
     calls = []
-    real = pretrained._sha256
-    monkeypatch.setattr(pretrained, "_sha256", lambda p: calls.append(p) or real(p))
+    real = pretrained.sha256_file
+    monkeypatch.setattr(pretrained, "sha256_file", lambda p: calls.append(p) or real(p))
     from_pretrained(folder)
     from_pretrained(folder)
     assert len(calls) == 1
