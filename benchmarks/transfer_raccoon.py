@@ -46,7 +46,10 @@ import numpy as np
 from PIL import Image
 
 ROWS = ("random", "moco", "insloc")
-ROW_TITLES = {"random": "random init", "moco": "MoCo v2 (image-level)", "insloc": "InsLoc"}
+#: diagnostic row, not run by default: the InsLoc trunk alone (its FPN and box head left out)
+EXTRA_ROWS = ("insloc-trunk",)
+ROW_TITLES = {"random": "random init", "moco": "MoCo v2 (image-level)", "insloc": "InsLoc",
+              "insloc-trunk": "InsLoc, trunk only (diagnostic)"}
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raccoon"
 
 #: scikit-image sample photographs that load without a download (real photos; synthetic ones left out)
@@ -145,6 +148,20 @@ def build_unlabelled_folder(data: Path, folder: Path) -> dict[str, int]:
     return {"raccoon_train": len(train), "skimage": extra, "total": len(present)}
 
 
+def trunk_only_folder(folder: Path, out: Path) -> Path:
+    """A copy of a backbone hub folder holding only its trunk (like a converted MoCo/supervised ResNet)."""
+    import dataclasses
+
+    from insloc_hub.models import InsLocBackbone
+    from insloc_hub.pretrained import from_pretrained, save_pretrained
+
+    full = from_pretrained(folder)
+    trunk = InsLocBackbone(dataclasses.replace(full.config, parts=("trunk",)))
+    trunk.trunk.load_state_dict(full.trunk.state_dict())
+    provenance = {**full.hub_config.get("provenance", {}), "derived": f"trunk of {folder}"}
+    return save_pretrained(trunk, out, name=out.name, provenance=provenance)
+
+
 # ----------------------------------------------------------------------------------------------
 # Stages
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="raccoon folder (read only)")
     parser.add_argument("--work", type=Path, required=True, help="work folder: unlabelled images, runs, logs")
     parser.add_argument("--table", type=Path, required=True, help="markdown table to write")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help=f"comma-separated subset of {ROWS + EXTRA_ROWS} (insloc-trunk needs insloc)")
     parser.add_argument("--seeds", type=int, help="fine-tuning seeds (default: the config's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--jobs", type=int, default=2, help="stages run at the same time")
@@ -244,9 +262,11 @@ def main(argv: list[str] | None = None) -> int:
 
     budget = CONFIGS[args.config]
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = set(rows) - set(ROWS)
+    unknown = set(rows) - set(ROWS + EXTRA_ROWS)
     if unknown:
-        parser.error(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
+        parser.error(f"unknown rows {sorted(unknown)}; choose from {ROWS + EXTRA_ROWS}")
+    if "insloc-trunk" in rows and "insloc" not in rows:
+        parser.error("the insloc-trunk row is derived from the insloc pretraining: add insloc to --rows")
     seeds = list(range(args.seeds or budget.seeds))
     data = args.data.resolve()
     if not (data / "train_split.txt").is_file() or not (data / "test_split.txt").is_file():
@@ -275,12 +295,18 @@ def main(argv: list[str] | None = None) -> int:
             cmd = finetune_command(init_of[row], data, out, budget, args.device, seed)
             pending[pool.submit(_run, cmd, work / "logs" / f"{name}.log", args.threads)] = name
 
-    for method in [r for r in rows if r != "random"]:
+    def start_trunk_only() -> None:
+        init_of["insloc-trunk"] = str(trunk_only_folder(Path(init_of["insloc"]), work / "insloc-trunk-only"))
+        submit_finetunes("insloc-trunk")
+
+    for method in [r for r in rows if r in ("moco", "insloc")]:
         out = work / f"pretrain-{method}"
         init_of[method] = str(out / "final")
         if (out / "final" / "config.json").is_file():
             print(f"pretrain-{method}: reusing {out / 'final'}", flush=True)
             submit_finetunes(method)
+            if method == "insloc" and "insloc-trunk" in rows:
+                start_trunk_only()
             continue
         cmd = pretrain_command(method, work / "unlabelled", out, budget, args.device, args.pretrain_seed)
         pending[pool.submit(_run, cmd, work / "logs" / f"pretrain-{method}.log", args.threads)] = f"pretrain-{method}"
@@ -294,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {timings[name]:.0f} s wall, {cpu_times[name]:.0f} s CPU", flush=True)
             if name.startswith("pretrain-"):
                 submit_finetunes(name[len("pretrain-"):])
+                if name == "pretrain-insloc" and "insloc-trunk" in rows:
+                    start_trunk_only()
     pool.shutdown()
 
     results = {row: [_metrics(work / f"finetune-{row}-seed{seed}") for seed in seeds] for row in rows}
