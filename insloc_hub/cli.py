@@ -240,15 +240,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_command(prog: str, args: argparse.Namespace, *, interrupted_hint: str = "") -> int:
+    """Run a parsed subcommand; user errors print one line and exit 2, Ctrl-C exits 130.
+
+    Shared by ``insloc-hub`` and ``insloc-train``.
+    """
+    try:
+        return int(args.func(args) or 0)
+    except InsLocError as exc:
+        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog} {args.command}: interrupted{interrupted_hint}", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except InsLocError as exc:
-        print(f"insloc-hub {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("insloc-hub", args)
 
 
 if __name__ == "__main__":

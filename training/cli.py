@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from insloc_hub.errors import InsLocError
+from insloc_hub.cli import run_command
 
 # modules that contribute subcommands, in the order they appear in --help
 SUBCOMMAND_MODULES = ("insloc_hub.training.pretrain", "insloc_hub.training.finetune", "insloc_hub.training.demo")
@@ -40,14 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except InsLocError as exc:
-        print(f"insloc-train {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"insloc-train {args.command}: interrupted; resume with --resume auto", file=sys.stderr)
-        return 130
+    return run_command("insloc-train", args, interrupted_hint="; resume with --resume auto")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Python entry points: :func:`resolve_config` (flags -> :class:`FinetuneConfig`), 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -47,6 +46,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from insloc_hub.configs import JsonConfig
 from insloc_hub.detectors import ARCHITECTURES, build_detector
 from insloc_hub.errors import CheckpointError, ConfigError, InsLocError, ModelNotFoundError
 from insloc_hub.models import InsLocBackbone
@@ -148,8 +148,10 @@ def parse_sizes(text: str | int | Sequence[int]) -> list[int]:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(JsonConfig):
     """Every setting of a fine-tuning run (one field per flag); written to ``training_args.json``."""
+
+    config_kind = "fine-tuning config"
 
     data: str
     output: str
@@ -187,9 +189,6 @@ class FinetuneConfig:
     eval_batch_size: int = 2
     num_visualize: int = 4
     resume: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with the checkpoint it continues."""
