@@ -45,3 +45,11 @@ class DatasetError(InsLocError, ValueError):
 
 class CheckpointError(InsLocError, RuntimeError):
     """A training checkpoint is unreadable or belongs to another configuration."""
+
+
+class MissingDependencyError(InsLocError, ImportError):
+    """An optional package (onnxruntime, TensorRT...) or a GPU is needed; the message says what to install."""
+
+
+class ExportError(InsLocError, RuntimeError):
+    """An export failed or its result differs from the PyTorch model beyond tolerance (figures in the message)."""
