@@ -106,9 +106,18 @@ def format_metadata(fields: dict[str, Any]) -> str:
         if key in ("inputs", "outputs") and isinstance(value, list):
             lines.append(f"{key}:")
             lines += [f"  {t['name']}: {t['dtype']} {t['shape']}" for t in value]
-        elif isinstance(value, (dict, list)):
-            text = json.dumps(value, indent=2)
-            lines.append(f"{key}: " + text.replace("\n", "\n  "))
+        elif key == "parity" and isinstance(value, dict) and "cases" in value:
+            lines.append(f"parity: {'passed' if value.get('passed') else 'FAILED'} on {value.get('images')}")
+            for case in value["cases"]:
+                figures = {k: v for k, v in case.items() if k not in ("case", "outputs")}
+                for name, out in case.get("outputs", {}).items():
+                    figures[name] = out
+                lines.append(f"  {case.get('case')}: {json.dumps(figures)}")
+        elif isinstance(value, dict):
+            lines.append(f"{key}:")
+            lines += [f"  {k}: {json.dumps(v)}" for k, v in value.items()]
+        elif isinstance(value, list):
+            lines.append(f"{key}: {json.dumps(value)}")
         else:
             lines.append(f"{key}: {value}")
     return "\n".join(lines)
