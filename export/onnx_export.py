@@ -273,11 +273,32 @@ def _export_dynamo(module: nn.Module, example: torch.Tensor, path: Path, opset: 
     if height is None:
         dims[2] = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
         dims[3] = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
+    # always 18 here: torch's own down-conversion fails on ReduceMean; _to_opset converts afterwards
     program = torch.onnx.export(
-        module, (example,), dynamo=True, opset_version=opset, input_names=[input_name], output_names=output_names,
+        module, (example,), dynamo=True, opset_version=18, input_names=[input_name], output_names=output_names,
         dynamic_shapes={"images": dims} if dims else None, verbose=False, optimize=True,
     )
     program.save(str(path))
+    if opset != 18:
+        _to_opset(path, opset)
+
+
+def _to_opset(path: Path, opset: int) -> None:
+    """Convert a saved graph to an older opset with ``onnx.version_converter``.
+
+    The converter keeps ReduceMean-18's ``noop_with_empty_axes`` attribute, which older ReduceMean
+    versions lack; at its default (0) dropping it changes nothing, so it is dropped.
+    """
+    import onnx
+    import onnx.version_converter
+
+    model = onnx.version_converter.convert_version(onnx.load(str(path)), opset)
+    for node in model.graph.node:
+        if node.op_type.startswith("Reduce"):
+            kept = [a for a in node.attribute if not (a.name == "noop_with_empty_axes" and a.i == 0)]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+    onnx.save(model, str(path))
 
 
 def _export_torchscript(module: nn.Module, example: torch.Tensor, path: Path, opset: int, input_name: str,
@@ -404,7 +425,10 @@ def _metadata_fields(model: nn.Module, name: str, revision: str | None, task: st
     fields: dict[str, Any] = {
         "task": task, "model_name": name, "revision": _revision(model, name, revision),
         "weights_sha256": config.get("weights", {}).get("sha256", ""),
-        "exporter": f"{EXPORTERS[exporter]}, torch {torch.__version__}", "opset": opset, "version": __version__,
+        "exporter": f"{EXPORTERS[exporter]}, torch {torch.__version__}"
+                    + (f" (opset 18, converted to {opset} by onnx.version_converter)"
+                       if exporter == "dynamo" and opset != 18 else ""),
+        "opset": opset, "version": __version__,
         "precision": "float16" if half else "float32",
     }
     if task == "detector":
