@@ -53,5 +53,15 @@ def detector_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     return folders
 
 
+@pytest.fixture(scope="session")
+def features_onnx(tiny_fpn_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny FPN folder exported through the CLI with everything dynamic (parity checked)."""
+    from insloc_hub.export.cli import main
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny-features.onnx"
+    assert main(["onnx", str(tiny_fpn_folder), "--output", str(out), "--threads", "1"]) == 0
+    return out
+
+
 def world_readable(path: os.PathLike[str]) -> bool:
     return bool(os.stat(path).st_mode & 0o004)

@@ -29,14 +29,6 @@ def _normalised(pixels: np.ndarray) -> torch.Tensor:
     return (torch.from_numpy(pixels).float() / 255 - mean) / std
 
 
-@pytest.fixture(scope="module")
-def features_onnx(tiny_fpn_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny FPN folder exported through the CLI with everything dynamic."""
-    out = tmp_path_factory.mktemp("onnx") / "tiny-features.onnx"
-    assert main(["onnx", str(tiny_fpn_folder), "--output", str(out), "--threads", "1"]) == 0
-    return out
-
-
 def test_features_graph_takes_pixels_and_matches_the_backbone_at_any_batch_and_size(
         features_onnx: Path, tiny_fpn_folder: Path) -> None:
     model = from_pretrained(tiny_fpn_folder)
