@@ -27,11 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from insloc_hub.detectors import inference_options
 from insloc_hub.errors import ConfigError, ExportError
 from insloc_hub.export.metadata import set_metadata, tensor_specs
 from insloc_hub.export.parity import ParityReport, Tolerance, verify_onnx
 from insloc_hub.export.wrappers import TASKS, PixelBackbone, PixelDetector, feature_names, has_embedding
 from insloc_hub.models import PRESETS, InsLocBackbone
+from insloc_hub.pretrained import _umask
 from insloc_hub.transforms import IMAGENET_MEAN, IMAGENET_STD
 from insloc_hub.version import __version__
 
@@ -213,9 +215,7 @@ def _writable_temp(output: Path) -> Path:
         os.close(fd)
     except OSError as exc:
         raise ConfigError(f"cannot write {output}: {exc.strerror or exc}; choose a writable --output") from exc
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)  # readable like any other file (mkstemp makes 0600)
+    os.chmod(name, 0o666 & ~_umask())  # readable like any other file (mkstemp makes 0600)
     return Path(name)
 
 
@@ -393,32 +393,6 @@ def backbone_arch(model: InsLocBackbone) -> str:
     return f"resnet{cfg.depth}-{cfg.variant}-width{cfg.width}"
 
 
-def detector_inference(model: nn.Module) -> dict[str, Any]:
-    """The effective inference options of a detector (CONTRACT part 1), read from the model itself."""
-    recorded = getattr(getattr(model, "insloc_config", None), "inference", None)
-    if isinstance(recorded, dict) and recorded:
-        return dict(recorded)
-    transform = model.transform
-    options: dict[str, Any] = {
-        "min_size": int(transform.min_size[-1]), "max_size": int(transform.max_size),
-        "image_mean": [float(v) for v in transform.image_mean], "image_std": [float(v) for v in transform.image_std],
-        "size_divisible": int(transform.size_divisible),
-    }
-    if hasattr(model, "roi_heads"):
-        heads, rpn = model.roi_heads, model.rpn
-        options.update(score_thresh=float(heads.score_thresh), nms_thresh=float(heads.nms_thresh),
-                       detections_per_img=int(heads.detections_per_img),
-                       rpn_pre_nms_top_n_test=int(rpn._pre_nms_top_n["testing"]),
-                       rpn_post_nms_top_n_test=int(rpn._post_nms_top_n["testing"]),
-                       rpn_nms_thresh=float(rpn.nms_thresh))
-        if heads.has_mask():
-            options["mask_thresh"] = 0.5
-    else:
-        options.update(score_thresh=float(model.score_thresh), nms_thresh=float(model.nms_thresh),
-                       detections_per_img=int(model.detections_per_img), topk_candidates=int(model.topk_candidates))
-    return options
-
-
 def _metadata_fields(model: nn.Module, name: str, revision: str | None, task: str, exporter: str, opset: int,
                      half: bool) -> dict[str, Any]:
     config = getattr(model, "hub_config", None) or {}
@@ -433,7 +407,7 @@ def _metadata_fields(model: nn.Module, name: str, revision: str | None, task: st
     }
     if task == "detector":
         det = model.insloc_config
-        inference = detector_inference(model)
+        inference = inference_options(model)  # CONTRACT part 1: what the modules do now
         fields.update(arch=det.arch, class_names=list(det.class_names or []), options=inference)
         fields["preprocessing"] = {
             "input": "image: uint8 [3, H, W] RGB pixels 0-255, one image per call",

@@ -113,6 +113,7 @@ def test_every_detector_exports_with_postprocessing_inside(arch: str, detector_f
     assert meta["inputs"] == [{"name": "image", "dtype": "uint8", "shape": [3, "height", "width"]}]
     assert [o["name"] for o in meta["outputs"]] == names
     assert meta["options"]["min_size"] == 128 and meta["options"]["max_size"] == 192
+    assert meta["options"] == read_config(detector_folders[arch])["detector"]["inference"]  # CONTRACT part 1
     assert "TorchScript" in meta["exporter"]
     assert meta["parity"]["passed"] and all(c["torch"] > 0 for c in meta["parity"]["cases"])
     if arch == "mask_rcnn_fpn":
