@@ -150,7 +150,7 @@ def test_parity_beyond_tolerance_fails_the_export_with_figures(features_onnx: Pa
     from insloc_hub.export import verify_onnx
     from insloc_hub.export.wrappers import PixelBackbone
 
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # the exported folder was initialised from seed 0
     other = InsLocBackbone("tiny-fpn").eval()  # not the weights that were exported
     reference = PixelBackbone(other, ["p2", "p3", "p4", "p5", "embedding"], IMAGENET_MEAN, IMAGENET_STD)
     names = ["p2", "p3", "p4", "p5", "embedding"]
