@@ -90,6 +90,16 @@ def test_c4_embedding_with_fixed_batch_size_and_opset_17(tmp_path: Path) -> None
         np.testing.assert_allclose(got, model.forward_embedding(_normalised(pixels)).numpy(), rtol=1e-3, atol=1e-4)
 
 
+def test_half_embedding_runs_in_float16_within_the_half_tolerance(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    result = export_onnx(InsLocBackbone("tiny-fpn"), tmp_path / "half.onnx", task="embedding", half=True,
+                         batch=1, height=64, width=64, threads=1)
+    assert result.metadata["precision"] == "float16"
+    assert result.metadata["outputs"] == [{"name": "embedding", "dtype": "float16", "shape": [1, 128]}]
+    worst = max(o["max_rel"] for case in result.parity.cases for o in case["outputs"].values())
+    assert 0 < worst < Tolerance.for_half().feature_rel  # compared with the float32 model
+
+
 def test_resnet50_features_export_dynamic_with_parity(tmp_path: Path) -> None:
     torch.manual_seed(0)
     result = export_onnx(InsLocBackbone("r50-fpn"), tmp_path / "r50.onnx", threads=1)
