@@ -186,6 +186,8 @@ def export_onnx(
         _run_exporter(module, example, tmp, exporter, opset, input_name, output_names, task, batch, height, width)
         fields = _metadata_fields(model, name, revision, task, exporter, opset, half)
         onnx_model = _finish_graph(tmp, fields, simplify)
+        if "masks" in output_names:
+            _name_mask_dims(onnx_model, height, width)
         fields["inputs"] = tensor_specs(onnx_model.graph.input)
         fields["outputs"] = tensor_specs(onnx_model.graph.output)
         parity = None
@@ -306,8 +308,6 @@ def _export_torchscript(module: nn.Module, example: torch.Tensor, path: Path, op
     axes: dict[str, dict[int, str]] = {name: {0: "detections"} for name in output_names}
     if height is None:
         axes[input_name] = {1: "height", 2: "width"}
-        if "masks" in output_names:  # pasted into the input image: same height and width
-            axes["masks"] = {0: "detections", 2: "height", 3: "width"}
     torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset, input_names=[input_name],
                       output_names=output_names, dynamic_axes=axes, do_constant_folding=True)
 
@@ -317,11 +317,6 @@ def _finish_graph(path: Path, fields: dict[str, Any], simplify: bool | None) -> 
     import onnx
 
     model = onnx.load(str(path))
-    for value in model.graph.output:
-        if value.name == "masks":  # the tracer names the constant channel dim; it is 1
-            dim = value.type.tensor_type.shape.dim[1]
-            dim.Clear()
-            dim.dim_value = 1
     if simplify is not False:
         simplified = _simplify(model, required=bool(simplify))
         if simplified is not None:
@@ -331,6 +326,19 @@ def _finish_graph(path: Path, fields: dict[str, Any], simplify: bool | None) -> 
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"onnx.checker rejected the exported graph: {str(exc).splitlines()[0]}") from exc
     return model
+
+
+def _name_mask_dims(model: Any, height: int | None, width: int | None) -> None:
+    """Masks are ``[K, 1, H, W]`` with the input's H and W; the tracer leaves generated names there."""
+    for value in model.graph.output:
+        if value.name == "masks":
+            dims = value.type.tensor_type.shape.dim
+            for index, size in ((1, 1), (2, height or "height"), (3, width or "width")):
+                dims[index].Clear()
+                if isinstance(size, int):
+                    dims[index].dim_value = size
+                else:
+                    dims[index].dim_param = size
 
 
 def _simplify(model: Any, required: bool) -> tuple[Any, str] | None:

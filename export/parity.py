@@ -209,8 +209,8 @@ def verify_onnx(
     reference: nn.Module,
     task: str,
     *,
-    output_names: list[str],
-    input_name: str,
+    output_names: list[str] | None = None,
+    input_name: str | None = None,
     batch: int | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -225,9 +225,10 @@ def verify_onnx(
         path: the ONNX file.
         reference: the module that was exported (uint8 in, tuple out), in eval mode.
         task: ``features``, ``embedding`` or ``detector``.
-        output_names: the graph's output names, in the module's output order.
-        input_name: the graph's input name.
-        batch, height, width: fixed sizes of the graph, ``None`` where dynamic.
+        output_names: the graph's output names, in the module's output order (default: the graph's).
+        input_name: the graph's input name (default: its only input).
+        batch, height, width: fixed sizes of the graph, ``None`` where dynamic (default: read from
+            the graph's input shape).
         tolerance: limits (default :class:`Tolerance`).
         session: an existing onnxruntime session (default: a CPU/CUDA session on ``path``).
         raise_on_failure: raise :class:`ExportError` with the figures when a tolerance is exceeded.
@@ -241,6 +242,14 @@ def verify_onnx(
 
     tol = tolerance or Tolerance()
     session = session or ort_session(path, threads=threads)
+    graph_input = session.get_inputs()[0]
+    input_name = input_name or graph_input.name
+    output_names = output_names or [o.name for o in session.get_outputs()]
+    if batch is None and height is None:
+        dims = list(graph_input.shape)
+        fixed = [d if isinstance(d, int) else None for d in dims]
+        batch = fixed[0] if task != "detector" else None
+        height, width = fixed[-2], fixed[-1]
     _, images_kind = photographs()
     report = ParityReport(task=task, passed=True, images=images_kind, tolerance=asdict(tol))
     device = next(reference.parameters()).device

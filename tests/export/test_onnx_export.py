@@ -141,6 +141,23 @@ def test_every_detector_exports_with_postprocessing_inside(arch: str, detector_f
         assert got["masks"].shape[1:] == (1, 150, 230)
 
 
+def test_fixed_size_mask_rcnn_and_verify_onnx_reads_sizes_from_the_graph(tmp_path: Path) -> None:
+    from insloc_hub import build_detector
+    from insloc_hub.export import verify_onnx
+    from insloc_hub.export.wrappers import PixelDetector
+
+    torch.manual_seed(0)
+    model = build_detector("mask_rcnn_fpn", class_names=["cat"], backbone="tiny-fpn", min_size=96, max_size=128,
+                           box_detections_per_img=5)
+    out = tmp_path / "fixed.onnx"
+    result = export_onnx(model, out, height=120, width=160, verify=False)
+    assert result.metadata["inputs"][0]["shape"] == [3, 120, 160]
+    assert result.metadata["outputs"][3]["shape"] == ["detections", 1, 120, 160]
+    report = verify_onnx(out, PixelDetector(model, with_masks=True).eval(), "detector", threads=1)
+    assert report.passed and [c["case"] for c in report.cases] == ["photo 1 120x160", "photo 2 120x160",
+                                                                  "random 120x160"]
+
+
 def test_detector_with_zero_detections(tmp_path: Path) -> None:
     from insloc_hub import build_detector
 
