@@ -45,6 +45,8 @@ def test_features_graph_takes_pixels_and_matches_the_backbone_at_any_batch_and_s
             assert got[name].shape == tuple(expected[name].shape)
             np.testing.assert_allclose(got[name], expected[name].numpy(), rtol=1e-3, atol=1e-4)
         np.testing.assert_allclose(got["embedding"], embedding.numpy(), rtol=1e-3, atol=1e-4)
+    # idle onnxruntime workers must not spin on the cores PyTorch (or another request) needs
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     # true symbolic shapes: each level has its own height expression, not one shared name
     dims = [o.shape for o in session.get_outputs()]
     assert dims[0][0] == "batch" and len({str(d[2]) for d in dims[:4]}) == 4
