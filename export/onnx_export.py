@@ -192,6 +192,7 @@ def export_onnx(
         fields["outputs"] = tensor_specs(onnx_model.graph.output)
         parity = None
         if verify:
+            _save(onnx_model, tmp)  # check the graph as it will be shipped (simplified, dims named)
             reference = _prepare(model, task, False)[0] if half else module
             tol = tolerance or (Tolerance.for_half() if half else Tolerance())
             parity = verify_onnx(tmp, reference, task, output_names=output_names, input_name=input_name,
