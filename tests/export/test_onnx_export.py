@@ -270,3 +270,19 @@ def test_inspect_refuses_foreign_files(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["inspect", str(tmp_path / "junk.onnx")]) == 2
     assert main(["inspect", str(tmp_path / "absent.onnx")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_hub_repo_at_revision(hub_env, tmp_path: Path) -> None:
+    from insloc_hub import push_to_hub
+
+    torch.manual_seed(4)
+    first = push_to_hub(InsLocBackbone("tiny-fpn"), "team/tiny-export")
+    push_to_hub(InsLocBackbone("tiny-fpn"), "team/tiny-export", commit_message="newer weights")
+    out = tmp_path / "hub.onnx"
+    assert main(["onnx", "team/tiny-export", "--revision", first, "-o", str(out), "--task", "embedding",
+                 "--no-verify", "--batch", "1", "--height", "64", "--width", "64"]) == 0
+    meta = read_metadata(out)
+    expected = read_config(from_pretrained("team/tiny-export", revision=first).hub_folder)["weights"]["sha256"]
+    assert meta["model_name"] == "team/tiny-export" and meta["revision"] == first
+    assert meta["weights_sha256"] == expected
+    assert expected != read_config(from_pretrained("team/tiny-export").hub_folder)["weights"]["sha256"]
