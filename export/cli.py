@@ -15,8 +15,11 @@ from insloc_hub.cli import run_command
 
 
 def cmd_onnx(args: argparse.Namespace) -> int:
+    from insloc_hub.errors import ConfigError
     from insloc_hub.export.onnx_export import export_onnx
 
+    if args.dynamic_size and (args.height or args.width):
+        raise ConfigError("--dynamic-size contradicts --height/--width; give one or the other")
     result = export_onnx(
         args.name, args.output, task=args.task, opset=args.opset,
         batch=None if args.dynamic_batch else args.batch,

@@ -99,8 +99,10 @@ def check_task(model: nn.Module, task: str, name: str) -> None:
 
 
 def load_model(model_or_name: nn.Module | str | os.PathLike[str], revision: str | None = None) -> nn.Module:
-    """A loaded model, or ``from_pretrained(name, revision=...)`` on CPU."""
+    """The model on the CPU (a copy if it lives on a GPU), or ``from_pretrained(name, revision=...)``."""
     if isinstance(model_or_name, nn.Module):
+        if any(p.device.type != "cpu" for p in model_or_name.parameters()):
+            return copy.deepcopy(model_or_name).cpu()  # exported and checked on the CPU; the caller's stays put
         return model_or_name
     from insloc_hub import from_pretrained
 

@@ -227,6 +227,7 @@ def test_cli_no_verify_message(tiny_fpn_folder: Path, tmp_path: Path, capsys: py
     (["{det}", "--batch", "4"], "detector graphs take one image"),
     (["{tiny}", "--height", "64"], "give both --height and --width"),
     (["{tiny}", "--batch", "0"], "batch must be between 1 and"),
+    (["{tiny}", "--height", "64", "--width", "64", "--dynamic-size"], "--dynamic-size contradicts"),
 ])
 def test_user_errors_are_one_line(args: list[str], message: str, tiny_fpn_folder: Path,
                                   detector_folders: dict[str, Path], tmp_path: Path,
