@@ -190,7 +190,8 @@ def match_detections(reference: dict[str, np.ndarray], exported: dict[str, np.nd
     return result
 
 
-def _check_detections(figures: dict[str, Any], tol: Tolerance, case: str) -> list[str]:
+def check_detections(figures: dict[str, Any], tol: Tolerance, case: str) -> list[str]:
+    """The tolerance failures (as sentences) of one :func:`match_detections` result."""
     failures = []
     if figures["match_rate"] < tol.match_rate:
         failures.append(f"{case}: matched {figures['matched']} of torch {figures['torch']} / onnx {figures['onnx']} "
@@ -262,7 +263,7 @@ def verify_onnx(
         if task == "detector":
             figures = match_detections(torch_np, onnx_out, tol.match_iou)
             report.cases.append({"case": label, **figures})
-            report.failures += _check_detections(figures, tol, label)
+            report.failures += check_detections(figures, tol, label)
         else:
             per_output = compare_features(torch_np, onnx_out)
             report.cases.append({"case": label, "outputs": per_output})

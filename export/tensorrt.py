@@ -215,7 +215,7 @@ def verify_engine(engine_path: Path, onnx_path: str | os.PathLike[str], metadata
     from insloc_hub.export.parity import (
         ParityReport,
         Tolerance,
-        _check_detections,
+        check_detections,
         compare_features,
         match_detections,
         parity_inputs,
@@ -244,7 +244,7 @@ def verify_engine(engine_path: Path, onnx_path: str | os.PathLike[str], metadata
         if task == "detector":
             figures = match_detections(reference, got, tol.match_iou)
             report.cases.append({"case": label, **figures})
-            report.failures += _check_detections(figures, tol, label)
+            report.failures += check_detections(figures, tol, label)
         else:
             per_output = compare_features(reference, got)
             report.cases.append({"case": label, "outputs": per_output})
