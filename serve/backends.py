@@ -255,8 +255,9 @@ class OnnxBackend(Backend):
             device="cuda" if want_cuda else "cpu", source=str(file),
             class_names=list(json.loads(meta.get("insloc.class_names", "[]"))),
             feature_names=[n for n in self.output_names if n != "embedding"] if task == "features" else [],
-            embedding_dim=None, card_summary=f"exported by {meta.get('insloc.exporter', '?')} "
-                                             f"(opset {meta.get('insloc.opset', '?')}); parity {meta.get('insloc.parity', '?')}",
+            embedding_dim=None,
+            card_summary=f"exported by {meta.get('insloc.exporter', '?')} (opset {meta.get('insloc.opset', '?')}); "
+                         f"parity {meta.get('insloc.parity', '?')}",
         )
         if "embedding" in self.output_names:
             dim = self.session.get_outputs()[self.output_names.index("embedding")].shape[-1]

@@ -10,6 +10,7 @@ dropped before it costs device time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -103,10 +104,8 @@ class Batcher:
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
     async def _next_batch(self) -> list[_Pending]:
         while not self._queue:

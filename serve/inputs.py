@@ -127,7 +127,8 @@ async def images_and_options(request: Request, body: bytes, max_images: int) -> 
         raw = payload.pop(keys[0])
         raw_list = raw if isinstance(raw, list) else [raw]
         if len(raw_list) > max_images:
-            raise ServiceError(413, "too_many_images", f"{len(raw_list)} images in one request; the limit is {max_images}")
+            raise ServiceError(413, "too_many_images",
+                               f"{len(raw_list)} images in one request; the limit is {max_images}")
         images = [b64_image(v, i) for i, v in enumerate(raw_list)]
         parameters = payload.pop("parameters", None)
         if parameters is not None:

@@ -168,7 +168,9 @@ def _tensor_outputs(runtime: ModelRuntime, results: list[Any], opts: Options) ->
 
 
 def _datatype(array: np.ndarray) -> str:
-    return "BYTES" if array.dtype == object else {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}[array.dtype]
+    if array.dtype == object:
+        return "BYTES"
+    return {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}[array.dtype]
 
 
 def _binary(array: np.ndarray) -> bytes:
