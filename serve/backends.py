@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -175,17 +176,33 @@ class TorchBackend(Backend):
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
+    def _padded_shape(self, image: np.ndarray) -> tuple[int, int]:
+        """The size torchvision's transform resizes and pads this image to (its batching bucket)."""
+        transform = self.model.transform
+        height, width = image.shape[:2]
+        scale = min(float(transform.min_size[-1]) / min(height, width), float(transform.max_size) / max(height, width))
+        divisor = transform.size_divisible
+        return tuple(math.ceil(math.floor(d * scale) / divisor) * divisor for d in (height, width))  # type: ignore
+
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         if not self.is_detector:
             return super().detect(images)
         torch = self.torch
-        # torchvision's GeneralizedRCNNTransform resizes, normalises and pads a list of any sizes itself
-        tensors = [torch.from_numpy(np.ascontiguousarray(im)).to(self.device).permute(2, 0, 1).float().div_(255.0)
-                   for im in images]
-        with torch.inference_mode(), self._autocast():
-            outputs = self.detect_fn(tensors)
-        return [Detections(boxes=o["boxes"].float().cpu().numpy(), labels=o["labels"].cpu().numpy(),
-                           scores=o["scores"].float().cpu().numpy()) for o in outputs]
+        # torchvision resizes, normalises and pads a list of any sizes itself; images are grouped by the
+        # padded size so that a batch answers exactly what each image alone would (padding moves RPN proposals)
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(images):
+            buckets.setdefault(self._padded_shape(image), []).append(index)
+        results: list[Detections | None] = [None] * len(images)
+        for indices in buckets.values():
+            tensors = [torch.from_numpy(images[i]).to(self.device).permute(2, 0, 1).float().div_(255.0)
+                       for i in indices]
+            with torch.inference_mode(), self._autocast():
+                outputs = self.detect_fn(tensors)
+            for index, o in zip(indices, outputs):
+                results[index] = Detections(boxes=o["boxes"].float().cpu().numpy(), labels=o["labels"].cpu().numpy(),
+                                            scores=o["scores"].float().cpu().numpy())
+        return results  # type: ignore[return-value]
 
     def embed(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         if self.is_detector:
