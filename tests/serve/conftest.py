@@ -99,6 +99,8 @@ def start_server() -> Iterator[Callable[..., RunningServer]]:
     servers: list[RunningServer] = []
 
     def start(settings: Settings, wait_ready: bool = True, **kwargs) -> RunningServer:
+        if not settings.threads:  # 2 shared cores: torch's default 2 threads oversubscribe them badly
+            settings.threads = 1
         server = RunningServer(create_app(settings, **kwargs)).start(wait_ready=wait_ready)
         servers.append(server)
         return server
