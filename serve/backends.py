@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from insloc_hub.errors import ConfigError
+from insloc_hub.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class ModelInfo:
     feature_names: list[str] = field(default_factory=list)
     embedding_dim: int | None = None
     card_summary: str = ""
+    #: detectors: the effective inference options (config.json ``detector.inference``: resize, score_thresh...)
+    inference: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tag(self) -> str:
@@ -58,7 +62,8 @@ class ModelInfo:
         return {"name": self.name, "revision": self.revision, "sha256": self.sha256, "task": self.task,
                 "backend": self.backend, "device": self.device, "classes": self.class_names,
                 "feature_names": self.feature_names, "embedding_dim": self.embedding_dim,
-                "card_summary": self.card_summary}
+                "card_summary": self.card_summary, "inference": self.inference,
+                "preprocessing": self.preprocessing}
 
 
 class Backend:
@@ -98,6 +103,14 @@ def _group_by_shape(images: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[
     for index, image in enumerate(images):
         groups.setdefault(image.shape, []).append(index)
     return groups
+
+
+def _json_field(meta: dict[str, str], key: str) -> dict[str, Any]:
+    try:
+        value = json.loads(meta.get(key, "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _card_summary(folder: Path | None) -> str:
@@ -159,7 +172,14 @@ class TorchBackend(Backend):
             source=spec, class_names=list(config.get("class_names") or []), feature_names=features,
             embedding_dim=None if self.is_detector else int(model.embedding_dim),
             card_summary=_card_summary(Path(folder) if folder else None),
+            inference=dict(config.get("detector", {}).get("inference", {})),
+            preprocessing=dict(config.get("preprocessing", {})),
         )
+        # backbones take normalised images unless the folder says the model normalises (CONTRACT part 1)
+        pre = self.info.preprocessing
+        self.normalise = not self.is_detector and pre.get("normalization", "caller") == "caller"
+        self.mean = torch.tensor(pre.get("mean", IMAGENET_MEAN), device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(pre.get("std", IMAGENET_STD), device=self.device).view(1, 3, 1, 1)
 
     def _autocast(self):
         if self.on_cuda:
@@ -168,10 +188,13 @@ class TorchBackend(Backend):
 
         return contextlib.nullcontext()
 
-    def _to_batch(self, images: Sequence[np.ndarray]):
+    def _model_input(self, images: Sequence[np.ndarray]):
+        """Equally sized uint8 HWC images -> the backbone's float NCHW input (normalised per the folder)."""
         torch = self.torch
         batch = torch.from_numpy(np.stack(images)).to(self.device, non_blocking=True)
         batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        if self.normalise:
+            batch = (batch - self.mean) / self.std
         if self.on_cuda:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
@@ -207,12 +230,10 @@ class TorchBackend(Backend):
     def embed(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         if self.is_detector:
             return super().embed(images)
-        from insloc_hub.transforms import normalize
-
         results: list[np.ndarray] = [np.empty(0)] * len(images)
         for indices in _group_by_shape(images).values():
             with self.torch.inference_mode(), self._autocast():
-                out = self.embed_fn(normalize(self._to_batch([images[i] for i in indices])))
+                out = self.embed_fn(self._model_input([images[i] for i in indices]))
             for row, index in zip(out.float().cpu().numpy(), indices):
                 results[index] = row
         return results
@@ -220,12 +241,10 @@ class TorchBackend(Backend):
     def features(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         if self.is_detector:
             return super().features(images)
-        from insloc_hub.transforms import normalize
-
         results: list[dict[str, np.ndarray]] = [{}] * len(images)
         for indices in _group_by_shape(images).values():
             with self.torch.inference_mode(), self._autocast():
-                batch = normalize(self._to_batch([images[i] for i in indices]))
+                batch = self._model_input([images[i] for i in indices])
                 maps = {k: v.float().cpu().numpy() for k, v in self.features_fn(batch).items()}
                 embedding = self.embed_fn(batch).float().cpu().numpy()
             for row, index in enumerate(indices):
@@ -272,7 +291,7 @@ class OnnxBackend(Backend):
             device="cuda" if want_cuda else "cpu", source=str(file),
             class_names=list(json.loads(meta.get("insloc.class_names", "[]"))),
             feature_names=[n for n in self.output_names if n != "embedding"] if task == "features" else [],
-            embedding_dim=None,
+            embedding_dim=None, preprocessing=_json_field(meta, "insloc.preprocessing"),
             card_summary=f"exported by {meta.get('insloc.exporter', '?')} (opset {meta.get('insloc.opset', '?')}); "
                          f"parity {meta.get('insloc.parity', '?')}",
         )

@@ -57,6 +57,9 @@ def test_health_ready_models_docs(server):
     models = {m["name"]: m for m in httpx.get(server.url + "/v1/models").json()["models"]}
     assert models[DET]["task"] == "detection" and models[DET]["classes"] == CLASS_NAMES
     assert len(models[DET]["sha256"]) == 64 and models[DET]["card_summary"]
+    assert models[DET]["inference"]["min_size"] == 96 and models[DET]["inference"]["score_thresh"] == 0.0
+    assert models[DET]["preprocessing"]["normalization"] == "model"
+    assert models[BB]["preprocessing"]["normalization"] == "caller"
     assert models[BB]["task"] == "features" and models[BB]["embedding_dim"] == 128
     assert models[DET_ONNX]["backend"] == "onnxruntime" and models[DET_ONNX]["classes"] == CLASS_NAMES
     schema = httpx.get(server.url + "/openapi.json").json()
