@@ -100,6 +100,8 @@ async def images_and_options(request: Request, body: bytes, max_images: int) -> 
         try:
             form = await request.form(max_files=max_images + 1, max_fields=64)
         except Exception as exc:  # python-multipart / Starlette raise several types for malformed bodies
+            if "too many files" in str(exc).lower():
+                raise ServiceError(413, "too_many_images", f"more than {max_images} images in one request") from exc
             raise ServiceError(422, "invalid_multipart", f"malformed multipart body: {exc}") from exc
         images = []
         for key, value in form.multi_items():

@@ -101,6 +101,8 @@ def test_file_paths_and_urls_are_never_read(server):
 def test_too_many_images_is_413(server):
     files = [("image", (f"{i}.png", image_bytes(seed=i))) for i in range(4)]
     _error(httpx.post(server.url + "/v1/detect", files=files), 413, "too_many_images")
+    many = [("image", (f"{i}.png", b"x")) for i in range(50)]
+    _error(httpx.post(server.url + "/v1/detect", files=many), 413, "too_many_images")
     encoded = base64.b64encode(image_bytes()).decode()
     _error(httpx.post(server.url + "/v1/detect", json={"images": [encoded] * 4}), 413, "too_many_images")
 
@@ -256,3 +258,13 @@ def test_shutdown_finishes_requests_in_flight(start_server):
     assert response.status_code == 200
     server.thread.join(timeout=10)
     assert not server.thread.is_alive()
+
+
+def test_requests_in_progress_are_bounded_503_busy(start_server):
+    """Memory is bounded: at most max_inflight_requests bodies are held; the rest are refused at once."""
+    server = start_server(Settings(max_inflight_requests=2, warmup=False), backends=[SlowBackend()])
+    responses = asyncio.run(_concurrently(server.url + "/v1/detect", [image_bytes(30, 20, seed=i) for i in range(8)]))
+    busy = [r for r in responses if r.status_code == 503]
+    assert busy and all(r.json()["error"]["code"] == "busy" and r.headers["retry-after"] for r in busy)
+    assert any(r.status_code == 200 for r in responses)
+    assert httpx.post(server.url + "/v1/detect", content=image_bytes(5, 20)).status_code == 200
