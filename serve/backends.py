@@ -284,8 +284,11 @@ class OnnxBackend(Backend):
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.batched_detector = task == "detector" and self.input_name == "images"
+        exported_name = meta.get("insloc.model_name") or file.stem
+        if exported_name.startswith(("/", ".", "~")) or Path(exported_name).is_dir():
+            exported_name = Path(exported_name).name  # exported from a local folder: its name, not its path
         self.info = ModelInfo(
-            name=served_name(name or meta.get("insloc.model_name") or file.stem),
+            name=served_name(name or exported_name),
             revision=meta.get("insloc.revision") or "local", sha256=meta.get("insloc.weights_sha256", ""),
             task="detection" if task == "detector" else task, backend="onnxruntime",
             device="cuda" if want_cuda else "cpu", source=str(file),
