@@ -48,17 +48,21 @@ class Batcher:
         max_wait_ms: longest wait for a batch to fill once an item is waiting.
         max_queue: most items waiting; more raises :class:`QueueFull`.
         on_batch: called with (batch size, seconds) after each batch (metrics).
+        more_coming: whether other requests are on their way (being read or decoded); when none are,
+            a partial batch runs at once instead of waiting ``max_wait_ms`` for images that cannot come.
     """
 
     def __init__(self, run_batch: Callable[[list[Any]], Sequence[Any]], executor: Executor, *,
                  max_batch_size: int, max_wait_ms: float, max_queue: int,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, float], None] | None = None,
+                 more_coming: Callable[[], bool] | None = None) -> None:
         self.run_batch = run_batch
         self.executor = executor
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.on_batch = on_batch
+        self.more_coming = more_coming or (lambda: True)
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -114,7 +118,7 @@ class Batcher:
         first = self._queue[0].enqueued
         while len(self._queue) < self.max_batch_size:
             remaining = first + self.max_wait - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or not self.more_coming():
                 break
             self._wakeup.clear()
             try:

@@ -54,7 +54,8 @@ class Service:
         # one thread feeds the device: batches never compete for it
         self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="insloc-device")
         self.decode_limiter = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
-        self.inflight = 0
+        self.inflight = 0  # requests past the edge (reading, decoding, queued or running); set by the app
+        self.queued_requests = 0  # of those, requests waiting in a batcher
         self._load_task: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -111,12 +112,17 @@ class Service:
                 self.metrics.record_batch(backend.info.name, op, size, seconds)
 
             batcher = Batcher(getattr(backend, op), self.device_thread, max_batch_size=s.max_batch_size,
-                              max_wait_ms=s.max_wait_ms, max_queue=s.max_queue, on_batch=on_batch)
+                              max_wait_ms=s.max_wait_ms, max_queue=s.max_queue, on_batch=on_batch,
+                              more_coming=self._more_coming)
             batcher.start()
             batchers[op] = batcher
         self.metrics.queue_depth.labels(backend.info.name).set_function(
             lambda: sum(b.depth for b in batchers.values()))
         return batchers
+
+    def _more_coming(self) -> bool:
+        """Requests still being read or decoded: a batch is worth waiting for only then."""
+        return self.inflight > self.queued_requests
 
     async def stop(self) -> None:
         """Finish queued work, then release the device thread."""
@@ -149,6 +155,7 @@ class Service:
             what = "a detector" if runtime.info.task == "detection" else f"a {runtime.info.task} model"
             raise ServiceError(422, "wrong_task", f"model {runtime.info.name!r} is {what}; it cannot {operation}")
         deadline = time.monotonic() + self.settings.request_timeout_s
+        self.queued_requests += 1
         try:
             results = await batcher.submit(images, deadline)
         except QueueFull as exc:
@@ -161,4 +168,6 @@ class Service:
             raise ServiceError(422, "wrong_task", str(exc)) from exc
         except Exception as exc:  # the model failed on these images alone (the batcher isolates them)
             raise ServiceError(422, "inference_failed", f"the model could not process the image: {exc}") from exc
+        finally:
+            self.queued_requests -= 1
         return results
