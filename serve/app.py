@@ -126,7 +126,7 @@ class _EdgeMiddleware:
                         self.service.inflight -= 1
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", None) or ("unmatched" if status["code"] == 404 else path[:0] + "other")
+            template = getattr(route, "path", None) or ("unmatched" if status["code"] == 404 else "other")
             metrics = self.service.metrics
             metrics.requests.labels(template, scope["method"], str(status["code"])).inc()
             metrics.latency.labels(template).observe(time.perf_counter() - started)

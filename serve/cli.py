@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queue", type=int, help="images waiting per model before 503 (default 256)")
     parser.add_argument("--api-key-file", help="require this file's key (Authorization: Bearer KEY or X-API-Key)")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile on CUDA")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                        help="torch backend: auto (default) = bf16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--request-timeout-s", type=float, help="deadline per request, then 504 (default 30)")
     parser.add_argument("--max-body-bytes", type=int, help="largest request body (default 20 MiB)")
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # load before listening: a wrong name or file fails here with one clear line (warm-up runs at start)
         backends = [load_backend(spec, backend=settings.backend, revision=settings.revision, device=settings.device,
-                                 compile=settings.compile, threads=settings.threads) for spec in settings.models]
+                                 compile=settings.compile, threads=settings.threads, precision=settings.precision)
+                    for spec in settings.models]
         app = create_app(settings, backends=backends)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                     timeout_graceful_shutdown=settings.request_timeout_s)

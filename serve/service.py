@@ -98,7 +98,7 @@ class Service:
         s = self.settings
         started = time.monotonic()
         backend = load_backend(spec, backend=s.backend, revision=s.revision, device=s.device, compile=s.compile,
-                               threads=s.threads)
+                               threads=s.threads, precision=s.precision)
         logger.info("loaded %s (%s on %s) in %.2f s", backend.info.tag, backend.info.backend, backend.info.device,
                     time.monotonic() - started)
         return backend

@@ -32,9 +32,10 @@ class Settings:
     port: int = 8000
     max_batch_size: int = 16
     max_wait_ms: float = 5.0
-    max_queue: int = 256  # images waiting for the device, all models together per model
+    max_queue: int = 256  # images waiting for the device, per model and operation
     api_key_file: str | None = None
     compile: bool = False  # torch.compile on CUDA
+    precision: str = "auto"  # torch backend: auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16
     threads: int = 0  # torch intra-op threads for the device worker (0: library default)
     request_timeout_s: float = 30.0  # a request still waiting after this answers 504
     max_body_bytes: int = 20 * 1024 * 1024
