@@ -5,7 +5,9 @@
 3. a small detection set made from those photographs: crops of one photo (the cat) pasted on
    others, with their boxes, written as a VOC folder (train and test splits);
 4. fine-tuning a Faster R-CNN FPN from the pretrained hub folder, then evaluation on the test
-   split with pycocotools (AP, AP50, AP75, detections JSON, a picture with boxes).
+   split with pycocotools (AP, AP50, AP75, detections JSON, a picture with boxes);
+5. exporting the detector to ONNX (parity-checked) with ``insloc-export``, serving it with
+   ``insloc-serve`` and sending one test photo over HTTP (JSON printed, annotated PNG written).
 
 Every stage runs the same code as ``insloc-train pretrain``, ``finetune`` and ``eval``; the output
 folder keeps the pretrained backbone and the fine-tuned detector as hub folders.
@@ -151,12 +153,34 @@ def run_demo(args: argparse.Namespace) -> int:
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     print(f"[3/3] fine-tuned detector hub folder: {detector} ({timings['finetune']:.0f}s); "
           f"evaluation in {out / 'eval'}")
+    if args.serve:
+        _serve_stage(detector, out, test_list, timings)
     summary = _summary(metrics, timings, time.perf_counter() - start)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"demo done in {summary['seconds']:.0f}s: test AP {summary['AP']:.3f}, AP50 {summary['AP50']:.3f}, "
           f"AP75 {summary['AP75']:.3f} (COCO-style, pycocotools); load the detector with "
           f"insloc_hub.from_pretrained({str(detector)!r})")
     return 0
+
+
+def _serve_stage(detector: Path, out: Path, test_list: Path, timings: dict[str, float]) -> None:
+    """Export to ONNX (parity-checked), serve it with insloc-serve, detect on one test photo over HTTP."""
+    import importlib.util
+
+    from insloc_hub.training.demo_serve import CONFIDENT_SCORE, export_and_serve
+
+    if importlib.util.find_spec("insloc_hub.export.cli") is None:  # a check, not an import of export's code
+        print("[export and serve] skipped: insloc-export is not installed in this environment")
+        return
+    t = time.perf_counter()
+    photo = out / "detection" / "JPEGImages" / f"{test_list.read_text().split()[0]}.jpg"
+    answer = export_and_serve(detector, photo, out / "serve")
+    timings["export+serve"] = time.perf_counter() - t
+    print(f"[export and serve] exported {out / 'serve' / 'detector.onnx'} (parity checked), served it with "
+          f"insloc-serve and sent {photo.name} over HTTP ({timings['export+serve']:.0f}s); "
+          f"detections scoring >= {CONFIDENT_SCORE}:")
+    print(json.dumps(answer, indent=2))
+    print(f"annotated picture: {out / 'serve' / 'served_annotated.png'}")
 
 
 def _summary(metrics: dict[str, Any], timings: dict[str, float], seconds: float) -> dict[str, Any]:
@@ -183,4 +207,6 @@ def add_subcommands(subparsers: Any) -> None:
     parser.add_argument("--test-images", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-serve", dest="serve", action="store_false",
+                        help="stop after evaluation (skip exporting to ONNX and serving it over HTTP)")
     parser.set_defaults(func=run_demo)

@@ -1,0 +1,215 @@
+"""Reading requests: the body under a size limit, images from multipart / raw / JSON base64, options.
+
+Only image *bytes* are accepted: never a file path or URL (a string must be base64).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import numpy as np
+from fastapi import Request
+
+from insloc_hub.errors import InvalidImageError
+from insloc_hub.serve.errors import ServiceError, image_error
+from insloc_hub.transforms import decode_image
+
+_DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
+RAW_TYPES = ("image/", "application/octet-stream")
+
+
+@dataclass
+class Options:
+    """Per-request options of /v1/detect (and the other protocols' equivalents)."""
+
+    model: str | None = None
+    score_threshold: float = 0.0
+    max_detections: int | None = None
+    classes: list[str] | None = None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing (413) more than ``limit`` bytes as soon as the header or stream shows it."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError as exc:
+            raise ServiceError(400, "bad_request", f"invalid Content-Length header {declared!r}") from exc
+        if size > limit:
+            raise ServiceError(413, "body_too_large", f"request body is {size:,} bytes, over the limit of {limit:,}")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ServiceError(413, "body_too_large", f"request body is over the limit of {limit:,} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # lets Starlette's form parser read the body we already hold
+    return body
+
+
+def b64_image(value: Any, index: int) -> bytes:
+    """Decode one base64 image string (a ``data:...;base64,`` prefix is allowed); 422 otherwise."""
+    if not isinstance(value, str):
+        raise ServiceError(422, "invalid_image_field",
+                           f"image {index} must be a base64 string, got {type(value).__name__}")
+    text = _DATA_URL.sub("", value.strip())
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        hint = " (file paths and URLs are not accepted: send the image bytes)" if ("/" in text[:200] and "." in
+                                                                                  text[:200]) else ""
+        raise ServiceError(422, "invalid_base64", f"image {index} is not valid base64{hint}: {exc}") from exc
+    return data
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ServiceError(422, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+
+
+def looks_like_json(body: bytes, content_type: str) -> bool:
+    """True for a JSON content type, or an untyped body starting with ``{`` (no image format does)."""
+    if content_type.startswith("application/json") or content_type.endswith("+json"):
+        return True
+    return not content_type.startswith("image/") and body.lstrip()[:1] == b"{"
+
+
+async def images_and_options(request: Request, body: bytes, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
+    """Encoded images and raw option values from a multipart, raw-image or JSON body (plus query options).
+
+    JSON: ``{"images": ["<base64>", ...]}`` (or ``"image"``/``"inputs"`` with one string) and options
+    beside them. Multipart: every file part is an image; text fields are options.
+    """
+    content_type = request.headers.get("content-type", "").lower()
+    options: dict[str, Any] = {k: v for k, v in request.query_params.items() if k != "annotated"}
+    if "classes" in request.query_params:
+        options["classes"] = request.query_params.getlist("classes")
+    images: list[bytes]
+    if content_type.startswith("multipart/form-data"):
+        try:
+            form = await request.form(max_files=max_images + 1, max_fields=64)
+        except Exception as exc:  # python-multipart / Starlette raise several types for malformed bodies
+            if "too many files" in str(exc).lower():
+                raise ServiceError(413, "too_many_images", f"more than {max_images} images in one request") from exc
+            raise ServiceError(422, "invalid_multipart", f"malformed multipart body: {exc}") from exc
+        images = []
+        for key, value in form.multi_items():
+            if hasattr(value, "read"):
+                images.append(await value.read())
+            elif key == "classes":
+                options.setdefault("classes", [])
+                if isinstance(options["classes"], str):
+                    options["classes"] = [options["classes"]]
+                options["classes"] += [c for c in str(value).split(",") if c]
+            else:
+                options[key] = value
+        await form.close()
+        if not images:
+            raise ServiceError(422, "no_images", "the multipart body has no file part; send images as files "
+                                                 "(curl -F image=@photo.jpg)")
+    elif looks_like_json(body, content_type):
+        payload = _parse_json(body)
+        if not isinstance(payload, dict):
+            raise ServiceError(422, "invalid_json", "the JSON body must be an object like {\"images\": [\"<base64>\"]}")
+        keys = [k for k in ("images", "image", "inputs") if k in payload]
+        if len(keys) != 1:
+            raise ServiceError(422, "no_images", "the JSON body needs exactly one of \"images\" (a list of base64 "
+                                                 "strings), \"image\" or \"inputs\" (one base64 string)")
+        raw = payload.pop(keys[0])
+        raw_list = raw if isinstance(raw, list) else [raw]
+        if len(raw_list) > max_images:
+            raise ServiceError(413, "too_many_images",
+                               f"{len(raw_list)} images in one request; the limit is {max_images}")
+        images = [b64_image(v, i) for i, v in enumerate(raw_list)]
+        parameters = payload.pop("parameters", None)
+        if parameters is not None:
+            if not isinstance(parameters, dict):
+                raise ServiceError(422, "invalid_option", "\"parameters\" must be an object")
+            options.update(parameters)
+        options.update(payload)
+    elif not content_type or content_type.startswith(RAW_TYPES):
+        images = [body]
+    else:
+        raise ServiceError(415, "unsupported_media_type",
+                           f"unsupported Content-Type {content_type!r}; send multipart/form-data, an image body "
+                           "(image/jpeg, image/png...) or application/json with base64 images")
+    if not images:
+        raise ServiceError(422, "no_images", "the request has no image")
+    if len(images) > max_images:
+        raise ServiceError(413, "too_many_images", f"{len(images)} images in one request; the limit is {max_images}")
+    return images, options
+
+
+def parse_options(raw: dict[str, Any], class_names: list[str]) -> Options:
+    """Validate option values (422 on anything wrong or unknown)."""
+    known = {"model", "score_threshold", "threshold", "max_detections", "classes"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ServiceError(422, "invalid_option", f"unknown option(s) {unknown}; allowed: {sorted(known)}")
+    opts = Options()
+    if raw.get("model") is not None:
+        if not isinstance(raw["model"], str):
+            raise ServiceError(422, "invalid_option", "model must be a string (a served model name)")
+        opts.model = raw["model"]
+    threshold = raw.get("score_threshold", raw.get("threshold"))
+    if threshold is not None:
+        try:
+            opts.score_threshold = float(threshold)
+        except (TypeError, ValueError) as exc:
+            raise ServiceError(422, "invalid_option", f"score_threshold must be a number, got {threshold!r}") from exc
+        if isinstance(threshold, bool) or not (0.0 <= opts.score_threshold <= 1.0) or math.isnan(opts.score_threshold):
+            raise ServiceError(422, "invalid_option", f"score_threshold must be within [0, 1], got {threshold!r}")
+    if raw.get("max_detections") is not None:
+        value = raw["max_detections"]
+        try:
+            opts.max_detections = int(value)
+            if isinstance(value, (bool, float)) or str(opts.max_detections) != str(value).strip():
+                raise ValueError(value)
+        except (TypeError, ValueError) as exc:
+            raise ServiceError(422, "invalid_option", f"max_detections must be an integer, got {value!r}") from exc
+        if not 0 <= opts.max_detections <= 10_000:
+            raise ServiceError(422, "invalid_option", f"max_detections must be within [0, 10000], got {value}")
+    if raw.get("classes") is not None:
+        classes = raw["classes"]
+        if isinstance(classes, str):
+            classes = [c for c in classes.split(",") if c]
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise ServiceError(422, "invalid_option", "classes must be a list of class names")
+        missing = [c for c in classes if c not in class_names]
+        if missing:
+            raise ServiceError(422, "invalid_option", f"unknown classes {missing}; this model knows {class_names}")
+        opts.classes = classes
+    return opts
+
+
+def decode_to_array(data: bytes, index: int, *, max_pixels: int, max_bytes: int) -> np.ndarray:
+    """Decode with the shared decoder into an RGB ``uint8`` array ``[H, W, 3]``; errors mapped to 4xx."""
+    try:
+        image = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
+    except InvalidImageError as exc:
+        raise image_error(exc, index) from exc
+    array = np.array(image, dtype=np.uint8)  # writable: torch.from_numpy shares it without a warning
+    image.close()
+    return array
+
+
+async def decode_all(images: list[bytes], limiter: anyio.CapacityLimiter, *, max_pixels: int,
+                     max_bytes: int) -> list[np.ndarray]:
+    """Decode every image in worker threads (never on the event loop), at most ``limiter`` at once."""
+    arrays = []
+    for index, data in enumerate(images):
+        arrays.append(await anyio.to_thread.run_sync(
+            lambda d=data, i=index: decode_to_array(d, i, max_pixels=max_pixels, max_bytes=max_bytes),
+            limiter=limiter))
+    return arrays
