@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from insloc_hub.errors import ConfigError, DatasetError
-from insloc_hub.transforms import DEFAULT_MAX_PIXELS, decode_image, to_tensor
+from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
+from insloc_hub.transforms import decode_image, read_image_size, to_tensor
 
 __all__ = [
     "VOC_CLASSES",
@@ -73,22 +73,14 @@ VOC_CLASSES = (
 
 
 # ----------------------------------------------------------------------------------------------
-# Image files. Pixels are decoded by ``insloc_hub.transforms.decode_image`` (EXIF orientation
-# applied, limits, InvalidImageError); loading only reads headers, honouring the EXIF orientation
-# too, so the size found at load time is the size of the decoded image.
+# Image files. Pixels are decoded by ``insloc_hub.transforms.decode_image`` and sizes read by
+# ``read_image_size`` (the same policy: limits, EXIF orientation, InvalidImageError), so the size
+# found at load time is the size of the decoded image.
 # ----------------------------------------------------------------------------------------------
 
-_EXIF_ORIENTATION = 0x0112
-
-
-def _read_image_size(path: Path) -> tuple[int, int]:
-    """Return ``(width, height)`` of an image file from its header only (no pixel decoding)."""
-    with Image.open(path) as image:
-        width, height = image.size
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees: decoded as height x width
-        width, height = height, width
-    return int(width), int(height)
+#: images whose long side is more than this many times the short side are left out (reported as
+#: ``degenerate_images``): resized to a detector's max_size their short side rounds to 0 pixels.
+MAX_ASPECT_RATIO = 100.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,6 +91,8 @@ def _read_image_size(path: Path) -> tuple[int, int]:
 PROBLEM_KINDS: dict[str, str] = {
     "missing_images": "missing image files",
     "unreadable_images": "unreadable image files",
+    "degenerate_images": f"images with an aspect ratio over {MAX_ASPECT_RATIO:g}:1 left out",
+    "outside_root": "image paths outside the image folder",
     "missing_annotations": "missing annotation files",
     "parse_errors": "annotation entries that could not be parsed",
     "duplicate_images": "duplicate image entries",
@@ -115,6 +109,8 @@ PROBLEM_KINDS: dict[str, str] = {
 _IMAGE_LEVEL = (
     "missing_images",
     "unreadable_images",
+    "degenerate_images",
+    "outside_root",
     "missing_annotations",
     "parse_errors",
     "duplicate_images",
@@ -140,6 +136,8 @@ class DatasetReport:
     num_crowd: int = 0
     missing_images: int = 0
     unreadable_images: int = 0
+    degenerate_images: int = 0
+    outside_root: int = 0
     missing_annotations: int = 0
     parse_errors: int = 0
     duplicate_images: int = 0
@@ -308,6 +306,10 @@ class DetectionDataset(Dataset):
         self.include_crowd = include_crowd
         self.report = report if report is not None else DatasetReport(source=source)
         self.source = source
+        # Decode failures found lazily (a file cut after its header): 1 + the InvalidImageError
+        # reason's index, in shared memory so what a DataLoader worker finds reaches the main process.
+        self._unreadable = torch.zeros(max(len(self.records), 1), dtype=torch.uint8).share_memory_()
+        self._reported: set[int] = set()
 
     @property
     def num_classes(self) -> int:
@@ -325,6 +327,49 @@ class DetectionDataset(Dataset):
     def load_image(self, index: int) -> Image.Image:
         """The RGB image of item ``index`` (no transforms); InvalidImageError if it cannot be decoded."""
         return decode_image(self.records[index].path)
+
+    def try_load_image(self, index: int) -> Image.Image | None:
+        """:meth:`load_image`, or ``None`` (remembered in every process) if the file cannot be decoded."""
+        if self._unreadable[index]:
+            return None
+        try:
+            return self.load_image(index)
+        except InvalidImageError as exc:
+            self._unreadable[index] = 1 + InvalidImageError.REASONS.index(exc.reason)
+            logger.warning("skipping image %s: %s", self.records[index].file_name or self.records[index].path, exc)
+            return None
+
+    def unreadable(self) -> dict[int, str]:
+        """Items whose image failed to decode so far (any process): ``index -> InvalidImageError reason``."""
+        found = torch.nonzero(self._unreadable[: len(self.records)]).flatten().tolist()
+        return {i: InvalidImageError.REASONS[int(self._unreadable[i]) - 1] for i in found}
+
+    def report_unreadable(self) -> list[str]:
+        """Add images that failed to decode since the last call to ``report`` (``unreadable_images``).
+
+        Returns every such file as ``"name: reason"`` (also those reported before), for a data report.
+        """
+        entries = []
+        for index, reason in self.unreadable().items():
+            entry = f"{self.records[index].file_name or self.records[index].path.name}: {reason} (at decode)"
+            entries.append(entry)
+            if index not in self._reported:
+                self._reported.add(index)
+                self.report.note("unreadable_images", entry)
+        return entries
+
+    def subset(self, indices: Sequence[int]) -> DetectionDataset:
+        """A dataset of the items ``indices`` (same classes, ids and report), e.g. without unreadable images."""
+        return DetectionDataset(
+            [self.records[i] for i in indices],
+            self.class_names,
+            category_ids=self.category_ids,
+            transforms=self.transforms,
+            keep_difficult=self.keep_difficult,
+            include_crowd=self.include_crowd,
+            report=self.report,
+            source=self.source,
+        )
 
     def get_target(self, index: int) -> Target:
         """The training target of item ``index`` (no transforms, no image decoding)."""
@@ -461,17 +506,17 @@ def _clean_box(
 def _check_image(
     path: Path, annotated: tuple[int, int] | None, report: DatasetReport, name: str
 ) -> tuple[int, int] | None:
-    """Size of the image file (header read), noting missing/unreadable files and wrong sizes."""
+    """Size of the image file (header read), noting missing/unreadable/degenerate files and wrong sizes."""
     if not path.is_file():
         report.note("missing_images", name)
         return None
     try:
-        size = _read_image_size(path)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        report.note("unreadable_images", f"{name}: {exc}")
+        size = read_image_size(path)
+    except InvalidImageError as exc:
+        report.note("unreadable_images", f"{name}: {exc.reason}: {exc}")
         return None
-    if size[0] * size[1] > DEFAULT_MAX_PIXELS:
-        report.note("unreadable_images", f"{name}: {size[0]}x{size[1]} is over {DEFAULT_MAX_PIXELS:,} pixels")
+    if max(size) > MAX_ASPECT_RATIO * min(size):
+        report.note("degenerate_images", f"{name}: {size[0]}x{size[1]}")
         return None
     if annotated is not None and annotated != size:
         report.note(

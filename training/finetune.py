@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from insloc_hub.configs import JsonConfig
 from insloc_hub.detectors import ARCHITECTURES, build_detector
-from insloc_hub.errors import CheckpointError, ConfigError, InsLocError, ModelNotFoundError
+from insloc_hub.errors import CheckpointError, ConfigError, DatasetError, InsLocError, ModelNotFoundError
 from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import from_pretrained, save_pretrained
 from insloc_hub.transforms import to_tensor
@@ -435,7 +435,17 @@ class TrainingSet(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        image = to_tensor(self.dataset.load_image(index))
+        # An image that fails to decode is skipped (counted in the data report) and replaced by the
+        # next readable one, so a batch keeps its size and a worker never dies on a bad file.
+        size = len(self.dataset)
+        for step in range(size):
+            picture = self.dataset.try_load_image((index + step) % size)
+            if picture is not None:
+                index = (index + step) % size
+                break
+        else:
+            raise DatasetError(f"none of the {size} images of {self.dataset.source} can be decoded; see the log")
+        image = to_tensor(picture)
         target = self.dataset.get_target(index)
         if self.masks is not None:
             height, width = image.shape[-2:]
@@ -748,10 +758,25 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
             log.write({"iteration": cfg.iterations, "eval": _metrics_for_card(result), "final": True})
         else:
             logger.warning("no --val-data: the final model is saved without evaluation results")
+        _write_data_report(run_dir / "data_report.json", train_set, val_set)
         final_dir = _save_final(model, cfg, run_dir, train_set, val_set, result, norm, world, amp)
         logger.info("fine-tuned detector written to %s", final_dir)
     dist_utils.barrier()
     return FinetuneResult(run_dir, final_dir, cfg.iterations, time.perf_counter() - start_time, result, report)
+
+
+def _write_data_report(path: Path, train_set: DetectionDataset, val_set: DetectionDataset | None) -> None:
+    """RUN/data_report.json: what loading found, plus the images skipped because they failed to decode."""
+    report = {}
+    for name, dataset in (("train", train_set), ("val", val_set)):
+        if dataset is None:
+            continue
+        skipped = dataset.report_unreadable()
+        if skipped:
+            logger.warning("%s data: %d image(s) skipped because they cannot be decoded: %s", name, len(skipped),
+                           ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        report[name] = {**dataset.report.to_dict(), "skipped_at_decode": skipped}
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def _save_final(model: nn.Module, cfg: FinetuneConfig, run_dir: Path, train_set: DetectionDataset,
