@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from insloc_hub.convert import describe_unpickling_refusal
 from insloc_hub.errors import CheckpointError
 
 __all__ = [
@@ -219,9 +220,8 @@ def load_checkpoint(
     except pickle.UnpicklingError as err:
         if not allow_pickle:
             raise CheckpointError(
-                f"{path} contains Python objects other than tensors and plain containers, so it was not written "
-                f"by this version of insloc-hub (weights_only=True refused it: {str(err).splitlines()[0]}). "
-                "If you trust the file, load it with load_checkpoint(..., allow_pickle=True)."
+                f"{path} was not written by this version of insloc-hub: {describe_unpickling_refusal(err)}. "
+                "Resume from another checkpoint of the run, or start a new run."
             ) from err
         logger.warning("loading %s with full unpickling (allow_pickle=True): only do this for trusted files", path)
         try:

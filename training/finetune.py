@@ -55,7 +55,14 @@ from insloc_hub.transforms import to_tensor
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .detection_data import DetectionDataset, RandomHorizontalFlip, collate_detection, load_dataset, protocol_sizes
+from .detection_data import (
+    DetectionDataset,
+    RandomHorizontalFlip,
+    collate_detection,
+    load_dataset,
+    protocol_sizes,
+    segmentation_problem,
+)
 from .evaluation import EvalResult, run_evaluation
 
 __all__ = [
@@ -189,10 +196,22 @@ class FinetuneConfig(JsonConfig):
     eval_batch_size: int = 2
     num_visualize: int = 4
     resume: str | None = None
+    classes: list[str] | None = None  # the class list, in label order (default: found in the data)
+    unknown_classes: str = "drop"  # objects of classes outside --classes: "drop" (reported) or "error"
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with the checkpoint it continues."""
         return {k: v for k, v in self.to_dict().items() if k not in RESUME_IGNORED}
+
+
+def _parse_classes(value: str | Sequence[str] | None) -> list[str] | None:
+    """``"cat,dog"`` (or a list) -> ``["cat", "dog"]``; ConfigError on empty or repeated names."""
+    if value is None:
+        return None
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value)]
+    if not names or not all(names) or len(set(names)) != len(names):
+        raise ConfigError(f"--classes must be distinct, non-empty comma-separated names, got {value!r}")
+    return names
 
 
 def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[FinetuneConfig, list[str]]:
@@ -294,6 +313,7 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
         log_every=int(get("log_every") or 20), eval_batch_size=int(get("eval_batch_size") or 2),
         num_visualize=int(get("num_visualize") if get("num_visualize") is not None else 4),
         resume=get("resume"),
+        classes=_parse_classes(get("classes")), unknown_classes=str(get("unknown_classes") or "drop"),
     )
     if cfg.checkpoint_every <= 0:
         cfg.checkpoint_every = max(100, iterations // 10)
@@ -363,16 +383,20 @@ class COCOMasks:
             )
         data = json.loads(Path(dataset.report.source).read_text(encoding="utf-8"))
         label_of = {cid: label for label, cid in enumerate(dataset.category_ids, start=1)}
+        sizes = {record.image_id: (record.width, record.height) for record in dataset.records}
         self.by_image: dict[int, list[tuple[int, np.ndarray, Any]]] = {}
         with_segm = without = 0
         for ann in data.get("annotations") or []:
-            if not isinstance(ann, dict) or ann.get("iscrowd") or ann.get("category_id") not in label_of:
+            if (not isinstance(ann, dict) or ann.get("iscrowd") or not isinstance(ann.get("category_id"), int)
+                    or ann.get("category_id") not in label_of or not isinstance(ann.get("image_id"), int)):
                 continue
             try:
                 x, y, w, h = (float(v) for v in ann["bbox"])
             except (KeyError, TypeError, ValueError):
                 continue
             segm = ann.get("segmentation")
+            if segm and segmentation_problem(segm, *sizes.get(ann.get("image_id"), (0, 0))) is not None:
+                segm = None  # counted as malformed_segmentations by load_coco; the box serves as mask
             if segm:
                 with_segm += 1
             else:
@@ -638,10 +662,11 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
         resume_path = Path(cfg.resume)
 
     # --- data ---
-    train_set = _load(cfg.data, cfg.image_root)
+    train_set = _load(cfg.data, cfg.image_root, class_names=cfg.classes, unknown_classes=cfg.unknown_classes)
     val_set = None
     if cfg.val_data:
-        val_set = _load(cfg.val_data, cfg.val_image_root, class_names=train_set.class_names)
+        val_set = _load(cfg.val_data, cfg.val_image_root, class_names=train_set.class_names,
+                        unknown_classes=cfg.unknown_classes)
     masks = COCOMasks(train_set) if cfg.arch == "mask_rcnn_fpn" else None
 
     # --- model ---
@@ -954,6 +979,11 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--eval-batch-size", type=int, default=2)
     p.add_argument("--resume", help="'auto' (newest checkpoint of --output, if any) or a checkpoint file")
+    p.add_argument("--classes", help="the class list in label order, comma-separated (default: every name "
+                                     "found in the training data); other names are reported")
+    p.add_argument("--unknown-classes", choices=("drop", "error"), default="drop",
+                   help="objects whose class is not in --classes: drop them (counted in data_report.json) "
+                        "or stop with an error naming them")
     p.set_defaults(func=_run_finetune)
 
     e = subparsers.add_parser(
