@@ -84,7 +84,7 @@ logger = logging.getLogger(__name__)
 REFERENCE_BATCH = 16
 # fields that may change when a run is resumed (where it runs and how it reports, not what it trains)
 RESUME_IGNORED = ("output", "resume", "workers", "device", "eval_every", "checkpoint_every", "keep_checkpoints",
-                  "log_every", "eval_batch_size", "val_data", "val_image_root", "num_visualize")
+                  "log_every", "eval_batch_size", "val_data", "val_image_root", "num_visualize", "unknown_classes")
 
 
 class TrainingDivergedError(InsLocError, FloatingPointError):
@@ -201,7 +201,10 @@ class FinetuneConfig(JsonConfig):
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with the checkpoint it continues."""
-        return {k: v for k, v in self.to_dict().items() if k not in RESUME_IGNORED}
+        fields = {k: v for k, v in self.to_dict().items() if k not in RESUME_IGNORED}
+        if fields.get("classes") is None:  # absent from checkpoints written before --classes existed
+            fields.pop("classes", None)
+        return fields
 
 
 def _parse_classes(value: str | Sequence[str] | None) -> list[str] | None:
@@ -646,7 +649,7 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
     log = _JsonLog(run_dir / "metrics.jsonl", main)
 
     # --- checkpoint to resume from (decided before any file of the run is written) ---
-    resume_path: Path | None = None
+    candidates: list[Path] = []
     if cfg.resume in (None, "", "none"):
         existing = ckpt.list_checkpoints(run_dir)
         if existing:
@@ -654,12 +657,10 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
                 f"{run_dir} already holds checkpoints (newest: {existing[-1].name}); pass --resume auto to "
                 "continue that run, or choose another --output"
             )
-    elif cfg.resume == "auto":
-        resume_path = ckpt.find_latest(run_dir)
-        if resume_path is None:
+    else:  # "auto", a run folder or a file; newest first, a foreign or corrupt newer one is passed over
+        candidates = ckpt.resume_candidates(cfg.resume, run_dir)
+        if not candidates:
             logger.info("--resume auto: no checkpoint in %s, starting from iteration 0", run_dir)
-    else:
-        resume_path = Path(cfg.resume)
 
     # --- data ---
     train_set = _load(cfg.data, cfg.image_root, class_names=cfg.classes, unknown_classes=cfg.unknown_classes)
@@ -684,9 +685,8 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     start_iter = 0
-    if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path)
-        ckpt.check_config(state.get("config", {}), cfg.fingerprint(), source=resume_path)
+    if candidates:
+        resume_path, state, _ = ckpt.load_newest_usable(candidates, lambda path, st: _check_resumable(path, st, cfg))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_iter = int(state["iteration"])
@@ -788,6 +788,14 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
         logger.info("fine-tuned detector written to %s", final_dir)
     dist_utils.barrier()
     return FinetuneResult(run_dir, final_dir, cfg.iterations, time.perf_counter() - start_time, result, report)
+
+
+def _check_resumable(path: Path, state: Mapping[str, Any], cfg: FinetuneConfig) -> None:
+    """CheckpointError unless ``state`` is a fine-tuning checkpoint of this configuration."""
+    missing = [key for key in ("model", "optimizer", "iteration", "config") if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a fine-tuning checkpoint of insloc-hub (no {', '.join(missing)})")
+    ckpt.check_config(state["config"], cfg.fingerprint(), source=path)
 
 
 def _write_data_report(path: Path, train_set: DetectionDataset, val_set: DetectionDataset | None) -> None:
@@ -978,7 +986,8 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--eval-batch-size", type=int, default=2)
-    p.add_argument("--resume", help="'auto' (newest checkpoint of --output, if any) or a checkpoint file")
+    p.add_argument("--resume", help="'auto' (newest usable checkpoint of --output, if any), a run folder, or a "
+                                     "checkpoint file")
     p.add_argument("--classes", help="the class list in label order, comma-separated (default: every name "
                                      "found in the training data); other names are reported")
     p.add_argument("--unknown-classes", choices=("drop", "error"), default="drop",
