@@ -35,7 +35,7 @@ def _edit_config(folder: Path, edit) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
-# --- config.json values: ConfigError naming the field, before building (121 cases) -------------
+# --- config.json values: ConfigError naming the field, before building (94 cases) -------------
 
 BAD_INTS = [-1, 0.5, 10**9, "64", True, None, [64]]
 ARCH_FIELDS = ["depth", "width", "fpn_channels", "head_channels", "head_fc", "roi_size"]
