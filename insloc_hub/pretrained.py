@@ -375,7 +375,8 @@ def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *,
     """Check the weights file against config.json's sha256.
 
     A file already verified (same path, size, mtime, ctime and inode) is not hashed again unless
-    ``always``: the record lives in ``$INSLOC_HUB_CACHE`` (default ``~/.cache/insloc_hub``).
+    ``always``: the record lives in ``$INSLOC_HUB_CACHE`` (default ``$XDG_CACHE_HOME/insloc_hub``, else
+    ``~/.cache/insloc_hub``).
 
     Raises:
         IntegrityError: the hashes differ (a tampered or corrupted download).
@@ -390,7 +391,8 @@ def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *,
     info = real.stat()
     # st_ctime_ns changes on every write and cannot be set back by the user (unlike mtime)
     key = f"{real}|{info.st_size}|{info.st_mtime_ns}|{info.st_ctime_ns}|{info.st_ino}"
-    record_path = Path(os.environ.get("INSLOC_HUB_CACHE", Path.home() / ".cache" / "insloc_hub")) / _VERIFIED_RECORD
+    default_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "insloc_hub"
+    record_path = Path(os.environ.get("INSLOC_HUB_CACHE") or default_cache) / _VERIFIED_RECORD
     record = _read_record(record_path)
     if not always and record.get(key) == expected:
         return

@@ -201,3 +201,13 @@ def test_verified_file_is_not_hashed_twice(template, tmp_path, monkeypatch):
     monkeypatch.setattr(pretrained, "sha256_file", lambda p: calls.append(p) or "x")
     verify_weights(folder, config)
     assert calls == []
+
+
+def test_the_verify_record_lives_in_the_test_cache_not_the_home(template, tmp_path, isolated_caches, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    folder = _copy(template, tmp_path / "m")
+    verify_weights(folder, read_config(folder), always=True)
+    assert (Path(os.environ["INSLOC_HUB_CACHE"]) / "verified-weights.json").is_file()
+    assert Path(os.environ["INSLOC_HUB_CACHE"]).is_relative_to(isolated_caches)
+    assert not (tmp_path / "home").exists()
+
