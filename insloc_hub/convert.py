@@ -163,21 +163,33 @@ def load_foreign_checkpoint(path: PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        needs = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if needs is None:
-            detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        if "Unsupported global" not in str(exc):  # not a pickle of objects: garbage or a damaged file
+            detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
             raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint "
-                                  f"({detail.group(1).strip() if detail else text.splitlines()[0]})") from exc
-        raise CheckpointError(
-            f"refusing to load {path}: it needs the Python object {needs.group(1)} beyond tensors and plain "
-            "containers, and unpickling it would run code chosen by the file (torch.load with weights_only=True "
-            "refuses it). insloc-hub never unpickles untrusted files. If you trust its origin, re-save only the "
-            "weights where it can be read, e.g. torch.save({'state_dict': torch.load(p, weights_only=False)"
-            "['state_dict']}, 'clean.pth'), and convert that file."
-        ) from exc
+                                  f"({detail.group(1).strip() if detail else 'not a torch.save file'})") from exc
+        raise CheckpointError(f"refusing to load {path}: {describe_unpickling_refusal(exc)}") from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from exc
+
+
+def describe_unpickling_refusal(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to unpickle it.
+
+    torch's message suggests rerunning with ``weights_only=False``; for a file from elsewhere that
+    runs code the file chooses, so insloc-hub never repeats it (nor any other way to unpickle).
+    """
+    text = str(exc)
+    needs = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if needs is not None:
+        what = f"it needs the Python object {needs.group(1)} beyond tensors and plain containers"
+    else:
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        reason = detail.group(1).strip() if detail else "unknown content"
+        what = f"it holds data that is not tensors and plain containers ({reason})"
+    return (
+        f"{what}, and unpickling it would run code chosen by the file. insloc-hub never unpickles such files: "
+        "ask its author for a weights-only file (tensors saved with torch.save, or safetensors)"
+    )
 
 
 def _state_dict_of(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:

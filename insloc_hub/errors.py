@@ -12,7 +12,29 @@ class InsLocError(Exception):
 
 
 class InvalidImageError(InsLocError, ValueError):
-    """An input could not be decoded as an image, or breaks a limit (size, pixels)."""
+    """An input could not be decoded as an image, or breaks a limit (size, pixels).
+
+    ``reason`` says which, in a word a program can branch on (an API maps it to its HTTP status):
+
+    - ``"empty"``: 0 bytes;
+    - ``"missing"``: a path that is not an existing regular file;
+    - ``"too_large"``: over ``max_bytes`` or ``max_pixels`` (or PIL's decompression-bomb guard);
+    - ``"unsupported"``: not an image format PIL reads, a text-mode stream, an object that is not
+      bytes/path/binary stream, or a pixel type with no defined range;
+    - ``"truncated"``: the data stops before the pixels do (or is implausibly small for its size);
+    - ``"corrupt"``: anything else the decoder refused, and float images holding NaN/inf.
+    """
+
+    REASONS = ("empty", "missing", "too_large", "unsupported", "truncated", "corrupt")
+
+    def __init__(self, message: str, reason: str = "corrupt") -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown InvalidImageError reason {reason!r}")
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # keep ``reason`` when the error crosses a DataLoader worker or a pickle
+        return (type(self), (str(self), self.reason))
 
 
 class ConfigError(InsLocError, ValueError):

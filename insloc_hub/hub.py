@@ -340,8 +340,8 @@ def _local_ref(path: Path, revision: str | None, *, explicit_path: bool) -> Mode
 def _read_config(config_path: Path) -> dict[str, Any]:
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{config_path} is not valid JSON ({err}).") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # bad bytes or absurd nesting too
+        raise ConfigError(f"{config_path} is not valid JSON ({type(err).__name__}: {err}).") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{config_path} must hold a JSON object, not {type(data).__name__}.")
     return data

@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
+import stat
+import struct
 import tempfile
 import time
 from collections.abc import Mapping
@@ -33,7 +36,7 @@ from insloc_hub.detectors import (
     inference_options,
 )
 from insloc_hub.errors import ConfigError, IntegrityError, WeightsMismatchError
-from insloc_hub.hub import resolve_model_dir
+from insloc_hub.hub import required_files, resolve_model_dir
 from insloc_hub.models import BackboneConfig, InsLocBackbone
 from insloc_hub.models.init_control import skip_init
 from insloc_hub.transforms import PREPROCESSING
@@ -46,6 +49,26 @@ CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 _VERIFIED_RECORD = "verified-weights.json"
+#: config.json larger than this is refused before it is parsed
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+#: a safetensors header larger than this is refused (safetensors' own limit is 100 MB)
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: the most classes a detection config may ask for (LVIS has 1203): the predictor is allocated from it
+MAX_NUM_CLASSES = 10_000
+#: the longest image side a detector config may resize to
+MAX_IMAGE_SIDE = 10_000
+#: integer architecture fields of config.json and their accepted ranges (checked before building)
+ARCHITECTURE_RANGES = {
+    "depth": (18, 152),
+    "width": (1, 1024),
+    "fpn_channels": (1, 4096),
+    "head_channels": (1, 4096),
+    "head_convs": (0, 16),
+    "head_fc": (1, 16384),
+    "roi_size": (1, 64),
+}
+#: safetensors dtypes a hub folder holds: float32 tensors, int64 BatchNorm step counters
+_WEIGHT_DTYPE, _COUNTER_DTYPE = "F32", "I64"
 
 
 def save_pretrained(
@@ -108,6 +131,7 @@ def save_pretrained(
             "num_parameters": sum(p.numel() for p in model.parameters()),
         }
         for file_name, source in (extra_files or {}).items():
+            _plain_file_name(file_name, "extra_files", "save_pretrained")
             shutil.copyfile(source, staging_dir / file_name)
             files.append(file_name)
         config["files"] = files
@@ -174,22 +198,46 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse a hub folder's config.json, with a clear error if it is not an insloc-hub folder."""
+    """Parse and validate a hub folder's config.json, before anything is built or allocated.
+
+    Checked: size (at most :data:`MAX_CONFIG_BYTES`), UTF-8, JSON (nesting included), the
+    insloc-hub markers, ``weights.file`` (a plain file name in the folder), ``files`` (relative
+    names inside it), and every value used to build a model (:data:`ARCHITECTURE_RANGES`,
+    ``num_classes`` up to :data:`MAX_NUM_CLASSES`, image sizes up to :data:`MAX_IMAGE_SIDE`).
+
+    Raises:
+        ConfigError: naming the field and the accepted values.
+    """
     path = Path(folder) / CONFIG_NAME
     try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is {size:,} bytes, over the limit of {MAX_CONFIG_BYTES:,} for a config.json")
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except ConfigError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (bad byte at offset {exc.start}); re-save the model") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path} nests JSON too deeply to be a config.json") from exc
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     if not isinstance(config, dict) or config.get("library") != "insloc-hub" or "architecture" not in config:
         raise ConfigError(f"{path} is not an insloc-hub config (no 'library': 'insloc-hub' / 'architecture')")
     version = config.get("format_version", 1)
-    if not isinstance(version, int):
+    if not _is_int(version):
         raise ConfigError(f"{path}: format_version must be an integer, got {version!r}")
     if version > FORMAT_VERSION:
         raise ConfigError(f"{path} has format_version {version}; upgrade insloc-hub to read it")
     weights = config.get("weights")
     if not isinstance(weights, dict) or not isinstance(weights.get("file", WEIGHTS_NAME), str):
         raise ConfigError(f"{path} has no 'weights' record (file, sha256); re-save the model with save_pretrained")
+    _plain_file_name(weights.get("file", WEIGHTS_NAME), "weights.file", path)
+    sha = weights.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise ConfigError(f"{path}: weights.sha256 must be 64 lowercase hex digits, got {sha!r}")
+    if "files" in config:
+        required_files(config, source=str(path))  # relative names inside the folder only
     task = config.get("task", "backbone")
     if task not in ("backbone", "detection"):
         raise ConfigError(f"{path} has unknown task {task!r}; expected 'backbone' or 'detection'")
@@ -197,26 +245,154 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{path} is a detection folder without its 'detector' section; re-save the detector")
     if not isinstance(config["architecture"], dict):
         raise ConfigError(f"{path}: 'architecture' must be an object")
+    _check_architecture(config["architecture"], "architecture", path)
+    if task == "detection":
+        _check_detector(config["detector"], path)
     return config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _plain_file_name(value: Any, field: str, source: Any) -> str:
+    """``value`` if it names a file directly in the folder (no folder part, not '.' or '..')."""
+    if (not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value
+            or "\0" in value or ":" in value):
+        raise ConfigError(f"{source}: {field} must be a plain file name inside the folder, got {value!r}")
+    return value
+
+
+def _check_int(value: Any, field: str, low: int, high: int, source: Any) -> None:
+    if not _is_int(value) or not low <= value <= high:
+        raise ConfigError(f"{source}: {field} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _check_architecture(arch: Mapping[str, Any], prefix: str, source: Any) -> None:
+    for name, (low, high) in ARCHITECTURE_RANGES.items():
+        if name in arch:
+            _check_int(arch[name], f"{prefix}.{name}", low, high, source)
+    for name in ("variant",):
+        if name in arch and not isinstance(arch[name], str):
+            raise ConfigError(f"{source}: {prefix}.{name} must be a string, got {arch[name]!r}")
+    parts = arch.get("parts")
+    if parts is not None and not (isinstance(parts, list) and all(isinstance(p, str) for p in parts)):
+        raise ConfigError(f"{source}: {prefix}.parts must be a list of names, got {parts!r}")
+
+
+def _check_detector(detector: Mapping[str, Any], source: Any) -> None:
+    if "num_classes" in detector:
+        _check_int(detector["num_classes"], "detector.num_classes", 1, MAX_NUM_CLASSES, source)
+    names = detector.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ConfigError(f"{source}: detector.class_names must be a list of strings, got {names!r}")
+    for name in ("arch", "norm"):
+        if name in detector and not isinstance(detector[name], str):
+            raise ConfigError(f"{source}: detector.{name} must be a string, got {detector[name]!r}")
+    backbone = detector.get("backbone", {})
+    if not isinstance(backbone, dict):
+        raise ConfigError(f"{source}: detector.backbone must be an object, got {backbone!r}")
+    _check_architecture(backbone, "detector.backbone", source)
+    options = detector.get("options", {})
+    if not isinstance(options, dict):
+        raise ConfigError(f"{source}: detector.options must be an object, got {options!r}")
+    for name in ("min_size", "max_size"):
+        if name in options:
+            sizes = options[name] if isinstance(options[name], list) else [options[name]]
+            if not sizes:
+                raise ConfigError(f"{source}: detector.options.{name} must not be empty")
+            for value in sizes:
+                _check_int(value, f"detector.options.{name}", 1, MAX_IMAGE_SIDE, source)
+    for name, value in options.items():
+        if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{source}: detector.options.{name} must be a finite number >= 0, got {value!r}")
+        if _is_int(value) and value < 0:
+            raise ConfigError(f"{source}: detector.options.{name} must not be negative, got {value!r}")
+
+
+def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The tensor table of a safetensors file (``{key: {"dtype", "shape", "data_offsets"}}``), checked.
+
+    Reads only the header: the file must be a regular file whose size is exactly what the header
+    describes (8 + header + data), so a truncated, padded or endless file (``/dev/zero``) is refused
+    before it is hashed or mapped.
+
+    Raises:
+        IntegrityError: not a regular file, a malformed header, or a size that does not match.
+    """
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise IntegrityError(f"{path} is missing; download the model again (insloc-hub download NAME)") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise IntegrityError(f"{path} is not a regular file; a hub folder's weights must be a plain file")
+    try:
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+            if not 2 <= length <= min(MAX_HEADER_BYTES, info.st_size - 8):
+                raise IntegrityError(f"{path} is not a safetensors file (header length {length}); download it again")
+            header = json.loads(f.read(length).decode("utf-8"))
+    except IntegrityError:
+        raise
+    except (OSError, ValueError, RecursionError) as exc:
+        raise IntegrityError(f"{path} has a corrupt safetensors header ({exc}); download it again") from exc
+    if not isinstance(header, dict):
+        raise IntegrityError(f"{path} has a corrupt safetensors header; download it again")
+    header.pop("__metadata__", None)
+    end = 0
+    for key, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(v) and v >= 0 for v in offsets)
+                or not isinstance(shape, list) or not all(_is_int(v) and v >= 0 for v in shape)
+                or not isinstance(entry.get("dtype"), str)):
+            raise IntegrityError(f"{path}: tensor {key!r} has a malformed header entry; download it again")
+        end = max(end, offsets[1])
+    expected = 8 + length + end
+    if info.st_size != expected:
+        raise IntegrityError(
+            f"{path} is {info.st_size:,} bytes but its header describes {expected:,}: the file is truncated or has "
+            "extra bytes; download it again"
+        )
+    return header
+
+
+def _check_dtypes(header: Mapping[str, Mapping[str, Any]], source: Any) -> None:
+    """WeightsMismatchError naming the first tensor that is not float32 (int64 for BatchNorm counters)."""
+    for key, entry in header.items():
+        wanted = _COUNTER_DTYPE if key.endswith("num_batches_tracked") else _WEIGHT_DTYPE
+        if entry["dtype"] != wanted:
+            raise WeightsMismatchError(
+                f"{source}: tensor {key!r} is {entry['dtype']}, but a hub folder holds {wanted} there (float32 "
+                "weights and buffers, int64 BatchNorm counters). Re-save the model with save_pretrained; pass "
+                "dtype= to from_pretrained to get another precision."
+            )
 
 
 def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *, always: bool = False) -> None:
     """Check the weights file against config.json's sha256.
 
-    A file already verified (same path, size, mtime and inode) is not hashed again unless
-    ``always``: the record lives in ``$INSLOC_HUB_CACHE`` (default ``~/.cache/insloc_hub``).
+    A file already verified (same path, size, mtime, ctime and inode) is not hashed again unless
+    ``always``: the record lives in ``$INSLOC_HUB_CACHE`` (default ``$XDG_CACHE_HOME/insloc_hub``, else
+    ``~/.cache/insloc_hub``).
 
     Raises:
         IntegrityError: the hashes differ (a tampered or corrupted download).
     """
-    path = Path(folder) / config.get("weights", {}).get("file", WEIGHTS_NAME)
+    name = _plain_file_name(config.get("weights", {}).get("file", WEIGHTS_NAME), "weights.file", CONFIG_NAME)
+    path = Path(folder) / name
     expected = config.get("weights", {}).get("sha256")
     if not expected:
         raise IntegrityError(f"{Path(folder) / CONFIG_NAME} records no sha256 for {path.name}; re-save the model")
+    read_safetensors_header(path)  # a regular file of the size its header says, before hashing it
     real = path.resolve()
-    stat = real.stat()
-    key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
-    record_path = Path(os.environ.get("INSLOC_HUB_CACHE", Path.home() / ".cache" / "insloc_hub")) / _VERIFIED_RECORD
+    info = real.stat()
+    # st_ctime_ns changes on every write and cannot be set back by the user (unlike mtime)
+    key = f"{real}|{info.st_size}|{info.st_mtime_ns}|{info.st_ctime_ns}|{info.st_ino}"
+    default_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "insloc_hub"
+    record_path = Path(os.environ.get("INSLOC_HUB_CACHE") or default_cache) / _VERIFIED_RECORD
     record = _read_record(record_path)
     if not always and record.get(key) == expected:
         return
@@ -258,12 +434,13 @@ def load_state(
                              "download it again") from exc
 
 
-def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+def _check_keys(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+    """WeightsMismatchError unless the file's keys and shapes are exactly the model's."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in expected if k in state and state[k].shape != expected[k].shape]
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{k}: file {tuple(shapes[k])} vs model {tuple(expected[k].shape)}"
+             for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
         lines = [f"{source} does not match its architecture config:"]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
@@ -315,13 +492,16 @@ def from_pretrained(
     if verify:
         verify_weights(folder, config, always=verify is True)
     weights_file = config["weights"].get("file", WEIGHTS_NAME)
-    state = load_state(folder, device, weights_file)
     source = f"{folder / weights_file}"
+    header = read_safetensors_header(folder / weights_file)
+    _check_dtypes(header, source)
+    shapes = {key: tuple(entry["shape"]) for key, entry in header.items()}
     if config.get("task") == "detection":
         model = build_detector_from_config(config["detector"])
-        if strict:
-            _check_keys(model, state, source)
-        else:
+        if strict:  # keys and shapes from the header: nothing is read if they do not fit
+            _check_keys(model, shapes, source)
+        state = load_state(folder, device, weights_file)
+        if not strict:
             _drop_unusable(model, state)
         model.load_state_dict(state, strict=False)
     else:
@@ -329,8 +509,9 @@ def from_pretrained(
         with skip_init():  # no random init: every tensor comes from the file
             model = InsLocBackbone(arch)
         if strict:
-            _check_keys(model, state, source)
-        else:
+            _check_keys(model, shapes, source)
+        state = load_state(folder, device, weights_file)
+        if not strict:
             _initialise_missing(model, state)
         model.load_state_dict(state, strict=False, assign=True)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

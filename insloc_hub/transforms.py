@@ -12,14 +12,17 @@ orientation applied, and every failure reported as :class:`~insloc_hub.errors.In
 from __future__ import annotations
 
 import io
+import math
 import os
+import stat
 import warnings
 from pathlib import Path
+from struct import error as struct_error
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from insloc_hub.errors import InvalidImageError
 
@@ -40,21 +43,49 @@ PREPROCESSING: dict[str, Any] = {
 }
 
 
+#: a JPEG needs at least about one bit per 8x8 luma block even when flat (measured: a flat 6000x6000
+#: JPEG is >= 211 KB, i.e. one byte per 170 pixels); one byte per 2048 pixels leaves a 4x margin and
+#: still refuses headers that promise far more pixels than their bytes can hold (a cut-off file).
+JPEG_MIN_BYTES_PER_PIXEL = 1 / 2048
+
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+#: pixels converted at a time from 16-bit/float to 8-bit (bounds the temporary arrays to a few MB)
+_STRIP_PIXELS = 1 << 20
+
+ImageSource = bytes | bytearray | memoryview | str | os.PathLike | io.IOBase
+
+
 def decode_image(
-    source: bytes | bytearray | memoryview | str | os.PathLike[str] | io.IOBase,
+    source: ImageSource,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Image.Image:
-    """Decode an image file or bytes into an RGB ``PIL.Image``.
+    """Decode an image file or bytes into an 8-bit RGB ``PIL.Image``: the one decoder policy.
 
-    EXIF orientation is applied; grayscale, palette, CMYK, 16-bit and alpha images are converted to
-    RGB (alpha is composited on white). The pixel limit is checked from the header, before any
-    pixel is decoded.
+    Every reader of insloc-hub (pretraining, fine-tuning, evaluation, the CLI, serving) opens pixels
+    through this function, so they accept and refuse the same inputs.
+
+    * Limits are checked before any pixel is decoded: ``max_bytes`` on the encoded input, then
+      ``max_pixels`` and (for JPEG) a plausible byte count for the pixel count, from the header.
+    * EXIF orientation is applied.
+    * Conversion to RGB: grayscale, palette, CMYK... as PIL converts them; alpha is composited on
+      white; 16-bit images are scaled by their type's range (``v * 255 / 65535``, never stretched
+      per image); float images are taken as [0, 1], clipped, and refused if they hold NaN or inf;
+      32-bit integer images are scaled by ``2**31 - 1`` (negative values clipped to 0).
 
     Raises:
-        InvalidImageError: empty, truncated, corrupt, non-image or over-limit input; the message
-            says which and what to do.
+        InvalidImageError: with ``.reason`` one of ``empty``, ``missing``, ``too_large``,
+            ``unsupported``, ``truncated``, ``corrupt``; the message says what to do.
 
     Example:
         >>> img = decode_image(Path("photo.jpg"))  # doctest: +SKIP
@@ -62,75 +93,191 @@ def decode_image(
         'RGB'
     """
     name, data = _read_source(source, max_bytes)
+    image = _open_checked(name, data, max_pixels)
+    try:
+        image.load()
+    except InvalidImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InvalidImageError(
+            f"{name} is over the limit of PIL's decompression-bomb guard ({exc}); raise "
+            "PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels to decode it",
+            "too_large",
+        ) from exc
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
+        raise InvalidImageError(f"{name} could not be decoded ({reason}): {exc}", reason) from exc
+    orientation = _orientation(image)
+    image = _to_8bit(image, name)  # rebinding frees the high-bit-depth pixels before the RGB copy
+    image = _flatten_to_rgb(image)
+    method = _ORIENTATION_TRANSPOSE.get(orientation)
+    return image.transpose(method) if method is not None else image
+
+
+def read_image_size(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[int, int]:
+    """``(width, height)`` that :func:`decode_image` would return, from the header only.
+
+    Applies every check of :func:`decode_image` that needs no pixel (bytes, pixels, JPEG
+    plausibility, format) and the EXIF orientation; a file that passes may still turn out truncated
+    or corrupt when decoded. Used by the dataset loaders to size images without decoding them.
+
+    Raises:
+        InvalidImageError: as :func:`decode_image`.
+    """
+    name, data = _read_source(source, max_bytes)
+    image = _open_checked(name, data, max_pixels)
+    width, height = image.size
+    # PNG's getexif() decodes the whole image to find an eXIf chunk after the pixels: read only one
+    # placed before them (where writers put it), so sizing stays a header read
+    orientation = 1 if image.format == "PNG" and "exif" not in image.info else _orientation(image)
+    if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees: decoded as height x width
+        width, height = height, width
+    return int(width), int(height)
+
+
+def _open_checked(name: str, data: bytes, max_pixels: int) -> Image.Image:
+    """``Image.open`` (header only) with the format, pixel-count and plausibility checks."""
     if not data:
-        raise InvalidImageError(f"{name} is empty (0 bytes); send the image file's contents")
+        raise InvalidImageError(f"{name} is empty (0 bytes); send the image file's contents", "empty")
     try:
         with warnings.catch_warnings():
             # our own max_pixels check below replaces PIL's warning; its hard error (over twice
             # Image.MAX_IMAGE_PIXELS) still applies and is reported below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width <= 0 or height <= 0:
-                raise InvalidImageError(f"{name} has invalid dimensions {width}x{height}")
-            if width * height > max_pixels:
-                raise InvalidImageError(
-                    f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}; "
-                    "downscale it first or raise max_pixels"
-                )
-            image.load()
-    except InvalidImageError:
-        raise
     except UnidentifiedImageError as exc:
-        raise InvalidImageError(f"{name} is not a recognised image format (JPEG, PNG, WebP, BMP, TIFF...)") from exc
+        raise InvalidImageError(
+            f"{name} is not a recognised image format (JPEG, PNG, WebP, BMP, TIFF...)", "unsupported"
+        ) from exc
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(
             f"{name} is over the limit of PIL's decompression-bomb guard ({exc}); raise "
-            "PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels to decode it"
+            "PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels to decode it",
+            "too_large",
         ) from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidImageError(f"{name} could not be decoded (truncated or corrupt): {exc}") from exc
-    return _to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError, EOFError, struct_error) as exc:
+        reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
+        raise InvalidImageError(f"{name} has an unreadable header ({reason}): {exc}", reason) from exc
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InvalidImageError(f"{name} has invalid dimensions {width}x{height}", "corrupt")
+    pixels = width * height
+    if pixels > max_pixels:
+        raise InvalidImageError(
+            f"{name} is {width}x{height} = {pixels:,} pixels, over the limit of {max_pixels:,}; "
+            "downscale it first or raise max_pixels",
+            "too_large",
+        )
+    if image.format == "JPEG" and len(data) < pixels * JPEG_MIN_BYTES_PER_PIXEL:
+        raise InvalidImageError(
+            f"{name} is a {width}x{height} JPEG in only {len(data):,} bytes (a real one needs at least "
+            f"{math.ceil(pixels * JPEG_MIN_BYTES_PER_PIXEL):,}): the file is cut off; send the whole file",
+            "truncated",
+        )
+    return image
+
+
+def _orientation(image: Image.Image) -> int:
+    """EXIF orientation tag (1 = as stored); a broken EXIF block does not make the pixels unusable."""
+    try:
+        value = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - PIL raises many types for malformed EXIF
+        return 1
+    return value if isinstance(value, int) else 1
 
 
 def _read_source(source: Any, max_bytes: int) -> tuple[str, bytes]:
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
         name = "image data"
-    elif isinstance(source, (str, os.PathLike)):
+        if len(source) > max_bytes:
+            raise InvalidImageError(f"{name} is {len(source):,} bytes, over the limit of {max_bytes:,}", "too_large")
+        return name, bytes(source)
+    if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         name = f"image file {str(path)!r}"
-        if not path.is_file():
-            raise InvalidImageError(f"{name} does not exist or is not a file")
-        if path.stat().st_size > max_bytes:
-            raise InvalidImageError(f"{name} is {path.stat().st_size:,} bytes, over the limit of {max_bytes:,}")
-        data = path.read_bytes()
+        try:
+            info = path.stat()
+        except (OSError, ValueError) as exc:
+            raise InvalidImageError(f"{name} does not exist or cannot be read ({exc})", "missing") from exc
+        if not stat.S_ISREG(info.st_mode):  # a folder, /dev/zero, a FIFO...
+            raise InvalidImageError(f"{name} is not a regular file", "missing")
+        if info.st_size > max_bytes:
+            raise InvalidImageError(f"{name} is {info.st_size:,} bytes, over the limit of {max_bytes:,}", "too_large")
+        try:
+            with path.open("rb") as f:
+                data = f.read(max_bytes + 1)  # the file may grow after stat: never read past the limit
+        except OSError as exc:
+            raise InvalidImageError(f"{name} cannot be read ({exc})", "missing") from exc
+    elif isinstance(source, io.TextIOBase):
+        raise InvalidImageError("image stream is opened in text mode; open the file with 'rb'", "unsupported")
     elif hasattr(source, "read"):
-        data = source.read(max_bytes + 1)
         name = "image stream"
+        try:
+            data = source.read(max_bytes + 1)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise InvalidImageError(f"{name} cannot be read ({exc}); pass a binary stream", "unsupported") from exc
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidImageError(
+                f"{name}.read() returned {type(data).__name__}, not bytes; open the file with 'rb'", "unsupported"
+            )
+        data = bytes(data)
     else:
-        raise InvalidImageError(f"cannot read an image from a {type(source).__name__}; pass bytes or a path")
+        raise InvalidImageError(
+            f"cannot read an image from a {type(source).__name__}; pass bytes, a path or a binary stream",
+            "unsupported",
+        )
     if len(data) > max_bytes:
-        raise InvalidImageError(f"{name} is over the limit of {max_bytes:,} bytes")
+        raise InvalidImageError(f"{name} is over the limit of {max_bytes:,} bytes", "too_large")
     return name, data
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _to_8bit(image: Image.Image, name: str) -> Image.Image:
+    """16-bit, 32-bit integer and float images -> 8-bit ``L`` scaled by their type's range.
+
+    Works in strips of rows so the temporaries stay small at 40 MP (no full float64 copy).
+    """
+    mode = image.mode
+    if mode.startswith("I;16") or (mode == "I" and image.format == "PNG"):  # old Pillow reads 16-bit PNG as "I"
+        low, high = 0.0, 65535.0
+    elif mode == "I":
+        low, high = 0.0, float(2**31 - 1)
+    elif mode == "F":
+        low, high = 0.0, 1.0
+    else:
+        return image
+    width, height = image.size
+    out = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, _STRIP_PIXELS // max(width, 1))
+    bad = 0
+    for top in range(0, height, rows):
+        strip = np.array(image.crop((0, top, width, min(top + rows, height))), dtype=np.float32)
+        if mode == "F":
+            finite = np.isfinite(strip)
+            if not finite.all():
+                bad += int(strip.size - np.count_nonzero(finite))
+                continue
+        np.clip(strip, low, high, out=strip)
+        strip *= 255.0 / high
+        out[top:top + strip.shape[0]] = np.rint(strip).astype(np.uint8)
+    if bad:
+        raise InvalidImageError(
+            f"{name} is a float image with {bad:,} NaN or infinite pixels; replace them before sending it", "corrupt"
+        )
+    return Image.fromarray(out, "L")
+
+
+def _flatten_to_rgb(image: Image.Image) -> Image.Image:
+    """Any 8-bit mode -> RGB; transparency is composited on white with one RGB canvas (no RGBA copies)."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # high bit-depth grayscale: rescale the actual range to 0-255 instead of clipping
-        array = np.asarray(image, dtype=np.float64)
-        lo, hi = float(array.min()), float(array.max())
-        array = (array - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(array)
-        return Image.fromarray(array.astype(np.uint8), "L").convert("RGB")
-    if image.mode == "P":
-        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+    if (image.mode == "P" and "transparency" in image.info) or image.mode in ("LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        canvas = Image.new("RGB", image.size, (255, 255, 255))
+        canvas.paste(image, (0, 0), image)  # the RGBA image is its own mask (its alpha)
+        return canvas
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

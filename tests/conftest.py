@@ -1,5 +1,9 @@
 """Shared pytest fixtures.
 
+Every test runs with its caches in a temporary folder (``isolated_caches``, autouse): INSLOC_HUB_CACHE,
+HF_HOME, HF_HUB_CACHE, HF_XET_CACHE, XDG_CACHE_HOME, TORCH_HOME, MPLCONFIGDIR and
+HUGGINGFACE_HUB_CACHE point under ``tmp_path``, so no test reads or writes the user's ~/.cache.
+
 Hub fixtures (real HTTP on 127.0.0.1, never huggingface.co):
 
 - ``hub_server``: a started :class:`hub_server.HubServer` (fresh, empty) with ``.endpoint``,
@@ -43,6 +47,28 @@ _HF_MODULES_COPYING_CONSTANTS = (
 for _name in _HF_MODULES_COPYING_CONSTANTS:
     with contextlib.suppress(ImportError):  # other huggingface_hub versions may lack some
         importlib.import_module(_name)
+
+
+#: cache locations a test could otherwise write to in the user's home (env var -> folder under the tmp cache)
+_CACHE_VARIABLES = {
+    "INSLOC_HUB_CACHE": "insloc_hub",
+    "HF_HOME": "huggingface",
+    "HF_HUB_CACHE": "huggingface/hub",
+    "HUGGINGFACE_HUB_CACHE": "huggingface/hub",
+    "HF_XET_CACHE": "huggingface/xet",
+    "XDG_CACHE_HOME": "",
+    "TORCH_HOME": "torch",
+    "MPLCONFIGDIR": "matplotlib",
+}
+
+
+@pytest.fixture(autouse=True)
+def isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point every cache at a fresh temporary folder for one test (undone afterwards)."""
+    root = tmp_path_factory.mktemp("cache")
+    for name, sub in _CACHE_VARIABLES.items():
+        monkeypatch.setenv(name, str(root / sub) if sub else str(root))
+    return root
 
 
 @dataclass

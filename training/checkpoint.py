@@ -45,13 +45,14 @@ import pickle
 import random
 import re
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from insloc_hub.convert import describe_unpickling_refusal
 from insloc_hub.errors import CheckpointError
 
 __all__ = [
@@ -62,6 +63,8 @@ __all__ = [
     "atomic_save",
     "save_checkpoint",
     "find_latest",
+    "resume_candidates",
+    "load_newest_usable",
     "is_readable_checkpoint",
     "load_checkpoint",
     "prune_checkpoints",
@@ -219,9 +222,8 @@ def load_checkpoint(
     except pickle.UnpicklingError as err:
         if not allow_pickle:
             raise CheckpointError(
-                f"{path} contains Python objects other than tensors and plain containers, so it was not written "
-                f"by this version of insloc-hub (weights_only=True refused it: {str(err).splitlines()[0]}). "
-                "If you trust the file, load it with load_checkpoint(..., allow_pickle=True)."
+                f"{path} was not written by this version of insloc-hub: {describe_unpickling_refusal(err)}. "
+                "Resume from another checkpoint of the run, or start a new run."
             ) from err
         logger.warning("loading %s with full unpickling (allow_pickle=True): only do this for trusted files", path)
         try:
@@ -236,6 +238,60 @@ def load_checkpoint(
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
     return state
+
+
+def resume_candidates(spec: str | os.PathLike[str], run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Checkpoints ``--resume spec`` may continue from, newest first.
+
+    ``"auto"``: the checkpoints of ``run_dir`` (possibly none). A folder: its checkpoints (a
+    CheckpointError says what the folder holds if it has none). A file: that file.
+    """
+    if str(spec) == "auto":
+        return list(reversed(list_checkpoints(run_dir)))
+    given = Path(spec)
+    if given.is_dir():
+        found = list(reversed(list_checkpoints(given)))
+        if not found:
+            names = sorted(p.name for p in given.iterdir())[:8]
+            raise CheckpointError(
+                f"--resume {given}: the folder holds no checkpoint_<step>.pt file (it has: "
+                f"{', '.join(names) or 'nothing'}). Pass a run folder whose training saved a checkpoint, or a file."
+            )
+        return found
+    return [given]
+
+
+def load_newest_usable(
+    candidates: Iterable[Path], check: Callable[[Path, dict[str, Any]], None] | None = None
+) -> tuple[Path, dict[str, Any], list[str]]:
+    """Load the first of ``candidates`` (newest first) that reads and passes ``check``.
+
+    A foreign, corrupt or mismatching newer checkpoint is skipped with a warning and the next one
+    tried. Returns ``(path, state, skipped)`` with ``skipped`` = ``"name: why"`` of each file passed
+    over.
+
+    Raises:
+        CheckpointError: none is usable; the message lists each file and why (a single candidate
+            gets its own error unchanged).
+    """
+    candidates = list(candidates)
+    skipped: list[str] = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+            if check is not None:
+                check(path, state)
+        except CheckpointError as err:
+            if len(candidates) == 1:
+                raise
+            why = str(err).splitlines()[0]
+            logger.warning("skipping checkpoint %s: %s", path, why)
+            skipped.append(f"{Path(path).name}: {why}")
+            continue
+        if skipped:
+            logger.warning("resuming from %s: %d newer checkpoint(s) were unusable", path, len(skipped))
+        return Path(path), state, skipped
+    raise CheckpointError("no usable checkpoint to resume from:\n  " + "\n  ".join(skipped))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,13 +24,14 @@ dataset itself only flips (:class:`RandomHorizontalFlip`).
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -39,8 +40,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from insloc_hub.errors import ConfigError, DatasetError
-from insloc_hub.transforms import DEFAULT_MAX_PIXELS, decode_image, to_tensor
+from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
+from insloc_hub.transforms import decode_image, read_image_size, to_tensor
 
 __all__ = [
     "VOC_CLASSES",
@@ -73,22 +74,14 @@ VOC_CLASSES = (
 
 
 # ----------------------------------------------------------------------------------------------
-# Image files. Pixels are decoded by ``insloc_hub.transforms.decode_image`` (EXIF orientation
-# applied, limits, InvalidImageError); loading only reads headers, honouring the EXIF orientation
-# too, so the size found at load time is the size of the decoded image.
+# Image files. Pixels are decoded by ``insloc_hub.transforms.decode_image`` and sizes read by
+# ``read_image_size`` (the same policy: limits, EXIF orientation, InvalidImageError), so the size
+# found at load time is the size of the decoded image.
 # ----------------------------------------------------------------------------------------------
 
-_EXIF_ORIENTATION = 0x0112
-
-
-def _read_image_size(path: Path) -> tuple[int, int]:
-    """Return ``(width, height)`` of an image file from its header only (no pixel decoding)."""
-    with Image.open(path) as image:
-        width, height = image.size
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees: decoded as height x width
-        width, height = height, width
-    return int(width), int(height)
+#: images whose long side is more than this many times the short side are left out (reported as
+#: ``degenerate_images``): resized to a detector's max_size their short side rounds to 0 pixels.
+MAX_ASPECT_RATIO = 100.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,6 +92,8 @@ def _read_image_size(path: Path) -> tuple[int, int]:
 PROBLEM_KINDS: dict[str, str] = {
     "missing_images": "missing image files",
     "unreadable_images": "unreadable image files",
+    "degenerate_images": f"images with an aspect ratio over {MAX_ASPECT_RATIO:g}:1 left out",
+    "outside_root": "image paths that are absolute or climb out of the image folder with '..'",
     "missing_annotations": "missing annotation files",
     "parse_errors": "annotation entries that could not be parsed",
     "duplicate_images": "duplicate image entries",
@@ -108,6 +103,9 @@ PROBLEM_KINDS: dict[str, str] = {
     "degenerate_boxes": "empty or degenerate boxes dropped",
     "clipped_boxes": "boxes clipped to the image",
     "orphan_annotations": "annotations of unknown image ids dropped",
+    "malformed_annotations": "annotation records of the wrong type dropped (image_id, category_id, iscrowd)",
+    "malformed_segmentations": "segmentations that are malformed or outside the image (the box is used as mask)",
+    "similar_class_names": "class names that look like typos of another (pass class_names / --classes)",
     "size_mismatches": "images whose annotated size differs from the file (file size used)",
 }
 
@@ -115,6 +113,8 @@ PROBLEM_KINDS: dict[str, str] = {
 _IMAGE_LEVEL = (
     "missing_images",
     "unreadable_images",
+    "degenerate_images",
+    "outside_root",
     "missing_annotations",
     "parse_errors",
     "duplicate_images",
@@ -140,6 +140,8 @@ class DatasetReport:
     num_crowd: int = 0
     missing_images: int = 0
     unreadable_images: int = 0
+    degenerate_images: int = 0
+    outside_root: int = 0
     missing_annotations: int = 0
     parse_errors: int = 0
     duplicate_images: int = 0
@@ -149,6 +151,9 @@ class DatasetReport:
     degenerate_boxes: int = 0
     clipped_boxes: int = 0
     orphan_annotations: int = 0
+    malformed_annotations: int = 0
+    malformed_segmentations: int = 0
+    similar_class_names: int = 0
     size_mismatches: int = 0
     max_examples: int = 5
     examples: dict[str, list[str]] = field(default_factory=dict)
@@ -308,6 +313,10 @@ class DetectionDataset(Dataset):
         self.include_crowd = include_crowd
         self.report = report if report is not None else DatasetReport(source=source)
         self.source = source
+        # Decode failures found lazily (a file cut after its header): 1 + the InvalidImageError
+        # reason's index, in shared memory so what a DataLoader worker finds reaches the main process.
+        self._unreadable = torch.zeros(max(len(self.records), 1), dtype=torch.uint8).share_memory_()
+        self._reported: set[int] = set()
 
     @property
     def num_classes(self) -> int:
@@ -325,6 +334,49 @@ class DetectionDataset(Dataset):
     def load_image(self, index: int) -> Image.Image:
         """The RGB image of item ``index`` (no transforms); InvalidImageError if it cannot be decoded."""
         return decode_image(self.records[index].path)
+
+    def try_load_image(self, index: int) -> Image.Image | None:
+        """:meth:`load_image`, or ``None`` (remembered in every process) if the file cannot be decoded."""
+        if self._unreadable[index]:
+            return None
+        try:
+            return self.load_image(index)
+        except InvalidImageError as exc:
+            self._unreadable[index] = 1 + InvalidImageError.REASONS.index(exc.reason)
+            logger.warning("skipping image %s: %s", self.records[index].file_name or self.records[index].path, exc)
+            return None
+
+    def unreadable(self) -> dict[int, str]:
+        """Items whose image failed to decode so far (any process): ``index -> InvalidImageError reason``."""
+        found = torch.nonzero(self._unreadable[: len(self.records)]).flatten().tolist()
+        return {i: InvalidImageError.REASONS[int(self._unreadable[i]) - 1] for i in found}
+
+    def report_unreadable(self) -> list[str]:
+        """Add images that failed to decode since the last call to ``report`` (``unreadable_images``).
+
+        Returns every such file as ``"name: reason"`` (also those reported before), for a data report.
+        """
+        entries = []
+        for index, reason in self.unreadable().items():
+            entry = f"{self.records[index].file_name or self.records[index].path.name}: {reason} (at decode)"
+            entries.append(entry)
+            if index not in self._reported:
+                self._reported.add(index)
+                self.report.note("unreadable_images", entry)
+        return entries
+
+    def subset(self, indices: Sequence[int]) -> DetectionDataset:
+        """A dataset of the items ``indices`` (same classes, ids and report), e.g. without unreadable images."""
+        return DetectionDataset(
+            [self.records[i] for i in indices],
+            self.class_names,
+            category_ids=self.category_ids,
+            transforms=self.transforms,
+            keep_difficult=self.keep_difficult,
+            include_crowd=self.include_crowd,
+            report=self.report,
+            source=self.source,
+        )
 
     def get_target(self, index: int) -> Target:
         """The training target of item ``index`` (no transforms, no image decoding)."""
@@ -461,17 +513,17 @@ def _clean_box(
 def _check_image(
     path: Path, annotated: tuple[int, int] | None, report: DatasetReport, name: str
 ) -> tuple[int, int] | None:
-    """Size of the image file (header read), noting missing/unreadable files and wrong sizes."""
+    """Size of the image file (header read), noting missing/unreadable/degenerate files and wrong sizes."""
     if not path.is_file():
         report.note("missing_images", name)
         return None
     try:
-        size = _read_image_size(path)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        report.note("unreadable_images", f"{name}: {exc}")
+        size = read_image_size(path)
+    except InvalidImageError as exc:
+        report.note("unreadable_images", f"{name}: {exc.reason}: {exc}")
         return None
-    if size[0] * size[1] > DEFAULT_MAX_PIXELS:
-        report.note("unreadable_images", f"{name}: {size[0]}x{size[1]} is over {DEFAULT_MAX_PIXELS:,} pixels")
+    if max(size) > MAX_ASPECT_RATIO * min(size):
+        report.note("degenerate_images", f"{name}: {size[0]}x{size[1]}")
         return None
     if annotated is not None and annotated != size:
         report.note(
@@ -489,6 +541,93 @@ def _positive_int(value: Any) -> int | None:
     return number if number > 0 else None
 
 
+def _climbs_out(name: str) -> bool:
+    """Whether a file name from an annotation is absolute or leaves its folder with ``..``."""
+    posix = name.replace("\\", "/")
+    return posix.startswith("/") or bool(PureWindowsPath(name).drive) or ".." in PurePosixPath(posix).parts
+
+
+def _image_path(root: Path, name: str, report: DatasetReport, allow_outside_root: bool, where: str) -> Path | None:
+    """``root / name``; ``None`` (noted as ``outside_root``) if ``name`` leaves ``root`` and that is not allowed."""
+    if _climbs_out(name):
+        if not allow_outside_root:
+            report.note("outside_root", f"{where}: {name!r} refused")
+            return None
+        report.note("outside_root", f"{where}: {name!r} allowed (allow_outside_root=True)")
+    return root / name
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def segmentation_problem(segmentation: Any, width: int, height: int) -> str | None:
+    """What is wrong with a COCO ``segmentation`` for a ``width x height`` image, or ``None`` if usable.
+
+    Usable: absent/empty (the box then serves as mask), a list of polygons (each an even number,
+    at least 6, of finite coordinates, not entirely outside the image), or an RLE dict whose
+    ``size`` is ``[height, width]`` and whose ``counts`` is a list of non-negative integers summing
+    to ``height * width`` or a compressed RLE string.
+
+    Example:
+        >>> segmentation_problem([[0, 0, 10, 0, 10, 10]], 20, 20) is None
+        True
+        >>> segmentation_problem([[50, 50, 60, 50, 60, 60]], 20, 20)
+        'polygon 0 lies outside the 20x20 image'
+    """
+    if segmentation is None or segmentation == []:
+        return None
+    if isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(v) and v > 0 for v in size)):
+            return f"RLE size {size!r} is not [height, width]"
+        if list(size) != [height, width]:
+            return f"RLE size {list(size)} differs from the image's [{height}, {width}]"
+        if isinstance(counts, list):
+            if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
+                return "RLE counts are not non-negative integers summing to height x width"
+            return None
+        if isinstance(counts, str):
+            if not counts or any(not 48 <= ord(c) < 112 for c in counts):
+                return "compressed RLE counts hold characters outside COCO's alphabet"
+            return None
+        return f"RLE counts must be a list or a string, got {type(counts).__name__}"
+    if not isinstance(segmentation, list):
+        return f"segmentation must be a list of polygons or an RLE dict, got {type(segmentation).__name__}"
+    for i, polygon in enumerate(segmentation):
+        if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
+            return f"polygon {i} is not a list of at least 3 x, y pairs"
+        if not all(_is_number(v) for v in polygon):
+            return f"polygon {i} holds non-numeric or non-finite coordinates"
+        xs, ys = polygon[0::2], polygon[1::2]
+        if max(xs) <= 0 or min(xs) >= width or max(ys) <= 0 or min(ys) >= height:
+            return f"polygon {i} lies outside the {width}x{height} image"
+    return None
+
+
+def _check_class_list(wanted: Sequence[str] | None, report: DatasetReport, unknown_classes: str) -> None:
+    """``unknown_classes="error"``: refuse a dataset whose annotations name classes not in ``class_names``."""
+    if unknown_classes not in ("drop", "error"):
+        raise ConfigError(f"unknown_classes must be 'drop' or 'error', got {unknown_classes!r}")
+    if unknown_classes == "error" and report.unknown_classes:
+        raise DatasetError(
+            f"{report.source}: {report.describe(['unknown_classes'])} not in the class list {list(wanted or [])}. "
+            "Fix the annotations, add the classes, or drop them (--unknown-classes drop)."
+        )
+
+
+def _note_similar_names(names: Sequence[str], report: DatasetReport) -> None:
+    """Count class names that differ only by case or a letter or two (``racoon`` next to ``raccoon``)."""
+    for i, name in enumerate(names):
+        for other in names[i + 1:]:
+            if name.lower() == other.lower() or difflib.SequenceMatcher(None, name, other).ratio() >= 0.85:
+                report.note("similar_class_names", f"{name!r} / {other!r}")
+
+
 # ----------------------------------------------------------------------------------------------
 # COCO
 # ----------------------------------------------------------------------------------------------
@@ -502,6 +641,8 @@ def load_coco(
     keep_empty: bool = True,
     transforms: Transform | None = None,
     max_examples: int = 5,
+    unknown_classes: str = "drop",
+    allow_outside_root: bool = False,
 ) -> DetectionDataset:
     """Read a COCO-format detection set (``images``, ``annotations`` with ``bbox`` xywh, ``categories``).
 
@@ -513,6 +654,16 @@ def load_coco(
         keep_empty: keep images without boxes as negatives (``True``) or skip them.
         transforms: ``(image, target) -> (image, target)`` training transforms.
         max_examples: examples kept per problem kind in the report.
+        unknown_classes: ``"drop"`` (count them in the report) or ``"error"`` (DatasetError) for
+            annotations of categories outside ``class_names``.
+        allow_outside_root: accept ``file_name``s that are absolute or climb out of ``image_root``
+            with ``..`` (each is still reported as ``outside_root``); refused by default.
+
+    Every record is type-checked once, here: ``images[*].id`` an integer and ``file_name`` a
+    non-empty string; ``annotations[*].image_id`` / ``category_id`` integers, ``bbox`` four finite
+    numbers, ``iscrowd`` 0 or 1, ``segmentation`` as :func:`segmentation_problem` accepts.
+    Records that fail are dropped (or, for a bad segmentation, the box is used as mask) and
+    counted in ``dataset.report``.
 
     Original image ids and category ids are kept (``dataset.category_ids``), so results written
     from this dataset can be scored against the original JSON. Crowd regions stay in the ground
@@ -540,7 +691,7 @@ def load_coco(
     for position, entry in enumerate(data["images"]):
         image_id = entry.get("id") if isinstance(entry, dict) else None
         file_name = entry.get("file_name") if isinstance(entry, dict) else None
-        if not isinstance(image_id, int) or isinstance(image_id, bool) or not isinstance(file_name, str):
+        if not _is_int(image_id) or not isinstance(file_name, str) or not file_name.strip():
             report.note("parse_errors", f"images[{position}]: needs an integer 'id' and a 'file_name'")
             continue
         if image_id in images:
@@ -554,17 +705,23 @@ def load_coco(
         raise DatasetError(f"{path}: 'annotations' must be a list")
     by_image: dict[int, list[dict[str, Any]]] = {}
     for position, ann in enumerate(annotations):
-        if not isinstance(ann, dict) or ann.get("image_id") not in images:
-            where = ann.get("image_id") if isinstance(ann, dict) else "?"
-            report.note("orphan_annotations", f"annotations[{position}]: image_id {where}")
+        problem = _annotation_problem(ann)
+        if problem is not None:
+            report.note("malformed_annotations", f"annotations[{position}]: {problem}")
+            continue
+        if ann["image_id"] not in images:
+            report.note("orphan_annotations", f"annotations[{position}]: image_id {ann['image_id']}")
             continue
         by_image.setdefault(ann["image_id"], []).append(ann)
 
     records = []
     for image_id, entry in images.items():
         file_name = entry["file_name"]
+        image_path = _image_path(root, file_name, report, allow_outside_root, f"images id {image_id}")
+        if image_path is None:
+            continue
         annotated = (_positive_int(entry.get("width")), _positive_int(entry.get("height")))
-        size = _check_image(root / file_name, annotated if None not in annotated else None, report, file_name)
+        size = _check_image(image_path, annotated if None not in annotated else None, report, file_name)
         if size is None:
             continue
         width, height = size
@@ -576,11 +733,13 @@ def load_coco(
                 report.note("unknown_classes", f"{file_name}: category_id {category}{known}")
                 continue
             bbox = ann.get("bbox")
-            try:
-                x, y, w, h = (float(v) for v in bbox)
-            except (TypeError, ValueError):
-                report.note("malformed_boxes", f"{file_name}: bbox {bbox!r}")
+            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+                report.note("malformed_boxes", f"{file_name}: bbox {bbox!r} is not 4 finite numbers")
                 continue
+            x, y, w, h = (float(v) for v in bbox)
+            problem = segmentation_problem(ann.get("segmentation"), width, height)
+            if problem is not None:
+                report.note("malformed_segmentations", f"{file_name}: {problem}")
             xyxy = (x, y, x + w, y + h)  # COCO boxes are already 0-based continuous coordinates
             clean = _clean_box(xyxy, width, height, report, file_name)
             if clean is None:
@@ -589,8 +748,9 @@ def load_coco(
             if clean != xyxy or not isinstance(area, (int, float)) or not area > 0:
                 area = (clean[2] - clean[0]) * (clean[3] - clean[1])
             boxes.append(_Box(label_of[category], clean, float(area), iscrowd=bool(ann.get("iscrowd"))))
-        records.append(_make_record(image_id, root / file_name, width, height, boxes, file_name))
+        records.append(_make_record(image_id, image_path, width, height, boxes, file_name))
 
+    _check_class_list(class_names, report, unknown_classes)
     return _finish(
         records,
         class_names,
@@ -600,6 +760,18 @@ def load_coco(
         keep_empty=keep_empty,
         transforms=transforms,
     )
+
+
+def _annotation_problem(ann: Any) -> str | None:
+    """Why a COCO annotation record has the wrong shape (before its box is looked at), or ``None``."""
+    if not isinstance(ann, dict):
+        return f"not an object ({type(ann).__name__})"
+    for key in ("image_id", "category_id"):
+        if not _is_int(ann.get(key)):
+            return f"{key} {ann.get(key)!r} is not an integer"
+    if ann.get("iscrowd", 0) not in (0, 1):
+        return f"iscrowd {ann.get('iscrowd')!r} is not 0 or 1"
+    return None
 
 
 def _coco_categories(
@@ -681,6 +853,8 @@ def load_voc(
     keep_empty: bool = True,
     transforms: Transform | None = None,
     max_examples: int = 5,
+    unknown_classes: str = "drop",
+    allow_outside_root: bool = False,
 ) -> DetectionDataset:
     """Read a PASCAL VOC-style set: ``root/Annotations/*.xml`` and ``root/JPEGImages`` (or ``images``).
 
@@ -699,6 +873,11 @@ def load_voc(
         keep_empty: keep images without boxes as negatives (``True``) or skip them.
         transforms: ``(image, target) -> (image, target)`` training transforms.
         max_examples: examples kept per problem kind in the report.
+        unknown_classes: with ``class_names``, objects of other classes are ``"drop"``-ped (and
+            counted) or refused (``"error"``: DatasetError naming them). Without ``class_names``,
+            names that look like typos of each other are counted as ``similar_class_names``.
+        allow_outside_root: accept an XML ``<filename>`` that is absolute or climbs out of the
+            image folder with ``..`` (still reported as ``outside_root``); refused by default.
 
     Image ids are the 1-based positions in the split list (or in the sorted XML file list).
     """
@@ -732,7 +911,7 @@ def load_voc(
             continue
         seen.add(stem)
         report.num_images += 1
-        item = _parse_voc_xml(annotation_dir, image_dir, stem, listed_name, report)
+        item = _parse_voc_xml(annotation_dir, image_dir, stem, listed_name, report, allow_outside_root)
         if item is None:
             continue
         image_path, width, height, objects = item
@@ -751,6 +930,8 @@ def load_voc(
         wanted = {name: i for i, name in enumerate(names, start=1)}
         if not names and parsed:
             raise DatasetError(f"{source}: no object with a class name in any annotation; pass class_names")
+        _note_similar_names(names, report)
+    _check_class_list(list(wanted), report, unknown_classes)
     records = []
     for position, image_path, width, height, objects, file_name in parsed:
         boxes = [
@@ -770,7 +951,8 @@ def load_voc(
 
 
 def _parse_voc_xml(
-    annotation_dir: Path, image_dir: Path, stem: str, listed_name: str | None, report: DatasetReport
+    annotation_dir: Path, image_dir: Path, stem: str, listed_name: str | None, report: DatasetReport,
+    allow_outside_root: bool = False,
 ) -> tuple[Path, int, int, list[tuple[str, tuple[float, ...], bool]]] | None:
     """Parse one VOC XML; ``(image path, width, height, [(name, xyxy, difficult)])`` or ``None``."""
     xml_path = annotation_dir / f"{stem}.xml"
@@ -786,8 +968,13 @@ def _parse_voc_xml(
     xml_name = (tree.findtext("filename") or "").strip()
     candidates = [listed_name] if listed_name else []
     candidates += [stem + ext for ext in IMAGE_EXTENSIONS] + [stem + ext.upper() for ext in IMAGE_EXTENSIONS]
-    candidates += [xml_name] if xml_name else []
     image_path = next((image_dir / c for c in candidates if (image_dir / c).is_file()), None)
+    if image_path is None and xml_name:  # the <filename> only when the id names no file
+        image_path = _image_path(image_dir, xml_name, report, allow_outside_root, xml_path.name)
+        if image_path is None:
+            return None
+        if not image_path.is_file():
+            image_path = None
     if image_path is None:
         report.note("missing_images", f"{image_dir.name}/{listed_name or xml_name or stem + '.jpg'}")
         return None

@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 
-from insloc_hub.errors import ConfigError
+from insloc_hub.errors import ConfigError, DatasetError
 from insloc_hub.transforms import to_tensor
 
 from .detection_data import DetectionDataset
@@ -91,6 +91,7 @@ class EvalResult:
         stats: ``COCOeval.stats``, the 12 values above in pycocotools' order (:data:`STAT_NAMES`).
         num_images, num_detections, num_ground_truth: what was scored (``num_ground_truth`` counts
             boxes that are not crowd / difficult).
+        skipped_images: ``"file: reason"`` of images left out because they cannot be decoded.
     """
 
     ap: float
@@ -111,6 +112,7 @@ class EvalResult:
     num_images: int = 0
     num_detections: int = 0
     num_ground_truth: int = 0
+    skipped_images: list[str] = field(default_factory=list)
 
     @classmethod
     def from_stats(cls, stats: Sequence[float], **extra: Any) -> EvalResult:
@@ -499,12 +501,14 @@ class _EvalImages(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return to_tensor(self.dataset.load_image(index)), index
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
+        image = self.dataset.try_load_image(index)  # None: cannot be decoded, skipped and reported
+        return (to_tensor(image) if image is not None else None), index
 
 
-def _collate_eval(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], list[int]]:
-    return [image for image, _ in batch], [index for _, index in batch]
+def _collate_eval(batch: Sequence[tuple[torch.Tensor | None, int]]) -> tuple[list[torch.Tensor], list[int]]:
+    kept = [(image, index) for image, index in batch if image is not None]
+    return [image for image, _ in kept], [index for _, index in kept]
 
 
 def run_evaluation(
@@ -546,6 +550,8 @@ def run_evaluation(
     try:
         with torch.no_grad():
             for images, indices in loader:
+                if not images:
+                    continue
                 batch_out = model([image.to(device) for image in images])
                 for index, out in zip(indices, batch_out, strict=True):
                     outputs[index] = {
@@ -556,10 +562,22 @@ def run_evaluation(
     seconds = time.perf_counter() - start
     logger.info("ran the detector on %d images in %.1f s", len(dataset), seconds)
 
+    # Images that failed to decode are left out of the scoring (their boxes would count as misses)
+    # and listed in the result: skipped and reported, never fatal.
+    unreadable = dataset.unreadable()
+    skipped = dataset.report_unreadable()
+    if unreadable:
+        logger.warning("%d image(s) skipped because they cannot be decoded: %s", len(skipped),
+                       ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    kept = [i for i in range(len(dataset)) if i not in unreadable]
+    if not kept:
+        raise DatasetError(f"none of the {len(dataset)} images of {dataset.source} can be decoded: {skipped[:5]}")
+    scored = dataset if not unreadable else dataset.subset(kept)
     detections = detections_from_outputs(
-        outputs, dataset.image_ids, category_ids=dataset.category_ids, score_threshold=score_threshold
+        [outputs[i] for i in kept], scored.image_ids, category_ids=dataset.category_ids, score_threshold=score_threshold
     )
-    result = evaluate_detections(dataset, detections, verbose=verbose)
+    result = evaluate_detections(scored, detections, verbose=verbose)
+    result.skipped_images = skipped
     logger.info("COCO box evaluation of %s:\n%s", dataset.source or "the dataset", result.summary())
 
     if output_dir is not None:
@@ -571,7 +589,7 @@ def run_evaluation(
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         if num_visualize > 0 and len(dataset) > 0:
             pictures = []
-            for index in range(min(num_visualize, len(dataset))):
+            for index in kept[:num_visualize]:
                 out, target = outputs[index], dataset.records[index]
                 pictures.append(
                     draw_detections(

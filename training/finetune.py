@@ -48,14 +48,21 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from insloc_hub.configs import JsonConfig
 from insloc_hub.detectors import ARCHITECTURES, build_detector, set_inference_options
-from insloc_hub.errors import CheckpointError, ConfigError, InsLocError, ModelNotFoundError
+from insloc_hub.errors import CheckpointError, ConfigError, DatasetError, InsLocError, ModelNotFoundError
 from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import from_pretrained, save_pretrained
 from insloc_hub.transforms import to_tensor
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .detection_data import DetectionDataset, RandomHorizontalFlip, collate_detection, load_dataset, protocol_sizes
+from .detection_data import (
+    DetectionDataset,
+    RandomHorizontalFlip,
+    collate_detection,
+    load_dataset,
+    protocol_sizes,
+    segmentation_problem,
+)
 from .evaluation import EvalResult, run_evaluation
 
 __all__ = [
@@ -77,7 +84,7 @@ logger = logging.getLogger(__name__)
 REFERENCE_BATCH = 16
 # fields that may change when a run is resumed (where it runs and how it reports, not what it trains)
 RESUME_IGNORED = ("output", "resume", "workers", "device", "eval_every", "checkpoint_every", "keep_checkpoints",
-                  "log_every", "eval_batch_size", "val_data", "val_image_root", "num_visualize")
+                  "log_every", "eval_batch_size", "val_data", "val_image_root", "num_visualize", "unknown_classes")
 
 
 class TrainingDivergedError(InsLocError, FloatingPointError):
@@ -189,10 +196,25 @@ class FinetuneConfig(JsonConfig):
     eval_batch_size: int = 2
     num_visualize: int = 4
     resume: str | None = None
+    classes: list[str] | None = None  # the class list, in label order (default: found in the data)
+    unknown_classes: str = "drop"  # objects of classes outside --classes: "drop" (reported) or "error"
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with the checkpoint it continues."""
-        return {k: v for k, v in self.to_dict().items() if k not in RESUME_IGNORED}
+        fields = {k: v for k, v in self.to_dict().items() if k not in RESUME_IGNORED}
+        if fields.get("classes") is None:  # absent from checkpoints written before --classes existed
+            fields.pop("classes", None)
+        return fields
+
+
+def _parse_classes(value: str | Sequence[str] | None) -> list[str] | None:
+    """``"cat,dog"`` (or a list) -> ``["cat", "dog"]``; ConfigError on empty or repeated names."""
+    if value is None:
+        return None
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value)]
+    if not names or not all(names) or len(set(names)) != len(names):
+        raise ConfigError(f"--classes must be distinct, non-empty comma-separated names, got {value!r}")
+    return names
 
 
 def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[FinetuneConfig, list[str]]:
@@ -294,6 +316,7 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
         log_every=int(get("log_every") or 20), eval_batch_size=int(get("eval_batch_size") or 2),
         num_visualize=int(get("num_visualize") if get("num_visualize") is not None else 4),
         resume=get("resume"),
+        classes=_parse_classes(get("classes")), unknown_classes=str(get("unknown_classes") or "drop"),
     )
     if cfg.checkpoint_every <= 0:
         cfg.checkpoint_every = max(100, iterations // 10)
@@ -363,16 +386,20 @@ class COCOMasks:
             )
         data = json.loads(Path(dataset.report.source).read_text(encoding="utf-8"))
         label_of = {cid: label for label, cid in enumerate(dataset.category_ids, start=1)}
+        sizes = {record.image_id: (record.width, record.height) for record in dataset.records}
         self.by_image: dict[int, list[tuple[int, np.ndarray, Any]]] = {}
         with_segm = without = 0
         for ann in data.get("annotations") or []:
-            if not isinstance(ann, dict) or ann.get("iscrowd") or ann.get("category_id") not in label_of:
+            if (not isinstance(ann, dict) or ann.get("iscrowd") or not isinstance(ann.get("category_id"), int)
+                    or ann.get("category_id") not in label_of or not isinstance(ann.get("image_id"), int)):
                 continue
             try:
                 x, y, w, h = (float(v) for v in ann["bbox"])
             except (KeyError, TypeError, ValueError):
                 continue
             segm = ann.get("segmentation")
+            if segm and segmentation_problem(segm, *sizes.get(ann.get("image_id"), (0, 0))) is not None:
+                segm = None  # counted as malformed_segmentations by load_coco; the box serves as mask
             if segm:
                 with_segm += 1
             else:
@@ -435,7 +462,17 @@ class TrainingSet(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        image = to_tensor(self.dataset.load_image(index))
+        # An image that fails to decode is skipped (counted in the data report) and replaced by the
+        # next readable one, so a batch keeps its size and a worker never dies on a bad file.
+        size = len(self.dataset)
+        for step in range(size):
+            picture = self.dataset.try_load_image((index + step) % size)
+            if picture is not None:
+                index = (index + step) % size
+                break
+        else:
+            raise DatasetError(f"none of the {size} images of {self.dataset.source} can be decoded; see the log")
+        image = to_tensor(picture)
         target = self.dataset.get_target(index)
         if self.masks is not None:
             height, width = image.shape[-2:]
@@ -612,7 +649,7 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
     log = _JsonLog(run_dir / "metrics.jsonl", main)
 
     # --- checkpoint to resume from (decided before any file of the run is written) ---
-    resume_path: Path | None = None
+    candidates: list[Path] = []
     if cfg.resume in (None, "", "none"):
         existing = ckpt.list_checkpoints(run_dir)
         if existing:
@@ -620,18 +657,17 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
                 f"{run_dir} already holds checkpoints (newest: {existing[-1].name}); pass --resume auto to "
                 "continue that run, or choose another --output"
             )
-    elif cfg.resume == "auto":
-        resume_path = ckpt.find_latest(run_dir)
-        if resume_path is None:
+    else:  # "auto", a run folder or a file; newest first, a foreign or corrupt newer one is passed over
+        candidates = ckpt.resume_candidates(cfg.resume, run_dir)
+        if not candidates:
             logger.info("--resume auto: no checkpoint in %s, starting from iteration 0", run_dir)
-    else:
-        resume_path = Path(cfg.resume)
 
     # --- data ---
-    train_set = _load(cfg.data, cfg.image_root)
+    train_set = _load(cfg.data, cfg.image_root, class_names=cfg.classes, unknown_classes=cfg.unknown_classes)
     val_set = None
     if cfg.val_data:
-        val_set = _load(cfg.val_data, cfg.val_image_root, class_names=train_set.class_names)
+        val_set = _load(cfg.val_data, cfg.val_image_root, class_names=train_set.class_names,
+                        unknown_classes=cfg.unknown_classes)
     masks = COCOMasks(train_set) if cfg.arch == "mask_rcnn_fpn" else None
 
     # --- model ---
@@ -649,9 +685,8 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     start_iter = 0
-    if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path)
-        ckpt.check_config(state.get("config", {}), cfg.fingerprint(), source=resume_path)
+    if candidates:
+        resume_path, state, _ = ckpt.load_newest_usable(candidates, lambda path, st: _check_resumable(path, st, cfg))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_iter = int(state["iteration"])
@@ -748,10 +783,33 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
             log.write({"iteration": cfg.iterations, "eval": _metrics_for_card(result), "final": True})
         else:
             logger.warning("no --val-data: the final model is saved without evaluation results")
+        _write_data_report(run_dir / "data_report.json", train_set, val_set)
         final_dir = _save_final(model, cfg, run_dir, train_set, val_set, result, norm, world, amp)
         logger.info("fine-tuned detector written to %s", final_dir)
     dist_utils.barrier()
     return FinetuneResult(run_dir, final_dir, cfg.iterations, time.perf_counter() - start_time, result, report)
+
+
+def _check_resumable(path: Path, state: Mapping[str, Any], cfg: FinetuneConfig) -> None:
+    """CheckpointError unless ``state`` is a fine-tuning checkpoint of this configuration."""
+    missing = [key for key in ("model", "optimizer", "iteration", "config") if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a fine-tuning checkpoint of insloc-hub (no {', '.join(missing)})")
+    ckpt.check_config(state["config"], cfg.fingerprint(), source=path)
+
+
+def _write_data_report(path: Path, train_set: DetectionDataset, val_set: DetectionDataset | None) -> None:
+    """RUN/data_report.json: what loading found, plus the images skipped because they failed to decode."""
+    report = {}
+    for name, dataset in (("train", train_set), ("val", val_set)):
+        if dataset is None:
+            continue
+        skipped = dataset.report_unreadable()
+        if skipped:
+            logger.warning("%s data: %d image(s) skipped because they cannot be decoded: %s", name, len(skipped),
+                           ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        report[name] = {**dataset.report.to_dict(), "skipped_at_decode": skipped}
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def _save_final(model: nn.Module, cfg: FinetuneConfig, run_dir: Path, train_set: DetectionDataset,
@@ -920,7 +978,13 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--eval-batch-size", type=int, default=2)
-    p.add_argument("--resume", help="'auto' (newest checkpoint of --output, if any) or a checkpoint file")
+    p.add_argument("--resume", help="'auto' (newest usable checkpoint of --output, if any), a run folder, or a "
+                                     "checkpoint file")
+    p.add_argument("--classes", help="the class list in label order, comma-separated (default: every name "
+                                     "found in the training data); other names are reported")
+    p.add_argument("--unknown-classes", choices=("drop", "error"), default="drop",
+                   help="objects whose class is not in --classes: drop them (counted in data_report.json) "
+                        "or stop with an error naming them")
     p.set_defaults(func=_run_finetune)
 
     e = subparsers.add_parser(
