@@ -249,17 +249,8 @@ def _build(config: BackboneConfig, state: dict[str, torch.Tensor], report: Conve
         state[key] = torch.tensor(0, dtype=torch.long)
     if filled:
         report.notes.append(f"{len(filled)} BN num_batches_tracked counters absent from the source; set to 0")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: source {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        lines = [f"{report.source} does not convert to a complete {config.variant} bundle "
-                 f"(ResNet-{config.depth}, width {config.width}, parts {list(config.parts)}):"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                lines.append(f"  {len(keys)} {title}: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}")
-        raise WeightsMismatchError("\n".join(lines))
+    WeightsMismatchError.check(expected, state, f"{report.source} does not convert to a complete {config.variant} "
+                               f"bundle (ResNet-{config.depth}, width {config.width}, parts {list(config.parts)}):")
     cast = sorted({str(v.dtype) for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32})
     if cast:
         report.notes.append(f"floating-point tensors cast from {', '.join(cast)} to float32")

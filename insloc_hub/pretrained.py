@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,19 +26,17 @@ from torch import nn
 from insloc_hub.card import render_card
 from insloc_hub.detectors import PART_PREFIXES, DetectorConfig, LoadReport, build_detector_from_config
 from insloc_hub.errors import ConfigError, IntegrityError, WeightsMismatchError
-from insloc_hub.hub import resolve_model_dir
+from insloc_hub.hub import CONFIG_NAME, WEIGHTS_NAME, resolve_model_dir
 from insloc_hub.models import BackboneConfig, InsLocBackbone
-from insloc_hub.models.init_control import skip_init
 from insloc_hub.transforms import PREPROCESSING
 from insloc_hub.version import __version__
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 _VERIFIED_RECORD = "verified-weights.json"
+_MISMATCH_HINT = "Pass strict=False to load what fits, or check that config.json belongs to these weights."
 
 
 def save_pretrained(
@@ -228,21 +225,6 @@ def load_state(
                              "download it again") from exc
 
 
-def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        lines = [f"{source} does not match its architecture config:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                lines.append(f"  {len(keys)} {title}: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}")
-        lines.append("Pass strict=False to load what fits, or check that config.json belongs to these weights.")
-        raise WeightsMismatchError("\n".join(lines))
-
-
 def from_pretrained(
     name: str | os.PathLike[str],
     *,
@@ -290,16 +272,18 @@ def from_pretrained(
     if config.get("task") == "detection":
         model = build_detector_from_config(config["detector"])
         if strict:
-            _check_keys(model, state, source)
+            WeightsMismatchError.check(model.state_dict(), state, f"{source} does not match its architecture config:",
+                                       _MISMATCH_HINT)
         else:
             _drop_unusable(model, state)
         model.load_state_dict(state, strict=False)
     else:
         arch = BackboneConfig.from_dict(config["architecture"])
-        with skip_init():  # no random init: every tensor comes from the file
+        with torch.device("meta"):  # no random init: every tensor comes from the file
             model = InsLocBackbone(arch)
         if strict:
-            _check_keys(model, state, source)
+            WeightsMismatchError.check(model.state_dict(), state, f"{source} does not match its architecture config:",
+                                       _MISMATCH_HINT)
         else:
             _initialise_missing(model, state)
         model.load_state_dict(state, strict=False, assign=True)
@@ -348,13 +332,6 @@ def _initialise_missing(model: InsLocBackbone, state: dict[str, torch.Tensor]) -
         state.update({k: fresh[k] for k in bad})
         logger.warning("strict=False: %d tensors were not usable from the file and keep a fresh initialisation: %s",
                        len(bad), ", ".join(bad[:8]))
-
-
-def timed_load(name: str, **kwargs: Any) -> tuple[nn.Module, float]:
-    """``from_pretrained`` and the seconds it took (used by the load benchmark and ``insloc-hub info``)."""
-    start = time.perf_counter()
-    model = from_pretrained(name, **kwargs)
-    return model, time.perf_counter() - start
 
 
 def push_to_hub(

@@ -35,21 +35,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
 from insloc_hub.errors import ConfigError, DatasetError
-from insloc_hub.transforms import DEFAULT_MAX_PIXELS, decode_image, to_tensor
+from insloc_hub.transforms import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image, to_tensor
 
 __all__ = [
     "VOC_CLASSES",
-    "Compose",
     "DatasetReport",
     "DetectionDataset",
     "DetectionRecord",
     "RandomHorizontalFlip",
-    "ResizeShortestEdge",
     "collate_detection",
     "load_coco",
     "load_dataset",
@@ -62,7 +59,6 @@ logger = logging.getLogger(__name__)
 Target = dict[str, Any]
 Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 #: The 20 PASCAL VOC classes in the order of the devkit (label ``i + 1`` is ``VOC_CLASSES[i]``).
 VOC_CLASSES = (
@@ -893,21 +889,6 @@ def load_dataset(path_or_spec: str | Path | Mapping[str, Any], **kwargs: Any) ->
 # ----------------------------------------------------------------------------------------------
 
 
-class Compose:
-    """Apply ``(image, target)`` transforms in order."""
-
-    def __init__(self, transforms: Sequence[Transform]) -> None:
-        self.transforms = list(transforms)
-
-    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
-        for transform in self.transforms:
-            image, target = transform(image, target)
-        return image, target
-
-    def __repr__(self) -> str:
-        return f"Compose({self.transforms})"
-
-
 class RandomHorizontalFlip:
     """Flip the image and its boxes left-right with probability ``p`` (``torch`` RNG)."""
 
@@ -926,48 +907,6 @@ class RandomHorizontalFlip:
 
     def __repr__(self) -> str:
         return f"RandomHorizontalFlip(p={self.p})"
-
-
-class ResizeShortestEdge:
-    """Resize so the short side is one of ``min_sizes`` (long side at most ``max_size``), boxes too.
-
-    ``sample="choice"`` picks one of ``min_sizes``; ``"range"`` draws an integer in
-    ``[min(min_sizes), max(min_sizes)]`` (detectron2's two modes). Do NOT use it in front of a
-    torchvision detector: ``GeneralizedRCNNTransform`` resizes again inside the model. For those,
-    pass :func:`protocol_sizes` to the detector instead. This is for models that do not resize.
-    """
-
-    def __init__(self, min_sizes: Sequence[int], max_size: int = 1333, sample: str = "choice") -> None:
-        if sample not in ("choice", "range"):
-            raise ConfigError(f"sample must be 'choice' or 'range', got {sample!r}")
-        if not min_sizes:
-            raise ConfigError("min_sizes must not be empty")
-        self.min_sizes = tuple(int(s) for s in min_sizes)
-        self.max_size = int(max_size)
-        self.sample = sample
-
-    def _draw_size(self) -> int:
-        if self.sample == "range":
-            low, high = min(self.min_sizes), max(self.min_sizes)
-            return int(torch.randint(low, high + 1, ()).item())
-        return self.min_sizes[int(torch.randint(len(self.min_sizes), ()).item())]
-
-    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
-        height, width = image.shape[-2:]
-        size = self._draw_size()
-        scale = min(size / min(height, width), self.max_size / max(height, width))
-        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-        image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
-        sx, sy = new_w / width, new_h / height
-        target = dict(target)
-        target["boxes"] = target["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=target["boxes"].dtype)
-        if "area" in target:
-            target["area"] = target["area"] * (sx * sy)
-        return image, target
-
-    def __repr__(self) -> str:
-        sizes = f"min_sizes={self.min_sizes}, max_size={self.max_size}"
-        return f"ResizeShortestEdge({sizes}, sample={self.sample!r})"
 
 
 _PROTOCOLS: dict[str, dict[str, Any]] = {

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from insloc_hub import __version__
 from insloc_hub.configs import JsonConfig
-from insloc_hub.errors import CheckpointError, ConfigError, DatasetError
+from insloc_hub.errors import CheckpointError, ConfigError, DatasetError, WeightsMismatchError
 from insloc_hub.models import BackboneConfig, InsLocBackbone, backbone_config
 from insloc_hub.pretrained import save_pretrained
 
@@ -434,12 +434,9 @@ def export_backbone_from_state(model_state: dict[str, torch.Tensor], cfg: Pretra
     prefix = "encoder_q.backbone."
     backbone = InsLocBackbone(query_backbone_config(cfg))
     state = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
-    result = backbone.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"the checkpoint's query backbone does not match {cfg.arch!r}: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
+    header = f"the checkpoint's query backbone does not match {cfg.arch!r}:"
+    WeightsMismatchError.check(backbone.state_dict(), state, header)
+    backbone.load_state_dict(state)
     return backbone
 
 

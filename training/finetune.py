@@ -567,7 +567,7 @@ def _evaluate(model: nn.Module, dataset: DetectionDataset, cfg: FinetuneConfig, 
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune a detector as configured; see the module docstring for what is written where.
 
-    Works in one process (CPU or one GPU) and under ``torchrun`` / SLURM (one process per GPU,
+    Works in one process (CPU or one GPU) and under ``torchrun`` (one process per GPU,
     DDP, SyncBN); only rank 0 writes files.
 
     Raises:
