@@ -176,8 +176,8 @@ def load_foreign_checkpoint(path: PathLike) -> Any:
             "weights where it can be read, e.g. torch.save({'state_dict': torch.load(p, weights_only=False)"
             "['state_dict']}, 'clean.pth'), and convert that file."
         ) from exc
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from exc
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError) as exc:  # garbage bytes
+        raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
 def _state_dict_of(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:

@@ -44,9 +44,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from insloc_hub import __version__
-from insloc_hub.configs import JsonConfig
+from insloc_hub.configs import JsonConfig, device_name, flag, output_folder
 from insloc_hub.errors import CheckpointError, ConfigError, DatasetError, WeightsMismatchError
-from insloc_hub.models import BackboneConfig, InsLocBackbone, backbone_config
+from insloc_hub.models import PRESETS, BackboneConfig, InsLocBackbone, backbone_config
 from insloc_hub.pretrained import save_pretrained
 
 from . import distributed as dist_utils
@@ -75,7 +75,6 @@ from .pretrain_data import (
 __all__ = [
     "PretrainConfig",
     "PRETRAIN_PRESETS",
-    "FIELD_HELP",
     "RESUME_IGNORED_FIELDS",
     "CHECKPOINT_FORMAT",
     "ResumableDistributedSampler",
@@ -104,66 +103,77 @@ TRI_STATE = ("auto", "on", "off")
 class PretrainConfig(JsonConfig):
     """Every setting of a pretraining run; serialised to ``RUN_DIR/config.json`` and checkpoints.
 
-    Defaults are the official FPN recipe. ``FIELD_HELP`` documents each field and its source.
+    Defaults are the official FPN recipe; each field's help names its source, and its limits are
+    checked by the ``pretrain`` parser and by :meth:`validate` alike.
     """
 
     config_kind = "pretraining config"
 
-    data: str = ""
-    output: str = ""
-    data_root: str | None = None
-    dataset_name: str | None = None
-    preset: str | None = None
-    arch: str = "r50-fpn"
-    method: str = "insloc"
-    epochs: int = 200
-    batch_size: int = 256
-    lr: float = 0.03
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    dim: int = 128
-    queue_size: int = 65536
-    key_momentum: float = 0.999
-    temperature: float = 0.2
-    canvas: int = 256
-    box_jitter: bool = True
-    c4_roi_size: int = 14
-    shuffle_bn: bool = True
-    sync_bn: bool = False
-    workers: int = 4
-    seed: int = 0
-    deterministic: bool = False
-    amp: str = "auto"
-    channels_last: str = "auto"
-    compile: bool = False
-    gpu_composition: str = "auto"
-    max_side: int = 512
-    device: str = "auto"
-    threads: int = 0
-    checkpoint_every_steps: int = 1000
-    keep_checkpoints: int = 3
-    log_every: int = 20
-    max_steps: int = 0
-    resume: str | None = None
+    data: str = flag("", help="folder of images (any tree, class folders ignored) or a text file listing them "
+                              "(official DATA.md)")
+    output: str = flag("", help="run folder: config.json, metrics.jsonl, checkpoints, final/ hub folder",
+                       parse=output_folder)
+    data_root: str | None = flag(None, help="folder that the paths of a --data list file are relative to (default: "
+                                            "the list's folder)")
+    dataset_name: str | None = flag(None, help="dataset name recorded in the model card (e.g. imagenet-1k)")
+    preset: str | None = flag(None, help="tiny (CPU smoke run), r50-fpn-200ep / r50-fpn-400ep (official), "
+                                         "r50-c4-200ep (reconstruction)")
+    arch: str = flag("r50-fpn", help="architecture preset: r50-fpn (official), r50-c4 (reconstruction), r18-fpn, "
+                                     "r101-fpn, tiny-fpn, tiny-c4", choices=sorted(PRESETS))
+    method: str = flag("insloc", help="insloc, or moco (image-level MoCo v2 baseline on the same trunk, data and "
+                                      "schedule)", choices=METHODS)
+    epochs: int = flag(200, help="epochs; official 200 (configs/FPN/insloc_fpn_200ep.py total_epochs), 400ep models "
+                                 "also released", min=1)
+    batch_size: int = flag(256, help="GLOBAL batch over all GPUs; official 256 = 8 GPUs x samples_per_gpu=32", min=1)
+    lr: float = flag(0.03, help="base learning rate for a batch of 256, scaled linearly (config L110: 0.03; "
+                                "GETSTARTED.md)", above=0)
+    momentum: float = flag(0.9, help="SGD momentum (config L110: 0.9)", min=0, max=1)
+    nesterov: bool = flag(True, help="Nesterov momentum (config L110: nesterov=True, unlike MoCo)")
+    weight_decay: float = flag(1e-4, help="weight decay on ALL parameters, BN and biases included (config L110: "
+                                          "1e-4)", min=0)
+    dim: int = flag(128, help="embedding size (momentum_cfg dim=128, config L48)", min=1)
+    queue_size: int = flag(65536, help="queue length K per level (momentum_cfg K=65536, config L48); multiple of "
+                                       "--batch-size", min=1)
+    key_momentum: float = flag(0.999, help="key-encoder momentum m (momentum_cfg m=0.999, config L48)", min=0, max=1)
+    temperature: float = flag(0.2, help="InfoNCE temperature T (momentum_cfg T=0.2, config L48)", above=0)
+    canvas: int = flag(256, help="composition canvas side, a multiple of 16 (CopyAndPaste base_scale=(256, 256), "
+                                 "config L5-16)", min=16)
+    box_jitter: bool = flag(True, help="jitter the query's P5 box (AnchorAugHead, config L41-47 / L93-106)")
+    c4_roi_size: int = flag(14, help="RoIAlign size on res4 for the C4 reconstruction (not in the official code)",
+                            min=1)
+    shuffle_bn: bool = flag(True, help="shuffle keys across GPUs for the key forward (insloc_fpn.py L304-336, "
+                                       "L401-460)")
+    sync_bn: bool = flag(False, help="SyncBatchNorm in both encoders (NOT official: plain BN per GPU, config L37-92)")
+    workers: int = flag(4, help="data loader processes per GPU (workers_per_gpu=4 in the config)", min=0)
+    seed: int = flag(0, help="random seed; data order and augmentation are functions of (seed, epoch, index)", min=0)
+    deterministic: bool = flag(False, help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN "
+                                           "deterministic)")
+    amp: str = flag("auto", help="mixed precision: auto = bf16 autocast on CUDA, off on CPU (official: fp32)",
+                    choices=TRI_STATE)
+    channels_last: str = flag("auto", help="channels-last memory format: auto = on for CUDA", choices=TRI_STATE)
+    compile: bool = flag(False, help="torch.compile the encoders' modules (slow start, faster steps)")
+    gpu_composition: str = flag("auto", help="compose on the device with the batched composer (auto = on for CUDA); "
+                                             "the CPU path is the PIL reference", choices=TRI_STATE)
+    max_side: int = flag(512, help="GPU composition: foregrounds are decoded and downscaled to this long side first",
+                         min=1)
+    device: str = flag("auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N or mps",
+                       parse=device_name)
+    threads: int = flag(0, help="torch intra-op CPU threads per process (0: torch's default); 1 avoids spin-wait "
+                                "slowdowns on a busy CPU", min=0)
+    checkpoint_every_steps: int = flag(1000, help="write a checkpoint every N steps (0: only at epoch ends); "
+                                                  "official: every 5 epochs", min=0)
+    keep_checkpoints: int = flag(3, help="keep the newest N checkpoints (0 keeps all)", min=0)
+    log_every: int = flag(20, help="write metrics.jsonl / progress every N steps", min=1)
+    max_steps: int = flag(0, help="stop after this many steps in total (0: run all epochs); the schedule still spans "
+                                  "--epochs", min=0)
+    resume: str | None = flag(None, help="'auto' (newest checkpoint in --output, if any) or a checkpoint path")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible settings (checked again once the data is known)."""
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown --method {self.method!r}; choose one of {METHODS}")
-        backbone_config(self.arch)  # unknown arch -> ConfigError listing the choices
-        for name in ("amp", "channels_last", "gpu_composition"):
-            if getattr(self, name) not in TRI_STATE:
-                raise ConfigError(f"--{name.replace('_', '-')} must be one of {TRI_STATE}, got {getattr(self, name)!r}")
-        positive = ("epochs", "batch_size", "queue_size", "dim", "canvas", "log_every", "c4_roi_size", "max_side")
-        for name in positive:
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0 or self.temperature <= 0 or not 0.0 <= self.key_momentum <= 1.0:
-            raise ConfigError("need --lr > 0, --temperature > 0 and 0 <= --key-momentum <= 1")
+        self.check_limits()
         if self.queue_size % self.batch_size != 0:
             raise ConfigError(
                 f"--queue-size {self.queue_size} must be a multiple of the global --batch-size {self.batch_size} "
@@ -172,56 +182,12 @@ class PretrainConfig(JsonConfig):
             )
         if self.canvas % 16 != 0:
             raise ConfigError(f"--canvas must be a multiple of 16 (box-jitter anchors), got {self.canvas}")
-        if min(self.workers, self.checkpoint_every_steps, self.max_steps, self.threads) < 0:
-            raise ConfigError("--workers, --threads, --checkpoint-every-steps and --max-steps must be >= 0")
 
     @property
     def scaled_lr(self) -> float:
         """``lr * batch_size / 256``: the linear scaling rule (official: 0.03 for 8 GPUs x 32)."""
         return self.lr * self.batch_size / 256.0
 
-
-FIELD_HELP: dict[str, str] = {
-    "data": "folder of images (any tree, class folders ignored) or a text file listing them (official DATA.md)",
-    "output": "run folder: config.json, metrics.jsonl, checkpoints, final/ hub folder",
-    "data_root": "folder that the paths of a --data list file are relative to (default: the list's folder)",
-    "dataset_name": "dataset name recorded in the model card (e.g. imagenet-1k)",
-    "preset": "tiny (CPU smoke run), r50-fpn-200ep / r50-fpn-400ep (official), r50-c4-200ep (reconstruction)",
-    "arch": "backbone: r50-fpn (official), r50-c4 (reconstruction), r18-fpn, r101-fpn, tiny-fpn, tiny-c4",
-    "method": "insloc, or moco (image-level MoCo v2 baseline on the same trunk, data and schedule)",
-    "epochs": "epochs; official 200 (configs/FPN/insloc_fpn_200ep.py total_epochs), 400ep models also released",
-    "batch_size": "GLOBAL batch over all GPUs; official 256 = 8 GPUs x samples_per_gpu=32",
-    "lr": "base learning rate for a batch of 256, scaled linearly (config L110: 0.03; GETSTARTED.md)",
-    "momentum": "SGD momentum (config L110: 0.9)",
-    "nesterov": "Nesterov momentum (config L110: nesterov=True, unlike MoCo)",
-    "weight_decay": "weight decay on ALL parameters, BN and biases included (config L110: 1e-4)",
-    "dim": "embedding size (momentum_cfg dim=128, config L48)",
-    "queue_size": "queue length K per level (momentum_cfg K=65536, config L48); multiple of --batch-size",
-    "key_momentum": "key-encoder momentum m (momentum_cfg m=0.999, config L48)",
-    "temperature": "InfoNCE temperature T (momentum_cfg T=0.2, config L48)",
-    "canvas": "composition canvas side (CopyAndPaste base_scale=(256, 256), config L5-16)",
-    "box_jitter": "jitter the query's P5 box (AnchorAugHead, config L41-47 / L93-106)",
-    "c4_roi_size": "RoIAlign size on res4 for the C4 reconstruction (not in the official code)",
-    "shuffle_bn": "shuffle keys across GPUs for the key forward (insloc_fpn.py L304-336, L401-460)",
-    "sync_bn": "SyncBatchNorm in both encoders (NOT official: plain BN per GPU, config L37-92)",
-    "workers": "data loader processes per GPU (workers_per_gpu=4 in the config)",
-    "seed": "random seed; data order and augmentation are functions of (seed, epoch, index)",
-    "deterministic": "deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic)",
-    "amp": "mixed precision: auto = bf16 autocast on CUDA, off on CPU (official: fp32)",
-    "channels_last": "channels-last memory format: auto = on for CUDA",
-    "compile": "torch.compile the encoders' modules (slow start, faster steps)",
-    "gpu_composition": "compose on the device with the batched composer (auto = on for CUDA); the CPU path is "
-                       "the PIL reference",
-    "max_side": "GPU composition: foregrounds are decoded and downscaled to this long side first",
-    "device": "auto (cuda:LOCAL_RANK if available, else cpu), cpu or cuda",
-    "threads": "torch intra-op CPU threads per process (0: torch's default); 1 avoids spin-wait slowdowns on a "
-               "busy CPU",
-    "checkpoint_every_steps": "write a checkpoint every N steps (0: only at epoch ends); official: every 5 epochs",
-    "keep_checkpoints": "keep the newest N checkpoints (0 keeps all)",
-    "log_every": "write metrics.jsonl / progress every N steps",
-    "max_steps": "stop after this many steps in total (0: run all epochs); the schedule still spans --epochs",
-    "resume": "'auto' (newest checkpoint in --output, if any) or a checkpoint path",
-}
 
 # Fields that may change between a run and its resumption (they do not change the results).
 RESUME_IGNORED_FIELDS = frozenset({

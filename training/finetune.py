@@ -28,6 +28,7 @@ Python entry points: :func:`resolve_config` (flags -> :class:`FinetuneConfig`), 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -46,9 +47,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from insloc_hub.configs import JsonConfig
+from insloc_hub.configs import (
+    JsonConfig,
+    add_config_flags,
+    device_name,
+    flag,
+    int_at_least,
+    output_folder,
+    probability,
+)
 from insloc_hub.detectors import ARCHITECTURES, build_detector
 from insloc_hub.errors import CheckpointError, ConfigError, InsLocError, ModelNotFoundError
+from insloc_hub.models import PRESETS as ARCH_PRESETS
 from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import from_pretrained, save_pretrained
 from insloc_hub.transforms import to_tensor
@@ -147,48 +157,64 @@ def parse_sizes(text: str | int | Sequence[int]) -> list[int]:
     return sizes
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
 @dataclass
 class FinetuneConfig(JsonConfig):
-    """Every setting of a fine-tuning run (one field per flag); written to ``training_args.json``."""
+    """Every setting of a fine-tuning run, one flag per field; written to ``training_args.json``.
+
+    Schedule fields left unset (``None`` from the command line) come from :func:`resolve_config`.
+    """
 
     config_kind = "fine-tuning config"
 
-    data: str
-    output: str
-    val_data: str | None = None
-    image_root: str | None = None
-    val_image_root: str | None = None
-    init: str = "random"
-    arch: str = "faster_rcnn_fpn"
-    backbone: str | None = None
-    preset: str | None = None
-    iterations: int = DEFAULT_ITERATIONS
-    batch_size: int = DEFAULT_BATCH
-    lr: float = 0.02 * DEFAULT_BATCH / REFERENCE_BATCH
-    steps: list[int] = field(default_factory=lambda: [667, 889])
-    warmup: int = 100
-    warmup_factor: float = 0.001
-    gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    min_size: list[int] = field(default_factory=lambda: list(protocol_sizes("coco")["min_size"]))
-    max_size: int = 1333
-    test_size: int = 800
-    norm: str = "auto"
-    box_head_extra_norm: bool = False
-    strict_load: bool = True
+    data: str = flag(help="training set: VOC folder, VOC split list .txt, or COCO .json")
+    output: str = flag(help="run folder (checkpoints, logs, final/ hub folder)", parse=output_folder)
+    val_data: str | None = flag(None, help="evaluation set (same forms); evaluated at the end and every --eval-every")
+    image_root: str | None = flag(None, help="image folder of a COCO --data json (default: guessed)")
+    val_image_root: str | None = flag(None, help="image folder of a COCO --val-data json")
+    init: str = flag("random", help="pretrained backbone: hub alias, owner/repo[@rev] or local folder; 'random' "
+                                    "for none")
+    arch: str = flag("faster_rcnn_fpn", help="detector (default: the preset's)", choices=ARCHITECTURES)
+    backbone: str | None = flag(None, help="architecture preset for --init random; a pretrained --init brings its "
+                                           "own", choices=sorted(ARCH_PRESETS))
+    preset: str | None = flag(None, help="published schedule, defined at batch 16 and scaled to --batch-size",
+                              choices=list(PRESETS))
+    iterations: int = flag(DEFAULT_ITERATIONS, help="total iterations (after scaling)", min=1)
+    batch_size: int = flag(DEFAULT_BATCH, help="total images per iteration, all processes together", min=1)
+    lr: float = flag(0.02 * DEFAULT_BATCH / REFERENCE_BATCH, help="base learning rate (0.02 x batch/16)", above=0)
+    steps: list[int] = flag(default_factory=lambda: [667, 889], parse=_int_list, min=0,
+                            help="iterations where the LR is multiplied by --gamma, comma-separated")
+    warmup: int = flag(100, help="linear warmup iterations", min=0)
+    warmup_factor: float = flag(0.001, help="LR factor at the start of the warmup", above=0, max=1)
+    gamma: float = flag(0.1, help="LR factor at each step", above=0)
+    momentum: float = flag(0.9, help="SGD momentum", min=0, max=1)
+    weight_decay: float = flag(1e-4, help="SGD weight decay", min=0)
+    min_size: list[int] = flag(default_factory=lambda: list(protocol_sizes("coco")["min_size"]), parse=parse_sizes,
+                               help="training short side(s): 800, 480,512 or 480-800 (step 32)", min=1)
+    max_size: int = flag(1333, help="longest side limit", min=1)
+    test_size: int = flag(800, help="short side for evaluation and for the saved detector", min=1)
+    norm: str = flag("auto", help="auto = SyncBN with several GPUs, else BN; frozen = FrozenBN in the pretrained "
+                                  "parts", choices=("auto", "bn", "sync", "frozen"))
+    box_head_extra_norm: bool = flag(False, help="new BatchNorm in the RoI head: after the 4conv1fc head's fc (the "
+                                                 "official InsLoc head) or after res5 for C4 (Res5ROIHeadsExtraNorm)")
+    strict_load: bool = flag(True, help="fail when a pretrained tensor does not fit (--no-strict-load loads what "
+                                        "fits and lists the rest in load_report.json)")
     detector_options: dict[str, Any] = field(default_factory=dict)
-    workers: int = 4
-    seed: int = 0
-    amp: bool | None = None
-    device: str = "auto"
-    eval_every: int = 0
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    log_every: int = 20
-    eval_batch_size: int = 2
-    num_visualize: int = 4
-    resume: str | None = None
+    workers: int = flag(4, help="data loader processes per GPU", min=0)
+    seed: int = flag(0, help="random seed", min=0)
+    amp: bool | None = flag(None, help="bf16 autocast (default: on with CUDA)")
+    device: str = flag("auto", help="auto, cpu, cuda, cuda:N", parse=device_name)
+    eval_every: int = flag(0, help="evaluate on --val-data every N iterations (0: at the end only)", min=0)
+    checkpoint_every: int = flag(0, help="checkpoint every N iterations (0: a tenth of the run, at least 100)",
+                                 min=0)
+    keep_checkpoints: int = flag(2, help="how many checkpoints to keep (0: all)", min=0)
+    log_every: int = flag(20, help="log every N iterations", min=1)
+    eval_batch_size: int = flag(2, help="images per evaluation batch", min=1)
+    num_visualize: int = flag(4, help="images drawn into eval/examples.png", min=0)
+    resume: str | None = flag(None, help="'auto' (newest checkpoint of --output, if any) or a checkpoint file")
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with the checkpoint it continues."""
@@ -213,9 +239,10 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
     arch = get("arch") or (recipe.arch if recipe else "faster_rcnn_fpn")
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
-    batch = int(get("batch_size") or (recipe.batch_size if recipe else DEFAULT_BATCH))
+    batch = int(get("batch_size") if get("batch_size") is not None else (recipe.batch_size if recipe else
+                                                                          DEFAULT_BATCH))
     if batch < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch}")
+        raise ConfigError(f"--batch-size must be >= 1, got {batch}")
 
     if recipe is not None:
         scale = recipe.batch_size / batch
@@ -247,8 +274,7 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
             notes.append(f"--iterations {new}: LR steps moved to the same fractions of the schedule: {steps}")
         iterations = new
     if get("steps") is not None:
-        steps = [int(s) for s in (get("steps").split(",") if isinstance(get("steps"), str) else get("steps"))
-                 if str(s).strip()]
+        steps = _int_list(get("steps")) if isinstance(get("steps"), str) else [int(s) for s in get("steps")]
     if get("warmup") is not None:
         warmup = int(get("warmup"))
     warmup = min(warmup, iterations)
@@ -260,11 +286,9 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
         raise ConfigError(f"--lr must be positive, got {lr}")
 
     min_size = parse_sizes(get("min_size")) if get("min_size") is not None else list(sizes["min_size"])
-    max_size = int(get("max_size") or sizes["max_size"])
-    test_size = int(get("test_size") or (max(min_size) if get("min_size") is not None else sizes["test_size"]))
-    norm = get("norm") or "auto"
-    if norm not in ("auto", "bn", "sync", "frozen"):
-        raise ConfigError(f"unknown --norm {norm!r}; choose auto, bn, sync or frozen")
+    max_size = int(get("max_size") if get("max_size") is not None else sizes["max_size"])
+    default_test = max(min_size) if get("min_size") is not None else sizes["test_size"]
+    test_size = int(get("test_size") if get("test_size") is not None else default_test)
 
     options = dict(get("detector_options") or {})
     for item in get("detector_opt") or []:
@@ -279,22 +303,13 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
     if reserved:
         raise ConfigError(f"--detector-opt {sorted(reserved)}: use --min-size / --max-size instead")
 
-    cfg = FinetuneConfig(
-        data=str(get("data")), output=str(get("output")), val_data=get("val_data"),
-        image_root=get("image_root"), val_image_root=get("val_image_root"),
-        init=str(get("init") or "random"), arch=arch, backbone=get("backbone"), preset=preset_name,
-        iterations=iterations, batch_size=batch, lr=lr, steps=steps, warmup=warmup,
-        min_size=min_size, max_size=max_size, test_size=test_size, norm=norm,
-        box_head_extra_norm=bool(get("box_head_extra_norm")), strict_load=not get("allow_partial_load"),
-        detector_options=options,
-        workers=int(get("workers") if get("workers") is not None else 4), seed=int(get("seed") or 0),
-        amp=get("amp"), device=str(get("device") or "auto"),
-        eval_every=int(get("eval_every") or 0), checkpoint_every=int(get("checkpoint_every") or 0),
-        keep_checkpoints=int(get("keep_checkpoints") if get("keep_checkpoints") is not None else 2),
-        log_every=int(get("log_every") or 20), eval_batch_size=int(get("eval_batch_size") or 2),
-        num_visualize=int(get("num_visualize") if get("num_visualize") is not None else 4),
-        resume=get("resume"),
-    )
+    explicit = {f.name: a[f.name] for f in dataclasses.fields(FinetuneConfig) if a.get(f.name) is not None}
+    cfg = FinetuneConfig(**{
+        **explicit, "arch": arch, "preset": preset_name, "iterations": iterations, "batch_size": batch, "lr": lr,
+        "steps": steps, "warmup": warmup, "min_size": min_size, "max_size": max_size, "test_size": test_size,
+        "detector_options": options,
+    })
+    cfg.check_limits()
     if cfg.checkpoint_every <= 0:
         cfg.checkpoint_every = max(100, iterations // 10)
     return cfg, notes
@@ -890,45 +905,9 @@ def add_subcommands(subparsers: Any) -> None:
                     f"overridden. Presets: {presets}. Multi-GPU: torchrun --nproc-per-node N $(which insloc-train) "
                     "finetune ...",
     )
-    p.add_argument("--data", required=True, help="training set: VOC folder, VOC split list .txt, or COCO .json")
-    p.add_argument("--val-data", help="evaluation set (same forms); evaluated at the end (and every --eval-every)")
-    p.add_argument("--image-root", help="image folder of a COCO --data json (default: guessed)")
-    p.add_argument("--val-image-root", help="image folder of a COCO --val-data json")
-    p.add_argument("--output", required=True, help="run folder (checkpoints, logs, final/ hub folder)")
-    p.add_argument("--init", default="random",
-                   help="pretrained backbone: hub alias, owner/repo[@rev] or local folder; 'random' for none")
-    p.add_argument("--arch", choices=ARCHITECTURES, help="detector (default: the preset's, else faster_rcnn_fpn)")
-    p.add_argument("--backbone", help="architecture for --init random (tiny-fpn, r18-fpn, r50-fpn, r50-c4...); "
-                                      "a pretrained --init brings its own")
-    p.add_argument("--preset", help=f"published schedule: {', '.join(PRESETS)}")
-    p.add_argument("--iterations", type=int, help="total iterations (after scaling)")
-    p.add_argument("--batch-size", type=int, help="total images per iteration, all processes together")
-    p.add_argument("--lr", type=float, help="base learning rate (default: 0.02 x batch/16)")
-    p.add_argument("--steps", help="iterations where the LR is divided by 10, comma-separated")
-    p.add_argument("--warmup", type=int, help="linear warmup iterations")
-    p.add_argument("--min-size", help="training short side(s): 800, 480,512 or 480-800 (step 32)")
-    p.add_argument("--max-size", type=int, help="longest side limit")
-    p.add_argument("--test-size", type=int, help="short side for evaluation and for the saved detector")
-    p.add_argument("--norm", choices=("auto", "bn", "sync", "frozen"), default="auto",
-                   help="auto = SyncBN with several GPUs, else BN; frozen = FrozenBN in the pretrained parts")
-    p.add_argument("--box-head-extra-norm", action="store_true",
-                   help="new BatchNorm in the RoI head: after the 4conv1fc head's fc (the official InsLoc "
-                        "fine-tuning head) or after res5 for C4 (MoCo's Res5ROIHeadsExtraNorm)")
-    p.add_argument("--allow-partial-load", action="store_true",
-                   help="skip pretrained tensors that do not fit instead of failing (listed in load_report.json)")
+    add_config_flags(p, FinetuneConfig, required=("data", "output"))
     p.add_argument("--detector-opt", action="append", metavar="KEY=VALUE",
                    help="torchvision detector argument, e.g. rpn_post_nms_top_n_train=1000 (repeatable)")
-    p.add_argument("--workers", type=int, default=4, help="data loader processes per GPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate on --val-data every N iterations")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="default: a tenth of the run (at least 100)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep")
-    p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--eval-batch-size", type=int, default=2)
-    p.add_argument("--resume", help="'auto' (newest checkpoint of --output, if any) or a checkpoint file")
     p.set_defaults(func=_run_finetune)
 
     e = subparsers.add_parser(
@@ -939,9 +918,9 @@ def add_subcommands(subparsers: Any) -> None:
     e.add_argument("model", help="detector: hub alias, owner/repo[@rev] or folder (e.g. RUN/final)")
     e.add_argument("--data", required=True, help="VOC folder, VOC split list .txt, or COCO .json")
     e.add_argument("--image-root", help="image folder of a COCO json (default: guessed)")
-    e.add_argument("--output", help="folder for detections.json, metrics.json, examples.png")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    e.add_argument("--batch-size", type=int, default=2)
-    e.add_argument("--score-threshold", type=float, default=0.0)
-    e.add_argument("--num-visualize", type=int, default=4, help="images drawn into examples.png")
+    e.add_argument("--output", type=output_folder, help="folder for detections.json, metrics.json, examples.png")
+    e.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:N")
+    e.add_argument("--batch-size", type=int_at_least(1), default=2)
+    e.add_argument("--score-threshold", type=probability, default=0.0, help="drop detections below (0-1)")
+    e.add_argument("--num-visualize", type=int_at_least(0), default=4, help="images drawn into examples.png")
     e.set_defaults(func=_run_eval)
