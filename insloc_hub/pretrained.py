@@ -102,7 +102,7 @@ def save_pretrained(
             files.append(file_name)
         config["files"] = files
         (staging_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        (staging_dir / CARD_NAME).write_text(render_card(config))
+        (staging_dir / CARD_NAME).write_text(render_card(config, folder=directory))
         # the weights go last, so an interrupted save never leaves new weights beside an old config
         for file_name in [f for f in files if f != WEIGHTS_NAME] + [WEIGHTS_NAME]:
             os.replace(staging_dir / file_name, directory / file_name)
