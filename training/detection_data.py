@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -229,6 +230,7 @@ class DetectionRecord:
     iscrowd: np.ndarray
     difficult: np.ndarray
     file_name: str = ""
+    segmentations: tuple[Any, ...] = ()  # COCO: each box's polygons / RLE as annotated (None: none)
 
 
 @dataclass
@@ -238,6 +240,23 @@ class _Box:
     area: float
     iscrowd: bool = False
     difficult: bool = False
+    segmentation: Any = None
+
+
+def _rasterise(segmentation: Any, box: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``uint8 [H, W]`` mask of a COCO polygon list or RLE (pycocotools), or of ``box`` when there is none."""
+    if not segmentation:
+        mask = torch.zeros(shape, dtype=torch.uint8)
+        x1, y1, x2, y2 = (int(round(v)) for v in box.tolist())
+        mask[y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)] = 1
+        return mask
+    from pycocotools import mask as mask_utils
+
+    rles = mask_utils.frPyObjects(segmentation, *shape)
+    with warnings.catch_warnings():  # pycocotools' numpy-2 copy= deprecation, harmless
+        warnings.simplefilter("ignore", DeprecationWarning)
+        decoded = mask_utils.decode(mask_utils.merge(rles) if isinstance(rles, list) else rles)
+    return torch.from_numpy(decoded.astype(np.uint8))
 
 
 def _make_record(
@@ -254,6 +273,7 @@ def _make_record(
         iscrowd=np.asarray([b.iscrowd for b in boxes], dtype=bool),
         difficult=np.asarray([b.difficult for b in boxes], dtype=bool),
         file_name=file_name,
+        segmentations=tuple(b.segmentation for b in boxes),
     )
 
 
@@ -322,14 +342,25 @@ class DetectionDataset(Dataset):
         """The RGB image of item ``index`` (no transforms); InvalidImageError if it cannot be decoded."""
         return decode_image(self.records[index].path)
 
-    def get_target(self, index: int) -> Target:
-        """The training target of item ``index`` (no transforms, no image decoding)."""
+    def get_target(self, index: int, masks: bool = False) -> Target:
+        """The training target of item ``index`` (no transforms, no image decoding).
+
+        With ``masks=True`` it also holds ``"masks"`` (``uint8 [N, H, W]``), each box's COCO
+        segmentation rasterised (the box itself where the annotation has none).
+        """
         record = self.records[index]
         keep = np.ones(len(record.labels), dtype=bool)
         if not self.include_crowd:
             keep &= ~record.iscrowd
         if not self.keep_difficult:
             keep &= ~record.difficult
+        if masks:
+            segmentations = [s for s, k in zip(record.segmentations or [None] * len(keep), keep) if k]
+            shape = (record.height, record.width)
+            target = self.get_target(index)
+            target["masks"] = torch.stack([_rasterise(s, b, shape) for s, b in zip(segmentations, target["boxes"])]) \
+                if segmentations else torch.zeros((0, *shape), dtype=torch.uint8)
+            return target
         return {
             "boxes": torch.from_numpy(record.boxes[keep].copy()).reshape(-1, 4),
             "labels": torch.from_numpy(record.labels[keep].copy()),
@@ -584,7 +615,8 @@ def load_coco(
             area = ann.get("area")
             if clean != xyxy or not isinstance(area, (int, float)) or not area > 0:
                 area = (clean[2] - clean[0]) * (clean[3] - clean[1])
-            boxes.append(_Box(label_of[category], clean, float(area), iscrowd=bool(ann.get("iscrowd"))))
+            boxes.append(_Box(label_of[category], clean, float(area), iscrowd=bool(ann.get("iscrowd")),
+                              segmentation=ann.get("segmentation")))
         records.append(_make_record(image_id, root / file_name, width, height, boxes, file_name))
 
     return _finish(

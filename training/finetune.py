@@ -36,7 +36,6 @@ import os
 import random
 import shutil
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,92 +357,34 @@ class InfiniteSampler(Sampler[int]):
                 yield index
 
 
-class COCOMasks:
-    """Instance masks for a COCO dataset's training targets, rasterised from its ``segmentation``.
-
-    Each target box gets the mask of the annotation of the same class that overlaps it best (the
-    loader cleans boxes, so they are matched rather than indexed). An annotation without a
-    segmentation gets its box as mask (counted and logged).
+def require_masks(dataset: DetectionDataset) -> None:
+    """Refuse Mask R-CNN training on a dataset without instance masks (VOC, or COCO boxes only).
 
     Raises:
         ConfigError: the dataset is not COCO, or no annotation has a segmentation.
     """
-
-    def __init__(self, dataset: DetectionDataset) -> None:
-        if dataset.report.format != "coco":
-            raise ConfigError(
-                f"mask_rcnn_fpn needs instance masks, but {dataset.source} is a {dataset.report.format or 'box'} "
-                "dataset with boxes only. Use a box architecture (--arch faster_rcnn_fpn) or a COCO json with "
-                "'segmentation' polygons."
-            )
-        data = json.loads(Path(dataset.report.source).read_text(encoding="utf-8"))
-        label_of = {cid: label for label, cid in enumerate(dataset.category_ids, start=1)}
-        self.by_image: dict[int, list[tuple[int, np.ndarray, Any]]] = {}
-        with_segm = without = 0
-        for ann in data.get("annotations") or []:
-            if not isinstance(ann, dict) or ann.get("iscrowd") or ann.get("category_id") not in label_of:
-                continue
-            try:
-                x, y, w, h = (float(v) for v in ann["bbox"])
-            except (KeyError, TypeError, ValueError):
-                continue
-            segm = ann.get("segmentation")
-            if segm:
-                with_segm += 1
-            else:
-                without += 1
-                segm = None
-            self.by_image.setdefault(ann.get("image_id"), []).append(
-                (label_of[ann["category_id"]], np.array([x, y, x + w, y + h], dtype=np.float64), segm))
-        if with_segm == 0:
-            raise ConfigError(
-                f"mask_rcnn_fpn needs instance masks, but none of the {without} annotations of {dataset.source} "
-                "has a 'segmentation'. Use --arch faster_rcnn_fpn, or add polygons to the annotations."
-            )
-        if without:
-            logger.warning("%d of %d annotations have no segmentation; their boxes are used as masks",
-                           without, without + with_segm)
-
-    def __call__(self, image_id: int, width: int, height: int, boxes: torch.Tensor,
-                 labels: torch.Tensor) -> torch.Tensor:
-        """``uint8 [N, H, W]`` masks for the target's ``boxes`` (x1, y1, x2, y2) and ``labels``."""
-        from pycocotools import mask as mask_utils
-
-        candidates = self.by_image.get(image_id, [])
-        masks = torch.zeros((len(boxes), height, width), dtype=torch.uint8)
-        for i, (box, label) in enumerate(zip(boxes.tolist(), labels.tolist())):
-            best, best_iou = None, 0.0
-            for cand_label, cand_box, segm in candidates:
-                if cand_label != label:
-                    continue
-                iou = _iou(np.asarray(box), cand_box)
-                if iou > best_iou:
-                    best, best_iou = segm, iou
-            if best is not None and best_iou >= 0.5:
-                rles = mask_utils.frPyObjects(best, height, width)
-                rle = mask_utils.merge(rles) if isinstance(rles, list) else rles
-                with warnings.catch_warnings():  # pycocotools' numpy-2 copy= deprecation, harmless
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    decoded = mask_utils.decode([rle])[:, :, 0]
-                masks[i] = torch.from_numpy(decoded.astype(np.uint8))
-            else:
-                x1, y1, x2, y2 = (int(round(v)) for v in box)
-                masks[i, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)] = 1
-        return masks
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
+    if dataset.report.format != "coco":
+        raise ConfigError(
+            f"mask_rcnn_fpn needs instance masks, but {dataset.source} is a {dataset.report.format or 'box'} "
+            "dataset with boxes only. Use a box architecture (--arch faster_rcnn_fpn) or a COCO json with "
+            "'segmentation' polygons."
+        )
+    segmentations = [s for record in dataset.records for s in record.segmentations]
+    without = sum(not s for s in segmentations)
+    if without == len(segmentations):
+        raise ConfigError(
+            f"mask_rcnn_fpn needs instance masks, but none of the {without} annotations of {dataset.source} "
+            "has a 'segmentation'. Use --arch faster_rcnn_fpn, or add polygons to the annotations."
+        )
+    if without:
+        logger.warning("%d of %d annotations have no segmentation; their boxes are used as masks",
+                       without, len(segmentations))
 
 
 class TrainingSet(Dataset):
     """A :class:`DetectionDataset` for training: horizontal flip (p=0.5), masks when asked for."""
 
-    def __init__(self, dataset: DetectionDataset, masks: COCOMasks | None = None, flip: float = 0.5) -> None:
+    def __init__(self, dataset: DetectionDataset, masks: bool = False, flip: float = 0.5) -> None:
         self.dataset, self.masks, self.flip = dataset, masks, float(flip)
 
     def __len__(self) -> int:
@@ -451,10 +392,7 @@ class TrainingSet(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         image = to_tensor(self.dataset.load_image(index))
-        target = self.dataset.get_target(index)
-        if self.masks is not None:
-            height, width = image.shape[-2:]
-            target["masks"] = self.masks(target["image_id"], width, height, target["boxes"], target["labels"])
+        target = self.dataset.get_target(index, masks=self.masks)
         if torch.rand(()).item() < self.flip:
             image, target = RandomHorizontalFlip(1.0)(image, target)
             if "masks" in target:
@@ -647,7 +585,9 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
     val_set = None
     if cfg.val_data:
         val_set = _load(cfg.val_data, cfg.val_image_root, class_names=train_set.class_names)
-    masks = COCOMasks(train_set) if cfg.arch == "mask_rcnn_fpn" else None
+    masks = cfg.arch == "mask_rcnn_fpn"
+    if masks:
+        require_masks(train_set)
 
     # --- model ---
     _seed_everything(cfg.seed)
