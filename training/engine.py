@@ -33,6 +33,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,8 @@ __all__ = [
     "RESUME_IGNORED_FIELDS",
     "CHECKPOINT_FORMAT",
     "ResumableDistributedSampler",
-    "CosineByEpoch",
+    "cosine_by_epoch",
+    "set_schedule_epoch",
     "build_model",
     "train",
     "train_step",
@@ -296,30 +298,22 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
         return (self.steps_per_epoch - self.start_step) * self.batch_per_rank
 
 
-class CosineByEpoch:
-    """mmcv ``CosineAnnealingLrUpdaterHook(min_lr=0, by_epoch=True)``: the lr of epoch ``e`` is
-    ``min_lr + (base_lr - min_lr) * (1 + cos(pi * e / epochs)) / 2``, fixed within the epoch, no warmup."""
+def cosine_by_epoch(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """mmcv ``CosineAnnealingLrUpdaterHook(min_lr=0, by_epoch=True)`` as a ``LambdaLR``: the lr of epoch
+    ``e`` is ``lr * (1 + cos(pi * e / epochs)) / 2``, fixed within the epoch, no warmup.
 
-    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, epochs: int, min_lr: float = 0.0) -> None:
-        self.optimizer, self.base_lr, self.epochs, self.min_lr = optimizer, float(base_lr), int(epochs), float(min_lr)
-        self.epoch = 0
+    Go to epoch ``e`` with :func:`set_schedule_epoch` (closed form, so resuming mid-run is exact).
+    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: (1.0 + math.cos(math.pi * epoch / epochs)) / 2)
 
-    def lr_at(self, epoch: int) -> float:
-        return self.min_lr + (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * epoch / self.epochs)) / 2.0
 
-    def set_epoch(self, epoch: int) -> float:
-        self.epoch = int(epoch)
-        lr = self.lr_at(self.epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"base_lr": self.base_lr, "epochs": self.epochs, "min_lr": self.min_lr, "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.base_lr, self.epochs, self.min_lr = float(state["base_lr"]), int(state["epochs"]), float(state["min_lr"])
-        self.set_epoch(int(state["epoch"]))
+def set_schedule_epoch(schedule: torch.optim.lr_scheduler.LambdaLR, epoch: int) -> float:
+    """Set the optimizer's lr to that of ``epoch`` and return it."""
+    schedule.last_epoch = epoch - 1
+    with warnings.catch_warnings():  # stepping before optimizer.step() is intended here: lr per epoch start
+        warnings.simplefilter("ignore", UserWarning)
+        schedule.step()
+    return schedule.get_last_lr()[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -651,7 +645,7 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.scaled_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
-    schedule = CosineByEpoch(optimizer, cfg.scaled_lr, cfg.epochs)
+    schedule = cosine_by_epoch(optimizer, cfg.epochs)
     logger.info("lr %g per 256 images x %d/256 = %g (global batch %d = %d process(es) x %d)", cfg.lr,
                 cfg.batch_size, cfg.scaled_lr, cfg.batch_size, world, batch_per_rank)
 
@@ -735,7 +729,7 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
             sampler.set_epoch(epoch)
             sampler.set_start_step(step_in_epoch)
             dataset.set_epoch(epoch)
-            lr = schedule.set_epoch(epoch)
+            lr = set_schedule_epoch(schedule, epoch)
             fetch_start = time.perf_counter()
             for batch in loader:
                 data_time = time.perf_counter() - fetch_start
