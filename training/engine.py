@@ -74,6 +74,9 @@ from .pretrain_data import (
 )
 
 __all__ = [
+    "Runtime",
+    "build_dataset",
+    "resolve_runtime",
     "PretrainConfig",
     "PRETRAIN_PRESETS",
     "RESUME_IGNORED_FIELDS",
@@ -342,22 +345,27 @@ def composition_config(cfg: PretrainConfig) -> CompositionConfig:
 
 
 @dataclass
-class _Resolved:
+class Runtime:
+    """What the ``auto`` settings of a config mean on ``device``."""
+
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
     gpu_composition: bool
 
 
-def _resolve_runtime(cfg: PretrainConfig, device: torch.device) -> _Resolved:
+def resolve_runtime(cfg: PretrainConfig, device: torch.device) -> Runtime:
+    """bf16 autocast, channels-last and device composition: on for CUDA under ``auto``, else as asked."""
     cuda = device.type == "cuda"
     amp = {"auto": torch.bfloat16 if cuda else None, "on": torch.bfloat16, "off": None}[cfg.amp]
     channels_last = {"auto": cuda, "on": True, "off": False}[cfg.channels_last]
     gpu_comp = {"auto": cuda, "on": True, "off": False}[cfg.gpu_composition]
-    return _Resolved(device, amp, channels_last, gpu_comp)
+    return Runtime(device, amp, channels_last, gpu_comp)
 
 
-def _build_dataset(cfg: PretrainConfig, images: UnlabelledImages, gpu_composition: bool) -> Any:
+def build_dataset(cfg: PretrainConfig, images: UnlabelledImages, gpu_composition: bool) -> Any:
+    """The pretraining dataset of ``cfg.method``: composed on the CPU (PIL reference) or decoded only,
+    for composition on the device."""
     comp = composition_config(cfg)
     if cfg.method == "moco":
         if gpu_composition:
@@ -608,7 +616,7 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
     if cfg.batch_size % world != 0:
         raise ConfigError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {world} processes")
     batch_per_rank = cfg.batch_size // world
-    rt = _resolve_runtime(cfg, device)
+    rt = resolve_runtime(cfg, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _set_determinism(cfg, device)
@@ -620,7 +628,7 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
             f"found {len(images)} images in {cfg.data!r} but one global batch needs --batch-size {cfg.batch_size}; "
             "add images or use a smaller --batch-size (with a --queue-size that is a multiple of it)"
         )
-    dataset = _build_dataset(cfg, images, rt.gpu_composition)
+    dataset = build_dataset(cfg, images, rt.gpu_composition)
     comp = composition_config(cfg)
     sampler = ResumableDistributedSampler(len(images), batch_per_rank, world, rank, cfg.seed)
     loader = DataLoader(
