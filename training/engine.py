@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 import warnings
@@ -56,7 +55,6 @@ from .checkpoint import (
     check_config,
     checkpoint_path,
     find_latest,
-    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     restore_rng_state,
@@ -70,8 +68,8 @@ from .pretrain_data import (
     InsLocPretrainDataset,
     UnlabelledImages,
     collate_decoded,
-    worker_init_fn,
 )
+from .run import MetricsWriter, choose_resume, seed_everything
 
 __all__ = [
     "Runtime",
@@ -477,44 +475,6 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.Path
 # --------------------------------------------------------------------------------------------------
 # Logging
 # --------------------------------------------------------------------------------------------------
-class _MetricsWriter:
-    """metrics.jsonl (rank 0), plus TensorBoard when it is installed."""
-
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int) -> None:
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb: Any = None
-        if not enabled:
-            return
-        if self.path.exists():  # drop lines a killed run wrote after the checkpoint we resume from
-            kept = []
-            for line in self.path.read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError):
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-            self.path.write_text("".join(x + "\n" for x in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except Exception:  # noqa: BLE001 - tensorboard is optional
-            self.tb = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
 def _progress(total: int, initial: int, enabled: bool) -> Any:
     if not enabled:
         return None
@@ -547,9 +507,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, views: Views,
 
 
 def _set_determinism(cfg: PretrainConfig, device: torch.device) -> None:
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -634,7 +592,7 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
     loader = DataLoader(
         dataset, batch_size=batch_per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=False,
         collate_fn=collate_decoded if rt.gpu_composition else None, pin_memory=device.type == "cuda",
-        persistent_workers=cfg.workers > 0, worker_init_fn=worker_init_fn,
+        persistent_workers=cfg.workers > 0,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     steps_per_epoch = sampler.steps_per_epoch
@@ -659,19 +617,7 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
 
     # -- resume ------------------------------------------------------------------------------------
     epoch, step_in_epoch, global_step = 0, 0, 0
-    resume_path: Path | None = None
-    if cfg.resume == "auto":
-        resume_path = find_latest(run_dir) if is_main else None
-        resume_path = dist_utils.broadcast_object(resume_path)
-        if resume_path is None:
-            logger.info("--resume auto: no checkpoint in %s, starting from scratch", run_dir)
-    elif cfg.resume:
-        resume_path = Path(cfg.resume)
-    else:
-        existing = list_checkpoints(run_dir)
-        if existing:
-            raise ConfigError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}); pass --resume auto "
-                              "to continue that run, or choose another --output")
+    resume_path = dist_utils.broadcast_object(choose_resume(run_dir, cfg.resume))  # rank 0's answer for all
     if resume_path is not None:
         state = load_checkpoint(resume_path)
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -713,7 +659,7 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
             "torch": torch.__version__, "launcher": info.launcher,
             "backbone": query_backbone_config(cfg).to_dict(),
         })
-    metrics = _MetricsWriter(run_dir, is_main, global_step)
+    metrics = MetricsWriter(run_dir, is_main, global_step)
     bar = _progress(total_steps, global_step, is_main and sys.stderr.isatty())
 
     def save(epoch_: int, step_in_epoch_: int) -> None:

@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -56,7 +54,7 @@ from insloc_hub.configs import (
     probability,
 )
 from insloc_hub.detectors import ARCHITECTURES, build_detector, set_inference_options
-from insloc_hub.errors import CheckpointError, ConfigError, InsLocError, ModelNotFoundError
+from insloc_hub.errors import ConfigError, InsLocError, ModelNotFoundError
 from insloc_hub.models import PRESETS as ARCH_PRESETS
 from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import from_pretrained, save_pretrained
@@ -66,6 +64,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .detection_data import DetectionDataset, RandomHorizontalFlip, collate_detection, load_dataset, protocol_sizes
 from .evaluation import EvalResult, run_evaluation
+from .run import MetricsWriter, choose_resume, seed_everything
 
 __all__ = [
     "PRESETS",
@@ -457,18 +456,6 @@ def _move_target(target: Mapping[str, Any], device: torch.device) -> dict[str, A
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _worker_init(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
@@ -490,18 +477,6 @@ def _metrics_for_card(result: EvalResult) -> dict[str, float]:
     values = {"AP": result.ap, "AP50": result.ap50, "AP75": result.ap75, "APs": result.ap_small,
               "APm": result.ap_medium, "APl": result.ap_large}
     return {k: round(100 * v, 2) for k, v in values.items() if v >= 0}
-
-
-class _JsonLog:
-    """Append-only JSON lines (rank 0 only)."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(dict(record)) + "\n")
 
 
 def _evaluate(model: nn.Module, dataset: DetectionDataset, cfg: FinetuneConfig, device: torch.device,
@@ -562,23 +537,9 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
     main = info.is_main
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    log = _JsonLog(run_dir / "metrics.jsonl", main)
 
     # --- checkpoint to resume from (decided before any file of the run is written) ---
-    resume_path: Path | None = None
-    if cfg.resume in (None, "", "none"):
-        existing = ckpt.list_checkpoints(run_dir)
-        if existing:
-            raise CheckpointError(
-                f"{run_dir} already holds checkpoints (newest: {existing[-1].name}); pass --resume auto to "
-                "continue that run, or choose another --output"
-            )
-    elif cfg.resume == "auto":
-        resume_path = ckpt.find_latest(run_dir)
-        if resume_path is None:
-            logger.info("--resume auto: no checkpoint in %s, starting from iteration 0", run_dir)
-    else:
-        resume_path = Path(cfg.resume)
+    resume_path = choose_resume(run_dir, cfg.resume)
 
     # --- data ---
     train_set = _load(cfg.data, cfg.image_root)
@@ -590,7 +551,7 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
         require_masks(train_set)
 
     # --- model ---
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     model, report = build_model(cfg, train_set.class_names, norm)
     model.to(device)
     if main:
@@ -613,10 +574,10 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
         if "rng" in state:
             ckpt.restore_rng_state(state["rng"])
         if rank:
-            _seed_everything(cfg.seed + 1000 * rank + start_iter)
+            seed_everything(cfg.seed + 1000 * rank + start_iter)
         logger.info("resumed from %s at iteration %d of %d", resume_path, start_iter, cfg.iterations)
     elif rank:
-        _seed_everything(cfg.seed + 1000 * rank)
+        seed_everything(cfg.seed + 1000 * rank)
 
     train_model: nn.Module = model
     if world > 1:
@@ -627,7 +588,7 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
         TrainingSet(train_set, masks), batch_size=per_rank,
         sampler=InfiniteSampler(len(train_set), seed=cfg.seed, rank=rank, world_size=world,
                                 start=start_iter * per_rank),
-        num_workers=cfg.workers, collate_fn=collate_detection, drop_last=True, worker_init_fn=_worker_init,
+        num_workers=cfg.workers, collate_fn=collate_detection, drop_last=True,
         generator=torch.Generator().manual_seed(cfg.seed + 1000 * rank + 7919 * start_iter),
         pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
     )
@@ -646,6 +607,7 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
             ckpt.prune_checkpoints(run_dir, cfg.keep_checkpoints)
         dist_utils.barrier()
 
+    log = MetricsWriter(run_dir, main, start_iter, step_key="iteration")
     train_model.train()
     data_iter = iter(loader)
     window_start, window_iters = time.perf_counter(), 0
@@ -705,6 +667,7 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
             logger.warning("no --val-data: the final model is saved without evaluation results")
         final_dir = _save_final(model, cfg, run_dir, train_set, val_set, result, norm, world, amp)
         logger.info("fine-tuned detector written to %s", final_dir)
+    log.close()
     dist_utils.barrier()
     return FinetuneResult(run_dir, final_dir, cfg.iterations, time.perf_counter() - start_time, result, report)
 
