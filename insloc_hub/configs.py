@@ -181,7 +181,8 @@ def device_name(text: str) -> str:
     return text
 
 
-_OUTPUT_MARKERS = ("config.json", "training_args.json", "metrics.jsonl", "metrics.json", "model.safetensors")
+_OUTPUT_MARKERS = ("config.json", "training_args.json", "metrics.jsonl", "metrics.json", "model.safetensors",
+                   "summary.json")
 
 
 def output_folder(text: str) -> str:
