@@ -271,7 +271,7 @@ def test_endpoint_argument_wins_and_an_unreachable_hub_says_so(hub_env, pushed, 
         hub.push_folder_to_hub(src, REPO)
     # an official alias that cannot be fetched names the offline route: converting the released checkpoint
     with pytest.raises(ModelNotFoundError, match="insloc-hub convert official <checkpoint.pth>"):
-        hub.resolve_model_dir("insloc-r50")
+        hub.resolve_model_dir("insloc-r50", local_files_only=True)
 
 
 def test_list_cached(hub_env, pushed, tmp_path):
