@@ -132,3 +132,20 @@ def test_runtime_errors_are_one_line_too(places, capsys):
     err = capsys.readouterr().err
     assert "is a file" in err and err.count("not a PyTorch checkpoint") == 3 and "Traceback" not in err
     assert not os.path.exists(places["new"])
+
+
+@pytest.mark.parametrize("config", [
+    {"architecture": {}, "weights": {}},
+    {"architecture": {"depth": 50}, "weights": {"sha256": 3}, "provenance": [1], "results": [3, {"metrics": 2}]},
+    {"architecture": {}, "weights": {}, "task": "detection", "detector": {}, "files": ["config.json", 7]},
+    {"architecture": {}, "weights": {}, "task": "detection", "detector": {"class_names": [1, None]}},
+])
+def test_info_on_incomplete_configs_never_tracebacks(config, tmp_path, capsys):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"library": "insloc-hub", **config}))
+    for extra in ([], ["--verify"], ["--json"]):
+        code = hub_cli.main(["info", str(tmp_path), *extra])
+        out, err = capsys.readouterr()
+        assert code in (0, 2) and "Traceback" not in err, (config, extra, err)
+        assert (code == 0 and out) or len(err.strip().splitlines()) == 1
