@@ -44,11 +44,11 @@ if str(REPO) not in sys.path:
 
 from insloc_hub.training.engine import (  # noqa: E402
     PretrainConfig,
-    _build_dataset,
-    _resolve_runtime,
     batch_to_views,
+    build_dataset,
     build_model,
     composition_config,
+    resolve_runtime,
     train_step,
 )
 from insloc_hub.training.pretrain_data import UnlabelledImages, collate_decoded  # noqa: E402
@@ -95,7 +95,7 @@ def synthetic_views(cfg: PretrainConfig, device: torch.device, seed: int = 0) ->
 def make_setup(cfg: PretrainConfig, device: torch.device, optimised: bool, compile_model: bool) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, foreach_momentum=optimised, batched_loss=optimised).to(device)
-    rt = _resolve_runtime(cfg, device) if optimised else None
+    rt = resolve_runtime(cfg, device) if optimised else None
     channels_last = bool(rt and rt.channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -137,7 +137,7 @@ class Pipeline:
     def __init__(self, cfg: PretrainConfig, setup: dict[str, Any], device: torch.device,
                  images: UnlabelledImages) -> None:
         self.cfg, self.setup, self.device = cfg, setup, device
-        dataset = _build_dataset(cfg, images, setup["gpu_composition"])
+        dataset = build_dataset(cfg, images, setup["gpu_composition"])
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers, drop_last=True,
             collate_fn=collate_decoded if setup["gpu_composition"] else None, pin_memory=device.type == "cuda",

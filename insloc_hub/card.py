@@ -1,10 +1,13 @@
-"""Model cards: README.md generated from a hub folder's config.json (Hub YAML metadata + prose)."""
+"""Model cards: README.md of a hub folder, built with huggingface_hub's ``ModelCard`` from config.json."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 CITATION = """@inproceedings{yang2021insloc,
   title     = {Instance Localization for Self-supervised Detection Pretraining},
@@ -14,64 +17,26 @@ CITATION = """@inproceedings{yang2021insloc,
 }"""
 
 
-def _yaml_scalar(value: Any) -> str:
-    # JSON strings are valid YAML scalars and quote whatever needs quoting
-    if isinstance(value, bool):
-        return str(value).lower()
-    return json.dumps(value) if isinstance(value, str) else str(value)
-
-
-def _yaml(data: Any, indent: int = 0) -> list[str]:
-    pad = "  " * indent
-    lines: list[str] = []
-    if isinstance(data, dict):
-        for key, value in data.items():
-            if isinstance(value, (dict, list)) and value:
-                lines.append(f"{pad}{key}:")
-                lines += _yaml(value, indent + 1)
-            else:
-                lines.append(f"{pad}{key}: {_yaml_scalar(value) if not isinstance(value, (dict, list)) else '[]'}")
-    elif isinstance(data, list):
-        for item in data:
-            if isinstance(item, dict):
-                sub = _yaml(item, indent + 1)
-                lines.append(f"{pad}- {sub[0].strip()}")
-                lines += sub[1:]
-            else:
-                lines.append(f"{pad}- {_yaml_scalar(item)}")
-    return lines
-
-
-def card_metadata(config: dict[str, Any]) -> dict[str, Any]:
-    """The YAML front matter the Hub reads (library_name, license, tags, datasets, model-index)."""
+def card_data(config: dict[str, Any]) -> ModelCardData:
+    """The metadata the Hub reads (library_name, license, tags, datasets, base_model, model-index)."""
     detection = config.get("task") == "detection"
-    arch = config["architecture"]
-    provenance = config.get("provenance", {})
-    tags = ["insloc", "self-supervised", "object-detection" if detection else "feature-extraction",
-            f"resnet{arch['depth']}", arch["variant"], "torchvision", "safetensors"]
-    meta: dict[str, Any] = {
-        "library_name": "insloc-hub",
-        "license": config.get("license", "apache-2.0"),
-        "tags": tags,
-        "pipeline_tag": "object-detection" if detection else "image-feature-extraction",
-    }
-    datasets = provenance.get("datasets") or ([provenance["data"]] if provenance.get("data") else [])
-    if datasets:
-        meta["datasets"] = list(datasets)
+    arch, provenance = config["architecture"], config.get("provenance", {})
+    datasets = provenance.get("datasets") or ([provenance["data"]] if provenance.get("data") else None)
     base_model = provenance.get("base_model")
-    if isinstance(base_model, str) and base_model.count("/") == 1 and not base_model.startswith(("/", ".")):
-        meta["base_model"] = base_model
-    results = [r for r in (config.get("results") or []) if _metrics(r)]
-    if results:
-        meta["model-index"] = [{
-            "name": config.get("name", "insloc-model"),
-            "results": [{
-                "task": {"type": r.get("task", "object-detection")},
-                "dataset": {"name": r.get("dataset", "unknown"), "type": r.get("dataset_type", r.get("dataset", ""))},
-                "metrics": [{"type": k, "value": v} for k, v in _metrics(r).items()],
-            } for r in results],
-        }]
-    return meta
+    if not (isinstance(base_model, str) and base_model.count("/") == 1 and not base_model.startswith(("/", "."))):
+        base_model = None  # a local path is no Hub model
+    results = [  # fine-tuned detectors: one EvalResult per finite metric
+        EvalResult(task_type=r.get("task", "object-detection"), dataset_name=r.get("dataset", "unknown"),
+                   dataset_type=r.get("dataset_type", r.get("dataset", "")), metric_type=metric, metric_value=value)
+        for r in config.get("results") or [] for metric, value in _metrics(r).items()
+    ]
+    return ModelCardData(
+        library_name="insloc-hub", license=config.get("license", "apache-2.0"), datasets=datasets,
+        tags=["insloc", "self-supervised", "object-detection" if detection else "feature-extraction",
+              f"resnet{arch['depth']}", arch["variant"], "torchvision", "safetensors"],
+        pipeline_tag="object-detection" if detection else "image-feature-extraction", base_model=base_model,
+        model_name=config.get("name", "insloc-model") if results else None, eval_results=results or None,
+    )
 
 
 def _metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -84,59 +49,51 @@ def _one_line(value: Any) -> str:
     return " ".join(str(value).split())
 
 
-def render_card(config: dict[str, Any]) -> str:
-    """README.md text for a hub folder, from its config.json contents."""
-    arch = config["architecture"]
+def render_card(config: dict[str, Any], folder: str | os.PathLike[str] | None = None) -> str:
+    """README.md text for a hub folder, from its config.json contents.
+
+    The usage snippet loads the model by ``config["repo_id"]`` when the folder is meant for a Hub
+    repo, else by ``folder`` (its path as given), so the snippet works as printed.
+    """
+    arch, provenance = config["architecture"], config.get("provenance", {})
     detection = config.get("task") == "detection"
     name = config.get("name", "InsLoc model")
-    provenance = config.get("provenance", {})
-    front = "\n".join(["---", *_yaml(card_metadata(config)), "---"])
-    parts = ", ".join(config.get("pretrained_parts", []))
+    where = config.get("repo_id") or (os.fspath(folder) if folder is not None else name)
     body = [
-        f"# {name}",
-        "",
+        f"# {name}", "",
         ("A torchvision detector fine-tuned from an InsLoc-pretrained backbone." if detection else
          "A ResNet backbone pretrained with InsLoc (Instance Localization for Self-supervised Detection "
          "Pretraining, Yang et al., CVPR 2021): the trunk, FPN and detection box head are pretrained together "
          "by recognising a pasted instance from RoI features at its box."),
-        "",
-        "## Architecture",
+        "", "## Architecture",
         f"- ResNet-{arch['depth']} (width {arch['width']}), variant `{arch['variant']}`",
-        f"- pretrained parts: {parts}",
+        f"- pretrained parts: {', '.join(config.get('pretrained_parts', []))}",
     ]
     if detection:
         det = config["detector"]
         body.append(f"- detector: `{det['arch']}`, {det['num_classes']} classes (background included)")
         if det.get("class_names"):
             body.append(f"- class names: {', '.join(det['class_names'])}")
-    body += [
-        "",
-        "## Usage",
-        "```python",
-        "import insloc_hub",
-        f"model = insloc_hub.from_pretrained({json.dumps(config.get('repo_id') or name)})",
-    ]
+    body += ["", "## Usage", "```python", "import insloc_hub",
+             f"model = insloc_hub.from_pretrained({json.dumps(where)})"]
     if not detection:
         body.append('detector = insloc_hub.build_detector("faster_rcnn_fpn", class_names=["cat"], pretrained=model)')
-    body += [
-        "```",
-        "",
-        "## Preprocessing",
-        f"RGB, values in [0, 1], normalised with mean {config['preprocessing']['mean']} and std "
-        f"{config['preprocessing']['std']} (detectors normalise internally).",
-        "",
-        "## Training",
-    ]
-    if provenance:
-        body += [f"- {k}: {_one_line(v)}" for k, v in provenance.items() if not isinstance(v, (dict, list))]
-    else:
-        body.append("- not recorded")
-    if config.get("results"):
+    preprocessing = config["preprocessing"]
+    body += ["```", "", "## Preprocessing",
+             f"RGB, values in [0, 1], normalised with mean {preprocessing['mean']} and std {preprocessing['std']} "
+             "(detectors normalise internally).", "", "## Training"]
+    body += [f"- {k}: {_one_line(v)}" for k, v in provenance.items() if not isinstance(v, (dict, list))]
+    body += [] if provenance else ["- not recorded"]
+    diagnostics = provenance.get("diagnostics")
+    if isinstance(diagnostics, dict) and diagnostics:
+        body += ["", "## Diagnostics", "Measured during pretraining (see the run's metrics.jsonl):", ""]
+        body += [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {_one_line(v)}"
+                 for k, v in diagnostics.items()]
+    if any(_metrics(r) for r in config.get("results") or []):
         body += ["", "## Results", "", "| dataset | metric | value |", "|---|---|---|"]
-        for result in config["results"]:
-            for metric, value in _metrics(result).items():
-                body.append(f"| {result.get('dataset', '')} | {metric} | {value} |")
+        body += [f"| {r.get('dataset', '')} | {k} | {v} |" for r in config["results"] for k, v in _metrics(r).items()]
     weights = config["weights"]
     body += ["", "## Weights", f"`model.safetensors`, sha256 `{weights['sha256']}`, "
              f"{weights['num_parameters']:,} parameters.", "", "## Citation", "```bibtex", CITATION, "```", ""]
-    return front + "\n\n" + "\n".join(body)
+    return str(ModelCard.from_template(card_data(config), template_str="---\n{{ card_data }}\n---\n\n{{ body }}",
+                                       body="\n".join(body)))

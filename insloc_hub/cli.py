@@ -9,13 +9,22 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from insloc_hub.configs import int_at_least, output_file, output_folder
 from insloc_hub.detectors import ARCHITECTURES
 from insloc_hub.errors import InsLocError
 from insloc_hub.models import PRESETS
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage block) and exits with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _human(n: float) -> str:
@@ -33,37 +42,42 @@ def cmd_info(args: argparse.Namespace) -> int:
     folder = resolve_model_dir(args.name, revision=args.revision, cache_dir=args.cache_dir,
                                local_files_only=args.local_files_only or None)
     config = read_config(folder)
-    arch = config["architecture"]
+    arch, weights = config["architecture"], config["weights"]  # both checked by read_config
     if args.json:
         print(json.dumps({"folder": str(folder), "config": config}, indent=2))
         return 0
     print(f"name:        {config.get('name')}")
     print(f"folder:      {folder}")
     print(f"task:        {config.get('task')}")
-    print(f"arch:        ResNet-{arch['depth']} width {arch['width']}, variant {arch['variant']}")
+    print(f"arch:        ResNet-{arch.get('depth', '?')} width {arch.get('width', '?')}, "
+          f"variant {arch.get('variant', '?')}")
     print(f"pretrained:  {', '.join(config.get('pretrained_parts', []))}")
     if config.get("task") == "detection":
         det = config["detector"]
-        print(f"detector:    {det['arch']}, classes: {', '.join(det.get('class_names') or []) or det['num_classes']}")
-    for key, value in config.get("provenance", {}).items():
+        classes = ", ".join(map(str, det.get("class_names") or [])) or det.get("num_classes", "?")
+        print(f"detector:    {det.get('arch', '?')}, classes: {classes}")
+    for key, value in _dict(config.get("provenance")).items():
         if not isinstance(value, (dict, list)):
             print(f"provenance:  {key} = {value}")
-    for result in config.get("results", []):
-        metrics = ", ".join(f"{k} {v}" for k, v in result.get("metrics", {}).items())
+    for result in [r for r in config.get("results") or [] if isinstance(r, dict)]:
+        metrics = ", ".join(f"{k} {v}" for k, v in _dict(result.get("metrics")).items())
         print(f"result:      {result.get('dataset')}: {metrics}")
     print("files:")
-    for name in config.get("files", []):
-        path = folder / name
+    for name in config.get("files") or []:
+        path = folder / str(name)
         size = _human(path.stat().st_size) if path.exists() else "MISSING"
         print(f"  {name:<24} {size:>10}")
-    weights = config["weights"]
     status = "not checked"
     if args.verify:
         verify_weights(folder, config, always=True)
         status = "verified"
-    print(f"sha256:      {weights['sha256']} ({status})")
-    print(f"parameters:  {weights['num_parameters']:,}")
+    print(f"sha256:      {weights.get('sha256', 'not recorded')} ({status})")
+    print(f"parameters:  {weights.get('num_parameters', '?')}")
     return 0
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -86,10 +100,10 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from insloc_hub.hub import ALIASES, alias_repo_id, list_cached
 
+    cached = list_cached(args.cache_dir)
     print("aliases:")
     for alias in ALIASES:
         print(f"  {alias:<24} -> {alias_repo_id(alias)}")
-    cached = list_cached(args.cache_dir)
     print("cached:" if cached else "cached: (none)")
     for entry in cached:
         revisions = ", ".join(r["commit"][:12] for r in entry.get("revisions", []))
@@ -127,8 +141,6 @@ def cmd_export_d2(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build a detector from a freshly saved backbone folder, then train a step and detect on a photo."""
-    import tempfile
-
     import torch
 
     from insloc_hub.detectors import build_detector
@@ -139,8 +151,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     image = load_image_tensor(args.image) if args.image else _sample_photo()
     backbone = args.backbone or ("r50-c4" if args.arch == "faster_rcnn_c4" else "r50-fpn")
-    if args.size < 128:
-        raise InsLocError("--size must be at least 128 (the coarsest pyramid level needs a few pixels)")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         folder = save_pretrained(InsLocBackbone(backbone), Path(tmp) / "backbone")
@@ -182,7 +192,7 @@ def _sample_photo() -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="insloc-hub", description="Inspect, fetch, publish and convert "
+    parser = ArgumentParser(prog="insloc-hub", description="Inspect, fetch, publish and convert "
                                      "InsLoc pretrained models (hub folders: safetensors + config + card).")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -220,14 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert an official InsLoc, torchvision or MoCo checkpoint to a hub folder")
     p.add_argument("source_format", choices=["official", "torchvision", "moco"])
     p.add_argument("source", help="checkpoint file (.pth)")
-    p.add_argument("output", help="hub folder to write")
+    p.add_argument("output", type=output_folder, help="hub folder to write")
     p.add_argument("--variant", choices=["fpn", "c4"], help="default: detected (official) or fpn")
     p.add_argument("--no-strict", action="store_true", help="drop unknown keys instead of failing")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export-d2", help="write a detectron2 .pkl as the official convert_pretrained.py does")
     p.add_argument("name", help="alias, repo or folder of a backbone")
-    p.add_argument("output", help="output .pkl")
+    p.add_argument("output", type=output_file, help="output .pkl")
     p.add_argument("--c4", action="store_true", help="C4 layout (res5 as roi_heads.res5)")
     p.set_defaults(func=cmd_export_d2)
 
@@ -235,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="faster_rcnn_fpn", choices=ARCHITECTURES)
     p.add_argument("--backbone", choices=sorted(PRESETS), help="default: r50-fpn, or r50-c4 for faster_rcnn_c4")
     p.add_argument("--image", help="an image file (default: scikit-image's astronaut photo)")
-    p.add_argument("--size", type=int, default=480, help="shorter side the detector resizes to")
+    p.add_argument("--size", type=int_at_least(128), default=480,
+                   help="shorter side the detector resizes to (at least 128: the coarsest level needs a few pixels)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import pickle
@@ -166,10 +167,12 @@ def load_foreign_checkpoint(path: PathLike) -> Any:
         if "Unsupported global" not in str(exc):  # not a pickle of objects: garbage or a damaged file
             detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
             raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint "
-                                  f"({detail.group(1).strip() if detail else 'not a torch.save file'})") from exc
+                                  f"({detail.group(1).strip() if detail else 'not a torch.save file'}); it is "
+                                  "not a PyTorch checkpoint file, or it is damaged") from exc
         raise CheckpointError(f"refusing to load {path}: {describe_unpickling_refusal(exc)}") from exc
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from exc
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError) as exc:  # garbage bytes
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({type(exc).__name__}: {exc}); it is "
+                              "not a PyTorch checkpoint file, or it is damaged") from exc
 
 
 def describe_unpickling_refusal(exc: BaseException) -> str:
@@ -261,17 +264,8 @@ def _build(config: BackboneConfig, state: dict[str, torch.Tensor], report: Conve
         state[key] = torch.tensor(0, dtype=torch.long)
     if filled:
         report.notes.append(f"{len(filled)} BN num_batches_tracked counters absent from the source; set to 0")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: source {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        lines = [f"{report.source} does not convert to a complete {config.variant} bundle "
-                 f"(ResNet-{config.depth}, width {config.width}, parts {list(config.parts)}):"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                lines.append(f"  {len(keys)} {title}: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}")
-        raise WeightsMismatchError("\n".join(lines))
+    WeightsMismatchError.check(expected, state, f"{report.source} does not convert to a complete {config.variant} "
+                               f"bundle (ResNet-{config.depth}, width {config.width}, parts {list(config.parts)}):")
     cast = sorted({str(v.dtype) for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32})
     if cast:
         report.notes.append(f"floating-point tensors cast from {', '.join(cast)} to float32")
@@ -310,32 +304,31 @@ _OFFICIAL_DROP: list[tuple[Callable[[str], bool], str]] = [
 ]
 
 
-def _official_fpn_key(key: str) -> str | None:
-    """Map one query-side key of an official FPN checkpoint, or None if it is not a transferred key."""
-    if re.match(r"backbone\.(conv1|bn1|layer[1-4])\.", key):
-        return "trunk." + key[len("backbone."):]
-    m = re.fullmatch(r"neck\.(lateral_convs|fpn_convs)\.([0-3])\.(conv|bn)\.(\w+)", key)
-    if m:
-        kind, level, part, leaf = m.groups()
-        return (f"fpn.{'lateral' if kind == 'lateral_convs' else 'output'}.p{int(level) + 2}."
-                f"{'conv' if part == 'conv' else 'norm'}.{leaf}")
-    m = re.fullmatch(r"roi_head\.bbox_head\.shared_convs\.(\d+)\.(conv|bn)\.(\w+)", key)
-    if m:
-        idx, part, leaf = m.groups()
-        return f"box_head.convs.{idx}.{'conv' if part == 'conv' else 'norm'}.{leaf}"
-    m = re.fullmatch(r"roi_head\.bbox_head\.shared_fcs\.0\.(weight|bias)", key)
-    if m:
-        return f"box_head.fc1.{m.group(1)}"
-    return None
+@functools.cache
+def _official_names(variant: str) -> tuple[tuple[str, str], ...]:
+    """``(official prefix, our prefix)`` of every module whose name differs between the layouts.
+
+    The one table both directions use (:func:`_from_official_key`, :func:`_to_official_key`); the
+    rest of a key (``weight``, ``running_var``...) is the same on both sides.
+    """
+    stages = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.") + (("layer4.",) if variant == "fpn" else ())
+    names = [(f"backbone.{stage}", f"trunk.{stage}") for stage in stages]
+    if variant == "c4":
+        return (*names, ("roi_head.shared_head.layer4.", "box_head.layer4."))
+    for level in range(4):
+        for official, ours in (("lateral_convs", "lateral"), ("fpn_convs", "output")):
+            names += [(f"neck.{official}.{level}.conv.", f"fpn.{ours}.p{level + 2}.conv."),
+                      (f"neck.{official}.{level}.bn.", f"fpn.{ours}.p{level + 2}.norm.")]
+    for index in range(8):  # more convs than any box head has: absent ones simply never match
+        names += [(f"roi_head.bbox_head.shared_convs.{index}.conv.", f"box_head.convs.{index}.conv."),
+                  (f"roi_head.bbox_head.shared_convs.{index}.bn.", f"box_head.convs.{index}.norm.")]
+    return (*names, ("roi_head.bbox_head.shared_fcs.0.", "box_head.fc1."))
 
 
-def _official_c4_key(key: str) -> str | None:
-    """Map one query-side key of an official C4 checkpoint, or None."""
-    if re.match(r"backbone\.(conv1|bn1|layer[1-3])\.", key):
-        return "trunk." + key[len("backbone."):]
-    if key.startswith("roi_head.shared_head.layer4."):
-        return "box_head." + key[len("roi_head.shared_head."):]
-    return None
+def _from_official_key(key: str, variant: str) -> str | None:
+    """Our name of one query-side key of an official checkpoint, or None if it is not a transferred key."""
+    return next((ours + key[len(official):] for official, ours in _official_names(variant)
+                 if key.startswith(official)), None)
 
 
 def _detect_variant(state: StateDict, variant: str, source: str) -> str:
@@ -410,7 +403,7 @@ def convert_official(
         if reason is not None:
             report.dropped[key] = reason
             continue
-        target = _official_fpn_key(key) if variant == "fpn" else _official_c4_key(key)
+        target = _from_official_key(key, variant)
         if target is None:
             unknown.append(key)
             continue
@@ -725,23 +718,10 @@ def export_detectron2(
 
 
 def _to_official_key(key: str, variant: str) -> str:
-    if key.startswith("trunk."):
-        return "backbone." + key[len("trunk."):]
-    if key.startswith("box_head.layer4."):
-        return "roi_head.shared_head." + key[len("box_head."):]
-    m = re.fullmatch(r"fpn\.(lateral|output)\.p([2-5])\.(conv|norm)\.(\w+)", key)
-    if m:
-        kind, level, part, leaf = m.groups()
-        return (f"neck.{'lateral_convs' if kind == 'lateral' else 'fpn_convs'}.{int(level) - 2}."
-                f"{'conv' if part == 'conv' else 'bn'}.{leaf}")
-    m = re.fullmatch(r"box_head\.convs\.(\d+)\.(conv|norm)\.(\w+)", key)
-    if m:
-        idx, part, leaf = m.groups()
-        return f"roi_head.bbox_head.shared_convs.{idx}.{'conv' if part == 'conv' else 'bn'}.{leaf}"
-    m = re.fullmatch(r"box_head\.fc1\.(weight|bias)", key)
-    if m:
-        return f"roi_head.bbox_head.shared_fcs.0.{m.group(1)}"
-    raise ConfigError(f"{key!r} has no place in the official {variant} layout")
+    official = next((off + key[len(ours):] for off, ours in _official_names(variant) if key.startswith(ours)), None)
+    if official is None:
+        raise ConfigError(f"{key!r} has no place in the official {variant} layout")
+    return official
 
 
 def official_state_dict_from_bundle(

@@ -6,6 +6,9 @@ would naturally catch (``ValueError``, ``FileNotFoundError``...), so existing ha
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class InsLocError(Exception):
     """Base class of every error raised on purpose by insloc-hub."""
@@ -43,6 +46,24 @@ class ConfigError(InsLocError, ValueError):
 
 class WeightsMismatchError(InsLocError, RuntimeError):
     """Pretrained tensors do not fit the model: missing, unexpected or wrongly shaped keys."""
+
+    @classmethod
+    def check(cls, expected: Mapping[str, Any], given: Mapping[str, Any], header: str, hint: str = "") -> None:
+        """Raise one report of missing, unexpected and wrongly shaped keys, if there are any.
+
+        ``expected`` is the model's ``state_dict()``, ``given`` the tensors offered for it.
+        """
+        missing = sorted(set(expected) - set(given))
+        unexpected = sorted(set(given) - set(expected))
+        wrong = [f"{k}: given {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+                 for k in expected if k in given and given[k].shape != expected[k].shape]
+        if not (missing or unexpected or wrong):
+            return
+        lines = [header]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                lines.append(f"  {len(keys)} {title}: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}")
+        raise cls("\n".join(lines + ([hint] if hint else [])))
 
 
 class IntegrityError(InsLocError, RuntimeError):

@@ -17,7 +17,6 @@ import shutil
 import stat
 import struct
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,16 +35,13 @@ from insloc_hub.detectors import (
     inference_options,
 )
 from insloc_hub.errors import ConfigError, IntegrityError, WeightsMismatchError
-from insloc_hub.hub import required_files, resolve_model_dir
+from insloc_hub.hub import CONFIG_NAME, WEIGHTS_NAME, required_files, resolve_model_dir
 from insloc_hub.models import BackboneConfig, InsLocBackbone
-from insloc_hub.models.init_control import skip_init
 from insloc_hub.transforms import PREPROCESSING
 from insloc_hub.version import __version__
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 _VERIFIED_RECORD = "verified-weights.json"
@@ -69,6 +65,7 @@ ARCHITECTURE_RANGES = {
 }
 #: safetensors dtypes a hub folder holds: float32 tensors, int64 BatchNorm step counters
 _WEIGHT_DTYPE, _COUNTER_DTYPE = "F32", "I64"
+_MISMATCH_HINT = "Pass strict=False to load what fits, or check that config.json belongs to these weights."
 
 
 def save_pretrained(
@@ -136,7 +133,7 @@ def save_pretrained(
             files.append(file_name)
         config["files"] = files
         (staging_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        (staging_dir / CARD_NAME).write_text(render_card(config))
+        (staging_dir / CARD_NAME).write_text(render_card(config, folder=directory))
         # the weights go last, so an interrupted save never leaves new weights beside an old config
         mode = 0o666 & ~_umask()  # readable like any file the user writes (temporary files are 0600)
         for file_name in [f for f in files if f != WEIGHTS_NAME] + [WEIGHTS_NAME]:
@@ -434,20 +431,11 @@ def load_state(
                              "download it again") from exc
 
 
-def _check_keys(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
-    """WeightsMismatchError unless the file's keys and shapes are exactly the model's."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = [f"{k}: file {tuple(shapes[k])} vs model {tuple(expected[k].shape)}"
-             for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        lines = [f"{source} does not match its architecture config:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                lines.append(f"  {len(keys)} {title}: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}")
-        lines.append("Pass strict=False to load what fits, or check that config.json belongs to these weights.")
-        raise WeightsMismatchError("\n".join(lines))
+def _check_shapes(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+    """WeightsMismatchError unless the file's keys and shapes (from its header) are exactly the model's."""
+    given = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}  # shapes only, no memory
+    WeightsMismatchError.check(model.state_dict(), given, f"{source} does not match its architecture config:",
+                               _MISMATCH_HINT)
 
 
 def from_pretrained(
@@ -499,17 +487,17 @@ def from_pretrained(
     if config.get("task") == "detection":
         model = build_detector_from_config(config["detector"])
         if strict:  # keys and shapes from the header: nothing is read if they do not fit
-            _check_keys(model, shapes, source)
+            _check_shapes(model, shapes, source)
         state = load_state(folder, device, weights_file)
         if not strict:
             _drop_unusable(model, state)
         model.load_state_dict(state, strict=False)
     else:
         arch = BackboneConfig.from_dict(config["architecture"])
-        with skip_init():  # no random init: every tensor comes from the file
+        with torch.device("meta"):  # no random init: every tensor comes from the file
             model = InsLocBackbone(arch)
         if strict:
-            _check_keys(model, shapes, source)
+            _check_shapes(model, shapes, source)
         state = load_state(folder, device, weights_file)
         if not strict:
             _initialise_missing(model, state)
@@ -559,13 +547,6 @@ def _initialise_missing(model: InsLocBackbone, state: dict[str, torch.Tensor]) -
         state.update({k: fresh[k] for k in bad})
         logger.warning("strict=False: %d tensors were not usable from the file and keep a fresh initialisation: %s",
                        len(bad), ", ".join(bad[:8]))
-
-
-def timed_load(name: str, **kwargs: Any) -> tuple[nn.Module, float]:
-    """``from_pretrained`` and the seconds it took (used by the load benchmark and ``insloc-hub info``)."""
-    start = time.perf_counter()
-    model = from_pretrained(name, **kwargs)
-    return model, time.perf_counter() - start
 
 
 def push_to_hub(

@@ -32,6 +32,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 40_000_000
 #: largest encoded input accepted by default
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+#: file name endings (lower case) that image folders and data sets are scanned for
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 PREPROCESSING: dict[str, Any] = {
     "color_space": "RGB",

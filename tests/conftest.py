@@ -10,14 +10,12 @@ Hub fixtures (real HTTP on 127.0.0.1, never huggingface.co):
   ``.stop()``, ``.requests``; token ``"test-token"`` may write. Stopped after the test.
 - ``hub_env``: ``hub_server`` plus huggingface_hub pointed at it for the duration of one test:
   HF_ENDPOINT, HF_HOME, HF_HUB_CACHE (a tmp folder), HF_TOKEN="test-token", telemetry off, offline
-  mode off, and the ``huggingface_hub.constants`` values that are read once at import time. All of
-  it is undone after the test (pytest's monkeypatch).
+  mode off: the environment variables, and the public ``huggingface_hub.constants`` that
+  huggingface_hub read from them when it was imported. All of it is undone after the test.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import os
 import sys
 from collections.abc import Iterator
@@ -33,20 +31,6 @@ if _TESTS_DIR not in sys.path:  # make ``import hub_server`` work whatever the r
 from hub_server import HubServer  # noqa: E402
 
 TEST_TOKEN = "test-token"
-
-# huggingface_hub loads these submodules lazily, and they copy constants when they are first imported
-# (``from ..constants import HF_HUB_CACHE``). Imported for the first time while ``hub_env`` has the
-# constants patched, they would keep the temporary values for the rest of the session: import them now.
-_HF_MODULES_COPYING_CONSTANTS = (
-    "huggingface_hub.utils._cache_manager",
-    "huggingface_hub.utils._cache_assets",
-    "huggingface_hub.utils._git_credential",
-    "huggingface_hub.utils._detect_agent",
-    "huggingface_hub.utils.tqdm",
-)
-for _name in _HF_MODULES_COPYING_CONSTANTS:
-    with contextlib.suppress(ImportError):  # other huggingface_hub versions may lack some
-        importlib.import_module(_name)
 
 
 #: cache locations a test could otherwise write to in the user's home (env var -> folder under the tmp cache)
@@ -83,9 +67,9 @@ class HubEnv:
 
 
 @pytest.fixture
-def hub_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
+def hub_server() -> Iterator[HubServer]:
     """A real Hub server on 127.0.0.1:<random port>, started for one test and stopped after it."""
-    server = HubServer(tmp_path_factory.mktemp("hub-server"), tokens={TEST_TOKEN: "write", "read-token": "read"})
+    server = HubServer(tokens={TEST_TOKEN: "write", "read-token": "read"})
     server.start()
     try:
         yield server
@@ -122,6 +106,7 @@ def hub_env(hub_server: HubServer, tmp_path_factory: pytest.TempPathFactory, mon
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_UPDATE_CHECK": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_XET": "1",  # uploads go through create_commit, the one path the test server serves
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -145,22 +130,9 @@ def hub_env(hub_server: HubServer, tmp_path_factory: pytest.TempPathFactory, mon
         "HF_HUB_DISABLE_TELEMETRY": True,  # also stops the per-request agent-registry fetch from ENDPOINT
         "HF_HUB_DISABLE_UPDATE_CHECK": True,
         "HF_HUB_DISABLE_IMPLICIT_TOKEN": False,
+        "HF_HUB_DISABLE_XET": True,
         "HF_HUB_ETAG_TIMEOUT": constants.DEFAULT_ETAG_TIMEOUT,
     }
     for name, value in patched.items():
         monkeypatch.setattr(constants, name, value, raising=False)
-    # Modules that copied a constant with ``from ..constants import X`` (imported above, before any patch).
-    copies = {
-        "huggingface_hub.utils._cache_manager": {"HF_HUB_CACHE": str(cache)},
-        "huggingface_hub.utils._cache_assets": {"HF_ASSETS_CACHE": str(home / "assets")},
-        "huggingface_hub.utils._git_credential": {"ENDPOINT": endpoint},
-        # The agent-harness registry is fetched from ENDPOINT once per process: make it a no-op.
-        "huggingface_hub.utils._detect_agent": {"_registry": {"standardEnvVars": [], "harnesses": {}}},
-    }
-    for module_name, values in copies.items():
-        module = sys.modules.get(module_name)
-        for name, value in values.items():
-            if module is not None and hasattr(module, name):
-                monkeypatch.setattr(module, name, value)
-
     return HubEnv(server=hub_server, endpoint=endpoint, home=home, cache_dir=cache, token=TEST_TOKEN)

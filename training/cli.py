@@ -11,14 +11,14 @@ import importlib
 import logging
 import sys
 
-from insloc_hub.cli import run_command
+from insloc_hub.cli import ArgumentParser, run_command
 
 # modules that contribute subcommands, in the order they appear in --help
 SUBCOMMAND_MODULES = ("insloc_hub.training.pretrain", "insloc_hub.training.finetune", "insloc_hub.training.demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="insloc-train",
         description="InsLoc pretraining (faithful to the official recipe), detector fine-tuning and evaluation.",
     )

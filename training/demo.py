@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from insloc_hub.configs import int_at_least, output_folder
 from insloc_hub.errors import InsLocError
 
 # colour photographs shipped inside scikit-image (skimage.data), used as unlabelled images
@@ -199,14 +200,15 @@ def add_subcommands(subparsers: Any) -> None:
         "demo", help="pretrain -> fine-tune -> evaluate on bundled photographs (a few minutes on CPU)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
-    parser.add_argument("--pretrain-epochs", type=int, default=30, help="tiny-preset epochs over the photo crops")
-    parser.add_argument("--finetune-iterations", type=int, default=300)
-    parser.add_argument("--copies", type=int, default=8, help="random crops per photograph for pretraining")
-    parser.add_argument("--train-images", type=int, default=32)
-    parser.add_argument("--test-images", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=output_folder, default="runs/demo", help="run folder (default: runs/demo)")
+    parser.add_argument("--pretrain-epochs", type=int_at_least(1), default=30,
+                        help="tiny-preset epochs over the photo crops")
+    parser.add_argument("--finetune-iterations", type=int_at_least(1), default=300)
+    parser.add_argument("--copies", type=int_at_least(1), default=8, help="random crops per photograph for pretraining")
+    parser.add_argument("--train-images", type=int_at_least(1), default=32)
+    parser.add_argument("--test-images", type=int_at_least(1), default=16)
+    parser.add_argument("--image-size", type=int_at_least(64), default=256, help="image side (at least 64)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument("--no-serve", dest="serve", action="store_false",
                         help="stop after evaluation (skip exporting to ONNX and serving it over HTTP)")
     parser.set_defaults(func=run_demo)

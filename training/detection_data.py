@@ -28,6 +28,7 @@ import difflib
 import json
 import logging
 import math
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,21 +37,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
 from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
-from insloc_hub.transforms import decode_image, read_image_size, to_tensor
+from insloc_hub.transforms import IMAGE_EXTENSIONS, decode_image, read_image_size, to_tensor
 
 __all__ = [
     "VOC_CLASSES",
-    "Compose",
     "DatasetReport",
     "DetectionDataset",
     "DetectionRecord",
     "RandomHorizontalFlip",
-    "ResizeShortestEdge",
     "collate_detection",
     "load_coco",
     "load_dataset",
@@ -63,7 +61,6 @@ logger = logging.getLogger(__name__)
 Target = dict[str, Any]
 Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 #: The 20 PASCAL VOC classes in the order of the devkit (label ``i + 1`` is ``VOC_CLASSES[i]``).
 VOC_CLASSES = (
@@ -238,6 +235,7 @@ class DetectionRecord:
     iscrowd: np.ndarray
     difficult: np.ndarray
     file_name: str = ""
+    segmentations: tuple[Any, ...] = ()  # COCO: each box's polygons / RLE as annotated (None: none)
 
 
 @dataclass
@@ -247,6 +245,23 @@ class _Box:
     area: float
     iscrowd: bool = False
     difficult: bool = False
+    segmentation: Any = None
+
+
+def _rasterise(segmentation: Any, box: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``uint8 [H, W]`` mask of a COCO polygon list or RLE (pycocotools), or of ``box`` when there is none."""
+    if not segmentation:
+        mask = torch.zeros(shape, dtype=torch.uint8)
+        x1, y1, x2, y2 = (int(round(v)) for v in box.tolist())
+        mask[y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)] = 1
+        return mask
+    from pycocotools import mask as mask_utils
+
+    rles = mask_utils.frPyObjects(segmentation, *shape)
+    with warnings.catch_warnings():  # pycocotools' numpy-2 copy= deprecation, harmless
+        warnings.simplefilter("ignore", DeprecationWarning)
+        decoded = mask_utils.decode(mask_utils.merge(rles) if isinstance(rles, list) else rles)
+    return torch.from_numpy(decoded.astype(np.uint8))
 
 
 def _make_record(
@@ -263,6 +278,7 @@ def _make_record(
         iscrowd=np.asarray([b.iscrowd for b in boxes], dtype=bool),
         difficult=np.asarray([b.difficult for b in boxes], dtype=bool),
         file_name=file_name,
+        segmentations=tuple(b.segmentation for b in boxes),
     )
 
 
@@ -378,14 +394,26 @@ class DetectionDataset(Dataset):
             source=self.source,
         )
 
-    def get_target(self, index: int) -> Target:
-        """The training target of item ``index`` (no transforms, no image decoding)."""
+
+    def get_target(self, index: int, masks: bool = False) -> Target:
+        """The training target of item ``index`` (no transforms, no image decoding).
+
+        With ``masks=True`` it also holds ``"masks"`` (``uint8 [N, H, W]``), each box's COCO
+        segmentation rasterised (the box itself where the annotation has none).
+        """
         record = self.records[index]
         keep = np.ones(len(record.labels), dtype=bool)
         if not self.include_crowd:
             keep &= ~record.iscrowd
         if not self.keep_difficult:
             keep &= ~record.difficult
+        if masks:
+            segmentations = [s for s, k in zip(record.segmentations or [None] * len(keep), keep) if k]
+            shape = (record.height, record.width)
+            target = self.get_target(index)
+            target["masks"] = torch.stack([_rasterise(s, b, shape) for s, b in zip(segmentations, target["boxes"])]) \
+                if segmentations else torch.zeros((0, *shape), dtype=torch.uint8)
+            return target
         return {
             "boxes": torch.from_numpy(record.boxes[keep].copy()).reshape(-1, 4),
             "labels": torch.from_numpy(record.labels[keep].copy()),
@@ -747,7 +775,8 @@ def load_coco(
             area = ann.get("area")
             if clean != xyxy or not isinstance(area, (int, float)) or not area > 0:
                 area = (clean[2] - clean[0]) * (clean[3] - clean[1])
-            boxes.append(_Box(label_of[category], clean, float(area), iscrowd=bool(ann.get("iscrowd"))))
+            boxes.append(_Box(label_of[category], clean, float(area), iscrowd=bool(ann.get("iscrowd")),
+                              segmentation=None if problem is not None else ann.get("segmentation")))
         records.append(_make_record(image_id, image_path, width, height, boxes, file_name))
 
     _check_class_list(class_names, report, unknown_classes)
@@ -1080,21 +1109,6 @@ def load_dataset(path_or_spec: str | Path | Mapping[str, Any], **kwargs: Any) ->
 # ----------------------------------------------------------------------------------------------
 
 
-class Compose:
-    """Apply ``(image, target)`` transforms in order."""
-
-    def __init__(self, transforms: Sequence[Transform]) -> None:
-        self.transforms = list(transforms)
-
-    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
-        for transform in self.transforms:
-            image, target = transform(image, target)
-        return image, target
-
-    def __repr__(self) -> str:
-        return f"Compose({self.transforms})"
-
-
 class RandomHorizontalFlip:
     """Flip the image and its boxes left-right with probability ``p`` (``torch`` RNG)."""
 
@@ -1113,48 +1127,6 @@ class RandomHorizontalFlip:
 
     def __repr__(self) -> str:
         return f"RandomHorizontalFlip(p={self.p})"
-
-
-class ResizeShortestEdge:
-    """Resize so the short side is one of ``min_sizes`` (long side at most ``max_size``), boxes too.
-
-    ``sample="choice"`` picks one of ``min_sizes``; ``"range"`` draws an integer in
-    ``[min(min_sizes), max(min_sizes)]`` (detectron2's two modes). Do NOT use it in front of a
-    torchvision detector: ``GeneralizedRCNNTransform`` resizes again inside the model. For those,
-    pass :func:`protocol_sizes` to the detector instead. This is for models that do not resize.
-    """
-
-    def __init__(self, min_sizes: Sequence[int], max_size: int = 1333, sample: str = "choice") -> None:
-        if sample not in ("choice", "range"):
-            raise ConfigError(f"sample must be 'choice' or 'range', got {sample!r}")
-        if not min_sizes:
-            raise ConfigError("min_sizes must not be empty")
-        self.min_sizes = tuple(int(s) for s in min_sizes)
-        self.max_size = int(max_size)
-        self.sample = sample
-
-    def _draw_size(self) -> int:
-        if self.sample == "range":
-            low, high = min(self.min_sizes), max(self.min_sizes)
-            return int(torch.randint(low, high + 1, ()).item())
-        return self.min_sizes[int(torch.randint(len(self.min_sizes), ()).item())]
-
-    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
-        height, width = image.shape[-2:]
-        size = self._draw_size()
-        scale = min(size / min(height, width), self.max_size / max(height, width))
-        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-        image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
-        sx, sy = new_w / width, new_h / height
-        target = dict(target)
-        target["boxes"] = target["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=target["boxes"].dtype)
-        if "area" in target:
-            target["area"] = target["area"] * (sx * sy)
-        return image, target
-
-    def __repr__(self) -> str:
-        sizes = f"min_sizes={self.min_sizes}, max_size={self.max_size}"
-        return f"ResizeShortestEdge({sizes}, sample={self.sample!r})"
 
 
 _PROTOCOLS: dict[str, dict[str, Any]] = {

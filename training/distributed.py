@@ -1,4 +1,4 @@
-"""Distributed helpers: one process per GPU, started by ``torchrun`` or SLURM ``srun``.
+"""Distributed helpers: one process per GPU, started by ``torchrun``.
 
 Everything here also works in a plain single process (no process group): ranks are 0, the world
 size is 1, gathers return their input, broadcasts return the object and barriers do nothing. Code
@@ -8,12 +8,8 @@ Launchers understood by :func:`init_distributed`:
 
 * ``torchrun`` (and ``torch.distributed.launch``): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
   ``MASTER_ADDR``, ``MASTER_PORT`` are set by the launcher.
-* SLURM ``srun`` with one task per GPU: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID`` and
-  ``SLURM_NODELIST``; the first host of the node list becomes ``MASTER_ADDR`` (via
-  ``scontrol show hostnames`` when available, else parsed here), ``MASTER_PORT`` defaults to
-  ``29500 + SLURM_JOB_ID % 1000`` unless set.
 
-``torchrun`` variables win over SLURM ones, so ``srun torchrun ...`` (one task per node) works too.
+On SLURM, run ``srun torchrun ...`` with one task per node: torchrun sets the variables above.
 
 The backend is NCCL when the process uses a CUDA device, gloo otherwise (CPU tests use gloo).
 
@@ -31,9 +27,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import re
-import shutil
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,12 +40,10 @@ __all__ = [
     "DistInfo",
     "LaunchEnv",
     "detect_launch_env",
-    "first_slurm_host",
     "init_distributed",
     "is_distributed",
     "get_rank",
     "get_world_size",
-    "get_local_rank",
     "is_main_process",
     "all_gather_tensor",
     "broadcast_object",
@@ -63,7 +54,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PORT = 29500
 
 
 @dataclass(frozen=True)
@@ -76,7 +66,7 @@ class LaunchEnv:
     master_addr: str | None = None
     master_port: int | None = None
     launcher: str = "none"
-    """``"torchrun"``, ``"slurm"`` or ``"none"``."""
+    """``"torchrun"`` or ``"none"``."""
 
 
 @dataclass(frozen=True)
@@ -110,48 +100,8 @@ def _int_env(env: Mapping[str, str], name: str) -> int:
         raise ConfigError(f"environment variable {name}={env[name]!r} is not an integer") from err
 
 
-def first_slurm_host(nodelist: str, *, use_scontrol: bool = True) -> str:
-    """First host name of a SLURM node list (``"node[003-005,9]"`` -> ``"node003"``).
-
-    Asks ``scontrol show hostnames`` when it is installed; otherwise parses the usual compressed
-    forms: plain names, comma lists, and bracket ranges with zero padding, possibly several bracket
-    groups in one name (``"rack[1-2]-gpu[01-04]"`` -> ``"rack1-gpu01"``).
-    """
-    nodelist = nodelist.strip()
-    if not nodelist:
-        raise ConfigError("SLURM_NODELIST is empty; cannot pick the master host")
-    if use_scontrol and shutil.which("scontrol"):
-        try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                                 timeout=30, check=True).stdout.split()
-            if out:
-                return out[0]
-        except (OSError, subprocess.SubprocessError) as err:  # fall back to parsing
-            logger.debug("scontrol show hostnames failed (%s); parsing %r", err, nodelist)
-    # first top-level entry: split on commas outside brackets
-    depth, end = 0, len(nodelist)
-    for i, ch in enumerate(nodelist):
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            end = i
-            break
-    first = nodelist[:end]
-
-    def _first_of_group(match: re.Match[str]) -> str:
-        item = match.group(1).split(",")[0]
-        return item.split("-")[0]
-
-    host = re.sub(r"\[([^\]]*)\]", _first_of_group, first)
-    if not host or "[" in host or "]" in host:
-        raise ConfigError(f"cannot parse SLURM_NODELIST={nodelist!r}; set MASTER_ADDR yourself")
-    return host
-
-
 def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
-    """Read the rank layout from torchrun or SLURM variables (``env`` defaults to ``os.environ``)."""
+    """Read the rank layout from torchrun's variables (``env`` defaults to ``os.environ``)."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(
@@ -161,27 +111,6 @@ def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
             master_addr=env.get("MASTER_ADDR"),
             master_port=_int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else None,
             launcher="torchrun",
-        )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        world = _int_env(env, "SLURM_NTASKS")
-        addr = env.get("MASTER_ADDR")
-        if addr is None and world > 1:
-            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-            if not nodelist:
-                raise ConfigError("SLURM_NTASKS > 1 but no SLURM_NODELIST; set MASTER_ADDR yourself")
-            addr = first_slurm_host(nodelist)
-        if "MASTER_PORT" in env:
-            port: int | None = _int_env(env, "MASTER_PORT")
-        else:
-            job = env.get("SLURM_JOB_ID", "0")
-            port = DEFAULT_PORT + (int(job) % 1000 if job.isdigit() else 0)
-        return LaunchEnv(
-            rank=_int_env(env, "SLURM_PROCID"),
-            world_size=world,
-            local_rank=_int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
-            master_addr=addr,
-            master_port=port,
-            launcher="slurm",
         )
     return LaunchEnv()
 
@@ -219,7 +148,7 @@ def init_distributed(
             ``"cuda"`` or an explicit device.
         backend: override the backend (default NCCL on CUDA, gloo on CPU).
         timeout_minutes: collective timeout.
-        env: environment to read (default ``os.environ``); SLURM master address/port are written
+        env: environment to read (default ``os.environ``); its master address/port are written
             back to ``os.environ`` for ``env://`` initialisation.
 
     Returns:
@@ -240,7 +169,8 @@ def init_distributed(
     if launch.master_port is not None:
         os.environ["MASTER_PORT"] = str(launch.master_port)
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise ConfigError(f"{launch.launcher}: MASTER_ADDR/MASTER_PORT are not set; start with torchrun or srun")
+        raise ConfigError(f"{launch.launcher}: MASTER_ADDR/MASTER_PORT are not set; start with torchrun "
+                          "(srun torchrun on SLURM)")
     chosen = backend or ("nccl" if dev.type == "cuda" else "gloo")
     dist.init_process_group(
         chosen, init_method="env://", rank=launch.rank, world_size=launch.world_size,
@@ -271,11 +201,6 @@ def get_rank() -> int:
 
 def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
-
-
-def get_local_rank() -> int:
-    """``LOCAL_RANK`` (torchrun) or ``SLURM_LOCALID``, 0 in a single process."""
-    return detect_launch_env().local_rank
 
 
 def is_main_process() -> bool:

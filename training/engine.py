@@ -30,9 +30,9 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +44,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from insloc_hub import __version__
-from insloc_hub.configs import JsonConfig
-from insloc_hub.errors import CheckpointError, ConfigError, DatasetError
-from insloc_hub.models import BackboneConfig, InsLocBackbone, backbone_config
+from insloc_hub.configs import JsonConfig, device_name, flag, output_folder
+from insloc_hub.errors import CheckpointError, ConfigError, DatasetError, WeightsMismatchError
+from insloc_hub.models import PRESETS, BackboneConfig, InsLocBackbone, backbone_config
 from insloc_hub.pretrained import save_pretrained
 
 from . import distributed as dist_utils
@@ -55,8 +55,8 @@ from .checkpoint import (
     check_config,
     checkpoint_path,
     find_latest,
-    list_checkpoints,
     load_checkpoint,
+    load_newest_usable,
     prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
@@ -69,17 +69,20 @@ from .pretrain_data import (
     InsLocPretrainDataset,
     UnlabelledImages,
     collate_decoded,
-    worker_init_fn,
 )
+from .run import MetricsWriter, choose_resume, seed_everything
 
 __all__ = [
+    "Runtime",
+    "build_dataset",
+    "resolve_runtime",
     "PretrainConfig",
     "PRETRAIN_PRESETS",
-    "FIELD_HELP",
     "RESUME_IGNORED_FIELDS",
     "CHECKPOINT_FORMAT",
     "ResumableDistributedSampler",
-    "CosineByEpoch",
+    "cosine_by_epoch",
+    "set_schedule_epoch",
     "build_model",
     "train",
     "train_step",
@@ -104,66 +107,77 @@ TRI_STATE = ("auto", "on", "off")
 class PretrainConfig(JsonConfig):
     """Every setting of a pretraining run; serialised to ``RUN_DIR/config.json`` and checkpoints.
 
-    Defaults are the official FPN recipe. ``FIELD_HELP`` documents each field and its source.
+    Defaults are the official FPN recipe; each field's help names its source, and its limits are
+    checked by the ``pretrain`` parser and by :meth:`validate` alike.
     """
 
     config_kind = "pretraining config"
 
-    data: str = ""
-    output: str = ""
-    data_root: str | None = None
-    dataset_name: str | None = None
-    preset: str | None = None
-    arch: str = "r50-fpn"
-    method: str = "insloc"
-    epochs: int = 200
-    batch_size: int = 256
-    lr: float = 0.03
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    dim: int = 128
-    queue_size: int = 65536
-    key_momentum: float = 0.999
-    temperature: float = 0.2
-    canvas: int = 256
-    box_jitter: bool = True
-    c4_roi_size: int = 14
-    shuffle_bn: bool = True
-    sync_bn: bool = False
-    workers: int = 4
-    seed: int = 0
-    deterministic: bool = False
-    amp: str = "auto"
-    channels_last: str = "auto"
-    compile: bool = False
-    gpu_composition: str = "auto"
-    max_side: int = 512
-    device: str = "auto"
-    threads: int = 0
-    checkpoint_every_steps: int = 1000
-    keep_checkpoints: int = 3
-    log_every: int = 20
-    max_steps: int = 0
-    resume: str | None = None
+    data: str = flag("", help="folder of images (any tree, class folders ignored) or a text file listing them "
+                              "(official DATA.md)")
+    output: str = flag("", help="run folder: config.json, metrics.jsonl, checkpoints, final/ hub folder",
+                       parse=output_folder)
+    data_root: str | None = flag(None, help="folder that the paths of a --data list file are relative to (default: "
+                                            "the list's folder)")
+    dataset_name: str | None = flag(None, help="dataset name recorded in the model card (e.g. imagenet-1k)")
+    preset: str | None = flag(None, help="tiny (CPU smoke run), r50-fpn-200ep / r50-fpn-400ep (official), "
+                                         "r50-c4-200ep (reconstruction)")
+    arch: str = flag("r50-fpn", help="architecture preset: r50-fpn (official), r50-c4 (reconstruction), r18-fpn, "
+                                     "r101-fpn, tiny-fpn, tiny-c4", choices=sorted(PRESETS))
+    method: str = flag("insloc", help="insloc, or moco (image-level MoCo v2 baseline on the same trunk, data and "
+                                      "schedule)", choices=METHODS)
+    epochs: int = flag(200, help="epochs; official 200 (configs/FPN/insloc_fpn_200ep.py total_epochs), 400ep models "
+                                 "also released", min=1)
+    batch_size: int = flag(256, help="GLOBAL batch over all GPUs; official 256 = 8 GPUs x samples_per_gpu=32", min=1)
+    lr: float = flag(0.03, help="base learning rate for a batch of 256, scaled linearly (config L110: 0.03; "
+                                "GETSTARTED.md)", above=0)
+    momentum: float = flag(0.9, help="SGD momentum (config L110: 0.9)", min=0, max=1)
+    nesterov: bool = flag(True, help="Nesterov momentum (config L110: nesterov=True, unlike MoCo)")
+    weight_decay: float = flag(1e-4, help="weight decay on ALL parameters, BN and biases included (config L110: "
+                                          "1e-4)", min=0)
+    dim: int = flag(128, help="embedding size (momentum_cfg dim=128, config L48)", min=1)
+    queue_size: int = flag(65536, help="queue length K per level (momentum_cfg K=65536, config L48); multiple of "
+                                       "--batch-size", min=1)
+    key_momentum: float = flag(0.999, help="key-encoder momentum m (momentum_cfg m=0.999, config L48)", min=0, max=1)
+    temperature: float = flag(0.2, help="InfoNCE temperature T (momentum_cfg T=0.2, config L48)", above=0)
+    canvas: int = flag(256, help="composition canvas side, a multiple of 16 (CopyAndPaste base_scale=(256, 256), "
+                                 "config L5-16)", min=16)
+    box_jitter: bool = flag(True, help="jitter the query's P5 box (AnchorAugHead, config L41-47 / L93-106)")
+    c4_roi_size: int = flag(14, help="RoIAlign size on res4 for the C4 reconstruction (not in the official code)",
+                            min=1)
+    shuffle_bn: bool = flag(True, help="shuffle keys across GPUs for the key forward (insloc_fpn.py L304-336, "
+                                       "L401-460)")
+    sync_bn: bool = flag(False, help="SyncBatchNorm in both encoders (NOT official: plain BN per GPU, config L37-92)")
+    workers: int = flag(4, help="data loader processes per GPU (workers_per_gpu=4 in the config)", min=0)
+    seed: int = flag(0, help="random seed; data order and augmentation are functions of (seed, epoch, index)", min=0)
+    deterministic: bool = flag(False, help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN "
+                                           "deterministic)")
+    amp: str = flag("auto", help="mixed precision: auto = bf16 autocast on CUDA, off on CPU (official: fp32)",
+                    choices=TRI_STATE)
+    channels_last: str = flag("auto", help="channels-last memory format: auto = on for CUDA", choices=TRI_STATE)
+    compile: bool = flag(False, help="torch.compile the encoders' modules (slow start, faster steps)")
+    gpu_composition: str = flag("auto", help="compose on the device with the batched composer (auto = on for CUDA); "
+                                             "the CPU path is the PIL reference", choices=TRI_STATE)
+    max_side: int = flag(512, help="GPU composition: foregrounds are decoded and downscaled to this long side first",
+                         min=1)
+    device: str = flag("auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N or mps",
+                       parse=device_name)
+    threads: int = flag(0, help="torch intra-op CPU threads per process (0: torch's default); 1 avoids spin-wait "
+                                "slowdowns on a busy CPU", min=0)
+    checkpoint_every_steps: int = flag(1000, help="write a checkpoint every N steps (0: only at epoch ends); "
+                                                  "official: every 5 epochs", min=0)
+    keep_checkpoints: int = flag(3, help="keep the newest N checkpoints (0 keeps all)", min=0)
+    log_every: int = flag(20, help="write metrics.jsonl / progress every N steps", min=1)
+    max_steps: int = flag(0, help="stop after this many steps in total (0: run all epochs); the schedule still spans "
+                                  "--epochs", min=0)
+    resume: str | None = flag(None, help="'auto' (newest checkpoint in --output, if any) or a checkpoint path")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible settings (checked again once the data is known)."""
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown --method {self.method!r}; choose one of {METHODS}")
-        backbone_config(self.arch)  # unknown arch -> ConfigError listing the choices
-        for name in ("amp", "channels_last", "gpu_composition"):
-            if getattr(self, name) not in TRI_STATE:
-                raise ConfigError(f"--{name.replace('_', '-')} must be one of {TRI_STATE}, got {getattr(self, name)!r}")
-        positive = ("epochs", "batch_size", "queue_size", "dim", "canvas", "log_every", "c4_roi_size", "max_side")
-        for name in positive:
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0 or self.temperature <= 0 or not 0.0 <= self.key_momentum <= 1.0:
-            raise ConfigError("need --lr > 0, --temperature > 0 and 0 <= --key-momentum <= 1")
+        self.check_limits()
         if self.queue_size % self.batch_size != 0:
             raise ConfigError(
                 f"--queue-size {self.queue_size} must be a multiple of the global --batch-size {self.batch_size} "
@@ -172,56 +186,12 @@ class PretrainConfig(JsonConfig):
             )
         if self.canvas % 16 != 0:
             raise ConfigError(f"--canvas must be a multiple of 16 (box-jitter anchors), got {self.canvas}")
-        if min(self.workers, self.checkpoint_every_steps, self.max_steps, self.threads) < 0:
-            raise ConfigError("--workers, --threads, --checkpoint-every-steps and --max-steps must be >= 0")
 
     @property
     def scaled_lr(self) -> float:
         """``lr * batch_size / 256``: the linear scaling rule (official: 0.03 for 8 GPUs x 32)."""
         return self.lr * self.batch_size / 256.0
 
-
-FIELD_HELP: dict[str, str] = {
-    "data": "folder of images (any tree, class folders ignored) or a text file listing them (official DATA.md)",
-    "output": "run folder: config.json, metrics.jsonl, checkpoints, final/ hub folder",
-    "data_root": "folder that the paths of a --data list file are relative to (default: the list's folder)",
-    "dataset_name": "dataset name recorded in the model card (e.g. imagenet-1k)",
-    "preset": "tiny (CPU smoke run), r50-fpn-200ep / r50-fpn-400ep (official), r50-c4-200ep (reconstruction)",
-    "arch": "backbone: r50-fpn (official), r50-c4 (reconstruction), r18-fpn, r101-fpn, tiny-fpn, tiny-c4",
-    "method": "insloc, or moco (image-level MoCo v2 baseline on the same trunk, data and schedule)",
-    "epochs": "epochs; official 200 (configs/FPN/insloc_fpn_200ep.py total_epochs), 400ep models also released",
-    "batch_size": "GLOBAL batch over all GPUs; official 256 = 8 GPUs x samples_per_gpu=32",
-    "lr": "base learning rate for a batch of 256, scaled linearly (config L110: 0.03; GETSTARTED.md)",
-    "momentum": "SGD momentum (config L110: 0.9)",
-    "nesterov": "Nesterov momentum (config L110: nesterov=True, unlike MoCo)",
-    "weight_decay": "weight decay on ALL parameters, BN and biases included (config L110: 1e-4)",
-    "dim": "embedding size (momentum_cfg dim=128, config L48)",
-    "queue_size": "queue length K per level (momentum_cfg K=65536, config L48); multiple of --batch-size",
-    "key_momentum": "key-encoder momentum m (momentum_cfg m=0.999, config L48)",
-    "temperature": "InfoNCE temperature T (momentum_cfg T=0.2, config L48)",
-    "canvas": "composition canvas side (CopyAndPaste base_scale=(256, 256), config L5-16)",
-    "box_jitter": "jitter the query's P5 box (AnchorAugHead, config L41-47 / L93-106)",
-    "c4_roi_size": "RoIAlign size on res4 for the C4 reconstruction (not in the official code)",
-    "shuffle_bn": "shuffle keys across GPUs for the key forward (insloc_fpn.py L304-336, L401-460)",
-    "sync_bn": "SyncBatchNorm in both encoders (NOT official: plain BN per GPU, config L37-92)",
-    "workers": "data loader processes per GPU (workers_per_gpu=4 in the config)",
-    "seed": "random seed; data order and augmentation are functions of (seed, epoch, index)",
-    "deterministic": "deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic)",
-    "amp": "mixed precision: auto = bf16 autocast on CUDA, off on CPU (official: fp32)",
-    "channels_last": "channels-last memory format: auto = on for CUDA",
-    "compile": "torch.compile the encoders' modules (slow start, faster steps)",
-    "gpu_composition": "compose on the device with the batched composer (auto = on for CUDA); the CPU path is "
-                       "the PIL reference",
-    "max_side": "GPU composition: foregrounds are decoded and downscaled to this long side first",
-    "device": "auto (cuda:LOCAL_RANK if available, else cpu), cpu or cuda",
-    "threads": "torch intra-op CPU threads per process (0: torch's default); 1 avoids spin-wait slowdowns on a "
-               "busy CPU",
-    "checkpoint_every_steps": "write a checkpoint every N steps (0: only at epoch ends); official: every 5 epochs",
-    "keep_checkpoints": "keep the newest N checkpoints (0 keeps all)",
-    "log_every": "write metrics.jsonl / progress every N steps",
-    "max_steps": "stop after this many steps in total (0: run all epochs); the schedule still spans --epochs",
-    "resume": "'auto' (newest checkpoint in --output, if any) or a checkpoint path",
-}
 
 # Fields that may change between a run and its resumption (they do not change the results).
 RESUME_IGNORED_FIELDS = frozenset({
@@ -330,30 +300,22 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
         return (self.steps_per_epoch - self.start_step) * self.batch_per_rank
 
 
-class CosineByEpoch:
-    """mmcv ``CosineAnnealingLrUpdaterHook(min_lr=0, by_epoch=True)``: the lr of epoch ``e`` is
-    ``min_lr + (base_lr - min_lr) * (1 + cos(pi * e / epochs)) / 2``, fixed within the epoch, no warmup."""
+def cosine_by_epoch(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """mmcv ``CosineAnnealingLrUpdaterHook(min_lr=0, by_epoch=True)`` as a ``LambdaLR``: the lr of epoch
+    ``e`` is ``lr * (1 + cos(pi * e / epochs)) / 2``, fixed within the epoch, no warmup.
 
-    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, epochs: int, min_lr: float = 0.0) -> None:
-        self.optimizer, self.base_lr, self.epochs, self.min_lr = optimizer, float(base_lr), int(epochs), float(min_lr)
-        self.epoch = 0
+    Go to epoch ``e`` with :func:`set_schedule_epoch` (closed form, so resuming mid-run is exact).
+    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: (1.0 + math.cos(math.pi * epoch / epochs)) / 2)
 
-    def lr_at(self, epoch: int) -> float:
-        return self.min_lr + (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * epoch / self.epochs)) / 2.0
 
-    def set_epoch(self, epoch: int) -> float:
-        self.epoch = int(epoch)
-        lr = self.lr_at(self.epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"base_lr": self.base_lr, "epochs": self.epochs, "min_lr": self.min_lr, "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.base_lr, self.epochs, self.min_lr = float(state["base_lr"]), int(state["epochs"]), float(state["min_lr"])
-        self.set_epoch(int(state["epoch"]))
+def set_schedule_epoch(schedule: torch.optim.lr_scheduler.LambdaLR, epoch: int) -> float:
+    """Set the optimizer's lr to that of ``epoch`` and return it."""
+    schedule.last_epoch = epoch - 1
+    with warnings.catch_warnings():  # stepping before optimizer.step() is intended here: lr per epoch start
+        warnings.simplefilter("ignore", UserWarning)
+        schedule.step()
+    return schedule.get_last_lr()[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -382,22 +344,27 @@ def composition_config(cfg: PretrainConfig) -> CompositionConfig:
 
 
 @dataclass
-class _Resolved:
+class Runtime:
+    """What the ``auto`` settings of a config mean on ``device``."""
+
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
     gpu_composition: bool
 
 
-def _resolve_runtime(cfg: PretrainConfig, device: torch.device) -> _Resolved:
+def resolve_runtime(cfg: PretrainConfig, device: torch.device) -> Runtime:
+    """bf16 autocast, channels-last and device composition: on for CUDA under ``auto``, else as asked."""
     cuda = device.type == "cuda"
     amp = {"auto": torch.bfloat16 if cuda else None, "on": torch.bfloat16, "off": None}[cfg.amp]
     channels_last = {"auto": cuda, "on": True, "off": False}[cfg.channels_last]
     gpu_comp = {"auto": cuda, "on": True, "off": False}[cfg.gpu_composition]
-    return _Resolved(device, amp, channels_last, gpu_comp)
+    return Runtime(device, amp, channels_last, gpu_comp)
 
 
-def _build_dataset(cfg: PretrainConfig, images: UnlabelledImages, gpu_composition: bool) -> Any:
+def build_dataset(cfg: PretrainConfig, images: UnlabelledImages, gpu_composition: bool) -> Any:
+    """The pretraining dataset of ``cfg.method``: composed on the CPU (PIL reference) or decoded only,
+    for composition on the device."""
     comp = composition_config(cfg)
     if cfg.method == "moco":
         if gpu_composition:
@@ -434,12 +401,9 @@ def export_backbone_from_state(model_state: dict[str, torch.Tensor], cfg: Pretra
     prefix = "encoder_q.backbone."
     backbone = InsLocBackbone(query_backbone_config(cfg))
     state = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
-    result = backbone.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"the checkpoint's query backbone does not match {cfg.arch!r}: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
+    header = f"the checkpoint's query backbone does not match {cfg.arch!r}:"
+    WeightsMismatchError.check(backbone.state_dict(), state, header)
+    backbone.load_state_dict(state)
     return backbone
 
 
@@ -512,44 +476,6 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.Path
 # --------------------------------------------------------------------------------------------------
 # Logging
 # --------------------------------------------------------------------------------------------------
-class _MetricsWriter:
-    """metrics.jsonl (rank 0), plus TensorBoard when it is installed."""
-
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int) -> None:
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb: Any = None
-        if not enabled:
-            return
-        if self.path.exists():  # drop lines a killed run wrote after the checkpoint we resume from
-            kept = []
-            for line in self.path.read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError):
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-            self.path.write_text("".join(x + "\n" for x in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except Exception:  # noqa: BLE001 - tensorboard is optional
-            self.tb = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
 def _progress(total: int, initial: int, enabled: bool) -> Any:
     if not enabled:
         return None
@@ -582,9 +508,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, views: Views,
 
 
 def _set_determinism(cfg: PretrainConfig, device: torch.device) -> None:
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -651,7 +575,7 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
     if cfg.batch_size % world != 0:
         raise ConfigError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {world} processes")
     batch_per_rank = cfg.batch_size // world
-    rt = _resolve_runtime(cfg, device)
+    rt = resolve_runtime(cfg, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _set_determinism(cfg, device)
@@ -663,13 +587,13 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
             f"found {len(images)} images in {cfg.data!r} but one global batch needs --batch-size {cfg.batch_size}; "
             "add images or use a smaller --batch-size (with a --queue-size that is a multiple of it)"
         )
-    dataset = _build_dataset(cfg, images, rt.gpu_composition)
+    dataset = build_dataset(cfg, images, rt.gpu_composition)
     comp = composition_config(cfg)
     sampler = ResumableDistributedSampler(len(images), batch_per_rank, world, rank, cfg.seed)
     loader = DataLoader(
         dataset, batch_size=batch_per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=False,
         collate_fn=collate_decoded if rt.gpu_composition else None, pin_memory=device.type == "cuda",
-        persistent_workers=cfg.workers > 0, worker_init_fn=worker_init_fn,
+        persistent_workers=cfg.workers > 0,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     steps_per_epoch = sampler.steps_per_epoch
@@ -688,33 +612,25 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.scaled_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
-    schedule = CosineByEpoch(optimizer, cfg.scaled_lr, cfg.epochs)
+    schedule = cosine_by_epoch(optimizer, cfg.epochs)
     logger.info("lr %g per 256 images x %d/256 = %g (global batch %d = %d process(es) x %d)", cfg.lr,
                 cfg.batch_size, cfg.scaled_lr, cfg.batch_size, world, batch_per_rank)
 
     # -- resume ------------------------------------------------------------------------------------
     epoch, step_in_epoch, global_step = 0, 0, 0
-    resume_path: Path | None = None
-    if cfg.resume == "auto":
-        resume_path = find_latest(run_dir) if is_main else None
-        resume_path = dist_utils.broadcast_object(resume_path)
-        if resume_path is None:
-            logger.info("--resume auto: no checkpoint in %s, starting from scratch", run_dir)
-    elif cfg.resume:
-        resume_path = Path(cfg.resume)
-    else:
-        existing = list_checkpoints(run_dir)
-        if existing:
-            raise ConfigError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}); pass --resume auto "
-                              "to continue that run, or choose another --output")
-    if resume_path is not None:
-        state = load_checkpoint(resume_path)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{resume_path} is not an insloc-train pretraining checkpoint")
-        check_config(state["config"], cfg.to_dict(), ignore=RESUME_IGNORED_FIELDS, source=resume_path)
-        if state["num_images"] != len(images):
-            raise CheckpointError(f"{resume_path} was trained on {state['num_images']} images but --data has "
-                                  f"{len(images)}; resume with the same data")
+    candidates = dist_utils.broadcast_object(choose_resume(run_dir, cfg.resume))  # rank 0's answer for all
+    if candidates:
+
+        def check(path: Path, state: dict[str, Any]) -> None:
+            if state.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointError(f"{path} is not an insloc-train pretraining checkpoint")
+            check_config(state["config"], cfg.to_dict(), ignore=RESUME_IGNORED_FIELDS, source=path)
+            if state["num_images"] != len(images):
+                raise CheckpointError(f"{path} was trained on {state['num_images']} images but --data has "
+                                      f"{len(images)}; resume with the same data")
+
+        # newest first; a foreign, corrupt or mismatching newer checkpoint is passed over with a warning
+        resume_path, state, _ = load_newest_usable(candidates, check)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
@@ -748,7 +664,7 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
             "torch": torch.__version__, "launcher": info.launcher,
             "backbone": query_backbone_config(cfg).to_dict(),
         })
-    metrics = _MetricsWriter(run_dir, is_main, global_step)
+    metrics = MetricsWriter(run_dir, is_main, global_step)
     bar = _progress(total_steps, global_step, is_main and sys.stderr.isatty())
 
     def save(epoch_: int, step_in_epoch_: int) -> None:
@@ -772,7 +688,7 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
             sampler.set_epoch(epoch)
             sampler.set_start_step(step_in_epoch)
             dataset.set_epoch(epoch)
-            lr = schedule.set_epoch(epoch)
+            lr = set_schedule_epoch(schedule, epoch)
             fetch_start = time.perf_counter()
             for batch in loader:
                 data_time = time.perf_counter() - fetch_start

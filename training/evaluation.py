@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from torchvision.utils import draw_bounding_boxes
 
 from insloc_hub.errors import ConfigError, DatasetError
 from insloc_hub.transforms import to_tensor
@@ -385,28 +387,6 @@ def _class_name(label: int, class_names: Sequence[str]) -> str:
     return class_names[label - 1] if 1 <= label <= len(class_names) else f"class {label}"
 
 
-def _draw_box(
-    draw: ImageDraw.ImageDraw,
-    box: Sequence[float],
-    text: str,
-    color: tuple[int, int, int],
-    width: int,
-    font: Any,
-    below: bool,
-    image_height: int,
-) -> None:
-    x1, y1, x2, y2 = (float(v) for v in box)
-    draw.rectangle((x1, y1, x2, y2), outline=color, width=width)
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    tw, th = right - left + 4, bottom - top + 4
-    # Ground truth: label under the box's bottom edge (kept inside the picture). Prediction: label
-    # above the top edge, or just inside the box when that would leave the picture.
-    above = y1 - th if y1 - th >= 0 else y1
-    ty = min(y2, image_height - th) if below else above
-    draw.rectangle((x1, ty, x1 + tw, ty + th), fill=color)
-    draw.text((x1 + 2 - left, ty + 2 - top), text, fill=(255, 255, 255), font=font)
-
-
 def draw_detections(
     image: Any,
     pred_boxes: Any,
@@ -424,31 +404,33 @@ def draw_detections(
     Boxes are ``[N, 4]`` x1, y1, x2, y2 pixels; labels are ``1..C`` (``class_names[label - 1]``).
     ``image`` is a ``PIL.Image``, a ``float [3, H, W]`` tensor in [0, 1] or a ``uint8 [H, W, 3]``
     array. Predictions below ``score_threshold`` are not drawn. Writes a PNG if ``path`` is given;
-    returns the picture.
+    returns the picture (drawn by ``torchvision.utils.draw_bounding_boxes``).
     """
-    canvas = _as_pil(image).copy()
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    line = max(1, round(min(canvas.size) / 200))
+    canvas = pil_to_tensor(_as_pil(image))
+    boxes, texts, colors = [], [], []
     if gt_boxes is not None:
         gt = np.asarray(_numpy(gt_boxes), dtype=np.float64).reshape(-1, 4)
         labels = np.asarray(_numpy(gt_labels), dtype=np.int64).reshape(-1) if gt_labels is not None else None
-        for i, box in enumerate(gt):
-            text = _class_name(int(labels[i]), class_names) if labels is not None else "gt"
-            _draw_box(draw, box, text, GT_COLOR, line, font, True, canvas.height)
-    boxes = np.asarray(_numpy(pred_boxes), dtype=np.float64).reshape(-1, 4)
-    labels = np.asarray(_numpy(pred_labels), dtype=np.int64).reshape(-1)
-    scores = np.asarray(_numpy(pred_scores), dtype=np.float64).reshape(-1)
-    for box, label, score in sorted(zip(boxes, labels, scores, strict=True), key=lambda t: t[2]):
-        if score < score_threshold:
-            continue
-        text = f"{_class_name(int(label), class_names)} {score:.2f}"
-        _draw_box(draw, box, text, PRED_COLOR, line, font, False, canvas.height)
+        boxes += list(gt)
+        texts += [_class_name(int(labels[i]), class_names) if labels is not None else "gt" for i in range(len(gt))]
+        colors += [GT_COLOR] * len(gt)
+    predictions = zip(np.asarray(_numpy(pred_boxes), dtype=np.float64).reshape(-1, 4),
+                      np.asarray(_numpy(pred_labels), dtype=np.int64).reshape(-1),
+                      np.asarray(_numpy(pred_scores), dtype=np.float64).reshape(-1), strict=True)
+    for box, label, score in sorted(predictions, key=lambda t: t[2]):  # the most confident drawn last, on top
+        if score >= score_threshold:
+            boxes.append(box)
+            texts.append(f"{_class_name(int(label), class_names)} {score:.2f}")
+            colors.append(PRED_COLOR)
+    if boxes:
+        canvas = draw_bounding_boxes(canvas, torch.tensor(np.stack(boxes)), labels=texts, colors=colors,
+                                     width=max(1, round(min(canvas.shape[1:]) / 200)), fill_labels=True)
+    picture = to_pil_image(canvas)
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        canvas.save(path, format="PNG")
-    return canvas
+        picture.save(path, format="PNG")
+    return picture
 
 
 def save_examples_grid(

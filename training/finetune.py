@@ -28,42 +28,43 @@ Python entry points: :func:`resolve_config` (flags -> :class:`FinetuneConfig`), 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from insloc_hub.configs import JsonConfig
+from insloc_hub.configs import (
+    JsonConfig,
+    add_config_flags,
+    device_name,
+    flag,
+    int_at_least,
+    output_folder,
+    probability,
+)
 from insloc_hub.detectors import ARCHITECTURES, build_detector, set_inference_options
 from insloc_hub.errors import CheckpointError, ConfigError, DatasetError, InsLocError, ModelNotFoundError
+from insloc_hub.models import PRESETS as ARCH_PRESETS
 from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import from_pretrained, save_pretrained
 from insloc_hub.transforms import to_tensor
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .detection_data import (
-    DetectionDataset,
-    RandomHorizontalFlip,
-    collate_detection,
-    load_dataset,
-    protocol_sizes,
-    segmentation_problem,
-)
+from .detection_data import DetectionDataset, RandomHorizontalFlip, collate_detection, load_dataset, protocol_sizes
 from .evaluation import EvalResult, run_evaluation
+from .run import MetricsWriter, choose_resume, seed_everything
 
 __all__ = [
     "PRESETS",
@@ -154,57 +155,8 @@ def parse_sizes(text: str | int | Sequence[int]) -> list[int]:
     return sizes
 
 
-@dataclass
-class FinetuneConfig(JsonConfig):
-    """Every setting of a fine-tuning run (one field per flag); written to ``training_args.json``."""
-
-    config_kind = "fine-tuning config"
-
-    data: str
-    output: str
-    val_data: str | None = None
-    image_root: str | None = None
-    val_image_root: str | None = None
-    init: str = "random"
-    arch: str = "faster_rcnn_fpn"
-    backbone: str | None = None
-    preset: str | None = None
-    iterations: int = DEFAULT_ITERATIONS
-    batch_size: int = DEFAULT_BATCH
-    lr: float = 0.02 * DEFAULT_BATCH / REFERENCE_BATCH
-    steps: list[int] = field(default_factory=lambda: [667, 889])
-    warmup: int = 100
-    warmup_factor: float = 0.001
-    gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    min_size: list[int] = field(default_factory=lambda: list(protocol_sizes("coco")["min_size"]))
-    max_size: int = 1333
-    test_size: int = 800
-    norm: str = "auto"
-    box_head_extra_norm: bool = False
-    strict_load: bool = True
-    detector_options: dict[str, Any] = field(default_factory=dict)
-    workers: int = 4
-    seed: int = 0
-    amp: bool | None = None
-    device: str = "auto"
-    eval_every: int = 0
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    log_every: int = 20
-    eval_batch_size: int = 2
-    num_visualize: int = 4
-    resume: str | None = None
-    classes: list[str] | None = None  # the class list, in label order (default: found in the data)
-    unknown_classes: str = "drop"  # objects of classes outside --classes: "drop" (reported) or "error"
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The fields a resumed run must share with the checkpoint it continues."""
-        fields = {k: v for k, v in self.to_dict().items() if k not in RESUME_IGNORED}
-        if fields.get("classes") is None:  # absent from checkpoints written before --classes existed
-            fields.pop("classes", None)
-        return fields
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def _parse_classes(value: str | Sequence[str] | None) -> list[str] | None:
@@ -215,6 +167,76 @@ def _parse_classes(value: str | Sequence[str] | None) -> list[str] | None:
     if not names or not all(names) or len(set(names)) != len(names):
         raise ConfigError(f"--classes must be distinct, non-empty comma-separated names, got {value!r}")
     return names
+
+
+@dataclass
+class FinetuneConfig(JsonConfig):
+    """Every setting of a fine-tuning run, one flag per field; written to ``training_args.json``.
+
+    Schedule fields left unset (``None`` from the command line) come from :func:`resolve_config`.
+    """
+
+    config_kind = "fine-tuning config"
+
+    data: str = flag(help="training set: VOC folder, VOC split list .txt, or COCO .json")
+    output: str = flag(help="run folder (checkpoints, logs, final/ hub folder)", parse=output_folder)
+    val_data: str | None = flag(None, help="evaluation set (same forms); evaluated at the end and every --eval-every")
+    image_root: str | None = flag(None, help="image folder of a COCO --data json (default: guessed)")
+    val_image_root: str | None = flag(None, help="image folder of a COCO --val-data json")
+    init: str = flag("random", help="pretrained backbone: hub alias, owner/repo[@rev] or local folder; 'random' "
+                                    "for none")
+    arch: str = flag("faster_rcnn_fpn", help="detector (default: the preset's)", choices=ARCHITECTURES)
+    backbone: str | None = flag(None, help="architecture preset for --init random; a pretrained --init brings its "
+                                           "own", choices=sorted(ARCH_PRESETS))
+    preset: str | None = flag(None, help="published schedule, defined at batch 16 and scaled to --batch-size",
+                              choices=list(PRESETS))
+    iterations: int = flag(DEFAULT_ITERATIONS, help="total iterations (after scaling)", min=1)
+    batch_size: int = flag(DEFAULT_BATCH, help="total images per iteration, all processes together", min=1)
+    lr: float = flag(0.02 * DEFAULT_BATCH / REFERENCE_BATCH, help="base learning rate (0.02 x batch/16)", above=0)
+    steps: list[int] = flag(default_factory=lambda: [667, 889], parse=_int_list, min=0,
+                            help="iterations where the LR is multiplied by --gamma, comma-separated")
+    warmup: int = flag(100, help="linear warmup iterations", min=0)
+    warmup_factor: float = flag(0.001, help="LR factor at the start of the warmup", above=0, max=1)
+    gamma: float = flag(0.1, help="LR factor at each step", above=0)
+    momentum: float = flag(0.9, help="SGD momentum", min=0, max=1)
+    weight_decay: float = flag(1e-4, help="SGD weight decay", min=0)
+    min_size: list[int] = flag(default_factory=lambda: list(protocol_sizes("coco")["min_size"]), parse=parse_sizes,
+                               help="training short side(s): 800, 480,512 or 480-800 (step 32)", min=1)
+    max_size: int = flag(1333, help="longest side limit", min=1)
+    test_size: int = flag(800, help="short side for evaluation and for the saved detector", min=1)
+    norm: str = flag("auto", help="auto = SyncBN with several GPUs, else BN; frozen = FrozenBN in the pretrained "
+                                  "parts", choices=("auto", "bn", "sync", "frozen"))
+    box_head_extra_norm: bool = flag(False, help="new BatchNorm in the RoI head: after the 4conv1fc head's fc (the "
+                                                 "official InsLoc head) or after res5 for C4 (Res5ROIHeadsExtraNorm)")
+    strict_load: bool = flag(True, help="fail when a pretrained tensor does not fit (--no-strict-load loads what "
+                                        "fits and lists the rest in load_report.json)")
+    detector_options: dict[str, Any] = field(default_factory=dict)
+    workers: int = flag(4, help="data loader processes per GPU", min=0)
+    seed: int = flag(0, help="random seed", min=0)
+    amp: bool | None = flag(None, help="bf16 autocast (default: on with CUDA)")
+    device: str = flag("auto", help="auto, cpu, cuda, cuda:N", parse=device_name)
+    eval_every: int = flag(0, help="evaluate on --val-data every N iterations (0: at the end only)", min=0)
+    checkpoint_every: int = flag(0, help="checkpoint every N iterations (0: a tenth of the run, at least 100)",
+                                 min=0)
+    keep_checkpoints: int = flag(2, help="how many checkpoints to keep (0: all)", min=0)
+    log_every: int = flag(20, help="log every N iterations", min=1)
+    eval_batch_size: int = flag(2, help="images per evaluation batch", min=1)
+    num_visualize: int = flag(4, help="images drawn into eval/examples.png", min=0)
+    resume: str | None = flag(None, help="'auto' (newest usable checkpoint of --output, if any), a run folder, or a "
+                                         "checkpoint file")
+    classes: list[str] | None = flag(None, parse=_parse_classes,
+                                     help="the class list in label order, comma-separated (default: every name "
+                                          "found in the training data); other names are reported")
+    unknown_classes: str = flag("drop", choices=("drop", "error"),
+                                help="objects whose class is not in --classes: drop them (counted in "
+                                     "data_report.json) or stop with an error naming them")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields a resumed run must share with the checkpoint it continues."""
+        fields = {k: v for k, v in self.to_dict().items() if k not in RESUME_IGNORED}
+        if fields.get("classes") is None:  # absent from checkpoints written before --classes existed
+            fields.pop("classes", None)
+        return fields
 
 
 def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[FinetuneConfig, list[str]]:
@@ -235,9 +257,10 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
     arch = get("arch") or (recipe.arch if recipe else "faster_rcnn_fpn")
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
-    batch = int(get("batch_size") or (recipe.batch_size if recipe else DEFAULT_BATCH))
+    batch = int(get("batch_size") if get("batch_size") is not None else (recipe.batch_size if recipe else
+                                                                          DEFAULT_BATCH))
     if batch < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch}")
+        raise ConfigError(f"--batch-size must be >= 1, got {batch}")
 
     if recipe is not None:
         scale = recipe.batch_size / batch
@@ -269,8 +292,7 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
             notes.append(f"--iterations {new}: LR steps moved to the same fractions of the schedule: {steps}")
         iterations = new
     if get("steps") is not None:
-        steps = [int(s) for s in (get("steps").split(",") if isinstance(get("steps"), str) else get("steps"))
-                 if str(s).strip()]
+        steps = _int_list(get("steps")) if isinstance(get("steps"), str) else [int(s) for s in get("steps")]
     if get("warmup") is not None:
         warmup = int(get("warmup"))
     warmup = min(warmup, iterations)
@@ -282,11 +304,9 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
         raise ConfigError(f"--lr must be positive, got {lr}")
 
     min_size = parse_sizes(get("min_size")) if get("min_size") is not None else list(sizes["min_size"])
-    max_size = int(get("max_size") or sizes["max_size"])
-    test_size = int(get("test_size") or (max(min_size) if get("min_size") is not None else sizes["test_size"]))
-    norm = get("norm") or "auto"
-    if norm not in ("auto", "bn", "sync", "frozen"):
-        raise ConfigError(f"unknown --norm {norm!r}; choose auto, bn, sync or frozen")
+    max_size = int(get("max_size") if get("max_size") is not None else sizes["max_size"])
+    default_test = max(min_size) if get("min_size") is not None else sizes["test_size"]
+    test_size = int(get("test_size") if get("test_size") is not None else default_test)
 
     options = dict(get("detector_options") or {})
     for item in get("detector_opt") or []:
@@ -301,23 +321,13 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
     if reserved:
         raise ConfigError(f"--detector-opt {sorted(reserved)}: use --min-size / --max-size instead")
 
-    cfg = FinetuneConfig(
-        data=str(get("data")), output=str(get("output")), val_data=get("val_data"),
-        image_root=get("image_root"), val_image_root=get("val_image_root"),
-        init=str(get("init") or "random"), arch=arch, backbone=get("backbone"), preset=preset_name,
-        iterations=iterations, batch_size=batch, lr=lr, steps=steps, warmup=warmup,
-        min_size=min_size, max_size=max_size, test_size=test_size, norm=norm,
-        box_head_extra_norm=bool(get("box_head_extra_norm")), strict_load=not get("allow_partial_load"),
-        detector_options=options,
-        workers=int(get("workers") if get("workers") is not None else 4), seed=int(get("seed") or 0),
-        amp=get("amp"), device=str(get("device") or "auto"),
-        eval_every=int(get("eval_every") or 0), checkpoint_every=int(get("checkpoint_every") or 0),
-        keep_checkpoints=int(get("keep_checkpoints") if get("keep_checkpoints") is not None else 2),
-        log_every=int(get("log_every") or 20), eval_batch_size=int(get("eval_batch_size") or 2),
-        num_visualize=int(get("num_visualize") if get("num_visualize") is not None else 4),
-        resume=get("resume"),
-        classes=_parse_classes(get("classes")), unknown_classes=str(get("unknown_classes") or "drop"),
-    )
+    explicit = {f.name: a[f.name] for f in dataclasses.fields(FinetuneConfig) if a.get(f.name) is not None}
+    cfg = FinetuneConfig(**{
+        **explicit, "arch": arch, "preset": preset_name, "iterations": iterations, "batch_size": batch, "lr": lr,
+        "steps": steps, "warmup": warmup, "min_size": min_size, "max_size": max_size, "test_size": test_size,
+        "detector_options": options, "classes": _parse_classes(get("classes")),
+    })
+    cfg.check_limits()
     if cfg.checkpoint_every <= 0:
         cfg.checkpoint_every = max(100, iterations // 10)
     return cfg, notes
@@ -366,96 +376,34 @@ class InfiniteSampler(Sampler[int]):
                 yield index
 
 
-class COCOMasks:
-    """Instance masks for a COCO dataset's training targets, rasterised from its ``segmentation``.
-
-    Each target box gets the mask of the annotation of the same class that overlaps it best (the
-    loader cleans boxes, so they are matched rather than indexed). An annotation without a
-    segmentation gets its box as mask (counted and logged).
+def require_masks(dataset: DetectionDataset) -> None:
+    """Refuse Mask R-CNN training on a dataset without instance masks (VOC, or COCO boxes only).
 
     Raises:
         ConfigError: the dataset is not COCO, or no annotation has a segmentation.
     """
-
-    def __init__(self, dataset: DetectionDataset) -> None:
-        if dataset.report.format != "coco":
-            raise ConfigError(
-                f"mask_rcnn_fpn needs instance masks, but {dataset.source} is a {dataset.report.format or 'box'} "
-                "dataset with boxes only. Use a box architecture (--arch faster_rcnn_fpn) or a COCO json with "
-                "'segmentation' polygons."
-            )
-        data = json.loads(Path(dataset.report.source).read_text(encoding="utf-8"))
-        label_of = {cid: label for label, cid in enumerate(dataset.category_ids, start=1)}
-        sizes = {record.image_id: (record.width, record.height) for record in dataset.records}
-        self.by_image: dict[int, list[tuple[int, np.ndarray, Any]]] = {}
-        with_segm = without = 0
-        for ann in data.get("annotations") or []:
-            if (not isinstance(ann, dict) or ann.get("iscrowd") or not isinstance(ann.get("category_id"), int)
-                    or ann.get("category_id") not in label_of or not isinstance(ann.get("image_id"), int)):
-                continue
-            try:
-                x, y, w, h = (float(v) for v in ann["bbox"])
-            except (KeyError, TypeError, ValueError):
-                continue
-            segm = ann.get("segmentation")
-            if segm and segmentation_problem(segm, *sizes.get(ann.get("image_id"), (0, 0))) is not None:
-                segm = None  # counted as malformed_segmentations by load_coco; the box serves as mask
-            if segm:
-                with_segm += 1
-            else:
-                without += 1
-                segm = None
-            self.by_image.setdefault(ann.get("image_id"), []).append(
-                (label_of[ann["category_id"]], np.array([x, y, x + w, y + h], dtype=np.float64), segm))
-        if with_segm == 0:
-            raise ConfigError(
-                f"mask_rcnn_fpn needs instance masks, but none of the {without} annotations of {dataset.source} "
-                "has a 'segmentation'. Use --arch faster_rcnn_fpn, or add polygons to the annotations."
-            )
-        if without:
-            logger.warning("%d of %d annotations have no segmentation; their boxes are used as masks",
-                           without, without + with_segm)
-
-    def __call__(self, image_id: int, width: int, height: int, boxes: torch.Tensor,
-                 labels: torch.Tensor) -> torch.Tensor:
-        """``uint8 [N, H, W]`` masks for the target's ``boxes`` (x1, y1, x2, y2) and ``labels``."""
-        from pycocotools import mask as mask_utils
-
-        candidates = self.by_image.get(image_id, [])
-        masks = torch.zeros((len(boxes), height, width), dtype=torch.uint8)
-        for i, (box, label) in enumerate(zip(boxes.tolist(), labels.tolist())):
-            best, best_iou = None, 0.0
-            for cand_label, cand_box, segm in candidates:
-                if cand_label != label:
-                    continue
-                iou = _iou(np.asarray(box), cand_box)
-                if iou > best_iou:
-                    best, best_iou = segm, iou
-            if best is not None and best_iou >= 0.5:
-                rles = mask_utils.frPyObjects(best, height, width)
-                rle = mask_utils.merge(rles) if isinstance(rles, list) else rles
-                with warnings.catch_warnings():  # pycocotools' numpy-2 copy= deprecation, harmless
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    decoded = mask_utils.decode([rle])[:, :, 0]
-                masks[i] = torch.from_numpy(decoded.astype(np.uint8))
-            else:
-                x1, y1, x2, y2 = (int(round(v)) for v in box)
-                masks[i, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)] = 1
-        return masks
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
+    if dataset.report.format != "coco":
+        raise ConfigError(
+            f"mask_rcnn_fpn needs instance masks, but {dataset.source} is a {dataset.report.format or 'box'} "
+            "dataset with boxes only. Use a box architecture (--arch faster_rcnn_fpn) or a COCO json with "
+            "'segmentation' polygons."
+        )
+    segmentations = [s for record in dataset.records for s in record.segmentations]
+    without = sum(not s for s in segmentations)
+    if without == len(segmentations):
+        raise ConfigError(
+            f"mask_rcnn_fpn needs instance masks, but none of the {without} annotations of {dataset.source} "
+            "has a 'segmentation'. Use --arch faster_rcnn_fpn, or add polygons to the annotations."
+        )
+    if without:
+        logger.warning("%d of %d annotations have no segmentation; their boxes are used as masks",
+                       without, len(segmentations))
 
 
 class TrainingSet(Dataset):
     """A :class:`DetectionDataset` for training: horizontal flip (p=0.5), masks when asked for."""
 
-    def __init__(self, dataset: DetectionDataset, masks: COCOMasks | None = None, flip: float = 0.5) -> None:
+    def __init__(self, dataset: DetectionDataset, masks: bool = False, flip: float = 0.5) -> None:
         self.dataset, self.masks, self.flip = dataset, masks, float(flip)
 
     def __len__(self) -> int:
@@ -473,10 +421,7 @@ class TrainingSet(Dataset):
         else:
             raise DatasetError(f"none of the {size} images of {self.dataset.source} can be decoded; see the log")
         image = to_tensor(picture)
-        target = self.dataset.get_target(index)
-        if self.masks is not None:
-            height, width = image.shape[-2:]
-            target["masks"] = self.masks(target["image_id"], width, height, target["boxes"], target["labels"])
+        target = self.dataset.get_target(index, masks=self.masks)
         if torch.rand(()).item() < self.flip:
             image, target = RandomHorizontalFlip(1.0)(image, target)
             if "masks" in target:
@@ -541,18 +486,6 @@ def _move_target(target: Mapping[str, Any], device: torch.device) -> dict[str, A
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _worker_init(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
@@ -576,18 +509,6 @@ def _metrics_for_card(result: EvalResult) -> dict[str, float]:
     return {k: round(100 * v, 2) for k, v in values.items() if v >= 0}
 
 
-class _JsonLog:
-    """Append-only JSON lines (rank 0 only)."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(dict(record)) + "\n")
-
-
 def _evaluate(model: nn.Module, dataset: DetectionDataset, cfg: FinetuneConfig, device: torch.device,
               output_dir: Path | None) -> EvalResult:
     """Evaluate at the test size (``min_size`` = ``test_size``), restoring the training sizes after."""
@@ -604,7 +525,7 @@ def _evaluate(model: nn.Module, dataset: DetectionDataset, cfg: FinetuneConfig, 
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune a detector as configured; see the module docstring for what is written where.
 
-    Works in one process (CPU or one GPU) and under ``torchrun`` / SLURM (one process per GPU,
+    Works in one process (CPU or one GPU) and under ``torchrun`` (one process per GPU,
     DDP, SyncBN); only rank 0 writes files.
 
     Raises:
@@ -646,21 +567,9 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
     main = info.is_main
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    log = _JsonLog(run_dir / "metrics.jsonl", main)
 
     # --- checkpoint to resume from (decided before any file of the run is written) ---
-    candidates: list[Path] = []
-    if cfg.resume in (None, "", "none"):
-        existing = ckpt.list_checkpoints(run_dir)
-        if existing:
-            raise CheckpointError(
-                f"{run_dir} already holds checkpoints (newest: {existing[-1].name}); pass --resume auto to "
-                "continue that run, or choose another --output"
-            )
-    else:  # "auto", a run folder or a file; newest first, a foreign or corrupt newer one is passed over
-        candidates = ckpt.resume_candidates(cfg.resume, run_dir)
-        if not candidates:
-            logger.info("--resume auto: no checkpoint in %s, starting from iteration 0", run_dir)
+    candidates = choose_resume(run_dir, cfg.resume)
 
     # --- data ---
     train_set = _load(cfg.data, cfg.image_root, class_names=cfg.classes, unknown_classes=cfg.unknown_classes)
@@ -668,10 +577,12 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
     if cfg.val_data:
         val_set = _load(cfg.val_data, cfg.val_image_root, class_names=train_set.class_names,
                         unknown_classes=cfg.unknown_classes)
-    masks = COCOMasks(train_set) if cfg.arch == "mask_rcnn_fpn" else None
+    masks = cfg.arch == "mask_rcnn_fpn"
+    if masks:
+        require_masks(train_set)
 
     # --- model ---
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     model, report = build_model(cfg, train_set.class_names, norm)
     model.to(device)
     if main:
@@ -685,7 +596,7 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     start_iter = 0
-    if candidates:
+    if candidates:  # newest first; a foreign, corrupt or mismatching newer one is passed over
         resume_path, state, _ = ckpt.load_newest_usable(candidates, lambda path, st: _check_resumable(path, st, cfg))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -693,10 +604,10 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
         if "rng" in state:
             ckpt.restore_rng_state(state["rng"])
         if rank:
-            _seed_everything(cfg.seed + 1000 * rank + start_iter)
+            seed_everything(cfg.seed + 1000 * rank + start_iter)
         logger.info("resumed from %s at iteration %d of %d", resume_path, start_iter, cfg.iterations)
     elif rank:
-        _seed_everything(cfg.seed + 1000 * rank)
+        seed_everything(cfg.seed + 1000 * rank)
 
     train_model: nn.Module = model
     if world > 1:
@@ -707,7 +618,7 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
         TrainingSet(train_set, masks), batch_size=per_rank,
         sampler=InfiniteSampler(len(train_set), seed=cfg.seed, rank=rank, world_size=world,
                                 start=start_iter * per_rank),
-        num_workers=cfg.workers, collate_fn=collate_detection, drop_last=True, worker_init_fn=_worker_init,
+        num_workers=cfg.workers, collate_fn=collate_detection, drop_last=True,
         generator=torch.Generator().manual_seed(cfg.seed + 1000 * rank + 7919 * start_iter),
         pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
     )
@@ -726,6 +637,7 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
             ckpt.prune_checkpoints(run_dir, cfg.keep_checkpoints)
         dist_utils.barrier()
 
+    log = MetricsWriter(run_dir, main, start_iter, step_key="iteration")
     train_model.train()
     data_iter = iter(loader)
     window_start, window_iters = time.perf_counter(), 0
@@ -786,6 +698,7 @@ def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.devi
         _write_data_report(run_dir / "data_report.json", train_set, val_set)
         final_dir = _save_final(model, cfg, run_dir, train_set, val_set, result, norm, world, amp)
         logger.info("fine-tuned detector written to %s", final_dir)
+    log.close()
     dist_utils.barrier()
     return FinetuneResult(run_dir, final_dir, cfg.iterations, time.perf_counter() - start_time, result, report)
 
@@ -940,51 +853,9 @@ def add_subcommands(subparsers: Any) -> None:
                     f"overridden. Presets: {presets}. Multi-GPU: torchrun --nproc-per-node N $(which insloc-train) "
                     "finetune ...",
     )
-    p.add_argument("--data", required=True, help="training set: VOC folder, VOC split list .txt, or COCO .json")
-    p.add_argument("--val-data", help="evaluation set (same forms); evaluated at the end (and every --eval-every)")
-    p.add_argument("--image-root", help="image folder of a COCO --data json (default: guessed)")
-    p.add_argument("--val-image-root", help="image folder of a COCO --val-data json")
-    p.add_argument("--output", required=True, help="run folder (checkpoints, logs, final/ hub folder)")
-    p.add_argument("--init", default="random",
-                   help="pretrained backbone: hub alias, owner/repo[@rev] or local folder; 'random' for none")
-    p.add_argument("--arch", choices=ARCHITECTURES, help="detector (default: the preset's, else faster_rcnn_fpn)")
-    p.add_argument("--backbone", help="architecture for --init random (tiny-fpn, r18-fpn, r50-fpn, r50-c4...); "
-                                      "a pretrained --init brings its own")
-    p.add_argument("--preset", help=f"published schedule: {', '.join(PRESETS)}")
-    p.add_argument("--iterations", type=int, help="total iterations (after scaling)")
-    p.add_argument("--batch-size", type=int, help="total images per iteration, all processes together")
-    p.add_argument("--lr", type=float, help="base learning rate (default: 0.02 x batch/16)")
-    p.add_argument("--steps", help="iterations where the LR is divided by 10, comma-separated")
-    p.add_argument("--warmup", type=int, help="linear warmup iterations")
-    p.add_argument("--min-size", help="training short side(s): 800, 480,512 or 480-800 (step 32)")
-    p.add_argument("--max-size", type=int, help="longest side limit")
-    p.add_argument("--test-size", type=int, help="short side for evaluation and for the saved detector")
-    p.add_argument("--norm", choices=("auto", "bn", "sync", "frozen"), default="auto",
-                   help="auto = SyncBN with several GPUs, else BN; frozen = FrozenBN in the pretrained parts")
-    p.add_argument("--box-head-extra-norm", action="store_true",
-                   help="new BatchNorm in the RoI head: after the 4conv1fc head's fc (the official InsLoc "
-                        "fine-tuning head) or after res5 for C4 (MoCo's Res5ROIHeadsExtraNorm)")
-    p.add_argument("--allow-partial-load", action="store_true",
-                   help="skip pretrained tensors that do not fit instead of failing (listed in load_report.json)")
+    add_config_flags(p, FinetuneConfig, required=("data", "output"))
     p.add_argument("--detector-opt", action="append", metavar="KEY=VALUE",
                    help="torchvision detector argument, e.g. rpn_post_nms_top_n_train=1000 (repeatable)")
-    p.add_argument("--workers", type=int, default=4, help="data loader processes per GPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate on --val-data every N iterations")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="default: a tenth of the run (at least 100)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep")
-    p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--eval-batch-size", type=int, default=2)
-    p.add_argument("--resume", help="'auto' (newest usable checkpoint of --output, if any), a run folder, or a "
-                                     "checkpoint file")
-    p.add_argument("--classes", help="the class list in label order, comma-separated (default: every name "
-                                     "found in the training data); other names are reported")
-    p.add_argument("--unknown-classes", choices=("drop", "error"), default="drop",
-                   help="objects whose class is not in --classes: drop them (counted in data_report.json) "
-                        "or stop with an error naming them")
     p.set_defaults(func=_run_finetune)
 
     e = subparsers.add_parser(
@@ -995,9 +866,9 @@ def add_subcommands(subparsers: Any) -> None:
     e.add_argument("model", help="detector: hub alias, owner/repo[@rev] or folder (e.g. RUN/final)")
     e.add_argument("--data", required=True, help="VOC folder, VOC split list .txt, or COCO .json")
     e.add_argument("--image-root", help="image folder of a COCO json (default: guessed)")
-    e.add_argument("--output", help="folder for detections.json, metrics.json, examples.png")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    e.add_argument("--batch-size", type=int, default=2)
-    e.add_argument("--score-threshold", type=float, default=0.0)
-    e.add_argument("--num-visualize", type=int, default=4, help="images drawn into examples.png")
+    e.add_argument("--output", type=output_folder, help="folder for detections.json, metrics.json, examples.png")
+    e.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:N")
+    e.add_argument("--batch-size", type=int_at_least(1), default=2)
+    e.add_argument("--score-threshold", type=probability, default=0.0, help="drop detections below (0-1)")
+    e.add_argument("--num-visualize", type=int_at_least(0), default=4, help="images drawn into examples.png")
     e.set_defaults(func=_run_eval)

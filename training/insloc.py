@@ -192,7 +192,6 @@ class InsLoc(nn.Module):
         level_weights: loss weight per level (official: all 1).
         shuffle_bn: shuffle keys across GPUs for the key forward (no-op in one process, see
             :meth:`_batch_shuffle_ddp`).
-        sync_bn: convert every BatchNorm to SyncBatchNorm (not the official setting: BN per GPU).
         c4_roi_size: RoIAlign size on res4 for the C4 reconstruction (14).
         foreach_momentum: momentum update with ``torch._foreach_*`` (one kernel per group) instead of
             a Python loop over parameters; identical formula.
@@ -214,7 +213,6 @@ class InsLoc(nn.Module):
         jitter_levels: Sequence[str] | None = None,
         level_weights: Sequence[float] | None = None,
         shuffle_bn: bool = True,
-        sync_bn: bool = False,
         c4_roi_size: int = 14,
         foreach_momentum: bool = True,
         batched_loss: bool = True,
@@ -231,8 +229,6 @@ class InsLoc(nn.Module):
         for param_k in self.encoder_k.parameters():
             param_k.requires_grad = False
         self.levels = self.encoder_q.levels
-        if sync_bn:
-            nn.SyncBatchNorm.convert_sync_batchnorm(self)
 
         # -- box jitter: query only, at P5 (C4: its single level) ----------------------------------
         if box_jitter is True:

@@ -17,59 +17,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import types
-import typing
-from typing import Any
 
-from .engine import FIELD_HELP, PRETRAIN_PRESETS, PretrainConfig, export_checkpoint, resolve_config, train
+from insloc_hub.configs import add_config_flags, output_folder
+
+from .engine import PretrainConfig, export_checkpoint, resolve_config, train
 
 __all__ = ["add_subcommands", "config_from_args", "run_pretrain", "run_export"]
 
 logger = logging.getLogger(__name__)
 
-_CHOICES = {
-    "method": ("insloc", "moco"),
-    "amp": ("auto", "on", "off"),
-    "channels_last": ("auto", "on", "off"),
-    "gpu_composition": ("auto", "on", "off"),
-    "preset": tuple(sorted(PRETRAIN_PRESETS)),
+_SYSTEM_FIELDS = ("workers", "threads", "device", "amp", "channels_last", "compile", "gpu_composition", "max_side",
+                  "checkpoint_every_steps", "keep_checkpoints", "log_every", "resume", "deterministic", "data_root",
+                  "dataset_name", "max_steps")
+_GROUPS = {
+    "required": ("data", "output"),
+    "hyper-parameters (defaults: the official FPN recipe)": tuple(
+        f.name for f in dataclasses.fields(PretrainConfig) if f.name not in ("data", "output", *_SYSTEM_FIELDS)),
+    "system": _SYSTEM_FIELDS,
 }
-
-
-def _base_type(annotation: Any) -> type:
-    """``int`` for ``int``, ``str`` for ``str | None`` (annotations are strings under PEP 563)."""
-    hints = typing.get_type_hints(PretrainConfig)
-    if isinstance(annotation, str):
-        annotation = hints.get(annotation, str)
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return args[0] if args else str
-    return annotation
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(PretrainConfig)
-    defaults = PretrainConfig.__dataclass_fields__
-    required = parser.add_argument_group("required")
-    tuning = parser.add_argument_group("hyper-parameters (defaults: the official FPN recipe)")
-    system = parser.add_argument_group("system")
-    for field in dataclasses.fields(PretrainConfig):
-        name = field.name
-        flag = "--" + name.replace("_", "-")
-        kind = _base_type(hints[name])
-        default = defaults[name].default
-        help_text = FIELD_HELP.get(name, "")
-        if default not in (None, "", dataclasses.MISSING):
-            help_text += f" (default: {default})"
-        group = required if name in ("data", "output") else (
-            system if name in {"workers", "threads", "device", "amp", "channels_last", "compile", "gpu_composition",
-                               "max_side", "checkpoint_every_steps", "keep_checkpoints", "log_every", "resume",
-                               "deterministic", "data_root", "dataset_name", "max_steps"} else tuning)
-        if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            group.add_argument(flag, type=kind, default=None, choices=_CHOICES.get(name), help=help_text,
-                               metavar=None if name in _CHOICES else name.upper())
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
@@ -97,9 +62,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         "pretrain",
         help="InsLoc (or MoCo v2 baseline) pretraining on unlabelled images",
         description="InsLoc pretraining, faithful to limbo0000/InstanceLoc (configs/FPN/insloc_fpn_200ep.py). "
-                    "Run under torchrun or srun for several GPUs; --batch-size is the global batch.",
+                    "Run under torchrun for several GPUs; --batch-size is the global batch.",
     )
-    _add_config_flags(pretrain)
+    add_config_flags(pretrain, PretrainConfig, required=("data", "output"), groups=_GROUPS)
     pretrain.set_defaults(func=run_pretrain)
 
     export = subparsers.add_parser(
@@ -109,5 +74,5 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                     "of a checkpoint (or the newest checkpoint of a run folder) with save_pretrained.",
     )
     export.add_argument("checkpoint", help="checkpoint_*.pt file, or a run folder (its newest checkpoint)")
-    export.add_argument("directory", help="output hub folder")
+    export.add_argument("directory", type=output_folder, help="output hub folder")
     export.set_defaults(func=run_export)

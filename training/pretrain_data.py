@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 from insloc_hub.errors import DatasetError, InvalidImageError
-from insloc_hub.transforms import DEFAULT_MAX_PIXELS, decode_image
+from insloc_hub.transforms import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
 
 from .compose import CompositionConfig, compose_pair, sample_composition_params
 
@@ -53,8 +53,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")
 
 # Consecutive unreadable draws after which a sample gives up (the data set is essentially broken).
 _MAX_REPLACEMENTS = 100

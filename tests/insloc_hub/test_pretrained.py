@@ -79,9 +79,11 @@ def test_config_records_the_contract(tmp_path):
     assert len(config["weights"]["sha256"]) == 64
     assert config["provenance"]["data"] == "toy"
     card = (folder / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: \"insloc-hub\"")
-    assert "pipeline_tag: \"image-feature-extraction\"" in card and "yang2021insloc" in card
+    assert card.startswith("---\n") and "library_name: insloc-hub" in card
+    assert "pipeline_tag: image-feature-extraction" in card and "yang2021insloc" in card
     assert config["weights"]["sha256"] in card
+    # the usage snippet names the folder as given, never only its base name
+    assert f'from_pretrained("{tmp_path / "m"}")' in card
 
 
 def test_detector_card_has_model_index(tmp_path):
@@ -223,6 +225,13 @@ def test_card_metadata_parses_as_a_hub_model_card(tmp_path):
     assert {m["type"]: m["value"] for m in metrics} == {"AP": 41.5, "AP50": 70.0}
     assert len(data["model-index"][0]["results"]) == 1
     assert "- note: two lines" in card.text
+
+
+def test_card_shows_pretraining_diagnostics(tmp_path):
+    diagnostics = {"final_loss": 6.123456, "alignment": 0.42, "embedding_std": 0.0881}
+    folder = save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "m", provenance={"diagnostics": diagnostics})
+    card = (folder / "README.md").read_text()
+    assert "## Diagnostics" in card and "- final_loss: 6.123" in card and "- embedding_std: 0.0881" in card
 
 
 def test_detector_folder_records_which_parts_were_pretrained(tmp_path):

@@ -13,10 +13,8 @@ from PIL import Image
 
 from insloc_hub.errors import ConfigError, DatasetError
 from insloc_hub.training.detection_data import (
-    Compose,
     DetectionDataset,
     RandomHorizontalFlip,
-    ResizeShortestEdge,
     collate_detection,
     load_coco,
     load_dataset,
@@ -364,18 +362,6 @@ def test_random_horizontal_flip_moves_boxes() -> None:
     assert target["boxes"].tolist() == [[0.0, 1.0, 5.0, 4.0]]  # input not modified
     same, _ = RandomHorizontalFlip(p=0.0)(image, target)
     assert same is image
-
-
-def test_resize_shortest_edge_scales_boxes() -> None:
-    image = torch.rand(3, 10, 20)
-    target = {"boxes": torch.tensor([[2.0, 2.0, 8.0, 6.0]]), "area": torch.tensor([24.0])}
-    resized, new = Compose([ResizeShortestEdge((20,), max_size=100)])(image, target)
-    assert resized.shape == (3, 20, 40)
-    assert new["boxes"].tolist() == [[4.0, 4.0, 16.0, 12.0]] and new["area"].tolist() == [96.0]
-    capped, _ = ResizeShortestEdge((20,), max_size=30)(image, target)
-    assert capped.shape == (3, 15, 30)
-    with pytest.raises(ConfigError):
-        ResizeShortestEdge((20,), sample="uniform")
 
 
 def test_protocol_sizes() -> None:

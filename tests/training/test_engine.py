@@ -19,13 +19,14 @@ from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import from_pretrained
 from insloc_hub.training.checkpoint import find_latest, load_checkpoint
 from insloc_hub.training.engine import (
-    CosineByEpoch,
     PretrainConfig,
     ResumableDistributedSampler,
     build_model,
     composition_config,
+    cosine_by_epoch,
     export_checkpoint,
     resolve_config,
+    set_schedule_epoch,
     train,
 )
 from insloc_hub.training.pretrain_data import InsLocPretrainDataset, UnlabelledImages
@@ -122,15 +123,18 @@ def test_sampler_resumes_mid_epoch_without_drawing_anything():
 
 
 def test_cosine_per_epoch_without_warmup():
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = CosineByEpoch(opt, 0.03, 200)
-    assert sched.set_epoch(0) == pytest.approx(0.03) and opt.param_groups[0]["lr"] == pytest.approx(0.03)
-    assert sched.lr_at(100) == pytest.approx(0.015)
-    assert sched.lr_at(199) == pytest.approx(0.03 * (1 + math.cos(math.pi * 199 / 200)) / 2)
-    state = sched.state_dict()
-    other = CosineByEpoch(opt, 1.0, 1)
-    other.load_state_dict(state)
-    assert other.lr_at(50) == sched.lr_at(50)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.03)
+    sched = cosine_by_epoch(opt, 200)
+    assert set_schedule_epoch(sched, 0) == pytest.approx(0.03) and opt.param_groups[0]["lr"] == pytest.approx(0.03)
+    assert set_schedule_epoch(sched, 100) == pytest.approx(0.015)
+    assert set_schedule_epoch(sched, 199) == pytest.approx(0.03 * (1 + math.cos(math.pi * 199 / 200)) / 2)
+    assert set_schedule_epoch(sched, 3) == pytest.approx(0.03 * (1 + math.cos(math.pi * 3 / 200)) / 2)
+    # a resumed run: a fresh optimizer and schedule restored from the state dicts give the same lr
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.03)
+    opt2.load_state_dict(opt.state_dict())
+    other = cosine_by_epoch(opt2, 200)
+    other.load_state_dict(sched.state_dict())
+    assert set_schedule_epoch(other, 50) == set_schedule_epoch(sched, 50)
 
 
 def test_presets_and_scaled_lr():

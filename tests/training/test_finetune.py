@@ -176,13 +176,13 @@ def test_infinite_sampler_splits_ranks_and_resumes() -> None:
 
 def test_coco_polygons_become_masks_that_flip_with_the_image(tmp_path: Path) -> None:
     dataset = load_dataset(make_coco(tmp_path))
-    train = ft.TrainingSet(dataset, ft.COCOMasks(dataset), flip=0.0)
+    train = ft.TrainingSet(dataset, masks=True, flip=0.0)
     image, target = train[0]
     assert target["masks"].shape == (len(target["boxes"]), SIZE[1], SIZE[0])
     x1, y1, x2, y2 = (int(v) for v in target["boxes"][0].tolist())
     mask = target["masks"][0]
     assert mask[y1 + 1 : y2 - 1, x1 + 1 : x2 - 1].all() and int(mask.sum()) <= (x2 - x1 + 1) * (y2 - y1 + 1)
-    flipped = ft.TrainingSet(dataset, ft.COCOMasks(dataset), flip=1.0)
+    flipped = ft.TrainingSet(dataset, masks=True, flip=1.0)
     image_f, target_f = flipped[0]
     assert torch.equal(image_f, image.flip(-1)) and torch.equal(target_f["masks"], target["masks"].flip(-1))
     assert torch.allclose(target_f["boxes"][:, [0, 2]], SIZE[0] - target["boxes"][:, [2, 0]])
@@ -191,10 +191,10 @@ def test_coco_polygons_become_masks_that_flip_with_the_image(tmp_path: Path) -> 
 def test_mask_rcnn_without_masks_is_refused(tmp_path: Path) -> None:
     voc = load_dataset(make_voc(tmp_path / "voc", 2))
     with pytest.raises(ConfigError, match="boxes only"):
-        ft.COCOMasks(voc)
+        ft.require_masks(voc)
     coco = load_dataset(make_coco(tmp_path / "coco", 2, with_masks=False))
     with pytest.raises(ConfigError, match="has a 'segmentation'"):
-        ft.COCOMasks(coco)
+        ft.require_masks(coco)
 
 
 # ----------------------------------------------------------------------------------------------

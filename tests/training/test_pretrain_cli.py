@@ -33,7 +33,10 @@ def photos(tmp_path_factory) -> Path:
 
 
 def run(argv: list[str], capsys) -> tuple[int, str]:
-    code = cli.main([str(a) for a in argv])
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exit_:  # the parser refused a value
+        code = exit_.code
     return code, capsys.readouterr().err
 
 
@@ -93,10 +96,10 @@ def test_c4_reconstruction_smoke(photos, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--arch", "r42-fpn"], "unknown architecture 'r42-fpn'"),
+        (["--arch", "r42-fpn"], "--arch: must be one of r101-fpn, r18-fpn, r50-c4, r50-fpn, tiny-c4, tiny-fpn"),
         (["--queue-size", "20"], "--queue-size 20 must be a multiple of the global --batch-size 8"),
         (["--canvas", "70"], "--canvas must be a multiple of 16"),
-        (["--epochs", "0"], "--epochs must be positive"),
+        (["--epochs", "0"], "--epochs: must be >= 1, got 0"),
     ],
 )
 def test_config_errors(photos, tmp_path, capsys, extra, message):
@@ -106,7 +109,7 @@ def test_config_errors(photos, tmp_path, capsys, extra, message):
 
 def test_data_errors(tmp_path, capsys):
     code, err = run(["pretrain", "--output", tmp_path / "r", *TINY], capsys)
-    assert code == 2 and "--data is required" in err
+    assert code == 2 and "the following arguments are required: --data" in err
     code, err = run(["pretrain", "--data", tmp_path / "nowhere", "--output", tmp_path / "r", *TINY], capsys)
     assert code == 2 and "does not exist" in err
     few = write_photos(tmp_path / "few", count=3)
