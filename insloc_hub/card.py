@@ -84,6 +84,26 @@ def _one_line(value: Any) -> str:
     return " ".join(str(value).split())
 
 
+def _diagnostics_lines(diagnostics: dict[str, Any] | None) -> list[str]:
+    """The pretraining's collapse diagnostics (``provenance["diagnostics"]``), if it recorded them."""
+    if not diagnostics or "inbatch_top1" not in diagnostics:
+        return []
+    first, last = diagnostics.get("steps", ["?", "?"])
+    collapsed = diagnostics.get("collapsed_at_step")
+    return [
+        "",
+        f"### Pretraining diagnostics (mean of the logged steps {first}-{last})",
+        f"- in-batch top-1: {diagnostics['inbatch_top1']:.1f} % "
+        f"(chance {diagnostics.get('chance_inbatch_top1', '?')} %)",
+        f"- mean pairwise cosine: queries {diagnostics.get('cos_q', float('nan')):.3f}, keys "
+        f"{diagnostics.get('cos_k', float('nan')):.3f}",
+        f"- embedding std per dimension: {diagnostics.get('emb_std', float('nan')):.4f} (healthy about "
+        f"{diagnostics.get('healthy_emb_std', '?')})",
+        "- collapse: " + (f"**detected at step {collapsed}** (the embeddings stopped telling images apart)"
+                          if collapsed is not None else "not detected"),
+    ]
+
+
 def render_card(config: dict[str, Any]) -> str:
     """README.md text for a hub folder, from its config.json contents."""
     arch = config["architecture"]
@@ -131,6 +151,7 @@ def render_card(config: dict[str, Any]) -> str:
         body += [f"- {k}: {_one_line(v)}" for k, v in provenance.items() if not isinstance(v, (dict, list))]
     else:
         body.append("- not recorded")
+    body += _diagnostics_lines(provenance.get("diagnostics"))
     if config.get("results"):
         body += ["", "## Results", "", "| dataset | metric | value |", "|---|---|---|"]
         for result in config["results"]:

@@ -62,6 +62,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .compose import CompositionConfig, compose_batch, make_composition_grid
+from .diagnostics import CollapseMonitor, plot_curves, summarize
 from .insloc import InsLoc
 from .moco import MoCo, MocoDecodeDataset, MocoPretrainDataset
 from .pretrain_data import (
@@ -95,6 +96,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "insloc-hub/pretrain-checkpoint/v1"
 METHODS = ("insloc", "moco")
 TRI_STATE = ("auto", "on", "off")
+EMBED_INITS = ("official", "default")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,6 +133,9 @@ class PretrainConfig(JsonConfig):
     c4_roi_size: int = 14
     shuffle_bn: bool = True
     sync_bn: bool = False
+    projection_norm: bool = False
+    inbatch_negatives: bool = False
+    embed_init: str = "official"
     workers: int = 4
     seed: int = 0
     deterministic: bool = False
@@ -144,6 +149,7 @@ class PretrainConfig(JsonConfig):
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 20
+    tensorboard: bool = False
     max_steps: int = 0
     resume: str | None = None
 
@@ -158,6 +164,8 @@ class PretrainConfig(JsonConfig):
         for name in ("amp", "channels_last", "gpu_composition"):
             if getattr(self, name) not in TRI_STATE:
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {TRI_STATE}, got {getattr(self, name)!r}")
+        if self.embed_init not in EMBED_INITS:
+            raise ConfigError(f"--embed-init must be one of {EMBED_INITS}, got {self.embed_init!r}")
         positive = ("epochs", "batch_size", "queue_size", "dim", "canvas", "log_every", "c4_roi_size", "max_side")
         for name in positive:
             if int(getattr(self, name)) <= 0:
@@ -204,6 +212,9 @@ FIELD_HELP: dict[str, str] = {
     "c4_roi_size": "RoIAlign size on res4 for the C4 reconstruction (not in the official code)",
     "shuffle_bn": "shuffle keys across GPUs for the key forward (insloc_fpn.py L304-336, L401-460)",
     "sync_bn": "SyncBatchNorm in both encoders (NOT official: plain BN per GPU, config L37-92)",
+    "projection_norm": "BatchNorm in the projection fc2/embed, MoCo v3 style (NOT official; preset small-data)",
+    "inbatch_negatives": "the other keys of the batch are negatives too (NOT official; preset small-data)",
+    "embed_init": "init of the 128-d embed layer: official (N(0, 0.01)) or default (nn.Linear's)",
     "workers": "data loader processes per GPU (workers_per_gpu=4 in the config)",
     "seed": "random seed; data order and augmentation are functions of (seed, epoch, index)",
     "deterministic": "deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic)",
@@ -219,6 +230,7 @@ FIELD_HELP: dict[str, str] = {
     "checkpoint_every_steps": "write a checkpoint every N steps (0: only at epoch ends); official: every 5 epochs",
     "keep_checkpoints": "keep the newest N checkpoints (0 keeps all)",
     "log_every": "write metrics.jsonl / progress every N steps",
+    "tensorboard": "also log the scalars to RUN_DIR/tensorboard (needs: pip install tensorboard)",
     "max_steps": "stop after this many steps in total (0: run all epochs); the schedule still spans --epochs",
     "resume": "'auto' (newest checkpoint in --output, if any) or a checkpoint path",
 }
@@ -226,7 +238,7 @@ FIELD_HELP: dict[str, str] = {
 # Fields that may change between a run and its resumption (they do not change the results).
 RESUME_IGNORED_FIELDS = frozenset({
     "data", "data_root", "dataset_name", "output", "preset", "resume", "workers", "device", "compile", "threads",
-    "checkpoint_every_steps", "keep_checkpoints", "log_every", "max_steps",
+    "checkpoint_every_steps", "keep_checkpoints", "log_every", "max_steps", "tensorboard",
 })
 
 PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -359,12 +371,13 @@ class CosineByEpoch:
 # --------------------------------------------------------------------------------------------------
 # Model and data
 # --------------------------------------------------------------------------------------------------
-def build_model(cfg: PretrainConfig, *, foreach_momentum: bool = True, batched_loss: bool = True) -> InsLoc:
+def build_model(cfg: PretrainConfig) -> InsLoc:
     """The pretraining model of a config: :class:`InsLoc` or the :class:`MoCo` baseline."""
     cls = MoCo if cfg.method == "moco" else InsLoc
     return cls(cfg.arch, cfg.dim, cfg.queue_size, cfg.key_momentum, cfg.temperature,
                box_jitter=cfg.box_jitter and cfg.method == "insloc", canvas=cfg.canvas, shuffle_bn=cfg.shuffle_bn,
-               c4_roi_size=cfg.c4_roi_size, foreach_momentum=foreach_momentum, batched_loss=batched_loss)
+               c4_roi_size=cfg.c4_roi_size, projection_norm=cfg.projection_norm,
+               inbatch_negatives=cfg.inbatch_negatives, embed_init=cfg.embed_init)
 
 
 def query_backbone_config(cfg: PretrainConfig) -> BackboneConfig:
@@ -506,6 +519,18 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.Path
                        num_images=state["num_images"])
     prov["checkpoint"] = path.name
     run_dir = path.parent if (path.parent / "config.json").is_file() else None
+    if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+        records = []
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                record = json.loads(line)
+                if record.get("step", 0) <= state["global_step"]:
+                    records.append(record)
+        monitor = CollapseMonitor(cfg.dim, cfg.batch_size)
+        collapsed = next((r["step"] for r in records if monitor.is_collapsed(r)), None)
+        diagnostics = summarize(records, batch_size=cfg.batch_size, dim=cfg.dim, collapsed_at=collapsed)
+        if diagnostics:
+            prov["diagnostics"] = diagnostics
     return _export(backbone, Path(out_dir), cfg, prov, run_dir)
 
 
@@ -513,41 +538,57 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.Path
 # Logging
 # --------------------------------------------------------------------------------------------------
 class _MetricsWriter:
-    """metrics.jsonl (rank 0), plus TensorBoard when it is installed."""
+    """metrics.jsonl (rank 0), the records in memory (for curves.png and the card), TensorBoard on request."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int, tensorboard: bool = False) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
+        self.records: list[dict[str, Any]] = []
         self.tb: Any = None
         if not enabled:
             return
         if self.path.exists():  # drop lines a killed run wrote after the checkpoint we resume from
-            kept = []
             for line in self.path.read_text().splitlines():
                 with contextlib.suppress(json.JSONDecodeError):
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-            self.path.write_text("".join(x + "\n" for x in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+                    record = json.loads(line)
+                    if record.get("step", 0) <= resume_step:
+                        self.records.append(record)
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # checked by _check_tensorboard
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except Exception:  # noqa: BLE001 - tensorboard is optional
-            self.tb = None
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        self.records.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
+                if isinstance(value, (int, float)) and key not in ("step", "time"):
                     self.tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _check_tensorboard(cfg: PretrainConfig) -> None:
+    if not cfg.tensorboard:
+        return
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError as err:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard (or drop "
+                          "--tensorboard; metrics.jsonl and curves.png hold the same numbers)") from err
+
+
+def chance_loss(model: InsLoc, batch_size: int) -> float:
+    """The loss of embeddings that tell nothing apart: sum over levels of weight x ln(negatives + 1)."""
+    negatives = model.K + (batch_size - 1 if model.inbatch_negatives else 0)
+    return float(model.level_weights.sum()) * math.log(negatives + 1)
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:
@@ -626,6 +667,7 @@ def train(cfg: PretrainConfig, *, callbacks: Sequence[Callback] = ()) -> Path:
         CheckpointError: ``--resume`` of a checkpoint from another configuration or data set.
     """
     cfg.validate()
+    _check_tensorboard(cfg)
     if not cfg.data:
         raise DatasetError("--data is required: a folder of images or a text file listing them")
     if not cfg.output:
@@ -748,7 +790,13 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
             "torch": torch.__version__, "launcher": info.launcher,
             "backbone": query_backbone_config(cfg).to_dict(),
         })
-    metrics = _MetricsWriter(run_dir, is_main, global_step)
+    metrics = _MetricsWriter(run_dir, is_main, global_step, cfg.tensorboard)
+    monitor = CollapseMonitor(cfg.dim, cfg.batch_size)
+    loss_at_chance = chance_loss(inner, cfg.batch_size)
+
+    def draw_curves() -> None:
+        if is_main:
+            plot_curves(metrics.records, run_dir / "curves.png", chance_loss=loss_at_chance, batch_size=cfg.batch_size)
     bar = _progress(total_steps, global_step, is_main and sys.stderr.isatty())
 
     def save(epoch_: int, step_in_epoch_: int) -> None:
@@ -762,6 +810,7 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
             "num_images": len(images), "world_size": world, "rng": capture_rng_state(),
         })
         prune_checkpoints(run_dir, cfg.keep_checkpoints)
+        draw_curves()
 
     model.train()
     wrote_grid = (run_dir / "composition.png").exists()
@@ -800,13 +849,18 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
                               "data_time": window["data"] / window["steps"],
                               "step_time": elapsed / window["steps"], "time": time.time()}
                     metrics.write(record)
+                    if is_main:
+                        monitor.update(global_step, record)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.4g}",
+                        bar.set_postfix(loss=f"{values['loss']:.3f}", top1=f"{values['inbatch_top1']:.0f}%",
+                                        cos_k=f"{values['cos_k']:.2f}", lr=f"{lr:.4g}",
                                         img_s=f"{record['img_per_s']:.0f}",
                                         data=f"{record['data_time']:.3f}s", step=f"{record['step_time']:.3f}s")
                     elif is_main and (global_step // cfg.log_every) % 10 == 1:
-                        logger.info("step %d/%d epoch %d loss %.4f lr %.4g %.1f img/s", global_step, total_steps,
-                                    epoch, values["loss"], lr, record["img_per_s"])
+                        logger.info("step %d/%d epoch %d loss %.4f (chance %.2f) in-batch top-1 %.0f%% cos_q %.2f "
+                                    "cos_k %.2f std %.3f lr %.4g %.1f img/s", global_step, total_steps, epoch,
+                                    values["loss"], loss_at_chance, values["inbatch_top1"], values["cos_q"],
+                                    values["cos_k"], values["emb_std"], lr, record["img_per_s"])
                     window = {"steps": 0, "data": 0.0, "start": time.perf_counter()}
                 if bar is not None:
                     bar.update(1)
@@ -840,6 +894,11 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
         backbone = export_backbone_from_state(inner.state_dict(), cfg)
         prov = _provenance(cfg, epoch=epoch, step_in_epoch=step_in_epoch, steps_per_epoch=steps_per_epoch,
                            global_step=global_step, num_images=len(images))
+        diagnostics = summarize(metrics.records, batch_size=cfg.batch_size, dim=cfg.dim,
+                                collapsed_at=monitor.collapsed_at)
+        if diagnostics:
+            prov["diagnostics"] = diagnostics
+        draw_curves()
         _export(backbone, final, cfg, prov, run_dir)
         logger.info("exported the query backbone to %s", final)
     dist_utils.barrier()

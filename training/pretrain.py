@@ -21,7 +21,7 @@ import types
 import typing
 from typing import Any
 
-from .engine import FIELD_HELP, PRETRAIN_PRESETS, PretrainConfig, export_checkpoint, resolve_config, train
+from .engine import EMBED_INITS, FIELD_HELP, PRETRAIN_PRESETS, PretrainConfig, export_checkpoint, resolve_config, train
 
 __all__ = ["add_subcommands", "config_from_args", "run_pretrain", "run_export"]
 
@@ -33,6 +33,7 @@ _CHOICES = {
     "channels_last": ("auto", "on", "off"),
     "gpu_composition": ("auto", "on", "off"),
     "preset": tuple(sorted(PRETRAIN_PRESETS)),
+    "embed_init": EMBED_INITS,
 }
 
 
