@@ -10,6 +10,7 @@ Usage (one variant per process, so several can run side by side; finished runs a
 
     python benchmarks/collapse_ablation.py run official --data UNLABELLED --work runs/ablation --steps 300
     python benchmarks/collapse_ablation.py table --work runs/ablation --at 50,150,300
+    python benchmarks/collapse_ablation.py probe --data UNLABELLED --steps 10    # the first steps, parts frozen
     python benchmarks/collapse_ablation.py list
 """
 
@@ -51,6 +52,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
     "lr-x10": ("lr 0.3 per 256 (10x)", {"lr": 0.3}, {}, None),
     "projection-bn+inbatch": ("projection BN + in-batch negatives", {"projection_norm": True,
                                                                       "inbatch_negatives": True}, {}, None),
+    "inbatch+lr-x10": ("in-batch negatives + lr 0.3 per 256", {"inbatch_negatives": True, "lr": 0.3}, {}, None),
+    "projection-bn+inbatch+lr-x10": ("projection BN + in-batch negatives + lr 0.3 per 256",
+                                     {"projection_norm": True, "inbatch_negatives": True, "lr": 0.3}, {}, None),
 }
 
 
@@ -85,8 +89,9 @@ def run(name: str, data: str, work: Path, steps: int) -> Path:
     _, overrides, model_kwargs, optimizer_change = VARIANTS[name]
     out = work / name
     metrics = out / "metrics.jsonl"
-    if (out / "final" / "config.json").exists():
-        return metrics
+    final = out / "final" / "config.json"
+    if final.exists() and json.loads(final.read_text())["provenance"]["steps"] >= steps:
+        return metrics  # done; a larger --steps continues the run from its last checkpoint
     _patch(model_kwargs, optimizer_change)
     values = {**BASE, **overrides, "data": data, "output": str(out), "max_steps": steps, "resume": "auto"}
     if values["queue_size"] % values["batch_size"]:
@@ -94,6 +99,69 @@ def run(name: str, data: str, work: Path, steps: int) -> Path:
     cfg = engine.PretrainConfig.from_dict(values)
     engine.train(cfg)
     return metrics
+
+
+#: one-step probe variants: name -> (what changes, config overrides, which query parameters train)
+PROBES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "official": ("every parameter trains (official)", {}, "all"),
+    "projection-only": ("only the projection (fc2, embed) trains", {}, "projection"),
+    "projection-frozen": ("the projection is frozen", {}, "not-projection"),
+    "embed-bias-frozen": ("the embed bias is frozen", {}, "not-embed-bias"),
+    "embed-default-init": ("embed with nn.Linear's init", {"embed_init": "default"}, "all"),
+    "projection-bn": ("BatchNorm in the projection", {"projection_norm": True}, "all"),
+}
+
+
+def probe(data: str, steps: int, batches: int = 6) -> str:
+    """Markdown table: query cosine, |z| and in-batch top-1 after 1, 5 and ``steps`` SGD steps.
+
+    The same ``batches`` composed batches (batch 16, canvas 128, seed 0) are cycled for every variant,
+    with the engine's SGD settings, so the rows differ only by what the variant changes.
+    """
+    from insloc_hub.training.pretrain_data import InsLocPretrainDataset, UnlabelledImages
+
+    torch.set_num_threads(1)
+    base = engine.PretrainConfig.from_dict({**BASE, "data": data, "output": "unused"})
+    dataset = InsLocPretrainDataset(UnlabelledImages(data), engine.composition_config(base), seed=0)
+    views = []
+    for b in range(batches):
+        samples = [dataset[(0, b * 16 + i)] for i in range(16)]
+        views.append([torch.stack([s[k] for s in samples]) for k in ("q_img", "q_box", "k_img", "k_box")])
+    report = sorted({1, 5, steps})
+    lines = ["| probe | what changes | step 0 | " + " | ".join(f"after {s} step{'s' * (s > 1)}" for s in report) + " |",
+             "|" + "---|" * (3 + len(report)),
+             "| | | " + " | ".join([r"cos_q / \|z\| / top-1 %"] * (1 + len(report))) + " |"]
+    for name, (what, overrides, trains) in PROBES.items():
+        torch.manual_seed(0)
+        cfg = engine.PretrainConfig.from_dict({**base.to_dict(), **overrides})
+        model = engine.build_model(cfg)
+        for pname, param in model.encoder_q.named_parameters():
+            in_projection = pname.startswith("projection.")
+            param.requires_grad = {"all": True, "projection": in_projection, "not-projection": not in_projection,
+                                   "not-embed-bias": pname != "projection.embed.bias"}[trains]
+        norms: list[float] = []
+
+        def record_norm(module: Any, inputs: Any, output: torch.Tensor, norms: list[float] = norms) -> None:
+            norms.append(float(output.detach().norm(dim=1).mean()))  # |z| before the L2 normalisation
+
+        model.encoder_q.projection.register_forward_hook(record_norm)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.scaled_lr,
+                                    momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        model.train()
+        cells = {}
+        for step in range(steps + 1):
+            q_img, q_box, k_img, k_box = views[step % batches]
+            out = model(q_img, q_box, k_img, k_box, generator=torch.Generator().manual_seed(step))
+            if step == 0 or step in report:
+                cells[step] = f"{float(out['cos_q']):.2f} / {norms[-1]:.2f} / {float(out['inbatch_top1']):.0f}"
+            if step == steps:
+                break
+            optimizer.zero_grad()
+            out["loss"].backward()
+            optimizer.step()
+        lines.append(f"| `{name}` | {what} | " + " | ".join(cells[s] for s in [0, *report]) + " |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
 
 
 def _window(records: list[dict[str, Any]], step: int, key: str, width: int = 20) -> float | None:
@@ -129,11 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     p_table = sub.add_parser("table", help="print the markdown table of the finished variants")
     p_table.add_argument("--work", type=Path, required=True)
     p_table.add_argument("--at", default="50,150,300", help="steps (comma separated)")
+    p_probe = sub.add_parser("probe", help="the first SGD steps on fixed batches, with parts frozen")
+    p_probe.add_argument("--data", required=True)
+    p_probe.add_argument("--steps", type=int, default=10)
     sub.add_parser("list", help="list the variants")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "run":
         print(run(args.variant, args.data, args.work, args.steps))
+    elif args.command == "probe":
+        print(probe(args.data, args.steps))
     elif args.command == "table":
         print(table(args.work, [int(s) for s in args.at.split(",")]))
     else:

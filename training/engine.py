@@ -194,7 +194,8 @@ FIELD_HELP: dict[str, str] = {
     "output": "run folder: config.json, metrics.jsonl, checkpoints, final/ hub folder",
     "data_root": "folder that the paths of a --data list file are relative to (default: the list's folder)",
     "dataset_name": "dataset name recorded in the model card (e.g. imagenet-1k)",
-    "preset": "tiny (CPU smoke run), r50-fpn-200ep / r50-fpn-400ep (official), r50-c4-200ep (reconstruction)",
+    "preset": "tiny (CPU smoke run), r50-fpn-200ep / r50-fpn-400ep (official), r50-c4-200ep (reconstruction), "
+              "small-data (a few hundred to a few thousand photos; not the official recipe, see docs)",
     "arch": "backbone: r50-fpn (official), r50-c4 (reconstruction), r18-fpn, r101-fpn, tiny-fpn, tiny-c4",
     "method": "insloc, or moco (image-level MoCo v2 baseline on the same trunk, data and schedule)",
     "epochs": "epochs; official 200 (configs/FPN/insloc_fpn_200ep.py total_epochs), 400ep models also released",
@@ -252,11 +253,37 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "r50-fpn-400ep": dict(arch="r50-fpn", method="insloc", epochs=400, batch_size=256, lr=0.03, momentum=0.9,
                           nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999,
                           temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True, sync_bn=False, workers=4),
+    # A few hundred to a few thousand photos on one machine: the settings that stop the embedding collapse
+    # measured at batch 16 (docs/pretraining.md, "Collapse"); every deviation is recorded in the card.
+    # Choose the size with --arch (tiny-fpn, r18-fpn, r50-fpn).
+    "small-data": dict(method="insloc", batch_size=16, queue_size=256, key_momentum=0.99, projection_norm=True,
+                       inbatch_negatives=True),
     # Reconstruction: the C4 pretraining config was never released (issue #14).
     "r50-c4-200ep": dict(arch="r50-c4", method="insloc", epochs=200, batch_size=256, lr=0.03, momentum=0.9,
                          nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999,
                          temperature=0.2, canvas=256, box_jitter=True, c4_roi_size=14, workers=4),
 }
+
+#: the settings of the released recipe that change what is learned; a run records where it differs
+OFFICIAL_RECIPE: dict[str, Any] = dict(
+    batch_size=256, lr=0.03, momentum=0.9, nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536,
+    key_momentum=0.999, temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True, sync_bn=False,
+    projection_norm=False, inbatch_negatives=False, embed_init="official")
+
+#: why a preset deviates from the official recipe (the ablation rows are in docs/pretraining.md, "Collapse")
+DEVIATION_REASONS: dict[str, str] = {
+    "projection_norm": "the N(0, 0.01) 128-d layer makes the pre-normalisation embedding tiny (|z| 0.38), so the "
+                       "gradient through the L2 norm is large and nearly rank one along the mean of the post-ReLU fc "
+                       "features: one SGD step takes the query cosine from 0.66 to 0.94 (probe `official`); with BN "
+                       "it stays 0.03 (probe `projection-bn`); ablation rows `official` vs `projection-bn`",
+    "inbatch_negatives": "queue-only negatives reward recency (current keys differ from older queued ones) instead of "
+                         "telling the images of the batch apart; ablation row `projection-bn+inbatch`",
+    "batch_size": "one machine; the collapse diagnostics were measured at batch 16",
+    "queue_size": "shorter than a few thousand images, a multiple of the batch (the raccoon CPU configuration)",
+    "key_momentum": "the key encoder must move within a few hundred steps (the measured raccoon CPU configuration; "
+                    "0.999 was not ablated)",
+}
+DEVIATION_PRESETS = ("small-data",)
 
 
 def resolve_config(overrides: dict[str, Any]) -> PretrainConfig:
@@ -456,6 +483,20 @@ def export_backbone_from_state(model_state: dict[str, torch.Tensor], cfg: Pretra
     return backbone
 
 
+def deviations_from_official(cfg: PretrainConfig) -> list[str]:
+    """Each setting that differs from the released recipe, with the reason when a preset documents one.
+
+    Example: ``["lr 0.3 (official 0.03)", ...]``.
+    """
+    out = []
+    for name, official in OFFICIAL_RECIPE.items():
+        value = getattr(cfg, name)
+        if value != official:
+            reason = DEVIATION_REASONS.get(name) if cfg.preset in DEVIATION_PRESETS else None
+            out.append(f"{name} {value} (official {official})" + (f": {reason}" if reason else ""))
+    return out
+
+
 def _provenance(cfg: PretrainConfig, *, epoch: int, step_in_epoch: int, steps_per_epoch: int, global_step: int,
                 num_images: int) -> dict[str, Any]:
     variant = backbone_config(cfg.arch).variant
@@ -477,6 +518,9 @@ def _provenance(cfg: PretrainConfig, *, epoch: int, step_in_epoch: int, steps_pe
     }
     if cfg.dataset_name:
         prov["data"] = cfg.dataset_name
+    deviations = deviations_from_official(cfg)
+    if deviations:
+        prov["deviations_from_official"] = "; ".join(deviations)
     notes = []
     if cfg.method == "insloc" and variant == "c4":
         notes.append(f"C4 head is a reconstruction (official config unreleased, issue #14): RoIAlign "
