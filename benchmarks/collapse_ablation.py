@@ -52,6 +52,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
     "lr-x10": ("lr 0.3 per 256 (10x)", {"lr": 0.3}, {}, None),
     "projection-bn+inbatch": ("projection BN + in-batch negatives", {"projection_norm": True,
                                                                       "inbatch_negatives": True}, {}, None),
+    "projection-levelbn+inbatch": ("projection BN with per-level statistics + in-batch negatives", {
+        "inbatch_negatives": True}, {"projection_norm": "level"}, None),
     "inbatch+lr-x10": ("in-batch negatives + lr 0.3 per 256", {"inbatch_negatives": True, "lr": 0.3}, {}, None),
     "projection-bn+inbatch+lr-x10": ("projection BN + in-batch negatives + lr 0.3 per 256",
                                      {"projection_norm": True, "inbatch_negatives": True, "lr": 0.3}, {}, None),
@@ -64,12 +66,12 @@ def _patch(model_kwargs: dict[str, Any], optimizer_change: str | None) -> None:
         build = engine.build_model
 
         def build_model(cfg: engine.PretrainConfig) -> Any:
-            model = build(cfg)
-            cls = type(model)
+            cls = type(build(cfg))
+            kwargs = dict(box_jitter=cfg.box_jitter, canvas=cfg.canvas, shuffle_bn=cfg.shuffle_bn,
+                          projection_norm=cfg.projection_norm, inbatch_negatives=cfg.inbatch_negatives,
+                          embed_init=cfg.embed_init)
             return cls(cfg.arch, cfg.dim, cfg.queue_size, cfg.key_momentum, cfg.temperature,
-                       box_jitter=cfg.box_jitter, canvas=cfg.canvas, shuffle_bn=cfg.shuffle_bn,
-                       projection_norm=cfg.projection_norm, inbatch_negatives=cfg.inbatch_negatives,
-                       embed_init=cfg.embed_init, **model_kwargs)
+                       **{**kwargs, **model_kwargs})
 
         engine.build_model = build_model
     if optimizer_change == "no_wd_norm":

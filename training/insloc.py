@@ -74,16 +74,19 @@ class Projection(nn.Module):
 
     ``norm=True`` (not official; the ``small-data`` preset) adds BatchNorm after ``fc2`` and a
     parameter-free BatchNorm after ``embed``, as MoCo v3's projector does (Chen et al., ICCV 2021).
+    With ``groups`` > 1 (the FPN levels, roi-major / level-minor rows) each level is normalised with
+    its own statistics, so no level can keep a common component of its own.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, dim: int = 128, *, official_init: bool = True,
-                 norm: bool = False) -> None:
+                 norm: bool = False, groups: int = 1) -> None:
         super().__init__()
+        self.groups = int(groups)
         self.fc2 = nn.Linear(in_dim, hidden_dim, bias=not norm)
-        self.norm2 = nn.BatchNorm1d(hidden_dim) if norm else nn.Identity()
+        self.norm2 = nn.BatchNorm1d(hidden_dim * self.groups) if norm else nn.Identity()
         self.relu = nn.ReLU(inplace=True)
         self.embed = nn.Linear(hidden_dim, dim, bias=not norm)
-        self.norm_out = nn.BatchNorm1d(dim, affine=False) if norm else nn.Identity()
+        self.norm_out = nn.BatchNorm1d(dim * self.groups, affine=False) if norm else nn.Identity()
         if official_init:
             nn.init.xavier_uniform_(self.fc2.weight)
             nn.init.normal_(self.embed.weight, 0.0, 0.01)
@@ -91,8 +94,14 @@ class Projection(nn.Module):
                 if layer.bias is not None:
                     nn.init.zeros_(layer.bias)
 
+    def _norm(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1 or isinstance(layer, nn.Identity):
+            return layer(x)
+        return layer(x.reshape(-1, self.groups * x.shape[-1])).view_as(x)  # [B, L * C]: statistics per level
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm_out(self.embed(self.relu(self.norm2(self.fc2(x)))))
+        x = self.relu(self._norm(self.norm2, self.fc2(x)))
+        return self._norm(self.norm_out, self.embed(x))
 
 
 class Encoder(nn.Module):
@@ -198,7 +207,8 @@ class InsLoc(nn.Module):
             :meth:`_batch_shuffle_ddp`).
         sync_bn: convert every BatchNorm to SyncBatchNorm (not the official setting: BN per GPU).
         c4_roi_size: RoIAlign size on res4 for the C4 reconstruction (14).
-        projection_norm: BatchNorm in the projection (MoCo v3 style; not official, see :class:`Projection`).
+        projection_norm: BatchNorm in the projection (MoCo v3 style; not official, see :class:`Projection`);
+            ``"level"`` normalises each FPN level with its own statistics.
         embed_init: ``"official"`` (``embed`` ~ N(0, 0.01)) or ``"default"`` (``nn.Linear``'s init).
         inbatch_negatives: the batch's other keys are negatives too (not official, see
             :func:`info_nce_per_level`).
@@ -224,7 +234,7 @@ class InsLoc(nn.Module):
         shuffle_bn: bool = True,
         sync_bn: bool = False,
         c4_roi_size: int = 14,
-        projection_norm: bool = False,
+        projection_norm: bool | str = False,
         embed_init: str = "official",
         inbatch_negatives: bool = False,
     ) -> None:
@@ -235,7 +245,9 @@ class InsLoc(nn.Module):
         if embed_init not in ("official", "default"):
             raise ConfigError(f"embed_init must be 'official' or 'default', got {embed_init!r}")
         self.shuffle_bn, self.inbatch_negatives = shuffle_bn, bool(inbatch_negatives)
-        self.projection_norm, self.embed_init = bool(projection_norm), embed_init
+        if projection_norm not in (False, True, "level"):
+            raise ConfigError(f"projection_norm must be False, True or 'level', got {projection_norm!r}")
+        self.projection_norm, self.embed_init = projection_norm, embed_init
 
         # -- encoders ------------------------------------------------------------------------------
         self.encoder_q = self._build_encoder(backbone_config(arch), dim, c4_roi_size)
@@ -271,13 +283,14 @@ class InsLoc(nn.Module):
                 raise ConfigError(f"InsLoc FPN pretrains trunk, fpn and box_head; the config has parts {cfg.parts}")
             backbone = InsLocBackbone(cfg)
             projection = Projection(cfg.head_fc, cfg.head_fc, dim, official_init=self.embed_init == "official",
-                                    norm=self.projection_norm)
+                                    norm=bool(self.projection_norm),
+                                    groups=len(FPN_LEVELS) if self.projection_norm == "level" else 1)
             return Encoder(backbone, projection, "fpn", FPN_LEVELS, FPN_STRIDES, cfg.roi_size)
         if "box_head" not in cfg.parts:
             raise ConfigError("InsLoc C4 pretrains the res5 RoI head; the config must include 'box_head'")
         backbone = InsLocBackbone(cfg)
         width = backbone.embedding_dim  # res5 output channels (2048 for R50)
-        projection = Projection(width, width, dim, official_init=False, norm=self.projection_norm)
+        projection = Projection(width, width, dim, official_init=False, norm=bool(self.projection_norm))
         return Encoder(backbone, projection, "c4", ("c4",), (C4_STRIDE,), c4_roi_size)
 
     # ----------------------------------------------------------------------------------------------

@@ -261,3 +261,16 @@ def test_moco_baseline_smoke():
     assert model.box_jitter is None and int(model.queue_ptr) == B
     c4 = MoCo("tiny-c4", K=8)
     assert c4.query_backbone().config.parts == ("trunk", "box_head")
+
+
+def test_projection_norm_centres_the_embeddings_per_level_when_asked():
+    torch.manual_seed(0)
+    x = torch.randn(6 * 4, 32) + torch.arange(4).repeat(6).unsqueeze(1).float() * 5  # level-dependent offset
+    mixed = insloc_module.Projection(32, 32, 8, norm=True).train()(x).view(6, 4, 8)
+    per_level = insloc_module.Projection(32, 32, 8, norm=True, groups=4).train()(x).view(6, 4, 8)
+    assert torch.allclose(per_level.mean(dim=0), torch.zeros(4, 8), atol=1e-5)  # each level centred
+    assert mixed.mean(dim=0).abs().max() > 0.1  # one set of statistics leaves a per-level mean
+    with pytest.raises(ConfigError, match="projection_norm"):
+        InsLoc("tiny-fpn", K=16, canvas=S, projection_norm="yes")
+    level = InsLoc("tiny-fpn", K=16, canvas=S, projection_norm="level")
+    assert level.encoder_q.projection.norm2.num_features == 4 * 64
