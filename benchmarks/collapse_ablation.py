@@ -38,7 +38,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
     "moco": ("MoCo v2 image-level baseline (same everything)", {"method": "moco"}, {}, None),
     "embed-default-init": ("128-d embed with nn.Linear's init instead of N(0, 0.01)", {"embed_init": "default"}, {},
                            None),
-    "projection-bn": ("BatchNorm in the projection (fc2-BN-ReLU-embed-BN)", {"projection_norm": True}, {}, None),
+    "projection-bn": ("BatchNorm in the projection (fc2-BN-ReLU-embed-BN)", {"projection_norm": "batch"}, {}, None),
     "inbatch-negatives": ("other keys of the batch as extra negatives", {"inbatch_negatives": True}, {}, None),
     "loss-p5-only": ("loss on P5 only (level weights 0, 0, 0, 1)", {}, {"level_weights": (0, 0, 0, 1)}, None),
     "loss-p2-only": ("loss on P2 only (level weights 1, 0, 0, 0)", {}, {"level_weights": (1, 0, 0, 0)}, None),
@@ -50,13 +50,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
     "temperature-0.07": ("temperature 0.07", {"temperature": 0.07}, {}, None),
     "batch-32": ("batch 32 (BN over 32 images; lr scaled)", {"batch_size": 32}, {}, None),
     "lr-x10": ("lr 0.3 per 256 (10x)", {"lr": 0.3}, {}, None),
-    "projection-bn+inbatch": ("projection BN + in-batch negatives", {"projection_norm": True,
+    "projection-bn+inbatch": ("projection BN + in-batch negatives", {"projection_norm": "batch",
                                                                       "inbatch_negatives": True}, {}, None),
     "projection-levelbn+inbatch": ("projection BN with per-level statistics + in-batch negatives", {
-        "inbatch_negatives": True}, {"projection_norm": "level"}, None),
+        "inbatch_negatives": True, "projection_norm": "level"}, {}, None),
+    "projection-levelbn+inbatch+lr-x10": ("projection BN per level + in-batch negatives + lr 0.3 per 256", {
+        "inbatch_negatives": True, "lr": 0.3, "projection_norm": "level"}, {}, None),
     "inbatch+lr-x10": ("in-batch negatives + lr 0.3 per 256", {"inbatch_negatives": True, "lr": 0.3}, {}, None),
     "projection-bn+inbatch+lr-x10": ("projection BN + in-batch negatives + lr 0.3 per 256",
-                                     {"projection_norm": True, "inbatch_negatives": True, "lr": 0.3}, {}, None),
+                                     {"projection_norm": "batch", "inbatch_negatives": True, "lr": 0.3}, {}, None),
 }
 
 
@@ -110,7 +112,7 @@ PROBES: dict[str, tuple[str, dict[str, Any], str]] = {
     "projection-frozen": ("the projection is frozen", {}, "not-projection"),
     "embed-bias-frozen": ("the embed bias is frozen", {}, "not-embed-bias"),
     "embed-default-init": ("embed with nn.Linear's init", {"embed_init": "default"}, "all"),
-    "projection-bn": ("BatchNorm in the projection", {"projection_norm": True}, "all"),
+    "projection-bn": ("BatchNorm in the projection", {"projection_norm": "batch"}, "all"),
 }
 
 

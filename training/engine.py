@@ -63,7 +63,7 @@ from .checkpoint import (
 )
 from .compose import CompositionConfig, compose_batch, make_composition_grid
 from .diagnostics import CollapseMonitor, plot_curves, summarize
-from .insloc import InsLoc
+from .insloc import PROJECTION_NORMS, InsLoc
 from .moco import MoCo, MocoDecodeDataset, MocoPretrainDataset
 from .pretrain_data import (
     InsLocDecodeDataset,
@@ -133,7 +133,7 @@ class PretrainConfig(JsonConfig):
     c4_roi_size: int = 14
     shuffle_bn: bool = True
     sync_bn: bool = False
-    projection_norm: bool = False
+    projection_norm: str = "off"
     inbatch_negatives: bool = False
     embed_init: str = "official"
     workers: int = 4
@@ -164,6 +164,8 @@ class PretrainConfig(JsonConfig):
         for name in ("amp", "channels_last", "gpu_composition"):
             if getattr(self, name) not in TRI_STATE:
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {TRI_STATE}, got {getattr(self, name)!r}")
+        if self.projection_norm not in PROJECTION_NORMS:
+            raise ConfigError(f"--projection-norm must be one of {PROJECTION_NORMS}, got {self.projection_norm!r}")
         if self.embed_init not in EMBED_INITS:
             raise ConfigError(f"--embed-init must be one of {EMBED_INITS}, got {self.embed_init!r}")
         positive = ("epochs", "batch_size", "queue_size", "dim", "canvas", "log_every", "c4_roi_size", "max_side")
@@ -213,7 +215,8 @@ FIELD_HELP: dict[str, str] = {
     "c4_roi_size": "RoIAlign size on res4 for the C4 reconstruction (not in the official code)",
     "shuffle_bn": "shuffle keys across GPUs for the key forward (insloc_fpn.py L304-336, L401-460)",
     "sync_bn": "SyncBatchNorm in both encoders (NOT official: plain BN per GPU, config L37-92)",
-    "projection_norm": "BatchNorm in the projection fc2/embed, MoCo v3 style (NOT official; preset small-data)",
+    "projection_norm": "BatchNorm in the projection fc2/embed (NOT official): off, batch (MoCo v3 style) or level "
+                       "(statistics per FPN level; preset small-data)",
     "inbatch_negatives": "the other keys of the batch are negatives too (NOT official; preset small-data)",
     "embed_init": "init of the 128-d embed layer: official (N(0, 0.01)) or default (nn.Linear's)",
     "workers": "data loader processes per GPU (workers_per_gpu=4 in the config)",
@@ -256,7 +259,7 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # A few hundred to a few thousand photos on one machine: the settings that stop the embedding collapse
     # measured at batch 16 (docs/pretraining.md, "Collapse"); every deviation is recorded in the card.
     # Choose the size with --arch (tiny-fpn, r18-fpn, r50-fpn).
-    "small-data": dict(method="insloc", batch_size=16, queue_size=256, key_momentum=0.99, projection_norm=True,
+    "small-data": dict(method="insloc", batch_size=16, queue_size=256, key_momentum=0.99, projection_norm="level",
                        inbatch_negatives=True),
     # Reconstruction: the C4 pretraining config was never released (issue #14).
     "r50-c4-200ep": dict(arch="r50-c4", method="insloc", epochs=200, batch_size=256, lr=0.03, momentum=0.9,
@@ -268,14 +271,16 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
 OFFICIAL_RECIPE: dict[str, Any] = dict(
     batch_size=256, lr=0.03, momentum=0.9, nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536,
     key_momentum=0.999, temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True, sync_bn=False,
-    projection_norm=False, inbatch_negatives=False, embed_init="official")
+    projection_norm="off", inbatch_negatives=False, embed_init="official")
 
 #: why a preset deviates from the official recipe (the ablation rows are in docs/pretraining.md, "Collapse")
 DEVIATION_REASONS: dict[str, str] = {
     "projection_norm": "the N(0, 0.01) 128-d layer makes the pre-normalisation embedding tiny (|z| 0.38), so the "
                        "gradient through the L2 norm is large and nearly rank one along the mean of the post-ReLU fc "
                        "features: one SGD step takes the query cosine from 0.66 to 0.94 (probe `official`); with BN "
-                       "it stays 0.03 (probe `projection-bn`); ablation rows `official` vs `projection-bn`",
+                       "it stays 0.03 (probe `projection-bn`). Statistics per FPN level, because with one set over "
+                       "the mixed levels each level keeps a common component and its cosines drift up (ablation rows "
+                       "`projection-bn+inbatch` vs `projection-levelbn+inbatch`)",
     "inbatch_negatives": "queue-only negatives reward recency (current keys differ from older queued ones) instead of "
                          "telling the images of the batch apart; ablation row `projection-bn+inbatch`",
     "batch_size": "one machine; the collapse diagnostics were measured at batch 16",

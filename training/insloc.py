@@ -58,11 +58,12 @@ from .boxaug import BoxJitter
 from .diagnostics import embedding_diagnostics
 from .distributed import all_gather_tensor, broadcast_tensor, get_rank, get_world_size
 
-__all__ = ["FPN_LEVELS", "FPN_STRIDES", "Projection", "Encoder", "InsLoc", "info_nce_per_level"]
+__all__ = ["PROJECTION_NORMS", "FPN_LEVELS", "FPN_STRIDES", "Projection", "Encoder", "InsLoc", "info_nce_per_level"]
 
 FPN_LEVELS = ("p2", "p3", "p4", "p5")
 FPN_STRIDES = (4, 8, 16, 32)
 C4_STRIDE = 16
+PROJECTION_NORMS = ("off", "batch", "level")
 
 
 class Projection(nn.Module):
@@ -207,8 +208,8 @@ class InsLoc(nn.Module):
             :meth:`_batch_shuffle_ddp`).
         sync_bn: convert every BatchNorm to SyncBatchNorm (not the official setting: BN per GPU).
         c4_roi_size: RoIAlign size on res4 for the C4 reconstruction (14).
-        projection_norm: BatchNorm in the projection (MoCo v3 style; not official, see :class:`Projection`);
-            ``"level"`` normalises each FPN level with its own statistics.
+        projection_norm: ``"off"`` (official), ``"batch"`` (BatchNorm in the projection, MoCo v3 style; see
+            :class:`Projection`) or ``"level"`` (the same with separate statistics for each FPN level).
         embed_init: ``"official"`` (``embed`` ~ N(0, 0.01)) or ``"default"`` (``nn.Linear``'s init).
         inbatch_negatives: the batch's other keys are negatives too (not official, see
             :func:`info_nce_per_level`).
@@ -234,7 +235,7 @@ class InsLoc(nn.Module):
         shuffle_bn: bool = True,
         sync_bn: bool = False,
         c4_roi_size: int = 14,
-        projection_norm: bool | str = False,
+        projection_norm: str = "off",
         embed_init: str = "official",
         inbatch_negatives: bool = False,
     ) -> None:
@@ -245,8 +246,8 @@ class InsLoc(nn.Module):
         if embed_init not in ("official", "default"):
             raise ConfigError(f"embed_init must be 'official' or 'default', got {embed_init!r}")
         self.shuffle_bn, self.inbatch_negatives = shuffle_bn, bool(inbatch_negatives)
-        if projection_norm not in (False, True, "level"):
-            raise ConfigError(f"projection_norm must be False, True or 'level', got {projection_norm!r}")
+        if projection_norm not in PROJECTION_NORMS:
+            raise ConfigError(f"projection_norm must be one of {PROJECTION_NORMS}, got {projection_norm!r}")
         self.projection_norm, self.embed_init = projection_norm, embed_init
 
         # -- encoders ------------------------------------------------------------------------------
@@ -283,14 +284,14 @@ class InsLoc(nn.Module):
                 raise ConfigError(f"InsLoc FPN pretrains trunk, fpn and box_head; the config has parts {cfg.parts}")
             backbone = InsLocBackbone(cfg)
             projection = Projection(cfg.head_fc, cfg.head_fc, dim, official_init=self.embed_init == "official",
-                                    norm=bool(self.projection_norm),
+                                    norm=self.projection_norm != "off",
                                     groups=len(FPN_LEVELS) if self.projection_norm == "level" else 1)
             return Encoder(backbone, projection, "fpn", FPN_LEVELS, FPN_STRIDES, cfg.roi_size)
         if "box_head" not in cfg.parts:
             raise ConfigError("InsLoc C4 pretrains the res5 RoI head; the config must include 'box_head'")
         backbone = InsLocBackbone(cfg)
         width = backbone.embedding_dim  # res5 output channels (2048 for R50)
-        projection = Projection(width, width, dim, official_init=False, norm=bool(self.projection_norm))
+        projection = Projection(width, width, dim, official_init=False, norm=self.projection_norm != "off")
         return Encoder(backbone, projection, "c4", ("c4",), (C4_STRIDE,), c4_roi_size)
 
     # ----------------------------------------------------------------------------------------------

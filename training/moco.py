@@ -81,7 +81,8 @@ class MoCo(InsLoc):
         parts = ("trunk",) if cfg.variant == "fpn" else ("trunk", "box_head")
         backbone = InsLocBackbone(dataclasses.replace(cfg, parts=parts))
         width = backbone.embedding_dim  # C5 channels (2048 for R50)
-        projection = Projection(width, width, dim, official_init=False, norm=bool(self.projection_norm))  # MoCo v2 MLP
+        # the MoCo v2 MLP
+        projection = Projection(width, width, dim, official_init=False, norm=self.projection_norm != "off")
         return ImageEncoder(backbone, projection)
 
 

@@ -22,6 +22,7 @@ import typing
 from typing import Any
 
 from .engine import EMBED_INITS, FIELD_HELP, PRETRAIN_PRESETS, PretrainConfig, export_checkpoint, resolve_config, train
+from .insloc import PROJECTION_NORMS
 
 __all__ = ["add_subcommands", "config_from_args", "run_pretrain", "run_export"]
 
@@ -34,6 +35,7 @@ _CHOICES = {
     "gpu_composition": ("auto", "on", "off"),
     "preset": tuple(sorted(PRETRAIN_PRESETS)),
     "embed_init": EMBED_INITS,
+    "projection_norm": PROJECTION_NORMS,
 }
 
 

@@ -21,7 +21,7 @@ def _one_thread():
 @pytest.mark.parametrize("arch", ["tiny-fpn", "r18-fpn", "r50-fpn"])
 def test_preset_works_with_every_fpn_size(arch):
     cfg = resolve_config({"preset": "small-data", "arch": arch, "data": "d", "output": "o"})
-    assert cfg.arch == arch and cfg.projection_norm and cfg.inbatch_negatives and cfg.batch_size == 16
+    assert cfg.arch == arch and cfg.projection_norm == "level" and cfg.inbatch_negatives and cfg.batch_size == 16
     assert cfg.queue_size % cfg.batch_size == 0
 
 
@@ -35,7 +35,7 @@ def test_official_recipe_has_no_deviations_and_the_preset_explains_each():
     assert deviations_from_official(resolve_config({"temperature": 0.5})) == ["temperature 0.5 (official 0.2)"]
 
 
-def _first_step_query_cosine(projection_norm: bool) -> tuple[float, float]:
+def _first_step_query_cosine(projection_norm: str) -> tuple[float, float]:
     """Mean pairwise query cosine before and after one SGD step (engine settings, lr 0.03 x 16 / 256)."""
     torch.manual_seed(0)
     cfg = resolve_config({"preset": "tiny", "batch_size": 16, "queue_size": 64, "projection_norm": projection_norm})
@@ -57,10 +57,11 @@ def _first_step_query_cosine(projection_norm: bool) -> tuple[float, float]:
 
 
 def test_projection_norm_prevents_the_one_step_collapse():
-    before, after = _first_step_query_cosine(projection_norm=False)
+    before, after = _first_step_query_cosine(projection_norm="off")
     assert after > before + 0.1, (before, after)  # the official head: one small step makes the queries alike
-    before, after = _first_step_query_cosine(projection_norm=True)
-    assert abs(after) < 0.2, (before, after)
+    for norm in ("batch", "level"):
+        before, after = _first_step_query_cosine(projection_norm=norm)
+        assert abs(after) < 0.2, (norm, before, after)
 
 
 def test_preset_run_records_its_deviations_in_the_card(tmp_path):
@@ -69,6 +70,6 @@ def test_preset_run_records_its_deviations_in_the_card(tmp_path):
     train(resolve_config({"preset": "small-data", "arch": "tiny-fpn", "canvas": 64, "data": str(photos),
                           "output": str(out), "workers": 0, "device": "cpu", "max_steps": 2, "log_every": 1}))
     provenance = from_pretrained(out / "final").hub_config["provenance"]
-    assert "projection_norm True (official False)" in provenance["deviations_from_official"]
+    assert "projection_norm level (official off)" in provenance["deviations_from_official"]
     card = (out / "final" / "README.md").read_text()
     assert "deviations_from_official" in card and "inbatch_negatives" in card
