@@ -56,6 +56,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
         "inbatch_negatives": True, "projection_norm": "level"}, {}, None),
     "projection-levelbn+inbatch+lr-x10": ("projection BN per level + in-batch negatives + lr 0.3 per 256", {
         "inbatch_negatives": True, "lr": 0.3, "projection_norm": "level"}, {}, None),
+    "projection-bn+inbatch+lr-x3": ("projection BN + in-batch negatives + lr 0.1 per 256", {
+        "projection_norm": "batch", "inbatch_negatives": True, "lr": 0.1}, {}, None),
+    "projection-bn+inbatch+lr-div3": ("projection BN + in-batch negatives + lr 0.01 per 256", {
+        "projection_norm": "batch", "inbatch_negatives": True, "lr": 0.01}, {}, None),
+    "projection-bn+inbatch+queue-16": ("projection BN + in-batch negatives + queue 16 (the previous batch only)", {
+        "projection_norm": "batch", "inbatch_negatives": True, "queue_size": 16}, {}, None),
     "inbatch+lr-x10": ("in-batch negatives + lr 0.3 per 256", {"inbatch_negatives": True, "lr": 0.3}, {}, None),
     "projection-bn+inbatch+lr-x10": ("projection BN + in-batch negatives + lr 0.3 per 256",
                                      {"projection_norm": "batch", "inbatch_negatives": True, "lr": 0.3}, {}, None),
@@ -173,7 +179,7 @@ def _window(records: list[dict[str, Any]], step: int, key: str, width: int = 20)
     return sum(values) / len(values) if values else None
 
 
-def table(work: Path, at: list[int]) -> str:
+def table(work: Path, at: list[int], window: int = 20) -> str:
     """Markdown table: per variant, in-batch top-1 / key cosine / query cosine / std at each step of ``at``."""
     header = "| variant | what changes | " + " | ".join(f"step {s}: top-1 % / cos_k / cos_q / std" for s in at) + " |"
     lines = [header, "|" + "---|" * (2 + len(at))]
@@ -184,7 +190,7 @@ def table(work: Path, at: list[int]) -> str:
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         cells = []
         for step in at:
-            vals = [_window(records, step, k) for k in ("inbatch_top1", "cos_k", "cos_q", "emb_std")]
+            vals = [_window(records, step, k, window) for k in ("inbatch_top1", "cos_k", "cos_q", "emb_std")]
             cells.append("-" if vals[0] is None else f"{vals[0]:.0f} / {vals[1]:.2f} / {vals[2]:.2f} / {vals[3]:.3f}")
         lines.append(f"| `{name}` | {what} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -201,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p_table = sub.add_parser("table", help="print the markdown table of the finished variants")
     p_table.add_argument("--work", type=Path, required=True)
     p_table.add_argument("--at", default="50,150,300", help="steps (comma separated)")
+    p_table.add_argument("--window", type=int, default=20, help="average the logged steps in (step - window, step]")
     p_probe = sub.add_parser("probe", help="the first SGD steps on fixed batches, with parts frozen")
     p_probe.add_argument("--data", required=True)
     p_probe.add_argument("--steps", type=int, default=10)
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "probe":
         print(probe(args.data, args.steps))
     elif args.command == "table":
-        print(table(args.work, [int(s) for s in args.at.split(",")]))
+        print(table(args.work, [int(s) for s in args.at.split(",")], args.window))
     else:
         for name, (what, *_rest) in VARIANTS.items():
             print(f"{name:24s} {what}")

@@ -216,7 +216,7 @@ FIELD_HELP: dict[str, str] = {
     "shuffle_bn": "shuffle keys across GPUs for the key forward (insloc_fpn.py L304-336, L401-460)",
     "sync_bn": "SyncBatchNorm in both encoders (NOT official: plain BN per GPU, config L37-92)",
     "projection_norm": "BatchNorm in the projection fc2/embed (NOT official): off, batch (MoCo v3 style) or level "
-                       "(statistics per FPN level; preset small-data)",
+                       "(statistics per FPN level); preset small-data: batch",
     "inbatch_negatives": "the other keys of the batch are negatives too (NOT official; preset small-data)",
     "embed_init": "init of the 128-d embed layer: official (N(0, 0.01)) or default (nn.Linear's)",
     "workers": "data loader processes per GPU (workers_per_gpu=4 in the config)",
@@ -259,7 +259,7 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # A few hundred to a few thousand photos on one machine: the settings that stop the embedding collapse
     # measured at batch 16 (docs/pretraining.md, "Collapse"); every deviation is recorded in the card.
     # Choose the size with --arch (tiny-fpn, r18-fpn, r50-fpn).
-    "small-data": dict(method="insloc", batch_size=16, queue_size=256, key_momentum=0.99, projection_norm="level",
+    "small-data": dict(method="insloc", batch_size=16, queue_size=256, key_momentum=0.99, projection_norm="batch",
                        inbatch_negatives=True),
     # Reconstruction: the C4 pretraining config was never released (issue #14).
     "r50-c4-200ep": dict(arch="r50-c4", method="insloc", epochs=200, batch_size=256, lr=0.03, momentum=0.9,
@@ -278,9 +278,9 @@ DEVIATION_REASONS: dict[str, str] = {
     "projection_norm": "the N(0, 0.01) 128-d layer makes the pre-normalisation embedding tiny (|z| 0.38), so the "
                        "gradient through the L2 norm is large and nearly rank one along the mean of the post-ReLU fc "
                        "features: one SGD step takes the query cosine from 0.66 to 0.94 (probe `official`); with BN "
-                       "it stays 0.03 (probe `projection-bn`). Statistics per FPN level, because with one set over "
-                       "the mixed levels each level keeps a common component and its cosines drift up (ablation rows "
-                       "`projection-bn+inbatch` vs `projection-levelbn+inbatch`)",
+                       "it stays 0.03 (probe `projection-bn`); ablation rows `official` vs `projection-bn` and "
+                       "`projection-bn+inbatch` (statistics per FPN level kept the cosines lower but did not learn: "
+                       "row `projection-levelbn+inbatch`)",
     "inbatch_negatives": "queue-only negatives reward recency (current keys differ from older queued ones) instead of "
                          "telling the images of the batch apart; ablation row `projection-bn+inbatch`",
     "batch_size": "one machine; the collapse diagnostics were measured at batch 16",

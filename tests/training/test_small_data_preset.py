@@ -21,7 +21,7 @@ def _one_thread():
 @pytest.mark.parametrize("arch", ["tiny-fpn", "r18-fpn", "r50-fpn"])
 def test_preset_works_with_every_fpn_size(arch):
     cfg = resolve_config({"preset": "small-data", "arch": arch, "data": "d", "output": "o"})
-    assert cfg.arch == arch and cfg.projection_norm == "level" and cfg.inbatch_negatives and cfg.batch_size == 16
+    assert cfg.arch == arch and cfg.projection_norm == "batch" and cfg.inbatch_negatives and cfg.batch_size == 16
     assert cfg.queue_size % cfg.batch_size == 0
 
 
@@ -70,6 +70,6 @@ def test_preset_run_records_its_deviations_in_the_card(tmp_path):
     train(resolve_config({"preset": "small-data", "arch": "tiny-fpn", "canvas": 64, "data": str(photos),
                           "output": str(out), "workers": 0, "device": "cpu", "max_steps": 2, "log_every": 1}))
     provenance = from_pretrained(out / "final").hub_config["provenance"]
-    assert "projection_norm level (official off)" in provenance["deviations_from_official"]
+    assert "projection_norm batch (official off)" in provenance["deviations_from_official"]
     card = (out / "final" / "README.md").read_text()
     assert "deviations_from_official" in card and "inbatch_negatives" in card
