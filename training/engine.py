@@ -267,6 +267,10 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
                          temperature=0.2, canvas=256, box_jitter=True, c4_roi_size=14, workers=4),
 }
 
+#: config fields newer than some checkpoints, with the value those checkpoints were trained with
+FIELDS_ADDED_LATER: dict[str, Any] = dict(projection_norm="off", inbatch_negatives=False, embed_init="official",
+                                          tensorboard=False)
+
 #: the settings of the released recipe that change what is learned; a run records where it differs
 OFFICIAL_RECIPE: dict[str, Any] = dict(
     batch_size=256, lr=0.03, momentum=0.9, nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536,
@@ -804,7 +808,9 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
         state = load_checkpoint(resume_path)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{resume_path} is not an insloc-train pretraining checkpoint")
-        check_config(state["config"], cfg.to_dict(), ignore=RESUME_IGNORED_FIELDS, source=resume_path)
+        # fields added after a checkpoint was written take the value that reproduces its behaviour
+        saved_config = {**FIELDS_ADDED_LATER, **state["config"]}
+        check_config(saved_config, cfg.to_dict(), ignore=RESUME_IGNORED_FIELDS, source=resume_path)
         if state["num_images"] != len(images):
             raise CheckpointError(f"{resume_path} was trained on {state['num_images']} images but --data has "
                                   f"{len(images)}; resume with the same data")
