@@ -9,13 +9,13 @@ Two workloads, each measured for both configurations in the same process:
 
 Configurations:
 
-* ``baseline``: what the official code does: fp32, NCHW, eager, a Python loop over parameters for
-  the momentum update, a per-level loop for the loss, composition on the CPU with PIL in the loader;
+* ``baseline``: what the official code does: fp32, NCHW, eager, composition on the CPU with PIL in
+  the loader;
 * ``optimised``: the engine's ``auto`` settings on the device: bf16 autocast and channels-last on
-  CUDA, ``torch._foreach`` momentum update, one batched ``bmm`` for the four levels' losses,
-  composition with the batched tensor composer on the device (CUDA), optionally ``--compile``.
-  On the CPU the engine leaves autocast, channels-last and device composition off, so there the
-  optimised step differs only by the foreach update and the batched loss.
+  CUDA, composition with the batched tensor composer on the device (CUDA), optionally ``--compile``.
+  On the CPU the engine leaves autocast, channels-last and device composition off, so there both
+  configurations run the same step. (The ``torch._foreach`` momentum update and the batched loss are
+  the model's only path; tests/training/test_insloc.py holds them equal to the official loops.)
 
 Example::
 
@@ -94,7 +94,7 @@ def synthetic_views(cfg: PretrainConfig, device: torch.device, seed: int = 0) ->
 
 def make_setup(cfg: PretrainConfig, device: torch.device, optimised: bool, compile_model: bool) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, foreach_momentum=optimised, batched_loss=optimised).to(device)
+    model = build_model(cfg).to(device)
     rt = resolve_runtime(cfg, device) if optimised else None
     channels_last = bool(rt and rt.channels_last)
     if channels_last:

@@ -49,7 +49,7 @@ ROWS = ("random", "moco", "insloc")
 #: diagnostic row, not run by default: the InsLoc trunk alone (its FPN and box head left out)
 EXTRA_ROWS = ("insloc-trunk",)
 ROW_TITLES = {"random": "random init", "moco": "MoCo v2 (image-level)", "insloc": "InsLoc",
-              "insloc-trunk": "InsLoc, trunk only (diagnostic)"}
+              "insloc-trunk": "InsLoc trunk, FPN and box head re-initialised"}
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raccoon"
 
 #: scikit-image sample photographs that load without a download (real photos; synthetic ones left out)
@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="stages run at the same time")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per stage")
     parser.add_argument("--pretrain-seed", type=int, default=0)
+    parser.add_argument("--insloc-preset", help="pretraining preset for the InsLoc row only (e.g. small-data); the "
+                                                "config's batch, canvas, queue, lr, key momentum and epochs still "
+                                                "apply, so MoCo v2 keeps the same budget")
     args = parser.parse_args(argv)
 
     budget = CONFIGS[args.config]
@@ -311,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                 start_trunk_only()
             continue
         cmd = pretrain_command(method, work / "unlabelled", out, budget, args.device, args.pretrain_seed)
+        if method == "insloc" and args.insloc_preset:
+            cmd += ["--preset", args.insloc_preset]
         pending[pool.submit(_run, cmd, work / "logs" / f"pretrain-{method}.log", args.threads)] = f"pretrain-{method}"
     if "random" in rows:
         submit_finetunes("random")

@@ -49,6 +49,26 @@ def _one_line(value: Any) -> str:
     return " ".join(str(value).split())
 
 
+def _diagnostics_lines(diagnostics: dict[str, Any] | None) -> list[str]:
+    """The pretraining's collapse diagnostics (``provenance["diagnostics"]``), if it recorded them."""
+    if not diagnostics or "inbatch_top1" not in diagnostics:
+        return []
+    first, last = diagnostics.get("steps", ["?", "?"])
+    collapsed = diagnostics.get("collapsed_at_step")
+    return [
+        "",
+        f"### Pretraining diagnostics (mean of the logged steps {first}-{last})",
+        f"- in-batch top-1: {diagnostics['inbatch_top1']:.1f} % "
+        f"(chance {diagnostics.get('chance_inbatch_top1', '?')} %)",
+        f"- mean pairwise cosine: queries {diagnostics.get('cos_q', float('nan')):.3f}, keys "
+        f"{diagnostics.get('cos_k', float('nan')):.3f}",
+        f"- embedding std per dimension: {diagnostics.get('emb_std', float('nan')):.4f} (healthy about "
+        f"{diagnostics.get('healthy_emb_std', '?')})",
+        "- collapse: " + (f"**detected at step {collapsed}** (the embeddings stopped telling images apart)"
+                          if collapsed is not None else "not detected"),
+    ]
+
+
 def render_card(config: dict[str, Any], folder: str | os.PathLike[str] | None = None) -> str:
     """README.md text for a hub folder, from its config.json contents.
 
@@ -84,11 +104,7 @@ def render_card(config: dict[str, Any], folder: str | os.PathLike[str] | None = 
              "(detectors normalise internally).", "", "## Training"]
     body += [f"- {k}: {_one_line(v)}" for k, v in provenance.items() if not isinstance(v, (dict, list))]
     body += [] if provenance else ["- not recorded"]
-    diagnostics = provenance.get("diagnostics")
-    if isinstance(diagnostics, dict) and diagnostics:
-        body += ["", "## Diagnostics", "Measured during pretraining (see the run's metrics.jsonl):", ""]
-        body += [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {_one_line(v)}"
-                 for k, v in diagnostics.items()]
+    body += _diagnostics_lines(provenance.get("diagnostics"))
     if any(_metrics(r) for r in config.get("results") or []):
         body += ["", "## Results", "", "| dataset | metric | value |", "|---|---|---|"]
         body += [f"| {r.get('dataset', '')} | {k} | {v} |" for r in config["results"] for k, v in _metrics(r).items()]

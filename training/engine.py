@@ -62,7 +62,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .compose import CompositionConfig, compose_batch, make_composition_grid
-from .insloc import InsLoc
+from .diagnostics import CollapseMonitor, plot_curves, summarize
+from .insloc import PROJECTION_NORMS, InsLoc
 from .moco import MoCo, MocoDecodeDataset, MocoPretrainDataset
 from .pretrain_data import (
     InsLocDecodeDataset,
@@ -98,6 +99,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "insloc-hub/pretrain-checkpoint/v1"
 METHODS = ("insloc", "moco")
 TRI_STATE = ("auto", "on", "off")
+EMBED_INITS = ("official", "default")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,7 +123,8 @@ class PretrainConfig(JsonConfig):
                                             "the list's folder)")
     dataset_name: str | None = flag(None, help="dataset name recorded in the model card (e.g. imagenet-1k)")
     preset: str | None = flag(None, help="tiny (CPU smoke run), r50-fpn-200ep / r50-fpn-400ep (official), "
-                                         "r50-c4-200ep (reconstruction)")
+                                         "r50-c4-200ep (reconstruction), small-data (a few hundred to a few "
+                                         "thousand photos; not the official recipe, see docs/pretraining.md)")
     arch: str = flag("r50-fpn", help="architecture preset: r50-fpn (official), r50-c4 (reconstruction), r18-fpn, "
                                      "r101-fpn, tiny-fpn, tiny-c4", choices=sorted(PRESETS))
     method: str = flag("insloc", help="insloc, or moco (image-level MoCo v2 baseline on the same trunk, data and "
@@ -148,6 +151,13 @@ class PretrainConfig(JsonConfig):
     shuffle_bn: bool = flag(True, help="shuffle keys across GPUs for the key forward (insloc_fpn.py L304-336, "
                                        "L401-460)")
     sync_bn: bool = flag(False, help="SyncBatchNorm in both encoders (NOT official: plain BN per GPU, config L37-92)")
+    projection_norm: str = flag("off", help="BatchNorm in the projection fc2/embed (NOT official): off, batch (MoCo "
+                                            "v3 style) or level (statistics per FPN level); preset small-data: batch",
+                                choices=PROJECTION_NORMS)
+    inbatch_negatives: bool = flag(False, help="the other keys of the batch are negatives too (NOT official; preset "
+                                               "small-data)")
+    embed_init: str = flag("official", help="init of the 128-d embed layer: official (N(0, 0.01)) or default "
+                                            "(nn.Linear's)", choices=EMBED_INITS)
     workers: int = flag(4, help="data loader processes per GPU (workers_per_gpu=4 in the config)", min=0)
     seed: int = flag(0, help="random seed; data order and augmentation are functions of (seed, epoch, index)", min=0)
     deterministic: bool = flag(False, help="deterministic kernels (torch.use_deterministic_algorithms, cuDNN "
@@ -168,6 +178,8 @@ class PretrainConfig(JsonConfig):
                                                   "official: every 5 epochs", min=0)
     keep_checkpoints: int = flag(3, help="keep the newest N checkpoints (0 keeps all)", min=0)
     log_every: int = flag(20, help="write metrics.jsonl / progress every N steps", min=1)
+    tensorboard: bool = flag(False, help="also log the scalars to RUN_DIR/tensorboard (needs: pip install "
+                                         "tensorboard)")
     max_steps: int = flag(0, help="stop after this many steps in total (0: run all epochs); the schedule still spans "
                                   "--epochs", min=0)
     resume: str | None = flag(None, help="'auto' (newest checkpoint in --output, if any) or a checkpoint path")
@@ -196,7 +208,7 @@ class PretrainConfig(JsonConfig):
 # Fields that may change between a run and its resumption (they do not change the results).
 RESUME_IGNORED_FIELDS = frozenset({
     "data", "data_root", "dataset_name", "output", "preset", "resume", "workers", "device", "compile", "threads",
-    "checkpoint_every_steps", "keep_checkpoints", "log_every", "max_steps",
+    "checkpoint_every_steps", "keep_checkpoints", "log_every", "max_steps", "tensorboard",
 })
 
 PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -210,11 +222,45 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "r50-fpn-400ep": dict(arch="r50-fpn", method="insloc", epochs=400, batch_size=256, lr=0.03, momentum=0.9,
                           nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999,
                           temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True, sync_bn=False, workers=4),
+    # A few hundred to a few thousand photos on one machine: the settings that stop the embedding collapse
+    # measured at batch 16 (docs/pretraining.md, "Collapse"); every deviation is recorded in the card.
+    # Choose the size with --arch (tiny-fpn, r18-fpn, r50-fpn).
+    "small-data": dict(method="insloc", batch_size=16, queue_size=256, key_momentum=0.99, projection_norm="batch",
+                       inbatch_negatives=True),
     # Reconstruction: the C4 pretraining config was never released (issue #14).
     "r50-c4-200ep": dict(arch="r50-c4", method="insloc", epochs=200, batch_size=256, lr=0.03, momentum=0.9,
                          nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999,
                          temperature=0.2, canvas=256, box_jitter=True, c4_roi_size=14, workers=4),
 }
+
+#: config fields newer than some checkpoints, with the value those checkpoints were trained with
+FIELDS_ADDED_LATER: dict[str, Any] = dict(projection_norm="off", inbatch_negatives=False, embed_init="official",
+                                          tensorboard=False)
+
+#: the settings of the released recipe that change what is learned; a run records where it differs
+OFFICIAL_RECIPE: dict[str, Any] = dict(
+    batch_size=256, lr=0.03, momentum=0.9, nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536,
+    key_momentum=0.999, temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True, sync_bn=False,
+    projection_norm="off", inbatch_negatives=False, embed_init="official")
+
+#: why a preset deviates from the official recipe (the ablation rows are in docs/pretraining.md, "Collapse")
+DEVIATION_REASONS: dict[str, str] = {
+    "projection_norm": "the N(0, 0.01) 128-d layer makes the pre-normalisation embedding tiny (|z| 0.38), so the "
+                       "gradient through the L2 norm is large and nearly rank one along the mean of the post-ReLU fc "
+                       "features: one SGD step takes the query cosine from 0.66 to 0.94 (probe `official`); with BN "
+                       "it stays 0.03 (probe `projection-bn`); ablation rows `official` vs `projection-bn` and "
+                       "`projection-bn+inbatch` (statistics per FPN level kept the cosines lower but did not learn: "
+                       "row `projection-levelbn+inbatch`)",
+    "inbatch_negatives": "queue-only negatives reward recency (current keys differ from older queued ones) instead of "
+                         "telling the images of the batch apart: with projection BN alone the in-batch top-1 stays "
+                         "at chance (6 % at step 200), with in-batch negatives it rises (11 % at step 200, 14 % "
+                         "over steps 561-660); ablation rows `projection-bn` vs `projection-bn+inbatch`",
+    "batch_size": "one machine; the collapse diagnostics were measured at batch 16",
+    "queue_size": "shorter than a few thousand images, a multiple of the batch (the raccoon CPU configuration)",
+    "key_momentum": "the key encoder must move within a few hundred steps (the measured raccoon CPU configuration; "
+                    "0.999 was not ablated)",
+}
+DEVIATION_PRESETS = ("small-data",)
 
 
 def resolve_config(overrides: dict[str, Any]) -> PretrainConfig:
@@ -321,12 +367,13 @@ def set_schedule_epoch(schedule: torch.optim.lr_scheduler.LambdaLR, epoch: int) 
 # --------------------------------------------------------------------------------------------------
 # Model and data
 # --------------------------------------------------------------------------------------------------
-def build_model(cfg: PretrainConfig, *, foreach_momentum: bool = True, batched_loss: bool = True) -> InsLoc:
+def build_model(cfg: PretrainConfig) -> InsLoc:
     """The pretraining model of a config: :class:`InsLoc` or the :class:`MoCo` baseline."""
     cls = MoCo if cfg.method == "moco" else InsLoc
     return cls(cfg.arch, cfg.dim, cfg.queue_size, cfg.key_momentum, cfg.temperature,
                box_jitter=cfg.box_jitter and cfg.method == "insloc", canvas=cfg.canvas, shuffle_bn=cfg.shuffle_bn,
-               c4_roi_size=cfg.c4_roi_size, foreach_momentum=foreach_momentum, batched_loss=batched_loss)
+               c4_roi_size=cfg.c4_roi_size, projection_norm=cfg.projection_norm,
+               inbatch_negatives=cfg.inbatch_negatives, embed_init=cfg.embed_init)
 
 
 def query_backbone_config(cfg: PretrainConfig) -> BackboneConfig:
@@ -407,6 +454,20 @@ def export_backbone_from_state(model_state: dict[str, torch.Tensor], cfg: Pretra
     return backbone
 
 
+def deviations_from_official(cfg: PretrainConfig) -> list[str]:
+    """Each setting that differs from the released recipe, with the reason when a preset documents one.
+
+    Example: ``["lr 0.3 (official 0.03)", ...]``.
+    """
+    out = []
+    for name, official in OFFICIAL_RECIPE.items():
+        value = getattr(cfg, name)
+        if value != official:
+            reason = DEVIATION_REASONS.get(name) if cfg.preset in DEVIATION_PRESETS else None
+            out.append(f"{name} {value} (official {official})" + (f": {reason}" if reason else ""))
+    return out
+
+
 def _provenance(cfg: PretrainConfig, *, epoch: int, step_in_epoch: int, steps_per_epoch: int, global_step: int,
                 num_images: int) -> dict[str, Any]:
     variant = backbone_config(cfg.arch).variant
@@ -428,6 +489,9 @@ def _provenance(cfg: PretrainConfig, *, epoch: int, step_in_epoch: int, steps_pe
     }
     if cfg.dataset_name:
         prov["data"] = cfg.dataset_name
+    deviations = deviations_from_official(cfg)
+    if deviations:
+        prov["deviations_from_official"] = "; ".join(deviations)
     notes = []
     if cfg.method == "insloc" and variant == "c4":
         notes.append(f"C4 head is a reconstruction (official config unreleased, issue #14): RoIAlign "
@@ -470,12 +534,40 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.Path
                        num_images=state["num_images"])
     prov["checkpoint"] = path.name
     run_dir = path.parent if (path.parent / "config.json").is_file() else None
+    if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+        records = []
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                record = json.loads(line)
+                if record.get("step", 0) <= state["global_step"]:
+                    records.append(record)
+        monitor = CollapseMonitor(cfg.dim, cfg.batch_size)
+        collapsed = next((r["step"] for r in records if monitor.is_collapsed(r)), None)
+        diagnostics = summarize(records, batch_size=cfg.batch_size, dim=cfg.dim, collapsed_at=collapsed)
+        if diagnostics:
+            prov["diagnostics"] = diagnostics
     return _export(backbone, Path(out_dir), cfg, prov, run_dir)
 
 
 # --------------------------------------------------------------------------------------------------
 # Logging
 # --------------------------------------------------------------------------------------------------
+def _check_tensorboard(cfg: PretrainConfig) -> None:
+    if not cfg.tensorboard:
+        return
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError as err:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard (or drop "
+                          "--tensorboard; metrics.jsonl and curves.png hold the same numbers)") from err
+
+
+def chance_loss(model: InsLoc, batch_size: int) -> float:
+    """The loss of embeddings that tell nothing apart: sum over levels of weight x ln(negatives + 1)."""
+    negatives = model.K + (batch_size - 1 if model.inbatch_negatives else 0)
+    return float(model.level_weights.sum()) * math.log(negatives + 1)
+
+
 def _progress(total: int, initial: int, enabled: bool) -> Any:
     if not enabled:
         return None
@@ -550,6 +642,7 @@ def train(cfg: PretrainConfig, *, callbacks: Sequence[Callback] = ()) -> Path:
         CheckpointError: ``--resume`` of a checkpoint from another configuration or data set.
     """
     cfg.validate()
+    _check_tensorboard(cfg)
     if not cfg.data:
         raise DatasetError("--data is required: a folder of images or a text file listing them")
     if not cfg.output:
@@ -624,7 +717,9 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
         def check(path: Path, state: dict[str, Any]) -> None:
             if state.get("format") != CHECKPOINT_FORMAT:
                 raise CheckpointError(f"{path} is not an insloc-train pretraining checkpoint")
-            check_config(state["config"], cfg.to_dict(), ignore=RESUME_IGNORED_FIELDS, source=path)
+            # fields added after a checkpoint was written take the value that reproduces its behaviour
+            saved_config = {**FIELDS_ADDED_LATER, **state["config"]}
+            check_config(saved_config, cfg.to_dict(), ignore=RESUME_IGNORED_FIELDS, source=path)
             if state["num_images"] != len(images):
                 raise CheckpointError(f"{path} was trained on {state['num_images']} images but --data has "
                                       f"{len(images)}; resume with the same data")
@@ -664,7 +759,13 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
             "torch": torch.__version__, "launcher": info.launcher,
             "backbone": query_backbone_config(cfg).to_dict(),
         })
-    metrics = MetricsWriter(run_dir, is_main, global_step)
+    metrics = MetricsWriter(run_dir, is_main, global_step, tensorboard=cfg.tensorboard)
+    monitor = CollapseMonitor(cfg.dim, cfg.batch_size)
+    loss_at_chance = chance_loss(inner, cfg.batch_size)
+
+    def draw_curves() -> None:
+        if is_main:
+            plot_curves(metrics.records, run_dir / "curves.png", chance_loss=loss_at_chance, batch_size=cfg.batch_size)
     bar = _progress(total_steps, global_step, is_main and sys.stderr.isatty())
 
     def save(epoch_: int, step_in_epoch_: int) -> None:
@@ -678,6 +779,7 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
             "num_images": len(images), "world_size": world, "rng": capture_rng_state(),
         })
         prune_checkpoints(run_dir, cfg.keep_checkpoints)
+        draw_curves()
 
     model.train()
     wrote_grid = (run_dir / "composition.png").exists()
@@ -716,13 +818,18 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
                               "data_time": window["data"] / window["steps"],
                               "step_time": elapsed / window["steps"], "time": time.time()}
                     metrics.write(record)
+                    if is_main:
+                        monitor.update(global_step, record)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.4g}",
+                        bar.set_postfix(loss=f"{values['loss']:.3f}", top1=f"{values['inbatch_top1']:.0f}%",
+                                        cos_k=f"{values['cos_k']:.2f}", lr=f"{lr:.4g}",
                                         img_s=f"{record['img_per_s']:.0f}",
                                         data=f"{record['data_time']:.3f}s", step=f"{record['step_time']:.3f}s")
                     elif is_main and (global_step // cfg.log_every) % 10 == 1:
-                        logger.info("step %d/%d epoch %d loss %.4f lr %.4g %.1f img/s", global_step, total_steps,
-                                    epoch, values["loss"], lr, record["img_per_s"])
+                        logger.info("step %d/%d epoch %d loss %.4f (chance %.2f) in-batch top-1 %.0f%% cos_q %.2f "
+                                    "cos_k %.2f std %.3f lr %.4g %.1f img/s", global_step, total_steps, epoch,
+                                    values["loss"], loss_at_chance, values["inbatch_top1"], values["cos_q"],
+                                    values["cos_k"], values["emb_std"], lr, record["img_per_s"])
                     window = {"steps": 0, "data": 0.0, "start": time.perf_counter()}
                 if bar is not None:
                     bar.update(1)
@@ -756,6 +863,11 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
         backbone = export_backbone_from_state(inner.state_dict(), cfg)
         prov = _provenance(cfg, epoch=epoch, step_in_epoch=step_in_epoch, steps_per_epoch=steps_per_epoch,
                            global_step=global_step, num_images=len(images))
+        diagnostics = summarize(metrics.records, batch_size=cfg.batch_size, dim=cfg.dim,
+                                collapsed_at=monitor.collapsed_at)
+        if diagnostics:
+            prov["diagnostics"] = diagnostics
+        draw_curves()
         _export(backbone, final, cfg, prov, run_dir)
         logger.info("exported the query backbone to %s", final)
     dist_utils.barrier()

@@ -55,13 +55,15 @@ from insloc_hub.errors import ConfigError
 from insloc_hub.models import BackboneConfig, InsLocBackbone, backbone_config
 
 from .boxaug import BoxJitter
+from .diagnostics import embedding_diagnostics
 from .distributed import all_gather_tensor, broadcast_tensor, get_rank, get_world_size
 
-__all__ = ["FPN_LEVELS", "FPN_STRIDES", "Projection", "Encoder", "InsLoc", "info_nce_per_level"]
+__all__ = ["PROJECTION_NORMS", "FPN_LEVELS", "FPN_STRIDES", "Projection", "Encoder", "InsLoc", "info_nce_per_level"]
 
 FPN_LEVELS = ("p2", "p3", "p4", "p5")
 FPN_STRIDES = (4, 8, 16, 32)
 C4_STRIDE = 16
+PROJECTION_NORMS = ("off", "batch", "level")
 
 
 class Projection(nn.Module):
@@ -70,21 +72,37 @@ class Projection(nn.Module):
     FPN (official): ``fc2`` is the head's second shared fc (1024->1024, Xavier-uniform, bias 0) and
     ``embed`` the 128-d ``fc_cls`` (N(0, 0.01), bias 0). C4 reconstruction and the MoCo baseline:
     the MoCo v2 MLP (2048->2048->128 with PyTorch's default ``nn.Linear`` init, as MoCo v2).
+
+    ``norm=True`` (not official; the ``small-data`` preset) adds BatchNorm after ``fc2`` and a
+    parameter-free BatchNorm after ``embed``, as MoCo v3's projector does (Chen et al., ICCV 2021).
+    With ``groups`` > 1 (the FPN levels, roi-major / level-minor rows) each level is normalised with
+    its own statistics, so no level can keep a common component of its own.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, dim: int = 128, *, official_init: bool = True) -> None:
+    def __init__(self, in_dim: int, hidden_dim: int, dim: int = 128, *, official_init: bool = True,
+                 norm: bool = False, groups: int = 1) -> None:
         super().__init__()
-        self.fc2 = nn.Linear(in_dim, hidden_dim)
+        self.groups = int(groups)
+        self.fc2 = nn.Linear(in_dim, hidden_dim, bias=not norm)
+        self.norm2 = nn.BatchNorm1d(hidden_dim * self.groups) if norm else nn.Identity()
         self.relu = nn.ReLU(inplace=True)
-        self.embed = nn.Linear(hidden_dim, dim)
+        self.embed = nn.Linear(hidden_dim, dim, bias=not norm)
+        self.norm_out = nn.BatchNorm1d(dim * self.groups, affine=False) if norm else nn.Identity()
         if official_init:
             nn.init.xavier_uniform_(self.fc2.weight)
-            nn.init.zeros_(self.fc2.bias)
             nn.init.normal_(self.embed.weight, 0.0, 0.01)
-            nn.init.zeros_(self.embed.bias)
+            for layer in (self.fc2, self.embed):
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+
+    def _norm(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1 or isinstance(layer, nn.Identity):
+            return layer(x)
+        return layer(x.reshape(-1, self.groups * x.shape[-1])).view_as(x)  # [B, L * C]: statistics per level
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.relu(self.fc2(x)))
+        x = self.relu(self._norm(self.norm2, self.fc2(x)))
+        return self._norm(self.norm_out, self.embed(x))
 
 
 class Encoder(nn.Module):
@@ -94,15 +112,15 @@ class Encoder(nn.Module):
     image and level, roi-major / level-minor as the official head stacks them -- where ``boxes`` is
     ``[L, B, 4]`` (xyxy canvas pixels, one box per image per level).
 
-    Pooling modes: ``"fpn"`` (RoIAlign 7x7 on P2-P5, shared 4conv1fc head), ``"c4"`` (RoIAlign
-    ``roi_size`` on res4, res5 head with average pooling), ``"image"`` (no boxes: global average
-    pool of the last stage; the MoCo baseline).
+    Pooling modes: ``"fpn"`` (RoIAlign 7x7 on P2-P5, shared 4conv1fc head) and ``"c4"`` (RoIAlign
+    ``roi_size`` on res4, res5 head with average pooling). The MoCo baseline's image-level encoder
+    overrides :meth:`features` (``training/moco.py``).
     """
 
     def __init__(self, backbone: InsLocBackbone, projection: Projection, pooling: str,
                  levels: Sequence[str], strides: Sequence[int], roi_size: int) -> None:
         super().__init__()
-        if pooling not in ("fpn", "c4", "image"):
+        if pooling not in ("fpn", "c4"):
             raise ConfigError(f"unknown pooling {pooling!r}")
         self.backbone = backbone
         self.projection = projection
@@ -121,58 +139,54 @@ class Encoder(nn.Module):
         # mmdet RoIAlign(out_size=7, sample_num=0, aligned=True) == torchvision's, no level mapping
         return roi_align(feature, rois, self.roi_size, spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True)
 
-    def forward(self, images: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+    def features(self, images: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
+        """Head features before the projection: ``[B * L, C]``, roi-major / level-minor."""
         batch = images.shape[0]
-        if self.pooling == "image":
-            x = self.backbone.forward_embedding(images)
+        if boxes is None or boxes.shape[:2] != (len(self.levels), batch):
+            raise ValueError(f"boxes must be [{len(self.levels)}, {batch}, 4], got "
+                             f"{None if boxes is None else tuple(boxes.shape)}")
+        if self.pooling == "fpn":
+            feats = self.backbone.forward_features(images)
+            pooled = [self._pool(feats[name], boxes[i], stride)
+                      for i, (name, stride) in enumerate(zip(self.levels, self.strides))]
+            x = torch.stack(pooled, dim=1).flatten(0, 1)  # [B * L, C, 7, 7], roi-major
         else:
-            if boxes is None or boxes.shape[:2] != (len(self.levels), batch):
-                raise ValueError(f"boxes must be [{len(self.levels)}, {batch}, 4], got "
-                                 f"{None if boxes is None else tuple(boxes.shape)}")
-            if self.pooling == "fpn":
-                feats = self.backbone.forward_features(images)
-                pooled = [self._pool(feats[name], boxes[i], stride)
-                          for i, (name, stride) in enumerate(zip(self.levels, self.strides))]
-                x = torch.stack(pooled, dim=1).flatten(0, 1)  # [B * L, C, 7, 7], roi-major
-            else:
-                c4 = self.backbone.trunk(images)["c4"]
-                x = self._pool(c4, boxes[0], self.strides[0])  # [B, C4, 14, 14]
-            x = self.backbone.box_head(x)  # 4conv1fc -> [B * L, 1024] | res5 + avgpool -> [B, 2048]
-        x = self.projection(x).float()
-        return F.normalize(x, dim=1).view(batch, -1, x.shape[-1])
+            c4 = self.backbone.trunk(images)["c4"]
+            x = self._pool(c4, boxes[0], self.strides[0])  # [B, C4, 14, 14]
+        return self.backbone.box_head(x)  # 4conv1fc -> [B * L, 1024] | res5 + avgpool -> [B, 2048]
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.projection(self.features(images, boxes)).float()
+        return F.normalize(x, dim=1).view(images.shape[0], -1, x.shape[-1])
 
 
 def info_nce_per_level(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
-                       *, batched: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-level InfoNCE losses and top-1 accuracies (%).
+                       *, inbatch_negatives: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-level InfoNCE losses and top-1 accuracies (%), all levels in one ``bmm``.
 
     Args:
         q, k: ``[L, B, dim]`` normalised query / key embeddings (keys carry no gradient).
         queue: ``[L, dim, K]`` negatives, one queue per level.
         temperature: T (0.2).
-        batched: one ``bmm`` over the levels (fast) or the official per-level loop (same numbers).
+        inbatch_negatives: also use the other keys of the batch as negatives (not official; the
+            ``small-data`` preset). The official loss ``[q.k+, q.queue]`` is the default.
 
     Returns:
         ``(losses [L], accuracies [L])``: the mean cross-entropy of ``[l_pos, l_neg] / T`` with label 0
         for each level, and how often the positive has the highest logit.
     """
-    if batched:
-        l_pos = (q * k).sum(dim=-1, keepdim=True)  # [L, B, 1]
-        l_neg = torch.bmm(q, queue)  # [L, B, K]
-        logits = torch.cat([l_pos, l_neg], dim=-1) / temperature
-        labels = torch.zeros(logits.shape[0] * logits.shape[1], dtype=torch.long, device=q.device)
-        losses = F.cross_entropy(logits.flatten(0, 1), labels, reduction="none").view(q.shape[:2]).mean(dim=1)
-        accuracies = (logits.detach().argmax(dim=-1) == 0).float().mean(dim=1) * 100.0
-        return losses, accuracies
-    losses, accuracies = [], []
-    for level in range(q.shape[0]):  # insloc_fpn.py: einsum('nc,nc->n'), einsum('nc,ck->nk')
-        l_pos = torch.einsum("nc,nc->n", q[level], k[level]).unsqueeze(-1)
-        l_neg = torch.einsum("nc,ck->nk", q[level], queue[level])
-        logits = torch.cat([l_pos, l_neg], dim=1) / temperature
-        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=q.device)
-        losses.append(F.cross_entropy(logits, labels))
-        accuracies.append((logits.detach().argmax(dim=1) == 0).float().mean() * 100.0)
-    return torch.stack(losses), torch.stack(accuracies)
+    l_pos = (q * k).sum(dim=-1, keepdim=True)  # [L, B, 1]
+    l_neg = torch.bmm(q, queue)  # [L, B, K]
+    parts = [l_pos, l_neg]
+    if inbatch_negatives:
+        l_batch = torch.bmm(q, k.transpose(1, 2))  # [L, B, B]; the diagonal is the positive, masked out
+        own = torch.eye(q.shape[1], dtype=torch.bool, device=q.device)
+        parts.append(l_batch.masked_fill(own, float("-inf")))
+    logits = torch.cat(parts, dim=-1) / temperature
+    labels = torch.zeros(logits.shape[0] * logits.shape[1], dtype=torch.long, device=q.device)
+    losses = F.cross_entropy(logits.flatten(0, 1), labels, reduction="none").view(q.shape[:2]).mean(dim=1)
+    accuracies = (logits.detach().argmax(dim=-1) == 0).float().mean(dim=1) * 100.0
+    return losses, accuracies
 
 
 class InsLoc(nn.Module):
@@ -193,9 +207,14 @@ class InsLoc(nn.Module):
         shuffle_bn: shuffle keys across GPUs for the key forward (no-op in one process, see
             :meth:`_batch_shuffle_ddp`).
         c4_roi_size: RoIAlign size on res4 for the C4 reconstruction (14).
-        foreach_momentum: momentum update with ``torch._foreach_*`` (one kernel per group) instead of
-            a Python loop over parameters; identical formula.
-        batched_loss: all levels' InfoNCE in one ``bmm`` instead of a loop; identical formula.
+        projection_norm: ``"off"`` (official), ``"batch"`` (BatchNorm in the projection, MoCo v3 style; see
+            :class:`Projection`) or ``"level"`` (the same with separate statistics for each FPN level).
+        embed_init: ``"official"`` (``embed`` ~ N(0, 0.01)) or ``"default"`` (``nn.Linear``'s init).
+        inbatch_negatives: the batch's other keys are negatives too (not official, see
+            :func:`info_nce_per_level`).
+
+    ``forward`` also returns the collapse diagnostics of ``training/diagnostics.py`` (in-batch top-1,
+    cosines, std; per level and in total).
     """
 
     levels: tuple[str, ...]
@@ -214,14 +233,20 @@ class InsLoc(nn.Module):
         level_weights: Sequence[float] | None = None,
         shuffle_bn: bool = True,
         c4_roi_size: int = 14,
-        foreach_momentum: bool = True,
-        batched_loss: bool = True,
+        projection_norm: str = "off",
+        embed_init: str = "official",
+        inbatch_negatives: bool = False,
     ) -> None:
         super().__init__()
         if K <= 0 or dim <= 0 or not 0.0 <= m <= 1.0 or T <= 0:
             raise ConfigError(f"need K > 0, dim > 0, 0 <= m <= 1 and T > 0; got K={K}, dim={dim}, m={m}, T={T}")
         self.K, self.m, self.T, self.dim = int(K), float(m), float(T), int(dim)
-        self.shuffle_bn, self.foreach_momentum, self.batched_loss = shuffle_bn, foreach_momentum, batched_loss
+        if embed_init not in ("official", "default"):
+            raise ConfigError(f"embed_init must be 'official' or 'default', got {embed_init!r}")
+        self.shuffle_bn, self.inbatch_negatives = shuffle_bn, bool(inbatch_negatives)
+        if projection_norm not in PROJECTION_NORMS:
+            raise ConfigError(f"projection_norm must be one of {PROJECTION_NORMS}, got {projection_norm!r}")
+        self.projection_norm, self.embed_init = projection_norm, embed_init
 
         # -- encoders ------------------------------------------------------------------------------
         self.encoder_q = self._build_encoder(backbone_config(arch), dim, c4_roi_size)
@@ -254,13 +279,15 @@ class InsLoc(nn.Module):
             if tuple(cfg.parts) != ("trunk", "fpn", "box_head"):
                 raise ConfigError(f"InsLoc FPN pretrains trunk, fpn and box_head; the config has parts {cfg.parts}")
             backbone = InsLocBackbone(cfg)
-            projection = Projection(cfg.head_fc, cfg.head_fc, dim)
+            projection = Projection(cfg.head_fc, cfg.head_fc, dim, official_init=self.embed_init == "official",
+                                    norm=self.projection_norm != "off",
+                                    groups=len(FPN_LEVELS) if self.projection_norm == "level" else 1)
             return Encoder(backbone, projection, "fpn", FPN_LEVELS, FPN_STRIDES, cfg.roi_size)
         if "box_head" not in cfg.parts:
             raise ConfigError("InsLoc C4 pretrains the res5 RoI head; the config must include 'box_head'")
         backbone = InsLocBackbone(cfg)
         width = backbone.embedding_dim  # res5 output channels (2048 for R50)
-        projection = Projection(width, width, dim, official_init=False)
+        projection = Projection(width, width, dim, official_init=False, norm=self.projection_norm != "off")
         return Encoder(backbone, projection, "c4", ("c4",), (C4_STRIDE,), c4_roi_size)
 
     # ----------------------------------------------------------------------------------------------
@@ -273,12 +300,8 @@ class InsLoc(nn.Module):
         """``theta_k = m * theta_k + (1 - m) * theta_q`` for every parameter (not BN buffers)."""
         params_q = [p.detach() for p in self.encoder_q.parameters()]
         params_k = [p.detach() for p in self.encoder_k.parameters()]
-        if self.foreach_momentum:
-            torch._foreach_mul_(params_k, self.m)
-            torch._foreach_add_(params_k, params_q, alpha=1.0 - self.m)
-        else:
-            for param_k, param_q in zip(params_k, params_q):
-                param_k.copy_(param_k * self.m + param_q * (1.0 - self.m))
+        torch._foreach_mul_(params_k, self.m)  # one kernel per group instead of a loop over parameters
+        torch._foreach_add_(params_k, params_q, alpha=1.0 - self.m)
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
@@ -347,7 +370,8 @@ class InsLoc(nn.Module):
                 seeds one per step, so a resumed run draws the same numbers).
 
         Returns:
-            ``{"loss": sum of weighted per-level losses, "loss_<level>": ..., "acc_<level>": top-1 %}``.
+            ``{"loss": sum of weighted per-level losses, "loss_<level>": ..., "acc_<level>": top-1 % against
+            the queue, "inbatch_top1", "cos_q", "cos_k", "emb_std" (+ ``_<level>``)}``.
         """
         # query: GT boxes, jittered box at P5
         q_levels = None
@@ -369,7 +393,7 @@ class InsLoc(nn.Module):
         with torch.autocast(device_type=q.device.type, enabled=False):
             losses, accuracies = info_nce_per_level(
                 q.float().transpose(0, 1), k.float().transpose(0, 1), self.queue.clone().detach(), self.T,
-                batched=self.batched_loss)
+                inbatch_negatives=self.inbatch_negatives)
             loss = (losses * self.level_weights.to(losses.device)).sum()
         self._dequeue_and_enqueue(k)
 
@@ -377,4 +401,7 @@ class InsLoc(nn.Module):
         for i, level in enumerate(self.levels):
             out[f"loss_{level}"] = losses[i].detach()
             out[f"acc_{level}"] = accuracies[i]
+        # collapse diagnostics over the global batch (the queries and keys of every process)
+        q_all, k_all = all_gather_tensor(q.detach()), all_gather_tensor(k.detach())
+        out.update(embedding_diagnostics(q_all.transpose(0, 1), k_all.transpose(0, 1), self.levels))
         return out

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from torch.utils.data import Dataset
 
 from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
@@ -43,13 +44,25 @@ from .compose import (
 from .insloc import Encoder, InsLoc, Projection
 from .pretrain_data import UnlabelledImages, sample_rng
 
-__all__ = ["MoCo", "MOCO_CROP_SCALE", "MOCO_CROP_RATIO", "moco_view_params", "MocoPretrainDataset",
+__all__ = ["MoCo", "ImageEncoder", "MOCO_CROP_SCALE", "MOCO_CROP_RATIO", "moco_view_params", "MocoPretrainDataset",
            "MocoDecodeDataset"]
 
 MOCO_CROP_SCALE = (0.2, 1.0)
 """``RandomResizedCrop(224, scale=(0.2, 1.))`` in MoCo v2's ``aug_plus``."""
 MOCO_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 """torchvision's default RandomResizedCrop aspect range."""
+
+
+class ImageEncoder(Encoder):
+    """MoCo's encoder: global average pool of the trunk's last stage (no boxes), then the MLP projection."""
+
+    def __init__(self, backbone: InsLocBackbone, projection: Projection) -> None:
+        nn.Module.__init__(self)
+        self.backbone, self.projection = backbone, projection
+        self.pooling, self.levels, self.strides, self.roi_size = "image", ("image",), (), 0
+
+    def features(self, images: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
+        return self.backbone.forward_embedding(images)
 
 
 class MoCo(InsLoc):
@@ -68,8 +81,9 @@ class MoCo(InsLoc):
         parts = ("trunk",) if cfg.variant == "fpn" else ("trunk", "box_head")
         backbone = InsLocBackbone(dataclasses.replace(cfg, parts=parts))
         width = backbone.embedding_dim  # C5 channels (2048 for R50)
-        projection = Projection(width, width, dim, official_init=False)  # MoCo v2 MLP
-        return Encoder(backbone, projection, "image", ("image",), (), 0)
+        # the MoCo v2 MLP
+        projection = Projection(width, width, dim, official_init=False, norm=self.projection_norm != "off")
+        return ImageEncoder(backbone, projection)
 
 
 def moco_view_params(foreground_size: tuple[int, int], cfg: CompositionConfig,

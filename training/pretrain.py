@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 _SYSTEM_FIELDS = ("workers", "threads", "device", "amp", "channels_last", "compile", "gpu_composition", "max_side",
                   "checkpoint_every_steps", "keep_checkpoints", "log_every", "resume", "deterministic", "data_root",
-                  "dataset_name", "max_steps")
+                  "dataset_name", "max_steps", "tensorboard")
 _GROUPS = {
     "required": ("data", "output"),
     "hyper-parameters (defaults: the official FPN recipe)": tuple(

@@ -60,40 +60,43 @@ def seed_everything(seed: int) -> None:
 
 
 class MetricsWriter:
-    """``metrics.jsonl`` (rank 0 only), plus TensorBoard when it is installed.
+    """``metrics.jsonl`` (rank 0 only), the records in memory (for curves and the card), TensorBoard on request.
 
     Each record is one JSON line; ``step_key`` names its step. On resume, lines of steps after
     ``resume_step`` (written by a killed run after its last checkpoint) are dropped first.
+    ``tensorboard=True`` also logs every number to ``run_dir/tensorboard`` (the package must be installed).
     """
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0, step_key: str = "step") -> None:
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0, step_key: str = "step",
+                 tensorboard: bool = False) -> None:
         self.enabled, self.step_key = enabled, step_key
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.records: list[dict[str, Any]] = []
         self.tb: Any = None
         if not enabled:
             return
         if self.path.exists():
-            kept = []
             for line in self.path.read_text().splitlines():
                 with contextlib.suppress(json.JSONDecodeError, AttributeError):
-                    if json.loads(line).get(step_key, 0) <= resume_step:
-                        kept.append(line)
-            self.path.write_text("".join(x + "\n" for x in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+                    record = json.loads(line)
+                    if record.get(step_key, 0) <= resume_step:
+                        self.records.append(record)
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # the caller checked that it is installed
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        except Exception:  # noqa: BLE001 - tensorboard is optional
-            self.tb = None
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        self.records.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != self.step_key:
+                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if numeric and key not in (self.step_key, "time"):
                     self.tb.add_scalar(key, value, record[self.step_key])
 
     def close(self) -> None:

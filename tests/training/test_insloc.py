@@ -66,22 +66,34 @@ def test_enqueue_writes_all_levels_and_the_pointer_wraps():
         model._dequeue_and_enqueue(F.normalize(torch.randn(3, 4, 128), dim=-1))
 
 
-@pytest.mark.parametrize("batched", [True, False])
-def test_info_nce_on_hand_checkable_inputs(batched):
+def _official_loss_loop(q, k, queue, temperature):
+    """The official per-level loop (insloc_fpn.py: einsum('nc,nc->n'), einsum('nc,ck->nk')), for reference."""
+    losses, accuracies = [], []
+    for level in range(q.shape[0]):
+        l_pos = torch.einsum("nc,nc->n", q[level], k[level]).unsqueeze(-1)
+        l_neg = torch.einsum("nc,ck->nk", q[level], queue[level])
+        logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+        labels = torch.zeros(logits.shape[0], dtype=torch.long)
+        losses.append(F.cross_entropy(logits, labels))
+        accuracies.append((logits.argmax(dim=1) == 0).float().mean() * 100.0)
+    return torch.stack(losses), torch.stack(accuracies)
+
+
+def test_info_nce_on_hand_checkable_inputs():
     # q == k == e_0, negatives e_1..e_K (orthogonal): l_pos = 1, l_neg = 0, so with T = 0.2
     # logits = [5, 0, ..., 0] and CE = log(1 + K * exp(-5)) for every image of every level.
     dim, num_neg, levels, batch = 16, 8, 4, 3
     eye = torch.eye(dim)
     q = eye[0].expand(levels, batch, dim).contiguous()
     queue = eye[1:num_neg + 1].T.expand(levels, dim, num_neg).contiguous()
-    losses, acc = info_nce_per_level(q, q.clone(), queue, 0.2, batched=batched)
+    losses, acc = info_nce_per_level(q, q.clone(), queue, 0.2)
     expected = math.log(1 + num_neg * math.exp(-5.0))
     assert torch.allclose(losses, torch.full((levels,), expected), atol=1e-6)
     assert torch.equal(acc, torch.full((levels,), 100.0))
     # one negative equal to the query: logits [5, 5, 0, ..., 0], CE = log(2 + (K - 1) exp(-5))
     queue2 = queue.clone()
     queue2[:, :, 0] = eye[0]
-    losses2, _ = info_nce_per_level(q, q.clone(), queue2, 0.2, batched=batched)
+    losses2, _ = info_nce_per_level(q, q.clone(), queue2, 0.2)
     expected2 = math.log(1 + math.exp(0.0) + (num_neg - 1) * math.exp(-5.0))
     assert torch.allclose(losses2, torch.full((levels,), expected2), atol=1e-6)
 
@@ -91,15 +103,32 @@ def test_batched_loss_equals_the_official_loop():
     q = F.normalize(torch.randn(4, 6, 32, generator=g), dim=-1)
     k = F.normalize(torch.randn(4, 6, 32, generator=g), dim=-1)
     queue = F.normalize(torch.randn(4, 32, 24, generator=g), dim=1)
-    a = info_nce_per_level(q, k, queue, 0.2, batched=True)
-    b = info_nce_per_level(q, k, queue, 0.2, batched=False)
+    a = info_nce_per_level(q, k, queue, 0.2)
+    b = _official_loss_loop(q, k, queue, 0.2)
     assert torch.allclose(a[0], b[0], atol=1e-6) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("foreach", [True, False])
-def test_momentum_update_formula(foreach):
+def test_inbatch_negatives_add_the_other_keys_of_the_batch():
+    g = torch.Generator().manual_seed(2)
+    q = F.normalize(torch.randn(2, 5, 16, generator=g), dim=-1)
+    k = F.normalize(torch.randn(2, 5, 16, generator=g), dim=-1)
+    queue = F.normalize(torch.randn(2, 16, 10, generator=g), dim=1)
+    losses, _ = info_nce_per_level(q, k, queue, 0.2, inbatch_negatives=True)
+    # the same loss as the plain one with the other keys of the batch appended to each query's negatives
+    expected = []
+    for level in range(2):
+        per_image = []
+        for i in range(5):
+            negatives = torch.cat([queue[level], k[level][torch.arange(5) != i].T], dim=1)
+            logits = torch.cat([(q[level, i] * k[level, i]).sum().view(1), q[level, i] @ negatives]) / 0.2
+            per_image.append(F.cross_entropy(logits.view(1, -1), torch.zeros(1, dtype=torch.long)))
+        expected.append(torch.stack(per_image).mean())
+    assert torch.allclose(losses, torch.stack(expected), atol=1e-5)
+
+
+def test_momentum_update_equals_the_reference_loop():
     torch.manual_seed(0)
-    model = InsLoc("tiny-fpn", K=16, canvas=S, m=0.9, foreach_momentum=foreach)
+    model = InsLoc("tiny-fpn", K=16, canvas=S, m=0.9)
     with torch.no_grad():
         for p in model.encoder_q.parameters():
             p.add_(torch.randn_like(p))
@@ -118,7 +147,9 @@ def test_momentum_update_formula(foreach):
 def test_key_encoder_gets_no_gradient_and_query_does(tiny):
     q, q_box, k, k_box = _inputs()
     out = tiny(q, q_box, k, k_box, generator=torch.Generator().manual_seed(0))
-    assert set(out) == {"loss"} | {f"{p}_{lv}" for p in ("loss", "acc") for lv in ("p2", "p3", "p4", "p5")}
+    diagnostics = {"inbatch_top1", "cos_q", "cos_k", "emb_std"}
+    assert set(out) == {"loss"} | diagnostics | {f"{p}_{lv}" for p in ("loss", "acc", *diagnostics)
+                                                 for lv in ("p2", "p3", "p4", "p5")}
     expected = sum(out[f"loss_{lv}"] for lv in tiny.levels)
     assert torch.allclose(out["loss"].detach(), expected)
     tiny.zero_grad(set_to_none=True)
@@ -167,7 +198,7 @@ def test_jitter_can_be_disabled_and_c4_jitters_its_single_level(monkeypatch):
     torch.manual_seed(0)
     c4 = InsLoc("tiny-c4", K=16, canvas=S)
     out = c4(q, q_box, k, k_box, generator=torch.Generator().manual_seed(2))
-    assert set(out) == {"loss", "loss_c4", "acc_c4"}
+    assert set(out) == {"loss", "loss_c4", "acc_c4", "inbatch_top1", "cos_q", "cos_k", "emb_std"}
     jittered = c4.box_jitter(q_box, generator=torch.Generator().manual_seed(2))
     assert [(c[1], c[2]) for c in calls] == [(14, 1 / 16)] * 2
     assert torch.equal(calls[0][0], jittered) and torch.equal(calls[1][0], k_box)
@@ -224,9 +255,22 @@ def test_moco_baseline_smoke():
     model = MoCo("tiny-fpn", K=8)
     q, _, k, _ = _inputs()
     out = model(q, None, k, None)
-    assert set(out) == {"loss", "loss_image", "acc_image"}
+    assert set(out) == {"loss", "loss_image", "acc_image", "inbatch_top1", "cos_q", "cos_k", "emb_std"}
     out["loss"].backward()
     assert model.query_backbone().config.parts == ("trunk",)
     assert model.box_jitter is None and int(model.queue_ptr) == B
     c4 = MoCo("tiny-c4", K=8)
     assert c4.query_backbone().config.parts == ("trunk", "box_head")
+
+
+def test_projection_norm_centres_the_embeddings_per_level_when_asked():
+    torch.manual_seed(0)
+    x = torch.randn(6 * 4, 32) + torch.arange(4).repeat(6).unsqueeze(1).float() * 5  # level-dependent offset
+    mixed = insloc_module.Projection(32, 32, 8, norm=True).train()(x).view(6, 4, 8)
+    per_level = insloc_module.Projection(32, 32, 8, norm=True, groups=4).train()(x).view(6, 4, 8)
+    assert torch.allclose(per_level.mean(dim=0), torch.zeros(4, 8), atol=1e-5)  # each level centred
+    assert mixed.mean(dim=0).abs().max() > 0.1  # one set of statistics leaves a per-level mean
+    with pytest.raises(ConfigError, match="projection_norm"):
+        InsLoc("tiny-fpn", K=16, canvas=S, projection_norm="yes")
+    level = InsLoc("tiny-fpn", K=16, canvas=S, projection_norm="level")
+    assert level.encoder_q.projection.norm2.num_features == 4 * 64
