@@ -56,7 +56,12 @@ __all__ = [
     "compose_pair",
     "compose_pair_with_params",
     "render_view_pil",
+    "foreground_reduction",
+    "render_view_fast",
+    "compose_pair_fast",
+    "normalize_uint8",
     "compose_batch",
+    "stretch_to_canvas",
     "apply_color_ops",
     "adjust_brightness_batch",
     "adjust_contrast_batch",
@@ -505,6 +510,128 @@ def compose_pair(
 
 
 # --------------------------------------------------------------------------------------------------
+# Fast per-sample implementation (PIL, uint8) -- what the CPU data loader runs by default
+# --------------------------------------------------------------------------------------------------
+def foreground_reduction(params: CompositionParams) -> float:
+    """How much the foreground may be shrunk before cropping with both pastes still downscales.
+
+    ``min(crop side / paste side)`` over the two views and both axes. A JPEG decoded at a reduced
+    scale (PIL ``draft``) no smaller than ``foreground_size / foreground_reduction(params)`` gives
+    the same boxes and a paste resampled from at least as many source pixels as it has.
+    """
+    return min(
+        min(v.crop_width / v.paste_width, v.crop_height / v.paste_height) for v in (params.query, params.key)
+    )
+
+
+_JITTER_PIL = {BRIGHTNESS: TF.adjust_brightness, CONTRAST: TF.adjust_contrast, SATURATION: TF.adjust_saturation,
+               HUE: TF.adjust_hue}
+
+
+def _pixel_aug_pil_fast(img: Image.Image, view: ViewParams) -> Image.Image:
+    """PixelAugPil with the same PIL operations as :func:`render_view_pil` (same bytes), fewer copies."""
+    if view.jitter:
+        factors = (view.brightness, view.contrast, view.saturation, view.hue)
+        for op in view.jitter_order:
+            img = _JITTER_PIL[op](img, factors[op])
+    if view.grayscale:
+        img = img.convert("L").convert("RGB")  # = rgb_to_grayscale(num_output_channels=3) on PIL
+    if view.blur:
+        img = img.filter(ImageFilter.GaussianBlur(radius=view.blur_sigma))
+    if view.flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
+
+
+def render_view_fast(
+    foreground: Image.Image,
+    foreground_size: tuple[int, int],
+    canvas: Image.Image,
+    view: ViewParams,
+    cfg: CompositionConfig,
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """One view like :func:`render_view_pil`, from a possibly reduced foreground, onto ``canvas``.
+
+    ``foreground`` is the RGB foreground decoded at any scale of its ``foreground_size`` (the
+    ``(width, height)`` the parameters were drawn for), e.g. a JPEG decoded with PIL ``draft``;
+    ``canvas`` is the background already stretched to ``cfg.canvas`` squared and is pasted into
+    (pass a copy if it is needed again). At full scale the crop, paste, colour operations and flip
+    give exactly the reference's bytes; on a reduced foreground the crop window is scaled to it and
+    resampled once (``Image.resize(box=...)``), so the boxes are the same and the paste differs only
+    by the decoder's reduction filter.
+    """
+    if canvas.size != (cfg.canvas, cfg.canvas) or canvas.mode != "RGB":
+        raise ValueError(f"canvas must be an RGB {cfg.canvas}x{cfg.canvas} image, got {canvas.mode} {canvas.size}")
+    size = (view.paste_width, view.paste_height)
+    box = (view.crop_left, view.crop_top, view.crop_left + view.crop_width, view.crop_top + view.crop_height)
+    if foreground.size == tuple(foreground_size):
+        crop = foreground.crop(box)
+        if crop.size != size:
+            crop = crop.resize(size, Image.Resampling.BILINEAR)
+    else:
+        sx, sy = foreground.width / foreground_size[0], foreground.height / foreground_size[1]
+        crop = foreground.resize(size, Image.Resampling.BILINEAR, box=(box[0] * sx, box[1] * sy, box[2] * sx,
+                                                                       box[3] * sy))
+    canvas.paste(crop, (view.paste_left, view.paste_top))
+    return _pixel_aug_pil_fast(canvas, view), view.box(cfg.canvas)
+
+
+def _pil_to_chw_uint8(img: Image.Image) -> torch.Tensor:
+    # one copy (PIL -> numpy); the CHW permute is a view, made contiguous by the batch stack
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalize_uint8(images: torch.Tensor, cfg: CompositionConfig | None = None) -> torch.Tensor:
+    """uint8 ``[..., 3, S, S]`` composites -> float32 normalised with ``cfg.mean``/``cfg.std``.
+
+    The last step of the fast pipeline (``ToTensor`` + ``Normalize``), run once per batch, on the
+    device when there is one. ``normalize_uint8(x) == (x / 255 - mean) / std``.
+    """
+    cfg = cfg or CompositionConfig()
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize_uint8 takes uint8 images, got {images.dtype}")
+    # the reference's arithmetic ((x / 255 - mean) / std), so both give the same float32 bits
+    mean = torch.tensor(cfg.mean, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    return images.float().div_(255.0).sub_(mean).div_(std)
+
+
+def compose_pair_fast(
+    foreground: Image.Image,
+    foreground_size: tuple[int, int],
+    canvas_q: Image.Image,
+    canvas_k: Image.Image,
+    params: CompositionParams,
+    cfg: CompositionConfig | None = None,
+    *,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The official sample from a (possibly reduced) foreground and two canvas-sized backgrounds.
+
+    Same outputs as :func:`compose_pair_with_params` (normalised float images, float32 boxes), or
+    uint8 images with ``normalize=False`` (normalise the batch later with :func:`normalize_uint8`).
+    ``canvas_q`` and ``canvas_k`` are pasted into; they may not be the same object.
+
+    Example:
+        >>> fg = Image.new("RGB", (500, 375), (200, 30, 30))
+        >>> p = sample_composition_params(fg.size, rng=0)
+        >>> bg = [Image.new("RGB", (256, 256)) for _ in range(2)]
+        >>> q, qb, k, kb = compose_pair_fast(fg, fg.size, bg[0], bg[1], p, normalize=False)
+        >>> q.dtype, tuple(q.shape)
+        (torch.uint8, (3, 256, 256))
+    """
+    cfg = cfg or CompositionConfig()
+    if canvas_q is canvas_k:
+        raise ValueError("canvas_q and canvas_k are pasted into: pass two images (e.g. canvas.copy())")
+    q_img, q_box = render_view_fast(foreground, foreground_size, canvas_q, params.query, cfg)
+    k_img, k_box = render_view_fast(foreground, foreground_size, canvas_k, params.key, cfg)
+    q, k = _pil_to_chw_uint8(q_img), _pil_to_chw_uint8(k_img)
+    if normalize:
+        q, k = normalize_uint8(q, cfg), normalize_uint8(k, cfg)
+    return q, torch.tensor(q_box, dtype=torch.float32), k, torch.tensor(k_box, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
 # Batched tensor implementation (GPU or CPU)
 # --------------------------------------------------------------------------------------------------
 def rgb_to_grayscale_batch(x: torch.Tensor) -> torch.Tensor:
@@ -692,6 +819,21 @@ def _fill_backgrounds(
         bg = _check_uint8_image(bg, "background").to(out.device, non_blocking=True)
         # mmcv.imresize(img, (256, 256)): a plain stretch (copy_and_paste.py L107-110).
         out[i] = _resize_float(bg, (canvas, canvas))
+
+
+def stretch_to_canvas(images: Sequence[torch.Tensor], canvas: int) -> torch.Tensor:
+    """uint8 ``[3, H_i, W_i]`` images -> uint8 ``[B, 3, canvas, canvas]``, each stretched like a background.
+
+    Bilinear with antialias (PIL's BILINEAR filter), rounded to grey levels like PIL's uint8 result;
+    on the images' device.
+    """
+    if not images:
+        raise ValueError("stretch_to_canvas needs at least one image")
+    out = torch.empty((len(images), 3, canvas, canvas), dtype=torch.uint8, device=images[0].device)
+    for i, img in enumerate(images):
+        img = _check_uint8_image(img, "image")
+        out[i] = _resize_float(img, (canvas, canvas)).round_().clamp_(0, 255).to(torch.uint8)
+    return out
 
 
 def compose_batch(
