@@ -581,6 +581,12 @@ def _pil_to_chw_uint8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
+def _host_constant(values: Any, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    # torch.tensor(..., device=cuda) copies synchronously (the host waits for the stream); built on the
+    # host and sent with non_blocking=True, a small constant costs no synchronisation
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def normalize_uint8(images: torch.Tensor, cfg: CompositionConfig | None = None) -> torch.Tensor:
     """uint8 ``[..., 3, S, S]`` composites -> float32 normalised with ``cfg.mean``/``cfg.std``.
 
@@ -591,8 +597,8 @@ def normalize_uint8(images: torch.Tensor, cfg: CompositionConfig | None = None) 
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize_uint8 takes uint8 images, got {images.dtype}")
     # the reference's arithmetic ((x / 255 - mean) / std), so both give the same float32 bits
-    mean = torch.tensor(cfg.mean, dtype=torch.float32, device=images.device).view(3, 1, 1)
-    std = torch.tensor(cfg.std, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    mean = _host_constant(cfg.mean, images.device).view(3, 1, 1)
+    std = _host_constant(cfg.std, images.device).view(3, 1, 1)
     return images.float().div_(255.0).sub_(mean).div_(std)
 
 
@@ -698,7 +704,7 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     t = ((sxf + one_minus_s) * v).clamp_(0.0, 1.0)
     p = (one_minus_s * v).clamp_(0.0, 1.0)
     vpqt = torch.stack((v, p, q, t), dim=-3)  # [N, 4, H, W]
-    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=x.device)
+    select = _host_constant([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], x.device, torch.long)
     index = select[:, i].movedim(0, -3)  # [N, 3, H, W] indices into vpqt's channel axis
     return vpqt.gather(-3, index)
 
@@ -730,8 +736,10 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     if n == 0:
         return x
-    sigma = sigma.to(device=x.device, dtype=torch.float32).view(-1)
+    # the kernel size is read on the host when sigma lives there (as apply_color_ops passes it), so
+    # the blur does not wait for the device
     radius = int(math.ceil(3.0 * float(sigma.max())))
+    sigma = sigma.to(device=x.device, dtype=torch.float32, non_blocking=True).view(-1)
     taps = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
     kernel = torch.exp(-(taps.view(1, -1) ** 2) / (2.0 * sigma.view(-1, 1) ** 2))
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(x.dtype)
@@ -923,8 +931,8 @@ def compose_batch(
     boxes = boxes.to(dev, non_blocking=True)
 
     # 5. Normalise (ImageNet mean/std, 0-1 units).
-    mean = torch.tensor(cfg.mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    mean = _host_constant(cfg.mean, dev).view(1, 3, 1, 1)
+    std = _host_constant(cfg.std, dev).view(1, 3, 1, 1)
     x.sub_(mean).div_(std)
     return x[:batch], boxes[:batch], x[batch:], boxes[batch:]
 

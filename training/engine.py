@@ -65,10 +65,11 @@ from .compose import CompositionConfig, compose_batch, make_composition_grid
 from .insloc import InsLoc
 from .moco import MoCo, MocoDecodeDataset, MocoPretrainDataset
 from .pretrain_data import (
-    InsLocDecodeDataset,
+    InsLocBytesDataset,
     InsLocPretrainDataset,
     UnlabelledImages,
     collate_decoded,
+    compose_encoded_batch,
     worker_init_fn,
 )
 
@@ -138,6 +139,7 @@ class PretrainConfig(JsonConfig):
     channels_last: str = "auto"
     compile: bool = False
     gpu_composition: str = "auto"
+    batch_backgrounds: bool = False
     max_side: int = 512
     device: str = "auto"
     threads: int = 0
@@ -212,6 +214,8 @@ FIELD_HELP: dict[str, str] = {
     "compile": "torch.compile the encoders' modules (slow start, faster steps)",
     "gpu_composition": "compose on the device with the batched composer (auto = on for CUDA); the CPU path is "
                        "the PIL reference",
+    "batch_backgrounds": "device composition only, NOT the official recipe: take both backgrounds from the other "
+                         "images of the batch (one decode per sample instead of three)",
     "max_side": "GPU composition: foregrounds are decoded and downscaled to this long side first",
     "device": "auto (cuda:LOCAL_RANK if available, else cpu), cpu or cuda",
     "threads": "torch intra-op CPU threads per process (0: torch's default); 1 avoids spin-wait slowdowns on a "
@@ -403,15 +407,19 @@ def _build_dataset(cfg: PretrainConfig, images: UnlabelledImages, gpu_compositio
         if gpu_composition:
             return MocoDecodeDataset(images, comp, cfg.seed, max_side=cfg.max_side)
         return MocoPretrainDataset(images, comp, cfg.seed)
-    if gpu_composition:
-        return InsLocDecodeDataset(images, comp, cfg.seed, max_side=cfg.max_side)
+    if gpu_composition:  # workers read bytes; decode (nvJPEG on CUDA) and composition on the device
+        return InsLocBytesDataset(images, comp, cfg.seed, batch_backgrounds=cfg.batch_backgrounds)
+    if cfg.batch_backgrounds:
+        raise ConfigError("--batch-backgrounds needs composition on the device: add --gpu-composition on")
     return InsLocPretrainDataset(images, comp, cfg.seed)
 
 
 def batch_to_views(batch: dict[str, Any], comp: CompositionConfig, device: torch.device, channels_last: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q_img, q_box, k_img, k_box)`` on ``device`` from a CPU-composed or a decoded batch."""
-    if "params" in batch:  # decoded: compose on the device
+    if "bg_draw" in batch:  # encoded: decode and compose on the device
+        q_img, q_box, k_img, k_box = compose_encoded_batch(batch, comp, device)
+    elif "params" in batch:  # decoded: compose on the device
         q_img, q_box, k_img, k_box = compose_batch(batch["fg"], batch["bg_q"], batch["bg_k"], comp,
                                                    params=batch["params"], device=device)
     else:

@@ -586,7 +586,13 @@ class InsLocDecodeDataset(_InsLocSampleBase):
 
 
 def collate_decoded(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Collate :class:`InsLocDecodeDataset` samples: ``fg`` and ``params`` stay lists, backgrounds stack."""
+    """Collate :class:`InsLocDecodeDataset` samples: ``fg`` and ``params`` stay lists, backgrounds stack.
+
+    Samples of :class:`InsLocBytesDataset` are passed on to :func:`collate_encoded`, so one collate
+    function serves every device-composition dataset.
+    """
+    if batch and "bg_draw" in batch[0]:
+        return collate_encoded(batch)
     return {
         "fg": [b["fg"] for b in batch],
         "bg_q": torch.stack([b["bg_q"] for b in batch]),
