@@ -36,13 +36,25 @@ def synthetic_photo(rng: np.random.Generator, size: tuple[int, int]) -> Image.Im
     return Image.fromarray(np.clip(np.asarray(canvas, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
 
 
-def write_synthetic_photos(folder: str | Path, count: int, seed: int = 0, quality: int = 90) -> Path:
+def _write_one(folder: Path, i: int, seed: int, quality: int) -> None:
+    rng = np.random.default_rng([seed, i])  # photo i is the same whatever the number of processes
+    synthetic_photo(rng, SIZES[i % len(SIZES)]).save(folder / f"{i:05d}.jpg", quality=quality)
+
+
+def write_synthetic_photos(folder: str | Path, count: int, seed: int = 0, quality: int = 90,
+                           processes: int = 1) -> Path:
     """Write ``count`` synthetic JPEG photos (``00000.jpg``...) into ``folder``; returns it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        synthetic_photo(rng, SIZES[i % len(SIZES)]).save(folder / f"{i:05d}.jpg", quality=quality)
+    if processes > 1 and count > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(processes) as pool:
+            list(pool.map(_write_one, [folder] * count, range(count), [seed] * count, [quality] * count,
+                          chunksize=max(1, count // (4 * processes))))
+    else:
+        for i in range(count):
+            _write_one(folder, i, seed, quality)
     return folder
 
 
