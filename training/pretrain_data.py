@@ -35,7 +35,7 @@ import os
 import random
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +269,8 @@ class EncodedImage:
     """Formats other than JPEG are decoded once, by ``decode_image``, when opened."""
     index: int = -1
     """Position in the :class:`UnlabelledImages` it came from (-1: opened directly)."""
+    header: Image.Image | None = field(default=None, repr=False, compare=False)
+    """The PIL image opened on ``data``, header parsed, pixels not loaded (reused by one decode)."""
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -303,7 +305,7 @@ class EncodedImage:
         if not is_jpeg:  # the full policy of decode_image (alpha on white, 16-bit, EXIF...)
             decoded = decode_image(data, max_pixels=max_pixels)
             return cls(name, data, decoded.size, 1, False, decoded)
-        return cls(name, data, (width, height), orientation, True)
+        return cls(name, data, (width, height), orientation, True, header=img)
 
     def decode(self, min_size: tuple[float, float] | None = None) -> Image.Image:
         """Decode to RGB, at a reduced JPEG scale whose (oriented) size stays >= ``min_size``.
@@ -314,7 +316,7 @@ class EncodedImage:
         if self.decoded is not None:
             return self.decoded
         try:
-            img = Image.open(io.BytesIO(self.data))
+            img, self.header = self.header or Image.open(io.BytesIO(self.data)), None  # draft only before a load
             if min_size is not None:
                 want_w, want_h = (math.ceil(min_size[0]), math.ceil(min_size[1]))
                 if self.orientation >= 5:
