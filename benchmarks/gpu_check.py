@@ -290,6 +290,25 @@ def _pretrain_variant(check: Check, cfg: Any, label: str, images: Any, variant: 
     check.rows.append(measure(f"{label} whole pipeline (JPEG bytes -> step), {sizes.canvas} px, batch {sizes.batch}",
                               variant.name, run_pipeline, images=cfg.batch_size * sizes.pipeline_steps, repeats=3,
                               warmup=0, device=sizes.device, photos=len(images)))
+    # the same, with the next batch decoded and composed on a side stream during the step
+    from insloc_hub.training.pretrain_data import DevicePrefetcher, compose_encoded_batch
+
+    def prepare(batch: Any) -> tuple[Any, ...]:
+        q, qb, k, kb = compose_encoded_batch(batch, pipe.comp, device)
+        if variant.channels_last:
+            q, k = q.contiguous(memory_format=torch.channels_last), k.contiguous(memory_format=torch.channels_last)
+        return q, qb, k, kb
+
+    prefetcher = DevicePrefetcher(iter(pipe.batch, None), prepare, device)
+
+    def run_prefetched() -> None:
+        for _ in range(sizes.pipeline_steps):
+            _step(setup, next(prefetcher), next(counter))
+
+    run_prefetched()  # warm-up
+    check.rows.append(measure(f"{label} whole pipeline (JPEG bytes -> step), {sizes.canvas} px, batch {sizes.batch}",
+                              f"{variant.name}, next batch prepared on a side stream", run_prefetched,
+                              images=cfg.batch_size * sizes.pipeline_steps, repeats=3, warmup=0, device=sizes.device))
     check.rows.append(measure(f"{label} data only (JPEG bytes -> composed batch)", variant.name,
                               lambda: pipe.views(variant.channels_last), images=cfg.batch_size, repeats=sizes.steps,
                               warmup=1, device=sizes.device))

@@ -69,6 +69,7 @@ __all__ = [
     "collate_encoded",
     "decode_batch",
     "compose_encoded_batch",
+    "DevicePrefetcher",
     "apply_exif_orientation",
     "in_batch_background_indices",
     "sample_rng",
@@ -774,3 +775,49 @@ def compose_encoded_batch(batch: dict[str, Any], cfg: CompositionConfig, device:
         jq, jk = in_batch_background_indices(batch["bg_draw"])
         bg_q, bg_k = canvases[jq], canvases[jk]
     return compose_batch(fgs, bg_q, bg_k, cfg, params=batch["params"], device=device)
+
+
+class DevicePrefetcher:
+    """Prepare the next batch on a side CUDA stream while the current step runs.
+
+    Iterating yields ``prepare(batch)`` for each batch of ``batches`` (e.g. ``lambda b:
+    compose_encoded_batch(b, cfg, device)``); on CUDA the next batch's decode and composition are
+    queued on their own stream as soon as the current one is handed out, so they overlap the model
+    step instead of running before it; the step's stream waits for them only when it takes them. On
+    the CPU it simply calls ``prepare`` in turn (same results).
+    """
+
+    def __init__(self, batches: Iterable[Any], prepare: Callable[[Any], tuple[torch.Tensor, ...]],
+                 device: torch.device | str) -> None:
+        self.batches = iter(batches)
+        self.prepare = prepare
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.pending: tuple[torch.Tensor, ...] | None = None
+        self._queue()
+
+    def _queue(self) -> None:
+        batch = next(self.batches, None)
+        if batch is None:
+            self.pending = None
+        elif self.stream is None:
+            self.pending = self.prepare(batch)
+        else:
+            with torch.cuda.stream(self.stream):
+                self.pending = self.prepare(batch)
+
+    def __iter__(self) -> DevicePrefetcher:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        if self.pending is None:
+            raise StopIteration
+        ready = self.pending
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            for t in ready:  # allocated on the side stream, used on the step's stream
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(current)
+        self._queue()
+        return ready

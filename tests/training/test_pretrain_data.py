@@ -15,6 +15,7 @@ from torchvision.io import decode_jpeg
 from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
 from insloc_hub.training.compose import CompositionConfig, compose_batch, normalize_uint8
 from insloc_hub.training.pretrain_data import (
+    DevicePrefetcher,
     EncodedImage,
     InsLocBytesDataset,
     InsLocDecodeDataset,
@@ -329,3 +330,9 @@ def test_decode_batch_falls_back_for_a_jpeg_the_decoder_refuses(tmp_path: Path, 
         out = decode_batch(payloads, "cpu")
     assert out[0].shape == (3, 300, 451) and out[2].shape == (3, 4, 5)
     assert out[1].dtype == torch.uint8 and "undecodable" in caplog.text
+
+
+def test_device_prefetcher_yields_every_prepared_batch_in_order() -> None:
+    prepared = list(DevicePrefetcher(range(4), lambda b: (torch.full((2,), float(b)),), "cpu"))
+    assert [float(t[0][0]) for t in prepared] == [0.0, 1.0, 2.0, 3.0]
+    assert list(DevicePrefetcher([], lambda b: (b,), "cpu")) == []
