@@ -56,7 +56,15 @@ FPN_LEVELS = ["p2", "p3", "p4", "p5"]
 
 @dataclass
 class DetectorConfig(JsonConfig):
-    """Everything needed to rebuild a detector; stored in a detection hub folder's config.json."""
+    """A detector's one metadata object (like timm's ``pretrained_cfg``), as ``model.insloc_config``.
+
+    ``config.json`` of a detection folder stores exactly ``to_dict()`` under ``"detector"``. The first
+    fields rebuild the model; ``inference`` records the *effective* resize, normalisation, threshold
+    and NMS settings read from the built modules (torchvision's defaults included), so a runtime
+    without PyTorch (ONNX Runtime, TensorRT, Triton, a server) knows everything it needs.
+    ``unsaved_options`` names options that are not JSON values (a custom anchor generator...):
+    such a detector cannot be saved.
+    """
 
     arch: str = "faster_rcnn_fpn"
     num_classes: int = 91
@@ -65,7 +73,14 @@ class DetectorConfig(JsonConfig):
     box_head_extra_norm: bool = False
     norm: str = "bn"
     options: dict[str, Any] = field(default_factory=dict)
+    inference: dict[str, Any] = field(default_factory=dict)
+    unsaved_options: list[str] = field(default_factory=list)
     config_kind = "detector config"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        del data["unsaved_options"]
+        return data
 
 
 @dataclass
@@ -160,7 +175,7 @@ def build_detector(
     *,
     class_names: list[str] | None = None,
     backbone: str | BackboneConfig | dict[str, Any] | None = None,
-    pretrained: str | Path | InsLocBackbone | None = None,
+    pretrained: InsLocBackbone | None = None,
     norm: str = "bn",
     strict: bool = True,
     box_head_extra_norm: bool = False,
@@ -176,7 +191,8 @@ def build_detector(
             ``class_names[i - 1]``).
         backbone: architecture preset (``"r50-fpn"``, ``"r50-c4"``, ``"tiny-fpn"``...) or config;
             taken from ``pretrained`` when that is given. Default: ``r50-fpn`` / ``r50-c4`` by arch.
-        pretrained: a backbone bundle, or a hub name/alias/folder loaded with ``from_pretrained``.
+        pretrained: a backbone bundle (``insloc_hub.from_pretrained(name)`` of a backbone folder or alias);
+            names are resolved by the caller, so this module never loads files.
         norm: ``"bn"`` (plain, trained; the default, since frozen layers hurt self-supervised
             transfer), ``"frozen"`` (FrozenBatchNorm2d in the trunk, FPN and box head) or ``"sync"``
             (SyncBatchNorm everywhere, for DDP).
@@ -189,8 +205,9 @@ def build_detector(
             ``box_score_thresh``, ``box_detections_per_img``, ``rpn_*``, ``image_mean``...).
 
     Returns:
-        The torchvision model; ``model.insloc_config`` holds its :class:`DetectorConfig` and
-        ``model.load_report`` the :class:`LoadReport` (``None`` without ``pretrained``).
+        The torchvision model; ``model.insloc_config`` holds its :class:`DetectorConfig` (the one
+        metadata object, effective inference settings included) and ``model.load_report`` the
+        :class:`LoadReport` (``None`` without ``pretrained``).
 
     Example:
         >>> model = build_detector("faster_rcnn_fpn", class_names=["raccoon"], backbone="tiny-fpn")
@@ -240,9 +257,9 @@ def build_detector(
         arch=arch, num_classes=num_classes, class_names=class_names,
         backbone=dataclasses.replace(cfg, parts=None).to_dict(), box_head_extra_norm=box_head_extra_norm,
         norm=norm, options={k: v for k, v in kwargs.items() if _is_json_value(v)},
+        unsaved_options=sorted(k for k, v in kwargs.items() if not _is_json_value(v)),
     )
-    # options such as a custom anchor generator cannot be written to config.json: saving refuses them
-    model.insloc_unsaved_options = sorted(k for k, v in kwargs.items() if not _is_json_value(v))
+    model.insloc_config.inference = inference_options(model)
     model.load_report = None
     if bundle is not None:
         model.load_report = load_pretrained_into_detector(model, bundle, strict=strict)
@@ -293,13 +310,14 @@ def _resolve_pretrained(pretrained: Any) -> InsLocBackbone | None:
     if pretrained is None or isinstance(pretrained, InsLocBackbone):
         return pretrained
     if isinstance(pretrained, (str, Path)):
-        from insloc_hub.pretrained import from_pretrained
-
-        loaded = from_pretrained(pretrained)
-        if not isinstance(loaded, InsLocBackbone):
-            raise ConfigError(f"{pretrained!s} is a fine-tuned detector, not a backbone; load it with from_pretrained")
-        return loaded
-    raise ConfigError(f"pretrained must be a name, a folder or an InsLocBackbone, not {type(pretrained).__name__}")
+        raise ConfigError(
+            f"pretrained={str(pretrained)!r}: load the backbone first and pass it, "
+            f"build_detector(..., pretrained=insloc_hub.from_pretrained({str(pretrained)!r}))"
+        )
+    if isinstance(pretrained, nn.Module):
+        raise ConfigError(f"pretrained must be an InsLocBackbone (a backbone bundle), not a "
+                          f"{type(pretrained).__name__}; a fine-tuned detector is used as it is")
+    raise ConfigError(f"pretrained must be an InsLocBackbone from from_pretrained, not {type(pretrained).__name__}")
 
 
 def _fpn_box_parts(cfg: BackboneConfig, extra_norm: bool) -> tuple[MultiScaleRoIAlign, BoxHead]:
@@ -363,12 +381,17 @@ def _retinanet_fpn(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwar
     head.regression_head._loss_type = "giou"  # as torchvision's retinanet_resnet50_fpn_v2
     model = RetinaNet(FPNDetectorBackbone(cfg, ["p3", "p4", "p5"], "p6p7"), num_classes,
                       **{**dict(anchor_generator=anchors, head=head), **kwargs})
-    model.insloc_unused_parts = {
+    return model
+
+
+# pretrained parts an architecture has no place for, with the reason the load report gives
+_UNUSED_PARTS = {
+    "retinanet_fpn": {
         "fpn.lateral.p2.": "retinanet_fpn uses P3-P7; the pretrained P2 level is not part of it",
         "fpn.output.p2.": "retinanet_fpn uses P3-P7; the pretrained P2 level is not part of it",
         "box_head.": "retinanet_fpn has no RoI box head",
-    }
-    return model
+    },
+}
 
 
 _ASSEMBLERS = {
@@ -394,7 +417,7 @@ def load_pretrained_into_detector(
     """
     bundle_state = pretrained.state_dict() if isinstance(pretrained, nn.Module) else dict(pretrained)
     target = detector.state_dict()
-    unused_parts: dict[str, str] = getattr(detector, "insloc_unused_parts", {})
+    unused_parts = _UNUSED_PARTS.get(detector.insloc_config.arch, {})
     report = LoadReport()
     to_load: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []
@@ -471,9 +494,71 @@ def convert_norm(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
+#: mask probabilities above this count as mask pixels (the usual threshold for torchvision's pasted masks)
+MASK_THRESHOLD = 0.5
+
+
+def inference_options(model: nn.Module) -> dict[str, Any]:
+    """The effective inference settings of a detector from :func:`build_detector`, read from its modules.
+
+    Keys: ``min_size``, ``max_size``, ``image_mean``, ``image_std``, ``size_divisible``, ``score_thresh``,
+    ``nms_thresh``, ``detections_per_img``; R-CNNs add ``rpn_pre_nms_top_n_test``,
+    ``rpn_post_nms_top_n_test``, ``rpn_nms_thresh``; RetinaNet ``topk_candidates``; Mask R-CNN
+    ``mask_thresh``. Boxes come back in the input image's pixels; images go in as RGB in [0, 1] and the
+    detector normalises them with ``image_mean`` / ``image_std``.
+
+    Example:
+        >>> inference_options(build_detector("retinanet_fpn", 3, backbone="tiny-fpn"))["detections_per_img"]
+        300
+    """
+    transform = model.transform
+    min_size = list(transform.min_size)
+    options: dict[str, Any] = {
+        "min_size": min_size[0] if len(min_size) == 1 else min_size,
+        "max_size": int(transform.max_size),
+        "image_mean": [float(v) for v in transform.image_mean],
+        "image_std": [float(v) for v in transform.image_std],
+        "size_divisible": int(transform.size_divisible),
+    }
+    if isinstance(model, RetinaNet):
+        options.update(score_thresh=float(model.score_thresh), nms_thresh=float(model.nms_thresh),
+                       detections_per_img=int(model.detections_per_img), topk_candidates=int(model.topk_candidates))
+        return options
+    heads, rpn = model.roi_heads, model.rpn
+    options.update(
+        score_thresh=float(heads.score_thresh), nms_thresh=float(heads.nms_thresh),
+        detections_per_img=int(heads.detections_per_img),
+        rpn_pre_nms_top_n_test=int(rpn._pre_nms_top_n["testing"]),
+        rpn_post_nms_top_n_test=int(rpn._post_nms_top_n["testing"]), rpn_nms_thresh=float(rpn.nms_thresh),
+    )
+    if heads.has_mask():
+        options["mask_thresh"] = MASK_THRESHOLD
+    return options
+
+
+def set_inference_options(model: nn.Module, *, min_size: int | None = None, max_size: int | None = None) -> None:
+    """Change a detector's test-time resize in place, in its modules and its metadata together.
+
+    Example:
+        >>> model = build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn")
+        >>> set_inference_options(model, min_size=600)
+        >>> model.insloc_config.inference["min_size"], model.transform.min_size
+        (600, (600,))
+    """
+    config: DetectorConfig = model.insloc_config
+    if min_size is not None:
+        model.transform.min_size = (int(min_size),)
+        config.options["min_size"] = int(min_size)
+    if max_size is not None:
+        model.transform.max_size = int(max_size)
+        config.options["max_size"] = int(max_size)
+    config.inference = inference_options(model)
+
+
 def build_detector_from_config(config: DetectorConfig | Mapping[str, Any]) -> nn.Module:
     """Rebuild a detector (random weights) from a :class:`DetectorConfig` or its dict."""
     cfg = config if isinstance(config, DetectorConfig) else DetectorConfig.from_dict(config)
+    # ``inference`` is derived from the built modules, never an input
     return build_detector(
         cfg.arch, cfg.num_classes, class_names=cfg.class_names, backbone=cfg.backbone, norm=cfg.norm,
         box_head_extra_norm=cfg.box_head_extra_norm, **cfg.options,

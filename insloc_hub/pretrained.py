@@ -25,7 +25,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from insloc_hub.card import render_card
-from insloc_hub.detectors import PART_PREFIXES, DetectorConfig, LoadReport, build_detector_from_config
+from insloc_hub.detectors import (
+    PART_PREFIXES,
+    DetectorConfig,
+    LoadReport,
+    build_detector_from_config,
+    inference_options,
+)
 from insloc_hub.errors import ConfigError, IntegrityError, WeightsMismatchError
 from insloc_hub.hub import resolve_model_dir
 from insloc_hub.models import BackboneConfig, InsLocBackbone
@@ -75,7 +81,8 @@ def save_pretrained(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    unsaved = getattr(model, "insloc_unsaved_options", None)
+    det_config: DetectorConfig | None = getattr(model, "insloc_config", None)
+    unsaved = det_config.unsaved_options if det_config is not None else None
     if unsaved:
         raise ConfigError(f"cannot save detector options {unsaved} to config.json (not JSON values); rebuild the "
                           "detector with plain-value options so that from_pretrained can reproduce it")
@@ -107,19 +114,32 @@ def save_pretrained(
         (staging_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         (staging_dir / CARD_NAME).write_text(render_card(config))
         # the weights go last, so an interrupted save never leaves new weights beside an old config
+        mode = 0o666 & ~_umask()  # readable like any file the user writes (temporary files are 0600)
         for file_name in [f for f in files if f != WEIGHTS_NAME] + [WEIGHTS_NAME]:
+            os.chmod(staging_dir / file_name, mode)
             os.replace(staging_dir / file_name, directory / file_name)
     return directory
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would race with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 def _model_config(model: nn.Module) -> dict[str, Any]:
     base: dict[str, Any] = {"library": "insloc-hub", "format_version": FORMAT_VERSION,
-                            "preprocessing": dict(PREPROCESSING)}
+                            "preprocessing": {**PREPROCESSING, "normalization": "caller"}}
     if isinstance(model, InsLocBackbone):
         return {**base, "task": "backbone", "architecture": model.config.to_dict(),
                 "pretrained_parts": list(model.config.parts), "features": model.feature_info,
                 "embedding_dim": model.embedding_dim}
-    det_config: DetectorConfig | None = getattr(model, "insloc_config", None)
+    det_config = getattr(model, "insloc_config", None)
     if det_config is None:
         raise ConfigError(
             f"cannot save a {type(model).__name__}: expected an InsLocBackbone or a detector from build_detector"
@@ -130,8 +150,18 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
     else:  # a detector loaded from a hub folder keeps what its folder recorded
         parts = list(getattr(model, "hub_config", {}).get("pretrained_parts", []))
     features = InsLocBackbone(BackboneConfig.from_dict(det_config.backbone)).feature_info
-    return {**base, "task": "detection", "architecture": det_config.backbone, "pretrained_parts": parts,
-            "features": features, "detector": det_config.to_dict(), "class_names": det_config.class_names}
+    detector = det_config.to_dict()
+    detector["inference"] = inference_options(model)  # what the modules do now, whoever changed them
+    if detector["norm"] == "sync":
+        detector["norm"] = "bn"  # same tensors; SyncBatchNorm would need a process group to run
+    inference = detector["inference"]
+    # the detector normalises inside (GeneralizedRCNNTransform): callers send RGB in [0, 1], unnormalised
+    preprocessing = {**base["preprocessing"], "normalization": "model", "mean": inference["image_mean"],
+                     "std": inference["image_std"],
+                     "resize": {"min_size": inference["min_size"], "max_size": inference["max_size"]}}
+    return {**base, "preprocessing": preprocessing, "task": "detection", "architecture": det_config.backbone,
+            "pretrained_parts": parts, "features": features, "detector": detector,
+            "class_names": det_config.class_names}
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from insloc_hub.configs import JsonConfig
-from insloc_hub.detectors import ARCHITECTURES, build_detector
+from insloc_hub.detectors import ARCHITECTURES, build_detector, set_inference_options
 from insloc_hub.errors import CheckpointError, ConfigError, InsLocError, ModelNotFoundError
 from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import from_pretrained, save_pretrained
@@ -758,12 +758,7 @@ def _save_final(model: nn.Module, cfg: FinetuneConfig, run_dir: Path, train_set:
                 val_set: DetectionDataset | None, result: EvalResult | None, norm: str, world: int,
                 amp: bool) -> Path:
     """Write RUN/final: the detector, set up for inference at the test size, with BatchNorm as BN."""
-    config = model.insloc_config
-    saved_options = dict(config.options)
-    config.options = {**saved_options, "min_size": cfg.test_size, "max_size": cfg.max_size}
-    saved_norm = config.norm
-    if config.norm == "sync":
-        config.norm = "bn"  # same tensors; SyncBatchNorm would need a process group to run
+    set_inference_options(model, min_size=cfg.test_size, max_size=cfg.max_size)  # training is over
     results = []
     if result is not None and val_set is not None:
         results.append({"dataset": _dataset_name(cfg.val_data or val_set.source), "metrics": _metrics_for_card(result)})
@@ -779,11 +774,8 @@ def _save_final(model: nn.Module, cfg: FinetuneConfig, run_dir: Path, train_set:
     final_dir = run_dir / "final"
     if final_dir.exists():
         shutil.rmtree(final_dir)
-    try:
-        save_pretrained(model, final_dir, name=Path(cfg.output).name, provenance=provenance, results=results,
-                        extra_files=extra)
-    finally:
-        config.options, config.norm = saved_options, saved_norm
+    save_pretrained(model, final_dir, name=Path(cfg.output).name, provenance=provenance, results=results,
+                    extra_files=extra)
     return final_dir
 
 

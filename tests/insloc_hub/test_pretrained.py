@@ -1,14 +1,16 @@
 """save_pretrained / from_pretrained / push_to_hub: round trips, integrity, Hub over real HTTP."""
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from insloc_hub import build_detector
-from insloc_hub.detectors import ARCHITECTURES
+from insloc_hub.detectors import ARCHITECTURES, set_inference_options
 from insloc_hub.errors import ConfigError, IntegrityError, ModelNotFoundError, WeightsMismatchError
 from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import from_pretrained, push_to_hub, read_config, save_pretrained
@@ -148,11 +150,14 @@ def test_unknown_alias_is_a_clear_error():
         from_pretrained("insloc-r51")
 
 
-def test_dtype_and_pretrained_name_into_build_detector(tmp_path):
+def test_dtype_and_loaded_backbone_into_build_detector(tmp_path):
     folder = save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "m")
     assert from_pretrained(folder, dtype=torch.bfloat16).trunk.conv1.weight.dtype == torch.bfloat16
-    detector = build_detector("faster_rcnn_fpn", class_names=["a"], pretrained=str(folder))
+    detector = build_detector("faster_rcnn_fpn", class_names=["a"], pretrained=from_pretrained(folder))
     assert len(detector.load_report.loaded) == len(InsLocBackbone("tiny-fpn").state_dict())
+    # names are resolved by the caller: a path gets an error that shows how
+    with pytest.raises(ConfigError, match=r"pretrained=insloc_hub.from_pretrained\("):
+        build_detector("faster_rcnn_fpn", class_names=["a"], pretrained=str(folder))
 
 
 def test_push_then_load_by_repo_revision_and_offline(hub_env, tmp_path, monkeypatch):
@@ -295,3 +300,62 @@ def test_push_uploads_only_the_hub_files_and_names_the_repo_in_the_card(hub_env,
     assert loaded.hub_config["repo_id"] == "team/clean"
     assert 'from_pretrained("team/clean")' in (loaded.hub_folder / "README.md").read_text()
     assert "repo_id" not in read_config(folder)  # the user's folder is untouched
+
+
+@pytest.mark.parametrize(("arch", "backbone", "expected"), [
+    ("faster_rcnn_fpn", "tiny-fpn", {"detections_per_img": 100, "rpn_post_nms_top_n_test": 1000}),
+    ("mask_rcnn_fpn", "tiny-fpn", {"mask_thresh": 0.5, "nms_thresh": 0.5}),
+    ("faster_rcnn_c4", "tiny-c4", {"rpn_pre_nms_top_n_test": 6000, "rpn_post_nms_top_n_test": 1000}),
+    ("retinanet_fpn", "tiny-fpn", {"detections_per_img": 300, "topk_candidates": 1000}),
+])
+def test_detection_config_says_what_a_runtime_needs(tmp_path, arch, backbone, expected):
+    """config.json carries the effective (not only explicit) inference settings and who normalises."""
+    threshold = {"score_thresh" if arch == "retinanet_fpn" else "box_score_thresh": 0.3}
+    model = build_detector(arch, class_names=["a", "b"], backbone=backbone, min_size=320, **threshold)
+    folder = save_pretrained(model, tmp_path / arch)
+    config = json.loads((folder / "config.json").read_text())
+    inference = config["detector"]["inference"]
+    assert config["preprocessing"]["normalization"] == "model"
+    assert config["preprocessing"]["resize"] == {"min_size": 320, "max_size": 1333}
+    assert inference["image_mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert inference["min_size"] == 320 and inference["max_size"] == 1333 and inference["size_divisible"] == 32
+    assert inference["score_thresh"] == 0.3
+    for key, value in expected.items():
+        assert inference[key] == value, key
+    loaded = from_pretrained(folder)
+    assert loaded.insloc_config.inference == inference
+    assert loaded.transform.min_size == (320,)
+
+
+def test_backbone_config_says_the_caller_normalises(tmp_path):
+    config = json.loads((save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "b") / "config.json").read_text())
+    assert config["preprocessing"]["normalization"] == "caller"
+
+
+def test_set_inference_options_changes_modules_and_saved_config(tmp_path):
+    model = build_detector("faster_rcnn_fpn", class_names=["a"], backbone="tiny-fpn", min_size=(480, 512))
+    set_inference_options(model, min_size=256, max_size=400)
+    config = json.loads((save_pretrained(model, tmp_path / "d") / "config.json").read_text())
+    assert config["detector"]["inference"]["min_size"] == 256 and config["detector"]["options"]["max_size"] == 400
+    assert from_pretrained(tmp_path / "d").transform.max_size == 400
+
+
+def test_hub_folder_files_are_readable_by_others(tmp_path):
+    old = os.umask(0o022)
+    try:
+        folder = save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "m")
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json", "README.md"):
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o644, name
+
+
+def test_detector_with_unsaveable_options_is_refused(tmp_path):
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    model = build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn", rpn_anchor_generator=anchors)
+    assert model.insloc_config.unsaved_options == ["rpn_anchor_generator"]
+    assert "unsaved_options" not in model.insloc_config.to_dict()
+    with pytest.raises(ConfigError, match="rpn_anchor_generator"):
+        save_pretrained(model, tmp_path / "x")

@@ -196,7 +196,7 @@ def test_export_loads_in_from_pretrained_and_detectors_without_key_map(reference
     assert isinstance(backbone, InsLocBackbone) and backbone.config.parts == ("trunk", "fpn", "box_head")
     assert backbone.hub_config["provenance"]["method"] == "InsLoc"
     assert (reference_run / "final" / "metrics.jsonl").is_file()
-    detector = build_detector("faster_rcnn_fpn", num_classes=3, pretrained=reference_run / "final")
+    detector = build_detector("faster_rcnn_fpn", num_classes=3, pretrained=from_pretrained(reference_run / "final"))
     assert not detector.load_report.ignored
     trained = load_checkpoint(find_latest(reference_run))["model"]
     det_state = detector.state_dict()

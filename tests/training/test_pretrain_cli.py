@@ -73,7 +73,7 @@ def test_moco_baseline_smoke(photos, tmp_path, capsys):
     backbone = from_pretrained(out / "final")
     assert backbone.config.parts == ("trunk",)
     assert backbone.hub_config["provenance"]["method"].startswith("MoCo v2")
-    detector = build_detector("faster_rcnn_fpn", num_classes=2, pretrained=out / "final")
+    detector = build_detector("faster_rcnn_fpn", num_classes=2, pretrained=from_pretrained(out / "final"))
     assert all(k.startswith("backbone.trunk.") for k in detector.load_report.loaded)
 
 
@@ -85,7 +85,7 @@ def test_c4_reconstruction_smoke(photos, tmp_path, capsys):
     backbone = from_pretrained(out / "final")
     assert backbone.config.parts == ("trunk", "box_head")
     assert "reconstruction" in backbone.hub_config["provenance"]
-    detector = build_detector("faster_rcnn_c4", num_classes=2, pretrained=out / "final")
+    detector = build_detector("faster_rcnn_c4", num_classes=2, pretrained=from_pretrained(out / "final"))
     assert any(k.startswith("roi_heads.box_head.") for k in detector.load_report.loaded)
 
 
