@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.photos) if args.photos else write_synthetic_photos(Path(tmp) / "photos", 64)
         files = photo_files(folder)
+        mean_kb = sum(f.stat().st_size for f in files) / len(files) / 1024
         images = UnlabelledImages([str(f) for f in files])
         cfg = CompositionConfig()
         baseline = official_style_sampler(files)
@@ -143,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
                 fn()
                 cpu[name].append(time.process_time() - start_cpu)
                 wall[name].append(time.perf_counter() - start_wall)
-    mean_kb = sum(f.stat().st_size for f in files) / len(files) / 1024
     what = f"InsLoc sample, 256 px, {len(files)} JPEGs ({mean_kb:.0f} kB)"
     rows = []
     # CPU time of the (single-threaded) process is the per-core cost; wall time is shown too, since
