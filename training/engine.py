@@ -212,11 +212,12 @@ FIELD_HELP: dict[str, str] = {
     "amp": "mixed precision: auto = bf16 autocast on CUDA, off on CPU (official: fp32)",
     "channels_last": "channels-last memory format: auto = on for CUDA",
     "compile": "torch.compile the encoders' modules (slow start, faster steps)",
-    "gpu_composition": "compose on the device with the batched composer (auto = on for CUDA); the CPU path is "
-                       "the PIL reference",
+    "gpu_composition": "compose on the device (auto = on for CUDA): loader workers only read JPEG bytes, decode "
+                       "(nvJPEG on CUDA) and the batched composer run on the device; off: the fast PIL pipeline "
+                       "in the workers",
     "batch_backgrounds": "device composition only, NOT the official recipe: take both backgrounds from the other "
                          "images of the batch (one decode per sample instead of three)",
-    "max_side": "GPU composition: foregrounds are decoded and downscaled to this long side first",
+    "max_side": "MoCo device composition: images are decoded and downscaled to this long side first",
     "device": "auto (cuda:LOCAL_RANK if available, else cpu), cpu or cuda",
     "threads": "torch intra-op CPU threads per process (0: torch's default); 1 avoids spin-wait slowdowns on a "
                "busy CPU",
@@ -403,6 +404,8 @@ def _resolve_runtime(cfg: PretrainConfig, device: torch.device) -> _Resolved:
 
 def _build_dataset(cfg: PretrainConfig, images: UnlabelledImages, gpu_composition: bool) -> Any:
     comp = composition_config(cfg)
+    if cfg.batch_backgrounds and cfg.method == "moco":
+        raise ConfigError("--batch-backgrounds applies to --method insloc only (MoCo views have no background)")
     if cfg.method == "moco":
         if gpu_composition:
             return MocoDecodeDataset(images, comp, cfg.seed, max_side=cfg.max_side)
