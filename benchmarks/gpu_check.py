@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-GIB = 2**30
+SECTIONS = ("fpn", "c4", "detector", "resnet50", "collapse", "fpn-compiled", "resnet50-compiled")
 # Synchronising CUDA runtime calls, as the profiler names them.
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ",
               "cudaMemcpy2D ")
@@ -125,14 +125,21 @@ class Check:
         self.rows: list[Any] = []
         self.sections: dict[str, dict[str, Any]] = {}
         self.notes: list[str] = []
+        self.only: set[str] = set()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def section(self, name: str, fn: Callable[[], None]) -> None:
-        if self.elapsed() > self.sizes.budget_s:
-            self.sections[name] = {"status": "skipped: time budget spent", "seconds": 0.0}
-            print(f"[gpu_check] {name}: skipped (time budget {self.sizes.budget_s:.0f} s spent)", flush=True)
+    def section(self, name: str, fn: Callable[[], None], estimate_s: float = 0.0) -> None:
+        """Run ``fn`` unless it was not selected or would not fit the budget (``estimate_s`` on a GPU)."""
+        if self.only and name not in self.only:
+            return
+        estimate = estimate_s if self.sizes.device == "cuda" else 0.0
+        if self.elapsed() + estimate > self.sizes.budget_s:
+            self.sections[name] = {"status": f"skipped: time budget (needs about {estimate:.0f} s, "
+                                             f"{self.sizes.budget_s - self.elapsed():.0f} s left); run it alone "
+                                             f"with --sections {name}", "seconds": 0.0}
+            print(f"[gpu_check] {name}: {self.sections[name]['status']}", flush=True)
             return
         print(f"[gpu_check] {name} ...", flush=True)
         start = time.perf_counter()
@@ -216,7 +223,7 @@ class Pipeline:
 
     def __init__(self, cfg: Any, images: Any, device: Any, batch_backgrounds: bool = False) -> None:
         import torch
-        from torch.utils.data import DataLoader
+        from torch.utils.data import DataLoader, RandomSampler
 
         from insloc_hub.training.engine import composition_config
         from insloc_hub.training.pretrain_data import InsLocBytesDataset, collate_encoded, worker_init_fn
@@ -224,11 +231,14 @@ class Pipeline:
         self.comp = composition_config(cfg)
         self.device = device
         dataset = InsLocBytesDataset(images, self.comp, cfg.seed, batch_backgrounds=batch_backgrounds)
-        self.loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+        # one long epoch drawn with replacement: a few hundred photos must not mean an epoch end (and
+        # an idle loader) every other step
+        sampler = RandomSampler(dataset, replacement=True, num_samples=cfg.batch_size * 100_000,
+                                generator=torch.Generator().manual_seed(0))
+        self.loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                  num_workers=cfg.workers, collate_fn=collate_encoded,
                                  pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-                                 prefetch_factor=4 if cfg.workers > 0 else None, worker_init_fn=worker_init_fn,
-                                 generator=torch.Generator().manual_seed(0))
+                                 prefetch_factor=2 if cfg.workers > 0 else None, worker_init_fn=worker_init_fn)
         self.iterator = iter(self.loader)
 
     def batch(self) -> Any:
@@ -516,7 +526,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="the same code on the CPU, tiny sizes (< 2 minutes)")
     parser.add_argument("--photos", default=None, help="folder of JPEG photos (default: generated here)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    parser.add_argument("--budget-s", type=float, default=None, help="skip later sections after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="time budget in seconds (default 450 on a GPU): a section that would not fit is skipped")
+    parser.add_argument("--sections", default=None,
+                        help=f"comma-separated subset of: {', '.join(SECTIONS)} (default: all)")
     args = parser.parse_args(argv)
 
     stood_in = bootstrap()
@@ -534,6 +547,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
     check = Check(sizes, out)
+    if args.sections:
+        check.only = {name.strip() for name in args.sections.split(",") if name.strip()}
+        unknown = check.only - set(SECTIONS)
+        if unknown:
+            print(f"gpu_check: unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}",
+                  file=sys.stderr)
+            return 2
     if args.smoke:
         torch.set_num_threads(1)
     else:
@@ -554,15 +574,16 @@ def main(argv: list[str] | None = None) -> int:
         base = Variant("fp32 eager (baseline)", optimised=False, amp=False, channels_last=False)
         fast = Variant("bf16 + channels-last", optimised=True, amp=True, channels_last=True)
         compiled = replace(fast, name="bf16 + channels-last + torch.compile", compile=True)
-        check.section("fpn", lambda: pretraining(check, sizes.fpn_arch, "FPN", images, [base, fast], fast.name))
-        check.section("c4", lambda: pretraining(check, sizes.c4_arch, "C4", images, [base, fast], fast.name))
-        check.section("detector", lambda: detector_inference(check))
-        check.section("resnet50", lambda: resnet_features(check, compiled=False))
-        check.section("collapse", lambda: collapse_check(check, args.smoke))
+        # in order of importance; estimates are H200 seconds (compile alone takes about 94 s for FPN)
+        check.section("fpn", lambda: pretraining(check, sizes.fpn_arch, "FPN", images, [base, fast], fast.name), 150)
+        check.section("c4", lambda: pretraining(check, sizes.c4_arch, "C4", images, [base, fast], fast.name), 90)
+        check.section("detector", lambda: detector_inference(check), 40)
+        check.section("resnet50", lambda: resnet_features(check, compiled=False), 30)
+        check.section("collapse", lambda: collapse_check(check, args.smoke), 60)
         if sizes.compile:
             check.section("fpn-compiled", lambda: pretraining(check, sizes.fpn_arch, "FPN", images, [compiled],
-                                                              compiled.name, with_baseline=False))
-            check.section("resnet50-compiled", lambda: resnet_features(check, compiled=True))
+                                                              compiled.name, with_baseline=False), 180)
+            check.section("resnet50-compiled", lambda: resnet_features(check, compiled=True), 60)
     text = report(check, args.smoke, stood_in)
     print()
     print(text, end="", flush=True)

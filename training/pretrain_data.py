@@ -772,8 +772,8 @@ def compose_encoded_batch(batch: dict[str, Any], cfg: CompositionConfig, device:
     else:
         fgs = decode_batch(batch["fg"], device)
         canvases = stretch_to_canvas(fgs, cfg.canvas)
-        jq, jk = in_batch_background_indices(batch["bg_draw"])
-        bg_q, bg_k = canvases[jq], canvases[jk]
+        jq, jk = (torch.tensor(j).to(device, non_blocking=True) for j in in_batch_background_indices(batch["bg_draw"]))
+        bg_q, bg_k = canvases.index_select(0, jq), canvases.index_select(0, jk)  # index sent without a sync
     return compose_batch(fgs, bg_q, bg_k, cfg, params=batch["params"], device=device)
 
 
