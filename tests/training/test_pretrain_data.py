@@ -231,6 +231,7 @@ def _jpeg_with_orientation(path: Path, orientation: int, size: tuple[int, int] =
     return img
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision >= 0.29 deprecates its codecs
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_encoded_image_applies_exif_orientation_like_decode_image(tmp_path: Path, orientation: int) -> None:
     path = tmp_path / "o.jpg"
