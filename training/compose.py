@@ -811,6 +811,26 @@ def _resize_float(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[0]
 
 
+def _stretch_into(out: torch.Tensor, images: Sequence[torch.Tensor], canvas: int) -> None:
+    """``out[i]`` = ``images[i]`` stretched to ``canvas`` squared, float 0-255.
+
+    One resize per distinct input size (a batch of photographs shares a few common sizes), so the
+    number of device kernels grows with the number of sizes rather than of images; each image's
+    result is the same as resizing it alone.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(tuple(img.shape), []).append(i)
+    for shape, rows in groups.items():
+        x = torch.stack([images[i] for i in rows]).to(out.device, non_blocking=True).float()
+        if shape[-2:] != (canvas, canvas):
+            x = F.interpolate(x, size=(canvas, canvas), mode="bilinear", align_corners=False, antialias=True)
+        if len(rows) == out.shape[0]:
+            out.copy_(x)
+        else:
+            out.index_copy_(0, _index(np.asarray(rows), out.device), x)
+
+
 def _fill_backgrounds(
     backgrounds: torch.Tensor | Sequence[torch.Tensor], out: torch.Tensor, canvas: int, batch: int
 ) -> None:
@@ -820,28 +840,27 @@ def _fill_backgrounds(
                 f"a background tensor must be uint8 [B, 3, {canvas}, {canvas}], got "
                 f"{backgrounds.dtype} {tuple(backgrounds.shape)}"
             )
-        backgrounds = list(backgrounds)
+        if backgrounds.shape[0] != batch:
+            raise ValueError(f"{batch} foregrounds but {backgrounds.shape[0]} backgrounds")
+        out.copy_(backgrounds.to(out.device, non_blocking=True))
+        return
     if len(backgrounds) != batch:
         raise ValueError(f"{batch} foregrounds but {len(backgrounds)} backgrounds")
-    for i, bg in enumerate(backgrounds):
-        bg = _check_uint8_image(bg, "background").to(out.device, non_blocking=True)
-        # mmcv.imresize(img, (256, 256)): a plain stretch (copy_and_paste.py L107-110).
-        out[i] = _resize_float(bg, (canvas, canvas))
+    # mmcv.imresize(img, (256, 256)): a plain stretch (copy_and_paste.py L107-110).
+    _stretch_into(out, [_check_uint8_image(bg, "background") for bg in backgrounds], canvas)
 
 
 def stretch_to_canvas(images: Sequence[torch.Tensor], canvas: int) -> torch.Tensor:
     """uint8 ``[3, H_i, W_i]`` images -> uint8 ``[B, 3, canvas, canvas]``, each stretched like a background.
 
     Bilinear with antialias (PIL's BILINEAR filter), rounded to grey levels like PIL's uint8 result;
-    on the images' device.
+    on the first image's device.
     """
     if not images:
         raise ValueError("stretch_to_canvas needs at least one image")
-    out = torch.empty((len(images), 3, canvas, canvas), dtype=torch.uint8, device=images[0].device)
-    for i, img in enumerate(images):
-        img = _check_uint8_image(img, "image")
-        out[i] = _resize_float(img, (canvas, canvas)).round_().clamp_(0, 255).to(torch.uint8)
-    return out
+    out = torch.empty((len(images), 3, canvas, canvas), dtype=torch.float32, device=images[0].device)
+    _stretch_into(out, [_check_uint8_image(img, "image") for img in images], canvas)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def compose_batch(

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as F2
 from PIL import Image, ImageFilter
 
@@ -318,3 +319,12 @@ def test_stretch_to_canvas_matches_pil(photos: list[Image.Image]) -> None:
     for i, p in enumerate(photos):
         ref = _u8(p.resize((64, 64), Image.Resampling.BILINEAR)).float()
         assert (out[i].float() - ref).abs().mean() < 1.0
+
+
+def test_backgrounds_are_resized_per_size_group_as_if_alone(photos: list[Image.Image]) -> None:
+    images = [_u8(p) for p in photos] * 2 + [_u8(photos[0].convert("L").convert("RGB"))[:1]]  # sizes repeat
+    out = stretch_to_canvas(images, 48)
+    for i, img in enumerate(images):
+        alone = F.interpolate(img.expand(3, -1, -1)[None].float(), size=(48, 48), mode="bilinear",
+                              align_corners=False, antialias=True)[0]
+        assert torch.equal(out[i], alone.round().clamp(0, 255).to(torch.uint8))
