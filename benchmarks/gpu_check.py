@@ -448,17 +448,21 @@ def collapse_check(check: Check, smoke: bool) -> None:
     script = REPO / "benchmarks" / "collapse_check.py"
     if not script.is_file():
         raise Skipped("benchmarks/collapse_check.py does not exist in this checkout")
-    command = [sys.executable, str(script), "--output", str(check.out / "collapse.json")]
+    # through bootstrap(), so the script imports insloc_hub from a bare checkout as this one does
+    launcher = [sys.executable, "-c", "import runpy, sys; sys.path.insert(0, sys.argv[1]); "
+                "from benchmarks.gpu_check import bootstrap; bootstrap(); sys.argv = sys.argv[2:]; "
+                "runpy.run_path(sys.argv[0], run_name='__main__')", str(REPO), str(script)]
+    command = [*launcher, "--output", str(check.out / "collapse.json")]
     if smoke:  # the smoke run stays short: only a collapse check that has a smoke mode of its own
-        usage = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120,
-                               cwd=REPO).stdout
+        usage = subprocess.run([*launcher, "--help"], capture_output=True, text=True, timeout=120, cwd=REPO).stdout
         if "--smoke" not in usage:
             raise Skipped("collapse_check.py has no --smoke mode; it runs in the GPU run only")
         command.append("--smoke")
     timeout = max(30.0, check.sizes.budget_s + 60 - check.elapsed())
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     check.sections.setdefault("collapse", {}).update(
-        command=" ".join(command[1:]), returncode=done.returncode, output_tail=(done.stdout + done.stderr)[-2000:])
+        command=f"python benchmarks/collapse_check.py --output {check.out / 'collapse.json'}"
+        + (" --smoke" if smoke else ""), returncode=done.returncode, output_tail=(done.stdout + done.stderr)[-2000:])
     if done.returncode != 0:
         raise RuntimeError(f"collapse_check.py exited with {done.returncode}")
 
