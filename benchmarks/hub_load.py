@@ -11,31 +11,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from insloc_hub.models import InsLocBackbone
-from insloc_hub.pretrained import from_pretrained, save_pretrained
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm the page cache and lazy imports
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from benchmarks.runner import measure, print_table  # noqa: E402
+from insloc_hub.models import InsLocBackbone  # noqa: E402
+from insloc_hub.pretrained import from_pretrained, save_pretrained  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="r50-fpn")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,25 +58,23 @@ def main() -> None:
             fresh = InsLocBackbone(args.arch)
             fresh.load_state_dict(torch.load(pth, map_location="cpu", weights_only=True))
 
-        rows = {
-            "torch.load(.pth) state dict only": median_seconds(pth_state, args.repeats),
-            "torch.load(.pth, mmap=True) state dict only": median_seconds(pth_mmap, args.repeats),
-            "build model + torch.load(.pth) + load_state_dict": median_seconds(pth_model, args.repeats),
-            "from_pretrained(folder), sha256 re-checked every time": median_seconds(
-                lambda: from_pretrained(folder, verify=True), args.repeats),
-            "from_pretrained(folder), default (sha256 once per file)": median_seconds(
-                lambda: from_pretrained(folder), args.repeats),
-            "torch.load(.pth) + read every tensor once": median_seconds(pth_touched, args.repeats),
-            "from_pretrained(folder) + read every tensor once": median_seconds(ours_touched, args.repeats),
+        workload = f"load {args.arch} ({size_mb:.0f} MB)"
+        variants = {  # the first is the baseline; warm-up call first (page cache, lazy imports)
+            "torch.load(.pth) state dict only": pth_state,
+            "torch.load(.pth, mmap=True) state dict only": pth_mmap,
+            "build model + torch.load(.pth) + load_state_dict": pth_model,
+            "from_pretrained(folder), sha256 re-checked every time": lambda: from_pretrained(folder, verify=True),
+            "from_pretrained(folder), default (sha256 once per file)": lambda: from_pretrained(folder),
+            "torch.load(.pth) + read every tensor once": pth_touched,
+            "from_pretrained(folder) + read every tensor once": ours_touched,
         }
-    base = rows["torch.load(.pth) state dict only"]
-    ours = rows["from_pretrained(folder), default (sha256 once per file)"]
+        rows = [measure(workload, name, fn, repeats=args.repeats, baseline=i == 0)
+                for i, (name, fn) in enumerate(variants.items())]
     print(f"{args.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {size_mb:.0f} MB, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"| {'what':<58} | seconds | vs torch.load |")
-    print(f"|{'-' * 60}|---------|---------------|")
-    for name, seconds in rows.items():
-        print(f"| {name:<58} | {seconds:7.3f} | {base / seconds:12.2f}x |")
+          f"{torch.get_num_threads()} threads, median of {args.repeats} (img/s = loads/s)")
+    print_table(rows, title="Loading a backbone", json_path=args.json)
+    base = rows[0].seconds
+    ours = next(r for r in rows if r.variant.startswith("from_pretrained(folder), default")).seconds
     print(f"goal: >= 3x faster than torch.load and < 1 s -> {base / ours:.1f}x, {ours:.3f} s: "
           f"{'MET' if base / ours >= 3 and ours < 1 else 'NOT MET'}")
 

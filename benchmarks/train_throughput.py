@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.runner import Row, print_table  # noqa: E402
 from insloc_hub.training.engine import (  # noqa: E402
     PretrainConfig,
     batch_to_views,
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="optimised config: batched composition on the device (auto = on CUDA)")
     parser.add_argument("--skip-pipeline", action="store_true", help="only the model step")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -243,11 +245,13 @@ def main(argv: list[str] | None = None) -> int:
                      statistics.median(pipe_rates["optimised"])))
 
     print(f"  per-round img/s: step {_fmt(step)}" + ("" if args.skip_pipeline else f"; pipeline {_fmt(pipe_rates)}"))
+    table = []
+    for name, base, opt in rows:  # medians of the rounds, as seconds per batch
+        table.append(Row(name, "baseline fp32 eager", cfg.batch_size / base, cfg.batch_size, baseline=True))
+        table.append(Row(name, "optimised", cfg.batch_size / opt, cfg.batch_size))
     print()
-    print("| workload | baseline fp32 eager (img/s) | optimised (img/s) | ratio |")
-    print("|---|---|---|---|")
-    for name, base, opt in rows:
-        print(f"| {name} | {base:,.1f} | {opt:,.1f} | {opt / base:.2f}x |")
+    print_table(table, title=f"Pretraining throughput ({cfg.arch}, batch {cfg.batch_size}, canvas {cfg.canvas})",
+                json_path=args.json)
     return 0
 
 

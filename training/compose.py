@@ -56,7 +56,12 @@ __all__ = [
     "compose_pair",
     "compose_pair_with_params",
     "render_view_pil",
+    "foreground_reduction",
+    "render_view_fast",
+    "compose_pair_fast",
+    "normalize_uint8",
     "compose_batch",
+    "stretch_to_canvas",
     "apply_color_ops",
     "adjust_brightness_batch",
     "adjust_contrast_batch",
@@ -505,6 +510,134 @@ def compose_pair(
 
 
 # --------------------------------------------------------------------------------------------------
+# Fast per-sample implementation (PIL, uint8) -- what the CPU data loader runs by default
+# --------------------------------------------------------------------------------------------------
+def foreground_reduction(params: CompositionParams) -> float:
+    """How much the foreground may be shrunk before cropping with both pastes still downscales.
+
+    ``min(crop side / paste side)`` over the two views and both axes. A JPEG decoded at a reduced
+    scale (PIL ``draft``) no smaller than ``foreground_size / foreground_reduction(params)`` gives
+    the same boxes and a paste resampled from at least as many source pixels as it has.
+    """
+    return min(
+        min(v.crop_width / v.paste_width, v.crop_height / v.paste_height) for v in (params.query, params.key)
+    )
+
+
+_JITTER_PIL = {BRIGHTNESS: TF.adjust_brightness, CONTRAST: TF.adjust_contrast, SATURATION: TF.adjust_saturation,
+               HUE: TF.adjust_hue}
+
+
+def _pixel_aug_pil_fast(img: Image.Image, view: ViewParams) -> Image.Image:
+    """PixelAugPil with the same PIL operations as :func:`render_view_pil` (same bytes), fewer copies."""
+    if view.jitter:
+        factors = (view.brightness, view.contrast, view.saturation, view.hue)
+        for op in view.jitter_order:
+            img = _JITTER_PIL[op](img, factors[op])
+    if view.grayscale:
+        img = img.convert("L").convert("RGB")  # = rgb_to_grayscale(num_output_channels=3) on PIL
+    if view.blur:
+        img = img.filter(ImageFilter.GaussianBlur(radius=view.blur_sigma))
+    if view.flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
+
+
+def render_view_fast(
+    foreground: Image.Image,
+    foreground_size: tuple[int, int],
+    canvas: Image.Image,
+    view: ViewParams,
+    cfg: CompositionConfig,
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """One view like :func:`render_view_pil`, from a possibly reduced foreground, onto ``canvas``.
+
+    ``foreground`` is the RGB foreground decoded at any scale of its ``foreground_size`` (the
+    ``(width, height)`` the parameters were drawn for), e.g. a JPEG decoded with PIL ``draft``;
+    ``canvas`` is the background already stretched to ``cfg.canvas`` squared and is pasted into
+    (pass a copy if it is needed again). At full scale the crop, paste, colour operations and flip
+    give exactly the reference's bytes; on a reduced foreground the crop window is scaled to it and
+    resampled once (``Image.resize(box=...)``), so the boxes are the same and the paste differs only
+    by the decoder's reduction filter.
+    """
+    if canvas.size != (cfg.canvas, cfg.canvas) or canvas.mode != "RGB":
+        raise ValueError(f"canvas must be an RGB {cfg.canvas}x{cfg.canvas} image, got {canvas.mode} {canvas.size}")
+    size = (view.paste_width, view.paste_height)
+    box = (view.crop_left, view.crop_top, view.crop_left + view.crop_width, view.crop_top + view.crop_height)
+    if foreground.size == tuple(foreground_size):
+        crop = foreground.crop(box)
+        if crop.size != size:
+            crop = crop.resize(size, Image.Resampling.BILINEAR)
+    else:
+        sx, sy = foreground.width / foreground_size[0], foreground.height / foreground_size[1]
+        crop = foreground.resize(size, Image.Resampling.BILINEAR, box=(box[0] * sx, box[1] * sy, box[2] * sx,
+                                                                       box[3] * sy))
+    canvas.paste(crop, (view.paste_left, view.paste_top))
+    return _pixel_aug_pil_fast(canvas, view), view.box(cfg.canvas)
+
+
+def _pil_to_chw_uint8(img: Image.Image) -> torch.Tensor:
+    # one copy (PIL -> numpy); the CHW permute is a view, made contiguous by the batch stack
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _host_constant(values: Any, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    # torch.tensor(..., device=cuda) copies synchronously (the host waits for the stream); built on the
+    # host and sent with non_blocking=True, a small constant costs no synchronisation
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+def normalize_uint8(images: torch.Tensor, cfg: CompositionConfig | None = None) -> torch.Tensor:
+    """uint8 ``[..., 3, S, S]`` composites -> float32 normalised with ``cfg.mean``/``cfg.std``.
+
+    The last step of the fast pipeline (``ToTensor`` + ``Normalize``), run once per batch, on the
+    device when there is one. ``normalize_uint8(x) == (x / 255 - mean) / std``.
+    """
+    cfg = cfg or CompositionConfig()
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize_uint8 takes uint8 images, got {images.dtype}")
+    # the reference's arithmetic ((x / 255 - mean) / std), so both give the same float32 bits
+    mean = _host_constant(cfg.mean, images.device).view(3, 1, 1)
+    std = _host_constant(cfg.std, images.device).view(3, 1, 1)
+    return images.float().div_(255.0).sub_(mean).div_(std)
+
+
+def compose_pair_fast(
+    foreground: Image.Image,
+    foreground_size: tuple[int, int],
+    canvas_q: Image.Image,
+    canvas_k: Image.Image,
+    params: CompositionParams,
+    cfg: CompositionConfig | None = None,
+    *,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The official sample from a (possibly reduced) foreground and two canvas-sized backgrounds.
+
+    Same outputs as :func:`compose_pair_with_params` (normalised float images, float32 boxes), or
+    uint8 images with ``normalize=False`` (normalise the batch later with :func:`normalize_uint8`).
+    ``canvas_q`` and ``canvas_k`` are pasted into; they may not be the same object.
+
+    Example:
+        >>> fg = Image.new("RGB", (500, 375), (200, 30, 30))
+        >>> p = sample_composition_params(fg.size, rng=0)
+        >>> bg = [Image.new("RGB", (256, 256)) for _ in range(2)]
+        >>> q, qb, k, kb = compose_pair_fast(fg, fg.size, bg[0], bg[1], p, normalize=False)
+        >>> q.dtype, tuple(q.shape)
+        (torch.uint8, (3, 256, 256))
+    """
+    cfg = cfg or CompositionConfig()
+    if canvas_q is canvas_k:
+        raise ValueError("canvas_q and canvas_k are pasted into: pass two images (e.g. canvas.copy())")
+    q_img, q_box = render_view_fast(foreground, foreground_size, canvas_q, params.query, cfg)
+    k_img, k_box = render_view_fast(foreground, foreground_size, canvas_k, params.key, cfg)
+    q, k = _pil_to_chw_uint8(q_img), _pil_to_chw_uint8(k_img)
+    if normalize:
+        q, k = normalize_uint8(q, cfg), normalize_uint8(k, cfg)
+    return q, torch.tensor(q_box, dtype=torch.float32), k, torch.tensor(k_box, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
 # Batched tensor implementation (GPU or CPU)
 # --------------------------------------------------------------------------------------------------
 def rgb_to_grayscale_batch(x: torch.Tensor) -> torch.Tensor:
@@ -571,7 +704,7 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     t = ((sxf + one_minus_s) * v).clamp_(0.0, 1.0)
     p = (one_minus_s * v).clamp_(0.0, 1.0)
     vpqt = torch.stack((v, p, q, t), dim=-3)  # [N, 4, H, W]
-    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=x.device)
+    select = _host_constant([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], x.device, torch.long)
     index = select[:, i].movedim(0, -3)  # [N, 3, H, W] indices into vpqt's channel axis
     return vpqt.gather(-3, index)
 
@@ -603,8 +736,10 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     if n == 0:
         return x
-    sigma = sigma.to(device=x.device, dtype=torch.float32).view(-1)
+    # the kernel size is read on the host when sigma lives there (as apply_color_ops passes it), so
+    # the blur does not wait for the device
     radius = int(math.ceil(3.0 * float(sigma.max())))
+    sigma = sigma.to(device=x.device, dtype=torch.float32, non_blocking=True).view(-1)
     taps = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
     kernel = torch.exp(-(taps.view(1, -1) ** 2) / (2.0 * sigma.view(-1, 1) ** 2))
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(x.dtype)
@@ -676,6 +811,26 @@ def _resize_float(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[0]
 
 
+def _stretch_into(out: torch.Tensor, images: Sequence[torch.Tensor], canvas: int) -> None:
+    """``out[i]`` = ``images[i]`` stretched to ``canvas`` squared, float 0-255.
+
+    One resize per distinct input size (a batch of photographs shares a few common sizes), so the
+    number of device kernels grows with the number of sizes rather than of images; each image's
+    result is the same as resizing it alone.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(tuple(img.shape), []).append(i)
+    for shape, rows in groups.items():
+        x = torch.stack([images[i] for i in rows]).to(out.device, non_blocking=True).float()
+        if shape[-2:] != (canvas, canvas):
+            x = F.interpolate(x, size=(canvas, canvas), mode="bilinear", align_corners=False, antialias=True)
+        if len(rows) == out.shape[0]:
+            out.copy_(x)
+        else:
+            out.index_copy_(0, _index(np.asarray(rows), out.device), x)
+
+
 def _fill_backgrounds(
     backgrounds: torch.Tensor | Sequence[torch.Tensor], out: torch.Tensor, canvas: int, batch: int
 ) -> None:
@@ -685,13 +840,27 @@ def _fill_backgrounds(
                 f"a background tensor must be uint8 [B, 3, {canvas}, {canvas}], got "
                 f"{backgrounds.dtype} {tuple(backgrounds.shape)}"
             )
-        backgrounds = list(backgrounds)
+        if backgrounds.shape[0] != batch:
+            raise ValueError(f"{batch} foregrounds but {backgrounds.shape[0]} backgrounds")
+        out.copy_(backgrounds.to(out.device, non_blocking=True))
+        return
     if len(backgrounds) != batch:
         raise ValueError(f"{batch} foregrounds but {len(backgrounds)} backgrounds")
-    for i, bg in enumerate(backgrounds):
-        bg = _check_uint8_image(bg, "background").to(out.device, non_blocking=True)
-        # mmcv.imresize(img, (256, 256)): a plain stretch (copy_and_paste.py L107-110).
-        out[i] = _resize_float(bg, (canvas, canvas))
+    # mmcv.imresize(img, (256, 256)): a plain stretch (copy_and_paste.py L107-110).
+    _stretch_into(out, [_check_uint8_image(bg, "background") for bg in backgrounds], canvas)
+
+
+def stretch_to_canvas(images: Sequence[torch.Tensor], canvas: int) -> torch.Tensor:
+    """uint8 ``[3, H_i, W_i]`` images -> uint8 ``[B, 3, canvas, canvas]``, each stretched like a background.
+
+    Bilinear with antialias (PIL's BILINEAR filter), rounded to grey levels like PIL's uint8 result;
+    on the first image's device.
+    """
+    if not images:
+        raise ValueError("stretch_to_canvas needs at least one image")
+    out = torch.empty((len(images), 3, canvas, canvas), dtype=torch.float32, device=images[0].device)
+    _stretch_into(out, [_check_uint8_image(img, "image") for img in images], canvas)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def compose_batch(
@@ -781,8 +950,8 @@ def compose_batch(
     boxes = boxes.to(dev, non_blocking=True)
 
     # 5. Normalise (ImageNet mean/std, 0-1 units).
-    mean = torch.tensor(cfg.mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    mean = _host_constant(cfg.mean, dev).view(1, 3, 1, 1)
+    std = _host_constant(cfg.std, dev).view(1, 3, 1, 1)
     x.sub_(mean).div_(std)
     return x[:batch], boxes[:batch], x[batch:], boxes[batch:]
 

@@ -66,10 +66,11 @@ from .diagnostics import CollapseMonitor, plot_curves, summarize
 from .insloc import PROJECTION_NORMS, InsLoc
 from .moco import MoCo, MocoDecodeDataset, MocoPretrainDataset
 from .pretrain_data import (
-    InsLocDecodeDataset,
+    InsLocBytesDataset,
     InsLocPretrainDataset,
     UnlabelledImages,
     collate_decoded,
+    compose_encoded_batch,
 )
 from .run import MetricsWriter, choose_resume, seed_everything
 
@@ -166,10 +167,15 @@ class PretrainConfig(JsonConfig):
                     choices=TRI_STATE)
     channels_last: str = flag("auto", help="channels-last memory format: auto = on for CUDA", choices=TRI_STATE)
     compile: bool = flag(False, help="torch.compile the encoders' modules (slow start, faster steps)")
-    gpu_composition: str = flag("auto", help="compose on the device with the batched composer (auto = on for CUDA); "
-                                             "the CPU path is the PIL reference", choices=TRI_STATE)
-    max_side: int = flag(512, help="GPU composition: foregrounds are decoded and downscaled to this long side first",
-                         min=1)
+    gpu_composition: str = flag("auto", help="compose on the device (auto = on for CUDA): loader workers only read "
+                                             "JPEG bytes, decode (nvJPEG on CUDA) and the batched composer run on "
+                                             "the device; off: the fast PIL pipeline in the workers",
+                                choices=TRI_STATE)
+    batch_backgrounds: bool = flag(False, help="device composition only, NOT the official recipe: take both "
+                                               "backgrounds from the other images of the batch (one decode per "
+                                               "sample instead of three)")
+    max_side: int = flag(512, help="MoCo device composition: images are decoded and downscaled to this long side "
+                                   "first", min=1)
     device: str = flag("auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N or mps",
                        parse=device_name)
     threads: int = flag(0, help="torch intra-op CPU threads per process (0: torch's default); 1 avoids spin-wait "
@@ -235,6 +241,7 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 #: config fields newer than some checkpoints, with the value those checkpoints were trained with
 FIELDS_ADDED_LATER: dict[str, Any] = dict(projection_norm="off", inbatch_negatives=False, embed_init="official",
+                                          batch_backgrounds=False,
                                           tensorboard=False)
 
 #: the settings of the released recipe that change what is learned; a run records where it differs
@@ -413,19 +420,25 @@ def build_dataset(cfg: PretrainConfig, images: UnlabelledImages, gpu_composition
     """The pretraining dataset of ``cfg.method``: composed on the CPU (PIL reference) or decoded only,
     for composition on the device."""
     comp = composition_config(cfg)
+    if cfg.batch_backgrounds and cfg.method == "moco":
+        raise ConfigError("--batch-backgrounds applies to --method insloc only (MoCo views have no background)")
     if cfg.method == "moco":
         if gpu_composition:
             return MocoDecodeDataset(images, comp, cfg.seed, max_side=cfg.max_side)
         return MocoPretrainDataset(images, comp, cfg.seed)
-    if gpu_composition:
-        return InsLocDecodeDataset(images, comp, cfg.seed, max_side=cfg.max_side)
+    if gpu_composition:  # workers read bytes; decode (nvJPEG on CUDA) and composition on the device
+        return InsLocBytesDataset(images, comp, cfg.seed, batch_backgrounds=cfg.batch_backgrounds)
+    if cfg.batch_backgrounds:
+        raise ConfigError("--batch-backgrounds needs composition on the device: add --gpu-composition on")
     return InsLocPretrainDataset(images, comp, cfg.seed)
 
 
 def batch_to_views(batch: dict[str, Any], comp: CompositionConfig, device: torch.device, channels_last: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q_img, q_box, k_img, k_box)`` on ``device`` from a CPU-composed or a decoded batch."""
-    if "params" in batch:  # decoded: compose on the device
+    if "bg_draw" in batch:  # encoded: decode and compose on the device
+        q_img, q_box, k_img, k_box = compose_encoded_batch(batch, comp, device)
+    elif "params" in batch:  # decoded: compose on the device
         q_img, q_box, k_img, k_box = compose_batch(batch["fg"], batch["bg_q"], batch["bg_k"], comp,
                                                    params=batch["params"], device=device)
     else:

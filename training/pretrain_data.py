@@ -5,8 +5,13 @@
   skipped, counted and reported once per epoch, never fatal.
 * :class:`InsLocPretrainDataset` -- the official sample (``ImageNetDataset.prepare_train_img``,
   ``mmdet/datasets/imagenet.py`` L66-91 at limbo0000/InstanceLoc @ a419bb6): foreground = image
-  ``idx``, two backgrounds drawn uniformly with replacement from the whole set, composed with the
-  reference pipeline :func:`insloc_hub.training.compose.compose_pair`.
+  ``idx``, two backgrounds drawn uniformly with replacement from the whole set, composed per sample
+  on the CPU: by default the fast pipeline (:class:`EncodedImage` reduced-scale JPEG decodes, then
+  :func:`insloc_hub.training.compose.compose_pair_fast`), or the reference
+  :func:`insloc_hub.training.compose.compose_pair` with ``pipeline="reference"``.
+* :class:`InsLocBytesDataset` -- the same draws; workers only read the files' bytes (and headers);
+  :func:`compose_encoded_batch` decodes them on the device (``torchvision.io.decode_jpeg``, nvJPEG on
+  CUDA) and composes the batch there. Use :func:`collate_encoded`.
 * :class:`InsLocDecodeDataset` -- the same draws, but it only decodes: foreground + two backgrounds
   as uint8 tensors plus the sample's :class:`~insloc_hub.training.compose.CompositionParams`, for
   :func:`insloc_hub.training.compose.compose_batch` on the device. Use :func:`collate_decoded`.
@@ -23,23 +28,34 @@ L88-93); in the main process they are left alone so the trainer's RNG state is n
 
 from __future__ import annotations
 
+import io
 import logging
+import math
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, get_worker_info
 
-from insloc_hub.errors import DatasetError, InvalidImageError
-from insloc_hub.transforms import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
+from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
+from insloc_hub.transforms import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
 
-from .compose import CompositionConfig, compose_pair, sample_composition_params
+from .compose import (
+    CompositionConfig,
+    compose_batch,
+    compose_pair,
+    compose_pair_fast,
+    foreground_reduction,
+    sample_composition_params,
+    stretch_to_canvas,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -47,7 +63,15 @@ __all__ = [
     "UnreadableReport",
     "InsLocPretrainDataset",
     "InsLocDecodeDataset",
+    "InsLocBytesDataset",
+    "EncodedImage",
     "collate_decoded",
+    "collate_encoded",
+    "decode_batch",
+    "compose_encoded_batch",
+    "DevicePrefetcher",
+    "apply_exif_orientation",
+    "in_batch_background_indices",
     "sample_rng",
     "worker_init_fn",
 ]
@@ -164,6 +188,15 @@ class UnlabelledImages:
         """
         return decode_image(self.paths[index], max_pixels=self.max_pixels)
 
+    def open_encoded(self, index: int) -> EncodedImage:
+        """Read image ``index``'s bytes and header only (size, EXIF orientation); nothing is decoded.
+
+        Raises :class:`InvalidImageError` for a missing, empty, over-limit or unrecognised file.
+        """
+        enc = EncodedImage.open(self.paths[index], max_pixels=self.max_pixels)
+        enc.index = index
+        return enc
+
     # -- unreadable-file bookkeeping ---------------------------------------------------------------
     def is_known_unreadable(self, index: int) -> bool:
         """Whether ``index`` already failed to decode (in any process)."""
@@ -203,6 +236,102 @@ class UnlabelledImages:
                 shown,
             )
         return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Trusted local training files: header first, decode at the scale the sample needs
+# --------------------------------------------------------------------------------------------------
+_JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass
+class EncodedImage:
+    """An image file read into memory, its header parsed, its pixels not yet decoded.
+
+    The fast decode path for **local training files** (:meth:`decode`): it applies the policy of
+    :func:`insloc_hub.transforms.decode_image` -- byte and pixel limits checked before decoding, EXIF
+    orientation applied, RGB output, every failure an :class:`InvalidImageError` -- and adds what
+    ``decode_image`` cannot know: the size the sample needs, so a JPEG is decoded at a reduced DCT
+    scale (PIL ``draft``: 1/2, 1/4 or 1/8) whenever that is still at least that size. Other formats
+    (PNG, WebP, BMP...) go through ``decode_image`` itself.
+    """
+
+    name: str
+    data: bytes
+    size: tuple[int, int]
+    """(width, height) after the EXIF orientation is applied."""
+    orientation: int
+    """EXIF orientation tag (1 = none; 2-8 = flips/rotations, applied by :meth:`decode`)."""
+    is_jpeg: bool
+    decoded: Image.Image | None = None
+    """Formats other than JPEG are decoded once, by ``decode_image``, when opened."""
+    index: int = -1
+    """Position in the :class:`UnlabelledImages` it came from (-1: opened directly)."""
+    header: Image.Image | None = field(default=None, repr=False, compare=False)
+    """The PIL image opened on ``data``, header parsed, pixels not loaded (reused by one decode)."""
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+             max_bytes: int = DEFAULT_MAX_BYTES) -> EncodedImage:
+        """Read ``path`` and parse its header. Raises :class:`InvalidImageError` like ``decode_image``."""
+        name = f"image file {str(path)!r}"
+        try:
+            size = os.path.getsize(path)
+            if size > max_bytes:
+                raise InvalidImageError(f"{name} is {size:,} bytes, over the limit of {max_bytes:,}")
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            raise InvalidImageError(f"{name} cannot be read: {err}") from err
+        if not data:
+            raise InvalidImageError(f"{name} is empty (0 bytes)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+                width, height = img.size
+                orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1)) if img.format in _JPEG_FORMATS else 1
+                is_jpeg = img.format in _JPEG_FORMATS
+        except Exception as err:  # PIL raises many types for unreadable headers
+            raise InvalidImageError(f"{name} is not a readable image: {err}") from err
+        if width <= 0 or height <= 0 or width * height > max_pixels:
+            raise InvalidImageError(f"{name} is {width}x{height} pixels, outside (0, {max_pixels:,}]")
+        if orientation not in range(1, 9):
+            orientation = 1
+        if orientation >= 5:  # 5-8 swap the axes
+            width, height = height, width
+        if not is_jpeg:  # the full policy of decode_image (alpha on white, 16-bit, EXIF...)
+            decoded = decode_image(data, max_pixels=max_pixels)
+            return cls(name, data, decoded.size, 1, False, decoded)
+        return cls(name, data, (width, height), orientation, True, header=img)
+
+    def decode(self, min_size: tuple[float, float] | None = None) -> Image.Image:
+        """Decode to RGB, at a reduced JPEG scale whose (oriented) size stays >= ``min_size``.
+
+        ``min_size=None`` decodes at full size. The result may be larger than ``min_size`` (only
+        DCT scales 1/1, 1/2, 1/4, 1/8 exist) and is never smaller.
+        """
+        if self.decoded is not None:
+            return self.decoded
+        try:
+            img, self.header = self.header or Image.open(io.BytesIO(self.data)), None  # draft only before a load
+            if min_size is not None:
+                want_w, want_h = (math.ceil(min_size[0]), math.ceil(min_size[1]))
+                if self.orientation >= 5:
+                    want_w, want_h = want_h, want_w
+                if want_w < img.size[0] and want_h < img.size[1]:
+                    img.draft(None, (max(1, want_w), max(1, want_h)))
+            img.load()
+        except Exception as err:
+            raise InvalidImageError(f"{self.name} could not be decoded (truncated or corrupt): {err}") from err
+        if self.orientation != 1:
+            img = ImageOps.exif_transpose(img)
+        return img if img.mode == "RGB" else img.convert("RGB")
+
+    def as_tensor(self) -> torch.Tensor:
+        """The encoded bytes as a 1-D uint8 tensor (what ``torchvision.io.decode_jpeg`` takes)."""
+        return torch.frombuffer(bytearray(self.data), dtype=torch.uint8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,21 +445,81 @@ class _InsLocSampleBase(Dataset):
         return fg, bg_q, bg_k
 
 
+PIPELINES = ("fast", "reference")
+
+
 class InsLocPretrainDataset(_InsLocSampleBase):
-    """The official InsLoc pretraining sample, composed on the CPU with the reference pipeline.
+    """The official InsLoc pretraining sample, composed per sample on the CPU.
 
     ``dataset[idx]`` (or ``dataset[(epoch, idx)]``) returns ``dict(q_img, q_box, k_img, k_box, index)``:
-    normalised float images ``[3, S, S]``, float32 boxes ``[4]`` (x1, y1, x2, y2; x2/y2 exclusive) and
-    the index. A corrupt foreground or background is replaced by another random image (counted in
-    ``images``' report).
+    normalised float images ``[3, S, S]`` (uint8 with ``uint8=True``; normalise the batch with
+    :func:`~insloc_hub.training.compose.normalize_uint8`), float32 boxes ``[4]`` (x1, y1, x2, y2;
+    x2/y2 exclusive) and the index. A corrupt foreground or background is replaced by another random
+    image (counted in ``images``' report).
+
+    ``pipeline``:
+
+    * ``"fast"`` (default) -- :func:`~insloc_hub.training.compose.compose_pair_fast` on
+      :class:`EncodedImage` decodes: each JPEG decoded at the smallest DCT scale that is still at
+      least the size its use needs (a background: the canvas; the foreground: the size at which
+      both crops still shrink to their pastes), crop and resize in one resampling, no copies of
+      decoded images, normalisation once at the end (or left to the batch with ``uint8=True``).
+      Same draws, same boxes, same PIL colour operations; the same bytes as the reference whenever no
+      reduced decode applies, else pastes and backgrounds differ by the decoder's downscaling filter.
+    * ``"reference"`` -- :func:`~insloc_hub.training.compose.compose_pair` on full decodes through
+      :func:`insloc_hub.transforms.decode_image` (the specification).
     """
+
+    def __init__(self, images: UnlabelledImages, cfg: CompositionConfig | None = None, seed: int = 0, *,
+                 pipeline: str = "fast", uint8: bool = False) -> None:
+        super().__init__(images, cfg, seed)
+        if pipeline not in PIPELINES:
+            raise ConfigError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
+        if uint8 and pipeline != "fast":
+            raise ConfigError("uint8=True needs pipeline='fast'")
+        self.pipeline = pipeline
+        self.uint8 = bool(uint8)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = self._key(key)
         rng = sample_rng(self.seed, epoch, index)
-        fg, bg_q, bg_k = self._draw(index, rng, self.images.load, self.images.load)
-        q_img, q_box, k_img, k_box = compose_pair(fg, bg_q, bg_k, self.cfg, rng)
+        if self.pipeline == "reference":
+            fg, bg_q, bg_k = self._draw(index, rng, self.images.load, self.images.load)
+            q_img, q_box, k_img, k_box = compose_pair(fg, bg_q, bg_k, self.cfg, rng)
+        else:
+            opener = self.images.open_encoded
+            fg, bg_q, bg_k = self._draw(index, rng, opener, opener)
+            size = self.cfg.canvas
+            canvases = [self._decode_or_replace(bg, rng, (size, size)) for bg in (bg_q, bg_k)]
+            canvases = [c if c.size == (size, size) else c.resize((size, size), Image.Resampling.BILINEAR)
+                        for c in canvases]
+            if canvases[0] is canvases[1]:
+                canvases[1] = canvases[1].copy()
+            while True:
+                params = sample_composition_params(fg.size, self.cfg, rng)
+                reduce = foreground_reduction(params)
+                try:
+                    image = fg.decode((fg.size[0] / reduce, fg.size[1] / reduce))
+                    break
+                except InvalidImageError as err:
+                    fg = self._replace(fg, err, rng)
+            q_img, q_box, k_img, k_box = compose_pair_fast(image, fg.size, canvases[0], canvases[1], params,
+                                                           self.cfg, normalize=not self.uint8)
         return {"q_img": q_img, "q_box": q_box, "k_img": k_img, "k_box": k_box, "index": index}
+
+    def _replace(self, enc: EncodedImage, err: InvalidImageError, rng: np.random.Generator) -> EncodedImage:
+        """``enc`` failed to decode after its header was fine: count it, draw another image."""
+        self.images.record_unreadable(enc.index, err)
+        _, other = self._load(int(rng.integers(0, len(self.images))), rng, self.images.open_encoded)
+        return other
+
+    def _decode_or_replace(self, enc: EncodedImage, rng: np.random.Generator,
+                           min_size: tuple[float, float]) -> Image.Image:
+        while True:
+            try:
+                return enc.decode(min_size)
+            except InvalidImageError as err:
+                enc = self._replace(enc, err, rng)
 
 
 def _pil_to_uint8(img: Image.Image) -> torch.Tensor:
@@ -398,7 +587,13 @@ class InsLocDecodeDataset(_InsLocSampleBase):
 
 
 def collate_decoded(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Collate :class:`InsLocDecodeDataset` samples: ``fg`` and ``params`` stay lists, backgrounds stack."""
+    """Collate :class:`InsLocDecodeDataset` samples: ``fg`` and ``params`` stay lists, backgrounds stack.
+
+    Samples of :class:`InsLocBytesDataset` are passed on to :func:`collate_encoded`, so one collate
+    function serves every device-composition dataset.
+    """
+    if batch and "bg_draw" in batch[0]:
+        return collate_encoded(batch)
     return {
         "fg": [b["fg"] for b in batch],
         "bg_q": torch.stack([b["bg_q"] for b in batch]),
@@ -406,3 +601,221 @@ def collate_decoded(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "params": [b["params"] for b in batch],
         "index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Bytes in the workers, decode + composition on the device
+# --------------------------------------------------------------------------------------------------
+JPEG, PIXELS = "jpeg", "pixels"
+
+
+def _payload(enc: EncodedImage) -> tuple[str, torch.Tensor, int]:
+    """What a worker sends for one image: JPEG bytes (+ EXIF orientation), or decoded pixels for
+    other formats (their CPU fallback, decoded once in the worker by ``decode_image``)."""
+    if enc.is_jpeg:
+        return (JPEG, enc.as_tensor(), enc.orientation)
+    return (PIXELS, _pil_to_uint8(enc.decode()), 1)
+
+
+class InsLocBytesDataset(_InsLocSampleBase):
+    """Workers only read bytes: the official draws, the files' bytes, nothing decoded.
+
+    ``dataset[idx]`` returns ``dict(fg, bg_q, bg_k, params, index, bg_draw)`` where ``fg``/``bg_q``/
+    ``bg_k`` are payloads ``(kind, tensor, orientation)``: ``("jpeg", 1-D uint8 bytes, EXIF
+    orientation)`` for JPEG files, ``("pixels", uint8 [3, H, W], 1)`` for other formats (decoded in
+    the worker by ``decode_image``, the CPU fallback). ``params`` are the sample's
+    :class:`CompositionParams`, drawn for the foreground's oriented size read from its header. Batch
+    with :func:`collate_encoded`, then :func:`compose_encoded_batch` decodes the JPEGs with
+    ``torchvision.io.decode_jpeg`` on the device (nvJPEG on CUDA, batched) and composes them with
+    :func:`~insloc_hub.training.compose.compose_batch`. Same draws as :class:`InsLocPretrainDataset`,
+    hence the same boxes.
+
+    ``batch_backgrounds=True`` (off by default; not the official recipe): no background is read;
+    each sample's two backgrounds are other foregrounds of the same batch (one decode per sample
+    instead of three), chosen uniformly from ``bg_draw`` (two uniform numbers per sample).
+    """
+
+    def __init__(self, images: UnlabelledImages, cfg: CompositionConfig | None = None, seed: int = 0, *,
+                 batch_backgrounds: bool = False) -> None:
+        super().__init__(images, cfg, seed)
+        self.batch_backgrounds = bool(batch_backgrounds)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = self._key(key)
+        rng = sample_rng(self.seed, epoch, index)
+        opener = self.images.open_encoded
+        if self.batch_backgrounds:
+            _, fg = self._load(index, rng, opener)
+            bg_q = bg_k = None
+            bg_draw = torch.tensor(rng.random(2), dtype=torch.float64)
+        else:
+            fg, bg_q, bg_k = self._draw(index, rng, opener, opener)
+            bg_draw = None
+        params = sample_composition_params(fg.size, self.cfg, rng)
+        return {
+            "fg": _payload(fg),
+            "bg_q": _payload(bg_q) if bg_q is not None else None,
+            "bg_k": _payload(bg_k) if bg_k is not None else None,
+            "params": params,
+            "index": index,
+            "bg_draw": bg_draw,
+        }
+
+
+def collate_encoded(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Collate :class:`InsLocBytesDataset` samples: payloads and params stay lists."""
+    in_batch = batch[0]["bg_draw"] is not None
+    return {
+        "fg": [b["fg"] for b in batch],
+        "bg_q": None if in_batch else [b["bg_q"] for b in batch],
+        "bg_k": None if in_batch else [b["bg_k"] for b in batch],
+        "params": [b["params"] for b in batch],
+        "index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
+        "bg_draw": torch.stack([b["bg_draw"] for b in batch]) if in_batch else None,
+    }
+
+
+def apply_exif_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """``[C, H, W]`` as PIL's ``ImageOps.exif_transpose`` would turn it for EXIF ``orientation`` 1-8."""
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip((-2, -1))
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(img, -1, (-2, -1))
+    if orientation == 7:
+        return img.transpose(-2, -1).flip((-2, -1))
+    if orientation == 8:
+        return torch.rot90(img, 1, (-2, -1))
+    return img
+
+
+def _decode_jpeg(data: Any, device: torch.device) -> Any:
+    # torchvision >= 0.29 marks its image codecs deprecated in favour of torchcodec; they still
+    # work and are what torch 2.11 / torchvision 0.26 GPU machines have, so the warning is muted.
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def _decode_one(payload: tuple[str, torch.Tensor, int], device: torch.device) -> torch.Tensor:
+    kind, data, orientation = payload
+    try:
+        img = _decode_jpeg(data, device)
+    except RuntimeError:  # e.g. a JPEG variant the device decoder refuses: PIL on the CPU
+        try:
+            img = _pil_to_uint8(decode_image(data.numpy().tobytes())).to(device)
+        except InvalidImageError as err:
+            logger.warning("undecodable image replaced by grey in this batch: %s", err)
+            return torch.full((3, 64, 64), 128, dtype=torch.uint8, device=device)
+    return apply_exif_orientation(img, orientation)
+
+
+def decode_batch(payloads: Sequence[tuple[str, torch.Tensor, int]], device: torch.device | str) -> list[torch.Tensor]:
+    """Decode worker payloads to RGB uint8 ``[3, H, W]`` tensors on ``device``.
+
+    All JPEGs go to one ``torchvision.io.decode_jpeg`` call (batched nvJPEG on CUDA, libjpeg-turbo on
+    the CPU); EXIF orientation is applied on the device; pixels already decoded in a worker are only
+    copied. If the batched call fails, each JPEG is decoded alone, and one the device decoder
+    refuses is decoded by PIL on the CPU (an undecodable one becomes a grey image, logged).
+    """
+    device = torch.device(device)
+    out: list[torch.Tensor | None] = [None] * len(payloads)
+    jpegs = [i for i, p in enumerate(payloads) if p[0] == JPEG]
+    if jpegs:
+        try:
+            decoded = _decode_jpeg([payloads[i][1] for i in jpegs], device)
+            for i, img in zip(jpegs, decoded, strict=True):
+                out[i] = apply_exif_orientation(img, payloads[i][2])
+        except RuntimeError:
+            for i in jpegs:
+                out[i] = _decode_one(payloads[i], device)
+    for i, (kind, data, _) in enumerate(payloads):
+        if kind != JPEG:
+            out[i] = data.to(device, non_blocking=True)
+    return out  # type: ignore[return-value]
+
+
+def in_batch_background_indices(bg_draw: torch.Tensor) -> tuple[list[int], list[int]]:
+    """For ``batch_backgrounds``: the batch positions of each sample's two backgrounds.
+
+    ``bg_draw`` is ``[B, 2]`` uniform numbers in [0, 1) (from the workers); each background is
+    another sample of the batch, uniformly (itself only when ``B == 1``).
+    """
+    n = int(bg_draw.shape[0])
+    if n == 1:
+        return [0], [0]
+    offsets = (1 + (bg_draw.double() * (n - 1)).long().clamp_(max=n - 2)).tolist()
+    return [(i + o[0]) % n for i, o in enumerate(offsets)], [(i + o[1]) % n for i, o in enumerate(offsets)]
+
+
+def compose_encoded_batch(batch: dict[str, Any], cfg: CompositionConfig, device: torch.device | str
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode a :func:`collate_encoded` batch on ``device`` and compose it: ``(q, q_box, k, k_box)``.
+
+    The images come back normalised, float32 ``[B, 3, S, S]``, boxes ``[B, 4]``, on ``device``.
+    Nothing here waits for the device: parameters and index lists live on the host.
+    """
+    device = torch.device(device)
+    n = len(batch["fg"])
+    if batch["bg_draw"] is None:
+        images = decode_batch(list(batch["fg"]) + list(batch["bg_q"]) + list(batch["bg_k"]), device)
+        fgs, bg_q, bg_k = images[:n], images[n:2 * n], images[2 * n:]
+    else:
+        fgs = decode_batch(batch["fg"], device)
+        canvases = stretch_to_canvas(fgs, cfg.canvas)
+        jq, jk = (torch.tensor(j).to(device, non_blocking=True) for j in in_batch_background_indices(batch["bg_draw"]))
+        bg_q, bg_k = canvases.index_select(0, jq), canvases.index_select(0, jk)  # index sent without a sync
+    return compose_batch(fgs, bg_q, bg_k, cfg, params=batch["params"], device=device)
+
+
+class DevicePrefetcher:
+    """Prepare the next batch on a side CUDA stream while the current step runs.
+
+    Iterating yields ``prepare(batch)`` for each batch of ``batches`` (e.g. ``lambda b:
+    compose_encoded_batch(b, cfg, device)``); on CUDA the next batch's decode and composition are
+    queued on their own stream as soon as the current one is handed out, so they overlap the model
+    step instead of running before it; the step's stream waits for them only when it takes them. On
+    the CPU it simply calls ``prepare`` in turn (same results).
+    """
+
+    def __init__(self, batches: Iterable[Any], prepare: Callable[[Any], tuple[torch.Tensor, ...]],
+                 device: torch.device | str) -> None:
+        self.batches = iter(batches)
+        self.prepare = prepare
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.pending: tuple[torch.Tensor, ...] | None = None
+        self._queue()
+
+    def _queue(self) -> None:
+        batch = next(self.batches, None)
+        if batch is None:
+            self.pending = None
+        elif self.stream is None:
+            self.pending = self.prepare(batch)
+        else:
+            with torch.cuda.stream(self.stream):
+                self.pending = self.prepare(batch)
+
+    def __iter__(self) -> DevicePrefetcher:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        if self.pending is None:
+            raise StopIteration
+        ready = self.pending
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            for t in ready:  # allocated on the side stream, used on the step's stream
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(current)
+        self._queue()
+        return ready

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as F2
 from PIL import Image, ImageFilter
 
@@ -19,13 +20,17 @@ from insloc_hub.training.compose import (
     apply_color_ops,
     compose_batch,
     compose_pair,
+    compose_pair_fast,
     compose_pair_with_params,
+    foreground_reduction,
     gaussian_blur_batch,
     make_composition_grid,
     mmcv_rescale_size,
+    normalize_uint8,
     random_resized_crop_params,
     render_view_pil,
     sample_composition_params,
+    stretch_to_canvas,
 )
 
 CFG = CompositionConfig()
@@ -254,3 +259,72 @@ def test_composition_grid_png(tmp_path, photos: list[Image.Image]) -> None:
     green = (img[..., 1] >= 220) & (img[..., 0] <= 10) & (img[..., 2] <= 10)
     red = (img[..., 0] >= 250) & (img[..., 1] <= 50) & (img[..., 2] <= 50)
     assert green.sum() > 100 and red.sum() > 100
+
+
+# -- fast per-sample pipeline (the CPU loader's default) ------------------------------------------
+def test_fast_pipeline_gives_the_reference_bytes_at_full_scale(photos: list[Image.Image]) -> None:
+    rng = np.random.default_rng(21)
+    for i in range(12):
+        fg, bq, bk = photos[i % 4], photos[(i + 1) % 4], photos[(i + 2) % 4]
+        params = sample_composition_params(fg.size, CFG, rng)
+        ref = compose_pair_with_params(fg, bq, bk, params, CFG)
+        canvases = [b.resize((256, 256), Image.Resampling.BILINEAR) for b in (bq, bk)]
+        fast = compose_pair_fast(fg, fg.size, canvases[0], canvases[1], params, CFG)
+        for ours, theirs in zip(fast, ref, strict=True):
+            assert torch.equal(ours, theirs)
+    raw = compose_pair_fast(photos[0], photos[0].size, canvases[0].copy(), canvases[1].copy(), params, CFG,
+                            normalize=False)
+    assert raw[0].dtype == torch.uint8 and raw[0].shape == (3, 256, 256)
+    with pytest.raises(ValueError):
+        compose_pair_fast(photos[0], photos[0].size, canvases[0], canvases[0], params, CFG)
+
+
+def test_fast_pipeline_from_a_reduced_foreground_keeps_boxes_and_pixels(photos: list[Image.Image]) -> None:
+    fg, bg = photos[0], photos[1]  # astronaut, 512 x 512
+    rng = np.random.default_rng(4)
+    reduced_some = False
+    for _ in range(12):
+        params = sample_composition_params(fg.size, CFG, rng).without_color()
+        reduce = foreground_reduction(params)
+        assert reduce > 0
+        for v in (params.query, params.key):  # every paste is still a downscale of the reduced crop
+            assert v.crop_width / reduce >= v.paste_width - 1e-9 and v.crop_height / reduce >= v.paste_height - 1e-9
+        scale = 2 ** math.floor(math.log2(reduce)) if reduce >= 2 else 1  # what a JPEG draft could give
+        small = fg.reduce(scale) if scale > 1 else fg
+        reduced_some |= scale > 1
+        canvases = [bg.resize((256, 256), Image.Resampling.BILINEAR) for _ in range(2)]
+        q, qb, k, kb = compose_pair_fast(small, fg.size, canvases[0], canvases[1], params, CFG)
+        rq, rqb, rk, rkb = compose_pair_with_params(fg, bg, bg, params, CFG)
+        assert torch.equal(qb, rqb) and torch.equal(kb, rkb)
+        for ours, ref, box in ((q, rq, qb), (k, rk, kb)):
+            x1, y1, x2, y2 = (int(c) for c in box)
+            diff = (_grey_levels(ours) - _grey_levels(ref)).abs()
+            paste = diff[:, y1:y2, x1:x2]
+            assert paste.mean() < 4.0  # two resampling chains of the same crop (reduce + bilinear vs bilinear)
+            assert diff.sum() - paste.sum() < 1e-3 * diff.numel()  # the background is untouched
+    assert reduced_some
+
+
+def test_normalize_uint8_is_the_reference_normalisation() -> None:
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    expected = (x.float() / 255.0 - MEAN) / STD
+    torch.testing.assert_close(normalize_uint8(x, CFG), expected, atol=1e-6, rtol=0)
+    with pytest.raises(TypeError):
+        normalize_uint8(x.float())
+
+
+def test_stretch_to_canvas_matches_pil(photos: list[Image.Image]) -> None:
+    out = stretch_to_canvas([_u8(p) for p in photos], 64)
+    assert out.shape == (4, 3, 64, 64) and out.dtype == torch.uint8
+    for i, p in enumerate(photos):
+        ref = _u8(p.resize((64, 64), Image.Resampling.BILINEAR)).float()
+        assert (out[i].float() - ref).abs().mean() < 1.0
+
+
+def test_backgrounds_are_resized_per_size_group_as_if_alone(photos: list[Image.Image]) -> None:
+    images = [_u8(p) for p in photos] * 2 + [_u8(photos[0].convert("L").convert("RGB"))[:1]]  # sizes repeat
+    out = stretch_to_canvas(images, 48)
+    for i, img in enumerate(images):
+        alone = F.interpolate(img.expand(3, -1, -1)[None].float(), size=(48, 48), mode="bilinear",
+                              align_corners=False, antialias=True)[0]
+        assert torch.equal(out[i], alone.round().clamp(0, 255).to(torch.uint8))

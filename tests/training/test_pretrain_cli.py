@@ -177,3 +177,13 @@ def test_unreadable_images_are_skipped_and_reported_once_per_epoch(photos, tmp_p
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     report = [r for r in records if "unreadable_draws" in r]
     assert len(report) == 1 and report[0]["unreadable_files"] == 1 and report[0]["unreadable_draws"] >= 1
+
+
+def test_in_batch_backgrounds_flag_needs_device_composition(photos, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run(["pretrain", "--data", photos, "--output", out, *TINY, "--gpu-composition", "on",
+                     "--batch-backgrounds", "--max-steps", "1"], capsys)
+    assert code == 0, err
+    code, err = run(["pretrain", "--data", photos, "--output", tmp_path / "cpu", *TINY, "--gpu-composition", "off",
+                     "--batch-backgrounds", "--max-steps", "1"], capsys)
+    assert code != 0 and "--gpu-composition on" in err and "Traceback" not in err

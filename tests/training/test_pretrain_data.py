@@ -10,18 +10,28 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchvision.io import decode_jpeg
 
-from insloc_hub.errors import DatasetError
-from insloc_hub.training.compose import CompositionConfig, compose_batch
+from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
+from insloc_hub.training.compose import CompositionConfig, compose_batch, normalize_uint8
 from insloc_hub.training.pretrain_data import (
+    DevicePrefetcher,
+    EncodedImage,
+    InsLocBytesDataset,
     InsLocDecodeDataset,
     InsLocPretrainDataset,
     UnlabelledImages,
+    apply_exif_orientation,
     collate_decoded,
+    collate_encoded,
+    compose_encoded_batch,
+    decode_batch,
+    in_batch_background_indices,
     sample_rng,
     worker_init_fn,
 )
-from tests.photos import photo
+from insloc_hub.transforms import decode_image
+from tests.photos import photo, photo_bytes
 
 TINY = CompositionConfig.for_canvas(64)
 
@@ -191,3 +201,139 @@ def test_decode_dataset_feeds_the_batched_composer(tmp_path: Path) -> None:
     assert max(fg.shape[1:]) == 100
     p = small[0]["params"]
     assert p.foreground_size == (fg.shape[2], fg.shape[1])
+
+
+# -- fast CPU pipeline (default) -------------------------------------------------------------------
+def test_fast_pipeline_has_the_reference_draws(tmp_path: Path) -> None:
+    _write_tree(tmp_path / "train", corrupt=True)
+    images = UnlabelledImages(tmp_path / "train")
+    ref = InsLocPretrainDataset(images, TINY, seed=2, pipeline="reference")
+    fast = InsLocPretrainDataset(images, TINY, seed=2)
+    raw = InsLocPretrainDataset(images, TINY, seed=2, uint8=True)
+    for i in range(len(images)):
+        r, f, u = ref[i], fast[i], raw[i]
+        assert torch.equal(r["q_box"], f["q_box"]) and torch.equal(r["k_box"], f["k_box"])  # same draws
+        assert f["q_img"].dtype == torch.float32 and u["q_img"].dtype == torch.uint8
+        assert torch.equal(normalize_uint8(u["q_img"], TINY), f["q_img"])
+        # small photos: JPEG reduction rarely applies at canvas 64, the pixels stay close to the reference
+        grey = (f["q_img"] - r["q_img"]).abs().mean() * 0.226 * 255
+        assert grey < 6.0
+    with pytest.raises(ConfigError):
+        InsLocPretrainDataset(images, TINY, pipeline="turbo")
+
+
+def _jpeg_with_orientation(path: Path, orientation: int, size: tuple[int, int] = (50, 30)) -> Image.Image:
+    rng = np.random.default_rng(orientation)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img.save(path, exif=exif, quality=95)
+    return img
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision >= 0.29 deprecates its codecs
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_encoded_image_applies_exif_orientation_like_decode_image(tmp_path: Path, orientation: int) -> None:
+    path = tmp_path / "o.jpg"
+    _jpeg_with_orientation(path, orientation)
+    expected = np.asarray(decode_image(path))
+    enc = EncodedImage.open(path)
+    assert enc.size == (expected.shape[1], expected.shape[0]) and enc.orientation == orientation
+    assert np.array_equal(np.asarray(enc.decode()), expected)
+    on_device = apply_exif_orientation(decode_jpeg(enc.as_tensor()), enc.orientation)  # the GPU path's way
+    assert np.array_equal(on_device.permute(1, 2, 0).numpy(), expected)
+
+
+def test_encoded_image_reduced_decode_and_errors(tmp_path: Path) -> None:
+    big = tmp_path / "big.jpg"
+    photo("astronaut").save(big, quality=90)  # 512 x 512
+    enc = EncodedImage.open(big)
+    assert enc.decode().size == (512, 512)
+    assert enc.decode((200, 130)).size == (256, 256)  # the smallest DCT scale still >= the request
+    assert enc.decode((64, 64)).size == (64, 64)
+    assert enc.decode((600, 600)).size == (512, 512)
+    png = tmp_path / "a.png"
+    photo("coffee").resize((60, 40)).convert("RGBA").save(png)
+    enc_png = EncodedImage.open(png)
+    assert not enc_png.is_jpeg and enc_png.size == (60, 40) and enc_png.decode().mode == "RGB"
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(big.read_bytes()[:2000])  # a valid header, then nothing
+    header_only = EncodedImage.open(truncated)
+    with pytest.raises(InvalidImageError):
+        header_only.decode()
+    for bad in (tmp_path / "missing.jpg", tmp_path / "n01"):
+        with pytest.raises(InvalidImageError):
+            EncodedImage.open(bad)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(InvalidImageError, match="empty"):
+        EncodedImage.open(tmp_path / "empty.jpg")
+    with pytest.raises(InvalidImageError, match="pixels"):
+        EncodedImage.open(big, max_pixels=1000)
+
+
+def test_fast_pipeline_replaces_a_file_that_fails_after_its_header(tmp_path: Path) -> None:
+    _write_tree(tmp_path / "train")
+    good = (tmp_path / "train" / "n01" / "astronaut.jpg").read_bytes()
+    (tmp_path / "train" / "n03" / "cut.jpg").write_bytes(good[:1500])
+    images = UnlabelledImages(tmp_path / "train")
+    ds = InsLocPretrainDataset(images, TINY, seed=0)
+    cut = next(i for i, p in enumerate(images.paths) if p.endswith("cut.jpg"))
+    for epoch in range(3):
+        sample = ds[(epoch, cut)]
+        assert sample["q_img"].shape == (3, 64, 64) and torch.isfinite(sample["q_img"]).all()
+    assert images.is_known_unreadable(cut)
+    assert str(tmp_path / "train" / "n03" / "cut.jpg") in images.pop_epoch_report(log=False).files
+
+
+# -- bytes in the workers, decode + composition on the device (run here on the CPU) ------------------
+def test_bytes_dataset_feeds_the_device_decoder(tmp_path: Path) -> None:
+    _write_tree(tmp_path / "train")
+    images = UnlabelledImages(tmp_path / "train")
+    ref = InsLocPretrainDataset(images, TINY, seed=5, pipeline="reference")
+    enc = InsLocBytesDataset(images, TINY, seed=5)
+    samples = [enc[i] for i in range(len(enc))]
+    kinds = {Path(images.paths[s["index"]]).suffix.lower(): s["fg"][0] for s in samples}
+    assert kinds[".jpg"] == "jpeg" and kinds[".png"] == "pixels"  # other formats: decoded in the worker
+    batch = collate_encoded(samples)
+    q, qb, k, kb = compose_encoded_batch(batch, TINY, "cpu")
+    assert q.shape == k.shape == (5, 3, 64, 64) and q.dtype == torch.float32
+    for i in range(len(ref)):
+        r = ref[i]  # same draws -> same boxes as the CPU reference
+        assert torch.equal(qb[i], r["q_box"]) and torch.equal(kb[i], r["k_box"])
+        assert (q[i] - r["q_img"]).abs().mean() * 0.226 * 255 < 12.0  # float colour ops, antialiased resize
+    loader = DataLoader(enc, batch_size=5, num_workers=2, collate_fn=collate_encoded)
+    (again,) = list(loader)
+    assert torch.equal(compose_encoded_batch(again, TINY, "cpu")[1], qb)
+
+
+def test_in_batch_backgrounds_decode_once_per_sample(tmp_path: Path) -> None:
+    _write_tree(tmp_path / "train")
+    images = UnlabelledImages(tmp_path / "train")
+    ds = InsLocBytesDataset(images, TINY, seed=1, batch_backgrounds=True)
+    batch = collate_encoded([ds[i] for i in range(len(ds))])
+    assert batch["bg_q"] is None and batch["bg_draw"].shape == (5, 2)
+    q, qb, k, kb = compose_encoded_batch(batch, TINY, "cpu")
+    assert q.shape == (5, 3, 64, 64) and torch.isfinite(q).all()
+    draws = torch.tensor(np.random.default_rng(0).random((4000, 2)))
+    jq, jk = in_batch_background_indices(draws)
+    assert all(j != i % 4000 for i, j in enumerate(jq)) and all(j != i for i, j in enumerate(jk))
+    counts = np.bincount([(j - i) % 4000 for i, j in enumerate(jq)], minlength=4000)
+    assert counts[0] == 0 and counts.max() <= 6  # uniform over the 3999 others
+    assert in_batch_background_indices(torch.tensor([[0.3, 0.9]])) == ([0], [0])
+
+
+def test_decode_batch_falls_back_for_a_jpeg_the_decoder_refuses(tmp_path: Path, caplog) -> None:
+    good = photo_bytes("chelsea")
+    payloads = [("jpeg", torch.frombuffer(bytearray(good), dtype=torch.uint8), 1),
+                ("jpeg", torch.frombuffer(bytearray(good[:300]), dtype=torch.uint8), 1),
+                ("pixels", torch.zeros(3, 4, 5, dtype=torch.uint8), 1)]
+    with caplog.at_level(logging.WARNING):
+        out = decode_batch(payloads, "cpu")
+    assert out[0].shape == (3, 300, 451) and out[2].shape == (3, 4, 5)
+    assert out[1].dtype == torch.uint8 and "undecodable" in caplog.text
+
+
+def test_device_prefetcher_yields_every_prepared_batch_in_order() -> None:
+    prepared = list(DevicePrefetcher(range(4), lambda b: (torch.full((2,), float(b)),), "cpu"))
+    assert [float(t[0][0]) for t in prepared] == [0.0, 1.0, 2.0, 3.0]
+    assert list(DevicePrefetcher([], lambda b: (b,), "cpu")) == []
