@@ -101,11 +101,7 @@ def decode_image(
     except InvalidImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise InvalidImageError(
-            f"{name} is over the limit of PIL's decompression-bomb guard ({exc}); raise "
-            "PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels to decode it",
-            "too_large",
-        ) from exc
+        raise _bomb_error(name, exc) from exc
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         raise InvalidImageError(f"{name} could not be decoded ({reason}): {exc}", reason) from exc
@@ -138,6 +134,11 @@ def read_image_size(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS
     return int(width), int(height)
 
 
+def _bomb_error(name: str, exc: Exception) -> InvalidImageError:
+    return InvalidImageError(f"{name} is over the limit of PIL's decompression-bomb guard ({exc}); raise "
+                             "PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels to decode it", "too_large")
+
+
 def _open_checked(name: str, data: bytes, max_pixels: int) -> Image.Image:
     """``Image.open`` (header only) with the format, pixel-count and plausibility checks."""
     if not data:
@@ -153,11 +154,7 @@ def _open_checked(name: str, data: bytes, max_pixels: int) -> Image.Image:
             f"{name} is not a recognised image format (JPEG, PNG, WebP, BMP, TIFF...)", "unsupported"
         ) from exc
     except Image.DecompressionBombError as exc:
-        raise InvalidImageError(
-            f"{name} is over the limit of PIL's decompression-bomb guard ({exc}); raise "
-            "PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels to decode it",
-            "too_large",
-        ) from exc
+        raise _bomb_error(name, exc) from exc
     except (OSError, SyntaxError, ValueError, EOFError, struct_error) as exc:
         reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         raise InvalidImageError(f"{name} has an unreadable header ({reason}): {exc}", reason) from exc
