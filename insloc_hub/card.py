@@ -51,8 +51,12 @@ def _one_line(value: Any) -> str:
 
 def _diagnostics_lines(diagnostics: dict[str, Any] | None) -> list[str]:
     """The pretraining's collapse diagnostics (``provenance["diagnostics"]``), if it recorded them."""
-    if not diagnostics or "inbatch_top1" not in diagnostics:
+    if not isinstance(diagnostics, dict) or not diagnostics:
         return []
+    if "inbatch_top1" not in diagnostics:  # numbers recorded by other code: list them as they are
+        return ["", "## Diagnostics", "Measured during pretraining (see the run's metrics.jsonl):", "",
+                *(f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {_one_line(v)}"
+                  for k, v in diagnostics.items())]
     first, last = diagnostics.get("steps", ["?", "?"])
     collapsed = diagnostics.get("collapsed_at_step")
     return [

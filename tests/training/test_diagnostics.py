@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from insloc_hub.errors import ConfigError
 from insloc_hub.pretrained import from_pretrained
-from insloc_hub.training import engine
 from insloc_hub.training.diagnostics import CollapseMonitor, embedding_diagnostics, plot_curves, summarize
 from insloc_hub.training.engine import resolve_config, train
+from insloc_hub.training.run import MetricsWriter
 from tests.training.test_engine import write_photos
 
 LEVELS = ("p2", "p3", "p4", "p5")
@@ -130,7 +130,7 @@ def test_tensorboard_flag(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
-    writer = engine._MetricsWriter(tmp_path, True, 0, tensorboard=True)
+    writer = MetricsWriter(tmp_path, True, 0, tensorboard=True)
     writer.write({"step": 5, "loss": 1.5, "inbatch_top1": 50.0, "cos_k": 0.3, "time": 1.0})
     writer.close()
     assert sorted(logged) == [("cos_k", 0.3, 5), ("inbatch_top1", 50.0, 5), ("loss", 1.5, 5)]
