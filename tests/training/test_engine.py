@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,6 +194,18 @@ def test_sigkill_and_resume_gives_bit_identical_weights(photos, reference_run, t
     assert w_ref.keys() == w_got.keys() and all(torch.equal(w_ref[k], w_got[k]) for k in w_ref)
     # metrics of the killed steps after the checkpoint were dropped, then rewritten once
     assert [line.count('"step": ') for line in (out / "metrics.jsonl").read_text().splitlines()] == [1] * 6
+
+
+def test_resume_auto_passes_over_a_corrupt_newest_checkpoint(photos, reference_run, tmp_path, caplog):
+    """A damaged newest checkpoint (a crash mid-write elsewhere, a disk error) costs one step, not the run."""
+    out = tmp_path / "damaged"
+    shutil.copytree(reference_run, out, ignore=shutil.ignore_patterns("final", "checkpoint_00000000[56].pt"))
+    (out / "checkpoint_000000005.pt").write_bytes(b"not a checkpoint at all")
+    train(tiny_config(photos, out, resume="auto"))
+    assert "skipping checkpoint" in caplog.text and "checkpoint_000000005.pt" in caplog.text
+    w_ref = load_file(str(reference_run / "final" / "model.safetensors"))
+    w_got = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(w_ref[k], w_got[k]) for k in w_ref)  # resumed from step 4: the same weights
 
 
 def test_export_loads_in_from_pretrained_and_detectors_without_key_map(reference_run, tmp_path):
