@@ -182,18 +182,14 @@ def _pretrain_config(sizes: Sizes, arch: str) -> Any:
 def _setup(cfg: Any, variant: Variant, device: Any) -> dict[str, Any]:
     import torch
 
-    from insloc_hub.training.engine import build_model
+    from insloc_hub.training.engine import build_model, compile_encoders
 
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     if variant.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if variant.compile:
-        for encoder in (model.encoder_q, model.encoder_k):
-            for module in (encoder.backbone.trunk, encoder.backbone.fpn, encoder.backbone.box_head,
-                           encoder.projection):
-                if module is not None:
-                    module.compile()
+        compile_encoders(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.scaled_lr,
                                 momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     model.train()

@@ -48,6 +48,7 @@ from insloc_hub.training.engine import (  # noqa: E402
     batch_to_views,
     build_dataset,
     build_model,
+    compile_encoders,
     composition_config,
     resolve_runtime,
     train_step,
@@ -101,11 +102,7 @@ def make_setup(cfg: PretrainConfig, device: torch.device, optimised: bool, compi
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if optimised and compile_model:
-        for encoder in (model.encoder_q, model.encoder_k):
-            for module in (encoder.backbone.trunk, encoder.backbone.fpn, encoder.backbone.box_head,
-                           encoder.projection):
-                if module is not None:
-                    module.compile()
+        compile_encoders(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.scaled_lr,
                                 momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     model.train()

@@ -205,6 +205,23 @@ def check_detections(figures: dict[str, Any], tol: Tolerance, case: str) -> list
     return failures
 
 
+def compare_case(report: ParityReport, label: str, task: str, reference: dict[str, np.ndarray],
+                 exported: dict[str, np.ndarray], tol: Tolerance) -> None:
+    """Compare one input's outputs (detections by IoU matching, features by relative difference) into ``report``."""
+    if task == "detector":
+        figures = match_detections(reference, exported, tol.match_iou)
+        report.cases.append({"case": label, **figures})
+        report.failures += check_detections(figures, tol, label)
+        return
+    per_output = compare_features(reference, exported)
+    report.cases.append({"case": label, "outputs": per_output})
+    for name, fig in per_output.items():
+        if fig["max_rel"] > tol.feature_rel:
+            shape = f", {fig['shape']}" if "shape" in fig else ""
+            report.failures.append(f"{label} {name}: max rel diff {fig['max_rel']:.3g} > {tol.feature_rel} "
+                                   f"(max abs {fig['max_abs']:.3g}{shape})")
+
+
 def verify_onnx(
     path: str | os.PathLike[str],
     reference: nn.Module,
@@ -260,18 +277,7 @@ def verify_onnx(
             torch_out = reference(torch.from_numpy(pixels).to(device))
         torch_np = {n: t.detach().float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy()
                     for n, t in zip(output_names, torch_out)}
-        if task == "detector":
-            figures = match_detections(torch_np, onnx_out, tol.match_iou)
-            report.cases.append({"case": label, **figures})
-            report.failures += check_detections(figures, tol, label)
-        else:
-            per_output = compare_features(torch_np, onnx_out)
-            report.cases.append({"case": label, "outputs": per_output})
-            for name, fig in per_output.items():
-                if fig["max_rel"] > tol.feature_rel:
-                    shape = f", {fig['shape']}" if "shape" in fig else ""
-                    report.failures.append(f"{label} {name}: max rel diff {fig['max_rel']:.3g} > {tol.feature_rel} "
-                                           f"(max abs {fig['max_abs']:.3g}{shape})")
+        compare_case(report, label, task, torch_np, onnx_out, tol)
     report.passed = not report.failures
     if raise_on_failure and not report.passed:
         raise ExportError(f"{path} differs from the PyTorch model beyond tolerance:\n{report.summary()}")

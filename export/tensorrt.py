@@ -212,15 +212,7 @@ def build_engine(
 def verify_engine(engine_path: Path, onnx_path: str | os.PathLike[str], metadata: dict[str, Any],
                   profile: dict[str, tuple[tuple[int, ...], ...]], precision: str) -> Any:
     """Compare the engine with onnxruntime on the parity pixels that fit the profile."""
-    from insloc_hub.export.parity import (
-        ParityReport,
-        Tolerance,
-        check_detections,
-        compare_features,
-        match_detections,
-        parity_inputs,
-        photographs,
-    )
+    from insloc_hub.export.parity import ParityReport, Tolerance, compare_case, parity_inputs, photographs
     from insloc_hub.export.runtime import ort_session
 
     task = metadata["task"]
@@ -241,15 +233,7 @@ def verify_engine(engine_path: Path, onnx_path: str | os.PathLike[str], metadata
             continue
         reference = dict(zip(output_names, session.run(output_names, {input_name: pixels})))
         got = runner.run({input_name: pixels})
-        if task == "detector":
-            figures = match_detections(reference, got, tol.match_iou)
-            report.cases.append({"case": label, **figures})
-            report.failures += check_detections(figures, tol, label)
-        else:
-            per_output = compare_features(reference, got)
-            report.cases.append({"case": label, "outputs": per_output})
-            report.failures += [f"{label} {n}: max rel diff {f['max_rel']:.3g} > {tol.feature_rel}"
-                                for n, f in per_output.items() if f["max_rel"] > tol.feature_rel]
+        compare_case(report, label, task, reference, got, tol)
     report.passed = not report.failures
     if not report.passed:
         raise ExportError(f"{engine_path} differs from onnxruntime beyond tolerance:\n{report.summary()}")

@@ -86,6 +86,7 @@ __all__ = [
     "cosine_by_epoch",
     "set_schedule_epoch",
     "build_model",
+    "compile_encoders",
     "train",
     "train_step",
     "batch_to_views",
@@ -673,6 +674,17 @@ def train(cfg: PretrainConfig, *, callbacks: Sequence[Callback] = ()) -> Path:
         dist_utils.cleanup()
 
 
+def compile_encoders(model: nn.Module) -> None:
+    """``torch.compile`` the trunk, FPN, box head and projection of both encoders, in place.
+
+    Module by module rather than the whole model: the momentum update, queues and loss stay eager.
+    """
+    for encoder in (model.encoder_q, model.encoder_k):
+        for module in (encoder.backbone.trunk, encoder.backbone.fpn, encoder.backbone.box_head, encoder.projection):
+            if module is not None:
+                module.compile()
+
+
 def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[Callback]) -> Path:
     device, world, rank, is_main = info.device, info.world_size, info.rank, info.is_main
     run_dir = Path(cfg.output)
@@ -753,11 +765,7 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
     # -- wrappers ----------------------------------------------------------------------------------
     inner = model
     if cfg.compile:
-        for encoder in (inner.encoder_q, inner.encoder_k):
-            for module in (encoder.backbone.trunk, encoder.backbone.fpn, encoder.backbone.box_head,
-                           encoder.projection):
-                if module is not None:
-                    module.compile()
+        compile_encoders(inner)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
