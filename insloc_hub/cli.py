@@ -251,26 +251,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(prog: str, args: argparse.Namespace, *, interrupted_hint: str = "") -> int:
-    """Run a parsed subcommand; user errors print one line and exit 2, Ctrl-C exits 130.
+def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None, *, long_running: bool = False,
+            interrupted_hint: str = "") -> int:
+    """Parse ``argv`` and run ``args.func(args)``: how every insloc CLI starts, fails and stops.
 
-    Shared by ``insloc-hub`` and ``insloc-train``.
+    Logs WARNING and up (INFO with timestamps if ``long_running``; DEBUG with ``-v``). A user error
+    (:class:`InsLocError`) prints one line, ``prog command: error: ...``, and returns 2 like a bad flag;
+    Ctrl-C prints one line and returns 130.
+    Used by ``insloc-hub``, ``insloc-train``, ``insloc-export`` and ``insloc-serve``.
+
+    Example:
+        >>> def main(argv=None):
+        ...     return run_cli(build_parser(), argv)
     """
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.INFO if long_running else logging.WARNING
+    stamp = "%(asctime)s " if long_running else ""
+    logging.basicConfig(level=level, format=stamp + "%(levelname)s %(name)s: %(message)s")
+    name = " ".join(filter(None, (parser.prog, getattr(args, "command", None))))
     try:
         return int(args.func(args) or 0)
     except InsLocError as exc:
-        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog} {args.command}: interrupted{interrupted_hint}", file=sys.stderr)
+        print(f"{name}: interrupted{interrupted_hint}", file=sys.stderr)
         return 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    return run_command("insloc-hub", args)
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":
