@@ -392,7 +392,7 @@ def detector_inference(check: Check) -> None:
                                                 "rpn_post_nms_top_n_test": 50}
     for name, amp, channels_last in (("fp32 eager (baseline)", False, False), ("bf16 + channels-last", True, True)):
         torch.manual_seed(0)
-        model = build_detector("faster_rcnn_fpn", 91, backbone="r50-fpn", **options).to(device).eval()
+        model = build_detector("faster_rcnn_fpn", 91, preset="r50-fpn", **options).to(device).eval()
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
 

@@ -11,6 +11,7 @@ import logging
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,6 +26,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old flag name kept for one release: stores like the new one and warns (DeprecationWarning)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        new = "--" + self.dest.replace("_", "-")
+        warnings.warn(f"{option_string} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
+        print(f"{parser.prog}: warning: {option_string} is deprecated; use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _human(n: float) -> str:
@@ -150,12 +162,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     torch.manual_seed(0)
     image = load_image_tensor(args.image) if args.image else _sample_photo()
-    backbone = args.backbone or ("r50-c4" if args.arch == "faster_rcnn_c4" else "r50-fpn")
+    preset = args.preset or ("r50-c4" if args.arch == "faster_rcnn_c4" else "r50-fpn")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        folder = save_pretrained(InsLocBackbone(backbone), Path(tmp) / "backbone")
+        folder = save_pretrained(InsLocBackbone(preset), Path(tmp) / "backbone")
         bundle = from_pretrained(folder)
-        print(f"saved and reloaded a {backbone} backbone hub folder in {time.perf_counter() - start:.2f}s")
+        print(f"saved and reloaded a {preset} backbone bundle (hub folder) in {time.perf_counter() - start:.2f}s")
     detector = build_detector(args.arch, class_names=["object"], pretrained=bundle, min_size=args.size,
                               max_size=int(args.size * 1.667))
     print(detector.load_report.summary())
@@ -243,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="save/load a backbone, build a detector, train a step, detect on a photo")
     p.add_argument("--arch", default="faster_rcnn_fpn", choices=ARCHITECTURES)
-    p.add_argument("--backbone", choices=sorted(PRESETS), help="default: r50-fpn, or r50-c4 for faster_rcnn_c4")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="architecture preset (default: r50-fpn, or r50-c4 for "
+                   "faster_rcnn_c4)")
+    p.add_argument("--backbone", dest="preset", choices=sorted(PRESETS), action=DeprecatedAlias, help=argparse.SUPPRESS)
     p.add_argument("--image", help="an image file (default: scikit-image's astronaut photo)")
     p.add_argument("--size", type=int_at_least(128), default=480,
                    help="shorter side the detector resizes to (at least 128: the coarsest level needs a few pixels)")

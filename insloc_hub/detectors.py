@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import inspect
 import logging
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,14 +63,15 @@ class DetectorConfig(JsonConfig):
     fields rebuild the model; ``inference`` records the *effective* resize, normalisation, threshold
     and NMS settings read from the built modules (torchvision's defaults included), so a runtime
     without PyTorch (ONNX Runtime, TensorRT, Triton, a server) knows everything it needs.
-    ``unsaved_options`` names options that are not JSON values (a custom anchor generator...):
+    ``architecture`` is the :class:`BackboneConfig` (as a dict) of the detector's trunk, FPN and box
+    head. ``unsaved_options`` names options that are not JSON values (a custom anchor generator...):
     such a detector cannot be saved.
     """
 
     arch: str = "faster_rcnn_fpn"
     num_classes: int = 91
     class_names: list[str] | None = None
-    backbone: dict[str, Any] = field(default_factory=lambda: BackboneConfig().to_dict())
+    architecture: dict[str, Any] = field(default_factory=lambda: BackboneConfig().to_dict())
     box_head_extra_norm: bool = False
     norm: str = "bn"
     options: dict[str, Any] = field(default_factory=dict)
@@ -81,6 +83,14 @@ class DetectorConfig(JsonConfig):
         data = super().to_dict()
         del data["unsaved_options"]
         return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DetectorConfig:
+        """Also reads the configs of insloc-hub 0.1, which named ``architecture`` ``backbone``."""
+        data = dict(data)
+        if "backbone" in data and "architecture" not in data:
+            data["architecture"] = data.pop("backbone")
+        return super().from_dict(data)
 
 
 @dataclass
@@ -174,7 +184,7 @@ def build_detector(
     num_classes: int | None = None,
     *,
     class_names: list[str] | None = None,
-    backbone: str | BackboneConfig | dict[str, Any] | None = None,
+    preset: str | BackboneConfig | dict[str, Any] | None = None,
     pretrained: InsLocBackbone | None = None,
     norm: str = "bn",
     strict: bool = True,
@@ -189,8 +199,9 @@ def build_detector(
             ``class_names`` (``len + 1``) when omitted; 91 when both are omitted.
         class_names: foreground class names, stored with the model (label ``i`` is
             ``class_names[i - 1]``).
-        backbone: architecture preset (``"r50-fpn"``, ``"r50-c4"``, ``"tiny-fpn"``...) or config;
-            taken from ``pretrained`` when that is given. Default: ``r50-fpn`` / ``r50-c4`` by arch.
+        preset: architecture preset (``"r50-fpn"``, ``"r50-c4"``, ``"tiny-fpn"``...) or a
+            :class:`BackboneConfig`; taken from ``pretrained`` when that is given. Default: ``r50-fpn`` /
+            ``r50-c4`` by arch. ``backbone=`` is its deprecated old name.
         pretrained: a backbone bundle (``insloc_hub.from_pretrained(name)`` of a backbone folder or alias);
             names are resolved by the caller, so this module never loads files.
         norm: ``"bn"`` (plain, trained; the default, since frozen layers hurt self-supervised
@@ -210,10 +221,15 @@ def build_detector(
         :class:`LoadReport` (``None`` without ``pretrained``).
 
     Example:
-        >>> model = build_detector("faster_rcnn_fpn", class_names=["raccoon"], backbone="tiny-fpn")
+        >>> model = build_detector("faster_rcnn_fpn", class_names=["raccoon"], preset="tiny-fpn")
         >>> model.roi_heads.box_predictor.cls_score.out_features
         2
     """
+    if "backbone" in kwargs:  # the old name of preset: kept, with a warning, for one release
+        warnings.warn("build_detector(backbone=...) is deprecated; use preset=...", DeprecationWarning, stacklevel=2)
+        if preset is not None:
+            raise ConfigError("give the architecture preset once: preset=... (backbone= is its deprecated name)")
+        preset = kwargs.pop("backbone")
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown detector architecture {arch!r}; choose one of {ARCHITECTURES}")
     if norm not in NORM_MODES:
@@ -234,10 +250,10 @@ def build_detector(
     variant = "c4" if arch == "faster_rcnn_c4" else "fpn"
     if bundle is not None:
         cfg = dataclasses.replace(bundle.config, parts=None)
-        if backbone is not None and dataclasses.replace(backbone_config(backbone), parts=None) != cfg:
+        if preset is not None and dataclasses.replace(backbone_config(preset), parts=None) != cfg:
             raise ConfigError(
-                f"backbone={backbone!r} conflicts with the pretrained weights' architecture "
-                f"({cfg.to_dict()}); leave backbone out to use the pretrained one"
+                f"preset={preset!r} conflicts with the pretrained weights' architecture "
+                f"({cfg.to_dict()}); leave preset out to use the pretrained one"
             )
         if cfg.variant != variant:
             raise ConfigError(
@@ -245,7 +261,7 @@ def build_detector(
                 f"use arch={'faster_rcnn_c4' if cfg.variant == 'c4' else 'faster_rcnn_fpn'} or a {variant} model"
             )
     else:
-        cfg = backbone_config(backbone if backbone is not None else f"r50-{variant}")
+        cfg = backbone_config(preset if preset is not None else f"r50-{variant}")
         if cfg.variant != variant:
             raise ConfigError(f"{arch} needs a {variant} backbone, got a {cfg.variant} config")
     if box_head_extra_norm and arch == "retinanet_fpn":
@@ -255,7 +271,7 @@ def build_detector(
     model = _ASSEMBLERS[arch](cfg, num_classes, box_head_extra_norm, kwargs)
     model.insloc_config = DetectorConfig(
         arch=arch, num_classes=num_classes, class_names=class_names,
-        backbone=dataclasses.replace(cfg, parts=None).to_dict(), box_head_extra_norm=box_head_extra_norm,
+        architecture=dataclasses.replace(cfg, parts=None).to_dict(), box_head_extra_norm=box_head_extra_norm,
         norm=norm, options={k: v for k, v in kwargs.items() if _is_json_value(v)},
         unsaved_options=sorted(k for k, v in kwargs.items() if not _is_json_value(v)),
     )
@@ -508,7 +524,7 @@ def inference_options(model: nn.Module) -> dict[str, Any]:
     detector normalises them with ``image_mean`` / ``image_std``.
 
     Example:
-        >>> inference_options(build_detector("retinanet_fpn", 3, backbone="tiny-fpn"))["detections_per_img"]
+        >>> inference_options(build_detector("retinanet_fpn", 3, preset="tiny-fpn"))["detections_per_img"]
         300
     """
     transform = model.transform
@@ -540,7 +556,7 @@ def set_inference_options(model: nn.Module, *, min_size: int | None = None, max_
     """Change a detector's test-time resize in place, in its modules and its metadata together.
 
     Example:
-        >>> model = build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn")
+        >>> model = build_detector("faster_rcnn_fpn", 3, preset="tiny-fpn")
         >>> set_inference_options(model, min_size=600)
         >>> model.insloc_config.inference["min_size"], model.transform.min_size
         (600, (600,))
@@ -560,6 +576,6 @@ def build_detector_from_config(config: DetectorConfig | Mapping[str, Any]) -> nn
     cfg = config if isinstance(config, DetectorConfig) else DetectorConfig.from_dict(config)
     # ``inference`` is derived from the built modules, never an input
     return build_detector(
-        cfg.arch, cfg.num_classes, class_names=cfg.class_names, backbone=cfg.backbone, norm=cfg.norm,
+        cfg.arch, cfg.num_classes, class_names=cfg.class_names, preset=cfg.architecture, norm=cfg.norm,
         box_head_extra_norm=cfg.box_head_extra_norm, **cfg.options,
     )

@@ -174,7 +174,7 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
         parts = [p for p, prefix in PART_PREFIXES.items() if any(k.startswith(prefix) for k in report.loaded)]
     else:  # a detector loaded from a hub folder keeps what its folder recorded
         parts = list(getattr(model, "hub_config", {}).get("pretrained_parts", []))
-    features = InsLocBackbone(BackboneConfig.from_dict(det_config.backbone)).feature_info
+    features = InsLocBackbone(BackboneConfig.from_dict(det_config.architecture)).feature_info
     detector = det_config.to_dict()
     detector["inference"] = inference_options(model)  # what the modules do now, whoever changed them
     if detector["norm"] == "sync":
@@ -184,7 +184,7 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
     preprocessing = {**base["preprocessing"], "normalization": "model", "mean": inference["image_mean"],
                      "std": inference["image_std"],
                      "resize": {"min_size": inference["min_size"], "max_size": inference["max_size"]}}
-    return {**base, "preprocessing": preprocessing, "task": "detection", "architecture": det_config.backbone,
+    return {**base, "preprocessing": preprocessing, "task": "detection", "architecture": det_config.architecture,
             "pretrained_parts": parts, "features": features, "detector": detector,
             "class_names": det_config.class_names}
 
@@ -278,10 +278,11 @@ def _check_detector(detector: Mapping[str, Any], source: Any) -> None:
     for name in ("arch", "norm"):
         if name in detector and not isinstance(detector[name], str):
             raise ConfigError(f"{source}: detector.{name} must be a string, got {detector[name]!r}")
-    backbone = detector.get("backbone", {})
-    if not isinstance(backbone, dict):
-        raise ConfigError(f"{source}: detector.backbone must be an object, got {backbone!r}")
-    _check_architecture(backbone, "detector.backbone", source)
+    field = "architecture" if "architecture" in detector else "backbone"  # its name in insloc-hub 0.1
+    architecture = detector.get(field, {})
+    if not isinstance(architecture, dict):
+        raise ConfigError(f"{source}: detector.{field} must be an object, got {architecture!r}")
+    _check_architecture(architecture, f"detector.{field}", source)
     options = detector.get("options", {})
     if not isinstance(options, dict):
         raise ConfigError(f"{source}: detector.options must be an object, got {options!r}")

@@ -53,7 +53,7 @@ def test_bad_architecture_values_name_the_field(template, tmp_path, name, value)
 def _detection(config: dict, **detector) -> None:
     config["task"] = "detection"
     config["detector"] = {"arch": "faster_rcnn_fpn", "num_classes": 3, "class_names": ["a", "b"],
-                          "backbone": dict(config["architecture"]), "norm": "bn", "options": {}, **detector}
+                          "architecture": dict(config["architecture"]), "norm": "bn", "options": {}, **detector}
 
 
 @pytest.mark.parametrize("value", [10**8, 0, -3, 2.5, "91", None, True, float("nan"), 10_001])
@@ -81,12 +81,19 @@ def test_negative_or_non_finite_detector_options_are_refused(template, tmp_path,
         from_pretrained(folder)
 
 
+@pytest.mark.parametrize("field", ["architecture", "backbone"])  # "backbone": its name in insloc-hub 0.1
 @pytest.mark.parametrize("value", [-1, 10**7, 3.5, "18"])
 @pytest.mark.parametrize("name", ["width", "depth", "fpn_channels"])
-def test_bad_detector_backbone_values(template, tmp_path, name, value):
+def test_bad_detector_architecture_values(template, tmp_path, name, value, field):
     folder = _copy(template, tmp_path / "m")
-    _edit_config(folder, lambda c: _detection(c, backbone={**c["architecture"], name: value}))
-    with pytest.raises(ConfigError, match=rf"detector\.backbone\.{name}"):
+
+    def edit(config: dict) -> None:
+        _detection(config)
+        config["detector"].pop("architecture")
+        config["detector"][field] = {**config["architecture"], name: value}
+
+    _edit_config(folder, edit)
+    with pytest.raises(ConfigError, match=rf"detector\.{field}\.{name}"):
         from_pretrained(folder)
 
 
