@@ -28,6 +28,7 @@ import argparse
 import gc
 import importlib
 import importlib.machinery
+import itertools
 import json
 import os
 import subprocess
@@ -234,14 +235,10 @@ class Pipeline:
                                  num_workers=cfg.workers, collate_fn=collate_encoded,
                                  pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
                                  prefetch_factor=2 if cfg.workers > 0 else None, worker_init_fn=worker_init_fn)
-        self.iterator = iter(self.loader)
+        self.iterator = itertools.chain.from_iterable(itertools.repeat(self.loader))  # epoch after epoch
 
     def batch(self) -> Any:
-        try:
-            return next(self.iterator)
-        except StopIteration:
-            self.iterator = iter(self.loader)
-            return next(self.iterator)
+        return next(self.iterator)
 
     def views(self, channels_last: bool) -> tuple[Any, ...]:
         from insloc_hub.training.engine import batch_to_views

@@ -8,6 +8,7 @@ never with pickle.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -57,16 +58,9 @@ _VERIFIED_RECORD = "verified-weights.json"
 MAX_NUM_CLASSES = 10_000
 #: the longest image side a detector config may resize to
 MAX_IMAGE_SIDE = 10_000
-#: integer architecture fields of config.json and their accepted ranges (checked before building)
-ARCHITECTURE_RANGES = {
-    "depth": (18, 152),
-    "width": (1, 1024),
-    "fpn_channels": (1, 4096),
-    "head_channels": (1, 4096),
-    "head_convs": (0, 16),
-    "head_fc": (1, 16384),
-    "roi_size": (1, 64),
-}
+#: integer architecture fields of config.json and their accepted ranges (BackboneConfig's limits)
+ARCHITECTURE_RANGES = {f.name: (f.metadata["min"], f.metadata["max"]) for f in dataclasses.fields(BackboneConfig)
+                       if "max" in f.metadata}
 #: safetensors dtypes a hub folder holds: float32 tensors, int64 BatchNorm step counters
 _WEIGHT_DTYPE, _COUNTER_DTYPE = "F32", "I64"
 _MISMATCH_HINT = "Pass strict=False to load what fits, or check that config.json belongs to these weights."

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchvision.ops import MultiScaleRoIAlign
 
-from insloc_hub.configs import JsonConfig
+from insloc_hub.configs import JsonConfig, flag
 from insloc_hub.errors import ConfigError
 from insloc_hub.models.fpn import FPN
 from insloc_hub.models.heads import BoxHead, Res5Head
@@ -44,14 +44,15 @@ class BackboneConfig(JsonConfig):
             or MoCo ResNet holds the trunk only for ``fpn``; trunk and res5 for ``c4``).
     """
 
-    depth: int = 50
-    width: int = 64
-    variant: str = "fpn"
-    fpn_channels: int = 256
-    head_channels: int = 256
-    head_convs: int = 4
-    head_fc: int = 1024
-    roi_size: int = 7
+    # the limits are those config.json files are checked against before anything is built
+    depth: int = flag(50, min=18, max=152)
+    width: int = flag(64, min=1, max=1024)
+    variant: str = flag("fpn", choices=VARIANTS)
+    fpn_channels: int = flag(256, min=1, max=4096)
+    head_channels: int = flag(256, min=1, max=4096)
+    head_convs: int = flag(4, min=0, max=16)
+    head_fc: int = flag(1024, min=1, max=16384)
+    roi_size: int = flag(7, min=1, max=64)
     parts: tuple[str, ...] | None = None
     config_kind = "architecture"
 

@@ -40,13 +40,7 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("INSLOC_HUB_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions: one thread is fastest, and far faster than several on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thread is fastest
 
 
 def _trained_like(name: str, seed: int = 0) -> InsLocBackbone:
