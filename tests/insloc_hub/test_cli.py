@@ -67,7 +67,7 @@ def test_convert_official_and_export_d2(tmp_path, capsys):
 
     import torch
 
-    from insloc_hub.convert import official_state_dict_from_bundle
+    from tests.insloc_hub.official_layout import official_state_dict_from_bundle
 
     bundle = InsLocBackbone("tiny-fpn")
     checkpoint = tmp_path / "insloc_fpn_200ep.pth"

@@ -28,11 +28,11 @@ from insloc_hub.convert import (
     convert_torchvision_resnet,
     convert_torchvision_resnet_to_folder,
     export_detectron2,
-    official_state_dict_from_bundle,
 )
 from insloc_hub.errors import CheckpointError, ConfigError, WeightsMismatchError
 from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import from_pretrained
+from tests.insloc_hub.official_layout import official_state_dict_from_bundle
 
 
 @pytest.fixture(autouse=True)
