@@ -427,66 +427,39 @@ def load_pretrained_into_detector(
     """Copy a bundle's trunk, FPN and box head into a detector built by :func:`build_detector`.
 
     Raises:
-        WeightsMismatchError: (``strict=True``) a pretrained tensor has no place in the detector,
-            has another shape, or a detector tensor of a pretrained part is absent; the message
-            lists the keys.
+        WeightsMismatchError: (``strict=True``) a pretrained tensor has no place in the detector or
+            another shape, or a detector tensor of a pretrained part is absent; the keys are listed.
     """
     bundle_state = pretrained.state_dict() if isinstance(pretrained, nn.Module) else dict(pretrained)
     target = detector.state_dict()
     unused_parts = _UNUSED_PARTS.get(detector.insloc_config.arch, {})
     report = LoadReport()
-    to_load: dict[str, torch.Tensor] = {}
-    unexpected, mismatched = [], []
-    for key, tensor in bundle_state.items():
+    source_of: dict[str, str] = {}  # detector key -> pretrained key
+    for key in bundle_state:
+        part, _, rest = key.partition(".")
+        dest = PART_PREFIXES[part] + rest if part in PART_PREFIXES else key
         reason = next((r for prefix, r in unused_parts.items() if key.startswith(prefix)), None)
+        if reason is None and dest not in target and key.endswith("num_batches_tracked"):
+            reason = "the detector's norm layers keep no batch counter (frozen BN)"
         if reason is not None:
             report.ignored[key] = reason
-            continue
-        part = key.split(".", 1)[0]
-        if part not in PART_PREFIXES:
-            unexpected.append(key)
-            continue
-        dest = PART_PREFIXES[part] + key.split(".", 1)[1]
-        if dest not in target:
-            if key.endswith("num_batches_tracked"):
-                report.ignored[key] = "the detector's norm layers keep no batch counter (frozen BN)"
-            else:
-                unexpected.append(key)
-        elif target[dest].shape != tensor.shape:
-            mismatched.append(f"{key}: pretrained {tuple(tensor.shape)} vs detector {tuple(target[dest].shape)}")
         else:
-            to_load[dest] = tensor
-    parts_present = {k.split(".", 1)[0] for k in bundle_state if k.split(".", 1)[0] in PART_PREFIXES}
-    missing = [
-        k for k in target
-        if any(k.startswith(PART_PREFIXES[p]) for p in parts_present)
-        and k not in to_load and ".extra_norm." not in k and not k.endswith("num_batches_tracked")
-    ]
-    problems = []
-    if unexpected:
-        problems.append(_key_list("pretrained tensors with no place in the detector", unexpected))
-    if mismatched:
-        problems.append(_key_list("shape mismatches", mismatched))
-    if missing:
-        problems.append(_key_list("detector tensors absent from the pretrained weights", missing))
-    if problems and strict:
-        raise WeightsMismatchError(
-            "pretrained weights do not fit the detector:\n" + "\n".join(problems)
-            + "\nCheck that the backbone architecture matches, or pass strict=False to load what fits."
-        )
-    for key in unexpected:
-        report.ignored[key] = "no matching tensor in the detector (strict=False)"
-    for entry in mismatched:
-        report.ignored[entry.split(":", 1)[0]] = "shape mismatch (strict=False)"
+            source_of[dest] = key
+    given = {dest: bundle_state[key] for dest, key in source_of.items()}
+    parts = tuple(PART_PREFIXES[p] for p in {k.split(".", 1)[0] for k in bundle_state} if p in PART_PREFIXES)
+    expected = {k: v for k, v in target.items() if k.startswith(parts) and (
+        k in given or (".extra_norm." not in k and not k.endswith("num_batches_tracked")))}  # new layers, counters
+    if strict:
+        WeightsMismatchError.check(expected, given, "pretrained weights do not fit the detector (detector names):",
+                                   "Check that the architectures match, or pass strict=False to load what fits.")
+    to_load = {k: v for k, v in given.items() if k in target and target[k].shape == v.shape}
+    for dest in set(given) - set(to_load):
+        report.ignored[source_of[dest]] = "shape mismatch (strict=False)" if dest in target else \
+            "no matching tensor in the detector (strict=False)"
     detector.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)
     report.new = sorted(k for k in target if k not in to_load)
     return report
-
-
-def _key_list(title: str, keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-    return f"  {len(keys)} {title}: {shown}"
 
 
 def convert_norm(model: nn.Module, mode: str) -> nn.Module:

@@ -124,7 +124,7 @@ def test_shape_mismatch_raises_with_key_names():
     state = bundle.state_dict()
     state["fpn.output.p3.conv.weight"] = torch.zeros(32, 32, 1, 1)
     model = build_detector("faster_rcnn_fpn", 3, preset="tiny-fpn")
-    with pytest.raises(WeightsMismatchError, match=r"fpn\.output\.p3\.conv\.weight: pretrained \(32, 32, 1, 1\)"):
+    with pytest.raises(WeightsMismatchError, match=r"fpn\.output\.p3\.conv\.weight: given \(32, 32, 1, 1\)"):
         load_pretrained_into_detector(model, state)
 
 
