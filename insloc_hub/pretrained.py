@@ -63,7 +63,6 @@ ARCHITECTURE_RANGES = {f.name: (f.metadata["min"], f.metadata["max"]) for f in d
                        if "max" in f.metadata}
 #: safetensors dtypes a hub folder holds: float32 tensors, int64 BatchNorm step counters
 _WEIGHT_DTYPE, _COUNTER_DTYPE = "F32", "I64"
-_MISMATCH_HINT = "Pass strict=False to load what fits, or check that config.json belongs to these weights."
 
 
 def save_pretrained(
@@ -378,13 +377,6 @@ def _read_record(path: Path) -> dict[str, str]:
         return {}
 
 
-def _check_shapes(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
-    """WeightsMismatchError unless the file's keys and shapes (from its header) are exactly the model's."""
-    given = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}  # shapes only, no memory
-    WeightsMismatchError.check(model.state_dict(), given, f"{source} does not match its architecture config:",
-                               _MISMATCH_HINT)
-
-
 def from_pretrained(
     name: str | os.PathLike[str],
     *,
@@ -430,25 +422,23 @@ def from_pretrained(
     source = f"{folder / weights_file}"
     header = read_safetensors_header(folder / weights_file)
     _check_dtypes(header, source)
-    shapes = {key: tuple(entry["shape"]) for key, entry in header.items()}
     if config.get("task") == "detection":
-        model = build_detector_from_config(config["detector"])
-        if strict:  # keys and shapes from the header: nothing is read if they do not fit
-            _check_shapes(model, shapes, source)
-        state = load_file(folder / weights_file, device=str(device))
-        if not strict:
-            _drop_unusable(model, state)
-        model.load_state_dict(state, strict=False)
+        model, assign = build_detector_from_config(config["detector"]), False
+        fresh = model.state_dict  # the detector's own random init
     else:
         arch = BackboneConfig.from_dict(config["architecture"])
         with torch.device("meta"):  # no random init: every tensor comes from the file
             model = InsLocBackbone(arch)
-        if strict:
-            _check_shapes(model, shapes, source)
-        state = load_file(folder / weights_file, device=str(device))
-        if not strict:
-            _initialise_missing(model, state)
-        model.load_state_dict(state, strict=False, assign=True)
+        assign, fresh = True, lambda: InsLocBackbone(arch).state_dict()
+    if strict:  # keys and shapes from the header: nothing is read if they do not fit
+        given = {key: torch.empty(entry["shape"], device="meta") for key, entry in header.items()}
+        WeightsMismatchError.check(model.state_dict(), given, f"{source} does not match its architecture config:",
+                                   "Pass strict=False to load what fits, or check that config.json belongs to these "
+                                   "weights.")
+    state = load_file(folder / weights_file, device=str(device))
+    if not strict:
+        _keep_what_fits(model, state, fresh)
+    model.load_state_dict(state, assign=assign)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.hub_config = config
     model.hub_folder = folder
@@ -471,29 +461,19 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return parsed
 
 
-def _drop_unusable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """strict=False for detectors: skip tensors that do not fit; the model keeps its fresh init there."""
+def _keep_what_fits(model: nn.Module, state: dict[str, torch.Tensor], fresh: Any) -> None:
+    """strict=False: drop the file's tensors that do not fit; the model's others come from ``fresh()``."""
     expected = model.state_dict()
     skipped = [k for k in state if k not in expected or state[k].shape != expected[k].shape]
     for key in skipped:
         del state[key]
     missing = [k for k in expected if k not in state]
+    if missing:
+        initial = fresh()
+        state.update({k: initial[k] for k in missing})
     if skipped or missing:
         logger.warning("strict=False: skipped %d tensors that do not fit (%s); %d tensors keep a fresh init (%s)",
                        len(skipped), ", ".join(skipped[:6]), len(missing), ", ".join(missing[:6]))
-
-
-def _initialise_missing(model: InsLocBackbone, state: dict[str, torch.Tensor]) -> None:
-    """With strict=False, tensors absent from the file (or misshapen) get a proper fresh init."""
-    expected = model.state_dict()
-    bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
-    for key in [k for k in state if k not in expected or state[k].shape != expected[k].shape]:
-        del state[key]
-    if bad:
-        fresh = InsLocBackbone(model.config).state_dict()
-        state.update({k: fresh[k] for k in bad})
-        logger.warning("strict=False: %d tensors were not usable from the file and keep a fresh initialisation: %s",
-                       len(bad), ", ".join(bad[:8]))
 
 
 def push_to_hub(model_or_directory: nn.Module | str | os.PathLike[str], repo_id: str, **options: Any) -> str:

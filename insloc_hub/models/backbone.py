@@ -30,18 +30,10 @@ ALL_PARTS = ("trunk", "fpn", "box_head")
 class BackboneConfig(JsonConfig):
     """Architecture of a backbone bundle; serialised into ``config.json["architecture"]``.
 
-    Attributes:
-        depth: ResNet depth (18, 34, 50, 101).
-        width: first-stage width (64 standard; 16 in tests).
-        variant: ``"fpn"`` (trunk c2-c5 + FPN + 4conv1fc box head) or ``"c4"`` (trunk to res4 +
-            res5 RoI head).
-        fpn_channels: FPN width (256).
-        head_channels: box-head conv width (256).
-        head_convs: number of box-head convs (4).
-        head_fc: box-head fc width (1024).
-        roi_size: RoIAlign output size feeding the head (7 for FPN, 14 for C4).
-        parts: which of ``trunk``, ``fpn``, ``box_head`` the bundle holds (a converted supervised
-            or MoCo ResNet holds the trunk only for ``fpn``; trunk and res5 for ``c4``).
+    ``variant`` ``"fpn"``: trunk c2-c5 + FPN + 4conv1fc box head (``roi_size`` 7); ``"c4"``: trunk to
+    res4 + res5 RoI head (``roi_size`` 14). ``width`` is the first stage's (64 standard; 16 in tests).
+    ``parts`` says which of ``trunk``, ``fpn``, ``box_head`` the bundle holds (a converted supervised
+    or MoCo ResNet holds the trunk only for ``fpn``; trunk and res5 for ``c4``).
     """
 
     # the limits are those config.json files are checked against before anything is built
