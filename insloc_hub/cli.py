@@ -124,19 +124,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from insloc_hub import convert
+    from insloc_hub.convert import convert_to_folder
 
-    converters = {
-        "official": convert.convert_official_to_folder,
-        "torchvision": convert.convert_torchvision_resnet_to_folder,
-        "moco": convert.convert_moco_to_folder,
-    }
-    kwargs: dict[str, Any] = {}
-    if args.variant:
-        kwargs["variant"] = args.variant
-    if args.no_strict:
-        kwargs["strict"] = False
-    folder, report = converters[args.source_format](args.source, args.output, **kwargs)
+    options: dict[str, Any] = {"variant": args.variant} if args.variant else {}
+    folder, report = convert_to_folder(args.source_format, args.source, args.output, strict=not args.no_strict,
+                                       **options)
     print(report.summary())
     print(f"wrote {folder}")
     return 0

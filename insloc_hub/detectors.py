@@ -95,14 +95,8 @@ class DetectorConfig(JsonConfig):
 
 @dataclass
 class LoadReport:
-    """What loading pretrained weights into a detector did.
-
-    Attributes:
-        loaded: detector keys filled from the pretrained weights.
-        new: detector keys left at their fresh initialisation (RPN, predictor, mask head...).
-        ignored: pretrained key -> why it was not used (a part the architecture lacks, or a
-            mismatch tolerated by ``strict=False``).
-    """
+    """What loading pretrained weights into a detector did: detector keys ``loaded`` from them, ``new``
+    ones (RPN, predictor, mask head...), and ``ignored`` pretrained keys with the reason."""
 
     loaded: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
@@ -488,13 +482,8 @@ MASK_THRESHOLD = 0.5
 
 
 def inference_options(model: nn.Module) -> dict[str, Any]:
-    """The effective inference settings of a detector from :func:`build_detector`, read from its modules.
-
-    Keys: ``min_size``, ``max_size``, ``image_mean``, ``image_std``, ``size_divisible``, ``score_thresh``,
-    ``nms_thresh``, ``detections_per_img``; R-CNNs add ``rpn_pre_nms_top_n_test``,
-    ``rpn_post_nms_top_n_test``, ``rpn_nms_thresh``; RetinaNet ``topk_candidates``; Mask R-CNN
-    ``mask_thresh``. Boxes come back in the input image's pixels; images go in as RGB in [0, 1] and the
-    detector normalises them with ``image_mean`` / ``image_std``.
+    """The effective inference settings of a detector from :func:`build_detector`, read from its modules
+    (resize, normalisation the detector applies to RGB in [0, 1], thresholds, NMS, top-k).
 
     Example:
         >>> inference_options(build_detector("retinanet_fpn", 3, preset="tiny-fpn"))["detections_per_img"]
