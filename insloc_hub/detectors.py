@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -39,7 +38,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign, roi_align
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from insloc_hub.configs import JsonConfig
@@ -127,19 +126,15 @@ class FPNDetectorBackbone(nn.Module):
         self.stages = [f"c{i + 2}" for i in range(first, 4)]
         self.fpn = FPN(config.stage_channels[first:], config.fpn_channels, levels)
         self.out_channels = config.fpn_channels
-        self.extra_kind = extra
-        self.extra = LastLevelP6P7(config.stage_channels[3], config.fpn_channels) if extra == "p6p7" else None
+        # P6 = subsampled P5 for the RPN's 512 anchors (R-CNNs), or P6/P7 convs from C5 (RetinaNet)
+        self.extra = LastLevelP6P7(config.stage_channels[3], config.fpn_channels) if extra == "p6p7" \
+            else LastLevelMaxPool()
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         c = self.trunk(images)
         feats = self.fpn([c[name] for name in self.stages])
-        if self.extra_kind == "maxpool":
-            # torchvision's LastLevelMaxPool: P6 = subsampled P5, for the RPN's 512 anchors
-            feats["p6"] = F.max_pool2d(feats["p5"], kernel_size=1, stride=2, padding=0)
-        elif self.extra is not None:
-            results, names = self.extra(list(feats.values()), [c[n] for n in self.stages], list(feats))
-            feats = OrderedDict(zip(names, results))
-        return feats
+        results, names = self.extra(list(feats.values()), [c[n] for n in self.stages], list(feats))
+        return OrderedDict(zip(names, results))
 
 
 class AlignedRoIPool(MultiScaleRoIAlign):

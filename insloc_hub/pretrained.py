@@ -245,52 +245,49 @@ def _plain_file_name(value: Any, field: str, source: Any) -> str:
     return value
 
 
+def _require(ok: bool, source: Any, field: str, what: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{source}: {field} must be {what}, got {value!r}")
+
+
 def _check_int(value: Any, field: str, low: int, high: int, source: Any) -> None:
-    if not _is_int(value) or not low <= value <= high:
-        raise ConfigError(f"{source}: {field} must be an integer in [{low}, {high}], got {value!r}")
+    _require(_is_int(value) and low <= value <= high, source, field, f"an integer in [{low}, {high}]", value)
+
+
+def _is_list_of_str(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _check_architecture(arch: Mapping[str, Any], prefix: str, source: Any) -> None:
     for name, (low, high) in ARCHITECTURE_RANGES.items():
         if name in arch:
             _check_int(arch[name], f"{prefix}.{name}", low, high, source)
-    for name in ("variant",):
-        if name in arch and not isinstance(arch[name], str):
-            raise ConfigError(f"{source}: {prefix}.{name} must be a string, got {arch[name]!r}")
+    _require(isinstance(arch.get("variant", ""), str), source, f"{prefix}.variant", "a string", arch.get("variant"))
     parts = arch.get("parts")
-    if parts is not None and not (isinstance(parts, list) and all(isinstance(p, str) for p in parts)):
-        raise ConfigError(f"{source}: {prefix}.parts must be a list of names, got {parts!r}")
+    _require(parts is None or _is_list_of_str(parts), source, f"{prefix}.parts", "a list of names", parts)
 
 
 def _check_detector(detector: Mapping[str, Any], source: Any) -> None:
     if "num_classes" in detector:
         _check_int(detector["num_classes"], "detector.num_classes", 1, MAX_NUM_CLASSES, source)
     names = detector.get("class_names")
-    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-        raise ConfigError(f"{source}: detector.class_names must be a list of strings, got {names!r}")
+    _require(names is None or _is_list_of_str(names), source, "detector.class_names", "a list of strings", names)
     for name in ("arch", "norm"):
-        if name in detector and not isinstance(detector[name], str):
-            raise ConfigError(f"{source}: detector.{name} must be a string, got {detector[name]!r}")
+        _require(isinstance(detector.get(name, ""), str), source, f"detector.{name}", "a string", detector.get(name))
     field = "architecture" if "architecture" in detector else "backbone"  # its name in insloc-hub 0.1
     architecture = detector.get(field, {})
-    if not isinstance(architecture, dict):
-        raise ConfigError(f"{source}: detector.{field} must be an object, got {architecture!r}")
+    _require(isinstance(architecture, dict), source, f"detector.{field}", "an object", architecture)
     _check_architecture(architecture, f"detector.{field}", source)
     options = detector.get("options", {})
-    if not isinstance(options, dict):
-        raise ConfigError(f"{source}: detector.options must be an object, got {options!r}")
+    _require(isinstance(options, dict), source, "detector.options", "an object", options)
     for name in ("min_size", "max_size"):
-        if name in options:
-            sizes = options[name] if isinstance(options[name], list) else [options[name]]
-            if not sizes:
-                raise ConfigError(f"{source}: detector.options.{name} must not be empty")
-            for value in sizes:
-                _check_int(value, f"detector.options.{name}", 1, MAX_IMAGE_SIDE, source)
+        sizes = options.get(name, [1]) if isinstance(options.get(name), list) else [options.get(name, 1)]
+        _require(bool(sizes), source, f"detector.options.{name}", "one size or a non-empty list", sizes)
+        for value in sizes:
+            _check_int(value, f"detector.options.{name}", 1, MAX_IMAGE_SIDE, source)
     for name, value in options.items():
-        if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"{source}: detector.options.{name} must be a finite number >= 0, got {value!r}")
-        if _is_int(value) and value < 0:
-            raise ConfigError(f"{source}: detector.options.{name} must not be negative, got {value!r}")
+        finite = math.isfinite(value) and value >= 0 if isinstance(value, (int, float)) else True
+        _require(finite, source, f"detector.options.{name}", "a finite number >= 0", value)
 
 
 def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
