@@ -141,27 +141,21 @@ class EvalResult:
         return {name: clean(getattr(self, name)) for name in self.__dataclass_fields__}
 
     def summary(self) -> str:
-        """Human-readable table: the main numbers, then AP / AP50 per class (in percent)."""
+        """A markdown table of the COCO metrics (percent), then AP / AP50 per class."""
 
         def pct(value: float) -> str:
-            return "  n/a" if value < 0 or math.isnan(value) else f"{100 * value:5.1f}"
+            return "n/a" if value is None or value < 0 or math.isnan(value) else f"{100 * value:.1f}"
 
-        lines = [
-            f"AP {pct(self.ap)}  AP50 {pct(self.ap50)}  AP75 {pct(self.ap75)}  "
-            f"APs {pct(self.ap_small)}  APm {pct(self.ap_medium)}  APl {pct(self.ap_large)}  "
-            f"({self.num_images} images, {self.num_ground_truth} boxes, {self.num_detections} detections)"
-        ]
+        values = [self.ap, self.ap50, self.ap75, self.ap_small, self.ap_medium, self.ap_large]
+        lines = ["| " + " | ".join(STAT_NAMES[:6]) + " |", "|" + "---|" * 6,
+                 "| " + " | ".join(pct(v) for v in values) + " |"]
         if self.per_class_ap:
-            width = max(len(name) for name in self.per_class_ap)
-            lines.append(f"{'class':<{width}}     AP   AP50")
-            for name, ap in self.per_class_ap.items():
-                lines.append(f"{name:<{width}}  {pct(ap)}  {pct(self.per_class_ap50.get(name, math.nan))}")
+            lines += ["", "| class | AP | AP50 |", "|---|---|---|"]
+            lines += [f"| {name} | {pct(ap)} | {pct(self.per_class_ap50.get(name, math.nan))} |"
+                      for name, ap in self.per_class_ap.items()]
+        lines.append(f"\n{self.num_images} images, {self.num_ground_truth} boxes, {self.num_detections} detections")
         return "\n".join(lines)
 
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
 
 
 def _as_coco(ground_truth: Any, verbose: bool) -> Any:
@@ -174,10 +168,8 @@ def _as_coco(ground_truth: Any, verbose: bool) -> Any:
     elif isinstance(ground_truth, Mapping):
         data = copy.deepcopy(dict(ground_truth))
     else:
-        raise ConfigError(
-            f"ground truth must be a DetectionDataset, a COCO dict or a pycocotools COCO, "
-            f"got {type(ground_truth).__name__}"
-        )
+        raise ConfigError(f"ground truth must be a DetectionDataset, a COCO dict or a pycocotools COCO, got "
+                          f"{type(ground_truth).__name__}")
     for key in ("images", "annotations", "categories"):
         data.setdefault(key, [])
     coco = COCO()
@@ -191,12 +183,9 @@ def _empty_results(coco_gt: Any) -> Any:
     """A result ``COCO`` with no detections (``COCO.loadRes`` fails on an empty list)."""
     COCO, _ = _pycocotools()
     results = COCO()
-    results.dataset = {
-        "info": copy.deepcopy(coco_gt.dataset.get("info", {})),
-        "images": list(coco_gt.dataset["images"]),
-        "categories": copy.deepcopy(coco_gt.dataset["categories"]),
-        "annotations": [],
-    }
+    gt = coco_gt.dataset
+    results.dataset = {"info": copy.deepcopy(gt.get("info", {})), "images": list(gt["images"]),
+                       "categories": copy.deepcopy(gt["categories"]), "annotations": []}
     with _quiet(False):
         results.createIndex()
     return results
@@ -206,29 +195,19 @@ def _as_result(detection: Mapping[str, Any]) -> dict[str, Any]:
     """A plain-Python copy of one COCO result (``loadRes`` writes into the dicts it gets)."""
     try:
         bbox = [float(v) for v in detection["bbox"]]
-        out = dict(detection)
-        out.update(
-            image_id=int(detection["image_id"]),
-            category_id=int(detection["category_id"]),
-            bbox=bbox,
-            score=float(detection["score"]),
-        )
+        out = {**detection, "image_id": int(detection["image_id"]), "category_id": int(detection["category_id"]),
+               "bbox": bbox, "score": float(detection["score"])}
     except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"a detection must have image_id, category_id, bbox [x, y, w, h] and score; got {detection!r}"
-        ) from exc
+        raise ConfigError(f"a detection must have image_id, category_id, bbox [x, y, w, h] and score; got "
+                          f"{detection!r}") from exc
     if len(bbox) != 4:
         raise ConfigError(f"bbox must be [x, y, w, h], got {bbox}")
     return out
 
 
-def evaluate_detections(
-    ground_truth: DetectionDataset | Mapping[str, Any] | Any,
-    detections: Sequence[Mapping[str, Any]],
-    *,
-    class_names: Sequence[str] | None = None,
-    verbose: bool = False,
-) -> EvalResult:
+def evaluate_detections(ground_truth: DetectionDataset | Mapping[str, Any] | Any,
+                        detections: Sequence[Mapping[str, Any]], *, class_names: Sequence[str] | None = None,
+                        verbose: bool = False) -> EvalResult:
     """Score COCO-format detections with pycocotools ``COCOeval`` (``iouType="bbox"``).
 
     Args:
@@ -251,10 +230,8 @@ def evaluate_detections(
     known_images = set(coco_gt.getImgIds())
     unknown = sorted({r["image_id"] for r in results} - known_images)
     if unknown:
-        raise ConfigError(
-            f"{len(unknown)} detected image ids are not in the ground truth (e.g. {unknown[:5]}); "
-            "use the dataset's image_ids when converting outputs"
-        )
+        raise ConfigError(f"{len(unknown)} detected image ids are not in the ground truth (e.g. {unknown[:5]}); use "
+                          "the dataset's image_ids when converting outputs")
     category_ids = sorted(coco_gt.getCatIds())
     stray = {r["category_id"] for r in results} - set(category_ids)
     if stray:
@@ -274,14 +251,8 @@ def evaluate_detections(
         names = [str(n) for n in class_names]
     per_class_ap, per_class_ap50 = _per_class_ap(evaluator, names)
     num_gt = sum(1 for ann in coco_gt.dataset["annotations"] if not ann.get("iscrowd", 0))
-    return EvalResult.from_stats(
-        evaluator.stats,
-        per_class_ap=per_class_ap,
-        per_class_ap50=per_class_ap50,
-        num_images=len(known_images),
-        num_detections=len(results),
-        num_ground_truth=num_gt,
-    )
+    return EvalResult.from_stats(evaluator.stats, per_class_ap=per_class_ap, per_class_ap50=per_class_ap50,
+                                 num_images=len(known_images), num_detections=len(results), num_ground_truth=num_gt)
 
 
 def _per_class_ap(evaluator: Any, names: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
@@ -291,24 +262,19 @@ def _per_class_ap(evaluator: Any, names: Sequence[str]) -> tuple[dict[str, float
     "all" and the last maxDets is 100. Entries of -1 (no ground truth) are left out of the mean.
     """
     precision = evaluator.eval["precision"]
-    per_class_ap, per_class_ap50 = {}, {}
-    for k, name in enumerate(names):
-        values = precision[:, :, k, 0, -1]
+
+    def mean(values: np.ndarray) -> float:
         values = values[values > -1]
-        per_class_ap[name] = float(np.mean(values)) if values.size else math.nan
-        values50 = precision[0, :, k, 0, -1]  # iouThrs[0] == 0.5
-        values50 = values50[values50 > -1]
-        per_class_ap50[name] = float(np.mean(values50)) if values50.size else math.nan
-    return per_class_ap, per_class_ap50
+        return float(np.mean(values)) if values.size else math.nan
+
+    ap = {name: mean(precision[:, :, k, 0, -1]) for k, name in enumerate(names)}
+    ap50 = {name: mean(precision[0, :, k, 0, -1]) for k, name in enumerate(names)}  # iouThrs[0] == 0.5
+    return ap, ap50
 
 
-def detections_from_outputs(
-    outputs: Sequence[Mapping[str, Any]],
-    image_ids: Sequence[int],
-    *,
-    category_ids: Sequence[int] | None = None,
-    score_threshold: float = 0.0,
-) -> list[dict[str, Any]]:
+def detections_from_outputs(outputs: Sequence[Mapping[str, Any]], image_ids: Sequence[int], *,
+                            category_ids: Sequence[int] | None = None, score_threshold: float = 0.0
+                            ) -> list[dict[str, Any]]:
     """Convert torchvision detector outputs to COCO results.
 
     Args:
@@ -337,14 +303,8 @@ def detections_from_outputs(
                 category = int(category_ids[label - 1])
             else:
                 category = int(label)
-            results.append(
-                {
-                    "image_id": int(image_id),
-                    "category_id": category,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "score": score,
-                }
-            )
+            results.append({"image_id": int(image_id), "category_id": category, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "score": score})
     if dropped:
         logger.warning("%d detections with labels outside 1..%d dropped", dropped, len(category_ids or []))
     return results
@@ -365,11 +325,6 @@ def write_coco_results(detections: Sequence[Mapping[str, Any]], path: str | Path
     return path
 
 
-# ----------------------------------------------------------------------------------------------
-# Pictures
-# ----------------------------------------------------------------------------------------------
-
-
 def _as_pil(image: Any) -> Image.Image:
     """``PIL.Image``, ``float [3, H, W]`` tensor in [0, 1] or ``uint8 [H, W, 3]`` array -> RGB image."""
     if isinstance(image, Image.Image):
@@ -387,18 +342,9 @@ def _class_name(label: int, class_names: Sequence[str]) -> str:
     return class_names[label - 1] if 1 <= label <= len(class_names) else f"class {label}"
 
 
-def draw_detections(
-    image: Any,
-    pred_boxes: Any,
-    pred_labels: Any,
-    pred_scores: Any,
-    gt_boxes: Any = None,
-    gt_labels: Any = None,
-    class_names: Sequence[str] = (),
-    path: str | Path | None = None,
-    *,
-    score_threshold: float = 0.0,
-) -> Image.Image:
+def draw_detections(image: Any, pred_boxes: Any, pred_labels: Any, pred_scores: Any, gt_boxes: Any = None,
+                    gt_labels: Any = None, class_names: Sequence[str] = (), path: str | Path | None = None, *,
+                    score_threshold: float = 0.0) -> Image.Image:
     """Draw predicted boxes (red, "name score") and true boxes (green, "name") on an image.
 
     Boxes are ``[N, 4]`` x1, y1, x2, y2 pixels; labels are ``1..C`` (``class_names[label - 1]``).
@@ -433,13 +379,8 @@ def draw_detections(
     return picture
 
 
-def save_examples_grid(
-    pictures: Sequence[Image.Image],
-    path: str | Path,
-    *,
-    ncols: int = 2,
-    tile_size: int = 480,
-) -> Image.Image:
+def save_examples_grid(pictures: Sequence[Image.Image], path: str | Path, *, ncols: int = 2, tile_size: int = 480
+                       ) -> Image.Image:
     """Tile pictures (e.g. from :func:`draw_detections`) into one PNG with a colour legend.
 
     Each picture is shrunk to fit a ``tile_size`` square, keeping its aspect ratio.
@@ -469,11 +410,6 @@ def save_examples_grid(
     return grid
 
 
-# ----------------------------------------------------------------------------------------------
-# Running a detector
-# ----------------------------------------------------------------------------------------------
-
-
 class _EvalImages(Dataset):
     """The dataset's images at their original size, without its (training) transforms."""
 
@@ -493,18 +429,9 @@ def _collate_eval(batch: Sequence[tuple[torch.Tensor | None, int]]) -> tuple[lis
     return [image for image, _ in kept], [index for _, index in kept]
 
 
-def run_evaluation(
-    model: torch.nn.Module,
-    dataset: DetectionDataset,
-    *,
-    device: str | torch.device = "cpu",
-    batch_size: int = 2,
-    score_threshold: float = 0.0,
-    output_dir: str | Path | None = None,
-    num_visualize: int = 4,
-    num_workers: int = 0,
-    verbose: bool = False,
-) -> EvalResult:
+def run_evaluation(model: torch.nn.Module, dataset: DetectionDataset, *, device: str | torch.device = "cpu",
+                   batch_size: int = 2, score_threshold: float = 0.0, output_dir: str | Path | None = None,
+                   num_visualize: int = 4, num_workers: int = 0, verbose: bool = False) -> EvalResult:
     """Run a torchvision detector over ``dataset`` and score it COCO-style.
 
     The model is moved to ``device`` and put in eval mode for the run (its training mode is
@@ -518,13 +445,7 @@ def run_evaluation(
     predictions scoring at least ``max(score_threshold, 0.3)`` and the ground truth).
     """
     device = torch.device(device)
-    loader = DataLoader(
-        _EvalImages(dataset),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_collate_eval,
-    )
+    loader = DataLoader(_EvalImages(dataset), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_eval)
     was_training = model.training
     model.to(device).eval()
     outputs: list[dict[str, torch.Tensor]] = [{}] * len(dataset)
@@ -536,9 +457,7 @@ def run_evaluation(
                     continue
                 batch_out = model([image.to(device) for image in images])
                 for index, out in zip(indices, batch_out, strict=True):
-                    outputs[index] = {
-                        k: v.detach().to("cpu") for k, v in out.items() if k in ("boxes", "labels", "scores")
-                    }
+                    outputs[index] = {k: out[k].detach().cpu() for k in ("boxes", "labels", "scores")}
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
@@ -555,9 +474,8 @@ def run_evaluation(
     if not kept:
         raise DatasetError(f"none of the {len(dataset)} images of {dataset.source} can be decoded: {skipped[:5]}")
     scored = dataset if not unreadable else dataset.subset(kept)
-    detections = detections_from_outputs(
-        [outputs[i] for i in kept], scored.image_ids, category_ids=dataset.category_ids, score_threshold=score_threshold
-    )
+    detections = detections_from_outputs([outputs[i] for i in kept], scored.image_ids,
+                                         category_ids=dataset.category_ids, score_threshold=score_threshold)
     result = evaluate_detections(scored, detections, verbose=verbose)
     result.skipped_images = skipped
     logger.info("COCO box evaluation of %s:\n%s", dataset.source or "the dataset", result.summary())
@@ -570,20 +488,9 @@ def run_evaluation(
         metrics.update(score_threshold=score_threshold, seconds=round(seconds, 3), dataset=dataset.source)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         if num_visualize > 0 and len(dataset) > 0:
-            pictures = []
-            for index in kept[:num_visualize]:
-                out, target = outputs[index], dataset.records[index]
-                pictures.append(
-                    draw_detections(
-                        dataset.load_image(index),
-                        out["boxes"],
-                        out["labels"],
-                        out["scores"],
-                        target.boxes,
-                        target.labels,
-                        dataset.class_names,
-                        score_threshold=max(score_threshold, 0.3),
-                    )
-                )
+            pictures = [draw_detections(dataset.load_image(i), outputs[i]["boxes"], outputs[i]["labels"],
+                                        outputs[i]["scores"], dataset.records[i].boxes, dataset.records[i].labels,
+                                        dataset.class_names, score_threshold=max(score_threshold, 0.3))
+                        for i in kept[:num_visualize]]
             save_examples_grid(pictures, output_dir / "examples.png")
     return result
