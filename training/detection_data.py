@@ -245,19 +245,10 @@ def _make_record(image_id: int, path: Path, width: int, height: int, boxes: Sequ
 class DetectionDataset(Dataset):
     """Images and boxes for a torchvision detector; ``dataset[i] -> (image, target)``.
 
-    Args:
-        records: the images (see :class:`DetectionRecord`).
-        class_names: ``class_names[i]`` is label ``i + 1``.
-        category_ids: COCO category id of each class (default ``1..C``); used by
-            :meth:`to_coco_dict` and to write COCO results, so results of a COCO dataset keep the
-            original ids.
-        keep_difficult: put VOC "difficult" boxes in training targets (default ``True``, as
-            detectron2 and the MoCo/InsLoc VOC protocol train on them). Evaluation ignores them
-            either way (see :meth:`to_coco_dict`).
-        include_crowd: put COCO crowd regions in training targets (default ``False``, as
-            torchvision's references and detectron2 drop them for training).
-        report: what loading found.
-        source: where the data came from, for messages.
+    ``class_names[i]`` is label ``i + 1``; ``category_ids`` the COCO id of each class (default
+    ``1..C``, kept so results of a COCO dataset keep the original ids). Training targets hold VOC
+    "difficult" boxes (``keep_difficult``, as detectron2 and the MoCo/InsLoc VOC protocol) but not
+    COCO crowd regions (``include_crowd``, as torchvision's references); evaluation ignores both.
     """
 
     def __init__(self, records: Sequence[DetectionRecord], class_names: Sequence[str], *,
@@ -314,17 +305,18 @@ class DetectionDataset(Dataset):
         return {i: InvalidImageError.REASONS[int(self._unreadable[i]) - 1] for i in found}
 
     def report_unreadable(self) -> list[str]:
-        """Add images that failed to decode since the last call to ``report`` (``unreadable_images``).
-
-        Returns every such file as ``"name: reason"`` (also those reported before), for a data report.
-        """
-        entries = []
+        """Add images that failed to decode since the last call to ``report`` (``unreadable_images``) and
+        log them. Returns every such file as ``"name: reason"`` (also those reported before)."""
+        entries, new = [], []
         for index, reason in self.unreadable().items():
-            entry = f"{self.records[index].file_name or self.records[index].path.name}: {reason} (at decode)"
-            entries.append(entry)
+            entries.append(f"{self.records[index].file_name or self.records[index].path.name}: {reason} (at decode)")
             if index not in self._reported:
                 self._reported.add(index)
-                self.report.note("unreadable_images", entry)
+                self.report.note("unreadable_images", entries[-1])
+                new.append(entries[-1])
+        if new:
+            logger.warning("%s: %d image(s) skipped because they cannot be decoded: %s", self.source or "dataset",
+                           len(new), ", ".join(new[:5]) + (" ..." if len(new) > 5 else ""))
         return entries
 
     def subset(self, indices: Sequence[int]) -> DetectionDataset:
@@ -556,27 +548,13 @@ def load_coco(annotation_json: str | Path, image_root: str | Path, *, class_name
               allow_outside_root: bool = False) -> DetectionDataset:
     """Read a COCO-format detection set (``images``, ``annotations`` with ``bbox`` xywh, ``categories``).
 
-    Args:
-        annotation_json: the COCO JSON file.
-        image_root: folder that ``images[*].file_name`` are relative to.
-        class_names: classes to keep, in label order; annotations of other categories are dropped
-            and counted. Default: every category, ordered by id (label ``i + 1`` is the i-th id).
-        keep_empty: keep images without boxes as negatives (``True``) or skip them.
-        max_examples: examples kept per problem kind in the report.
-        unknown_classes: ``"drop"`` (count them in the report) or ``"error"`` (DatasetError) for
-            annotations of categories outside ``class_names``.
-        allow_outside_root: accept ``file_name``s that are absolute or climb out of ``image_root``
-            with ``..`` (each is still reported as ``outside_root``); refused by default.
-
-    Every record is type-checked once, here: ``images[*].id`` an integer and ``file_name`` a
-    non-empty string; ``annotations[*].image_id`` / ``category_id`` integers, ``bbox`` four finite
-    numbers, ``iscrowd`` 0 or 1, ``segmentation`` as :func:`segmentation_problem` accepts.
-    Records that fail are dropped (or, for a bad segmentation, the box is used as mask) and
-    counted in ``dataset.report``.
-
-    Original image ids and category ids are kept (``dataset.category_ids``), so results written
-    from this dataset can be scored against the original JSON. Crowd regions stay in the ground
-    truth and are left out of training targets.
+    ``image_root``: the folder ``images[*].file_name`` are relative to. ``class_names`` default to
+    every category, ordered by id (label ``i + 1`` is the i-th id); the other arguments are
+    :func:`load_voc`'s. Every record is type-checked once, here (ids integers, ``bbox`` four finite
+    numbers, ``iscrowd`` 0 or 1, ``segmentation`` as :func:`segmentation_problem` accepts); records
+    that fail are dropped (a bad segmentation: the box is used as mask) and counted in the report.
+    Original image and category ids are kept (``dataset.category_ids``), so results can be scored
+    against the original JSON. Crowd regions stay in the ground truth, out of training targets.
     """
     path = Path(annotation_json)
     report = DatasetReport(source=str(path), format="coco", max_examples=max_examples)
@@ -1001,15 +979,11 @@ _PROTOCOLS: dict[str, dict[str, Any]] = {
 
 
 def protocol_sizes(name: str) -> dict[str, Any]:
-    """Image sizes of a standard fine-tuning protocol: ``{"min_size", "max_size", "test_size"}``.
+    """Image sizes of the ``"voc"`` or ``"coco"`` fine-tuning protocol: ``{"min_size", "max_size", "test_size"}``.
 
-    Pass ``min_size`` (a tuple) and ``max_size`` to the torchvision detector
-    (``FasterRCNN(..., min_size=..., max_size=...)``): in training ``GeneralizedRCNNTransform``
-    draws one of ``min_size`` per image, which is multi-scale training; in eval it uses
-    ``min_size[-1]``, which equals ``test_size`` (800) in both presets.
-
-    ``"voc"``: short side 480..800 step 32, long side <= 1333, test 800.
-    ``"coco"``: short side 640..800 step 32, long side <= 1333, test 800.
+    ``min_size`` (a tuple) and ``max_size`` go to the torchvision detector: in training its
+    ``GeneralizedRCNNTransform`` draws one ``min_size`` per image (multi-scale training); in eval it
+    uses ``min_size[-1]``, which equals ``test_size``.
     """
     if name.lower() not in _PROTOCOLS:
         raise ConfigError(f"unknown protocol {name!r}; choose one of {sorted(_PROTOCOLS)}")

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from insloc_hub.errors import ConfigError
 
 __all__ = ["DistInfo", "LaunchEnv", "all_gather_tensor", "barrier", "broadcast_object", "broadcast_tensor", "cleanup",
-           "detect_launch_env", "get_rank", "get_world_size", "init_distributed", "is_distributed"]
+           "detect_launch_env", "get_rank", "get_world_size", "init_distributed", "is_distributed", "select_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
     return LaunchEnv()
 
 
-def _select_device(device: str | torch.device, local_rank: int) -> torch.device:
+def select_device(device: str | torch.device, local_rank: int = 0) -> torch.device:
+    """``"auto"``: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU; ConfigError for CUDA without CUDA."""
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -110,7 +111,7 @@ def init_distributed(device: str | torch.device = "auto", *, backend: str | None
         when a group already exists returns the current layout.
     """
     launch = detect_launch_env(env)
-    dev = _select_device(device, launch.local_rank)
+    dev = select_device(device, launch.local_rank)
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), launch.local_rank, dev, dist.get_backend(),
                         launch.launcher)

@@ -275,12 +275,12 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
     never depends on shared state in the workers.
     """
 
-    def __init__(self, num_samples: int, batch_per_rank: int, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True) -> None:
+    def __init__(self, num_samples: int, batch_per_rank: int, world_size: int = 1, rank: int = 0, seed: int = 0
+                 ) -> None:
         if num_samples <= 0 or batch_per_rank <= 0:
             raise ValueError("need a positive number of samples and batch size")
         self.num_samples, self.batch_per_rank = int(num_samples), int(batch_per_rank)
-        self.world_size, self.rank, self.seed, self.shuffle = int(world_size), int(rank), int(seed), shuffle
+        self.world_size, self.rank, self.seed = int(world_size), int(rank), int(seed)
         self.epoch, self.start_step = 0, 0
 
     @property
@@ -300,20 +300,10 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
             raise ValueError(f"start step {step} outside [0, {self.steps_per_epoch}]")
         self.start_step = int(step)
 
-    def global_order(self, epoch: int) -> torch.Tensor:
-        """All indices of ``epoch`` in global-batch order, padded by wrapping around."""
-        n, total = self.num_samples, self.steps_per_epoch * self.global_batch
-        if self.shuffle:
-            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0x5A3D))
-            order = torch.randperm(n, generator=g)
-        else:
-            order = torch.arange(n)
-        if total > n:
-            order = order.repeat(math.ceil(total / n))[:total]
-        return order
-
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = self.global_order(self.epoch)
+        n, total = self.num_samples, self.steps_per_epoch * self.global_batch
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch, 0x5A3D)))
+        order = order.repeat(math.ceil(total / n))[:total]  # padded to whole global batches by wrapping around
         b, g = self.batch_per_rank, self.global_batch
         for step in range(self.start_step, self.steps_per_epoch):
             start = step * g + self.rank * b
@@ -410,11 +400,8 @@ def batch_to_views(batch: dict[str, Any], comp: CompositionConfig, device: torch
         q_img, q_box, k_img, k_box = compose_batch(batch["fg"], batch["bg_q"], batch["bg_k"], comp,
                                                    params=batch["params"], device=device)
     else:
-        non_blocking = device.type == "cuda"
-        q_img = batch["q_img"].to(device, non_blocking=non_blocking)
-        k_img = batch["k_img"].to(device, non_blocking=non_blocking)
-        q_box = batch["q_box"].to(device, non_blocking=non_blocking)
-        k_box = batch["k_box"].to(device, non_blocking=non_blocking)
+        q_img, q_box, k_img, k_box = (batch[k].to(device, non_blocking=device.type == "cuda")
+                                      for k in ("q_img", "q_box", "k_img", "k_box"))
     if channels_last:
         q_img = q_img.contiguous(memory_format=torch.channels_last)
         k_img = k_img.contiguous(memory_format=torch.channels_last)
@@ -455,16 +442,10 @@ def _provenance(cfg: PretrainConfig, *, epoch: int, step_in_epoch: int, steps_pe
               f"batch {cfg.batch_size}, K {cfg.queue_size}, m {cfg.key_momentum}, T {cfg.temperature}, "
               f"canvas {cfg.canvas}")
     prov: dict[str, Any] = {
-        "method": "InsLoc" if cfg.method == "insloc" else "MoCo v2 (image-level baseline)",
-        "recipe": recipe,
-        "epochs": cfg.epochs,
-        "epochs_completed": round(done, 4),
-        "steps": global_step,
-        "num_images": num_images,
-        "data_path": str(cfg.data),
-        "seed": cfg.seed,
-        "official_code": "limbo0000/InstanceLoc @ a419bb6 (configs/FPN/insloc_fpn_200ep.py)",
-    }
+        "method": "InsLoc" if cfg.method == "insloc" else "MoCo v2 (image-level baseline)", "recipe": recipe,
+        "epochs": cfg.epochs, "epochs_completed": round(done, 4), "steps": global_step, "num_images": num_images,
+        "data_path": str(cfg.data), "seed": cfg.seed,
+        "official_code": "limbo0000/InstanceLoc @ a419bb6 (configs/FPN/insloc_fpn_200ep.py)"}
     if cfg.dataset_name:
         prov["data"] = cfg.dataset_name
     deviations = deviations_from_official(cfg)
@@ -484,12 +465,8 @@ def _provenance(cfg: PretrainConfig, *, epoch: int, step_in_epoch: int, steps_pe
 
 def _export(backbone: InsLocBackbone, out_dir: Path, cfg: PretrainConfig, provenance: dict[str, Any],
             run_dir: Path | None) -> Path:
-    extra: dict[str, Path] = {}
-    if run_dir is not None:
-        for name, file in (("metrics.jsonl", run_dir / "metrics.jsonl"), ("training_args.json",
-                                                                          run_dir / "config.json")):
-            if file.is_file():
-                extra[name] = file
+    files = {"metrics.jsonl": "metrics.jsonl", "training_args.json": "config.json"}
+    extra = {name: run_dir / file for name, file in files.items() if run_dir is not None and (run_dir / file).is_file()}
     name = f"insloc-{cfg.arch}" if cfg.method == "insloc" else f"moco-{cfg.arch}"
     return save_pretrained(backbone, out_dir, name=name, provenance=provenance, extra_files=extra)
 

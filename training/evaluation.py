@@ -82,18 +82,11 @@ def _quiet(verbose: bool) -> Iterator[None]:
 class EvalResult:
     """COCO box metrics, as fractions in ``[0, 1]`` (``-1``: no ground truth in that range).
 
-    Attributes:
-        ap: AP averaged over IoU 0.50:0.05:0.95 (COCO's primary metric), all areas, 100 dets.
-        ap50, ap75: AP at IoU 0.50 / 0.75.
-        ap_small, ap_medium, ap_large: AP@[.5:.95] on small (< 32^2), medium, large (> 96^2) boxes.
-        ar1, ar10, ar100: average recall with 1 / 10 / 100 detections per image.
-        ar_small, ar_medium, ar_large: AR@100 by area.
-        per_class_ap: class name -> AP@[.5:.95] (``nan`` where the class has no ground truth).
-        per_class_ap50: class name -> AP@0.5.
-        stats: ``COCOeval.stats``, the 12 values above in pycocotools' order (:data:`STAT_NAMES`).
-        num_images, num_detections, num_ground_truth: what was scored (``num_ground_truth`` counts
-            boxes that are not crowd / difficult).
-        skipped_images: ``"file: reason"`` of images left out because they cannot be decoded.
+    The first 12 fields are ``COCOeval.stats`` (also kept as ``stats``, in the order of
+    :data:`STAT_NAMES`): AP@[.5:.95], AP50, AP75, AP by area (small < 32², large > 96²), AR with
+    1 / 10 / 100 detections and AR@100 by area. ``per_class_ap`` / ``per_class_ap50``: class name ->
+    AP (``nan`` without ground truth); ``num_ground_truth`` leaves out crowd and difficult boxes;
+    ``skipped_images``: ``"file: reason"`` of images that could not be decoded.
     """
 
     ap: float
@@ -208,20 +201,12 @@ def _as_result(detection: Mapping[str, Any]) -> dict[str, Any]:
 def evaluate_detections(ground_truth: DetectionDataset | Mapping[str, Any] | Any,
                         detections: Sequence[Mapping[str, Any]], *, class_names: Sequence[str] | None = None,
                         verbose: bool = False) -> EvalResult:
-    """Score COCO-format detections with pycocotools ``COCOeval`` (``iouType="bbox"``).
+    """Score COCO results (``image_id``, ``category_id``, ``bbox`` x, y, w, h, ``score``; not modified)
+    with pycocotools ``COCOeval`` (``iouType="bbox"``); ``stats`` are exactly ``COCOeval.stats``.
 
-    Args:
-        ground_truth: a :class:`DetectionDataset` (its :meth:`~DetectionDataset.to_coco_dict`), a
-            COCO-format dict or a pycocotools ``COCO``.
-        detections: COCO results: dicts with ``image_id``, ``category_id``, ``bbox`` (x, y, w, h
-            in pixels) and ``score``. Not modified.
-        class_names: names of the categories in increasing category-id order, for the per-class
-            keys; default: the names in the ground truth.
-        verbose: let pycocotools print its usual summary.
-
-    Returns:
-        :class:`EvalResult` whose ``stats`` are exactly ``COCOeval.stats``. Detections of images
-        that are not in the ground truth raise :class:`~insloc_hub.errors.ConfigError`.
+    ``ground_truth``: a :class:`DetectionDataset`, a COCO-format dict or a pycocotools ``COCO``.
+    ``class_names``: the categories in increasing id order (default: the ground truth's names).
+    ConfigError for detections of images that are not in the ground truth.
     """
     _, COCOeval = _pycocotools()
     coco_gt = _as_coco(ground_truth, verbose)
@@ -467,9 +452,6 @@ def run_evaluation(model: torch.nn.Module, dataset: DetectionDataset, *, device:
     # and listed in the result: skipped and reported, never fatal.
     unreadable = dataset.unreadable()
     skipped = dataset.report_unreadable()
-    if unreadable:
-        logger.warning("%d image(s) skipped because they cannot be decoded: %s", len(skipped),
-                       ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
     kept = [i for i in range(len(dataset)) if i not in unreadable]
     if not kept:
         raise DatasetError(f"none of the {len(dataset)} images of {dataset.source} can be decoded: {skipped[:5]}")

@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -45,15 +44,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from insloc_hub.configs import (
-    JsonConfig,
-    add_config_flags,
-    device_name,
-    flag,
-    int_at_least,
-    output_folder,
-    probability,
-)
+from insloc_hub.configs import JsonConfig, add_config_flags, device_name, flag, int_at_least, output_folder, probability
 from insloc_hub.detectors import ARCHITECTURES, build_detector, set_inference_options
 from insloc_hub.errors import CheckpointError, ConfigError, InsLocError, ModelNotFoundError
 from insloc_hub.models import PRESETS as ARCH_PRESETS
@@ -309,8 +300,6 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
 
     if get("iterations") is not None:
         new = int(get("iterations"))
-        if new < 1:
-            raise ConfigError(f"--iterations must be at least 1, got {new}")
         if get("steps") is None:  # keep the decays at the same fractions of the schedule
             steps = [round(s * new / iterations) for s in steps]
             notes.append(f"--iterations {new}: LR steps moved to the same fractions of the schedule: {steps}")
@@ -324,8 +313,6 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
         lr = float(get("lr"))
     if sorted(steps) != steps or any(s < 0 for s in steps):
         raise ConfigError(f"--steps must be increasing non-negative iterations, got {steps}")
-    if lr <= 0 or not math.isfinite(lr):
-        raise ConfigError(f"--lr must be positive, got {lr}")
 
     min_size = parse_sizes(get("min_size")) if get("min_size") is not None else list(sizes["min_size"])
     max_size = int(get("max_size") if get("max_size") is not None else sizes["max_size"])
@@ -677,14 +664,38 @@ class _FinetuneRun:
                 self.log.write({"iteration": cfg.iterations, "eval": _metrics_for_card(result), "final": True})
             else:
                 logger.warning("no --val-data: the final model is saved without evaluation results")
-            _write_data_report(self.run_dir / "data_report.json", self.train_set, self.val_set)
-            final_dir = _save_final(self.model, cfg, self.run_dir, self.train_set, self.val_set, result, self.norm,
-                                    self.info.world_size, self.amp)
+            data_report = {}
+            for name, dataset in (("train", self.train_set), ("val", self.val_set)):
+                if dataset is not None:  # report_unreadable first: it adds the images that failed to decode
+                    skipped = dataset.report_unreadable()
+                    data_report[name] = {**dataset.report.to_dict(), "skipped_at_decode": skipped}
+            run_lib.write_json(self.run_dir / "data_report.json", data_report)
+            final_dir = self._save_final(result)
             logger.info("fine-tuned detector written to %s", final_dir)
         self.log.close()
         dist_utils.barrier()
         return FinetuneResult(self.run_dir, final_dir, cfg.iterations, time.perf_counter() - start_time, result,
                               self.report)
+
+    def _save_final(self, result: EvalResult | None) -> Path:
+        """RUN/final: the detector, set up for inference at the test size."""
+        cfg, run_dir = self.cfg, self.run_dir
+        set_inference_options(self.model, min_size=cfg.test_size, max_size=cfg.max_size)  # training is over
+        results = []
+        if result is not None:
+            results.append({"dataset": _dataset_name(cfg.val_data or self.val_set.source),
+                            "metrics": _metrics_for_card(result)})
+        provenance = {
+            "recipe": f"insloc-train finetune ({cfg.recipe or 'custom schedule'})", "init": cfg.init,
+            "arch": cfg.arch, "data": _dataset_name(cfg.data), "train_images": len(self.train_set),
+            "iterations": cfg.iterations, "batch_size": cfg.batch_size, "lr": cfg.lr, "steps": cfg.steps,
+            "min_size": cfg.min_size, "test_size": cfg.test_size, "norm": self.norm, "amp": self.amp,
+            "world_size": self.info.world_size, "seed": cfg.seed}
+        extra = {name: run_dir / name for name in ("training_args.json", "load_report.json", "metrics.jsonl")
+                 if (run_dir / name).is_file()}
+        shutil.rmtree(run_dir / "final", ignore_errors=True)
+        return save_pretrained(self.model, run_dir / "final", name=Path(cfg.output).name, provenance=provenance,
+                               results=results, extra_files=extra)
 
 
 
@@ -694,45 +705,6 @@ def _check_resumable(path: Path, state: Mapping[str, Any], cfg: FinetuneConfig) 
     if missing:
         raise CheckpointError(f"{path} is not a fine-tuning checkpoint of insloc-hub (no {', '.join(missing)})")
     ckpt.check_config(renamed_fields(state["config"]), cfg.fingerprint(), source=path)
-
-
-def _write_data_report(path: Path, train_set: DetectionDataset, val_set: DetectionDataset | None) -> None:
-    """RUN/data_report.json: what loading found, plus the images skipped because they failed to decode."""
-    report = {}
-    for name, dataset in (("train", train_set), ("val", val_set)):
-        if dataset is None:
-            continue
-        skipped = dataset.report_unreadable()
-        if skipped:
-            logger.warning("%s data: %d image(s) skipped because they cannot be decoded: %s", name, len(skipped),
-                           ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
-        report[name] = {**dataset.report.to_dict(), "skipped_at_decode": skipped}
-    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-
-
-def _save_final(model: nn.Module, cfg: FinetuneConfig, run_dir: Path, train_set: DetectionDataset,
-                val_set: DetectionDataset | None, result: EvalResult | None, norm: str, world: int,
-                amp: bool) -> Path:
-    """Write RUN/final: the detector, set up for inference at the test size, with BatchNorm as BN."""
-    set_inference_options(model, min_size=cfg.test_size, max_size=cfg.max_size)  # training is over
-    results = []
-    if result is not None and val_set is not None:
-        results.append({"dataset": _dataset_name(cfg.val_data or val_set.source), "metrics": _metrics_for_card(result)})
-    provenance = {
-        "recipe": f"insloc-train finetune ({cfg.recipe or 'custom schedule'})",
-        "init": cfg.init, "arch": cfg.arch, "data": _dataset_name(cfg.data), "train_images": len(train_set),
-        "iterations": cfg.iterations, "batch_size": cfg.batch_size, "lr": cfg.lr, "steps": cfg.steps,
-        "min_size": cfg.min_size, "test_size": cfg.test_size, "norm": norm, "amp": amp, "world_size": world,
-        "seed": cfg.seed,
-    }
-    extra = {name: run_dir / name for name in ("training_args.json", "load_report.json", "metrics.jsonl")
-             if (run_dir / name).is_file()}
-    final_dir = run_dir / "final"
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    save_pretrained(model, final_dir, name=Path(cfg.output).name, provenance=provenance, results=results,
-                    extra_files=extra)
-    return final_dir
 
 
 def _dataset_name(spec: str) -> str:
@@ -758,10 +730,7 @@ def evaluate_model(model_name: str, data: str, *, output: str | os.PathLike[str]
         ConfigError: the model is a backbone, not a detector.
         DatasetError: missing data or no usable image.
     """
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    dev = dist_utils.select_device(device)
     try:
         model = from_pretrained(model_name, device=dev)
     except ModelNotFoundError as exc:
