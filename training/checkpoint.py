@@ -12,6 +12,7 @@ A checkpoint is one ``torch.save`` file holding a plain dict, named by step
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -60,16 +61,12 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
 
 
 def _fsync_dir(folder: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # e.g. Windows: directories cannot be opened
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
@@ -123,60 +120,39 @@ def _is_complete_archive(path: Path) -> bool:
         return False
 
 
-def find_latest(run_dir: str | os.PathLike[str], *, validate: bool = True) -> Path | None:
-    """Newest readable checkpoint of a run folder (highest step), or ``None``.
-
-    Temporary files of interrupted writes are ignored; with ``validate`` (default), files that are
-    not complete archives are skipped with a warning, and the next newest is tried.
-    """
+def find_latest(run_dir: str | os.PathLike[str]) -> Path | None:
+    """Newest readable checkpoint of a run folder (highest step), or ``None``; temporary files of
+    interrupted writes are ignored, incomplete archives skipped with a warning."""
     for path in reversed(list_checkpoints(run_dir)):
-        if not validate or _is_complete_archive(path):
+        if _is_complete_archive(path):
             return path
         logger.warning("skipping unreadable or corrupt checkpoint %s", path)
     return None
 
 
-def load_checkpoint(
-    path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu", *, allow_pickle: bool = False
-) -> dict[str, Any]:
-    """Load a checkpoint dict with ``torch.load(weights_only=True)``.
-
-    Args:
-        path: the checkpoint file.
-        map_location: where tensors go (CPU by default).
-        allow_pickle: if the file holds objects ``weights_only`` refuses (not one of ours), load it with
-            full unpickling instead of failing. Only for files you trust: unpickling runs code.
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict with ``torch.load(weights_only=True)`` (a file holding other objects, e.g.
+    a foreign checkpoint, is refused: unpickling runs code).
 
     Raises:
-        CheckpointError: missing, unreadable or corrupt file, or one that needs unpickling (message
-            says how to load it anyway).
+        CheckpointError: missing, unreadable, corrupt or foreign file (the message says what to do).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"{path} is not a torch.save archive: the file is truncated or corrupt, or not a checkpoint. If it is a "
-            "partially written checkpoint, delete it to resume from the previous one."
-        )
+        raise CheckpointError(f"{path} is not a torch.save archive: the file is truncated or corrupt, or not a "
+                              "checkpoint. If it is a partially written checkpoint, delete it to resume from the "
+                              "previous one.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if not allow_pickle:
-            raise CheckpointError(
-                f"{path} was not written by this version of insloc-hub: {describe_unpickling_refusal(err)}. "
-                "Resume from another checkpoint of the run, or start a new run."
-            ) from err
-        logger.warning("loading %s with full unpickling (allow_pickle=True): only do this for trusted files", path)
-        try:
-            state = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as err2:  # noqa: BLE001 - report any failure as a checkpoint error
-            raise CheckpointError(f"cannot read checkpoint {path}: {err2}") from err2
+        raise CheckpointError(f"{path} was not written by this version of insloc-hub: "
+                              f"{describe_unpickling_refusal(err)}. Resume from another checkpoint of the run, or "
+                              "start a new run.") from err
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {err}. The file is truncated or corrupt; delete it to resume from "
-            "the previous checkpoint."
-        ) from err
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}. The file is truncated or corrupt; delete it "
+                              "to resume from the previous checkpoint.") from err
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
     return state

@@ -30,7 +30,7 @@ import logging
 import math
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -870,39 +870,21 @@ def _guess_coco_image_root(annotation_json: Path) -> Path:
     return next((c for c in candidates if c.is_dir()), folder)
 
 
-def load_dataset(path_or_spec: str | Path | Mapping[str, Any], **kwargs: Any) -> DetectionDataset:
+def load_dataset(path: str | Path, **kwargs: Any) -> DetectionDataset:
     """Load a COCO or VOC dataset, telling the format from the path.
 
-    ``path_or_spec`` is one of:
+    ``path`` is one of:
 
     * a COCO ``.json`` file (``image_root`` from kwargs, else ``images/`` next to it, else the
       ``val2017/``-style folder of ``instances_val2017.json``, else its folder);
     * a VOC root folder (it has ``Annotations/``), with ``split`` from kwargs;
     * a VOC split list ``.txt`` whose folder is the VOC root (``raccoon/train_split.txt``);
     * a folder holding one COCO json (``annotations.json`` or a single ``*.json`` in it or in
-      ``annotations/``);
-    * a mapping ``{"format": "coco"|"voc", "path": ..., "image_root": ..., "split": ...}`` whose
-      other keys are keyword arguments of :func:`load_coco` / :func:`load_voc`.
+      ``annotations/``).
 
     Remaining ``kwargs`` go to :func:`load_coco` or :func:`load_voc`.
     """
-    if isinstance(path_or_spec, Mapping):
-        spec = dict(path_or_spec)
-        spec.update(kwargs)
-        fmt = spec.pop("format", None)
-        path = spec.pop("path", None) or spec.pop("root", None) or spec.pop("annotations", None)
-        if path is None:
-            raise ConfigError(f"dataset spec {path_or_spec!r} needs a 'path'")
-        if fmt == "coco":
-            image_root = spec.pop("image_root", None) or _guess_coco_image_root(Path(path))
-            return load_coco(path, image_root, **spec)
-        if fmt == "voc":
-            return load_voc(path, **spec)
-        if fmt is not None:
-            raise ConfigError(f"unknown dataset format {fmt!r}; use 'coco' or 'voc'")
-        return load_dataset(path, **spec)
-
-    path = Path(path_or_spec)
+    path = Path(path)
     if path.is_file() and path.suffix.lower() == ".json":
         image_root = kwargs.pop("image_root", None) or _guess_coco_image_root(path)
         return load_coco(path, image_root, **kwargs)

@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,14 +68,9 @@ def _pycocotools() -> tuple[Any, Any]:
     return COCO, COCOeval
 
 
-@contextlib.contextmanager
-def _quiet(verbose: bool) -> Iterator[None]:
+def _quiet(verbose: bool) -> contextlib.AbstractContextManager[Any]:
     """Swallow pycocotools' prints unless ``verbose``."""
-    if verbose:
-        yield
-    else:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
+    return contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
 
 
 @dataclass

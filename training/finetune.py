@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import itertools
 import json
 import logging
 import os
@@ -55,7 +57,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import run as run_lib
 from .detection_data import DetectionDataset, TrainingSet, collate_detection, load_dataset, protocol_sizes
-from .evaluation import EvalResult, run_evaluation
+from .evaluation import STAT_NAMES, EvalResult, run_evaluation
 from .run import MetricsWriter, StepTimer, seed_everything
 
 __all__ = ["RECIPES", "FinetuneConfig", "FinetuneResult", "Recipe", "TrainingDivergedError", "add_subcommands",
@@ -370,14 +372,11 @@ class InfiniteSampler(Sampler[int]):
             raise ConfigError("the training set is empty")
         self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
 
-    def _global(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed)
-        while True:
-            yield from torch.randperm(self.size, generator=generator).tolist()
-
     def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed)
+        stream = (index for _ in itertools.count() for index in torch.randperm(self.size, generator=generator).tolist())
         skip = self.rank + self.start * self.world_size
-        for position, index in enumerate(self._global()):
+        for position, index in enumerate(stream):
             if position >= skip and (position - self.rank) % self.world_size == 0:
                 yield index
 
@@ -473,9 +472,8 @@ class FinetuneResult:
 
 
 def _metrics_for_card(result: EvalResult) -> dict[str, float]:
-    values = {"AP": result.ap, "AP50": result.ap50, "AP75": result.ap75, "APs": result.ap_small,
-              "APm": result.ap_medium, "APl": result.ap_large}
-    return {k: round(100 * v, 2) for k, v in values.items() if v >= 0}
+    """AP, AP50, AP75, APs, APm, APl in percent (those pycocotools could score)."""
+    return {name: round(100 * v, 2) for name, v in zip(STAT_NAMES[:6], result.stats) if v >= 0}
 
 
 def _evaluate(model: nn.Module, dataset: DetectionDataset, cfg: FinetuneConfig, device: torch.device,
@@ -646,7 +644,7 @@ class _FinetuneRun:
             eta = seconds * (self.cfg.iterations - self.iteration)
             logger.info("iter %d/%d loss %.3f (%s) lr %.5f %.2f s/it eta %s", self.iteration, self.cfg.iterations,
                         float(loss.detach()), " ".join(f"{k} {v:.3f}" for k, v in values.items()), lr, seconds,
-                        _duration(eta))
+                        datetime.timedelta(seconds=round(max(eta, 0))))
 
     def _save(self) -> None:
         if self.main:
@@ -710,12 +708,6 @@ def _check_resumable(path: Path, state: Mapping[str, Any], cfg: FinetuneConfig) 
 def _dataset_name(spec: str) -> str:
     path = Path(spec)
     return f"{path.parent.name}/{path.name}" if path.suffix else path.name
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 def evaluate_model(model_name: str, data: str, *, output: str | os.PathLike[str] | None = None,

@@ -346,11 +346,9 @@ def test_load_dataset_detects_the_format(tmp_path: Path) -> None:
     assert len(load_dataset(voc_root / "split.txt")) == 1
     assert load_dataset(coco_json).report.format == "coco"  # images/ next to the json
     assert load_dataset(tmp_path / "coco").report.format == "coco"
-    assert len(load_dataset({"format": "voc", "path": voc_root, "split": "split.txt"})) == 1
+    assert len(load_dataset(voc_root, split="split.txt")) == 1
     with pytest.raises(DatasetError, match="does not exist"):
         load_dataset(tmp_path / "nothing")
-    with pytest.raises(ConfigError):
-        load_dataset({"format": "yolo", "path": voc_root})
 
 
 def test_flip_horizontal_moves_boxes_and_masks_with_the_pixels() -> None:
