@@ -32,7 +32,7 @@ from insloc_hub.errors import CheckpointError
 
 __all__ = ["CHECKPOINT_PATTERN", "capture_rng_state", "check_config", "checkpoint_path", "checkpoint_step",
            "find_latest", "list_checkpoints", "load_checkpoint", "load_newest_usable", "prune_checkpoints",
-           "restore_rng_state", "resume_candidates", "save_checkpoint"]
+           "restore_rng_state", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,39 +158,14 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     return state
 
 
-def resume_candidates(spec: str | os.PathLike[str], run_dir: str | os.PathLike[str]) -> list[Path]:
-    """Checkpoints ``--resume spec`` may continue from, newest first.
-
-    ``"auto"``: the checkpoints of ``run_dir`` (possibly none). A folder: its checkpoints (a
-    CheckpointError says what the folder holds if it has none). A file: that file.
-    """
-    if str(spec) == "auto":
-        return list(reversed(list_checkpoints(run_dir)))
-    given = Path(spec)
-    if given.is_dir():
-        found = list(reversed(list_checkpoints(given)))
-        if not found:
-            names = sorted(p.name for p in given.iterdir())[:8]
-            raise CheckpointError(
-                f"--resume {given}: the folder holds no checkpoint_<step>.pt file (it has: "
-                f"{', '.join(names) or 'nothing'}). Pass a run folder whose training saved a checkpoint, or a file."
-            )
-        return found
-    return [given]
-
-
 def load_newest_usable(
     candidates: Iterable[Path], check: Callable[[Path, dict[str, Any]], None] | None = None
 ) -> tuple[Path, dict[str, Any], list[str]]:
-    """Load the first of ``candidates`` (newest first) that reads and passes ``check``.
+    """``(path, state, skipped)`` of the first of ``candidates`` (newest first) that loads and passes ``check``.
 
-    A foreign, corrupt or mismatching newer checkpoint is skipped with a warning and the next one
-    tried. Returns ``(path, state, skipped)`` with ``skipped`` = ``"name: why"`` of each file passed
-    over.
-
-    Raises:
-        CheckpointError: none is usable; the message lists each file and why (a single candidate
-            gets its own error unchanged).
+    A foreign, corrupt or mismatching newer checkpoint is skipped with a warning (``skipped``: ``"name:
+    why"`` of each). CheckpointError when none is usable, listing each file and why (a single candidate
+    raises its own error).
     """
     candidates = list(candidates)
     skipped: list[str] = []
@@ -220,21 +195,11 @@ def capture_rng_state() -> dict[str, Any]:
     """
     version, internal, gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state(legacy=True)
-    state: dict[str, Any] = {
-        "python": [int(version), list(internal), gauss],
-        "numpy": {
-            "name": str(np_name),
-            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64).copy()),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "cached_gaussian": float(np_cached),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": [],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
-    return state
+    numpy_state = {"name": str(np_name), "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64).copy()),
+                   "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_cached)}
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {"python": [int(version), list(internal), gauss], "numpy": numpy_state, "torch": torch.get_rng_state(),
+            "cuda": [s.cpu() for s in torch.cuda.get_rng_state_all()] if cuda else []}
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:

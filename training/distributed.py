@@ -55,10 +55,6 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.backend is not None
-
 
 def _int_env(env: Mapping[str, str], name: str) -> int:
     try:
@@ -96,19 +92,11 @@ def select_device(device: str | torch.device, local_rank: int = 0) -> torch.devi
 
 def init_distributed(device: str | torch.device = "auto", *, backend: str | None = None, timeout_minutes: float = 30.0,
                      env: Mapping[str, str] | None = None) -> DistInfo:
-    """Create the process group when the launcher asked for several processes.
+    """Create the process group when the launcher asked for several processes (NCCL on CUDA, else gloo).
 
-    Args:
-        device: ``"auto"`` (``cuda:LOCAL_RANK`` when CUDA is available, else CPU), ``"cpu"``,
-            ``"cuda"`` or an explicit device.
-        backend: override the backend (default NCCL on CUDA, gloo on CPU).
-        timeout_minutes: collective timeout.
-        env: environment to read (default ``os.environ``); its master address/port are written
-            back to ``os.environ`` for ``env://`` initialisation.
-
-    Returns:
-        :class:`DistInfo`. With a world size of 1 no process group is created. Calling it again
-        when a group already exists returns the current layout.
+    ``device`` as :func:`select_device`; ``env`` defaults to ``os.environ`` (its master address and
+    port are written back there for ``env://``). With a world size of 1 no process group is created;
+    called again when a group exists, it returns the current layout.
     """
     launch = detect_launch_env(env)
     dev = select_device(device, launch.local_rank)
@@ -190,7 +178,4 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if is_distributed():
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
+        dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None)

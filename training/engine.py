@@ -555,12 +555,11 @@ def _set_determinism(cfg: PretrainConfig, device: torch.device) -> None:
 
 
 def _oom_error(cfg: PretrainConfig, world: int) -> ConfigError:
-    per_gpu = cfg.batch_size // world
     return ConfigError(
-        f"CUDA ran out of memory with {per_gpu} images per GPU (--batch-size {cfg.batch_size} over {world} "
-        f"process(es)). Use a smaller batch (e.g. --batch-size {max(world, cfg.batch_size // 2)}; the lr is rescaled "
-        "automatically and --queue-size must stay a multiple of it), more GPUs, or --amp on / --channels-last on."
-    )
+        f"CUDA ran out of memory with {cfg.batch_size // world} images per GPU (--batch-size {cfg.batch_size} over "
+        f"{world} process(es)). Use a smaller batch (e.g. --batch-size {max(world, cfg.batch_size // 2)}; the lr is "
+        "rescaled automatically and --queue-size must stay a multiple of it), more GPUs, or --amp on / "
+        "--channels-last on.")
 
 
 def build_optimizer_and_schedule(cfg: PretrainConfig, model: nn.Module

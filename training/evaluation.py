@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import logging
@@ -110,8 +111,7 @@ class EvalResult:
         values = [float(v) for v in stats]
         if len(values) != len(STAT_NAMES):
             raise ValueError(f"expected {len(STAT_NAMES)} COCO stats, got {len(values)}")
-        names = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
-        names += ("ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large")
+        names = [f.name for f in dataclasses.fields(cls)[:len(STAT_NAMES)]]  # ap, ap50, ... ar_large
         return cls(**dict(zip(names, values, strict=True)), stats=values, **extra)
 
     def to_dict(self) -> dict[str, Any]:
@@ -255,15 +255,11 @@ def _per_class_ap(evaluator: Any, names: Sequence[str]) -> tuple[dict[str, float
 def detections_from_outputs(outputs: Sequence[Mapping[str, Any]], image_ids: Sequence[int], *,
                             category_ids: Sequence[int] | None = None, score_threshold: float = 0.0
                             ) -> list[dict[str, Any]]:
-    """Convert torchvision detector outputs to COCO results.
+    """COCO results from torchvision detector outputs (``boxes`` x1, y1, x2, y2 pixels, ``labels`` ``1..C``,
+    ``scores``; tensors or arrays), one per id of ``image_ids`` (``dataset.image_ids``).
 
-    Args:
-        outputs: one dict per image with ``boxes`` (``[N, 4]`` x1, y1, x2, y2 pixels), ``labels``
-            (``1..C``) and ``scores`` (tensors or arrays).
-        image_ids: the image id of each output (``dataset.image_ids`` in order).
-        category_ids: category id of label ``i + 1`` (``dataset.category_ids``); default: the
-            label itself. Labels outside ``1..C`` are dropped with a warning.
-        score_threshold: drop detections scoring below it.
+    ``category_ids[label - 1]`` is a label's category (``dataset.category_ids``; default: the label
+    itself; labels outside ``1..C`` are dropped with a warning).
     """
     if len(outputs) != len(image_ids):
         raise ConfigError(f"{len(outputs)} outputs for {len(image_ids)} image ids")
@@ -307,15 +303,10 @@ def write_coco_results(detections: Sequence[Mapping[str, Any]], path: str | Path
 
 def _as_pil(image: Any) -> Image.Image:
     """``PIL.Image``, ``float [3, H, W]`` tensor in [0, 1] or ``uint8 [H, W, 3]`` array -> RGB image."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
     if isinstance(image, torch.Tensor):
-        array = image.detach().cpu().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
-        return Image.fromarray(array, "RGB")
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
-    return Image.fromarray(array).convert("RGB")
+        image = to_pil_image(image.detach().cpu().float().clamp(0, 1).mul(255).round().byte())
+    return (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+            ).convert("RGB")
 
 
 def _class_name(label: int, class_names: Sequence[str]) -> str:

@@ -388,18 +388,15 @@ def require_masks(dataset: DetectionDataset) -> None:
         ConfigError: the dataset is not COCO, or no annotation has a segmentation.
     """
     if dataset.report.format != "coco":
-        raise ConfigError(
-            f"mask_rcnn_fpn needs instance masks, but {dataset.source} is a {dataset.report.format or 'box'} "
-            "dataset with boxes only. Use a box architecture (--arch faster_rcnn_fpn) or a COCO json with "
-            "'segmentation' polygons."
-        )
+        raise ConfigError(f"mask_rcnn_fpn needs instance masks, but {dataset.source} is a "
+                          f"{dataset.report.format or 'box'} dataset with boxes only. Use a box architecture (--arch "
+                          "faster_rcnn_fpn) or a COCO json with 'segmentation' polygons.")
     segmentations = [s for record in dataset.records for s in record.segmentations]
     without = sum(not s for s in segmentations)
     if without == len(segmentations):
-        raise ConfigError(
-            f"mask_rcnn_fpn needs instance masks, but none of the {without} annotations of {dataset.source} "
-            "has a 'segmentation'. Use --arch faster_rcnn_fpn, or add polygons to the annotations."
-        )
+        raise ConfigError(f"mask_rcnn_fpn needs instance masks, but none of the {without} annotations of "
+                          f"{dataset.source} has a 'segmentation'. Use --arch faster_rcnn_fpn, or add polygons to "
+                          "the annotations.")
     if without:
         logger.warning("%d of %d annotations have no segmentation; their boxes are used as masks",
                        without, len(segmentations))
@@ -411,41 +408,32 @@ def _load(spec: str, image_root: str | None, **kwargs: Any) -> DetectionDataset:
     return load_dataset(spec, **kwargs)
 
 
-def load_init(name: str) -> InsLocBackbone | None:
-    """The backbone bundle named by ``--init`` (``None`` for ``random``).
-
-    Raises:
-        ModelNotFoundError: the name resolves to nothing (message from the hub resolver).
-        ConfigError: it names a fine-tuned detector rather than a backbone.
-    """
-    if name == "random":
-        return None
+def _load_hub_model(name: str, what: str, bundle: bool, device: torch.device | None = None) -> nn.Module:
+    """``from_pretrained(name)``, refused with a message saying what to do unless it is a backbone bundle
+    (``bundle=True``, for ``--init``) or a detector (``bundle=False``, for ``eval``)."""
     try:
-        loaded = from_pretrained(name)
+        loaded = from_pretrained(name, **({"device": device} if device is not None else {}))
     except ModelNotFoundError as exc:
-        raise ModelNotFoundError(f"--init {name!r}: {exc}") from exc
-    if not isinstance(loaded, InsLocBackbone):
-        raise ConfigError(
-            f"--init {name!r} is a fine-tuned detector (task: detection), not a pretrained backbone. "
-            "Fine-tune from a backbone folder or alias, or evaluate it with insloc-train eval."
-        )
+        raise ModelNotFoundError(f"{what} {name!r}: {exc}") from exc
+    if bundle and not isinstance(loaded, InsLocBackbone):
+        raise ConfigError(f"--init {name!r} is a fine-tuned detector (task: detection), not a pretrained backbone. "
+                          "Fine-tune from a backbone folder or alias, or evaluate it with insloc-train eval.")
+    if not bundle and isinstance(loaded, InsLocBackbone):
+        raise ConfigError(f"{name!r} is a pretrained backbone, not a detector: fine-tune it first (insloc-train "
+                          "finetune --init ...), then evaluate RUN/final")
     return loaded
 
 
 def build_model(cfg: FinetuneConfig, class_names: Sequence[str], norm: str) -> tuple[nn.Module, dict[str, Any]]:
     """The detector to fine-tune and its load report as a JSON-ready dict."""
-    bundle = load_init(cfg.init)
+    bundle = None if cfg.init == "random" else _load_hub_model(cfg.init, "--init", bundle=True)
     options = {"min_size": tuple(cfg.min_size), "max_size": cfg.max_size, **cfg.detector_options}
-    model = build_detector(
-        cfg.arch, class_names=list(class_names), backbone=cfg.preset, pretrained=bundle, norm=norm,
-        strict=cfg.strict_load, box_head_extra_norm=cfg.box_head_extra_norm, **options,
-    )
+    model = build_detector(cfg.arch, class_names=list(class_names), backbone=cfg.preset, pretrained=bundle,
+                           norm=norm, strict=cfg.strict_load, box_head_extra_norm=cfg.box_head_extra_norm, **options)
     if bundle is None:
         keys = sorted(model.state_dict())
-        report: dict[str, Any] = {
-            "init": "random", "summary": f"random initialisation: nothing loaded, {len(keys)} new tensors",
-            "loaded": [], "new": keys, "ignored": {},
-        }
+        report: dict[str, Any] = {"init": "random", "loaded": [], "new": keys, "ignored": {},
+                                  "summary": f"random initialisation: nothing loaded, {len(keys)} new tensors"}
     else:
         load = model.load_report
         report = {"init": cfg.init, "source": str(getattr(bundle, "hub_folder", cfg.init)),
@@ -723,15 +711,7 @@ def evaluate_model(model_name: str, data: str, *, output: str | os.PathLike[str]
         DatasetError: missing data or no usable image.
     """
     dev = dist_utils.select_device(device)
-    try:
-        model = from_pretrained(model_name, device=dev)
-    except ModelNotFoundError as exc:
-        raise ModelNotFoundError(f"model {model_name!r}: {exc}") from exc
-    if isinstance(model, InsLocBackbone):
-        raise ConfigError(
-            f"{model_name!r} is a pretrained backbone, not a detector: fine-tune it first "
-            "(insloc-train finetune --init ...), then evaluate RUN/final"
-        )
+    model = _load_hub_model(model_name, "model", bundle=False, device=dev)
     class_names = model.hub_config.get("class_names")
     dataset = _load(data, image_root, **({"class_names": class_names} if class_names else {}))
     return run_evaluation(model, dataset, device=dev, batch_size=batch_size, score_threshold=score_threshold,

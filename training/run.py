@@ -32,7 +32,6 @@ from .checkpoint import (
     load_newest_usable,
     prune_checkpoints,
     restore_rng_state,
-    resume_candidates,
     save_checkpoint,
 )
 
@@ -42,7 +41,7 @@ __all__ = ["MetricsWriter", "StepTimer", "choose_resume", "read_metrics", "resum
 logger = logging.getLogger(__name__)
 
 
-def choose_resume(run_dir: Path, resume: str | None) -> list[Path]:
+def choose_resume(run_dir: Path, resume: str | os.PathLike[str] | None) -> list[Path]:
     """The checkpoints a run may continue from, newest first (load with ``load_newest_usable``).
 
     ``"auto"``: the checkpoints of ``run_dir`` (none: start from scratch); a run folder: its
@@ -52,16 +51,25 @@ def choose_resume(run_dir: Path, resume: str | None) -> list[Path]:
         CheckpointError: ``run_dir`` already holds checkpoints and no ``--resume`` was given, or a
             ``--resume`` folder holds none.
     """
-    if resume not in (None, "", "none"):
-        candidates = resume_candidates(resume, run_dir)
-        if not candidates:
-            logger.info("--resume auto: no checkpoint in %s, starting from scratch", run_dir)
-        return candidates
-    existing = list_checkpoints(run_dir)
-    if existing:
-        raise CheckpointError(f"{run_dir} already holds checkpoints (newest: {existing[-1].name}); pass --resume auto "
-                              "to continue that run, or choose another --output")
-    return []
+    if resume in (None, "", "none"):
+        existing = list_checkpoints(run_dir)
+        if existing:
+            raise CheckpointError(f"{run_dir} already holds checkpoints (newest: {existing[-1].name}); pass --resume "
+                                  "auto to continue that run, or choose another --output")
+        return []
+    auto = str(resume) == "auto"
+    folder = run_dir if auto else Path(resume)
+    if not auto and not folder.is_dir():
+        return [folder]  # a checkpoint file
+    found = list(reversed(list_checkpoints(folder)))
+    if not found and auto:
+        logger.info("--resume auto: no checkpoint in %s, starting from scratch", run_dir)
+    elif not found:
+        names = sorted(p.name for p in folder.iterdir())[:8]
+        raise CheckpointError(f"--resume {folder}: the folder holds no checkpoint_<step>.pt file (it has: "
+                              f"{', '.join(names) or 'nothing'}). Pass a run folder whose training saved a "
+                              "checkpoint, or a file.")
+    return found
 
 
 def resume(run_dir: Path, spec: str | None, check: Callable[[Path, dict[str, Any]], None]
