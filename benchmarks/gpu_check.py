@@ -91,14 +91,17 @@ class Sizes:
     device: str = "cuda"
     fpn_arch: str = "r50-fpn"
     c4_arch: str = "r50-c4"
+    # pretraining step: the official run's canvas, batch and queue; timed and warm-up steps
     canvas: int = 256
     batch: int = 256
     queue: int = 65536
     steps: int = 10
     warmup: int = 3
+    # whole pipeline (JPEG bytes -> step)
+    workers: int = max(1, (os.cpu_count() or 2) - 2)
     pipeline_steps: int = 8
     photos: int = 512
-    workers: int = max(1, (os.cpu_count() or 2) - 2)
+    # inference
     detector_size: tuple[int, int] = (800, 1216)
     detector_batch: int = 8
     features_size: int = 224
