@@ -266,10 +266,8 @@ def detections_from_outputs(outputs: Sequence[Mapping[str, Any]], image_ids: Seq
     results: list[dict[str, Any]] = []
     dropped = 0
     for output, image_id in zip(outputs, image_ids, strict=True):
-        boxes = np.asarray(_numpy(output["boxes"]), dtype=np.float64).reshape(-1, 4)
-        labels = np.asarray(_numpy(output["labels"]), dtype=np.int64).reshape(-1)
-        scores = np.asarray(_numpy(output["scores"]), dtype=np.float64).reshape(-1)
-        for (x1, y1, x2, y2), label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist(), strict=True):
+        boxes, labels, scores = _as_lists(output["boxes"], output["labels"], output["scores"])
+        for (x1, y1, x2, y2), label, score in zip(boxes, labels, scores, strict=True):
             if score < score_threshold:
                 continue
             if category_ids is not None:
@@ -286,10 +284,11 @@ def detections_from_outputs(outputs: Sequence[Mapping[str, Any]], image_ids: Seq
     return results
 
 
-def _numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
+def _as_lists(boxes: Any, labels: Any, scores: Any) -> tuple[list, list, list]:
+    """Boxes ``[N, 4]``, labels and scores (tensors, arrays or lists) as plain Python lists."""
+    return (torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4).tolist(),
+            torch.as_tensor(labels, dtype=torch.int64).reshape(-1).tolist(),
+            torch.as_tensor(scores, dtype=torch.float64).reshape(-1).tolist())
 
 
 def write_coco_results(detections: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -301,46 +300,34 @@ def write_coco_results(detections: Sequence[Mapping[str, Any]], path: str | Path
     return path
 
 
-def _as_pil(image: Any) -> Image.Image:
-    """``PIL.Image``, ``float [3, H, W]`` tensor in [0, 1] or ``uint8 [H, W, 3]`` array -> RGB image."""
-    if isinstance(image, torch.Tensor):
-        image = to_pil_image(image.detach().cpu().float().clamp(0, 1).mul(255).round().byte())
-    return (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
-            ).convert("RGB")
-
-
 def _class_name(label: int, class_names: Sequence[str]) -> str:
     return class_names[label - 1] if 1 <= label <= len(class_names) else f"class {label}"
 
 
-def draw_detections(image: Any, pred_boxes: Any, pred_labels: Any, pred_scores: Any, gt_boxes: Any = None,
+def draw_detections(image: Image.Image, pred_boxes: Any, pred_labels: Any, pred_scores: Any, gt_boxes: Any = None,
                     gt_labels: Any = None, class_names: Sequence[str] = (), path: str | Path | None = None, *,
                     score_threshold: float = 0.0) -> Image.Image:
-    """Draw predicted boxes (red, "name score") and true boxes (green, "name") on an image.
+    """Draw predicted boxes (red, "name score") and true boxes (green, "name") on a ``PIL.Image``.
 
     Boxes are ``[N, 4]`` x1, y1, x2, y2 pixels; labels are ``1..C`` (``class_names[label - 1]``).
-    ``image`` is a ``PIL.Image``, a ``float [3, H, W]`` tensor in [0, 1] or a ``uint8 [H, W, 3]``
-    array. Predictions below ``score_threshold`` are not drawn. Writes a PNG if ``path`` is given;
+    Predictions below ``score_threshold`` are not drawn. Writes a PNG if ``path`` is given;
     returns the picture (drawn by ``torchvision.utils.draw_bounding_boxes``).
     """
-    canvas = pil_to_tensor(_as_pil(image))
     boxes, texts, colors = [], [], []
     if gt_boxes is not None:
-        gt = np.asarray(_numpy(gt_boxes), dtype=np.float64).reshape(-1, 4)
-        labels = np.asarray(_numpy(gt_labels), dtype=np.int64).reshape(-1) if gt_labels is not None else None
-        boxes += list(gt)
-        texts += [_class_name(int(labels[i]), class_names) if labels is not None else "gt" for i in range(len(gt))]
-        colors += [GT_COLOR] * len(gt)
-    predictions = zip(np.asarray(_numpy(pred_boxes), dtype=np.float64).reshape(-1, 4),
-                      np.asarray(_numpy(pred_labels), dtype=np.int64).reshape(-1),
-                      np.asarray(_numpy(pred_scores), dtype=np.float64).reshape(-1), strict=True)
+        gt = torch.as_tensor(gt_boxes, dtype=torch.float64).reshape(-1, 4).tolist()
+        names = ["gt"] * len(gt) if gt_labels is None else \
+            [_class_name(int(label), class_names) for label in torch.as_tensor(gt_labels).reshape(-1).tolist()]
+        boxes, texts, colors = gt, names, [GT_COLOR] * len(gt)
+    predictions = zip(*_as_lists(pred_boxes, pred_labels, pred_scores), strict=True)
     for box, label, score in sorted(predictions, key=lambda t: t[2]):  # the most confident drawn last, on top
         if score >= score_threshold:
             boxes.append(box)
-            texts.append(f"{_class_name(int(label), class_names)} {score:.2f}")
+            texts.append(f"{_class_name(label, class_names)} {score:.2f}")
             colors.append(PRED_COLOR)
+    canvas = pil_to_tensor(image.convert("RGB"))
     if boxes:
-        canvas = draw_bounding_boxes(canvas, torch.tensor(np.stack(boxes)), labels=texts, colors=colors,
+        canvas = draw_bounding_boxes(canvas, torch.tensor(boxes), labels=texts, colors=colors,
                                      width=max(1, round(min(canvas.shape[1:]) / 200)), fill_labels=True)
     picture = to_pil_image(canvas)
     if path is not None:
@@ -369,7 +356,7 @@ def save_examples_grid(pictures: Sequence[Image.Image], path: str | Path, *, nco
     draw.rectangle((pad + 170, 4, pad + 180, 14), fill=GT_COLOR)
     draw.text((pad + 184, 3), "ground truth", fill=(0, 0, 0), font=font)
     for i, picture in enumerate(pictures):
-        tile = _as_pil(picture).copy()
+        tile = picture.convert("RGB")  # a copy: thumbnail() works in place
         tile.thumbnail((tile_size, tile_size))
         row, col = divmod(i, ncols)
         x = pad + col * (tile_size + pad) + (tile_size - tile.width) // 2
