@@ -9,7 +9,7 @@ pretrained weights are exactly this module's.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,15 +17,12 @@ from torch import nn
 
 
 class ConvNorm(nn.Sequential):
-    """Conv (no bias) followed by a norm layer; children are named ``conv`` and ``norm``."""
+    """Conv (no bias) followed by BatchNorm; children are named ``conv`` and ``norm``."""
 
-    def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int,
-        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
         super().__init__(OrderedDict(
             conv=nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-            norm=norm_layer(out_channels),
+            norm=nn.BatchNorm2d(out_channels),
         ))
 
 
@@ -49,20 +46,15 @@ class FPN(nn.Module):
         [(32, 32, 32), (32, 16, 16), (32, 8, 8), (32, 4, 4)]
     """
 
-    def __init__(
-        self,
-        in_channels: Sequence[int],
-        out_channels: int = 256,
-        levels: Sequence[str] | None = None,
-        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-    ) -> None:
+    def __init__(self, in_channels: Sequence[int], out_channels: int = 256, levels: Sequence[str] | None = None
+                 ) -> None:
         super().__init__()
         self.levels = list(levels) if levels is not None else [f"p{i + 2}" for i in range(len(in_channels))]
         self.out_channels = out_channels
         self.lateral = nn.ModuleDict(
-            {lv: ConvNorm(c, out_channels, 1, norm_layer) for lv, c in zip(self.levels, in_channels)}
+            {lv: ConvNorm(c, out_channels, 1) for lv, c in zip(self.levels, in_channels)}
         )
-        self.output = nn.ModuleDict({lv: ConvNorm(out_channels, out_channels, 3, norm_layer) for lv in self.levels})
+        self.output = nn.ModuleDict({lv: ConvNorm(out_channels, out_channels, 3) for lv in self.levels})
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)

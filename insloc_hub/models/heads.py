@@ -11,25 +11,19 @@ InsLoc's ``roi_head.shared_head.layer4``).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
+from insloc_hub.models.fpn import ConvNorm
 from insloc_hub.models.resnet import init_resnet_weights, make_stage, stage_channels
 
 
-class ConvNormReLU(nn.Sequential):
-    """3x3 conv (no bias) -> norm -> ReLU; children ``conv``, ``norm``, ``relu``."""
+class ConvNormReLU(ConvNorm):
+    """3x3 conv (no bias) -> BN -> ReLU; children ``conv``, ``norm``, ``relu``."""
 
-    def __init__(self, in_channels: int, out_channels: int,
-                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
-        super().__init__(OrderedDict(
-            conv=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            norm=norm_layer(out_channels),
-            relu=nn.ReLU(inplace=True),
-        ))
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 3)
+        self.add_module("relu", nn.ReLU(inplace=True))
 
 
 class BoxHead(nn.Module):
@@ -52,11 +46,11 @@ class BoxHead(nn.Module):
 
     def __init__(
         self, in_channels: int = 256, resolution: int = 7, conv_channels: int = 256, num_convs: int = 4,
-        fc_dim: int = 1024, extra_norm: bool = False, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        fc_dim: int = 1024, extra_norm: bool = False,
     ) -> None:
         super().__init__()
         channels = [in_channels] + [conv_channels] * num_convs
-        self.convs = nn.Sequential(*[ConvNormReLU(a, b, norm_layer) for a, b in zip(channels, channels[1:])])
+        self.convs = nn.Sequential(*[ConvNormReLU(a, b) for a, b in zip(channels, channels[1:])])
         self.fc1 = nn.Linear(channels[-1] * resolution * resolution, fc_dim)
         self.relu = nn.ReLU(inplace=True)
         self.extra_norm = nn.BatchNorm1d(fc_dim) if extra_norm else None
@@ -84,12 +78,11 @@ class Res5Head(nn.Module):
         torch.Size([2, 128])
     """
 
-    def __init__(self, depth: int = 50, width: int = 64, extra_norm: bool = False,
-                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
+    def __init__(self, depth: int = 50, width: int = 64, extra_norm: bool = False) -> None:
         super().__init__()
-        self.layer4 = make_stage(depth, 4, width, norm_layer)
+        self.layer4 = make_stage(depth, 4, width)
         self.out_channels = stage_channels(depth, width)[3]
-        self.extra_norm = norm_layer(self.out_channels) if extra_norm else None
+        self.extra_norm = nn.BatchNorm2d(self.out_channels) if extra_norm else None
         self.pool = nn.AdaptiveAvgPool2d(1)
         init_resnet_weights(self)
 

@@ -8,7 +8,6 @@ pretrains. ``width`` scales every stage (64 is the standard width) so tests can 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -41,12 +40,7 @@ def _spec(depth: int) -> tuple[type[nn.Module], tuple[int, int, int, int]]:
     return RESNET_SPECS[depth]
 
 
-def make_stage(
-    depth: int,
-    stage: int,
-    width: int = 64,
-    norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-) -> nn.Sequential:
+def make_stage(depth: int, stage: int, width: int = 64) -> nn.Sequential:
     """Build stage ``stage`` (1..4, i.e. torchvision's ``layer1``..``layer4``) on its own.
 
     The C4 detector and pretraining use ``make_stage(depth, 4)`` as the res5 RoI head.
@@ -59,10 +53,10 @@ def make_stage(
     if stride != 1 or inplanes != planes * block.expansion:
         downsample = nn.Sequential(
             nn.Conv2d(inplanes, planes * block.expansion, 1, stride=stride, bias=False),
-            norm_layer(planes * block.expansion),
+            nn.BatchNorm2d(planes * block.expansion),
         )
-    blocks = [block(inplanes, planes, stride, downsample, norm_layer=norm_layer)]
-    blocks += [block(planes * block.expansion, planes, norm_layer=norm_layer) for _ in range(1, layers[stage - 1])]
+    blocks = [block(inplanes, planes, stride, downsample)]
+    blocks += [block(planes * block.expansion, planes) for _ in range(1, layers[stage - 1])]
     return nn.Sequential(*blocks)
 
 
@@ -71,7 +65,7 @@ def init_resnet_weights(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+        elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -86,7 +80,6 @@ class ResNetTrunk(nn.Module):
         depth: 18, 34, 50 or 101.
         width: channels of the first stage before expansion (64 standard; 16 for tests).
         num_stages: 4 for c2..c5, 3 for a C4 trunk ending at res4 (res5 is then the RoI head).
-        norm_layer: normalisation constructor (BatchNorm2d by default).
 
     Example:
         >>> trunk = ResNetTrunk(18, width=16)
@@ -94,23 +87,17 @@ class ResNetTrunk(nn.Module):
         (1, 128, 2, 2)
     """
 
-    def __init__(
-        self,
-        depth: int = 50,
-        width: int = 64,
-        num_stages: int = 4,
-        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-    ) -> None:
+    def __init__(self, depth: int = 50, width: int = 64, num_stages: int = 4) -> None:
         super().__init__()
         if num_stages not in (3, 4):
             raise ConfigError(f"num_stages must be 3 (C4 trunk) or 4, got {num_stages}")
         self.depth, self.width, self.num_stages = depth, width, num_stages
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = norm_layer(width)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         for stage in range(1, num_stages + 1):
-            self.add_module(f"layer{stage}", make_stage(depth, stage, width, norm_layer))
+            self.add_module(f"layer{stage}", make_stage(depth, stage, width))
         channels = stage_channels(depth, width)
         self.feature_info = [
             {"name": f"c{stage + 1}", "module": f"layer{stage}", "num_chs": channels[stage - 1],
