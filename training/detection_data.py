@@ -175,14 +175,6 @@ class DatasetReport:
         return {**values, **{kind: counts.get(kind, 0) for kind in PROBLEM_KINDS}}
 
 
-def _raise_if_unusable(report: DatasetReport) -> None:
-    if report.num_usable > 0:
-        return
-    why = report.describe(_IMAGE_LEVEL) or "no images listed"
-    raise DatasetError(f"{report.source}: 0 of {report.num_images} images usable: {why}. Check the image folder, the "
-                       "split and the annotation files.")
-
-
 @dataclass
 class DetectionRecord:
     """One image and all its boxes, already cleaned (clipped, degenerate ones dropped).
@@ -407,7 +399,10 @@ def _finish(records: list[DetectionRecord], class_names: Sequence[str], report: 
     report.num_difficult = int(sum(int(r.difficult.sum()) for r in kept))
     report.num_crowd = int(sum(int(r.iscrowd.sum()) for r in kept))
     logger.log(logging.WARNING if report.problems else logging.INFO, "%s", report.summary())
-    _raise_if_unusable(report)
+    if not kept:
+        why = report.describe(_IMAGE_LEVEL) or "no images listed"
+        raise DatasetError(f"{report.source}: 0 of {report.num_images} images usable: {why}. Check the image folder, "
+                           "the split and the annotation files.")
     return DetectionDataset(kept, class_names, category_ids=category_ids, keep_difficult=keep_difficult, report=report,
                             source=report.source)
 
@@ -429,9 +424,10 @@ def _clean_box(xyxy: Sequence[float], width: int, height: int, report: DatasetRe
     return clipped
 
 
-def _check_image(path: Path, annotated: tuple[int, int] | None, report: DatasetReport, name: str
+def _check_image(path: Path, annotated: tuple[int | None, int | None], report: DatasetReport, name: str
                  ) -> tuple[int, int] | None:
-    """Size of the image file (header read), noting missing/unreadable/degenerate files and wrong sizes."""
+    """Size of the image file (header read), noting missing/unreadable/degenerate files and wrong sizes
+    (``annotated``: the annotation's width and height, ``None`` where it gives none)."""
     if not path.is_file():
         report.note("missing_images", name)
         return None
@@ -443,7 +439,7 @@ def _check_image(path: Path, annotated: tuple[int, int] | None, report: DatasetR
     if max(size) > MAX_ASPECT_RATIO * min(size):
         report.note("degenerate_images", f"{name}: {size[0]}x{size[1]}")
         return None
-    if annotated is not None and annotated != size:
+    if None not in annotated and annotated != size:
         report.note("size_mismatches", f"{name}: annotated {annotated[0]}x{annotated[1]}, file {size[0]}x{size[1]}")
     return size
 
@@ -544,8 +540,8 @@ def _note_similar_names(names: Sequence[str], report: DatasetReport) -> None:
 
 
 def load_coco(annotation_json: str | Path, image_root: str | Path, *, class_names: Sequence[str] | None = None,
-              keep_empty: bool = True, max_examples: int = 5, unknown_classes: str = "drop",
-              allow_outside_root: bool = False) -> DetectionDataset:
+              keep_empty: bool = True, unknown_classes: str = "drop", allow_outside_root: bool = False
+              ) -> DetectionDataset:
     """Read a COCO-format detection set (``images``, ``annotations`` with ``bbox`` xywh, ``categories``).
 
     ``image_root``: the folder ``images[*].file_name`` are relative to. ``class_names`` default to
@@ -557,7 +553,7 @@ def load_coco(annotation_json: str | Path, image_root: str | Path, *, class_name
     against the original JSON. Crowd regions stay in the ground truth, out of training targets.
     """
     path = Path(annotation_json)
-    report = DatasetReport(source=str(path), format="coco", max_examples=max_examples)
+    report = DatasetReport(source=str(path), format="coco")
     try:
         with path.open("rb") as f:
             data = json.load(f)
@@ -608,7 +604,7 @@ def load_coco(annotation_json: str | Path, image_root: str | Path, *, class_name
         if image_path is None:
             continue
         annotated = (_positive_int(entry.get("width")), _positive_int(entry.get("height")))
-        size = _check_image(image_path, annotated if None not in annotated else None, report, file_name)
+        size = _check_image(image_path, annotated, report, file_name)
         if size is None:
             continue
         width, height = size
@@ -719,7 +715,7 @@ def _entry_name(entry: str) -> tuple[str, str | None]:
 
 
 def load_voc(root: str | Path, split: str | Path | None = None, *, class_names: Sequence[str] | None = None,
-             keep_difficult: bool = True, keep_empty: bool = True, max_examples: int = 5, unknown_classes: str = "drop",
+             keep_difficult: bool = True, keep_empty: bool = True, unknown_classes: str = "drop",
              allow_outside_root: bool = False) -> DetectionDataset:
     """Read a PASCAL VOC-style set: ``root/Annotations/*.xml`` and ``root/JPEGImages`` (or ``images``).
 
@@ -736,7 +732,6 @@ def load_voc(root: str | Path, split: str | Path | None = None, *, class_names: 
         keep_difficult: put difficult objects in training targets (default ``True``, as detectron2
             does). They are ignored by evaluation either way, as the VOC devkit does.
         keep_empty: keep images without boxes as negatives (``True``) or skip them.
-        max_examples: examples kept per problem kind in the report.
         unknown_classes: with ``class_names``, objects of other classes are ``"drop"``-ped (and
             counted) or refused (``"error"``: DatasetError naming them). Without ``class_names``,
             names that look like typos of each other are counted as ``similar_class_names``.
@@ -755,7 +750,7 @@ def load_voc(root: str | Path, split: str | Path | None = None, *, class_names: 
         raise DatasetError(f"{root} is not a VOC folder: no {missing} under it")
 
     source = str(root) if split is None else f"{root} (split {split})"
-    report = DatasetReport(source=source, format="voc", max_examples=max_examples)
+    report = DatasetReport(source=source, format="voc")
     if split is None:
         entries = sorted(p.name for p in annotation_dir.glob("*.xml"))
     else:
@@ -837,7 +832,7 @@ def _parse_voc_xml(annotation_dir: Path, image_dir: Path, stem: str, listed_name
         report.note("missing_images", f"{image_dir.name}/{listed_name or xml_name or stem + '.jpg'}")
         return None
     annotated = (_positive_int(tree.findtext("size/width")), _positive_int(tree.findtext("size/height")))
-    size = _check_image(image_path, annotated if None not in annotated else None, report, image_path.name)
+    size = _check_image(image_path, annotated, report, image_path.name)
     if size is None:
         return None
 

@@ -33,8 +33,6 @@ class LaunchEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    master_addr: str | None = None
-    master_port: int | None = None
     launcher: str = "none"
     """``"torchrun"`` or ``"none"``."""
 
@@ -68,8 +66,7 @@ def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(_int_env(env, "RANK"), _int_env(env, "WORLD_SIZE"),
-                         _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0, env.get("MASTER_ADDR"),
-                         _int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else None, "torchrun")
+                         _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0, "torchrun")
     return LaunchEnv()
 
 
@@ -90,13 +87,11 @@ def select_device(device: str | torch.device, local_rank: int = 0) -> torch.devi
     return dev
 
 
-def init_distributed(device: str | torch.device = "auto", *, backend: str | None = None, timeout_minutes: float = 30.0,
-                     env: Mapping[str, str] | None = None) -> DistInfo:
+def init_distributed(device: str | torch.device = "auto", *, env: Mapping[str, str] | None = None) -> DistInfo:
     """Create the process group when the launcher asked for several processes (NCCL on CUDA, else gloo).
 
-    ``device`` as :func:`select_device`; ``env`` defaults to ``os.environ`` (its master address and
-    port are written back there for ``env://``). With a world size of 1 no process group is created;
-    called again when a group exists, it returns the current layout.
+    ``device`` as :func:`select_device`; ``env`` defaults to ``os.environ``. With a world size of 1
+    no process group is created; called again when a group exists, it returns the current layout.
     """
     launch = detect_launch_env(env)
     dev = select_device(device, launch.local_rank)
@@ -107,16 +102,12 @@ def init_distributed(device: str | torch.device = "auto", *, backend: str | None
         return DistInfo(0, 1, 0, dev, None, launch.launcher)
     if not dist.is_available():
         raise ConfigError("this PyTorch build has no torch.distributed; run a single process")
-    if launch.master_addr is not None:
-        os.environ["MASTER_ADDR"] = launch.master_addr
-    if launch.master_port is not None:
-        os.environ["MASTER_PORT"] = str(launch.master_port)
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         raise ConfigError(f"{launch.launcher}: MASTER_ADDR/MASTER_PORT are not set; start with torchrun "
                           "(srun torchrun on SLURM)")
-    chosen = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    chosen = "nccl" if dev.type == "cuda" else "gloo"
     dist.init_process_group(chosen, init_method="env://", rank=launch.rank, world_size=launch.world_size,
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+                            timeout=datetime.timedelta(minutes=30))
     logger.info("process group: %s, rank %d of %d (local rank %d), device %s, launcher %s", chosen, launch.rank,
                 launch.world_size, launch.local_rank, dev, launch.launcher)
     return DistInfo(launch.rank, launch.world_size, launch.local_rank, dev, chosen, launch.launcher)

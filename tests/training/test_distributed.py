@@ -24,7 +24,6 @@ def test_torchrun_env():
     env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1234"}
     launch = D.detect_launch_env(env)
     assert (launch.rank, launch.world_size, launch.local_rank, launch.launcher) == (3, 8, 1, "torchrun")
-    assert launch.master_port == 1234
     assert D.detect_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}).launcher == "none"  # srun torchrun
 
 
