@@ -288,7 +288,7 @@ _OFFICIAL_DROP: list[tuple[Callable[[str], bool], str]] = [
 def _official_names(variant: str) -> tuple[tuple[str, str], ...]:
     """``(official prefix, our prefix)`` of every module whose name differs between the layouts.
 
-    The one table both directions use (:func:`_from_official_key`, :func:`_to_official_key`); the
+    The one table both directions use (:func:`_from_official_key`; the tests' official-layout maker); the
     rest of a key (``weight``, ``running_var``...) is the same on both sides.
     """
     stages = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.") + (("layer4.",) if variant == "fpn" else ())

@@ -112,9 +112,6 @@ class LoadReport:
             lines += [f"ignored {n} pretrained tensors: {r}" for r, n in reasons.items()]
         return "\n".join(lines)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 class FPNDetectorBackbone(nn.Module):
     """Trunk + pretrained FPN + the extra levels a detector wants (P6 max-pool or P6/P7 convs)."""
@@ -325,38 +322,22 @@ def _resolve_pretrained(pretrained: Any) -> InsLocBackbone | None:
     raise ConfigError(f"pretrained must be an InsLocBackbone from from_pretrained, not {type(pretrained).__name__}")
 
 
-def _fpn_box_parts(cfg: BackboneConfig, extra_norm: bool) -> tuple[MultiScaleRoIAlign, BoxHead]:
-    pool = MultiScaleRoIAlign(FPN_LEVELS, output_size=cfg.roi_size, sampling_ratio=2)
-    head = BoxHead(cfg.fpn_channels, cfg.roi_size, cfg.head_channels, cfg.head_convs, cfg.head_fc,
-                   extra_norm=extra_norm)
-    return pool, head
-
-
-def _rpn_fpn(cfg: BackboneConfig) -> tuple[AnchorGenerator, RPNHead]:
+def _rcnn_fpn(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwargs: dict, masks: bool = False
+              ) -> nn.Module:
+    """Faster R-CNN (or, with ``masks``, Mask R-CNN) on the FPN: torchvision's ``*_resnet50_fpn_v2`` structure."""
     anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
-    return anchors, RPNHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0], conv_depth=2)
-
-
-def _faster_rcnn_fpn(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwargs: dict) -> nn.Module:
-    anchors, rpn_head = _rpn_fpn(cfg)
-    pool, box_head = _fpn_box_parts(cfg, extra_norm)
-    options = dict(rpn_anchor_generator=anchors, rpn_head=rpn_head, box_roi_pool=pool, box_head=box_head,
-                   box_predictor=FastRCNNPredictor(cfg.head_fc, num_classes))
-    return FasterRCNN(FPNDetectorBackbone(cfg, FPN_LEVELS, "maxpool"), **{**options, **kwargs})
-
-
-def _mask_rcnn_fpn(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwargs: dict) -> nn.Module:
-    anchors, rpn_head = _rpn_fpn(cfg)
-    pool, box_head = _fpn_box_parts(cfg, extra_norm)
     width = cfg.fpn_channels
     options = dict(
-        rpn_anchor_generator=anchors, rpn_head=rpn_head, box_roi_pool=pool, box_head=box_head,
+        rpn_anchor_generator=anchors, rpn_head=RPNHead(width, anchors.num_anchors_per_location()[0], conv_depth=2),
+        box_roi_pool=MultiScaleRoIAlign(FPN_LEVELS, output_size=cfg.roi_size, sampling_ratio=2),
+        box_head=BoxHead(width, cfg.roi_size, cfg.head_channels, cfg.head_convs, cfg.head_fc, extra_norm=extra_norm),
         box_predictor=FastRCNNPredictor(cfg.head_fc, num_classes),
-        mask_roi_pool=MultiScaleRoIAlign(FPN_LEVELS, output_size=14, sampling_ratio=2),
-        mask_head=MaskRCNNHeads(width, [width] * 4, 1, norm_layer=nn.BatchNorm2d),
-        mask_predictor=MaskRCNNPredictor(width, width, num_classes),
     )
-    return MaskRCNN(FPNDetectorBackbone(cfg, FPN_LEVELS, "maxpool"), **{**options, **kwargs})
+    if masks:
+        options.update(mask_roi_pool=MultiScaleRoIAlign(FPN_LEVELS, output_size=14, sampling_ratio=2),
+                       mask_head=MaskRCNNHeads(width, [width] * 4, 1, norm_layer=nn.BatchNorm2d),
+                       mask_predictor=MaskRCNNPredictor(width, width, num_classes))
+    return (MaskRCNN if masks else FasterRCNN)(FPNDetectorBackbone(cfg, FPN_LEVELS, "maxpool"), **{**options, **kwargs})
 
 
 def _faster_rcnn_c4(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwargs: dict) -> nn.Module:
@@ -384,9 +365,8 @@ def _retinanet_fpn(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwar
     head = RetinaNetHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
                          norm_layer=partial(nn.GroupNorm, groups))
     head.regression_head._loss_type = "giou"  # as torchvision's retinanet_resnet50_fpn_v2
-    model = RetinaNet(FPNDetectorBackbone(cfg, ["p3", "p4", "p5"], "p6p7"), num_classes,
-                      **{**dict(anchor_generator=anchors, head=head), **kwargs})
-    return model
+    return RetinaNet(FPNDetectorBackbone(cfg, ["p3", "p4", "p5"], "p6p7"), num_classes,
+                     **{**dict(anchor_generator=anchors, head=head), **kwargs})
 
 
 # pretrained parts an architecture has no place for, with the reason the load report gives
@@ -400,8 +380,8 @@ _UNUSED_PARTS = {
 
 
 _ASSEMBLERS = {
-    "faster_rcnn_fpn": _faster_rcnn_fpn,
-    "mask_rcnn_fpn": _mask_rcnn_fpn,
+    "faster_rcnn_fpn": _rcnn_fpn,
+    "mask_rcnn_fpn": partial(_rcnn_fpn, masks=True),
     "faster_rcnn_c4": _faster_rcnn_c4,
     "retinanet_fpn": _retinanet_fpn,
 }

@@ -157,10 +157,6 @@ def _unknown_name_error(name: str, reason: str | None = None) -> ModelNotFoundEr
     )
 
 
-def _looks_like_path(text: str) -> bool:
-    return text.startswith((".", "/", "~")) or "\\" in text or text.endswith("/") or text.count("/") > 1
-
-
 def _split_revision(name: str, revision: str | None) -> tuple[str, str | None]:
     """``"repo@rev"`` and ``revision=`` -> (repo, revision); giving two different revisions is an error."""
     base, sep, at_revision = name.partition("@")
@@ -202,7 +198,8 @@ def parse_model_name(
     if not text:
         raise _unknown_name_error(text, "the name is empty")
     path = Path(text).expanduser()
-    if isinstance(name, os.PathLike) or path.is_dir() or _looks_like_path(text):
+    looks_like_path = text.startswith((".", "/", "~")) or "\\" in text or text.endswith("/") or text.count("/") > 1
+    if isinstance(name, os.PathLike) or path.is_dir() or looks_like_path:
         if revision is not None:
             raise ConfigError(f"revision={revision!r} was given for the local folder {text!r}; revisions only "
                               "apply to Hub repos.")

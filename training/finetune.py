@@ -437,14 +437,8 @@ def build_model(cfg: FinetuneConfig, class_names: Sequence[str], norm: str) -> t
     else:
         load = model.load_report
         report = {"init": cfg.init, "source": str(getattr(bundle, "hub_folder", cfg.init)),
-                  "pretrained_parts": list(bundle.config.parts), "summary": load.summary(), **load.to_dict()}
+                  "pretrained_parts": list(bundle.config.parts), "summary": load.summary(), **dataclasses.asdict(load)}
     return model, report
-
-
-def build_optimizer(cfg: FinetuneConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD over the trainable parameters (the learning rate is set every iteration by :func:`lr_factor`)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 @dataclass
@@ -543,7 +537,9 @@ class _FinetuneRun:
         seed_everything(self.cfg.seed)
         self.model, self.report = build_model(self.cfg, self.train_set.class_names, self.norm)
         self.model.to(self.device)
-        self.optimizer = build_optimizer(self.cfg, self.model)
+        # SGD over the trainable parameters; the learning rate is set every iteration by lr_factor
+        self.optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.lr,
+                                         momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
 
     def resume(self) -> None:
         cfg, rank = self.cfg, self.info.rank
