@@ -143,11 +143,6 @@ def _base_type(annotation: Any) -> type:
     return typing.get_origin(annotation) or annotation
 
 
-# ----------------------------------------------------------------------------------------------
-# argparse types shared by the command-line tools
-# ----------------------------------------------------------------------------------------------
-
-
 def int_at_least(low: int) -> Callable[[str], int]:
     """argparse type: an integer >= ``low`` (the checks of :func:`flag`)."""
     return _flag_type({"min": low}, int)

@@ -126,10 +126,6 @@ def _prefixes(keys: list[str]) -> list[str]:
     return list(seen)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# reading foreign files
-
-
 def load_foreign_checkpoint(path: PathLike) -> Any:
     """``torch.load`` a foreign file safely (``weights_only=True``, on the CPU).
 
@@ -198,10 +194,6 @@ def _strip_module(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# architecture inference
-
-
 def _blocks(keys: list[str], prefix: str) -> int:
     """Number of residual blocks under ``prefix`` (e.g. ``backbone.layer3.``)."""
     found = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
@@ -228,10 +220,6 @@ def _infer_resnet(state: StateDict, stem: str, layer_prefixes: list[str], depth:
         raise ConfigError(f"{source} holds a ResNet-{inferred[0]} (blocks {list(counts)}), not the ResNet-{depth} "
                           "you asked for; leave depth unset to use what the file holds")
     return inferred[0], width
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# building the bundle
 
 
 def _build(config: BackboneConfig, state: dict[str, torch.Tensor], report: ConversionReport) -> InsLocBackbone:
@@ -274,9 +262,6 @@ def _map_resnet_layers(key: str, variant: str) -> str:
         return f"box_head.{key}"
     return f"trunk.{key}"
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# official InstanceLoc (mmdet) checkpoints
 
 _OFFICIAL_DROP: list[tuple[Callable[[str], bool], str]] = [
     (lambda k: k in ("queue", "queues", "queue_ptr") or k.startswith(("queue.", "queues.")), QUEUE),
@@ -415,10 +400,6 @@ def convert_official(
     return _build(config, mapped, report), report
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# torchvision and MoCo ResNets
-
-
 def _convert_resnet(state: Mapping[str, torch.Tensor], report: ConversionReport, variant: str,
                     depth: int | None, strict: bool, drop: Callable[[str], str | None], prefix: str = "",
                     ) -> InsLocBackbone:
@@ -516,10 +497,6 @@ def convert_moco(
     return _convert_resnet(state, report, variant, depth, strict, drop, prefix="encoder_q."), report
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# hub folders
-
-
 def convert_to_folder(
     source_format: str, src: PathLike | StateDict, out_dir: PathLike, *, name: str | None = None,
     provenance: Mapping[str, Any] | None = None, **options: Any,
@@ -546,9 +523,6 @@ convert_official_to_folder = functools.partial(convert_to_folder, "official")
 convert_torchvision_resnet_to_folder = functools.partial(convert_to_folder, "torchvision")
 convert_moco_to_folder = functools.partial(convert_to_folder, "moco")
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# detectron2 export
 
 _D2_BLOCK = [(re.compile(r"\.bn(\d)\."), r".conv\1.norm."), (re.compile(r"\.downsample\.0\."), ".shortcut."),
              (re.compile(r"\.downsample\.1\."), ".shortcut.norm.")]

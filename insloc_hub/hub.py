@@ -109,11 +109,6 @@ class ModelRef:
         return f"{self.repo_id}@{self.revision}" if self.revision else str(self.repo_id)
 
 
-# ----------------------------------------------------------------------------------------------
-# Names
-# ----------------------------------------------------------------------------------------------
-
-
 def _is_repo_id(text: str) -> bool:
     try:
         validate_repo_id(text)
@@ -219,11 +214,6 @@ def parse_model_name(
     raise _unknown_name_error(text, reason)
 
 
-# ----------------------------------------------------------------------------------------------
-# The hub folder contract
-# ----------------------------------------------------------------------------------------------
-
-
 #: config.json larger than this is refused before it is parsed
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
@@ -282,10 +272,6 @@ def _check_local_folder(folder: Path) -> list[str]:
         )
     return files
 
-
-# ----------------------------------------------------------------------------------------------
-# Error translation: huggingface_hub's documented exceptions -> what the user should do
-# ----------------------------------------------------------------------------------------------
 
 _FETCH = "Fetch it with network access:\n    {fetch}"
 _TOKEN = ("If the repo is private or gated, log in with `hf auth login` or set HF_TOKEN (or pass token=) with a "
@@ -359,11 +345,6 @@ def _translate_error(
 
 
 _HUB_ERRORS = tuple(row[0] for row in _ERROR_TABLE)
-
-
-# ----------------------------------------------------------------------------------------------
-# Resolve and download
-# ----------------------------------------------------------------------------------------------
 
 
 def resolve_model_dir(
@@ -455,11 +436,6 @@ def download(
                              namespace=namespace, token=token, endpoint=endpoint)
 
 
-# ----------------------------------------------------------------------------------------------
-# Push
-# ----------------------------------------------------------------------------------------------
-
-
 def push_folder_to_hub(
     directory: str | os.PathLike[str],
     repo_id: str,
@@ -537,11 +513,6 @@ def push_target(repo_id: str, revision: str | None = None, namespace: str | None
     if revision is not None and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
         raise ConfigError(f"Cannot push to commit {revision}: pass a branch name as revision.")
     return base, revision
-
-
-# ----------------------------------------------------------------------------------------------
-# Cache listing
-# ----------------------------------------------------------------------------------------------
 
 
 def list_cached(cache_dir: str | os.PathLike[str] | None = None, namespace: str | None = None) -> list[dict]:
