@@ -56,8 +56,7 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     folder = Path(run_dir)
     if not folder.is_dir():
         return []
-    found = [(checkpoint_step(p), p) for p in folder.iterdir() if p.is_file()]
-    return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+    return sorted((p for p in folder.iterdir() if p.is_file() and checkpoint_step(p) is not None), key=checkpoint_step)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -72,8 +71,6 @@ def _fsync_dir(folder: Path) -> None:
 def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
     """``torch.save`` a checkpoint dict to ``path`` atomically (tmp file in the same folder, fsync,
     ``os.replace``); returns the path."""
-    if not isinstance(state, Mapping):
-        raise TypeError(f"a checkpoint is a dict, got {type(state).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")

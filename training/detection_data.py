@@ -240,11 +240,11 @@ class DetectionDataset(Dataset):
     ``class_names[i]`` is label ``i + 1``; ``category_ids`` the COCO id of each class (default
     ``1..C``, kept so results of a COCO dataset keep the original ids). Training targets hold VOC
     "difficult" boxes (``keep_difficult``, as detectron2 and the MoCo/InsLoc VOC protocol) but not
-    COCO crowd regions (``include_crowd``, as torchvision's references); evaluation ignores both.
+    COCO crowd regions (as torchvision's references); evaluation ignores both.
     """
 
     def __init__(self, records: Sequence[DetectionRecord], class_names: Sequence[str], *,
-                 category_ids: Sequence[int] | None = None, keep_difficult: bool = True, include_crowd: bool = False,
+                 category_ids: Sequence[int] | None = None, keep_difficult: bool = True,
                  report: DatasetReport | None = None, source: str = "") -> None:
         self.records = list(records)
         self.class_names = [str(name) for name in class_names]
@@ -256,7 +256,7 @@ class DetectionDataset(Dataset):
                               "class name")
         if len(set(self.class_names)) != len(self.class_names):
             raise ConfigError(f"class names must be distinct, got {self.class_names}")
-        self.keep_difficult, self.include_crowd, self.source = keep_difficult, include_crowd, source
+        self.keep_difficult, self.source = keep_difficult, source
         self.report = report if report is not None else DatasetReport(source=source)
         # Decode failures found lazily (a file cut after its header): 1 + the InvalidImageError
         # reason's index, in shared memory so what a DataLoader worker finds reaches the main process.
@@ -314,8 +314,7 @@ class DetectionDataset(Dataset):
     def subset(self, indices: Sequence[int]) -> DetectionDataset:
         """A dataset of the items ``indices`` (same classes, ids and report), e.g. without unreadable images."""
         return DetectionDataset([self.records[i] for i in indices], self.class_names, category_ids=self.category_ids,
-                                keep_difficult=self.keep_difficult, include_crowd=self.include_crowd,
-                                report=self.report, source=self.source)
+                                keep_difficult=self.keep_difficult, report=self.report, source=self.source)
 
     def get_target(self, index: int, masks: bool = False) -> Target:
         """The training target of item ``index`` (no transforms, no image decoding).
@@ -324,9 +323,7 @@ class DetectionDataset(Dataset):
         segmentation rasterised (the box itself where the annotation has none).
         """
         record = self.records[index]
-        keep = np.ones(len(record.labels), dtype=bool)
-        if not self.include_crowd:
-            keep &= ~record.iscrowd
+        keep = ~record.iscrowd
         if not self.keep_difficult:
             keep &= ~record.difficult
         if masks:
@@ -565,10 +562,7 @@ def load_coco(annotation_json: str | Path, image_root: str | Path, *, class_name
         raise DatasetError(f"{path}: not COCO annotations (expected an object with an 'images' list)")
     root = Path(image_root)
 
-    class_names, category_ids, label_of = _coco_categories(data.get("categories"), class_names, path)
-    category_names = {
-        c["id"]: str(c.get("name")) for c in data.get("categories") or [] if isinstance(c, dict) and "id" in c
-    }
+    class_names, category_ids, label_of, category_names = _coco_categories(data.get("categories"), class_names, path)
 
     images: dict[int, dict[str, Any]] = {}
     for position, entry in enumerate(data["images"]):
@@ -651,8 +645,8 @@ def _annotation_problem(ann: Any) -> str | None:
 
 
 def _coco_categories(categories: Any, class_names: Sequence[str] | None, path: Path
-                     ) -> tuple[list[str], list[int], dict[int, int]]:
-    """Class names, their category ids and ``category id -> label``."""
+                     ) -> tuple[list[str], list[int], dict[int, int], dict[int, str]]:
+    """Class names, their category ids, ``category id -> label`` and every category of the file by id."""
     found: dict[int, str] = {}
     for category in categories or []:
         if isinstance(category, dict) and isinstance(category.get("id"), int):
@@ -664,7 +658,7 @@ def _coco_categories(categories: Any, class_names: Sequence[str] | None, path: P
         names = [found[i] for i in ids]
         if len(set(names)) != len(names):
             raise DatasetError(f"{path}: category names are not unique: {names}")
-        return names, ids, {cid: label for label, cid in enumerate(ids, start=1)}
+        return names, ids, {cid: label for label, cid in enumerate(ids, start=1)}, found
     names = [str(n) for n in class_names]
     id_of_name = {name: cid for cid, name in found.items()}
     next_id = max(found, default=0) + 1
@@ -675,7 +669,7 @@ def _coco_categories(categories: Any, class_names: Sequence[str] | None, path: P
         else:  # a class the file does not know: give it a fresh id
             ids.append(next_id)
             next_id += 1
-    return names, ids, {cid: label for label, cid in enumerate(ids, start=1) if cid in found}
+    return names, ids, {cid: label for label, cid in enumerate(ids, start=1) if cid in found}, found
 
 
 def _child_dir(root: Path, names: Sequence[str]) -> Path | None:

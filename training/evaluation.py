@@ -109,8 +109,6 @@ class EvalResult:
     def from_stats(cls, stats: Sequence[float], **extra: Any) -> EvalResult:
         """Build from the 12 values of ``COCOeval.stats``."""
         values = [float(v) for v in stats]
-        if len(values) != len(STAT_NAMES):
-            raise ValueError(f"expected {len(STAT_NAMES)} COCO stats, got {len(values)}")
         names = [f.name for f in dataclasses.fields(cls)[:len(STAT_NAMES)]]  # ap, ap50, ... ar_large
         return cls(**dict(zip(names, values, strict=True)), stats=values, **extra)
 
