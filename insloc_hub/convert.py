@@ -450,18 +450,13 @@ def convert_torchvision_resnet(
         >>> bundle.config.depth, bundle.config.parts, sorted(report.dropped)
         (18, ('trunk',), ['fc.bias', 'fc.weight'])
     """
-    if isinstance(path_or_state_dict, Mapping):
-        source = "<state dict>"
-        state = _strip_module(_state_dict_of(path_or_state_dict, source))
-    else:
-        source = str(path_or_state_dict)
-        state = _strip_module(_state_dict_of(load_foreign_checkpoint(path_or_state_dict), source))
+    in_memory = isinstance(path_or_state_dict, Mapping)
+    source = "<state dict>" if in_memory else str(path_or_state_dict)
+    checkpoint = path_or_state_dict if in_memory else load_foreign_checkpoint(path_or_state_dict)
+    state = _strip_module(_state_dict_of(checkpoint, source))
     report = ConversionReport(source, "torchvision")
-
-    def drop(key: str) -> str | None:
-        return CLASSIFIER if key.startswith("fc.") else None
-
-    return _convert_resnet(state, report, variant, depth, strict, drop), report
+    return _convert_resnet(state, report, variant, depth, strict,
+                           lambda key: CLASSIFIER if key.startswith("fc.") else None), report
 
 
 def convert_moco(

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.ops import MultiScaleRoIAlign
 
 from insloc_hub.configs import JsonConfig, flag
 from insloc_hub.errors import ConfigError
@@ -149,21 +148,3 @@ class InsLocBackbone(nn.Module):
                 raise ConfigError("this C4 bundle has no res5 head; its embedding would be undefined")
             return self.box_head(c_last["c4"])
         return c_last["c5"].mean(dim=(2, 3))
-
-    def roi_features(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
-        """Box-head features ``[sum(N_i), D]`` for boxes (xyxy pixels) on each image.
-
-        FPN bundles pool with torchvision's level mapping (as the detectors do), C4 bundles pool
-        14x14 on c4 and run res5.
-        """
-        if self.box_head is None:
-            raise ConfigError("this bundle has no pretrained box head; use forward_embedding instead")
-        feats = self.forward_features(images)
-        image_sizes = [tuple(images.shape[-2:])] * images.shape[0]
-        if self.config.variant == "fpn":
-            names, ratio = ["p2", "p3", "p4", "p5"], 2
-        else:
-            names, ratio = ["c4"], 0
-        pooler = MultiScaleRoIAlign(names, self.config.roi_size, ratio)
-        pooled = pooler({k: feats[k] for k in names}, [b.to(images.dtype) for b in boxes], image_sizes)
-        return self.box_head(pooled)

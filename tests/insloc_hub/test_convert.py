@@ -33,6 +33,7 @@ from insloc_hub.errors import CheckpointError, ConfigError, WeightsMismatchError
 from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import from_pretrained
 from tests.insloc_hub.official_layout import official_state_dict_from_bundle
+from tests.insloc_hub.test_models import roi_features
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +68,7 @@ def _assert_same_outputs(a: InsLocBackbone, b: InsLocBackbone) -> None:
         assert list(fa) == list(fb)
         for key in fa:
             assert torch.equal(fa[key], fb[key]), key
-        assert torch.equal(a.roi_features(images, boxes), b.roi_features(images, boxes))
+        assert torch.equal(roi_features(a, images, boxes), roi_features(b, images, boxes))
         assert torch.equal(a.forward_embedding(images), b.forward_embedding(images))
 
 
