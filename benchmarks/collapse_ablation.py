@@ -32,6 +32,12 @@ BASE: dict[str, Any] = dict(arch="tiny-fpn", method="insloc", epochs=60, batch_s
                             lr=0.03, key_momentum=0.99, workers=0, threads=1, log_every=10, checkpoint_every_steps=0,
                             keep_checkpoints=1, seed=0)
 
+#: the two changes that stop the collapse (projection BN + in-batch negatives); the part-3 variants build on them
+SMALL: dict[str, Any] = dict(projection_norm="batch", inbatch_negatives=True)
+
+#: AdamW at 1e-3 for batch 16 (0.016 per 256 under the linear scaling rule), wd 0.05, 5-epoch (55-step) warmup
+ADAMW: dict[str, Any] = dict(optimizer="adamw", lr=0.016, weight_decay=0.05, warmup_epochs=5)
+
 #: name -> (what changes, config overrides, InsLoc keyword overrides, optimizer change)
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
     "official": ("the official recipe (raccoon CPU configuration)", {}, {}, None),
@@ -65,6 +71,31 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
     "inbatch+lr-x10": ("in-batch negatives + lr 0.3 per 256", {"inbatch_negatives": True, "lr": 0.3}, {}, None),
     "projection-bn+inbatch+lr-x10": ("projection BN + in-batch negatives + lr 0.3 per 256",
                                      {"projection_norm": "batch", "inbatch_negatives": True, "lr": 0.3}, {}, None),
+    # issue 11 part 3: what makes the small-data preset learn (all on top of projection BN + in-batch negatives)
+    "projection-bn+inbatch+km-0.999": ("projection BN + in-batch negatives + key momentum 0.999 (official)", {
+        **SMALL, "key_momentum": 0.999}, {}, None),
+    "projection-bn+inbatch+km-0.9": ("projection BN + in-batch negatives + key momentum 0.9", {
+        **SMALL, "key_momentum": 0.9}, {}, None),
+    "projection-bn+inbatch+t-0.1": ("projection BN + in-batch negatives + temperature 0.1", {
+        **SMALL, "temperature": 0.1}, {}, None),
+    "projection-bn+inbatch+adamw": ("projection BN + in-batch negatives + AdamW lr 1e-3 (0.016 per 256), wd 0.05, "
+                                    "5-epoch warmup", {**SMALL, **ADAMW}, {}, None),
+    "projection-bn+inbatch+sgd-x10-warmup": ("projection BN + in-batch negatives + SGD lr 0.3 per 256, 5-epoch warmup",
+                                             {**SMALL, "lr": 0.3, "warmup_epochs": 5}, {}, None),
+    "projection-bn+inbatch+symmetric": ("projection BN + in-batch negatives + symmetric loss", {
+        **SMALL, "symmetric_loss": True}, {}, None),
+    "projection-bn+inbatch+predictor": ("projection BN + in-batch negatives + predictor MLP 128-512-128", {
+        **SMALL, "predictor_hidden": 512}, {}, None),
+    "projection-bn+inbatch+adamw+symmetric": ("... + AdamW (as above) + symmetric loss", {
+        **SMALL, **ADAMW, "symmetric_loss": True}, {}, None),
+    "projection-bn+inbatch+adamw+predictor": ("... + AdamW (as above) + predictor 128-512-128", {
+        **SMALL, **ADAMW, "predictor_hidden": 512}, {}, None),
+    "projection-bn+inbatch+adamw+t-0.1": ("... + AdamW (as above) + temperature 0.1", {
+        **SMALL, **ADAMW, "temperature": 0.1}, {}, None),
+    "projection-bn+inbatch+adamw+km-0.999": ("... + AdamW (as above) + key momentum 0.999", {
+        **SMALL, **ADAMW, "key_momentum": 0.999}, {}, None),
+    "projection-bn+inbatch+adamw+km-0.9": ("... + AdamW (as above) + key momentum 0.9", {
+        **SMALL, **ADAMW, "key_momentum": 0.9}, {}, None),
 }
 
 
@@ -77,7 +108,8 @@ def _patch(model_kwargs: dict[str, Any], optimizer_change: str | None) -> None:
             cls = type(build(cfg))
             kwargs = dict(box_jitter=cfg.box_jitter, canvas=cfg.canvas, shuffle_bn=cfg.shuffle_bn,
                           projection_norm=cfg.projection_norm, inbatch_negatives=cfg.inbatch_negatives,
-                          embed_init=cfg.embed_init)
+                          embed_init=cfg.embed_init, symmetric_loss=cfg.symmetric_loss,
+                          predictor_hidden=cfg.predictor_hidden)
             return cls(cfg.arch, cfg.dim, cfg.queue_size, cfg.key_momentum, cfg.temperature,
                        **{**kwargs, **model_kwargs})
 

@@ -86,6 +86,7 @@ __all__ = [
     "cosine_by_epoch",
     "set_schedule_epoch",
     "build_model",
+    "build_optimizer",
     "compile_encoders",
     "train",
     "train_step",
@@ -101,6 +102,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "insloc-hub/pretrain-checkpoint/v1"
 METHODS = ("insloc", "moco")
 TRI_STATE = ("auto", "on", "off")
+OPTIMIZERS = ("sgd", "adamw")
 EMBED_INITS = ("official", "default")
 
 
@@ -136,10 +138,15 @@ class PretrainConfig(JsonConfig):
     batch_size: int = flag(256, help="GLOBAL batch over all GPUs; official 256 = 8 GPUs x samples_per_gpu=32", min=1)
     lr: float = flag(0.03, help="base learning rate for a batch of 256, scaled linearly (config L110: 0.03; "
                                 "GETSTARTED.md)", above=0)
+    optimizer: str = flag("sgd", help="sgd (official, config L110) or adamw (NOT official; preset small-data: "
+                                      "short runs from random init); --momentum/--nesterov apply to sgd only",
+                          choices=OPTIMIZERS)
     momentum: float = flag(0.9, help="SGD momentum (config L110: 0.9)", min=0, max=1)
     nesterov: bool = flag(True, help="Nesterov momentum (config L110: nesterov=True, unlike MoCo)")
     weight_decay: float = flag(1e-4, help="weight decay on ALL parameters, BN and biases included (config L110: "
                                           "1e-4)", min=0)
+    warmup_epochs: int = flag(0, help="linear lr warmup over the first N epochs, then the cosine (official: 0, no "
+                                      "warmup)", min=0)
     dim: int = flag(128, help="embedding size (momentum_cfg dim=128, config L48)", min=1)
     queue_size: int = flag(65536, help="queue length K per level (momentum_cfg K=65536, config L48); multiple of "
                                        "--batch-size", min=1)
@@ -158,6 +165,10 @@ class PretrainConfig(JsonConfig):
                                 choices=PROJECTION_NORMS)
     inbatch_negatives: bool = flag(False, help="the other keys of the batch are negatives too (NOT official; preset "
                                                "small-data)")
+    symmetric_loss: bool = flag(False, help="both views serve as query, the loss is the mean of the two directions "
+                                            "(NOT official; MoCo v3 style)")
+    predictor_hidden: int = flag(0, help="hidden width of a predictor MLP on the query side (dim-hidden-BN-ReLU-dim, "
+                                         "BYOL / MoCo v3 style; NOT official); 0: none", min=0)
     embed_init: str = flag("official", help="init of the 128-d embed layer: official (N(0, 0.01)) or default "
                                             "(nn.Linear's)", choices=EMBED_INITS)
     workers: int = flag(4, help="data loader processes per GPU (workers_per_gpu=4 in the config)", min=0)
@@ -243,13 +254,15 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
 #: config fields newer than some checkpoints, with the value those checkpoints were trained with
 FIELDS_ADDED_LATER: dict[str, Any] = dict(projection_norm="off", inbatch_negatives=False, embed_init="official",
                                           batch_backgrounds=False,
-                                          tensorboard=False)
+                                          tensorboard=False, optimizer="sgd", warmup_epochs=0, symmetric_loss=False,
+                                          predictor_hidden=0)
 
 #: the settings of the released recipe that change what is learned; a run records where it differs
 OFFICIAL_RECIPE: dict[str, Any] = dict(
-    batch_size=256, lr=0.03, momentum=0.9, nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536,
-    key_momentum=0.999, temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True, sync_bn=False,
-    projection_norm="off", inbatch_negatives=False, embed_init="official")
+    batch_size=256, optimizer="sgd", lr=0.03, momentum=0.9, nesterov=True, weight_decay=1e-4, warmup_epochs=0,
+    dim=128, queue_size=65536, key_momentum=0.999, temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True,
+    sync_bn=False, projection_norm="off", inbatch_negatives=False, symmetric_loss=False, predictor_hidden=0,
+    embed_init="official")
 
 #: why a preset deviates from the official recipe (the ablation rows are in docs/pretraining.md, "Collapse")
 DEVIATION_REASONS: dict[str, str] = {
@@ -354,13 +367,40 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
         return (self.steps_per_epoch - self.start_step) * self.batch_per_rank
 
 
-def cosine_by_epoch(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine_by_epoch(optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int = 0
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
     """mmcv ``CosineAnnealingLrUpdaterHook(min_lr=0, by_epoch=True)`` as a ``LambdaLR``: the lr of epoch
-    ``e`` is ``lr * (1 + cos(pi * e / epochs)) / 2``, fixed within the epoch, no warmup.
+    ``e`` is ``lr * (1 + cos(pi * e / epochs)) / 2``, fixed within the epoch, no warmup (official).
 
-    Go to epoch ``e`` with :func:`set_schedule_epoch` (closed form, so resuming mid-run is exact).
+    With ``warmup_epochs`` = W > 0 (not official) the first W epochs ramp linearly, ``lr * (e + 1) / (W + 1)``
+    times the cosine. Go to epoch ``e`` with :func:`set_schedule_epoch` (closed form, so resuming is exact).
     """
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: (1.0 + math.cos(math.pi * epoch / epochs)) / 2)
+    def factor(epoch: int) -> float:
+        ramp = (epoch + 1) / (warmup_epochs + 1) if epoch < warmup_epochs else 1.0
+        return ramp * (1.0 + math.cos(math.pi * epoch / epochs)) / 2
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_optimizer(cfg: PretrainConfig, model: nn.Module
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer and per-epoch schedule of a config, over the trainable parameters of ``model``.
+
+    Official: SGD (momentum 0.9, Nesterov, wd 1e-4 on all parameters) at ``cfg.scaled_lr``, cosine per
+    epoch. ``optimizer="adamw"`` (the small-data preset) uses AdamW (betas 0.9/0.999) at the same
+    linearly scaled lr, with ``cfg.weight_decay`` on all parameters; ``warmup_epochs`` adds a linear ramp.
+
+    Example:
+        >>> optimizer, schedule = build_optimizer(cfg, model)
+        >>> lr = set_schedule_epoch(schedule, epoch)
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.scaled_lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=cfg.scaled_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                    weight_decay=cfg.weight_decay)
+    return optimizer, cosine_by_epoch(optimizer, cfg.epochs, cfg.warmup_epochs)
 
 
 def set_schedule_epoch(schedule: torch.optim.lr_scheduler.LambdaLR, epoch: int) -> float:
@@ -381,7 +421,8 @@ def build_model(cfg: PretrainConfig) -> InsLoc:
     return cls(cfg.arch, cfg.dim, cfg.queue_size, cfg.key_momentum, cfg.temperature,
                box_jitter=cfg.box_jitter and cfg.method == "insloc", canvas=cfg.canvas, shuffle_bn=cfg.shuffle_bn,
                c4_roi_size=cfg.c4_roi_size, projection_norm=cfg.projection_norm,
-               inbatch_negatives=cfg.inbatch_negatives, embed_init=cfg.embed_init)
+               inbatch_negatives=cfg.inbatch_negatives, embed_init=cfg.embed_init,
+               symmetric_loss=cfg.symmetric_loss, predictor_hidden=cfg.predictor_hidden)
 
 
 def query_backbone_config(cfg: PretrainConfig) -> BackboneConfig:
@@ -486,8 +527,13 @@ def _provenance(cfg: PretrainConfig, *, epoch: int, step_in_epoch: int, steps_pe
                 num_images: int) -> dict[str, Any]:
     variant = backbone_config(cfg.arch).variant
     done = epoch + (step_in_epoch / steps_per_epoch if steps_per_epoch else 0.0)
-    recipe = (f"{cfg.method} {cfg.arch}: SGD lr {cfg.lr} x {cfg.batch_size}/256 = {cfg.scaled_lr:g}, momentum "
-              f"{cfg.momentum}{' nesterov' if cfg.nesterov else ''}, wd {cfg.weight_decay}, cosine per epoch, "
+    if cfg.optimizer == "adamw":
+        opt = f"AdamW lr {cfg.lr} x {cfg.batch_size}/256 = {cfg.scaled_lr:g}"
+    else:
+        opt = (f"SGD lr {cfg.lr} x {cfg.batch_size}/256 = {cfg.scaled_lr:g}, momentum "
+               f"{cfg.momentum}{' nesterov' if cfg.nesterov else ''}")
+    warmup = f", {cfg.warmup_epochs}-epoch warmup" if cfg.warmup_epochs else ""
+    recipe = (f"{cfg.method} {cfg.arch}: {opt}, wd {cfg.weight_decay}, cosine per epoch{warmup}, "
               f"batch {cfg.batch_size}, K {cfg.queue_size}, m {cfg.key_momentum}, T {cfg.temperature}, "
               f"canvas {cfg.canvas}")
     prov: dict[str, Any] = {
@@ -727,11 +773,8 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.scaled_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
-    schedule = cosine_by_epoch(optimizer, cfg.epochs)
-    logger.info("lr %g per 256 images x %d/256 = %g (global batch %d = %d process(es) x %d)", cfg.lr,
+    optimizer, schedule = build_optimizer(cfg, model)
+    logger.info("%s lr %g per 256 images x %d/256 = %g (global batch %d = %d process(es) x %d)", cfg.optimizer, cfg.lr,
                 cfg.batch_size, cfg.scaled_lr, cfg.batch_size, world, batch_per_rank)
 
     # -- resume ------------------------------------------------------------------------------------

@@ -274,3 +274,36 @@ def test_projection_norm_centres_the_embeddings_per_level_when_asked():
         InsLoc("tiny-fpn", K=16, canvas=S, projection_norm="yes")
     level = InsLoc("tiny-fpn", K=16, canvas=S, projection_norm="level")
     assert level.encoder_q.projection.norm2.num_features == 4 * 64
+
+
+def test_symmetric_loss_is_the_mean_of_both_directions():
+    import copy
+
+    torch.manual_seed(0)
+    base = InsLoc("tiny-fpn", K=16, canvas=S, box_jitter=False, projection_norm="batch", inbatch_negatives=True)
+    symmetric, forward, backward = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    symmetric.symmetric_loss = True
+    q, q_box, k, k_box = _inputs()
+    both = symmetric(q, q_box, k, k_box)
+    one = forward(q, q_box, k, k_box)  # the official direction
+    other = backward(k, k_box, q, q_box)  # the key view as query, from the same weights and queue
+    assert torch.allclose(both["loss"], (one["loss"] + other["loss"]) / 2, atol=1e-5)
+    # diagnostics and the enqueued keys are those of the first direction, as without the option
+    assert float(both["inbatch_top1"]) == float(one["inbatch_top1"])
+    assert torch.allclose(symmetric.queue, forward.queue) and int(symmetric.queue_ptr) == int(forward.queue_ptr)
+    both["loss"].backward()
+    assert all(p.grad is not None for p in symmetric.encoder_q.parameters())
+
+
+def test_predictor_trains_on_the_query_side_only_and_is_not_exported():
+    torch.manual_seed(0)
+    model = InsLoc("tiny-fpn", K=16, canvas=S, projection_norm="batch", predictor_hidden=32)
+    assert InsLoc("tiny-fpn", K=16, canvas=S).predictor is None
+    q, q_box, k, k_box = _inputs()
+    out = model(q, q_box, k, k_box, generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.predictor.parameters())
+    assert not any("predictor" in name for name in model.encoder_k.state_dict())
+    assert not any("predictor" in name for name in model.query_backbone().state_dict())
+    with pytest.raises(ConfigError, match="predictor_hidden"):
+        InsLoc("tiny-fpn", K=16, canvas=S, predictor_hidden=-1)
