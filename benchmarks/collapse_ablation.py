@@ -92,6 +92,19 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
         **SMALL, **ADAMW, "predictor_hidden": 512}, {}, None),
     "projection-bn+inbatch+adamw+t-0.1": ("... + AdamW (as above) + temperature 0.1", {
         **SMALL, **ADAMW, "temperature": 0.1}, {}, None),
+    "projection-bn+inbatch+no-queue": ("projection BN + in-batch negatives only (no queue negatives, MoCo v3)", {
+        **SMALL, "queue_negatives": False}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw": ("... + no queue negatives + AdamW (as above)", {
+        **SMALL, **ADAMW, "queue_negatives": False}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw+symmetric": ("... + no queue negatives + AdamW + symmetric loss", {
+        **SMALL, **ADAMW, "queue_negatives": False, "symmetric_loss": True}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw+km-0.9": ("... + no queue negatives + AdamW + key momentum 0.9", {
+        **SMALL, **ADAMW, "queue_negatives": False, "key_momentum": 0.9}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw+km-0": ("... + no queue negatives + AdamW + key momentum 0 (keys from a "
+                                                  "copy of the query encoder, SimCLR with a stop-gradient)", {
+        **SMALL, **ADAMW, "queue_negatives": False, "key_momentum": 0.0}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw+predictor": ("... + no queue negatives + AdamW + predictor 128-512-128", {
+        **SMALL, **ADAMW, "queue_negatives": False, "predictor_hidden": 512}, {}, None),
     "projection-bn+inbatch+adamw+km-0.999": ("... + AdamW (as above) + key momentum 0.999", {
         **SMALL, **ADAMW, "key_momentum": 0.999}, {}, None),
     "projection-bn+inbatch+adamw+km-0.9": ("... + AdamW (as above) + key momentum 0.9", {
@@ -109,7 +122,7 @@ def _patch(model_kwargs: dict[str, Any], optimizer_change: str | None) -> None:
             kwargs = dict(box_jitter=cfg.box_jitter, canvas=cfg.canvas, shuffle_bn=cfg.shuffle_bn,
                           projection_norm=cfg.projection_norm, inbatch_negatives=cfg.inbatch_negatives,
                           embed_init=cfg.embed_init, symmetric_loss=cfg.symmetric_loss,
-                          predictor_hidden=cfg.predictor_hidden)
+                          predictor_hidden=cfg.predictor_hidden, queue_negatives=cfg.queue_negatives)
             return cls(cfg.arch, cfg.dim, cfg.queue_size, cfg.key_momentum, cfg.temperature,
                        **{**kwargs, **model_kwargs})
 

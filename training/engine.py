@@ -165,6 +165,8 @@ class PretrainConfig(JsonConfig):
                                 choices=PROJECTION_NORMS)
     inbatch_negatives: bool = flag(False, help="the other keys of the batch are negatives too (NOT official; preset "
                                                "small-data)")
+    queue_negatives: bool = flag(True, help="the queue's keys are negatives (official); off (NOT official, needs "
+                                            "--inbatch-negatives): only the keys of the current batch, as MoCo v3")
     symmetric_loss: bool = flag(False, help="both views serve as query, the loss is the mean of the two directions "
                                             "(NOT official; MoCo v3 style)")
     predictor_hidden: int = flag(0, help="hidden width of a predictor MLP on the query side (dim-hidden-BN-ReLU-dim, "
@@ -214,6 +216,8 @@ class PretrainConfig(JsonConfig):
                 f"(the queue is filled one whole batch at a time; official 65536 / 256). For example use "
                 f"--queue-size {max(self.batch_size, self.queue_size // self.batch_size * self.batch_size)}."
             )
+        if not self.queue_negatives and not self.inbatch_negatives:
+            raise ConfigError("--no-queue-negatives needs --inbatch-negatives (otherwise the loss has no negatives)")
         if self.canvas % 16 != 0:
             raise ConfigError(f"--canvas must be a multiple of 16 (box-jitter anchors), got {self.canvas}")
 
@@ -255,13 +259,14 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
 FIELDS_ADDED_LATER: dict[str, Any] = dict(projection_norm="off", inbatch_negatives=False, embed_init="official",
                                           batch_backgrounds=False,
                                           tensorboard=False, optimizer="sgd", warmup_epochs=0, symmetric_loss=False,
-                                          predictor_hidden=0)
+                                          predictor_hidden=0, queue_negatives=True)
 
 #: the settings of the released recipe that change what is learned; a run records where it differs
 OFFICIAL_RECIPE: dict[str, Any] = dict(
     batch_size=256, optimizer="sgd", lr=0.03, momentum=0.9, nesterov=True, weight_decay=1e-4, warmup_epochs=0,
     dim=128, queue_size=65536, key_momentum=0.999, temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True,
-    sync_bn=False, projection_norm="off", inbatch_negatives=False, symmetric_loss=False, predictor_hidden=0,
+    sync_bn=False, projection_norm="off", inbatch_negatives=False, queue_negatives=True, symmetric_loss=False,
+    predictor_hidden=0,
     embed_init="official")
 
 #: why a preset deviates from the official recipe (the ablation rows are in docs/pretraining.md, "Collapse")
@@ -422,7 +427,8 @@ def build_model(cfg: PretrainConfig) -> InsLoc:
                box_jitter=cfg.box_jitter and cfg.method == "insloc", canvas=cfg.canvas, shuffle_bn=cfg.shuffle_bn,
                c4_roi_size=cfg.c4_roi_size, projection_norm=cfg.projection_norm,
                inbatch_negatives=cfg.inbatch_negatives, embed_init=cfg.embed_init,
-               symmetric_loss=cfg.symmetric_loss, predictor_hidden=cfg.predictor_hidden)
+               symmetric_loss=cfg.symmetric_loss, predictor_hidden=cfg.predictor_hidden,
+               queue_negatives=cfg.queue_negatives)
 
 
 def query_backbone_config(cfg: PretrainConfig) -> BackboneConfig:
@@ -624,7 +630,7 @@ def _check_tensorboard(cfg: PretrainConfig) -> None:
 
 def chance_loss(model: InsLoc, batch_size: int) -> float:
     """The loss of embeddings that tell nothing apart: sum over levels of weight x ln(negatives + 1)."""
-    negatives = model.K + (batch_size - 1 if model.inbatch_negatives else 0)
+    negatives = (model.K if model.queue_negatives else 0) + (batch_size - 1 if model.inbatch_negatives else 0)
     return float(model.level_weights.sum()) * math.log(negatives + 1)
 
 

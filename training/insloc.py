@@ -172,13 +172,14 @@ def predictor_mlp(dim: int, hidden: int) -> nn.Sequential:
                          nn.Linear(hidden, dim))
 
 
-def info_nce_per_level(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
+def info_nce_per_level(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, temperature: float,
                        *, inbatch_negatives: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-level InfoNCE losses and top-1 accuracies (%), all levels in one ``bmm``.
 
     Args:
         q, k: ``[L, B, dim]`` normalised query / key embeddings (keys carry no gradient).
-        queue: ``[L, dim, K]`` negatives, one queue per level.
+        queue: ``[L, dim, K]`` negatives, one queue per level; ``None``: no queue negatives (not official;
+            then ``inbatch_negatives`` must be on, as in MoCo v3).
         temperature: T (0.2).
         inbatch_negatives: also use the other keys of the batch as negatives (not official; the
             ``small-data`` preset). The official loss ``[q.k+, q.queue]`` is the default.
@@ -188,8 +189,11 @@ def info_nce_per_level(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, te
         for each level, and how often the positive has the highest logit.
     """
     l_pos = (q * k).sum(dim=-1, keepdim=True)  # [L, B, 1]
-    l_neg = torch.bmm(q, queue)  # [L, B, K]
-    parts = [l_pos, l_neg]
+    parts = [l_pos]
+    if queue is not None:
+        parts.append(torch.bmm(q, queue))  # [L, B, K]
+    elif not inbatch_negatives:
+        raise ValueError("no negatives: pass a queue or set inbatch_negatives")
     if inbatch_negatives:
         l_batch = torch.bmm(q, k.transpose(1, 2))  # [L, B, B]; the diagonal is the positive, masked out
         own = torch.eye(q.shape[1], dtype=torch.bool, device=q.device)
@@ -227,6 +231,9 @@ class InsLoc(nn.Module):
         symmetric_loss: each view also serves as the query of the other (not official; MoCo v3): the loss
             is the mean of the two directions, both against the same queue; the key view's keys are enqueued
             and the diagnostics describe the first direction, as without it.
+        queue_negatives: the queue's keys are negatives (official); ``False`` (not official, needs
+            ``inbatch_negatives``) keeps only the keys of the current batch, as MoCo v3 does, so that moving
+            every current embedding away from the older queued keys (recency) cannot lower the loss.
         predictor_hidden: > 0 adds :func:`predictor_mlp` with this hidden width on the query side (not
             official; BYOL / MoCo v3); it is trained but not exported.
 
@@ -255,6 +262,7 @@ class InsLoc(nn.Module):
         inbatch_negatives: bool = False,
         symmetric_loss: bool = False,
         predictor_hidden: int = 0,
+        queue_negatives: bool = True,
     ) -> None:
         super().__init__()
         if K <= 0 or dim <= 0 or not 0.0 <= m <= 1.0 or T <= 0:
@@ -266,7 +274,9 @@ class InsLoc(nn.Module):
         if projection_norm not in PROJECTION_NORMS:
             raise ConfigError(f"projection_norm must be one of {PROJECTION_NORMS}, got {projection_norm!r}")
         self.projection_norm, self.embed_init = projection_norm, embed_init
-        self.symmetric_loss = bool(symmetric_loss)
+        self.symmetric_loss, self.queue_negatives = bool(symmetric_loss), bool(queue_negatives)
+        if not self.queue_negatives and not self.inbatch_negatives:
+            raise ConfigError("queue_negatives off needs inbatch_negatives on: otherwise the loss has no negatives")
         if predictor_hidden < 0:
             raise ConfigError(f"predictor_hidden must be >= 0 (0: no predictor), got {predictor_hidden}")
 
@@ -393,7 +403,8 @@ class InsLoc(nn.Module):
     def _info_nce(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-level InfoNCE losses and accuracies in float32 (autocast off)."""
         with torch.autocast(device_type=q.device.type, enabled=False):
-            return info_nce_per_level(q.float().transpose(0, 1), k.float().transpose(0, 1), queue, self.T,
+            return info_nce_per_level(q.float().transpose(0, 1), k.float().transpose(0, 1),
+                                      queue if self.queue_negatives else None, self.T,
                                       inbatch_negatives=self.inbatch_negatives)
 
     # ----------------------------------------------------------------------------------------------

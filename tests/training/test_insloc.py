@@ -126,6 +126,20 @@ def test_inbatch_negatives_add_the_other_keys_of_the_batch():
     assert torch.allclose(losses, torch.stack(expected), atol=1e-5)
 
 
+def test_without_queue_negatives_only_the_batch_keys_are_negatives():
+    g = torch.Generator().manual_seed(3)
+    q = F.normalize(torch.randn(2, 5, 16, generator=g), dim=-1)
+    k = F.normalize(torch.randn(2, 5, 16, generator=g), dim=-1)
+    losses, _ = info_nce_per_level(q, k, None, 0.2, inbatch_negatives=True)
+    logits = torch.bmm(q, k.transpose(1, 2)) / 0.2  # row i: its own key (the label) and the 4 other keys
+    expected = F.cross_entropy(logits.flatten(0, 1), torch.arange(5).repeat(2), reduction="none").view(2, 5)
+    assert torch.allclose(losses, expected.mean(dim=1), atol=1e-5)
+    with pytest.raises(ValueError, match="no negatives"):
+        info_nce_per_level(q, k, None, 0.2)
+    with pytest.raises(ConfigError, match="inbatch_negatives"):
+        InsLoc("tiny-fpn", K=16, canvas=S, queue_negatives=False)
+
+
 def test_momentum_update_equals_the_reference_loop():
     torch.manual_seed(0)
     model = InsLoc("tiny-fpn", K=16, canvas=S, m=0.9)
