@@ -105,6 +105,25 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
         **SMALL, **ADAMW, "queue_negatives": False, "key_momentum": 0.0}, {}, None),
     "projection-bn+inbatch+no-queue+adamw+predictor": ("... + no queue negatives + AdamW + predictor 128-512-128", {
         **SMALL, **ADAMW, "queue_negatives": False, "predictor_hidden": 512}, {}, None),
+    "projection-bn+inbatch+no-queue+sgd-x10-warmup": ("... + no queue negatives + SGD lr 0.3 per 256, 5-epoch "
+                                                      "warmup", {**SMALL, "queue_negatives": False, "lr": 0.3,
+                                                                 "warmup_epochs": 5}, {}, None),
+    "projection-bn+inbatch+no-queue+symmetric": ("... + no queue negatives + symmetric loss", {
+        **SMALL, "queue_negatives": False, "symmetric_loss": True}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw+km-0+t-0.1": ("... + no queue negatives + AdamW + key momentum 0 + "
+                                                        "temperature 0.1", {
+        **SMALL, **ADAMW, "queue_negatives": False, "key_momentum": 0.0, "temperature": 0.1}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw+km-0.9+predictor": ("... + no queue negatives + AdamW + key momentum 0.9 + "
+                                                              "predictor 128-512-128", {
+        **SMALL, **ADAMW, "queue_negatives": False, "key_momentum": 0.9, "predictor_hidden": 512}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw+km-0+symmetric": ("... + no queue negatives + AdamW + key momentum 0 + "
+                                                            "symmetric loss", {
+        **SMALL, **ADAMW, "queue_negatives": False, "key_momentum": 0.0, "symmetric_loss": True}, {}, None),
+    "projection-bn+inbatch+no-queue+km-0": ("... + no queue negatives + key momentum 0 (SGD, lr 0.03 per 256)", {
+        **SMALL, "queue_negatives": False, "key_momentum": 0.0}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw-x3+km-0": ("... + no queue negatives + AdamW lr 3e-3 (0.048 per 256) + "
+                                                     "key momentum 0", {
+        **SMALL, **ADAMW, "lr": 0.048, "queue_negatives": False, "key_momentum": 0.0}, {}, None),
     "projection-bn+inbatch+adamw+km-0.999": ("... + AdamW (as above) + key momentum 0.999", {
         **SMALL, **ADAMW, "key_momentum": 0.999}, {}, None),
     "projection-bn+inbatch+adamw+km-0.9": ("... + AdamW (as above) + key momentum 0.9", {

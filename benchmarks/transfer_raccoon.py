@@ -235,6 +235,8 @@ def pretrain_settings(run: Path) -> str:
     for name in ("projection_norm", "inbatch_negatives", "symmetric_loss", "predictor_hidden"):
         if cfg.get(name) not in (None, False, 0, "off"):
             parts.append(f"{name} {cfg[name]}")
+    if cfg.get("queue_negatives") is False:
+        parts.append("no queue negatives")
     preset = f"preset {cfg['preset']}: " if cfg.get("preset") else ""
     return preset + ", ".join(parts)
 
