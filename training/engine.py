@@ -247,9 +247,9 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # A few hundred to a few thousand photos on one machine: the best combination measured at batch 16 on the
     # raccoon CPU budget (docs/pretraining.md, "Collapse"); every deviation is recorded in the card with its
     # reason (DEVIATION_REASONS). Choose the size with --arch (tiny-fpn, r18-fpn, r50-fpn).
-    "small-data": dict(method="insloc", batch_size=16, optimizer="adamw", lr=0.016, weight_decay=0.05,
+    "small-data": dict(method="insloc", batch_size=16, optimizer="adamw", lr=0.048, weight_decay=0.05,
                        warmup_epochs=5, queue_size=256, key_momentum=0.0, projection_norm="batch",
-                       inbatch_negatives=True, queue_negatives=False, symmetric_loss=True),
+                       inbatch_negatives=True, queue_negatives=False),
     # Reconstruction: the C4 pretraining config was never released (issue #14).
     "r50-c4-200ep": dict(arch="r50-c4", method="insloc", epochs=200, batch_size=256, lr=0.03, momentum=0.9,
                          nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999,
@@ -292,14 +292,13 @@ DEVIATION_REASONS: dict[str, str] = {
                     "200 against 11 % at 0.9 and 8 % at 0.99, while the official 0.999 stays at chance (6 % at step "
                     "200); ablation rows `projection-bn+inbatch+no-queue+adamw+km-0`, `...+km-0.9`, "
                     "`projection-bn+inbatch+no-queue+adamw`, `projection-bn+inbatch+km-0.999`",
-    "symmetric_loss": "each view also serves as the query of the other (MoCo v3): twice the signal per step for twice "
-                      "the encoder compute; 17 % at step 200 against 14 %, 28 % over steps 561-660; ablation rows "
-                      "`projection-bn+inbatch+no-queue+adamw+km-0+symmetric` vs `...+km-0`",
     "optimizer": "660 steps from random init: SGD at 10x the official per-sample lr with warmup drifts towards "
                  "collapse even without the queue (query cosine 0.76 at step 200, row "
-                 "`projection-bn+inbatch+no-queue+sgd-x10-warmup`); AdamW keeps the cosines near 0.1 (rows "
+                 "`projection-bn+inbatch+no-queue+sgd-x10-warmup`); AdamW keeps them at 0.1-0.4 and learns (rows "
                  "`projection-bn+inbatch+no-queue+adamw*`)",
-    "lr": "AdamW at 1e-3 for batch 16 (0.016 per 256 under the linear scaling rule)",
+    "lr": "AdamW at 3e-3 for batch 16 (0.048 per 256 under the linear scaling rule): 17 % at step 200 against 14 % "
+          "at 1e-3, and 24 % over steps 561-660 (MoCo v2 in the same setting: 24 %); ablation rows "
+          "`projection-bn+inbatch+no-queue+adamw-x3+km-0` vs `projection-bn+inbatch+no-queue+adamw+km-0`",
     "weight_decay": "0.05, the usual AdamW value (MoCo v3), with AdamW's decoupled decay",
     "warmup_epochs": "5 of 60 epochs of linear warmup, usual with AdamW from random init",
     "batch_size": "one machine; the collapse diagnostics and the ablations were measured at batch 16",

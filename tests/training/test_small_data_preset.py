@@ -23,18 +23,18 @@ def test_preset_works_with_every_fpn_size(arch):
     cfg = resolve_config({"preset": "small-data", "arch": arch, "data": "d", "output": "o"})
     assert cfg.arch == arch and cfg.method == "insloc" and cfg.batch_size == 16
     # the best combination of docs/pretraining.md ("Collapse"): projection BN, the batch's keys as the only
-    # negatives, keys from the current weights, both directions, AdamW 1e-3 with warmup
+    # negatives, keys from the current weights, AdamW 3e-3 with warmup
     assert (cfg.projection_norm, cfg.inbatch_negatives, cfg.queue_negatives, cfg.key_momentum,
-            cfg.symmetric_loss) == ("batch", True, False, 0.0, True)
-    assert (cfg.optimizer, cfg.scaled_lr, cfg.weight_decay, cfg.warmup_epochs) == ("adamw", 0.001, 0.05, 5)
+            cfg.symmetric_loss) == ("batch", True, False, 0.0, False)
+    assert (cfg.optimizer, cfg.scaled_lr, cfg.weight_decay, cfg.warmup_epochs) == ("adamw", 0.003, 0.05, 5)
     assert cfg.queue_size % cfg.batch_size == 0 and cfg.temperature == 0.2 and cfg.box_jitter
     model = build_model(cfg)
-    assert model.symmetric_loss and not model.queue_negatives and model.predictor is None
+    assert not model.symmetric_loss and not model.queue_negatives and model.predictor is None
 
 
 def test_explicit_flags_still_override_the_preset():
     cfg = resolve_config({"preset": "small-data", "key_momentum": 0.99, "optimizer": "sgd"})
-    assert cfg.key_momentum == 0.99 and cfg.optimizer == "sgd" and cfg.symmetric_loss
+    assert cfg.key_momentum == 0.99 and cfg.optimizer == "sgd" and not cfg.queue_negatives
 
 
 def test_official_recipe_has_no_deviations_and_the_preset_explains_each():
@@ -42,12 +42,11 @@ def test_official_recipe_has_no_deviations_and_the_preset_explains_each():
     deviations = deviations_from_official(resolve_config({"preset": "small-data"}))
     names = [d.split()[0] for d in deviations]
     assert names == ["batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "queue_size", "key_momentum",
-                     "projection_norm", "inbatch_negatives", "queue_negatives", "symmetric_loss"]
+                     "projection_norm", "inbatch_negatives", "queue_negatives"]
     assert all(": " in d for d in deviations), "every deviation of the preset carries its reason"
     # each reason names the ablation row or the measurement behind it
     by_name = dict(zip(names, deviations))
-    for name in ("projection_norm", "inbatch_negatives", "queue_negatives", "key_momentum", "symmetric_loss",
-                 "optimizer"):
+    for name in ("projection_norm", "inbatch_negatives", "queue_negatives", "key_momentum", "optimizer", "lr"):
         assert "`" in by_name[name], f"the reason for {name} names no ablation row"
     # a hand-made deviation is recorded, without a reason
     assert deviations_from_official(resolve_config({"temperature": 0.5})) == ["temperature 0.5 (official 0.2)"]
@@ -89,7 +88,7 @@ def test_preset_run_records_its_deviations_in_the_card(tmp_path):
                           "output": str(out), "workers": 0, "device": "cpu", "max_steps": 2, "log_every": 1}))
     provenance = from_pretrained(out / "final").hub_config["provenance"]
     for deviation in ("projection_norm batch (official off)", "queue_negatives False (official True)",
-                      "symmetric_loss True (official False)", "optimizer adamw (official sgd)"):
+                      "key_momentum 0.0 (official 0.999)", "optimizer adamw (official sgd)"):
         assert deviation in provenance["deviations_from_official"]
     assert "AdamW" in provenance["recipe"] and "warmup" in provenance["recipe"]
     card = (out / "final" / "README.md").read_text()
