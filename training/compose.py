@@ -570,7 +570,7 @@ def _contrast_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     luma_weights = _host_constant([0.2989, 0.587, 0.114], x.device, x.dtype)
     mean = (x.mean(dim=(-2, -1)) * luma_weights).sum(dim=-1).view(-1, 1, 1, 1)
     ratio = _per_sample(factor, x)
-    return x.mul_(ratio).add_(mean * (1.0 - ratio)).clamp_(0.0, 1.0)
+    return torch.addcmul(mean * (1.0 - ratio), x, ratio, out=x).clamp_(0.0, 1.0)
 
 
 def _saturation_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -579,10 +579,11 @@ def _saturation_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 def _hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     # torchvision's RGB -> HSV -> shift -> RGB round trip in closed form. A hue rotation keeps each
-    # pixel's largest and smallest channel; with h the new hue in sixths of a turn, in [0, 6), the
-    # channel whose primary hue is c (r 0, g 2, b 4) becomes min + (max - min) * clamp(||h - c| - 3| - 1,
-    # 0, 1) (the triangle-wave form of HSV -> RGB). Branches are blended arithmetically: torch.where
-    # and remainder are several times slower on the CPU than the elementwise passes used here.
+    # pixel's largest and smallest channel; with h the new hue in sixths of a turn, the channel whose
+    # primary hue is c (r 0, g 2, b 4) becomes min + (max - min) * clamp(||h - c| - 3| - 1, 0, 1): the
+    # triangle-wave form of HSV -> RGB, where 3 - ||d| - 3| is the distance on the hue circle while
+    # |d| <= 6. Branches are blended arithmetically: torch.where and remainder are several times
+    # slower on the CPU than the elementwise passes used here.
     n, _, height, width = x.shape
     r, g, b = x.unbind(dim=-3)
     high, low, spread, red, green, hue, tmp = (
@@ -599,8 +600,9 @@ def _hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     hue.lerp_(torch.sub(b, r, out=tmp).add_(spread, alpha=2.0), green)
     hue.lerp_(torch.sub(g, b, out=tmp), red)
     hue.div_(torch.clamp(spread, min=1e-12, out=tmp))  # grey pixels: any hue gives the same result
-    hue.add_(_per_sample(factor * 6.0, hue))
-    hue.sub_(torch.mul(hue, 1.0 / 6.0, out=tmp).floor_(), alpha=6.0)  # mod 6
+    hue.add_(_per_sample(factor * 6.0, hue))  # now in [-1 - 6 |factor|, 5 + 6 |factor|)
+    if x.device.type != "cpu" or float(factor.abs().max()) > 1.0 / 6.0:  # else |h - c| < 6 below: no wrap needed
+        hue.sub_(torch.mul(hue, 1.0 / 6.0, out=tmp).floor_(), alpha=6.0)  # mod 6
     k = _WORK.get("hue_rgb", x.shape, x)
     torch.sub(hue.unsqueeze(1), _host_constant([0.0, 2.0, 4.0], x.device, x.dtype).view(3, 1, 1), out=k)
     k.abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
@@ -614,43 +616,45 @@ def _grayscale_(x: torch.Tensor) -> torch.Tensor:
 _COLOR_OPS = {BRIGHTNESS: _brightness_, CONTRAST: _contrast_, SATURATION: _saturation_, HUE: _hue_}
 
 
+def _gaussian_kernel(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """``[N]`` sigmas -> ``[N, 2 * radius + 1]`` normalised sampled Gaussians."""
+    taps = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
+    kernel = torch.exp(-(taps.view(1, -1) ** 2) / (2.0 * sigma.view(-1, 1).float() ** 2))
+    return kernel / kernel.sum(dim=1, keepdim=True)
+
+
 def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian blur of ``[N, C, H, W]`` with a per-sample ``sigma`` (replicate borders), in place.
 
-    The kernel is a sampled Gaussian of size ``2 * ceil(3 * max(sigma)) + 1`` (13 taps for the default
-    sigma <= 2), shared in size by the batch; each sample has its own weights. PIL's
+    The kernel is a sampled Gaussian of radius ``ceil(3 * sigma)`` (13 taps for sigma 2). PIL's
     ``GaussianBlur(radius=sigma)`` used by the reference is three passes of an extended box filter
     with the same variance, and replicates edge pixels too: the two agree to about one grey level.
-    ``x`` is overwritten with the result and returned. On the CPU the taps are summed over shifted
-    slices (a grouped convolution is several times slower there), elsewhere one grouped convolution
-    per axis does it.
+    ``x`` is overwritten with the result and returned. On the CPU each image's taps are summed over
+    shifted slices, its own kernel size (a grouped convolution is several times slower there); on
+    other devices one grouped convolution per axis does the batch, the kernel size of its largest
+    sigma (read on the host when sigma lives there, as apply_color_ops passes it: no device wait).
     """
     n, c, h, w = x.shape
     if n == 0:
         return x
-    # the kernel size is read on the host when sigma lives there (as apply_color_ops passes it), so
-    # the blur does not wait for the device
-    radius = int(math.ceil(3.0 * float(sigma.max())))
-    sigma = sigma.to(device=x.device, dtype=torch.float32, non_blocking=True).view(-1)
-    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
-    kernel = torch.exp(-(taps.view(1, -1) ** 2) / (2.0 * sigma.view(-1, 1) ** 2))
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(x.dtype)  # [N, K]
-    k = 2 * radius + 1
     if x.device.type == "cpu":
-        weights = kernel.t().reshape(k, n, 1, 1, 1)
-        for axis in (3, 2):
-            size = x.shape[axis]
-            padded = _WORK.get(f"blur{axis}", [*x.shape[:axis], size + 2 * radius, *x.shape[axis + 1 :]], x)
-            padded.narrow(axis, radius, size).copy_(x)
-            for start, edge in ((0, 0), (radius + size, size - 1)):  # replicate the border pixels
-                border = padded.narrow(axis, start, radius)
-                border.copy_(x.narrow(axis, edge, 1).expand_as(border))
-            torch.mul(padded.narrow(axis, 0, size), weights[0], out=x)
-            for i in range(1, k):
-                x.addcmul_(padded.narrow(axis, i, size), weights[i])
+        for row, s in zip(x, sigma.tolist(), strict=True):
+            radius = int(math.ceil(3.0 * s))
+            weights = _gaussian_kernel(torch.tensor([s]), radius)[0].tolist()
+            for axis in (2, 1):
+                size = row.shape[axis]
+                padded = _WORK.get(f"blur{axis}", [*row.shape[:axis], size + 2 * radius, *row.shape[axis + 1 :]], x)
+                padded.narrow(axis, radius, size).copy_(row)
+                for start, edge in ((0, 0), (radius + size, size - 1)):  # replicate the border pixels
+                    border = padded.narrow(axis, start, radius)
+                    border.copy_(row.narrow(axis, edge, 1).expand_as(border))
+                torch.mul(padded.narrow(axis, 0, size), weights[0], out=row)
+                for i in range(1, 2 * radius + 1):
+                    row.add_(padded.narrow(axis, i, size), alpha=weights[i])
         return x
-    kernel = kernel.repeat_interleave(c, dim=0)  # [N*C, K]
-    groups = n * c
+    radius = int(math.ceil(3.0 * float(sigma.max())))
+    k, groups = 2 * radius + 1, n * c
+    kernel = _gaussian_kernel(sigma.to(x.device, non_blocking=True), radius).to(x.dtype).repeat_interleave(c, dim=0)
     y = F.pad(x.reshape(1, groups, h, w), (radius, radius, 0, 0), mode="replicate")
     y = F.conv2d(y, kernel.view(groups, 1, 1, k), groups=groups)
     y = F.pad(y, (0, 0, radius, radius), mode="replicate")
@@ -737,7 +741,9 @@ def _stretch_into(out: torch.Tensor, images: Sequence[torch.Tensor], canvas: int
         groups.setdefault(tuple(img.shape), []).append(i)
     for rows in groups.values():
         if out.device.type == "cpu":  # stacked channels-last, the layout of the fast uint8 resize
-            x = torch.stack([images[i].to(out.device).permute(1, 2, 0) for i in rows]).permute(0, 3, 1, 2)
+            x = torch.stack([images[i].permute(1, 2, 0) for i in rows]).permute(0, 3, 1, 2) if len(rows) > 1 else (
+                images[rows[0]].unsqueeze(0))
+            x = x.to(out.device)
         else:
             x = torch.stack([images[i] for i in rows]).to(out.device, non_blocking=True)
         x = _resize(x, (canvas, canvas))

@@ -212,6 +212,8 @@ def test_color_ops_equal_torchvision_functional() -> None:
     views = [
         dataclasses.replace(p.query, jitter=True, grayscale=(i % 3 == 0), blur=False) for i, p in enumerate(params)
     ]
+    views[1] = dataclasses.replace(views[1], hue=0.45)  # beyond the official 0.1: the hue wraps around
+    views[5] = dataclasses.replace(views[5], hue=-0.5)
     out = apply_color_ops(x.clone(), views)
     for i, v in enumerate(views):
         ref = x[i]
