@@ -11,10 +11,10 @@ This module holds two implementations of the same specification:
 * :func:`compose_pair` -- the **reference**, per sample, written with PIL like the official code
   (limbo0000/InstanceLoc @ a419bb6: ``mmdet/datasets/pipelines/copy_and_paste.py``,
   ``pixel_aug_pil.py``, ``transforms.py`` ``RandomFlip``, config ``configs/FPN/insloc_fpn_200ep.py``).
-  It is the readable specification and what :class:`insloc_hub.training.pretrain_data.InsLocPretrainDataset`
-  runs in DataLoader workers.
-* :func:`compose_batch` -- a **batched tensor** version that runs on the GPU (or CPU) from decoded
-  uint8 tensors, for when the data loader workers are the bottleneck.
+  It is the readable specification (``InsLocPretrainDataset(pipeline="reference")``).
+* :func:`compose_batch` -- the **tensor** version, from decoded uint8 tensors: batched on the GPU,
+  and one sample at a time in CPU DataLoader workers (the default CPU pipeline, about twice as fast
+  per core as the official-style PIL pipeline; ``docs/benchmarks.md``).
 
 Every random number of a sample comes from one function, :func:`sample_composition_params`, used by
 both versions; so for the same :class:`CompositionParams` the two produce the **same boxes** and
@@ -811,19 +811,24 @@ def compose_batch(
         ``q_imgs``/``k_imgs`` normalised float32 ``[B, 3, S, S]`` and ``q_boxes``/``k_boxes`` float32
         ``[B, 4]`` on ``device``.
 
-    Agreement with the reference :func:`compose_pair_with_params` for the same parameters:
+    A foreground smaller than the ``foreground_size`` its parameters were drawn for is taken as a
+    reduced decode of it (JPEG ``draft``): its crop windows are scaled to it, rounded to its pixels.
+
+    Agreement with the reference :func:`compose_pair_with_params` for the same parameters (each held
+    by a test in ``tests/training/test_compose.py``):
 
     * boxes: identical (same integer geometry from the same parameters);
-    * before colour ops: crops are resized with ``F.interpolate(bilinear, antialias=True)``, the
-      tensor counterpart of PIL's BILINEAR filter, and the composite is rounded to integer grey
-      levels like the reference's uint8 image; mean abs difference about 0.2 grey levels, a few
-      pixels off by a couple of levels;
-    * colour ops run in float on [0, 1] without the reference's uint8 rounding after each op, and
+    * before colour ops: crops and backgrounds are resized with ``F.interpolate(bilinear,
+      antialias=True)`` (uint8 on the CPU, float then rounded elsewhere), the tensor counterpart of
+      PIL's BILINEAR filter, into a uint8 composite like the reference's; mean abs difference about
+      0.2 grey levels, a few pixels off by a couple of levels;
+    * colour ops run in float on [0, 1] without the reference's uint8 truncation after each op, and
       equal torchvision's tensor functional (``adjust_brightness/contrast/saturation/hue``,
-      ``rgb_to_grayscale``) for the same factors; PIL's versions differ slightly (integer luma,
-      hue quantised to 1/255 turn);
+      ``rgb_to_grayscale``) for the same factors; PIL's versions differ slightly (truncation: about
+      one grey level darker on average; integer luma; hue quantised to 1/255 turn, HSV to 8 bits);
     * blur is a sampled Gaussian instead of PIL's 3-pass box approximation (same sigma);
-    * flip and normalisation are exact.
+    * the flip is applied to the uint8 composite before the colour ops (they commute with it);
+      flip and normalisation are otherwise exact.
     """
     cfg = cfg or CompositionConfig()
     batch = len(foregrounds)

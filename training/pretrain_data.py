@@ -6,8 +6,8 @@
 * :class:`InsLocPretrainDataset` -- the official sample (``ImageNetDataset.prepare_train_img``,
   ``mmdet/datasets/imagenet.py`` L66-91 at limbo0000/InstanceLoc @ a419bb6): foreground = image
   ``idx``, two backgrounds drawn uniformly with replacement from the whole set, composed per sample
-  on the CPU: by default the fast pipeline (:class:`EncodedImage` reduced-scale JPEG decodes, then
-  :func:`insloc_hub.training.compose.compose_pair_fast`), or the reference
+  on the CPU: by default the fast pipeline (:meth:`EncodedImage.decode_uint8`, then
+  :func:`insloc_hub.training.compose.compose_batch` on the one sample), or the reference
   :func:`insloc_hub.training.compose.compose_pair` with ``pipeline="reference"``.
 * :class:`InsLocBytesDataset` -- the same draws; workers only read the files' bytes (and headers);
   :func:`compose_encoded_batch` decodes them on the device (``torchvision.io.decode_jpeg``, nvJPEG on
@@ -466,20 +466,18 @@ class InsLocPretrainDataset(_InsLocSampleBase):
     """The official InsLoc pretraining sample, composed per sample on the CPU.
 
     ``dataset[idx]`` (or ``dataset[(epoch, idx)]``) returns ``dict(q_img, q_box, k_img, k_box, index)``:
-    normalised float images ``[3, S, S]`` (uint8 with ``uint8=True``; normalise the batch with
-    :func:`~insloc_hub.training.compose.normalize_uint8`), float32 boxes ``[4]`` (x1, y1, x2, y2;
-    x2/y2 exclusive) and the index. A corrupt foreground or background is replaced by another random
-    image (counted in ``images``' report).
+    normalised float images ``[3, S, S]``, float32 boxes ``[4]`` (x1, y1, x2, y2; x2/y2 exclusive)
+    and the index. A corrupt foreground or background is replaced by another random image (counted
+    in ``images``' report).
 
     ``pipeline``:
 
-    * ``"fast"`` (default) -- :func:`~insloc_hub.training.compose.compose_pair_fast` on
-      :class:`EncodedImage` decodes: each JPEG decoded at the smallest DCT scale that is still at
-      least the size its use needs (a background: the canvas; the foreground: the size at which
-      both crops still shrink to their pastes), crop and resize in one resampling, no copies of
-      decoded images, normalisation once at the end (or left to the batch with ``uint8=True``).
-      Same draws, same boxes, same PIL colour operations; the same bytes as the reference whenever no
-      reduced decode applies, else pastes and backgrounds differ by the decoder's downscaling filter.
+    * ``"fast"`` (default) -- :meth:`EncodedImage.decode_uint8` decodes (``torchvision.io.decode_jpeg``,
+      or PIL ``draft`` at the smallest DCT scale that is still at least the size its use needs: a
+      background the canvas, the foreground the size at which both crops still shrink to their
+      pastes), then :func:`~insloc_hub.training.compose.compose_batch` on this one sample (uint8
+      resizes and composite, in-place float colour ops). Same draws, same boxes; pixels within about
+      a grey level of the reference on average (see ``compose_batch`` for each difference).
     * ``"reference"`` -- :func:`~insloc_hub.training.compose.compose_pair` on full decodes through
       :func:`insloc_hub.transforms.decode_image` (the specification).
     """
