@@ -211,7 +211,7 @@ def finetune_command(init: str, data: Path, out: Path, budget: Budget, device: s
            "--seed", str(seed), "--workers", str(budget.finetune_workers), "--log-every", "50", "--device", device,
            "--output", str(out), "--resume", "auto"]
     if init == "random":
-        cmd += ["--backbone", budget.trunk]
+        cmd += ["--preset", budget.trunk]
     for opt in budget.detector_opts:
         cmd += ["--detector-opt", opt]
     return cmd

@@ -83,16 +83,9 @@ class BoxJitter:
     (CPU or on the boxes' device).
     """
 
-    def __init__(
-        self,
-        stride: int = 16,
-        scales: Sequence[float] = (2, 4, 8, 16),
-        ratios: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 2.0),
-        iou_threshold: float = 0.5,
-        nms_threshold: float = 0.7,
-        canvas: int = 256,
-        nms_pre: int = 4000,
-    ) -> None:
+    def __init__(self, stride: int = 16, scales: Sequence[float] = (2, 4, 8, 16),
+                 ratios: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 2.0), iou_threshold: float = 0.5,
+                 nms_threshold: float = 0.7, canvas: int = 256, nms_pre: int = 4000) -> None:
         if stride <= 0 or canvas <= 0 or not scales or not ratios:
             raise ValueError("BoxJitter needs a positive stride and canvas and non-empty scales and ratios")
         self.stride = int(stride)
@@ -146,12 +139,10 @@ class BoxJitter:
             k = min(self.nms_pre, anchors.shape[0])
             top = iou[rows].topk(k, dim=1).indices
             mask[rows.unsqueeze(1), top] = True
-        image_index, anchor_index = torch.nonzero(mask, as_tuple=True)
-        return image_index, anchor_index
+        return torch.nonzero(mask, as_tuple=True)
 
-    def survivors(
-        self, boxes: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def survivors(self, boxes: torch.Tensor, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """NMS survivors of every image: ``(boxes [N, 4], image_index [N])``, grouped by image.
 
         Scores are uniform random (``torch.rand``), NMS at ``nms_threshold`` per image.
@@ -182,11 +173,9 @@ class BoxJitter:
         return kept[starts + pick].to(boxes.dtype)
 
     def __repr__(self) -> str:
-        return (
-            f"BoxJitter(stride={self.stride}, scales={self.scales}, ratios={self.ratios}, "
-            f"iou_threshold={self.iou_threshold}, nms_threshold={self.nms_threshold}, canvas={self.canvas}, "
-            f"grid={self.grid_size}x{self.grid_size}, anchors={self.num_anchors})"
-        )
+        return (f"BoxJitter(stride={self.stride}, scales={self.scales}, ratios={self.ratios}, "
+                f"iou_threshold={self.iou_threshold}, nms_threshold={self.nms_threshold}, canvas={self.canvas}, "
+                f"grid={self.grid_size}x{self.grid_size}, anchors={self.num_anchors})")
 
 
 def _check_boxes(boxes: torch.Tensor) -> None:

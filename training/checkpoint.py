@@ -1,44 +1,19 @@
 """Training checkpoints: atomic writes, finding the newest, safe loading, RNG state, config checks.
 
-A checkpoint is one ``torch.save`` file holding a plain dict (whatever the trainer puts in it:
-model/optimizer state dicts, counters, the config, RNG states). The rules here are shared by
-pretraining and fine-tuning:
+A checkpoint is one ``torch.save`` file holding a plain dict, named by step
+(``RUN_DIR/checkpoint_000001234.pt``). Shared by pretraining and fine-tuning:
 
-* **Atomic.** :func:`save_checkpoint` writes ``.NAME.tmp-PID`` in the same folder, flushes and
-  fsyncs it, then ``os.replace``-s it onto ``NAME`` and fsyncs the folder. A process killed at any
-  moment (SIGKILL, preemption, power loss) leaves either the previous file or the new one, never a
-  truncated ``NAME``; stray ``.tmp-`` files are ignored by :func:`find_latest` and removed by
-  :func:`prune_checkpoints`.
-* **Named by step.** :func:`checkpoint_path` gives ``RUN_DIR/checkpoint_000001234.pt`` (global
-  step, zero padded); :func:`find_latest` picks the highest step whose file is a readable archive,
-  warning about and skipping corrupt ones.
-* **No arbitrary unpickling.** :func:`load_checkpoint` uses ``torch.load(weights_only=True)``: only
-  tensors and plain containers/numbers/strings are accepted. :func:`capture_rng_state` therefore
-  stores python's and numpy's RNG states as lists and tensors, not tuples of numpy arrays. A file
-  holding other objects (a foreign or older checkpoint) is refused with a :class:`CheckpointError`
-  that explains the choice; ``allow_pickle=True`` loads it with full unpickling, only for files you
-  trust.
-* **Same configuration.** :func:`check_config` compares the config stored in a checkpoint with the
-  current one and raises :class:`CheckpointError` naming every differing field, so a run is never
-  silently continued with other hyper-parameters.
-* **Bounded disk use.** :func:`prune_checkpoints` keeps the newest ``keep`` checkpoints.
-
-Example::
-
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-             "config": cfg.to_dict(), "rng": capture_rng_state()}
-    save_checkpoint(checkpoint_path(run_dir, step), state)
-    prune_checkpoints(run_dir, keep=3)
-    ...
-    latest = find_latest(run_dir)
-    if latest is not None:
-        state = load_checkpoint(latest)
-        check_config(state["config"], cfg.to_dict(), ignore={"workers", "output"})
-        restore_rng_state(state["rng"])
+* atomic: written to ``.NAME.tmp-PID``, fsynced, then ``os.replace``-d, so a process killed at any
+  moment leaves the previous file or the new one, never a truncated ``NAME``;
+* never unpickled: ``torch.load(weights_only=True)``, so RNG states are stored as lists and tensors;
+* resumed only with the same configuration (:func:`check_config` names every differing field);
+* bounded on disk (:func:`prune_checkpoints` keeps the newest ``keep``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import pickle
@@ -55,24 +30,9 @@ import torch
 from insloc_hub.convert import describe_unpickling_refusal
 from insloc_hub.errors import CheckpointError
 
-__all__ = [
-    "CHECKPOINT_PATTERN",
-    "checkpoint_path",
-    "checkpoint_step",
-    "list_checkpoints",
-    "atomic_save",
-    "save_checkpoint",
-    "find_latest",
-    "resume_candidates",
-    "load_newest_usable",
-    "is_readable_checkpoint",
-    "load_checkpoint",
-    "prune_checkpoints",
-    "capture_rng_state",
-    "restore_rng_state",
-    "check_config",
-    "config_differences",
-]
+__all__ = ["CHECKPOINT_PATTERN", "capture_rng_state", "check_config", "checkpoint_path", "checkpoint_step",
+           "find_latest", "list_checkpoints", "load_checkpoint", "load_newest_usable", "prune_checkpoints",
+           "restore_rng_state", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +40,6 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)\.pt$")
 _TMP_MARK = ".tmp-"
 
 
-# --------------------------------------------------------------------------------------------------
-# Names
-# --------------------------------------------------------------------------------------------------
 def checkpoint_path(run_dir: str | os.PathLike[str], step: int) -> Path:
     """``RUN_DIR/checkpoint_{step:09d}.pt``."""
     return Path(run_dir) / f"checkpoint_{int(step):09d}.pt"
@@ -103,30 +60,26 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
 
 
-# --------------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------------
 def _fsync_dir(folder: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # e.g. Windows: directories cannot be opened
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (tmp file in the same folder, fsync, ``os.replace``)."""
+def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
+    """``torch.save`` a checkpoint dict to ``path`` atomically (tmp file in the same folder, fsync,
+    ``os.replace``); returns the path."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"a checkpoint is a dict, got {type(state).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            torch.save(dict(state), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -135,14 +88,6 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
-
-
-def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
-    """Atomically write a checkpoint dict; returns the path. Tensors should be on any device (they
-    are saved as they are; :func:`load_checkpoint` maps them to the CPU by default)."""
-    if not isinstance(state, Mapping):
-        raise TypeError(f"a checkpoint is a dict, got {type(state).__name__}")
-    return atomic_save(dict(state), path)
 
 
 def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> list[Path]:
@@ -166,14 +111,8 @@ def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> list[Path]:
     return removed
 
 
-# --------------------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------------------
-def is_readable_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a complete ``torch.save`` archive (every member's CRC checks out).
-
-    This reads the file but unpickles nothing. A file cut short by a crash fails here.
-    """
+def _is_complete_archive(path: Path) -> bool:
+    """Whether every member of the ``torch.save`` zip checks out (reads the file, unpickles nothing)."""
     try:
         with zipfile.ZipFile(path) as archive:
             return archive.testzip() is None and any(n.endswith("data.pkl") for n in archive.namelist())
@@ -181,98 +120,52 @@ def is_readable_checkpoint(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def find_latest(run_dir: str | os.PathLike[str], *, validate: bool = True) -> Path | None:
-    """Newest readable checkpoint of a run folder (highest step), or ``None``.
-
-    Temporary files of interrupted writes are ignored; with ``validate`` (default), files that are
-    not complete archives are skipped with a warning, and the next newest is tried.
-    """
+def find_latest(run_dir: str | os.PathLike[str]) -> Path | None:
+    """Newest readable checkpoint of a run folder (highest step), or ``None``; temporary files of
+    interrupted writes are ignored, incomplete archives skipped with a warning."""
     for path in reversed(list_checkpoints(run_dir)):
-        if not validate or is_readable_checkpoint(path):
+        if _is_complete_archive(path):
             return path
         logger.warning("skipping unreadable or corrupt checkpoint %s", path)
     return None
 
 
-def load_checkpoint(
-    path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu", *, allow_pickle: bool = False
-) -> dict[str, Any]:
-    """Load a checkpoint dict with ``torch.load(weights_only=True)``.
-
-    Args:
-        path: the checkpoint file.
-        map_location: where tensors go (CPU by default).
-        allow_pickle: if the file holds objects ``weights_only`` refuses (not one of ours), load it with
-            full unpickling instead of failing. Only for files you trust: unpickling runs code.
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict with ``torch.load(weights_only=True)`` (a file holding other objects, e.g.
+    a foreign checkpoint, is refused: unpickling runs code).
 
     Raises:
-        CheckpointError: missing, unreadable or corrupt file, or one that needs unpickling (message
-            says how to load it anyway).
+        CheckpointError: missing, unreadable, corrupt or foreign file (the message says what to do).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"{path} is not a torch.save archive: the file is truncated or corrupt, or not a checkpoint. If it is a "
-            "partially written checkpoint, delete it to resume from the previous one."
-        )
+        raise CheckpointError(f"{path} is not a torch.save archive: the file is truncated or corrupt, or not a "
+                              "checkpoint. If it is a partially written checkpoint, delete it to resume from the "
+                              "previous one.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if not allow_pickle:
-            raise CheckpointError(
-                f"{path} was not written by this version of insloc-hub: {describe_unpickling_refusal(err)}. "
-                "Resume from another checkpoint of the run, or start a new run."
-            ) from err
-        logger.warning("loading %s with full unpickling (allow_pickle=True): only do this for trusted files", path)
-        try:
-            state = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as err2:  # noqa: BLE001 - report any failure as a checkpoint error
-            raise CheckpointError(f"cannot read checkpoint {path}: {err2}") from err2
+        raise CheckpointError(f"{path} was not written by this version of insloc-hub: "
+                              f"{describe_unpickling_refusal(err)}. Resume from another checkpoint of the run, or "
+                              "start a new run.") from err
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {err}. The file is truncated or corrupt; delete it to resume from "
-            "the previous checkpoint."
-        ) from err
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}. The file is truncated or corrupt; delete it "
+                              "to resume from the previous checkpoint.") from err
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
     return state
 
 
-def resume_candidates(spec: str | os.PathLike[str], run_dir: str | os.PathLike[str]) -> list[Path]:
-    """Checkpoints ``--resume spec`` may continue from, newest first.
-
-    ``"auto"``: the checkpoints of ``run_dir`` (possibly none). A folder: its checkpoints (a
-    CheckpointError says what the folder holds if it has none). A file: that file.
-    """
-    if str(spec) == "auto":
-        return list(reversed(list_checkpoints(run_dir)))
-    given = Path(spec)
-    if given.is_dir():
-        found = list(reversed(list_checkpoints(given)))
-        if not found:
-            names = sorted(p.name for p in given.iterdir())[:8]
-            raise CheckpointError(
-                f"--resume {given}: the folder holds no checkpoint_<step>.pt file (it has: "
-                f"{', '.join(names) or 'nothing'}). Pass a run folder whose training saved a checkpoint, or a file."
-            )
-        return found
-    return [given]
-
-
 def load_newest_usable(
     candidates: Iterable[Path], check: Callable[[Path, dict[str, Any]], None] | None = None
 ) -> tuple[Path, dict[str, Any], list[str]]:
-    """Load the first of ``candidates`` (newest first) that reads and passes ``check``.
+    """``(path, state, skipped)`` of the first of ``candidates`` (newest first) that loads and passes ``check``.
 
-    A foreign, corrupt or mismatching newer checkpoint is skipped with a warning and the next one
-    tried. Returns ``(path, state, skipped)`` with ``skipped`` = ``"name: why"`` of each file passed
-    over.
-
-    Raises:
-        CheckpointError: none is usable; the message lists each file and why (a single candidate
-            gets its own error unchanged).
+    A foreign, corrupt or mismatching newer checkpoint is skipped with a warning (``skipped``: ``"name:
+    why"`` of each). CheckpointError when none is usable, listing each file and why (a single candidate
+    raises its own error).
     """
     candidates = list(candidates)
     skipped: list[str] = []
@@ -294,9 +187,6 @@ def load_newest_usable(
     raise CheckpointError("no usable checkpoint to resume from:\n  " + "\n  ".join(skipped))
 
 
-# --------------------------------------------------------------------------------------------------
-# RNG state
-# --------------------------------------------------------------------------------------------------
 def capture_rng_state() -> dict[str, Any]:
     """Python ``random``, numpy's global RNG, torch CPU and every CUDA device, as safe types.
 
@@ -305,21 +195,11 @@ def capture_rng_state() -> dict[str, Any]:
     """
     version, internal, gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state(legacy=True)
-    state: dict[str, Any] = {
-        "python": [int(version), list(internal), gauss],
-        "numpy": {
-            "name": str(np_name),
-            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64).copy()),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "cached_gaussian": float(np_cached),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": [],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
-    return state
+    numpy_state = {"name": str(np_name), "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64).copy()),
+                   "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_cached)}
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {"python": [int(version), list(internal), gauss], "numpy": numpy_state, "torch": torch.get_rng_state(),
+            "cuda": [s.cpu() for s in torch.cuda.get_rng_state_all()] if cuda else []}
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
@@ -343,49 +223,21 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
                            len(cuda_states), torch.cuda.device_count())
 
 
-# --------------------------------------------------------------------------------------------------
-# Configuration check
-# --------------------------------------------------------------------------------------------------
-def config_differences(
-    saved: Mapping[str, Any], current: Mapping[str, Any], *, ignore: Iterable[str] = ()
-) -> dict[str, tuple[Any, Any]]:
-    """``{field: (saved_value, current_value)}`` for every field that differs (``ignore`` skipped).
+def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], *, ignore: Iterable[str] = (),
+                 source: str | os.PathLike[str] = "the checkpoint") -> None:
+    """Raise :class:`CheckpointError` naming every field where ``saved`` and ``current`` differ.
 
-    Values are compared after a JSON-style normalisation (tuples as lists), so a config read back
-    from JSON equals the dataclass it came from. A field missing on one side shows as ``"<absent>"``.
+    ``ignore``: fields that may change between runs (output folder, loader workers, logging...).
+    Values are compared as JSON reads them back (tuples as lists); a missing field shows as ``<absent>``.
     """
-    skip = set(ignore)
 
     def norm(v: Any) -> Any:
-        if isinstance(v, (list, tuple)):
-            return [norm(x) for x in v]
-        if isinstance(v, Mapping):
-            return {str(k): norm(x) for k, x in v.items()}
-        return v
+        return json.loads(json.dumps(v, default=str))
 
-    diffs: dict[str, tuple[Any, Any]] = {}
-    for key in sorted(set(saved) | set(current)):
-        if key in skip:
-            continue
-        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
-        if norm(a) != norm(b):
-            diffs[key] = (a, b)
-    return diffs
-
-
-def check_config(
-    saved: Mapping[str, Any],
-    current: Mapping[str, Any],
-    *,
-    ignore: Iterable[str] = (),
-    source: str | os.PathLike[str] = "the checkpoint",
-) -> None:
-    """Raise :class:`CheckpointError` naming every differing field if ``saved`` != ``current``.
-
-    ``ignore`` lists fields that may legitimately change between runs (output folder, number of
-    loader workers, logging frequency...).
-    """
-    diffs = config_differences(saved, current, ignore=ignore)
+    skip = set(ignore)
+    diffs = {key: (saved.get(key, "<absent>"), current.get(key, "<absent>"))
+             for key in sorted(set(saved) | set(current)) if key not in skip}
+    diffs = {key: (a, b) for key, (a, b) in diffs.items() if norm(a) != norm(b)}
     if diffs:
         lines = [f"  {k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items()]
         raise CheckpointError(

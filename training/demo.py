@@ -185,14 +185,9 @@ def _serve_stage(detector: Path, out: Path, test_list: Path, timings: dict[str, 
 
 
 def _summary(metrics: dict[str, Any], timings: dict[str, float], seconds: float) -> dict[str, Any]:
-    def pick(*names: str) -> float:
-        for name in names:
-            if name in metrics and isinstance(metrics[name], (int, float)):
-                return float(metrics[name])
-        return float("nan")
-
-    return {"AP": pick("ap", "AP"), "AP50": pick("ap50", "AP50"), "AP75": pick("ap75", "AP75"),
-            "stage_seconds": timings, "seconds": seconds}
+    """The headline numbers of eval/metrics.json (:meth:`EvalResult.to_dict`) and the stage times."""
+    return {"AP": metrics["ap"], "AP50": metrics["ap50"], "AP75": metrics["ap75"], "stage_seconds": timings,
+            "seconds": seconds}
 
 
 def add_subcommands(subparsers: Any) -> None:

@@ -19,7 +19,7 @@ usable image raises :class:`~insloc_hub.errors.DatasetError` saying why.
 
 Multi-scale training: torchvision's detectors resize inside the model, so the scales of the standard
 protocols are given by :func:`protocol_sizes` as the detector's ``min_size`` / ``max_size``; the
-dataset itself only flips (:class:`RandomHorizontalFlip`).
+training set (:class:`TrainingSet`) itself only flips, with ``torchvision.transforms.v2``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import logging
 import math
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as tvf
 
 from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
 from insloc_hub.transforms import IMAGE_EXTENSIONS, decode_image, read_image_size, to_tensor
@@ -48,8 +50,9 @@ __all__ = [
     "DatasetReport",
     "DetectionDataset",
     "DetectionRecord",
-    "RandomHorizontalFlip",
+    "TrainingSet",
     "collate_detection",
+    "flip_horizontal",
     "load_coco",
     "load_dataset",
     "load_voc",
@@ -59,7 +62,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Target = dict[str, Any]
-Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
 
 
 #: The 20 PASCAL VOC classes in the order of the devkit (label ``i + 1`` is ``VOC_CLASSES[i]``).
@@ -80,10 +82,6 @@ VOC_CLASSES = (
 #: ``degenerate_images``): resized to a detector's max_size their short side rounds to 0 pixels.
 MAX_ASPECT_RATIO = 100.0
 
-
-# ----------------------------------------------------------------------------------------------
-# Report
-# ----------------------------------------------------------------------------------------------
 
 #: Problem kinds counted by :class:`DatasetReport`, with the words used in messages.
 PROBLEM_KINDS: dict[str, str] = {
@@ -107,24 +105,16 @@ PROBLEM_KINDS: dict[str, str] = {
 }
 
 #: Kinds that make an image unusable; they explain a DatasetError.
-_IMAGE_LEVEL = (
-    "missing_images",
-    "unreadable_images",
-    "degenerate_images",
-    "outside_root",
-    "missing_annotations",
-    "parse_errors",
-    "duplicate_images",
-    "skipped_empty",
-)
+_IMAGE_LEVEL = ("missing_images", "unreadable_images", "degenerate_images", "outside_root", "missing_annotations",
+                "parse_errors", "duplicate_images", "skipped_empty")
 
 
 @dataclass
 class DatasetReport:
     """What loading a dataset found: counts of every problem and a few examples of each.
 
-    Each problem kind of :data:`PROBLEM_KINDS` is an ``int`` field; ``examples[kind]`` holds up to
-    ``max_examples`` strings naming the file (and the box or class) concerned.
+    Each problem kind of :data:`PROBLEM_KINDS` reads as an ``int`` attribute (``report.missing_images``);
+    ``examples[kind]`` holds up to ``max_examples`` strings naming the file (and the box or class) concerned.
     """
 
     source: str = ""
@@ -135,31 +125,20 @@ class DatasetReport:
     num_negatives: int = 0  # usable images without a training box
     num_difficult: int = 0
     num_crowd: int = 0
-    missing_images: int = 0
-    unreadable_images: int = 0
-    degenerate_images: int = 0
-    outside_root: int = 0
-    missing_annotations: int = 0
-    parse_errors: int = 0
-    duplicate_images: int = 0
-    skipped_empty: int = 0
-    unknown_classes: int = 0
-    malformed_boxes: int = 0
-    degenerate_boxes: int = 0
-    clipped_boxes: int = 0
-    orphan_annotations: int = 0
-    malformed_annotations: int = 0
-    malformed_segmentations: int = 0
-    similar_class_names: int = 0
-    size_mismatches: int = 0
     max_examples: int = 5
     examples: dict[str, list[str]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # problem kind -> count
+
+    def __getattr__(self, name: str) -> int:
+        if name in PROBLEM_KINDS:
+            return self.counts.get(name, 0)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def note(self, kind: str, example: str) -> None:
         """Count one problem of ``kind`` and keep ``example`` if fewer than ``max_examples`` are kept."""
         if kind not in PROBLEM_KINDS:
             raise KeyError(f"unknown problem kind {kind!r}")
-        setattr(self, kind, getattr(self, kind) + 1)
+        self.counts[kind] = self.counts.get(kind, 0) + 1
         kept = self.examples.setdefault(kind, [])
         if len(kept) < self.max_examples:
             kept.append(example)
@@ -167,7 +146,7 @@ class DatasetReport:
     @property
     def problems(self) -> dict[str, int]:
         """Non-zero problem counts, by kind."""
-        return {kind: getattr(self, kind) for kind in PROBLEM_KINDS if getattr(self, kind)}
+        return {kind: self.counts[kind] for kind in PROBLEM_KINDS if self.counts.get(kind)}
 
     def describe(self, kinds: Sequence[str] | None = None) -> str:
         """``"3 missing image files (e.g. a.jpg, b.jpg); ..."`` for the non-zero ``kinds``."""
@@ -190,30 +169,18 @@ class DatasetReport:
         return f"{head}. Problems: {problems}." if problems else f"{head}. No problems found."
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable copy."""
-        return asdict(self)
+        """JSON-serialisable copy, every problem kind as its own key."""
+        values = asdict(self)
+        counts = values.pop("counts")
+        return {**values, **{kind: counts.get(kind, 0) for kind in PROBLEM_KINDS}}
 
 
 def _raise_if_unusable(report: DatasetReport) -> None:
     if report.num_usable > 0:
         return
     why = report.describe(_IMAGE_LEVEL) or "no images listed"
-    raise DatasetError(
-        f"{report.source}: 0 of {report.num_images} images usable: {why}. "
-        "Check the image folder, the split and the annotation files."
-    )
-
-
-def _log_report(report: DatasetReport) -> None:
-    if report.problems:
-        logger.warning("%s", report.summary())
-    else:
-        logger.info("%s", report.summary())
-
-
-# ----------------------------------------------------------------------------------------------
-# Records and the dataset
-# ----------------------------------------------------------------------------------------------
+    raise DatasetError(f"{report.source}: 0 of {report.num_images} images usable: {why}. Check the image folder, the "
+                       "split and the annotation files.")
 
 
 @dataclass
@@ -264,71 +231,41 @@ def _rasterise(segmentation: Any, box: torch.Tensor, shape: tuple[int, int]) -> 
     return torch.from_numpy(decoded.astype(np.uint8))
 
 
-def _make_record(
-    image_id: int, path: Path, width: int, height: int, boxes: Sequence[_Box], file_name: str
-) -> DetectionRecord:
+def _make_record(image_id: int, path: Path, width: int, height: int, boxes: Sequence[_Box], file_name: str
+                 ) -> DetectionRecord:
     return DetectionRecord(
-        image_id=image_id,
-        path=path,
-        width=width,
-        height=height,
-        boxes=np.asarray([b.xyxy for b in boxes], dtype=np.float32).reshape(-1, 4),
+        image_id, path, width, height, boxes=np.asarray([b.xyxy for b in boxes], dtype=np.float32).reshape(-1, 4),
         labels=np.asarray([b.label for b in boxes], dtype=np.int64),
         area=np.asarray([b.area for b in boxes], dtype=np.float32),
         iscrowd=np.asarray([b.iscrowd for b in boxes], dtype=bool),
-        difficult=np.asarray([b.difficult for b in boxes], dtype=bool),
-        file_name=file_name,
-        segmentations=tuple(b.segmentation for b in boxes),
-    )
+        difficult=np.asarray([b.difficult for b in boxes], dtype=bool), file_name=file_name,
+        segmentations=tuple(b.segmentation for b in boxes))
 
 
 class DetectionDataset(Dataset):
     """Images and boxes for a torchvision detector; ``dataset[i] -> (image, target)``.
 
-    Args:
-        records: the images (see :class:`DetectionRecord`).
-        class_names: ``class_names[i]`` is label ``i + 1``.
-        category_ids: COCO category id of each class (default ``1..C``); used by
-            :meth:`to_coco_dict` and to write COCO results, so results of a COCO dataset keep the
-            original ids.
-        transforms: callable ``(image, target) -> (image, target)`` applied by ``__getitem__``.
-        keep_difficult: put VOC "difficult" boxes in training targets (default ``True``, as
-            detectron2 and the MoCo/InsLoc VOC protocol train on them). Evaluation ignores them
-            either way (see :meth:`to_coco_dict`).
-        include_crowd: put COCO crowd regions in training targets (default ``False``, as
-            torchvision's references and detectron2 drop them for training).
-        report: what loading found.
-        source: where the data came from, for messages.
+    ``class_names[i]`` is label ``i + 1``; ``category_ids`` the COCO id of each class (default
+    ``1..C``, kept so results of a COCO dataset keep the original ids). Training targets hold VOC
+    "difficult" boxes (``keep_difficult``, as detectron2 and the MoCo/InsLoc VOC protocol) but not
+    COCO crowd regions (``include_crowd``, as torchvision's references); evaluation ignores both.
     """
 
-    def __init__(
-        self,
-        records: Sequence[DetectionRecord],
-        class_names: Sequence[str],
-        *,
-        category_ids: Sequence[int] | None = None,
-        transforms: Transform | None = None,
-        keep_difficult: bool = True,
-        include_crowd: bool = False,
-        report: DatasetReport | None = None,
-        source: str = "",
-    ) -> None:
+    def __init__(self, records: Sequence[DetectionRecord], class_names: Sequence[str], *,
+                 category_ids: Sequence[int] | None = None, keep_difficult: bool = True, include_crowd: bool = False,
+                 report: DatasetReport | None = None, source: str = "") -> None:
         self.records = list(records)
         self.class_names = [str(name) for name in class_names]
         if category_ids is None:
             category_ids = range(1, len(self.class_names) + 1)
         self.category_ids = [int(c) for c in category_ids]
         if len(self.category_ids) != len(self.class_names) or len(set(self.category_ids)) != len(self.category_ids):
-            raise ConfigError(
-                f"category_ids {self.category_ids} must be {len(self.class_names)} distinct ids, one per class name"
-            )
+            raise ConfigError(f"category_ids {self.category_ids} must be {len(self.class_names)} distinct ids, one per "
+                              "class name")
         if len(set(self.class_names)) != len(self.class_names):
             raise ConfigError(f"class names must be distinct, got {self.class_names}")
-        self.transforms = transforms
-        self.keep_difficult = keep_difficult
-        self.include_crowd = include_crowd
+        self.keep_difficult, self.include_crowd, self.source = keep_difficult, include_crowd, source
         self.report = report if report is not None else DatasetReport(source=source)
-        self.source = source
         # Decode failures found lazily (a file cut after its header): 1 + the InvalidImageError
         # reason's index, in shared memory so what a DataLoader worker finds reaches the main process.
         self._unreadable = torch.zeros(max(len(self.records), 1), dtype=torch.uint8).share_memory_()
@@ -368,32 +305,25 @@ class DetectionDataset(Dataset):
         return {i: InvalidImageError.REASONS[int(self._unreadable[i]) - 1] for i in found}
 
     def report_unreadable(self) -> list[str]:
-        """Add images that failed to decode since the last call to ``report`` (``unreadable_images``).
-
-        Returns every such file as ``"name: reason"`` (also those reported before), for a data report.
-        """
-        entries = []
+        """Add images that failed to decode since the last call to ``report`` (``unreadable_images``) and
+        log them. Returns every such file as ``"name: reason"`` (also those reported before)."""
+        entries, new = [], []
         for index, reason in self.unreadable().items():
-            entry = f"{self.records[index].file_name or self.records[index].path.name}: {reason} (at decode)"
-            entries.append(entry)
+            entries.append(f"{self.records[index].file_name or self.records[index].path.name}: {reason} (at decode)")
             if index not in self._reported:
                 self._reported.add(index)
-                self.report.note("unreadable_images", entry)
+                self.report.note("unreadable_images", entries[-1])
+                new.append(entries[-1])
+        if new:
+            logger.warning("%s: %d image(s) skipped because they cannot be decoded: %s", self.source or "dataset",
+                           len(new), ", ".join(new[:5]) + (" ..." if len(new) > 5 else ""))
         return entries
 
     def subset(self, indices: Sequence[int]) -> DetectionDataset:
         """A dataset of the items ``indices`` (same classes, ids and report), e.g. without unreadable images."""
-        return DetectionDataset(
-            [self.records[i] for i in indices],
-            self.class_names,
-            category_ids=self.category_ids,
-            transforms=self.transforms,
-            keep_difficult=self.keep_difficult,
-            include_crowd=self.include_crowd,
-            report=self.report,
-            source=self.source,
-        )
-
+        return DetectionDataset([self.records[i] for i in indices], self.class_names, category_ids=self.category_ids,
+                                keep_difficult=self.keep_difficult, include_crowd=self.include_crowd,
+                                report=self.report, source=self.source)
 
     def get_target(self, index: int, masks: bool = False) -> Target:
         """The training target of item ``index`` (no transforms, no image decoding).
@@ -424,11 +354,7 @@ class DetectionDataset(Dataset):
         }
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
-        image = to_tensor(self.load_image(index))
-        target = self.get_target(index)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
+        return to_tensor(self.load_image(index)), self.get_target(index)
 
     def to_coco_dict(self) -> dict[str, Any]:
         """The ground truth in COCO format (``images``, ``annotations``, ``categories``).
@@ -443,56 +369,29 @@ class DetectionDataset(Dataset):
         """
         images, annotations = [], []
         for record in self.records:
-            images.append(
-                {
-                    "id": int(record.image_id),
-                    "file_name": record.file_name or record.path.name,
-                    "width": int(record.width),
-                    "height": int(record.height),
-                }
-            )
-            for box, label, area, crowd, difficult in zip(
-                record.boxes, record.labels, record.area, record.iscrowd, record.difficult, strict=True
-            ):
+            images.append({"id": int(record.image_id), "file_name": record.file_name or record.path.name,
+                           "width": int(record.width), "height": int(record.height)})
+            for box, label, area, crowd, difficult in zip(record.boxes, record.labels, record.area, record.iscrowd,
+                                                          record.difficult, strict=True):
                 x1, y1, x2, y2 = (float(v) for v in box)
                 ignored = bool(crowd or difficult)
-                annotation = {
-                    "id": len(annotations) + 1,
-                    "image_id": int(record.image_id),
-                    "category_id": self.category_ids[int(label) - 1],
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": float(area),
-                    "iscrowd": int(ignored),
-                    "ignore": int(ignored),
-                }
+                annotation = {"id": len(annotations) + 1, "image_id": int(record.image_id),
+                              "category_id": self.category_ids[int(label) - 1], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                              "area": float(area), "iscrowd": int(ignored), "ignore": int(ignored)}
                 if difficult:
                     annotation["difficult"] = 1
                 annotations.append(annotation)
         categories = [{"id": cid, "name": name} for cid, name in zip(self.category_ids, self.class_names, strict=True)]
-        return {
-            "info": {"description": f"insloc-hub ground truth of {self.source}"},
-            "images": images,
-            "annotations": annotations,
-            "categories": sorted(categories, key=lambda c: c["id"]),
-        }
+        return {"info": {"description": f"insloc-hub ground truth of {self.source}"}, "images": images,
+                "annotations": annotations, "categories": sorted(categories, key=lambda c: c["id"])}
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}({len(self)} images, {self.report.num_boxes} boxes, "
-            f"classes={self.class_names}, source={self.source!r})"
-        )
+        return (f"{type(self).__name__}({len(self)} images, {self.report.num_boxes} boxes, "
+                f"classes={self.class_names}, source={self.source!r})")
 
 
-def _finish(
-    records: list[DetectionRecord],
-    class_names: Sequence[str],
-    report: DatasetReport,
-    *,
-    category_ids: Sequence[int] | None,
-    keep_difficult: bool,
-    keep_empty: bool,
-    transforms: Transform | None,
-) -> DetectionDataset:
+def _finish(records: list[DetectionRecord], class_names: Sequence[str], report: DatasetReport, *,
+            category_ids: Sequence[int] | None, keep_difficult: bool, keep_empty: bool) -> DetectionDataset:
     """Drop images without training boxes if asked, fill the report, log it, build the dataset."""
     kept = []
     for record in records:
@@ -507,22 +406,14 @@ def _finish(
     report.num_boxes = int(sum(len(r.labels) for r in kept))
     report.num_difficult = int(sum(int(r.difficult.sum()) for r in kept))
     report.num_crowd = int(sum(int(r.iscrowd.sum()) for r in kept))
-    _log_report(report)
+    logger.log(logging.WARNING if report.problems else logging.INFO, "%s", report.summary())
     _raise_if_unusable(report)
-    return DetectionDataset(
-        kept,
-        class_names,
-        category_ids=category_ids,
-        transforms=transforms,
-        keep_difficult=keep_difficult,
-        report=report,
-        source=report.source,
-    )
+    return DetectionDataset(kept, class_names, category_ids=category_ids, keep_difficult=keep_difficult, report=report,
+                            source=report.source)
 
 
-def _clean_box(
-    xyxy: Sequence[float], width: int, height: int, report: DatasetReport, where: str
-) -> tuple[float, float, float, float] | None:
+def _clean_box(xyxy: Sequence[float], width: int, height: int, report: DatasetReport, where: str
+               ) -> tuple[float, float, float, float] | None:
     """Clip a box to the image; ``None`` (and a note) if it is malformed or empty after clipping."""
     x1, y1, x2, y2 = xyxy
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
@@ -538,9 +429,8 @@ def _clean_box(
     return clipped
 
 
-def _check_image(
-    path: Path, annotated: tuple[int, int] | None, report: DatasetReport, name: str
-) -> tuple[int, int] | None:
+def _check_image(path: Path, annotated: tuple[int, int] | None, report: DatasetReport, name: str
+                 ) -> tuple[int, int] | None:
     """Size of the image file (header read), noting missing/unreadable/degenerate files and wrong sizes."""
     if not path.is_file():
         report.note("missing_images", name)
@@ -554,10 +444,7 @@ def _check_image(
         report.note("degenerate_images", f"{name}: {size[0]}x{size[1]}")
         return None
     if annotated is not None and annotated != size:
-        report.note(
-            "size_mismatches",
-            f"{name}: annotated {annotated[0]}x{annotated[1]}, file {size[0]}x{size[1]}",
-        )
+        report.note("size_mismatches", f"{name}: annotated {annotated[0]}x{annotated[1]}, file {size[0]}x{size[1]}")
     return size
 
 
@@ -656,46 +543,18 @@ def _note_similar_names(names: Sequence[str], report: DatasetReport) -> None:
                 report.note("similar_class_names", f"{name!r} / {other!r}")
 
 
-# ----------------------------------------------------------------------------------------------
-# COCO
-# ----------------------------------------------------------------------------------------------
-
-
-def load_coco(
-    annotation_json: str | Path,
-    image_root: str | Path,
-    *,
-    class_names: Sequence[str] | None = None,
-    keep_empty: bool = True,
-    transforms: Transform | None = None,
-    max_examples: int = 5,
-    unknown_classes: str = "drop",
-    allow_outside_root: bool = False,
-) -> DetectionDataset:
+def load_coco(annotation_json: str | Path, image_root: str | Path, *, class_names: Sequence[str] | None = None,
+              keep_empty: bool = True, max_examples: int = 5, unknown_classes: str = "drop",
+              allow_outside_root: bool = False) -> DetectionDataset:
     """Read a COCO-format detection set (``images``, ``annotations`` with ``bbox`` xywh, ``categories``).
 
-    Args:
-        annotation_json: the COCO JSON file.
-        image_root: folder that ``images[*].file_name`` are relative to.
-        class_names: classes to keep, in label order; annotations of other categories are dropped
-            and counted. Default: every category, ordered by id (label ``i + 1`` is the i-th id).
-        keep_empty: keep images without boxes as negatives (``True``) or skip them.
-        transforms: ``(image, target) -> (image, target)`` training transforms.
-        max_examples: examples kept per problem kind in the report.
-        unknown_classes: ``"drop"`` (count them in the report) or ``"error"`` (DatasetError) for
-            annotations of categories outside ``class_names``.
-        allow_outside_root: accept ``file_name``s that are absolute or climb out of ``image_root``
-            with ``..`` (each is still reported as ``outside_root``); refused by default.
-
-    Every record is type-checked once, here: ``images[*].id`` an integer and ``file_name`` a
-    non-empty string; ``annotations[*].image_id`` / ``category_id`` integers, ``bbox`` four finite
-    numbers, ``iscrowd`` 0 or 1, ``segmentation`` as :func:`segmentation_problem` accepts.
-    Records that fail are dropped (or, for a bad segmentation, the box is used as mask) and
-    counted in ``dataset.report``.
-
-    Original image ids and category ids are kept (``dataset.category_ids``), so results written
-    from this dataset can be scored against the original JSON. Crowd regions stay in the ground
-    truth and are left out of training targets.
+    ``image_root``: the folder ``images[*].file_name`` are relative to. ``class_names`` default to
+    every category, ordered by id (label ``i + 1`` is the i-th id); the other arguments are
+    :func:`load_voc`'s. Every record is type-checked once, here (ids integers, ``bbox`` four finite
+    numbers, ``iscrowd`` 0 or 1, ``segmentation`` as :func:`segmentation_problem` accepts); records
+    that fail are dropped (a bad segmentation: the box is used as mask) and counted in the report.
+    Original image and category ids are kept (``dataset.category_ids``), so results can be scored
+    against the original JSON. Crowd regions stay in the ground truth, out of training targets.
     """
     path = Path(annotation_json)
     report = DatasetReport(source=str(path), format="coco", max_examples=max_examples)
@@ -780,15 +639,7 @@ def load_coco(
         records.append(_make_record(image_id, image_path, width, height, boxes, file_name))
 
     _check_class_list(class_names, report, unknown_classes)
-    return _finish(
-        records,
-        class_names,
-        report,
-        category_ids=category_ids,
-        keep_difficult=True,
-        keep_empty=keep_empty,
-        transforms=transforms,
-    )
+    return _finish(records, class_names, report, category_ids=category_ids, keep_difficult=True, keep_empty=keep_empty)
 
 
 def _annotation_problem(ann: Any) -> str | None:
@@ -803,9 +654,8 @@ def _annotation_problem(ann: Any) -> str | None:
     return None
 
 
-def _coco_categories(
-    categories: Any, class_names: Sequence[str] | None, path: Path
-) -> tuple[list[str], list[int], dict[int, int]]:
+def _coco_categories(categories: Any, class_names: Sequence[str] | None, path: Path
+                     ) -> tuple[list[str], list[int], dict[int, int]]:
     """Class names, their category ids and ``category id -> label``."""
     found: dict[int, str] = {}
     for category in categories or []:
@@ -830,11 +680,6 @@ def _coco_categories(
             ids.append(next_id)
             next_id += 1
     return names, ids, {cid: label for label, cid in enumerate(ids, start=1) if cid in found}
-
-
-# ----------------------------------------------------------------------------------------------
-# PASCAL VOC
-# ----------------------------------------------------------------------------------------------
 
 
 def _child_dir(root: Path, names: Sequence[str]) -> Path | None:
@@ -873,18 +718,9 @@ def _entry_name(entry: str) -> tuple[str, str | None]:
     return name, None
 
 
-def load_voc(
-    root: str | Path,
-    split: str | Path | None = None,
-    *,
-    class_names: Sequence[str] | None = None,
-    keep_difficult: bool = True,
-    keep_empty: bool = True,
-    transforms: Transform | None = None,
-    max_examples: int = 5,
-    unknown_classes: str = "drop",
-    allow_outside_root: bool = False,
-) -> DetectionDataset:
+def load_voc(root: str | Path, split: str | Path | None = None, *, class_names: Sequence[str] | None = None,
+             keep_difficult: bool = True, keep_empty: bool = True, max_examples: int = 5, unknown_classes: str = "drop",
+             allow_outside_root: bool = False) -> DetectionDataset:
     """Read a PASCAL VOC-style set: ``root/Annotations/*.xml`` and ``root/JPEGImages`` (or ``images``).
 
     Folder names match case-insensitively (``annotations/``, ``images/`` work).
@@ -900,7 +736,6 @@ def load_voc(
         keep_difficult: put difficult objects in training targets (default ``True``, as detectron2
             does). They are ignored by evaluation either way, as the VOC devkit does.
         keep_empty: keep images without boxes as negatives (``True``) or skip them.
-        transforms: ``(image, target) -> (image, target)`` training transforms.
         max_examples: examples kept per problem kind in the report.
         unknown_classes: with ``class_names``, objects of other classes are ``"drop"``-ped (and
             counted) or refused (``"error"``: DatasetError naming them). Without ``class_names``,
@@ -931,7 +766,7 @@ def load_voc(
     wanted = None if class_names is None else {str(n): i for i, n in enumerate(class_names, start=1)}
     if class_names is not None and len(wanted) != len(class_names):
         raise ConfigError(f"class names must be distinct, got {list(class_names)}")
-    parsed: list[tuple[int, Path, int, int, list[tuple[str, tuple[float, ...], bool]], str]] = []
+    parsed: list[tuple[int, Path, int, int, list[VocObject], str]] = []
     seen: set[str] = set()
     for position, entry in enumerate(entries, start=1):
         stem, listed_name = _entry_name(entry)
@@ -968,21 +803,15 @@ def load_voc(
             for name, xyxy, difficult in objects
         ]
         records.append(_make_record(position, image_path, width, height, boxes, file_name))
-    return _finish(
-        records,
-        list(wanted),
-        report,
-        category_ids=None,
-        keep_difficult=keep_difficult,
-        keep_empty=keep_empty,
-        transforms=transforms,
-    )
+    return _finish(records, list(wanted), report, category_ids=None, keep_difficult=keep_difficult,
+                   keep_empty=keep_empty)
 
 
-def _parse_voc_xml(
-    annotation_dir: Path, image_dir: Path, stem: str, listed_name: str | None, report: DatasetReport,
-    allow_outside_root: bool = False,
-) -> tuple[Path, int, int, list[tuple[str, tuple[float, ...], bool]]] | None:
+VocObject = tuple[str, tuple[float, ...], bool]  # name, xyxy, difficult
+
+
+def _parse_voc_xml(annotation_dir: Path, image_dir: Path, stem: str, listed_name: str | None, report: DatasetReport,
+                   allow_outside_root: bool = False) -> tuple[Path, int, int, list[VocObject]] | None:
     """Parse one VOC XML; ``(image path, width, height, [(name, xyxy, difficult)])`` or ``None``."""
     xml_path = annotation_dir / f"{stem}.xml"
     if not xml_path.is_file():
@@ -1031,11 +860,6 @@ def _parse_voc_xml(
     return image_path, size[0], size[1], objects
 
 
-# ----------------------------------------------------------------------------------------------
-# One entry point
-# ----------------------------------------------------------------------------------------------
-
-
 def _guess_coco_image_root(annotation_json: Path) -> Path:
     """``images/`` next to the JSON or its folder, COCO's ``val2017/`` for ``instances_val2017.json``."""
     folder = annotation_json.parent
@@ -1046,39 +870,21 @@ def _guess_coco_image_root(annotation_json: Path) -> Path:
     return next((c for c in candidates if c.is_dir()), folder)
 
 
-def load_dataset(path_or_spec: str | Path | Mapping[str, Any], **kwargs: Any) -> DetectionDataset:
+def load_dataset(path: str | Path, **kwargs: Any) -> DetectionDataset:
     """Load a COCO or VOC dataset, telling the format from the path.
 
-    ``path_or_spec`` is one of:
+    ``path`` is one of:
 
     * a COCO ``.json`` file (``image_root`` from kwargs, else ``images/`` next to it, else the
       ``val2017/``-style folder of ``instances_val2017.json``, else its folder);
     * a VOC root folder (it has ``Annotations/``), with ``split`` from kwargs;
     * a VOC split list ``.txt`` whose folder is the VOC root (``raccoon/train_split.txt``);
     * a folder holding one COCO json (``annotations.json`` or a single ``*.json`` in it or in
-      ``annotations/``);
-    * a mapping ``{"format": "coco"|"voc", "path": ..., "image_root": ..., "split": ...}`` whose
-      other keys are keyword arguments of :func:`load_coco` / :func:`load_voc`.
+      ``annotations/``).
 
     Remaining ``kwargs`` go to :func:`load_coco` or :func:`load_voc`.
     """
-    if isinstance(path_or_spec, Mapping):
-        spec = dict(path_or_spec)
-        spec.update(kwargs)
-        fmt = spec.pop("format", None)
-        path = spec.pop("path", None) or spec.pop("root", None) or spec.pop("annotations", None)
-        if path is None:
-            raise ConfigError(f"dataset spec {path_or_spec!r} needs a 'path'")
-        if fmt == "coco":
-            image_root = spec.pop("image_root", None) or _guess_coco_image_root(Path(path))
-            return load_coco(path, image_root, **spec)
-        if fmt == "voc":
-            return load_voc(path, **spec)
-        if fmt is not None:
-            raise ConfigError(f"unknown dataset format {fmt!r}; use 'coco' or 'voc'")
-        return load_dataset(path, **spec)
-
-    path = Path(path_or_spec)
+    path = Path(path)
     if path.is_file() and path.suffix.lower() == ".json":
         image_root = kwargs.pop("image_root", None) or _guess_coco_image_root(path)
         return load_coco(path, image_root, **kwargs)
@@ -1104,29 +910,46 @@ def load_dataset(path_or_spec: str | Path | Mapping[str, Any], **kwargs: Any) ->
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# Training transforms and protocols
-# ----------------------------------------------------------------------------------------------
+def flip_horizontal(image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+    """Mirror an image and its target left-right: ``boxes`` (``x1, y1, x2, y2``) and ``masks`` when present.
+
+    torchvision.transforms.v2 does the geometry (``tv_tensors.BoundingBoxes`` / ``Mask``); plain tensors
+    come back, and ``target`` itself is left as it was.
+    """
+    target = dict(target)
+    boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=tuple(image.shape[-2:]))
+    target["boxes"] = tvf.horizontal_flip(boxes).as_subclass(torch.Tensor)
+    if "masks" in target:
+        target["masks"] = tvf.horizontal_flip(tv_tensors.Mask(target["masks"])).as_subclass(torch.Tensor)
+    return tvf.horizontal_flip(image), target
 
 
-class RandomHorizontalFlip:
-    """Flip the image and its boxes left-right with probability ``p`` (``torch`` RNG)."""
+class TrainingSet(Dataset):
+    """A :class:`DetectionDataset` for training: horizontal flip with probability ``flip``, masks when asked for.
 
-    def __init__(self, p: float = 0.5) -> None:
-        self.p = float(p)
+    An image that fails to decode is skipped (counted in the data report) and replaced by the next
+    readable one, so a batch keeps its size and a DataLoader worker never dies on a bad file.
+    """
 
-    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
-        if torch.rand(()).item() >= self.p:
-            return image, target
-        width = image.shape[-1]
-        target = dict(target)
-        boxes = target["boxes"].clone()
-        boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
-        target["boxes"] = boxes
-        return image.flip(-1), target
+    def __init__(self, dataset: DetectionDataset, masks: bool = False, flip: float = 0.5) -> None:
+        self.dataset, self.masks, self.flip = dataset, masks, float(flip)
 
-    def __repr__(self) -> str:
-        return f"RandomHorizontalFlip(p={self.p})"
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        size = len(self.dataset)
+        for step in range(size):
+            picture = self.dataset.try_load_image((index + step) % size)
+            if picture is not None:
+                index = (index + step) % size
+                break
+        else:
+            raise DatasetError(f"none of the {size} images of {self.dataset.source} can be decoded; see the log")
+        image, target = to_tensor(picture), self.dataset.get_target(index, masks=self.masks)
+        if torch.rand(()).item() < self.flip:
+            image, target = flip_horizontal(image, target)
+        return image, target
 
 
 _PROTOCOLS: dict[str, dict[str, Any]] = {
@@ -1138,31 +961,17 @@ _PROTOCOLS: dict[str, dict[str, Any]] = {
 
 
 def protocol_sizes(name: str) -> dict[str, Any]:
-    """Image sizes of a standard fine-tuning protocol: ``{"min_size", "max_size", "test_size"}``.
+    """Image sizes of the ``"voc"`` or ``"coco"`` fine-tuning protocol: ``{"min_size", "max_size", "test_size"}``.
 
-    Pass ``min_size`` (a tuple) and ``max_size`` to the torchvision detector
-    (``FasterRCNN(..., min_size=..., max_size=...)``): in training ``GeneralizedRCNNTransform``
-    draws one of ``min_size`` per image, which is multi-scale training; in eval it uses
-    ``min_size[-1]``, which equals ``test_size`` (800) in both presets.
-
-    ``"voc"``: short side 480..800 step 32, long side <= 1333, test 800.
-    ``"coco"``: short side 640..800 step 32, long side <= 1333, test 800.
+    ``min_size`` (a tuple) and ``max_size`` go to the torchvision detector: in training its
+    ``GeneralizedRCNNTransform`` draws one ``min_size`` per image (multi-scale training); in eval it
+    uses ``min_size[-1]``, which equals ``test_size``.
     """
-    key = name.lower()
-    if key not in _PROTOCOLS:
+    if name.lower() not in _PROTOCOLS:
         raise ConfigError(f"unknown protocol {name!r}; choose one of {sorted(_PROTOCOLS)}")
-    preset = _PROTOCOLS[key]
-    return {
-        "min_size": tuple(preset["min_size"]),
-        "max_size": preset["max_size"],
-        "test_size": preset["test_size"],
-    }
+    return dict(_PROTOCOLS[name.lower()])
 
 
-def collate_detection(
-    batch: Sequence[tuple[torch.Tensor, Target]],
-) -> tuple[list[torch.Tensor], list[Target]]:
+def collate_detection(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:
     """``DataLoader`` collate function: ``[(image, target), ...] -> ([images], [targets])``."""
-    images = [image for image, _ in batch]
-    targets = [target for _, target in batch]
-    return images, targets
+    return [image for image, _ in batch], [target for _, target in batch]

@@ -1,25 +1,9 @@
-"""Distributed helpers: one process per GPU, started by ``torchrun``.
+"""Distributed helpers: one process per GPU, started by ``torchrun`` (``srun torchrun`` on SLURM).
 
 Everything here also works in a plain single process (no process group): ranks are 0, the world
-size is 1, gathers return their input, broadcasts return the object and barriers do nothing. Code
-that calls these helpers therefore runs unchanged on a laptop CPU, one GPU, or many nodes.
-
-Launchers understood by :func:`init_distributed`:
-
-* ``torchrun`` (and ``torch.distributed.launch``): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-  ``MASTER_ADDR``, ``MASTER_PORT`` are set by the launcher.
-
-On SLURM, run ``srun torchrun ...`` with one task per node: torchrun sets the variables above.
-
-The backend is NCCL when the process uses a CUDA device, gloo otherwise (CPU tests use gloo).
-
-Example::
-
-    info = init_distributed("auto")        # DistInfo(rank=0, world_size=1, ..., device=cuda:0)
-    keys = all_gather_tensor(local_keys)   # [world_size * B, ...]
-    if is_main_process():
-        save(...)
-    cleanup()
+size is 1, gathers return their input, broadcasts return the object and barriers do nothing, so
+the training code runs unchanged on a laptop CPU, one GPU, or many nodes. The backend is NCCL on
+CUDA devices, gloo otherwise (the CPU tests use gloo).
 """
 
 from __future__ import annotations
@@ -36,24 +20,10 @@ import torch.distributed as dist
 
 from insloc_hub.errors import ConfigError
 
-__all__ = [
-    "DistInfo",
-    "LaunchEnv",
-    "detect_launch_env",
-    "init_distributed",
-    "is_distributed",
-    "get_rank",
-    "get_world_size",
-    "is_main_process",
-    "all_gather_tensor",
-    "broadcast_object",
-    "broadcast_tensor",
-    "barrier",
-    "cleanup",
-]
+__all__ = ["DistInfo", "LaunchEnv", "all_gather_tensor", "barrier", "broadcast_object", "broadcast_tensor", "cleanup",
+           "detect_launch_env", "get_rank", "get_world_size", "init_distributed", "is_distributed", "select_device"]
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -85,14 +55,7 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.backend is not None
 
-
-# --------------------------------------------------------------------------------------------------
-# Environment
-# --------------------------------------------------------------------------------------------------
 def _int_env(env: Mapping[str, str], name: str) -> int:
     try:
         return int(env[name])
@@ -104,21 +67,14 @@ def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
     """Read the rank layout from torchrun's variables (``env`` defaults to ``os.environ``)."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchEnv(
-            rank=_int_env(env, "RANK"),
-            world_size=_int_env(env, "WORLD_SIZE"),
-            local_rank=_int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
-            master_addr=env.get("MASTER_ADDR"),
-            master_port=_int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else None,
-            launcher="torchrun",
-        )
+        return LaunchEnv(_int_env(env, "RANK"), _int_env(env, "WORLD_SIZE"),
+                         _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0, env.get("MASTER_ADDR"),
+                         _int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else None, "torchrun")
     return LaunchEnv()
 
 
-# --------------------------------------------------------------------------------------------------
-# Setup / teardown
-# --------------------------------------------------------------------------------------------------
-def _select_device(device: str | torch.device, local_rank: int) -> torch.device:
+def select_device(device: str | torch.device, local_rank: int = 0) -> torch.device:
+    """``"auto"``: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU; ConfigError for CUDA without CUDA."""
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -134,29 +90,16 @@ def _select_device(device: str | torch.device, local_rank: int) -> torch.device:
     return dev
 
 
-def init_distributed(
-    device: str | torch.device = "auto",
-    *,
-    backend: str | None = None,
-    timeout_minutes: float = 30.0,
-    env: Mapping[str, str] | None = None,
-) -> DistInfo:
-    """Create the process group when the launcher asked for several processes.
+def init_distributed(device: str | torch.device = "auto", *, backend: str | None = None, timeout_minutes: float = 30.0,
+                     env: Mapping[str, str] | None = None) -> DistInfo:
+    """Create the process group when the launcher asked for several processes (NCCL on CUDA, else gloo).
 
-    Args:
-        device: ``"auto"`` (``cuda:LOCAL_RANK`` when CUDA is available, else CPU), ``"cpu"``,
-            ``"cuda"`` or an explicit device.
-        backend: override the backend (default NCCL on CUDA, gloo on CPU).
-        timeout_minutes: collective timeout.
-        env: environment to read (default ``os.environ``); its master address/port are written
-            back to ``os.environ`` for ``env://`` initialisation.
-
-    Returns:
-        :class:`DistInfo`. With a world size of 1 no process group is created. Calling it again
-        when a group already exists returns the current layout.
+    ``device`` as :func:`select_device`; ``env`` defaults to ``os.environ`` (its master address and
+    port are written back there for ``env://``). With a world size of 1 no process group is created;
+    called again when a group exists, it returns the current layout.
     """
     launch = detect_launch_env(env)
-    dev = _select_device(device, launch.local_rank)
+    dev = select_device(device, launch.local_rank)
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), launch.local_rank, dev, dist.get_backend(),
                         launch.launcher)
@@ -172,10 +115,8 @@ def init_distributed(
         raise ConfigError(f"{launch.launcher}: MASTER_ADDR/MASTER_PORT are not set; start with torchrun "
                           "(srun torchrun on SLURM)")
     chosen = backend or ("nccl" if dev.type == "cuda" else "gloo")
-    dist.init_process_group(
-        chosen, init_method="env://", rank=launch.rank, world_size=launch.world_size,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-    )
+    dist.init_process_group(chosen, init_method="env://", rank=launch.rank, world_size=launch.world_size,
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
     logger.info("process group: %s, rank %d of %d (local rank %d), device %s, launcher %s", chosen, launch.rank,
                 launch.world_size, launch.local_rank, dev, launch.launcher)
     return DistInfo(launch.rank, launch.world_size, launch.local_rank, dev, chosen, launch.launcher)
@@ -187,9 +128,6 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-# --------------------------------------------------------------------------------------------------
-# Queries and collectives (all valid without a process group)
-# --------------------------------------------------------------------------------------------------
 def is_distributed() -> bool:
     """Whether a process group with more than zero peers is initialised."""
     return dist.is_available() and dist.is_initialized()
@@ -201,11 +139,6 @@ def get_rank() -> int:
 
 def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (and in a single process): the one that logs and writes files."""
-    return get_rank() == 0
 
 
 @torch.no_grad()
@@ -245,7 +178,4 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if is_distributed():
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
+        dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None)

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import functools
 import logging
 import math
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,51 +50,27 @@ from insloc_hub.models import PRESETS, BackboneConfig, InsLocBackbone, backbone_
 from insloc_hub.pretrained import save_pretrained
 
 from . import distributed as dist_utils
-from .checkpoint import (
-    capture_rng_state,
-    check_config,
-    checkpoint_path,
-    find_latest,
-    load_checkpoint,
-    load_newest_usable,
-    prune_checkpoints,
-    restore_rng_state,
-    save_checkpoint,
-)
+from . import run as run_lib
+from .checkpoint import check_config, find_latest, load_checkpoint
 from .compose import CompositionConfig, compose_batch, make_composition_grid
 from .diagnostics import CollapseMonitor, plot_curves, summarize
 from .insloc import PROJECTION_NORMS, InsLoc
 from .moco import MoCo, MocoDecodeDataset, MocoPretrainDataset
 from .pretrain_data import (
+    DevicePrefetcher,
     InsLocBytesDataset,
     InsLocPretrainDataset,
     UnlabelledImages,
     collate_decoded,
     compose_encoded_batch,
 )
-from .run import MetricsWriter, choose_resume, seed_everything
+from .run import MetricsWriter, StepTimer, seed_everything
 
-__all__ = [
-    "Runtime",
-    "build_dataset",
-    "resolve_runtime",
-    "PretrainConfig",
-    "PRETRAIN_PRESETS",
-    "RESUME_IGNORED_FIELDS",
-    "CHECKPOINT_FORMAT",
-    "ResumableDistributedSampler",
-    "cosine_by_epoch",
-    "set_schedule_epoch",
-    "build_model",
-    "compile_encoders",
-    "train",
-    "train_step",
-    "batch_to_views",
-    "resolve_config",
-    "export_checkpoint",
-    "export_backbone_from_state",
-    "query_backbone_config",
-]
+__all__ = ["Runtime", "build_dataset", "resolve_runtime", "PretrainConfig", "PRETRAIN_PRESETS",
+           "RESUME_IGNORED_FIELDS", "CHECKPOINT_FORMAT", "ResumableDistributedSampler", "cosine_by_epoch",
+           "set_schedule_epoch", "build_model", "compile_encoders", "train", "train_step", "batch_to_views",
+           "resolve_config", "export_checkpoint", "export_backbone_from_state", "query_backbone_config",
+           "device_batches", "build_optimizer_and_schedule"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +80,6 @@ TRI_STATE = ("auto", "on", "off")
 EMBED_INITS = ("official", "default")
 
 
-# --------------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------------
 @dataclass
 class PretrainConfig(JsonConfig):
     """Every setting of a pretraining run; serialised to ``RUN_DIR/config.json`` and checkpoints.
@@ -284,9 +257,6 @@ def resolve_config(overrides: dict[str, Any]) -> PretrainConfig:
     return PretrainConfig.from_dict(values)
 
 
-# --------------------------------------------------------------------------------------------------
-# Sampler and schedule
-# --------------------------------------------------------------------------------------------------
 def _mix(*values: int) -> int:
     """A 63-bit seed from integers (numpy SeedSequence hashing)."""
     state = np.random.SeedSequence([int(v) % 2**63 for v in values]).generate_state(2, dtype=np.uint32)
@@ -305,12 +275,12 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
     never depends on shared state in the workers.
     """
 
-    def __init__(self, num_samples: int, batch_per_rank: int, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True) -> None:
+    def __init__(self, num_samples: int, batch_per_rank: int, world_size: int = 1, rank: int = 0, seed: int = 0
+                 ) -> None:
         if num_samples <= 0 or batch_per_rank <= 0:
             raise ValueError("need a positive number of samples and batch size")
         self.num_samples, self.batch_per_rank = int(num_samples), int(batch_per_rank)
-        self.world_size, self.rank, self.seed, self.shuffle = int(world_size), int(rank), int(seed), shuffle
+        self.world_size, self.rank, self.seed = int(world_size), int(rank), int(seed)
         self.epoch, self.start_step = 0, 0
 
     @property
@@ -330,20 +300,10 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
             raise ValueError(f"start step {step} outside [0, {self.steps_per_epoch}]")
         self.start_step = int(step)
 
-    def global_order(self, epoch: int) -> torch.Tensor:
-        """All indices of ``epoch`` in global-batch order, padded by wrapping around."""
-        n, total = self.num_samples, self.steps_per_epoch * self.global_batch
-        if self.shuffle:
-            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0x5A3D))
-            order = torch.randperm(n, generator=g)
-        else:
-            order = torch.arange(n)
-        if total > n:
-            order = order.repeat(math.ceil(total / n))[:total]
-        return order
-
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = self.global_order(self.epoch)
+        n, total = self.num_samples, self.steps_per_epoch * self.global_batch
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch, 0x5A3D)))
+        order = order.repeat(math.ceil(total / n))[:total]  # padded to whole global batches by wrapping around
         b, g = self.batch_per_rank, self.global_batch
         for step in range(self.start_step, self.steps_per_epoch):
             start = step * g + self.rank * b
@@ -372,9 +332,6 @@ def set_schedule_epoch(schedule: torch.optim.lr_scheduler.LambdaLR, epoch: int) 
     return schedule.get_last_lr()[0]
 
 
-# --------------------------------------------------------------------------------------------------
-# Model and data
-# --------------------------------------------------------------------------------------------------
 def build_model(cfg: PretrainConfig) -> InsLoc:
     """The pretraining model of a config: :class:`InsLoc` or the :class:`MoCo` baseline."""
     cls = MoCo if cfg.method == "moco" else InsLoc
@@ -443,20 +400,14 @@ def batch_to_views(batch: dict[str, Any], comp: CompositionConfig, device: torch
         q_img, q_box, k_img, k_box = compose_batch(batch["fg"], batch["bg_q"], batch["bg_k"], comp,
                                                    params=batch["params"], device=device)
     else:
-        non_blocking = device.type == "cuda"
-        q_img = batch["q_img"].to(device, non_blocking=non_blocking)
-        k_img = batch["k_img"].to(device, non_blocking=non_blocking)
-        q_box = batch["q_box"].to(device, non_blocking=non_blocking)
-        k_box = batch["k_box"].to(device, non_blocking=non_blocking)
+        q_img, q_box, k_img, k_box = (batch[k].to(device, non_blocking=device.type == "cuda")
+                                      for k in ("q_img", "q_box", "k_img", "k_box"))
     if channels_last:
         q_img = q_img.contiguous(memory_format=torch.channels_last)
         k_img = k_img.contiguous(memory_format=torch.channels_last)
     return q_img, q_box, k_img, k_box
 
 
-# --------------------------------------------------------------------------------------------------
-# Export
-# --------------------------------------------------------------------------------------------------
 def export_backbone_from_state(model_state: dict[str, torch.Tensor], cfg: PretrainConfig) -> InsLocBackbone:
     """A fresh :class:`InsLocBackbone` holding the query-side weights of a pretraining state dict."""
     prefix = "encoder_q.backbone."
@@ -491,16 +442,10 @@ def _provenance(cfg: PretrainConfig, *, epoch: int, step_in_epoch: int, steps_pe
               f"batch {cfg.batch_size}, K {cfg.queue_size}, m {cfg.key_momentum}, T {cfg.temperature}, "
               f"canvas {cfg.canvas}")
     prov: dict[str, Any] = {
-        "method": "InsLoc" if cfg.method == "insloc" else "MoCo v2 (image-level baseline)",
-        "recipe": recipe,
-        "epochs": cfg.epochs,
-        "epochs_completed": round(done, 4),
-        "steps": global_step,
-        "num_images": num_images,
-        "data_path": str(cfg.data),
-        "seed": cfg.seed,
-        "official_code": "limbo0000/InstanceLoc @ a419bb6 (configs/FPN/insloc_fpn_200ep.py)",
-    }
+        "method": "InsLoc" if cfg.method == "insloc" else "MoCo v2 (image-level baseline)", "recipe": recipe,
+        "epochs": cfg.epochs, "epochs_completed": round(done, 4), "steps": global_step, "num_images": num_images,
+        "data_path": str(cfg.data), "seed": cfg.seed,
+        "official_code": "limbo0000/InstanceLoc @ a419bb6 (configs/FPN/insloc_fpn_200ep.py)"}
     if cfg.dataset_name:
         prov["data"] = cfg.dataset_name
     deviations = deviations_from_official(cfg)
@@ -520,12 +465,8 @@ def _provenance(cfg: PretrainConfig, *, epoch: int, step_in_epoch: int, steps_pe
 
 def _export(backbone: InsLocBackbone, out_dir: Path, cfg: PretrainConfig, provenance: dict[str, Any],
             run_dir: Path | None) -> Path:
-    extra: dict[str, Path] = {}
-    if run_dir is not None:
-        for name, file in (("metrics.jsonl", run_dir / "metrics.jsonl"), ("training_args.json",
-                                                                          run_dir / "config.json")):
-            if file.is_file():
-                extra[name] = file
+    files = {"metrics.jsonl": "metrics.jsonl", "training_args.json": "config.json"}
+    extra = {name: run_dir / file for name, file in files.items() if run_dir is not None and (run_dir / file).is_file()}
     name = f"insloc-{cfg.arch}" if cfg.method == "insloc" else f"moco-{cfg.arch}"
     return save_pretrained(backbone, out_dir, name=name, provenance=provenance, extra_files=extra)
 
@@ -549,12 +490,7 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.Path
     prov["checkpoint"] = path.name
     run_dir = path.parent if (path.parent / "config.json").is_file() else None
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
-        records = []
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                record = json.loads(line)
-                if record.get("step", 0) <= state["global_step"]:
-                    records.append(record)
+        records = run_lib.read_metrics(run_dir / "metrics.jsonl", state["global_step"])
         monitor = CollapseMonitor(cfg.dim, cfg.batch_size)
         collapsed = next((r["step"] for r in records if monitor.is_collapsed(r)), None)
         diagnostics = summarize(records, batch_size=cfg.batch_size, dim=cfg.dim, collapsed_at=collapsed)
@@ -563,9 +499,6 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.Path
     return _export(backbone, Path(out_dir), cfg, prov, run_dir)
 
 
-# --------------------------------------------------------------------------------------------------
-# Logging
-# --------------------------------------------------------------------------------------------------
 def _check_tensorboard(cfg: PretrainConfig) -> None:
     if not cfg.tensorboard:
         return
@@ -590,9 +523,6 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
-# --------------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------------
 Views = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
 
 
@@ -625,19 +555,40 @@ def _set_determinism(cfg: PretrainConfig, device: torch.device) -> None:
 
 
 def _oom_error(cfg: PretrainConfig, world: int) -> ConfigError:
-    per_gpu = cfg.batch_size // world
     return ConfigError(
-        f"CUDA ran out of memory with {per_gpu} images per GPU (--batch-size {cfg.batch_size} over {world} "
-        f"process(es)). Use a smaller batch (e.g. --batch-size {max(world, cfg.batch_size // 2)}; the lr is rescaled "
-        "automatically and --queue-size must stay a multiple of it), more GPUs, or --amp on / --channels-last on."
-    )
+        f"CUDA ran out of memory with {cfg.batch_size // world} images per GPU (--batch-size {cfg.batch_size} over "
+        f"{world} process(es)). Use a smaller batch (e.g. --batch-size {max(world, cfg.batch_size // 2)}; the lr is "
+        "rescaled automatically and --queue-size must stay a multiple of it), more GPUs, or --amp on / "
+        "--channels-last on.")
 
 
-def _write_run_config(run_dir: Path, cfg: PretrainConfig, resolved: dict[str, Any]) -> None:
-    path = run_dir / "config.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
-    os.replace(tmp, path)
+def build_optimizer_and_schedule(cfg: PretrainConfig, model: nn.Module
+                                 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD over every trainable parameter (BN and biases decayed too, as the official config) and the
+    cosine-by-epoch schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.scaled_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
+    return optimizer, cosine_by_epoch(optimizer, cfg.epochs)
+
+
+def device_batches(loader: Iterable[Any], prepare: Callable[[Any], Views], device: torch.device,
+                   prefetch: bool) -> Iterator[tuple[Views, float]]:
+    """``(prepare(batch), seconds waited for the batch)`` for each batch of ``loader``.
+
+    ``prefetch``: through :class:`~insloc_hub.training.pretrain_data.DevicePrefetcher`, so on CUDA the
+    next batch is decoded and composed on a side stream while the current step runs (the same
+    batches either way).
+    """
+    batches = DevicePrefetcher(loader, prepare, device) if prefetch else None
+    source = iter(batches if batches is not None else loader)
+    while True:
+        start = time.perf_counter()
+        item = next(source, None)
+        if item is None:
+            return
+        waited = time.perf_counter() - start
+        yield (item if batches is not None else prepare(item)), waited
 
 
 Callback = Callable[[str, dict[str, Any]], None]
@@ -686,213 +637,226 @@ def compile_encoders(model: nn.Module) -> None:
 
 
 def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[Callback]) -> Path:
-    device, world, rank, is_main = info.device, info.world_size, info.rank, info.is_main
-    run_dir = Path(cfg.output)
-    if not is_main:
-        logging.getLogger("insloc_hub").setLevel(logging.WARNING)
-    if cfg.batch_size % world != 0:
-        raise ConfigError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {world} processes")
-    batch_per_rank = cfg.batch_size // world
-    rt = resolve_runtime(cfg, device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    _set_determinism(cfg, device)
-
-    # -- data --------------------------------------------------------------------------------------
-    images = UnlabelledImages(cfg.data, root=cfg.data_root)
-    if len(images) < cfg.batch_size:
-        raise DatasetError(
-            f"found {len(images)} images in {cfg.data!r} but one global batch needs --batch-size {cfg.batch_size}; "
-            "add images or use a smaller --batch-size (with a --queue-size that is a multiple of it)"
-        )
-    dataset = build_dataset(cfg, images, rt.gpu_composition)
-    comp = composition_config(cfg)
-    sampler = ResumableDistributedSampler(len(images), batch_per_rank, world, rank, cfg.seed)
-    loader = DataLoader(
-        dataset, batch_size=batch_per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=False,
-        collate_fn=collate_decoded if rt.gpu_composition else None, pin_memory=device.type == "cuda",
-        persistent_workers=cfg.workers > 0,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-
-    # -- model, optimizer, schedule ----------------------------------------------------------------
-    model = build_model(cfg).to(device)
-    if cfg.sync_bn and world > 1 and device.type != "cuda":
-        raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation); drop it")
-    if cfg.sync_bn and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.scaled_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
-    schedule = cosine_by_epoch(optimizer, cfg.epochs)
-    logger.info("lr %g per 256 images x %d/256 = %g (global batch %d = %d process(es) x %d)", cfg.lr,
-                cfg.batch_size, cfg.scaled_lr, cfg.batch_size, world, batch_per_rank)
-
-    # -- resume ------------------------------------------------------------------------------------
-    epoch, step_in_epoch, global_step = 0, 0, 0
-    candidates = dist_utils.broadcast_object(choose_resume(run_dir, cfg.resume))  # rank 0's answer for all
-    if candidates:
-
-        def check(path: Path, state: dict[str, Any]) -> None:
-            if state.get("format") != CHECKPOINT_FORMAT:
-                raise CheckpointError(f"{path} is not an insloc-train pretraining checkpoint")
-            # fields added after a checkpoint was written take the value that reproduces its behaviour
-            saved_config = {**FIELDS_ADDED_LATER, **state["config"]}
-            check_config(saved_config, cfg.to_dict(), ignore=RESUME_IGNORED_FIELDS, source=path)
-            if state["num_images"] != len(images):
-                raise CheckpointError(f"{path} was trained on {state['num_images']} images but --data has "
-                                      f"{len(images)}; resume with the same data")
-
-        # newest first; a foreign, corrupt or mismatching newer checkpoint is passed over with a warning
-        resume_path, state, _ = load_newest_usable(candidates, check)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["scheduler"])
-        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        restore_rng_state(state["rng"])
-        logger.info("resumed from %s: epoch %d, step %d of %d in the epoch, global step %d", resume_path, epoch,
-                    step_in_epoch, steps_per_epoch, global_step)
-        del state
-    if step_in_epoch >= steps_per_epoch:
-        epoch, step_in_epoch = epoch + 1, 0
-
-    # -- wrappers ----------------------------------------------------------------------------------
-    inner = model
-    if cfg.compile:
-        compile_encoders(inner)
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_run_config(run_dir, cfg, {
-            "device": str(device), "world_size": world, "batch_per_process": batch_per_rank,
-            "scaled_lr": cfg.scaled_lr, "amp": str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "off",
-            "channels_last": rt.channels_last, "gpu_composition": rt.gpu_composition, "num_images": len(images),
-            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "insloc_hub": __version__,
-            "torch": torch.__version__, "launcher": info.launcher,
-            "backbone": query_backbone_config(cfg).to_dict(),
-        })
-    metrics = MetricsWriter(run_dir, is_main, global_step, tensorboard=cfg.tensorboard)
-    monitor = CollapseMonitor(cfg.dim, cfg.batch_size)
-    loss_at_chance = chance_loss(inner, cfg.batch_size)
-
-    def draw_curves() -> None:
-        if is_main:
-            plot_curves(metrics.records, run_dir / "curves.png", chance_loss=loss_at_chance, batch_size=cfg.batch_size)
-    bar = _progress(total_steps, global_step, is_main and sys.stderr.isatty())
-
-    def save(epoch_: int, step_in_epoch_: int) -> None:
-        if not is_main:
-            return
-        path = checkpoint_path(run_dir, global_step)
-        save_checkpoint(path, {
-            "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "model": inner.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(), "epoch": epoch_,
-            "step_in_epoch": step_in_epoch_, "steps_per_epoch": steps_per_epoch, "global_step": global_step,
-            "num_images": len(images), "world_size": world, "rng": capture_rng_state(),
-        })
-        prune_checkpoints(run_dir, cfg.keep_checkpoints)
-        draw_curves()
-
-    model.train()
-    wrote_grid = (run_dir / "composition.png").exists()
-    window = {"steps": 0, "data": 0.0, "start": time.perf_counter()}
-    finished = global_step >= total_steps
+    run = _PretrainRun(cfg, info)  # checks, runtime settings, seeding
+    run.build_data()
+    run.build_model()
+    run.resume()  # before anything of the run is written
+    run.write_config()
     try:
-        while not finished and epoch < cfg.epochs:
-            sampler.set_epoch(epoch)
-            sampler.set_start_step(step_in_epoch)
-            dataset.set_epoch(epoch)
-            lr = set_schedule_epoch(schedule, epoch)
-            fetch_start = time.perf_counter()
-            for batch in loader:
-                data_time = time.perf_counter() - fetch_start
-                q_img, q_box, k_img, k_box = batch_to_views(batch, comp, device, rt.channels_last)
-                generator = torch.Generator().manual_seed(_mix(cfg.seed, global_step, 0x3C0DE))
-                if is_main and not wrote_grid:
-                    _write_grid(run_dir, inner, q_img, q_box, k_img, k_box, comp, cfg)
+        run.loop(callbacks)
+    except torch.cuda.OutOfMemoryError as err:
+        raise _oom_error(cfg, info.world_size) from err
+    finally:
+        run.close()
+    for callback in callbacks:
+        callback("end", {"model": run.model, "step": run.global_step, "epoch": run.epoch})
+    return run.export()
+
+
+class _PretrainRun:
+    """The state of one pretraining run, built by :func:`_train` step by step."""
+
+    def __init__(self, cfg: PretrainConfig, info: dist_utils.DistInfo) -> None:
+        self.cfg, self.info, self.device, self.is_main = cfg, info, info.device, info.is_main
+        self.run_dir = Path(cfg.output)
+        if not self.is_main:
+            logging.getLogger("insloc_hub").setLevel(logging.WARNING)
+        if cfg.batch_size % info.world_size != 0:
+            raise ConfigError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {info.world_size} "
+                              "processes")
+        self.batch_per_rank = cfg.batch_size // info.world_size
+        self.rt = resolve_runtime(cfg, self.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        _set_determinism(cfg, self.device)
+        self.epoch = self.step_in_epoch = self.global_step = 0
+        self.metrics: MetricsWriter | None = None
+        self.bar: Any = None
+
+    def build_data(self) -> None:
+        cfg, info = self.cfg, self.info
+        self.images = UnlabelledImages(cfg.data, root=cfg.data_root)
+        if len(self.images) < cfg.batch_size:
+            raise DatasetError(
+                f"found {len(self.images)} images in {cfg.data!r} but one global batch needs --batch-size "
+                f"{cfg.batch_size}; add images or use a smaller --batch-size (with a --queue-size that is a "
+                "multiple of it)")
+        self.dataset = build_dataset(cfg, self.images, self.rt.gpu_composition)
+        self.comp = composition_config(cfg)
+        self.sampler = ResumableDistributedSampler(len(self.images), self.batch_per_rank, info.world_size,
+                                                   info.rank, cfg.seed)
+        self.loader = DataLoader(
+            self.dataset, batch_size=self.batch_per_rank, sampler=self.sampler, num_workers=cfg.workers,
+            collate_fn=collate_decoded if self.rt.gpu_composition else None,
+            pin_memory=self.device.type == "cuda", persistent_workers=cfg.workers > 0,
+            generator=torch.Generator().manual_seed(cfg.seed))
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+
+    def build_model(self) -> None:
+        cfg, world = self.cfg, self.info.world_size
+        model = build_model(cfg).to(self.device)
+        if cfg.sync_bn and world > 1:
+            if self.device.type != "cuda":
+                raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation); drop it")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if self.rt.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer, self.schedule = build_optimizer_and_schedule(cfg, model)
+        logger.info("lr %g per 256 images x %d/256 = %g (global batch %d = %d process(es) x %d)", cfg.lr,
+                    cfg.batch_size, cfg.scaled_lr, cfg.batch_size, world, self.batch_per_rank)
+
+    def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path} is not an insloc-train pretraining checkpoint")
+        # fields added after a checkpoint was written take the value that reproduces its behaviour
+        saved_config = {**FIELDS_ADDED_LATER, **state["config"]}
+        check_config(saved_config, self.cfg.to_dict(), ignore=RESUME_IGNORED_FIELDS, source=path)
+        if state["num_images"] != len(self.images):
+            raise CheckpointError(f"{path} was trained on {state['num_images']} images but --data has "
+                                  f"{len(self.images)}; resume with the same data")
+
+    def resume(self) -> None:
+        found = run_lib.resume(self.run_dir, self.cfg.resume, self._check_resumable)
+        if found is not None:
+            path, state = found
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["scheduler"])
+            self.epoch, self.step_in_epoch, self.global_step = (state["epoch"], state["step_in_epoch"],
+                                                                state["global_step"])
+            logger.info("resumed from %s: epoch %d, step %d of %d in the epoch, global step %d", path, self.epoch,
+                        self.step_in_epoch, self.steps_per_epoch, self.global_step)
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if self.cfg.compile:
+            compile_encoders(self.model)
+        self.train_model = run_lib.wrap_ddp(self.model, self.device, self.info.world_size, broadcast_buffers=False)
+
+    def write_config(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            run_lib.write_json(self.run_dir / "config.json", {**cfg.to_dict(), "resolved": {
+                "device": str(self.device), "world_size": self.info.world_size,
+                "batch_per_process": self.batch_per_rank, "scaled_lr": cfg.scaled_lr,
+                "amp": str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "off",
+                "channels_last": rt.channels_last, "gpu_composition": rt.gpu_composition,
+                "num_images": len(self.images), "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps, "insloc_hub": __version__, "torch": torch.__version__,
+                "launcher": self.info.launcher, "backbone": query_backbone_config(cfg).to_dict()}})
+        self.metrics = MetricsWriter(self.run_dir, self.is_main, self.global_step, tensorboard=cfg.tensorboard)
+        self.monitor = CollapseMonitor(cfg.dim, cfg.batch_size)
+        self.loss_at_chance = chance_loss(self.model, cfg.batch_size)
+        self.bar = _progress(self.total_steps, self.global_step, self.is_main and sys.stderr.isatty())
+
+    def loop(self, callbacks: Sequence[Callback]) -> None:
+        cfg = self.cfg
+        prepare = functools.partial(batch_to_views, comp=self.comp, device=self.device,
+                                    channels_last=self.rt.channels_last)
+        prefetch = self.rt.gpu_composition and self.device.type == "cuda"
+        self.train_model.train()
+        wrote_grid = (self.run_dir / "composition.png").exists()
+        timer = StepTimer()
+        while self.global_step < self.total_steps and self.epoch < cfg.epochs:
+            self.sampler.set_epoch(self.epoch)
+            self.sampler.set_start_step(self.step_in_epoch)
+            self.dataset.set_epoch(self.epoch)
+            lr = set_schedule_epoch(self.schedule, self.epoch)
+            for (q_img, q_box, k_img, k_box), waited in device_batches(self.loader, prepare, self.device, prefetch):
+                generator = torch.Generator().manual_seed(_mix(cfg.seed, self.global_step, 0x3C0DE))
+                if self.is_main and not wrote_grid:
+                    _write_grid(self.run_dir, self.model, q_img, q_box, k_img, k_box, self.comp, cfg)
                     wrote_grid = True
                 if cfg.method == "moco":
                     q_box = k_box = None
-                out = train_step(model, optimizer, (q_img, q_box, k_img, k_box), amp_dtype=rt.amp_dtype,
-                                 generator=generator)
-                global_step += 1
-                step_in_epoch += 1
-                window["steps"] += 1
-                window["data"] += data_time
+                out = train_step(self.train_model, self.optimizer, (q_img, q_box, k_img, k_box),
+                                 amp_dtype=self.rt.amp_dtype, generator=generator)
+                self.global_step += 1
+                self.step_in_epoch += 1
+                timer.tick(waited)
                 for callback in callbacks:
-                    callback("step", {"model": inner, "step": global_step, "epoch": epoch, "outputs": out})
-
-                if global_step % cfg.log_every == 0 or global_step == total_steps:
-                    values = {k: float(v.detach()) for k, v in out.items()}  # synchronises the device
-                    elapsed = time.perf_counter() - window["start"]
-                    record = {"step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch, "lr": lr,
-                              **values, "img_per_s": cfg.batch_size * window["steps"] / max(elapsed, 1e-9),
-                              "data_time": window["data"] / window["steps"],
-                              "step_time": elapsed / window["steps"], "time": time.time()}
-                    metrics.write(record)
-                    if is_main:
-                        monitor.update(global_step, record)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{values['loss']:.3f}", top1=f"{values['inbatch_top1']:.0f}%",
-                                        cos_k=f"{values['cos_k']:.2f}", lr=f"{lr:.4g}",
-                                        img_s=f"{record['img_per_s']:.0f}",
-                                        data=f"{record['data_time']:.3f}s", step=f"{record['step_time']:.3f}s")
-                    elif is_main and (global_step // cfg.log_every) % 10 == 1:
-                        logger.info("step %d/%d epoch %d loss %.4f (chance %.2f) in-batch top-1 %.0f%% cos_q %.2f "
-                                    "cos_k %.2f std %.3f lr %.4g %.1f img/s", global_step, total_steps, epoch,
-                                    values["loss"], loss_at_chance, values["inbatch_top1"], values["cos_q"],
-                                    values["cos_k"], values["emb_std"], lr, record["img_per_s"])
-                    window = {"steps": 0, "data": 0.0, "start": time.perf_counter()}
-                if bar is not None:
-                    bar.update(1)
-                end_of_epoch = step_in_epoch == steps_per_epoch
-                finished = global_step >= total_steps
-                if end_of_epoch:
-                    save(epoch + 1, 0)
-                elif finished or (cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0):
-                    save(epoch, step_in_epoch)
+                    callback("step", {"model": self.model, "step": self.global_step, "epoch": self.epoch,
+                                      "outputs": out})
+                finished = self.global_step >= self.total_steps
+                if self.global_step % cfg.log_every == 0 or finished:
+                    self._log(out, lr, timer)
+                if self.bar is not None:
+                    self.bar.update(1)
+                if self.step_in_epoch == self.steps_per_epoch:
+                    self._save(self.epoch + 1, 0)
+                elif finished or (cfg.checkpoint_every_steps and self.global_step % cfg.checkpoint_every_steps == 0):
+                    self._save(self.epoch, self.step_in_epoch)
                 if finished:
                     break
-                fetch_start = time.perf_counter()
-            report = images.pop_epoch_report()
-            if report and is_main:
-                metrics.write({"step": global_step, "epoch": epoch, "unreadable_draws": report.events,
-                               "unreadable_files": len(report.files)})
-            if step_in_epoch == steps_per_epoch:
-                epoch, step_in_epoch = epoch + 1, 0
-    except torch.cuda.OutOfMemoryError as err:
-        raise _oom_error(cfg, world) from err
-    finally:
-        if bar is not None:
-            bar.close()
-        metrics.close()
+            report = self.images.pop_epoch_report()
+            if report and self.is_main:
+                self.metrics.write({"step": self.global_step, "epoch": self.epoch, "unreadable_draws": report.events,
+                                    "unreadable_files": len(report.files)})
+            if self.step_in_epoch == self.steps_per_epoch:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
+    def _log(self, out: dict[str, torch.Tensor], lr: float, timer: StepTimer) -> None:
+        values = {k: float(v.detach()) for k, v in out.items()}  # synchronises the device
+        step_time, data_time, _ = timer.read()
+        record = {"step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "lr": lr,
+                  **values, "img_per_s": self.cfg.batch_size / max(step_time, 1e-9), "data_time": data_time,
+                  "step_time": step_time, "time": time.time()}
+        self.metrics.write(record)
+        if self.is_main:
+            self.monitor.update(self.global_step, record)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{values['loss']:.3f}", top1=f"{values['inbatch_top1']:.0f}%",
+                                 cos_k=f"{values['cos_k']:.2f}", lr=f"{lr:.4g}", img_s=f"{record['img_per_s']:.0f}",
+                                 data=f"{data_time:.3f}s", step=f"{step_time:.3f}s")
+        elif self.is_main and (self.global_step // self.cfg.log_every) % 10 == 1:
+            logger.info("step %d/%d epoch %d loss %.4f (chance %.2f) in-batch top-1 %.0f%% cos_q %.2f cos_k %.2f "
+                        "std %.3f lr %.4g %.1f img/s", self.global_step, self.total_steps, self.epoch,
+                        values["loss"], self.loss_at_chance, values["inbatch_top1"], values["cos_q"],
+                        values["cos_k"], values["emb_std"], lr, record["img_per_s"])
 
-    for callback in callbacks:
-        callback("end", {"model": inner, "step": global_step, "epoch": epoch})
-    final = run_dir / "final"
-    if is_main:
-        backbone = export_backbone_from_state(inner.state_dict(), cfg)
-        prov = _provenance(cfg, epoch=epoch, step_in_epoch=step_in_epoch, steps_per_epoch=steps_per_epoch,
-                           global_step=global_step, num_images=len(images))
-        diagnostics = summarize(metrics.records, batch_size=cfg.batch_size, dim=cfg.dim,
-                                collapsed_at=monitor.collapsed_at)
-        if diagnostics:
-            prov["diagnostics"] = diagnostics
-        draw_curves()
-        _export(backbone, final, cfg, prov, run_dir)
-        logger.info("exported the query backbone to %s", final)
-    dist_utils.barrier()
-    return final
+    def _save(self, epoch: int, step_in_epoch: int) -> None:
+        if not self.is_main:
+            return
+        run_lib.save(self.run_dir, self.global_step, {
+            "format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(), "epoch": epoch,
+            "step_in_epoch": step_in_epoch, "steps_per_epoch": self.steps_per_epoch,
+            "global_step": self.global_step, "num_images": len(self.images), "world_size": self.info.world_size,
+        }, self.cfg.keep_checkpoints)
+        self._draw_curves()
+
+    def _draw_curves(self) -> None:
+        if self.is_main:
+            plot_curves(self.metrics.records, self.run_dir / "curves.png", chance_loss=self.loss_at_chance,
+                        batch_size=self.cfg.batch_size)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def export(self) -> Path:
+        """Write the query backbone as the hub folder ``RUN_DIR/final`` (rank 0); every rank returns its path."""
+        cfg, final = self.cfg, self.run_dir / "final"
+        if self.is_main:
+            backbone = export_backbone_from_state(self.model.state_dict(), cfg)
+            prov = _provenance(cfg, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+                               steps_per_epoch=self.steps_per_epoch, global_step=self.global_step,
+                               num_images=len(self.images))
+            diagnostics = summarize(self.metrics.records, batch_size=cfg.batch_size, dim=cfg.dim,
+                                    collapsed_at=self.monitor.collapsed_at)
+            if diagnostics:
+                prov["diagnostics"] = diagnostics
+            self._draw_curves()
+            _export(backbone, final, cfg, prov, self.run_dir)
+            logger.info("exported the query backbone to %s", final)
+        dist_utils.barrier()
+        return final
 
 
 @torch.no_grad()

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,32 +69,20 @@ def _pycocotools() -> tuple[Any, Any]:
     return COCO, COCOeval
 
 
-@contextlib.contextmanager
-def _quiet(verbose: bool) -> Iterator[None]:
+def _quiet(verbose: bool) -> contextlib.AbstractContextManager[Any]:
     """Swallow pycocotools' prints unless ``verbose``."""
-    if verbose:
-        yield
-    else:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
+    return contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
 
 
 @dataclass
 class EvalResult:
     """COCO box metrics, as fractions in ``[0, 1]`` (``-1``: no ground truth in that range).
 
-    Attributes:
-        ap: AP averaged over IoU 0.50:0.05:0.95 (COCO's primary metric), all areas, 100 dets.
-        ap50, ap75: AP at IoU 0.50 / 0.75.
-        ap_small, ap_medium, ap_large: AP@[.5:.95] on small (< 32^2), medium, large (> 96^2) boxes.
-        ar1, ar10, ar100: average recall with 1 / 10 / 100 detections per image.
-        ar_small, ar_medium, ar_large: AR@100 by area.
-        per_class_ap: class name -> AP@[.5:.95] (``nan`` where the class has no ground truth).
-        per_class_ap50: class name -> AP@0.5.
-        stats: ``COCOeval.stats``, the 12 values above in pycocotools' order (:data:`STAT_NAMES`).
-        num_images, num_detections, num_ground_truth: what was scored (``num_ground_truth`` counts
-            boxes that are not crowd / difficult).
-        skipped_images: ``"file: reason"`` of images left out because they cannot be decoded.
+    The first 12 fields are ``COCOeval.stats`` (also kept as ``stats``, in the order of
+    :data:`STAT_NAMES`): AP@[.5:.95], AP50, AP75, AP by area (small < 32², large > 96²), AR with
+    1 / 10 / 100 detections and AR@100 by area. ``per_class_ap`` / ``per_class_ap50``: class name ->
+    AP (``nan`` without ground truth); ``num_ground_truth`` leaves out crowd and difficult boxes;
+    ``skipped_images``: ``"file: reason"`` of images that could not be decoded.
     """
 
     ap: float
@@ -122,8 +111,7 @@ class EvalResult:
         values = [float(v) for v in stats]
         if len(values) != len(STAT_NAMES):
             raise ValueError(f"expected {len(STAT_NAMES)} COCO stats, got {len(values)}")
-        names = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
-        names += ("ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large")
+        names = [f.name for f in dataclasses.fields(cls)[:len(STAT_NAMES)]]  # ap, ap50, ... ar_large
         return cls(**dict(zip(names, values, strict=True)), stats=values, **extra)
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,27 +129,21 @@ class EvalResult:
         return {name: clean(getattr(self, name)) for name in self.__dataclass_fields__}
 
     def summary(self) -> str:
-        """Human-readable table: the main numbers, then AP / AP50 per class (in percent)."""
+        """A markdown table of the COCO metrics (percent), then AP / AP50 per class."""
 
         def pct(value: float) -> str:
-            return "  n/a" if value < 0 or math.isnan(value) else f"{100 * value:5.1f}"
+            return "n/a" if value is None or value < 0 or math.isnan(value) else f"{100 * value:.1f}"
 
-        lines = [
-            f"AP {pct(self.ap)}  AP50 {pct(self.ap50)}  AP75 {pct(self.ap75)}  "
-            f"APs {pct(self.ap_small)}  APm {pct(self.ap_medium)}  APl {pct(self.ap_large)}  "
-            f"({self.num_images} images, {self.num_ground_truth} boxes, {self.num_detections} detections)"
-        ]
+        values = [self.ap, self.ap50, self.ap75, self.ap_small, self.ap_medium, self.ap_large]
+        lines = ["| " + " | ".join(STAT_NAMES[:6]) + " |", "|" + "---|" * 6,
+                 "| " + " | ".join(pct(v) for v in values) + " |"]
         if self.per_class_ap:
-            width = max(len(name) for name in self.per_class_ap)
-            lines.append(f"{'class':<{width}}     AP   AP50")
-            for name, ap in self.per_class_ap.items():
-                lines.append(f"{name:<{width}}  {pct(ap)}  {pct(self.per_class_ap50.get(name, math.nan))}")
+            lines += ["", "| class | AP | AP50 |", "|---|---|---|"]
+            lines += [f"| {name} | {pct(ap)} | {pct(self.per_class_ap50.get(name, math.nan))} |"
+                      for name, ap in self.per_class_ap.items()]
+        lines.append(f"\n{self.num_images} images, {self.num_ground_truth} boxes, {self.num_detections} detections")
         return "\n".join(lines)
 
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
 
 
 def _as_coco(ground_truth: Any, verbose: bool) -> Any:
@@ -174,10 +156,8 @@ def _as_coco(ground_truth: Any, verbose: bool) -> Any:
     elif isinstance(ground_truth, Mapping):
         data = copy.deepcopy(dict(ground_truth))
     else:
-        raise ConfigError(
-            f"ground truth must be a DetectionDataset, a COCO dict or a pycocotools COCO, "
-            f"got {type(ground_truth).__name__}"
-        )
+        raise ConfigError(f"ground truth must be a DetectionDataset, a COCO dict or a pycocotools COCO, got "
+                          f"{type(ground_truth).__name__}")
     for key in ("images", "annotations", "categories"):
         data.setdefault(key, [])
     coco = COCO()
@@ -191,12 +171,9 @@ def _empty_results(coco_gt: Any) -> Any:
     """A result ``COCO`` with no detections (``COCO.loadRes`` fails on an empty list)."""
     COCO, _ = _pycocotools()
     results = COCO()
-    results.dataset = {
-        "info": copy.deepcopy(coco_gt.dataset.get("info", {})),
-        "images": list(coco_gt.dataset["images"]),
-        "categories": copy.deepcopy(coco_gt.dataset["categories"]),
-        "annotations": [],
-    }
+    gt = coco_gt.dataset
+    results.dataset = {"info": copy.deepcopy(gt.get("info", {})), "images": list(gt["images"]),
+                       "categories": copy.deepcopy(gt["categories"]), "annotations": []}
     with _quiet(False):
         results.createIndex()
     return results
@@ -206,43 +183,25 @@ def _as_result(detection: Mapping[str, Any]) -> dict[str, Any]:
     """A plain-Python copy of one COCO result (``loadRes`` writes into the dicts it gets)."""
     try:
         bbox = [float(v) for v in detection["bbox"]]
-        out = dict(detection)
-        out.update(
-            image_id=int(detection["image_id"]),
-            category_id=int(detection["category_id"]),
-            bbox=bbox,
-            score=float(detection["score"]),
-        )
+        out = {**detection, "image_id": int(detection["image_id"]), "category_id": int(detection["category_id"]),
+               "bbox": bbox, "score": float(detection["score"])}
     except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"a detection must have image_id, category_id, bbox [x, y, w, h] and score; got {detection!r}"
-        ) from exc
+        raise ConfigError(f"a detection must have image_id, category_id, bbox [x, y, w, h] and score; got "
+                          f"{detection!r}") from exc
     if len(bbox) != 4:
         raise ConfigError(f"bbox must be [x, y, w, h], got {bbox}")
     return out
 
 
-def evaluate_detections(
-    ground_truth: DetectionDataset | Mapping[str, Any] | Any,
-    detections: Sequence[Mapping[str, Any]],
-    *,
-    class_names: Sequence[str] | None = None,
-    verbose: bool = False,
-) -> EvalResult:
-    """Score COCO-format detections with pycocotools ``COCOeval`` (``iouType="bbox"``).
+def evaluate_detections(ground_truth: DetectionDataset | Mapping[str, Any] | Any,
+                        detections: Sequence[Mapping[str, Any]], *, class_names: Sequence[str] | None = None,
+                        verbose: bool = False) -> EvalResult:
+    """Score COCO results (``image_id``, ``category_id``, ``bbox`` x, y, w, h, ``score``; not modified)
+    with pycocotools ``COCOeval`` (``iouType="bbox"``); ``stats`` are exactly ``COCOeval.stats``.
 
-    Args:
-        ground_truth: a :class:`DetectionDataset` (its :meth:`~DetectionDataset.to_coco_dict`), a
-            COCO-format dict or a pycocotools ``COCO``.
-        detections: COCO results: dicts with ``image_id``, ``category_id``, ``bbox`` (x, y, w, h
-            in pixels) and ``score``. Not modified.
-        class_names: names of the categories in increasing category-id order, for the per-class
-            keys; default: the names in the ground truth.
-        verbose: let pycocotools print its usual summary.
-
-    Returns:
-        :class:`EvalResult` whose ``stats`` are exactly ``COCOeval.stats``. Detections of images
-        that are not in the ground truth raise :class:`~insloc_hub.errors.ConfigError`.
+    ``ground_truth``: a :class:`DetectionDataset`, a COCO-format dict or a pycocotools ``COCO``.
+    ``class_names``: the categories in increasing id order (default: the ground truth's names).
+    ConfigError for detections of images that are not in the ground truth.
     """
     _, COCOeval = _pycocotools()
     coco_gt = _as_coco(ground_truth, verbose)
@@ -251,10 +210,8 @@ def evaluate_detections(
     known_images = set(coco_gt.getImgIds())
     unknown = sorted({r["image_id"] for r in results} - known_images)
     if unknown:
-        raise ConfigError(
-            f"{len(unknown)} detected image ids are not in the ground truth (e.g. {unknown[:5]}); "
-            "use the dataset's image_ids when converting outputs"
-        )
+        raise ConfigError(f"{len(unknown)} detected image ids are not in the ground truth (e.g. {unknown[:5]}); use "
+                          "the dataset's image_ids when converting outputs")
     category_ids = sorted(coco_gt.getCatIds())
     stray = {r["category_id"] for r in results} - set(category_ids)
     if stray:
@@ -274,14 +231,8 @@ def evaluate_detections(
         names = [str(n) for n in class_names]
     per_class_ap, per_class_ap50 = _per_class_ap(evaluator, names)
     num_gt = sum(1 for ann in coco_gt.dataset["annotations"] if not ann.get("iscrowd", 0))
-    return EvalResult.from_stats(
-        evaluator.stats,
-        per_class_ap=per_class_ap,
-        per_class_ap50=per_class_ap50,
-        num_images=len(known_images),
-        num_detections=len(results),
-        num_ground_truth=num_gt,
-    )
+    return EvalResult.from_stats(evaluator.stats, per_class_ap=per_class_ap, per_class_ap50=per_class_ap50,
+                                 num_images=len(known_images), num_detections=len(results), num_ground_truth=num_gt)
 
 
 def _per_class_ap(evaluator: Any, names: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
@@ -291,33 +242,24 @@ def _per_class_ap(evaluator: Any, names: Sequence[str]) -> tuple[dict[str, float
     "all" and the last maxDets is 100. Entries of -1 (no ground truth) are left out of the mean.
     """
     precision = evaluator.eval["precision"]
-    per_class_ap, per_class_ap50 = {}, {}
-    for k, name in enumerate(names):
-        values = precision[:, :, k, 0, -1]
+
+    def mean(values: np.ndarray) -> float:
         values = values[values > -1]
-        per_class_ap[name] = float(np.mean(values)) if values.size else math.nan
-        values50 = precision[0, :, k, 0, -1]  # iouThrs[0] == 0.5
-        values50 = values50[values50 > -1]
-        per_class_ap50[name] = float(np.mean(values50)) if values50.size else math.nan
-    return per_class_ap, per_class_ap50
+        return float(np.mean(values)) if values.size else math.nan
+
+    ap = {name: mean(precision[:, :, k, 0, -1]) for k, name in enumerate(names)}
+    ap50 = {name: mean(precision[0, :, k, 0, -1]) for k, name in enumerate(names)}  # iouThrs[0] == 0.5
+    return ap, ap50
 
 
-def detections_from_outputs(
-    outputs: Sequence[Mapping[str, Any]],
-    image_ids: Sequence[int],
-    *,
-    category_ids: Sequence[int] | None = None,
-    score_threshold: float = 0.0,
-) -> list[dict[str, Any]]:
-    """Convert torchvision detector outputs to COCO results.
+def detections_from_outputs(outputs: Sequence[Mapping[str, Any]], image_ids: Sequence[int], *,
+                            category_ids: Sequence[int] | None = None, score_threshold: float = 0.0
+                            ) -> list[dict[str, Any]]:
+    """COCO results from torchvision detector outputs (``boxes`` x1, y1, x2, y2 pixels, ``labels`` ``1..C``,
+    ``scores``; tensors or arrays), one per id of ``image_ids`` (``dataset.image_ids``).
 
-    Args:
-        outputs: one dict per image with ``boxes`` (``[N, 4]`` x1, y1, x2, y2 pixels), ``labels``
-            (``1..C``) and ``scores`` (tensors or arrays).
-        image_ids: the image id of each output (``dataset.image_ids`` in order).
-        category_ids: category id of label ``i + 1`` (``dataset.category_ids``); default: the
-            label itself. Labels outside ``1..C`` are dropped with a warning.
-        score_threshold: drop detections scoring below it.
+    ``category_ids[label - 1]`` is a label's category (``dataset.category_ids``; default: the label
+    itself; labels outside ``1..C`` are dropped with a warning).
     """
     if len(outputs) != len(image_ids):
         raise ConfigError(f"{len(outputs)} outputs for {len(image_ids)} image ids")
@@ -337,14 +279,8 @@ def detections_from_outputs(
                 category = int(category_ids[label - 1])
             else:
                 category = int(label)
-            results.append(
-                {
-                    "image_id": int(image_id),
-                    "category_id": category,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "score": score,
-                }
-            )
+            results.append({"image_id": int(image_id), "category_id": category, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "score": score})
     if dropped:
         logger.warning("%d detections with labels outside 1..%d dropped", dropped, len(category_ids or []))
     return results
@@ -365,40 +301,21 @@ def write_coco_results(detections: Sequence[Mapping[str, Any]], path: str | Path
     return path
 
 
-# ----------------------------------------------------------------------------------------------
-# Pictures
-# ----------------------------------------------------------------------------------------------
-
-
 def _as_pil(image: Any) -> Image.Image:
     """``PIL.Image``, ``float [3, H, W]`` tensor in [0, 1] or ``uint8 [H, W, 3]`` array -> RGB image."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
     if isinstance(image, torch.Tensor):
-        array = image.detach().cpu().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
-        return Image.fromarray(array, "RGB")
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
-    return Image.fromarray(array).convert("RGB")
+        image = to_pil_image(image.detach().cpu().float().clamp(0, 1).mul(255).round().byte())
+    return (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+            ).convert("RGB")
 
 
 def _class_name(label: int, class_names: Sequence[str]) -> str:
     return class_names[label - 1] if 1 <= label <= len(class_names) else f"class {label}"
 
 
-def draw_detections(
-    image: Any,
-    pred_boxes: Any,
-    pred_labels: Any,
-    pred_scores: Any,
-    gt_boxes: Any = None,
-    gt_labels: Any = None,
-    class_names: Sequence[str] = (),
-    path: str | Path | None = None,
-    *,
-    score_threshold: float = 0.0,
-) -> Image.Image:
+def draw_detections(image: Any, pred_boxes: Any, pred_labels: Any, pred_scores: Any, gt_boxes: Any = None,
+                    gt_labels: Any = None, class_names: Sequence[str] = (), path: str | Path | None = None, *,
+                    score_threshold: float = 0.0) -> Image.Image:
     """Draw predicted boxes (red, "name score") and true boxes (green, "name") on an image.
 
     Boxes are ``[N, 4]`` x1, y1, x2, y2 pixels; labels are ``1..C`` (``class_names[label - 1]``).
@@ -433,13 +350,8 @@ def draw_detections(
     return picture
 
 
-def save_examples_grid(
-    pictures: Sequence[Image.Image],
-    path: str | Path,
-    *,
-    ncols: int = 2,
-    tile_size: int = 480,
-) -> Image.Image:
+def save_examples_grid(pictures: Sequence[Image.Image], path: str | Path, *, ncols: int = 2, tile_size: int = 480
+                       ) -> Image.Image:
     """Tile pictures (e.g. from :func:`draw_detections`) into one PNG with a colour legend.
 
     Each picture is shrunk to fit a ``tile_size`` square, keeping its aspect ratio.
@@ -469,11 +381,6 @@ def save_examples_grid(
     return grid
 
 
-# ----------------------------------------------------------------------------------------------
-# Running a detector
-# ----------------------------------------------------------------------------------------------
-
-
 class _EvalImages(Dataset):
     """The dataset's images at their original size, without its (training) transforms."""
 
@@ -493,18 +400,9 @@ def _collate_eval(batch: Sequence[tuple[torch.Tensor | None, int]]) -> tuple[lis
     return [image for image, _ in kept], [index for _, index in kept]
 
 
-def run_evaluation(
-    model: torch.nn.Module,
-    dataset: DetectionDataset,
-    *,
-    device: str | torch.device = "cpu",
-    batch_size: int = 2,
-    score_threshold: float = 0.0,
-    output_dir: str | Path | None = None,
-    num_visualize: int = 4,
-    num_workers: int = 0,
-    verbose: bool = False,
-) -> EvalResult:
+def run_evaluation(model: torch.nn.Module, dataset: DetectionDataset, *, device: str | torch.device = "cpu",
+                   batch_size: int = 2, score_threshold: float = 0.0, output_dir: str | Path | None = None,
+                   num_visualize: int = 4, num_workers: int = 0, verbose: bool = False) -> EvalResult:
     """Run a torchvision detector over ``dataset`` and score it COCO-style.
 
     The model is moved to ``device`` and put in eval mode for the run (its training mode is
@@ -518,13 +416,7 @@ def run_evaluation(
     predictions scoring at least ``max(score_threshold, 0.3)`` and the ground truth).
     """
     device = torch.device(device)
-    loader = DataLoader(
-        _EvalImages(dataset),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_collate_eval,
-    )
+    loader = DataLoader(_EvalImages(dataset), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_eval)
     was_training = model.training
     model.to(device).eval()
     outputs: list[dict[str, torch.Tensor]] = [{}] * len(dataset)
@@ -536,9 +428,7 @@ def run_evaluation(
                     continue
                 batch_out = model([image.to(device) for image in images])
                 for index, out in zip(indices, batch_out, strict=True):
-                    outputs[index] = {
-                        k: v.detach().to("cpu") for k, v in out.items() if k in ("boxes", "labels", "scores")
-                    }
+                    outputs[index] = {k: out[k].detach().cpu() for k in ("boxes", "labels", "scores")}
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
@@ -548,16 +438,12 @@ def run_evaluation(
     # and listed in the result: skipped and reported, never fatal.
     unreadable = dataset.unreadable()
     skipped = dataset.report_unreadable()
-    if unreadable:
-        logger.warning("%d image(s) skipped because they cannot be decoded: %s", len(skipped),
-                       ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
     kept = [i for i in range(len(dataset)) if i not in unreadable]
     if not kept:
         raise DatasetError(f"none of the {len(dataset)} images of {dataset.source} can be decoded: {skipped[:5]}")
     scored = dataset if not unreadable else dataset.subset(kept)
-    detections = detections_from_outputs(
-        [outputs[i] for i in kept], scored.image_ids, category_ids=dataset.category_ids, score_threshold=score_threshold
-    )
+    detections = detections_from_outputs([outputs[i] for i in kept], scored.image_ids,
+                                         category_ids=dataset.category_ids, score_threshold=score_threshold)
     result = evaluate_detections(scored, detections, verbose=verbose)
     result.skipped_images = skipped
     logger.info("COCO box evaluation of %s:\n%s", dataset.source or "the dataset", result.summary())
@@ -570,20 +456,9 @@ def run_evaluation(
         metrics.update(score_threshold=score_threshold, seconds=round(seconds, 3), dataset=dataset.source)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         if num_visualize > 0 and len(dataset) > 0:
-            pictures = []
-            for index in kept[:num_visualize]:
-                out, target = outputs[index], dataset.records[index]
-                pictures.append(
-                    draw_detections(
-                        dataset.load_image(index),
-                        out["boxes"],
-                        out["labels"],
-                        out["scores"],
-                        target.boxes,
-                        target.labels,
-                        dataset.class_names,
-                        score_threshold=max(score_threshold, 0.3),
-                    )
-                )
+            pictures = [draw_detections(dataset.load_image(i), outputs[i]["boxes"], outputs[i]["labels"],
+                                        outputs[i]["scores"], dataset.records[i].boxes, dataset.records[i].labels,
+                                        dataset.class_names, score_threshold=max(score_threshold, 0.3))
+                        for i in kept[:num_visualize]]
             save_examples_grid(pictures, output_dir / "examples.png")
     return result

@@ -3,8 +3,8 @@
 Fine-tuning follows the protocol of the InsLoc / MoCo detection transfer (docs insloc-method.md
 section 6): SGD (momentum 0.9, weight decay 1e-4) with a linear warmup and step decay, iteration
 based, multi-scale training through the detector's own resize, SyncBN under DDP, bf16 autocast
-on GPUs. The schedule presets are the published ones (:data:`PRESETS`); a preset is defined at a
-total batch of 16 images and **linearly scaled** to the batch actually used (detectron2's
+on GPUs. The schedules (``--recipe``) are the published ones (:data:`RECIPES`); a recipe is defined at
+a total batch of 16 images and **linearly scaled** to the batch actually used (detectron2's
 ``auto_scale_workers``): iterations, LR steps and warmup x 16/batch, learning rate x batch/16. Every
 value can be overridden by its flag.
 
@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import itertools
 import json
 import logging
-import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,43 +44,24 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
-from insloc_hub.configs import (
-    JsonConfig,
-    add_config_flags,
-    device_name,
-    flag,
-    int_at_least,
-    output_folder,
-    probability,
-)
+from insloc_hub.configs import JsonConfig, add_config_flags, device_name, flag, int_at_least, output_folder, probability
 from insloc_hub.detectors import ARCHITECTURES, build_detector, set_inference_options
-from insloc_hub.errors import CheckpointError, ConfigError, DatasetError, InsLocError, ModelNotFoundError
+from insloc_hub.errors import CheckpointError, ConfigError, InsLocError, ModelNotFoundError
 from insloc_hub.models import PRESETS as ARCH_PRESETS
 from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import from_pretrained, save_pretrained
-from insloc_hub.transforms import to_tensor
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .detection_data import DetectionDataset, RandomHorizontalFlip, collate_detection, load_dataset, protocol_sizes
-from .evaluation import EvalResult, run_evaluation
-from .run import MetricsWriter, choose_resume, seed_everything
+from . import run as run_lib
+from .detection_data import DetectionDataset, TrainingSet, collate_detection, load_dataset, protocol_sizes
+from .evaluation import STAT_NAMES, EvalResult, run_evaluation
+from .run import MetricsWriter, StepTimer, seed_everything
 
-__all__ = [
-    "PRESETS",
-    "FinetuneConfig",
-    "FinetuneResult",
-    "Recipe",
-    "TrainingDivergedError",
-    "add_subcommands",
-    "evaluate_model",
-    "finetune",
-    "lr_factor",
-    "parse_sizes",
-    "resolve_config",
-]
+__all__ = ["RECIPES", "FinetuneConfig", "FinetuneResult", "Recipe", "TrainingDivergedError", "add_subcommands",
+           "evaluate_model", "finetune", "lr_factor", "parse_sizes", "resolve_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +73,6 @@ RESUME_IGNORED = ("output", "resume", "workers", "device", "eval_every", "checkp
 
 class TrainingDivergedError(InsLocError, FloatingPointError):
     """The loss became NaN or infinite."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Recipes
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -115,7 +93,7 @@ class Recipe:
     protocol: str
 
 
-PRESETS: dict[str, Recipe] = {
+RECIPES: dict[str, Recipe] = {
     # MoCo's pascal_voc_R_50_C4_24k (the protocol InsLoc compares under; insloc-method.md 6.2)
     "voc07+12-c4-24k": Recipe(
         "voc07+12-c4-24k", "VOC07+12 Faster R-CNN R50-C4, 24k iterations (MoCo/InsLoc VOC protocol)",
@@ -129,7 +107,7 @@ PRESETS: dict[str, Recipe] = {
         "mask_rcnn_fpn", 180_000, 16, 0.02, (120_000, 160_000), 1000, "coco"),
 }  # fmt: skip
 
-#: without ``--preset``: a short schedule for small custom datasets (values are not scaled)
+#: without ``--recipe``: a short schedule for small custom datasets (values are not scaled)
 DEFAULT_ITERATIONS = 1000
 DEFAULT_BATCH = 2
 
@@ -185,11 +163,12 @@ class FinetuneConfig(JsonConfig):
     val_image_root: str | None = flag(None, help="image folder of a COCO --val-data json")
     init: str = flag("random", help="pretrained backbone: hub alias, owner/repo[@rev] or local folder; 'random' "
                                     "for none")
-    arch: str = flag("faster_rcnn_fpn", help="detector (default: the preset's)", choices=ARCHITECTURES)
-    backbone: str | None = flag(None, help="architecture preset for --init random; a pretrained --init brings its "
-                                           "own", choices=sorted(ARCH_PRESETS))
-    preset: str | None = flag(None, help="published schedule, defined at batch 16 and scaled to --batch-size",
-                              choices=list(PRESETS))
+    arch: str = flag("faster_rcnn_fpn", help="detector (default: the recipe's)", choices=ARCHITECTURES)
+    # a schedule name is still accepted here for one release (deprecated: the old meaning of --preset)
+    preset: str | None = flag(None, help="architecture preset (tiny-fpn, r50-fpn, ...) for --init random; a "
+                                         "pretrained --init brings its own", choices=[*sorted(ARCH_PRESETS), *RECIPES])
+    recipe: str | None = flag(None, help="published schedule, defined at batch 16 and scaled to --batch-size",
+                              choices=list(RECIPES))
     iterations: int = flag(DEFAULT_ITERATIONS, help="total iterations (after scaling)", min=1)
     batch_size: int = flag(DEFAULT_BATCH, help="total images per iteration, all processes together", min=1)
     lr: float = flag(0.02 * DEFAULT_BATCH / REFERENCE_BATCH, help="base learning rate (0.02 x batch/16)", above=0)
@@ -231,6 +210,15 @@ class FinetuneConfig(JsonConfig):
                                 help="objects whose class is not in --classes: drop them (counted in "
                                      "data_report.json) or stop with an error naming them")
 
+    def __post_init__(self) -> None:
+        if self.preset in RECIPES:
+            raise ConfigError(f"preset {self.preset!r} is a schedule: pass recipe={self.preset!r} (preset names the "
+                              "architecture now, e.g. tiny-fpn)")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FinetuneConfig:
+        return super().from_dict(renamed_fields(data))
+
     def fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with the checkpoint it continues."""
         fields = {k: v for k, v in self.to_dict().items() if k not in RESUME_IGNORED}
@@ -239,21 +227,50 @@ class FinetuneConfig(JsonConfig):
         return fields
 
 
+def renamed_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A config written before the rename (``backbone``: the architecture preset, ``preset``: the schedule)
+    in today's names (``preset``, ``recipe``); newer configs come back unchanged."""
+    values = dict(values)
+    if "backbone" in values and "recipe" not in values:
+        values["recipe"] = values.pop("preset", None)
+        values["preset"] = values.pop("backbone")
+    return values
+
+
+def _deprecated_names(a: dict[str, Any], notes: list[str]) -> None:
+    """``--backbone X`` -> ``--preset X``; ``--preset <schedule>`` -> ``--recipe <schedule>`` (one release)."""
+    backbone = a.pop("backbone", None)
+    if a.get("preset") in RECIPES:
+        if a.get("recipe") not in (None, a["preset"]):
+            raise ConfigError(f"--preset {a['preset']} (a schedule, deprecated) and --recipe {a['recipe']} disagree")
+        a["recipe"] = a.pop("preset")
+        notes.append(f"warning: --preset {a['recipe']} names a schedule, which is deprecated: use --recipe "
+                     f"{a['recipe']}")
+    if backbone is not None:
+        if a.get("preset") not in (None, backbone):
+            raise ConfigError(f"--backbone {backbone} (deprecated) and --preset {a['preset']} disagree; pass --preset")
+        a["preset"] = backbone
+        notes.append(f"warning: --backbone is deprecated: use --preset {backbone}")
+    for note in notes:
+        warnings.warn(note.removeprefix("warning: "), DeprecationWarning, stacklevel=3)
+
+
 def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[FinetuneConfig, list[str]]:
-    """Turn flags into a :class:`FinetuneConfig`: preset, linear scaling, then explicit overrides.
+    """Turn flags into a :class:`FinetuneConfig`: recipe, linear scaling, then explicit overrides.
 
     Returns the config and human-readable notes on how each schedule value was obtained.
 
     Raises:
-        ConfigError: unknown preset or architecture, inconsistent schedule values.
+        ConfigError: unknown recipe or architecture, inconsistent schedule values.
     """
     a = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
     get = a.get
     notes: list[str] = []
-    preset_name = get("preset")
-    if preset_name is not None and preset_name not in PRESETS:
-        raise ConfigError(f"unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
-    recipe = PRESETS.get(preset_name) if preset_name else None
+    _deprecated_names(a, notes)
+    recipe_name = get("recipe")
+    if recipe_name is not None and recipe_name not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe_name!r}; choose one of {sorted(RECIPES)}")
+    recipe = RECIPES.get(recipe_name) if recipe_name else None
     arch = get("arch") or (recipe.arch if recipe else "faster_rcnn_fpn")
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
@@ -268,7 +285,7 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
         steps = [round(s * scale) for s in recipe.steps]
         warmup = round(recipe.warmup * scale)
         lr = recipe.lr / scale
-        notes.append(f"preset {recipe.name}: {recipe.description}")
+        notes.append(f"recipe {recipe.name}: {recipe.description}")
         if scale != 1:
             notes.append(
                 f"linear scaling rule, batch {recipe.batch_size} -> {batch}: iterations {recipe.iterations} -> "
@@ -281,12 +298,10 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
         steps = [round(iterations * 2 / 3), round(iterations * 8 / 9)]
         warmup = 100
         sizes = protocol_sizes("coco")
-        notes.append(f"no preset: {iterations} iterations, lr 0.02 x {batch}/{REFERENCE_BATCH} = {lr:g}")
+        notes.append(f"no recipe: {iterations} iterations, lr 0.02 x {batch}/{REFERENCE_BATCH} = {lr:g}")
 
     if get("iterations") is not None:
         new = int(get("iterations"))
-        if new < 1:
-            raise ConfigError(f"--iterations must be at least 1, got {new}")
         if get("steps") is None:  # keep the decays at the same fractions of the schedule
             steps = [round(s * new / iterations) for s in steps]
             notes.append(f"--iterations {new}: LR steps moved to the same fractions of the schedule: {steps}")
@@ -300,8 +315,6 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
         lr = float(get("lr"))
     if sorted(steps) != steps or any(s < 0 for s in steps):
         raise ConfigError(f"--steps must be increasing non-negative iterations, got {steps}")
-    if lr <= 0 or not math.isfinite(lr):
-        raise ConfigError(f"--lr must be positive, got {lr}")
 
     min_size = parse_sizes(get("min_size")) if get("min_size") is not None else list(sizes["min_size"])
     max_size = int(get("max_size") if get("max_size") is not None else sizes["max_size"])
@@ -323,7 +336,7 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
 
     explicit = {f.name: a[f.name] for f in dataclasses.fields(FinetuneConfig) if a.get(f.name) is not None}
     cfg = FinetuneConfig(**{
-        **explicit, "arch": arch, "preset": preset_name, "iterations": iterations, "batch_size": batch, "lr": lr,
+        **explicit, "arch": arch, "recipe": recipe_name, "iterations": iterations, "batch_size": batch, "lr": lr,
         "steps": steps, "warmup": warmup, "min_size": min_size, "max_size": max_size, "test_size": test_size,
         "detector_options": options, "classes": _parse_classes(get("classes")),
     })
@@ -347,11 +360,6 @@ def lr_factor(iteration: int, steps: Sequence[int], warmup: int, warmup_factor: 
     return factor
 
 
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-
-
 class InfiniteSampler(Sampler[int]):
     """Endless shuffled indices, a new permutation per pass, each rank taking every world-th one.
 
@@ -364,14 +372,11 @@ class InfiniteSampler(Sampler[int]):
             raise ConfigError("the training set is empty")
         self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
 
-    def _global(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed)
-        while True:
-            yield from torch.randperm(self.size, generator=generator).tolist()
-
     def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed)
+        stream = (index for _ in itertools.count() for index in torch.randperm(self.size, generator=generator).tolist())
         skip = self.rank + self.start * self.world_size
-        for position, index in enumerate(self._global()):
+        for position, index in enumerate(stream):
             if position >= skip and (position - self.rank) % self.world_size == 0:
                 yield index
 
@@ -383,50 +388,18 @@ def require_masks(dataset: DetectionDataset) -> None:
         ConfigError: the dataset is not COCO, or no annotation has a segmentation.
     """
     if dataset.report.format != "coco":
-        raise ConfigError(
-            f"mask_rcnn_fpn needs instance masks, but {dataset.source} is a {dataset.report.format or 'box'} "
-            "dataset with boxes only. Use a box architecture (--arch faster_rcnn_fpn) or a COCO json with "
-            "'segmentation' polygons."
-        )
+        raise ConfigError(f"mask_rcnn_fpn needs instance masks, but {dataset.source} is a "
+                          f"{dataset.report.format or 'box'} dataset with boxes only. Use a box architecture (--arch "
+                          "faster_rcnn_fpn) or a COCO json with 'segmentation' polygons.")
     segmentations = [s for record in dataset.records for s in record.segmentations]
     without = sum(not s for s in segmentations)
     if without == len(segmentations):
-        raise ConfigError(
-            f"mask_rcnn_fpn needs instance masks, but none of the {without} annotations of {dataset.source} "
-            "has a 'segmentation'. Use --arch faster_rcnn_fpn, or add polygons to the annotations."
-        )
+        raise ConfigError(f"mask_rcnn_fpn needs instance masks, but none of the {without} annotations of "
+                          f"{dataset.source} has a 'segmentation'. Use --arch faster_rcnn_fpn, or add polygons to "
+                          "the annotations.")
     if without:
         logger.warning("%d of %d annotations have no segmentation; their boxes are used as masks",
                        without, len(segmentations))
-
-
-class TrainingSet(Dataset):
-    """A :class:`DetectionDataset` for training: horizontal flip (p=0.5), masks when asked for."""
-
-    def __init__(self, dataset: DetectionDataset, masks: bool = False, flip: float = 0.5) -> None:
-        self.dataset, self.masks, self.flip = dataset, masks, float(flip)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        # An image that fails to decode is skipped (counted in the data report) and replaced by the
-        # next readable one, so a batch keeps its size and a worker never dies on a bad file.
-        size = len(self.dataset)
-        for step in range(size):
-            picture = self.dataset.try_load_image((index + step) % size)
-            if picture is not None:
-                index = (index + step) % size
-                break
-        else:
-            raise DatasetError(f"none of the {size} images of {self.dataset.source} can be decoded; see the log")
-        image = to_tensor(picture)
-        target = self.dataset.get_target(index, masks=self.masks)
-        if torch.rand(()).item() < self.flip:
-            image, target = RandomHorizontalFlip(1.0)(image, target)
-            if "masks" in target:
-                target["masks"] = target["masks"].flip(-1)
-        return image, target
 
 
 def _load(spec: str, image_root: str | None, **kwargs: Any) -> DetectionDataset:
@@ -435,46 +408,32 @@ def _load(spec: str, image_root: str | None, **kwargs: Any) -> DetectionDataset:
     return load_dataset(spec, **kwargs)
 
 
-# ----------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------
-
-
-def load_init(name: str) -> InsLocBackbone | None:
-    """The backbone bundle named by ``--init`` (``None`` for ``random``).
-
-    Raises:
-        ModelNotFoundError: the name resolves to nothing (message from the hub resolver).
-        ConfigError: it names a fine-tuned detector rather than a backbone.
-    """
-    if name == "random":
-        return None
+def _load_hub_model(name: str, what: str, bundle: bool, device: torch.device | None = None) -> nn.Module:
+    """``from_pretrained(name)``, refused with a message saying what to do unless it is a backbone bundle
+    (``bundle=True``, for ``--init``) or a detector (``bundle=False``, for ``eval``)."""
     try:
-        loaded = from_pretrained(name)
+        loaded = from_pretrained(name, **({"device": device} if device is not None else {}))
     except ModelNotFoundError as exc:
-        raise ModelNotFoundError(f"--init {name!r}: {exc}") from exc
-    if not isinstance(loaded, InsLocBackbone):
-        raise ConfigError(
-            f"--init {name!r} is a fine-tuned detector (task: detection), not a pretrained backbone. "
-            "Fine-tune from a backbone folder or alias, or evaluate it with insloc-train eval."
-        )
+        raise ModelNotFoundError(f"{what} {name!r}: {exc}") from exc
+    if bundle and not isinstance(loaded, InsLocBackbone):
+        raise ConfigError(f"--init {name!r} is a fine-tuned detector (task: detection), not a pretrained backbone. "
+                          "Fine-tune from a backbone folder or alias, or evaluate it with insloc-train eval.")
+    if not bundle and isinstance(loaded, InsLocBackbone):
+        raise ConfigError(f"{name!r} is a pretrained backbone, not a detector: fine-tune it first (insloc-train "
+                          "finetune --init ...), then evaluate RUN/final")
     return loaded
 
 
 def build_model(cfg: FinetuneConfig, class_names: Sequence[str], norm: str) -> tuple[nn.Module, dict[str, Any]]:
     """The detector to fine-tune and its load report as a JSON-ready dict."""
-    bundle = load_init(cfg.init)
+    bundle = None if cfg.init == "random" else _load_hub_model(cfg.init, "--init", bundle=True)
     options = {"min_size": tuple(cfg.min_size), "max_size": cfg.max_size, **cfg.detector_options}
-    model = build_detector(
-        cfg.arch, class_names=list(class_names), backbone=cfg.backbone, pretrained=bundle, norm=norm,
-        strict=cfg.strict_load, box_head_extra_norm=cfg.box_head_extra_norm, **options,
-    )
+    model = build_detector(cfg.arch, class_names=list(class_names), backbone=cfg.preset, pretrained=bundle,
+                           norm=norm, strict=cfg.strict_load, box_head_extra_norm=cfg.box_head_extra_norm, **options)
     if bundle is None:
         keys = sorted(model.state_dict())
-        report: dict[str, Any] = {
-            "init": "random", "summary": f"random initialisation: nothing loaded, {len(keys)} new tensors",
-            "loaded": [], "new": keys, "ignored": {},
-        }
+        report: dict[str, Any] = {"init": "random", "loaded": [], "new": keys, "ignored": {},
+                                  "summary": f"random initialisation: nothing loaded, {len(keys)} new tensors"}
     else:
         load = model.load_report
         report = {"init": cfg.init, "source": str(getattr(bundle, "hub_folder", cfg.init)),
@@ -482,13 +441,10 @@ def build_model(cfg: FinetuneConfig, class_names: Sequence[str], norm: str) -> t
     return model, report
 
 
-def _move_target(target: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------------------------
+def build_optimizer(cfg: FinetuneConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD over the trainable parameters (the learning rate is set every iteration by :func:`lr_factor`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 @dataclass
@@ -504,9 +460,8 @@ class FinetuneResult:
 
 
 def _metrics_for_card(result: EvalResult) -> dict[str, float]:
-    values = {"AP": result.ap, "AP50": result.ap50, "AP75": result.ap75, "APs": result.ap_small,
-              "APm": result.ap_medium, "APl": result.ap_large}
-    return {k: round(100 * v, 2) for k, v in values.items() if v >= 0}
+    """AP, AP50, AP75, APs, APm, APl in percent (those pycocotools could score)."""
+    return {name: round(100 * v, 2) for name, v in zip(STAT_NAMES[:6], result.stats) if v >= 0}
 
 
 def _evaluate(model: nn.Module, dataset: DetectionDataset, cfg: FinetuneConfig, device: torch.device,
@@ -537,170 +492,197 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """
     start_time = time.perf_counter()
     info = dist_utils.init_distributed(cfg.device)
-    device, world, rank = info.device, info.world_size, info.rank
     try:
-        return _finetune(cfg, info, device, world, rank, start_time)
+        run = _FinetuneRun(cfg, info)  # batch split, bf16 and BatchNorm choices
+        run.build_data()
+        run.build_model()
+        run.resume()  # before the run's files are written
+        run.write_config()
+        run.loop()
+        return run.finish(start_time)  # final evaluation, data report, RUN/final
     finally:
         dist_utils.cleanup()
 
 
-def _finetune(cfg: FinetuneConfig, info: dist_utils.DistInfo, device: torch.device, world: int, rank: int,
-              start_time: float) -> FinetuneResult:
-    if cfg.batch_size % world:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
-    per_rank = cfg.batch_size // world
-    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
-    if amp and device.type != "cuda":
-        logger.warning("--amp uses bf16 autocast on CUDA only; running in float32 on %s", device)
-        amp = False
-    if amp and not torch.cuda.is_bf16_supported():
-        logger.warning("this GPU has no bf16 support; running in float32")
-        amp = False
-    norm = cfg.norm
-    if norm == "auto":
-        norm = "sync" if world > 1 else "bn"
-    if norm == "sync" and device.type != "cuda":
-        logger.warning("SyncBatchNorm needs CUDA; using plain BatchNorm on %s", device)
-        norm = "bn"
+class _FinetuneRun:
+    """The state of one fine-tuning run, built by :func:`finetune` step by step."""
 
-    run_dir = Path(cfg.output)
-    main = info.is_main
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, cfg: FinetuneConfig, info: dist_utils.DistInfo) -> None:
+        self.cfg, self.info, self.device, self.main = cfg, info, info.device, info.is_main
+        device, world = info.device, info.world_size
+        if cfg.batch_size % world:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+        self.per_rank = cfg.batch_size // world
+        amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+        if amp and device.type != "cuda":
+            logger.warning("--amp uses bf16 autocast on CUDA only; running in float32 on %s", device)
+            amp = False
+        if amp and not torch.cuda.is_bf16_supported():
+            logger.warning("this GPU has no bf16 support; running in float32")
+            amp = False
+        self.amp = amp
+        self.norm = cfg.norm if cfg.norm != "auto" else ("sync" if world > 1 else "bn")
+        if self.norm == "sync" and device.type != "cuda":
+            logger.warning("SyncBatchNorm needs CUDA; using plain BatchNorm on %s", device)
+            self.norm = "bn"
+        self.run_dir = Path(cfg.output)
+        self.start_iter = self.iteration = 0
 
-    # --- checkpoint to resume from (decided before any file of the run is written) ---
-    candidates = choose_resume(run_dir, cfg.resume)
+    def build_data(self) -> None:
+        cfg = self.cfg
+        self.train_set = _load(cfg.data, cfg.image_root, class_names=cfg.classes, unknown_classes=cfg.unknown_classes)
+        self.val_set = None
+        if cfg.val_data:
+            self.val_set = _load(cfg.val_data, cfg.val_image_root, class_names=self.train_set.class_names,
+                                 unknown_classes=cfg.unknown_classes)
+        self.masks = cfg.arch == "mask_rcnn_fpn"
+        if self.masks:
+            require_masks(self.train_set)
 
-    # --- data ---
-    train_set = _load(cfg.data, cfg.image_root, class_names=cfg.classes, unknown_classes=cfg.unknown_classes)
-    val_set = None
-    if cfg.val_data:
-        val_set = _load(cfg.val_data, cfg.val_image_root, class_names=train_set.class_names,
-                        unknown_classes=cfg.unknown_classes)
-    masks = cfg.arch == "mask_rcnn_fpn"
-    if masks:
-        require_masks(train_set)
+    def build_model(self) -> None:
+        seed_everything(self.cfg.seed)
+        self.model, self.report = build_model(self.cfg, self.train_set.class_names, self.norm)
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(self.cfg, self.model)
 
-    # --- model ---
-    seed_everything(cfg.seed)
-    model, report = build_model(cfg, train_set.class_names, norm)
-    model.to(device)
-    if main:
-        logger.info("init %s: %s", cfg.init, report["summary"])
-        (run_dir / "load_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        (run_dir / "training_args.json").write_text(
-            json.dumps({**cfg.to_dict(), "world_size": world, "norm_used": norm, "amp_used": amp,
-                        "device_used": str(device)}, indent=2) + "\n", encoding="utf-8")
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-    start_iter = 0
-    if candidates:  # newest first; a foreign, corrupt or mismatching newer one is passed over
-        resume_path, state, _ = ckpt.load_newest_usable(candidates, lambda path, st: _check_resumable(path, st, cfg))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_iter = int(state["iteration"])
-        if "rng" in state:
-            ckpt.restore_rng_state(state["rng"])
+    def resume(self) -> None:
+        cfg, rank = self.cfg, self.info.rank
+        found = run_lib.resume(self.run_dir, cfg.resume, lambda path, st: _check_resumable(path, st, cfg))
+        if found is not None:
+            path, state = found
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.start_iter = self.iteration = int(state["iteration"])
+            logger.info("resumed from %s at iteration %d of %d", path, self.start_iter, cfg.iterations)
         if rank:
-            seed_everything(cfg.seed + 1000 * rank + start_iter)
-        logger.info("resumed from %s at iteration %d of %d", resume_path, start_iter, cfg.iterations)
-    elif rank:
-        seed_everything(cfg.seed + 1000 * rank)
+            seed_everything(cfg.seed + 1000 * rank + self.start_iter)
+        self.train_model = run_lib.wrap_ddp(self.model, self.device, self.info.world_size)
+        self.loader = DataLoader(
+            TrainingSet(self.train_set, self.masks), batch_size=self.per_rank,
+            sampler=InfiniteSampler(len(self.train_set), seed=cfg.seed, rank=rank, world_size=self.info.world_size,
+                                    start=self.start_iter * self.per_rank),
+            num_workers=cfg.workers, collate_fn=collate_detection, drop_last=True,
+            generator=torch.Generator().manual_seed(cfg.seed + 1000 * rank + 7919 * self.start_iter),
+            pin_memory=self.device.type == "cuda", persistent_workers=cfg.workers > 0)
 
-    train_model: nn.Module = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    loader = DataLoader(
-        TrainingSet(train_set, masks), batch_size=per_rank,
-        sampler=InfiniteSampler(len(train_set), seed=cfg.seed, rank=rank, world_size=world,
-                                start=start_iter * per_rank),
-        num_workers=cfg.workers, collate_fn=collate_detection, drop_last=True,
-        generator=torch.Generator().manual_seed(cfg.seed + 1000 * rank + 7919 * start_iter),
-        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-    )
-    if main:
+    def write_config(self) -> None:
+        cfg = self.cfg
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log = MetricsWriter(self.run_dir, self.main, self.start_iter, step_key="iteration")
+        if not self.main:
+            return
+        logger.info("init %s: %s", cfg.init, self.report["summary"])
+        run_lib.write_json(self.run_dir / "load_report.json", self.report)
+        run_lib.write_json(self.run_dir / "training_args.json", {
+            **cfg.to_dict(), "world_size": self.info.world_size, "norm_used": self.norm, "amp_used": self.amp,
+            "device_used": str(self.device)})
         logger.info("fine-tuning %s on %s (%d images, classes %s): %d iterations, batch %d (%d per process x %d), "
                     "lr %g, steps %s, warmup %d, sizes %s/%d (test %d), norm %s, amp %s, device %s",
-                    cfg.arch, train_set.source, len(train_set), train_set.class_names, cfg.iterations,
-                    cfg.batch_size, per_rank, world, cfg.lr, cfg.steps, cfg.warmup, cfg.min_size, cfg.max_size,
-                    cfg.test_size, norm, amp, device)
+                    cfg.arch, self.train_set.source, len(self.train_set), self.train_set.class_names,
+                    cfg.iterations, cfg.batch_size, self.per_rank, self.info.world_size, cfg.lr, cfg.steps,
+                    cfg.warmup, cfg.min_size, cfg.max_size, cfg.test_size, self.norm, self.amp, self.device)
 
-    def save(iteration: int) -> None:
-        if main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-                     "config": cfg.fingerprint(), "rng": ckpt.capture_rng_state()}
-            ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir, iteration), state)
-            ckpt.prune_checkpoints(run_dir, cfg.keep_checkpoints)
+    def loop(self) -> None:
+        cfg, device = self.cfg, self.device
+        self.train_model.train()
+        batches = iter(self.loader)
+        timer = StepTimer()
+        while self.iteration < cfg.iterations:
+            images, targets = next(batches)
+            images = [image.to(device, non_blocking=True) for image in images]
+            targets = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                        for k, v in target.items()} for target in targets]
+            lr = cfg.lr * lr_factor(self.iteration, cfg.steps, cfg.warmup, cfg.warmup_factor, cfg.gamma)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.amp):
+                loss_dict = self.train_model(images, targets)
+            loss = sum(loss_dict.values())
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"the loss is {loss.item()} at iteration {self.iteration} "
+                    f"({ {k: round(float(v), 4) for k, v in loss_dict.items()} }); lower --lr or raise --warmup")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.iteration += 1
+            timer.tick()
+            it = self.iteration
+            if it % cfg.log_every == 0 or it == cfg.iterations or it == self.start_iter + 1:
+                self._log(loss, loss_dict, lr, timer)
+            if it % cfg.checkpoint_every == 0 and it < cfg.iterations:
+                self._save()
+            if self.val_set is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
+                if self.main:
+                    result = _evaluate(self.model, self.val_set, cfg, device, None)
+                    self.log.write({"iteration": it, "eval": _metrics_for_card(result)})
+                dist_utils.barrier()
+                self.train_model.train()
+        del batches
+        if self.start_iter < cfg.iterations or not ckpt.list_checkpoints(self.run_dir):
+            self._save()
+
+    def _log(self, loss: torch.Tensor, loss_dict: dict[str, torch.Tensor], lr: float, timer: StepTimer) -> None:
+        values = {k: float(v.detach()) for k, v in loss_dict.items()}
+        seconds, _, _ = timer.read()
+        self.log.write({"iteration": self.iteration, "loss": float(loss.detach()), **values, "lr": lr,
+                        "sec_per_iter": seconds})
+        if self.main:
+            eta = seconds * (self.cfg.iterations - self.iteration)
+            logger.info("iter %d/%d loss %.3f (%s) lr %.5f %.2f s/it eta %s", self.iteration, self.cfg.iterations,
+                        float(loss.detach()), " ".join(f"{k} {v:.3f}" for k, v in values.items()), lr, seconds,
+                        datetime.timedelta(seconds=round(max(eta, 0))))
+
+    def _save(self) -> None:
+        if self.main:
+            run_lib.save(self.run_dir, self.iteration, {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "iteration": self.iteration, "config": self.cfg.fingerprint()}, self.cfg.keep_checkpoints)
         dist_utils.barrier()
 
-    log = MetricsWriter(run_dir, main, start_iter, step_key="iteration")
-    train_model.train()
-    data_iter = iter(loader)
-    window_start, window_iters = time.perf_counter(), 0
-    iteration = start_iter
-    while iteration < cfg.iterations:
-        images, targets = next(data_iter)
-        images = [image.to(device, non_blocking=True) for image in images]
-        targets = [_move_target(t, device) for t in targets]
-        lr = cfg.lr * lr_factor(iteration, cfg.steps, cfg.warmup, cfg.warmup_factor, cfg.gamma)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            loss_dict = train_model(images, targets)
-        loss = sum(loss_dict.values())
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(
-                f"the loss is {loss.item()} at iteration {iteration} "
-                f"({ {k: round(float(v), 4) for k, v in loss_dict.items()} }); lower --lr or raise --warmup"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        iteration += 1
-        window_iters += 1
+    def finish(self, start_time: float) -> FinetuneResult:
+        """Final evaluation, RUN/data_report.json and the hub folder RUN/final (rank 0)."""
+        cfg, result, final_dir = self.cfg, None, None
+        if self.main:
+            if self.val_set is not None:
+                result = _evaluate(self.model, self.val_set, cfg, self.device, self.run_dir / "eval")
+                self.log.write({"iteration": cfg.iterations, "eval": _metrics_for_card(result), "final": True})
+            else:
+                logger.warning("no --val-data: the final model is saved without evaluation results")
+            data_report = {}
+            for name, dataset in (("train", self.train_set), ("val", self.val_set)):
+                if dataset is not None:  # report_unreadable first: it adds the images that failed to decode
+                    skipped = dataset.report_unreadable()
+                    data_report[name] = {**dataset.report.to_dict(), "skipped_at_decode": skipped}
+            run_lib.write_json(self.run_dir / "data_report.json", data_report)
+            final_dir = self._save_final(result)
+            logger.info("fine-tuned detector written to %s", final_dir)
+        self.log.close()
+        dist_utils.barrier()
+        return FinetuneResult(self.run_dir, final_dir, cfg.iterations, time.perf_counter() - start_time, result,
+                              self.report)
 
-        if iteration % cfg.log_every == 0 or iteration == cfg.iterations or iteration == start_iter + 1:
-            values = {k: float(v.detach()) for k, v in loss_dict.items()}
-            seconds = (time.perf_counter() - window_start) / window_iters
-            window_start, window_iters = time.perf_counter(), 0
-            eta = seconds * (cfg.iterations - iteration)
-            record = {"iteration": iteration, "loss": float(loss.detach()), **values, "lr": lr, "sec_per_iter": seconds}
-            log.write(record)
-            if main:
-                parts = " ".join(f"{k} {v:.3f}" for k, v in values.items())
-                logger.info("iter %d/%d loss %.3f (%s) lr %.5f %.2f s/it eta %s", iteration, cfg.iterations,
-                            float(loss.detach()), parts, lr, seconds, _duration(eta))
-        if iteration % cfg.checkpoint_every == 0 and iteration < cfg.iterations:
-            save(iteration)
-        if val_set is not None and cfg.eval_every and iteration % cfg.eval_every == 0 and iteration < cfg.iterations:
-            if main:
-                result = _evaluate(model, val_set, cfg, device, None)
-                log.write({"iteration": iteration, "eval": _metrics_for_card(result)})
-            dist_utils.barrier()
-            train_model.train()
-    del data_iter
-    if start_iter < cfg.iterations or not ckpt.list_checkpoints(run_dir):
-        save(cfg.iterations)
+    def _save_final(self, result: EvalResult | None) -> Path:
+        """RUN/final: the detector, set up for inference at the test size."""
+        cfg, run_dir = self.cfg, self.run_dir
+        set_inference_options(self.model, min_size=cfg.test_size, max_size=cfg.max_size)  # training is over
+        results = []
+        if result is not None:
+            results.append({"dataset": _dataset_name(cfg.val_data or self.val_set.source),
+                            "metrics": _metrics_for_card(result)})
+        provenance = {
+            "recipe": f"insloc-train finetune ({cfg.recipe or 'custom schedule'})", "init": cfg.init,
+            "arch": cfg.arch, "data": _dataset_name(cfg.data), "train_images": len(self.train_set),
+            "iterations": cfg.iterations, "batch_size": cfg.batch_size, "lr": cfg.lr, "steps": cfg.steps,
+            "min_size": cfg.min_size, "test_size": cfg.test_size, "norm": self.norm, "amp": self.amp,
+            "world_size": self.info.world_size, "seed": cfg.seed}
+        extra = {name: run_dir / name for name in ("training_args.json", "load_report.json", "metrics.jsonl")
+                 if (run_dir / name).is_file()}
+        shutil.rmtree(run_dir / "final", ignore_errors=True)
+        return save_pretrained(self.model, run_dir / "final", name=Path(cfg.output).name, provenance=provenance,
+                               results=results, extra_files=extra)
 
-    # --- final evaluation and the hub folder (rank 0) ---
-    result = None
-    final_dir = None
-    if main:
-        if val_set is not None:
-            result = _evaluate(model, val_set, cfg, device, run_dir / "eval")
-            log.write({"iteration": cfg.iterations, "eval": _metrics_for_card(result), "final": True})
-        else:
-            logger.warning("no --val-data: the final model is saved without evaluation results")
-        _write_data_report(run_dir / "data_report.json", train_set, val_set)
-        final_dir = _save_final(model, cfg, run_dir, train_set, val_set, result, norm, world, amp)
-        logger.info("fine-tuned detector written to %s", final_dir)
-    log.close()
-    dist_utils.barrier()
-    return FinetuneResult(run_dir, final_dir, cfg.iterations, time.perf_counter() - start_time, result, report)
 
 
 def _check_resumable(path: Path, state: Mapping[str, Any], cfg: FinetuneConfig) -> None:
@@ -708,62 +690,12 @@ def _check_resumable(path: Path, state: Mapping[str, Any], cfg: FinetuneConfig) 
     missing = [key for key in ("model", "optimizer", "iteration", "config") if key not in state]
     if missing:
         raise CheckpointError(f"{path} is not a fine-tuning checkpoint of insloc-hub (no {', '.join(missing)})")
-    ckpt.check_config(state["config"], cfg.fingerprint(), source=path)
-
-
-def _write_data_report(path: Path, train_set: DetectionDataset, val_set: DetectionDataset | None) -> None:
-    """RUN/data_report.json: what loading found, plus the images skipped because they failed to decode."""
-    report = {}
-    for name, dataset in (("train", train_set), ("val", val_set)):
-        if dataset is None:
-            continue
-        skipped = dataset.report_unreadable()
-        if skipped:
-            logger.warning("%s data: %d image(s) skipped because they cannot be decoded: %s", name, len(skipped),
-                           ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
-        report[name] = {**dataset.report.to_dict(), "skipped_at_decode": skipped}
-    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-
-
-def _save_final(model: nn.Module, cfg: FinetuneConfig, run_dir: Path, train_set: DetectionDataset,
-                val_set: DetectionDataset | None, result: EvalResult | None, norm: str, world: int,
-                amp: bool) -> Path:
-    """Write RUN/final: the detector, set up for inference at the test size, with BatchNorm as BN."""
-    set_inference_options(model, min_size=cfg.test_size, max_size=cfg.max_size)  # training is over
-    results = []
-    if result is not None and val_set is not None:
-        results.append({"dataset": _dataset_name(cfg.val_data or val_set.source), "metrics": _metrics_for_card(result)})
-    provenance = {
-        "recipe": f"insloc-train finetune ({cfg.preset or 'custom schedule'})",
-        "init": cfg.init, "arch": cfg.arch, "data": _dataset_name(cfg.data), "train_images": len(train_set),
-        "iterations": cfg.iterations, "batch_size": cfg.batch_size, "lr": cfg.lr, "steps": cfg.steps,
-        "min_size": cfg.min_size, "test_size": cfg.test_size, "norm": norm, "amp": amp, "world_size": world,
-        "seed": cfg.seed,
-    }
-    extra = {name: run_dir / name for name in ("training_args.json", "load_report.json", "metrics.jsonl")
-             if (run_dir / name).is_file()}
-    final_dir = run_dir / "final"
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    save_pretrained(model, final_dir, name=Path(cfg.output).name, provenance=provenance, results=results,
-                    extra_files=extra)
-    return final_dir
+    ckpt.check_config(renamed_fields(state["config"]), cfg.fingerprint(), source=path)
 
 
 def _dataset_name(spec: str) -> str:
     path = Path(spec)
     return f"{path.parent.name}/{path.name}" if path.suffix else path.name
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation of a saved detector
-# ----------------------------------------------------------------------------------------------
 
 
 def evaluate_model(model_name: str, data: str, *, output: str | os.PathLike[str] | None = None,
@@ -778,46 +710,12 @@ def evaluate_model(model_name: str, data: str, *, output: str | os.PathLike[str]
         ConfigError: the model is a backbone, not a detector.
         DatasetError: missing data or no usable image.
     """
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu")
-    try:
-        model = from_pretrained(model_name, device=dev)
-    except ModelNotFoundError as exc:
-        raise ModelNotFoundError(f"model {model_name!r}: {exc}") from exc
-    if isinstance(model, InsLocBackbone):
-        raise ConfigError(
-            f"{model_name!r} is a pretrained backbone, not a detector: fine-tune it first "
-            "(insloc-train finetune --init ...), then evaluate RUN/final"
-        )
+    dev = dist_utils.select_device(device)
+    model = _load_hub_model(model_name, "model", bundle=False, device=dev)
     class_names = model.hub_config.get("class_names")
     dataset = _load(data, image_root, **({"class_names": class_names} if class_names else {}))
     return run_evaluation(model, dataset, device=dev, batch_size=batch_size, score_threshold=score_threshold,
                           output_dir=output, num_visualize=num_visualize)
-
-
-def format_metrics_table(result: EvalResult) -> str:
-    """A small markdown table of the COCO metrics (percent), then AP / AP50 per class."""
-
-    def pct(value: float) -> str:
-        return "n/a" if value is None or value < 0 or math.isnan(value) else f"{100 * value:.1f}"
-
-    head = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
-    values = [result.ap, result.ap50, result.ap75, result.ap_small, result.ap_medium, result.ap_large]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-             "| " + " | ".join(pct(v) for v in values) + " |"]
-    if result.per_class_ap:
-        lines += ["", "| class | AP | AP50 |", "|---|---|---|"]
-        lines += [f"| {name} | {pct(ap)} | {pct(result.per_class_ap50.get(name, math.nan))} |"
-                  for name, ap in result.per_class_ap.items()]
-    lines.append(f"\n{result.num_images} images, {result.num_ground_truth} boxes, {result.num_detections} detections")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
@@ -829,7 +727,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     if result.final_dir is not None:
         print(f"fine-tuned detector: {result.final_dir} ({result.iterations} iterations, {result.seconds:.0f} s)")
         if result.metrics is not None:
-            print(format_metrics_table(result.metrics))
+            print(result.metrics.summary())
     return 0
 
 
@@ -837,7 +735,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     result = evaluate_model(args.model, args.data, output=args.output, device=args.device,
                             batch_size=args.batch_size, image_root=args.image_root,
                             score_threshold=args.score_threshold, num_visualize=args.num_visualize)
-    print(format_metrics_table(result))
+    print(result.summary())
     if args.output:
         print(f"detections.json, metrics.json and examples.png written to {args.output}")
     return 0
@@ -845,15 +743,16 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def add_subcommands(subparsers: Any) -> None:
     """Add ``finetune`` and ``eval`` to the ``insloc-train`` dispatcher."""
-    presets = "; ".join(f"{r.name}: {r.description}" for r in PRESETS.values())
+    recipes = "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values())
     p = subparsers.add_parser(
         "finetune", help="fine-tune a detector from a pretrained backbone (or random init)",
         description="Fine-tune a torchvision detector initialised from an InsLoc / MoCo / supervised hub folder. "
-                    "Presets are defined at batch 16 and linearly scaled to --batch-size; every value can be "
-                    f"overridden. Presets: {presets}. Multi-GPU: torchrun --nproc-per-node N $(which insloc-train) "
+                    "Recipes are defined at batch 16 and linearly scaled to --batch-size; every value can be "
+                    f"overridden. Recipes: {recipes}. Multi-GPU: torchrun --nproc-per-node N $(which insloc-train) "
                     "finetune ...",
     )
     add_config_flags(p, FinetuneConfig, required=("data", "output"))
+    p.add_argument("--backbone", choices=sorted(ARCH_PRESETS), help="deprecated: use --preset")
     p.add_argument("--detector-opt", action="append", metavar="KEY=VALUE",
                    help="torchvision detector argument, e.g. rpn_post_nms_top_n_train=1000 (repeatable)")
     p.set_defaults(func=_run_finetune)

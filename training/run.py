@@ -1,9 +1,9 @@
-"""What every training command shares: which checkpoint to resume, seeding, and the metrics log.
+"""What every training command shares: resume, seeding, checkpoints, metrics, timing, DDP.
 
 ``pretrain`` (engine.py) and ``finetune`` use these, so a run folder behaves the same for both:
-``--resume auto`` takes the newest checkpoint, a folder that already holds checkpoints is never
-silently reused, and ``metrics.jsonl`` never keeps lines of steps a killed run did not checkpoint.
-Checkpoints themselves are written atomically by :mod:`insloc_hub.training.checkpoint`.
+``--resume auto`` takes the newest usable checkpoint, a folder that already holds checkpoints is
+never silently reused, checkpoints are written atomically and pruned, and ``metrics.jsonl`` never
+keeps lines of steps a killed run did not checkpoint.
 """
 
 from __future__ import annotations
@@ -11,23 +11,37 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import random
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from insloc_hub.errors import CheckpointError
 
-from .checkpoint import list_checkpoints, resume_candidates
+from . import distributed as dist_utils
+from .checkpoint import (
+    capture_rng_state,
+    checkpoint_path,
+    list_checkpoints,
+    load_newest_usable,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
 
-__all__ = ["MetricsWriter", "choose_resume", "seed_everything"]
+__all__ = ["MetricsWriter", "StepTimer", "choose_resume", "read_metrics", "resume", "save", "seed_everything",
+           "wrap_ddp", "write_json"]
 
 logger = logging.getLogger(__name__)
 
 
-def choose_resume(run_dir: Path, resume: str | None) -> list[Path]:
+def choose_resume(run_dir: Path, resume: str | os.PathLike[str] | None) -> list[Path]:
     """The checkpoints a run may continue from, newest first (load with ``load_newest_usable``).
 
     ``"auto"``: the checkpoints of ``run_dir`` (none: start from scratch); a run folder: its
@@ -37,16 +51,80 @@ def choose_resume(run_dir: Path, resume: str | None) -> list[Path]:
         CheckpointError: ``run_dir`` already holds checkpoints and no ``--resume`` was given, or a
             ``--resume`` folder holds none.
     """
-    if resume not in (None, "", "none"):
-        candidates = resume_candidates(resume, run_dir)
-        if not candidates:
-            logger.info("--resume auto: no checkpoint in %s, starting from scratch", run_dir)
-        return candidates
-    existing = list_checkpoints(run_dir)
-    if existing:
-        raise CheckpointError(f"{run_dir} already holds checkpoints (newest: {existing[-1].name}); pass --resume auto "
-                              "to continue that run, or choose another --output")
-    return []
+    if resume in (None, "", "none"):
+        existing = list_checkpoints(run_dir)
+        if existing:
+            raise CheckpointError(f"{run_dir} already holds checkpoints (newest: {existing[-1].name}); pass --resume "
+                                  "auto to continue that run, or choose another --output")
+        return []
+    auto = str(resume) == "auto"
+    folder = run_dir if auto else Path(resume)
+    if not auto and not folder.is_dir():
+        return [folder]  # a checkpoint file
+    found = list(reversed(list_checkpoints(folder)))
+    if not found and auto:
+        logger.info("--resume auto: no checkpoint in %s, starting from scratch", run_dir)
+    elif not found:
+        names = sorted(p.name for p in folder.iterdir())[:8]
+        raise CheckpointError(f"--resume {folder}: the folder holds no checkpoint_<step>.pt file (it has: "
+                              f"{', '.join(names) or 'nothing'}). Pass a run folder whose training saved a "
+                              "checkpoint, or a file.")
+    return found
+
+
+def resume(run_dir: Path, spec: str | None, check: Callable[[Path, dict[str, Any]], None]
+           ) -> tuple[Path, dict[str, Any]] | None:
+    """Load the checkpoint to continue from (rank 0 chooses for all) and restore its RNG states.
+
+    ``None``: start from scratch. Newer checkpoints that fail to load or fail ``check`` are passed
+    over with a warning (:func:`~insloc_hub.training.checkpoint.load_newest_usable`).
+    """
+    candidates = dist_utils.broadcast_object(choose_resume(run_dir, spec))
+    if not candidates:
+        return None
+    path, state, _ = load_newest_usable(candidates, check)
+    if "rng" in state:
+        restore_rng_state(state["rng"])
+    return path, state
+
+
+def save(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write ``checkpoint_<step>.pt`` atomically with the RNG states added, keep the newest ``keep``."""
+    path = save_checkpoint(checkpoint_path(run_dir, step), {**state, "rng": capture_rng_state()})
+    prune_checkpoints(run_dir, keep)
+    return path
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically (a killed run leaves the old file or the new one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, world_size: int, **options: Any) -> nn.Module:
+    """``model`` in DistributedDataParallel when several processes train it, else ``model`` itself."""
+    if world_size == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               **options)
+
+
+class StepTimer:
+    """Seconds per step and per data wait since the last :meth:`read` (the logging window)."""
+
+    def __init__(self) -> None:
+        self.start, self.steps, self.data = time.perf_counter(), 0, 0.0
+
+    def tick(self, data_seconds: float = 0.0) -> None:
+        self.steps += 1
+        self.data += data_seconds
+
+    def read(self) -> tuple[float, float, int]:
+        """``(seconds per step, data seconds per step, steps)`` of the window, then start a new one."""
+        elapsed, steps, data = time.perf_counter() - self.start, max(self.steps, 1), self.data
+        self.__init__()
+        return elapsed / steps, data / steps, steps
 
 
 def seed_everything(seed: int) -> None:
@@ -57,6 +135,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def read_metrics(path: Path, up_to_step: int, step_key: str = "step") -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` up to ``up_to_step`` (a line cut by a kill is skipped)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError, AttributeError):
+            record = json.loads(line)
+            if record.get(step_key, 0) <= up_to_step:
+                records.append(record)
+    return records
 
 
 class MetricsWriter:
@@ -76,11 +165,7 @@ class MetricsWriter:
         if not enabled:
             return
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError, AttributeError):
-                    record = json.loads(line)
-                    if record.get(step_key, 0) <= resume_step:
-                        self.records.append(record)
+            self.records = read_metrics(self.path, resume_step, step_key)
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # the caller checked that it is installed

@@ -23,6 +23,7 @@ from insloc_hub.training import finetune as ft
 from insloc_hub.training.cli import main
 from insloc_hub.training.detection_data import load_coco, load_voc, segmentation_problem
 from insloc_hub.training.evaluation import run_evaluation
+from insloc_hub.training.run import choose_resume
 from tests.photos import photo
 from tests.training.test_finetune import make_voc, tiny_args
 
@@ -309,7 +310,7 @@ def test_resume_passes_over_an_unusable_newest_checkpoint(finished_run, tmp_path
     cfg, _ = ft.resolve_config({**finished_run[1], "output": str(run), "resume": "auto"})
     with caplog.at_level("WARNING"):
         path, state, skipped = ckpt.load_newest_usable(
-            ckpt.resume_candidates("auto", run), lambda p, st: ft._check_resumable(p, st, cfg))
+            choose_resume(run, "auto"), lambda p, st: ft._check_resumable(p, st, cfg))
     assert path == ckpt.checkpoint_path(run, 1) and state["iteration"] == 1
     assert len(skipped) == 1 and skipped[0].startswith(newest.name)
     assert f"skipping checkpoint {newest}" in caplog.text
@@ -328,9 +329,9 @@ def test_finetune_resume_auto_continues_from_the_older_checkpoint(finished_run, 
 
 
 def test_resume_from_a_run_folder(finished_run, tmp_path):
-    assert ckpt.resume_candidates(finished_run[0], tmp_path / "elsewhere") == [
+    assert choose_resume(tmp_path / "elsewhere", finished_run[0]) == [
         ckpt.checkpoint_path(finished_run[0], 2), ckpt.checkpoint_path(finished_run[0], 1)]
-    assert ckpt.resume_candidates(ckpt.checkpoint_path(finished_run[0], 1), tmp_path) == [
+    assert choose_resume(tmp_path, ckpt.checkpoint_path(finished_run[0], 1)) == [
         ckpt.checkpoint_path(finished_run[0], 1)]
 
 
@@ -339,11 +340,11 @@ def test_resume_from_a_folder_without_checkpoints_says_what_it_holds(tmp_path):
     folder.mkdir()
     (folder / "notes.txt").write_text("x")
     with pytest.raises(CheckpointError, match=r"holds no checkpoint_<step>.pt file \(it has: notes.txt\)"):
-        ckpt.resume_candidates(folder, tmp_path / "run")
+        choose_resume(tmp_path / "run", folder)
 
 
 def test_no_usable_checkpoint_lists_each(tmp_path):
     for step in (1, 2):
         ckpt.checkpoint_path(tmp_path, step).write_bytes(b"junk")
     with pytest.raises(CheckpointError, match=r"(?s)no usable checkpoint.*_000000002.pt.*_000000001.pt"):
-        ckpt.load_newest_usable(ckpt.resume_candidates("auto", tmp_path))
+        ckpt.load_newest_usable(choose_resume(tmp_path, "auto"))

@@ -14,8 +14,9 @@ from PIL import Image
 from insloc_hub.errors import ConfigError, DatasetError
 from insloc_hub.training.detection_data import (
     DetectionDataset,
-    RandomHorizontalFlip,
+    TrainingSet,
     collate_detection,
+    flip_horizontal,
     load_coco,
     load_dataset,
     load_voc,
@@ -345,23 +346,25 @@ def test_load_dataset_detects_the_format(tmp_path: Path) -> None:
     assert len(load_dataset(voc_root / "split.txt")) == 1
     assert load_dataset(coco_json).report.format == "coco"  # images/ next to the json
     assert load_dataset(tmp_path / "coco").report.format == "coco"
-    assert len(load_dataset({"format": "voc", "path": voc_root, "split": "split.txt"})) == 1
+    assert len(load_dataset(voc_root, split="split.txt")) == 1
     with pytest.raises(DatasetError, match="does not exist"):
         load_dataset(tmp_path / "nothing")
-    with pytest.raises(ConfigError):
-        load_dataset({"format": "yolo", "path": voc_root})
 
 
-def test_random_horizontal_flip_moves_boxes() -> None:
+def test_flip_horizontal_moves_boxes_and_masks_with_the_pixels() -> None:
     image = torch.zeros(3, 10, 20)
     image[:, :, :5] = 1.0
-    target = {"boxes": torch.tensor([[0.0, 1.0, 5.0, 4.0]]), "labels": torch.tensor([1])}
-    flipped, new = RandomHorizontalFlip(p=1.0)(image, target)
+    masks = torch.zeros(1, 10, 20, dtype=torch.uint8)
+    masks[0, 1:4, 0:5] = 1
+    target = {"boxes": torch.tensor([[0.0, 1.0, 5.0, 4.0]]), "labels": torch.tensor([1]), "masks": masks}
+    flipped, new = flip_horizontal(image, target)
     assert new["boxes"].tolist() == [[15.0, 1.0, 20.0, 4.0]]
     assert flipped[:, :, 15:].min() == 1.0 and flipped[:, :, :15].max() == 0.0
-    assert target["boxes"].tolist() == [[0.0, 1.0, 5.0, 4.0]]  # input not modified
-    same, _ = RandomHorizontalFlip(p=0.0)(image, target)
-    assert same is image
+    assert new["masks"][0, 1:4, 15:].all() and int(new["masks"].sum()) == 15
+    assert type(new["boxes"]) is torch.Tensor and type(new["masks"]) is torch.Tensor  # no tv_tensors leak out
+    assert target["boxes"].tolist() == [[0.0, 1.0, 5.0, 4.0]] and target["masks"] is masks  # input not modified
+    twice, back = flip_horizontal(*flip_horizontal(image, target))
+    assert torch.equal(twice, image) and torch.equal(back["boxes"], target["boxes"])
 
 
 def test_protocol_sizes() -> None:
@@ -374,12 +377,12 @@ def test_protocol_sizes() -> None:
         protocol_sizes("lvis")
 
 
-def test_collate_and_dataset_transforms(tmp_path: Path) -> None:
+def test_collate_and_training_set_flip(tmp_path: Path) -> None:
     root = make_voc(
         tmp_path / "voc",
         {"a": {"objects": [{"name": "dog", "box": (1, 1, 5, 5)}]}, "b": {"objects": []}},
     )
-    ds = load_voc(root, transforms=RandomHorizontalFlip(p=1.0))
+    ds = TrainingSet(load_voc(root), flip=1.0)
     images, targets = collate_detection([ds[0], ds[1]])
     assert len(images) == 2 and [t["image_id"] for t in targets] == [1, 2]
     assert targets[0]["boxes"].tolist() == [[35.0, 0.0, 40.0, 5.0]]

@@ -12,7 +12,7 @@ from insloc_hub.training import distributed as D
 def test_single_process_defaults():
     info = D.init_distributed("cpu", env={})
     assert (info.rank, info.world_size, info.backend, info.device.type) == (0, 1, None, "cpu")
-    assert D.get_rank() == 0 and D.get_world_size() == 1 and D.is_main_process()
+    assert D.get_rank() == 0 and D.get_world_size() == 1 and info.is_main
     t = torch.arange(6).view(3, 2)
     assert D.all_gather_tensor(t) is t
     assert D.broadcast_object({"a": 1}) == {"a": 1}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -22,15 +23,18 @@ from insloc_hub.training.checkpoint import find_latest, load_checkpoint
 from insloc_hub.training.engine import (
     PretrainConfig,
     ResumableDistributedSampler,
+    batch_to_views,
+    build_dataset,
     build_model,
     composition_config,
     cosine_by_epoch,
+    device_batches,
     export_checkpoint,
     resolve_config,
     set_schedule_epoch,
     train,
 )
-from insloc_hub.training.pretrain_data import InsLocPretrainDataset, UnlabelledImages
+from insloc_hub.training.pretrain_data import InsLocPretrainDataset, UnlabelledImages, collate_decoded
 from tests.photos import photo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -276,3 +280,20 @@ def test_training_steps_lower_the_loss_on_photographs(photos, monkeypatch):
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
     assert accuracies[-1] > accuracies[0]
+
+
+def test_device_composition_gives_the_step_the_same_batches_with_and_without_the_prefetcher(tmp_path: Path) -> None:
+    """The bytes-only workers + device composition path: on CPU the prefetcher changes nothing the step sees."""
+    cfg = resolve_config({"preset": "tiny", "canvas": 64, "batch_size": 4, "queue_size": 8, "data": "d",
+                          "output": "o"})
+    images = UnlabelledImages(str(write_photos(tmp_path / "img", 8, 80)))
+    sampler = ResumableDistributedSampler(len(images), 4, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(build_dataset(cfg, images, gpu_composition=True), batch_size=4,
+                                         sampler=sampler, collate_fn=collate_decoded)
+    prepare = functools.partial(batch_to_views, comp=composition_config(cfg), device=torch.device("cpu"),
+                                channels_last=False)
+    plain = [views for views, _ in device_batches(loader, prepare, torch.device("cpu"), prefetch=False)]
+    prefetched = [views for views, waited in device_batches(loader, prepare, torch.device("cpu"), prefetch=True)]
+    assert len(plain) == len(prefetched) == sampler.steps_per_epoch == 2
+    for a, b in zip(plain, prefetched, strict=True):
+        assert a[0].shape == (4, 3, 64, 64) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

@@ -19,7 +19,7 @@ from PIL import Image
 
 from insloc_hub.errors import ConfigError
 from insloc_hub.training import finetune as ft
-from insloc_hub.training.detection_data import load_dataset
+from insloc_hub.training.detection_data import TrainingSet, load_dataset
 from tests.photos import photo
 
 SIZE = (128, 96)  # width, height of every generated image
@@ -91,7 +91,7 @@ def make_coco(root: Path, num_images: int = 4, with_masks: bool = True) -> Path:
 
 def tiny_args(data: Path, output: Path, **extra: Any) -> dict[str, Any]:
     """Flags of a few-step CPU run of a tiny detector at the images' own size."""
-    args: dict[str, Any] = {"data": str(data), "output": str(output), "backbone": "tiny-fpn", "iterations": 3,
+    args: dict[str, Any] = {"data": str(data), "output": str(output), "preset": "tiny-fpn", "iterations": 3,
                             "batch_size": 2, "lr": 0.01, "warmup": 1, "min_size": "96", "max_size": 128,
                             "workers": 0, "device": "cpu", "log_every": 1}
     args.update(extra)
@@ -103,35 +103,35 @@ def tiny_args(data: Path, output: Path, **extra: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_presets_are_the_published_schedules() -> None:
-    voc, coco1, coco2 = ft.PRESETS["voc07+12-c4-24k"], ft.PRESETS["coco-1x"], ft.PRESETS["coco-2x"]
+def test_recipes_are_the_published_schedules() -> None:
+    voc, coco1, coco2 = ft.RECIPES["voc07+12-c4-24k"], ft.RECIPES["coco-1x"], ft.RECIPES["coco-2x"]
     assert (voc.arch, voc.iterations, voc.batch_size, voc.lr, voc.steps, voc.warmup) == (
         "faster_rcnn_c4", 24000, 16, 0.02, (18000, 22000), 100)
     assert (coco1.arch, coco1.iterations, coco1.steps) == ("mask_rcnn_fpn", 90000, (60000, 80000))
     assert (coco2.iterations, coco2.steps) == (180000, (120000, 160000))
 
 
-def test_preset_is_linearly_scaled_to_the_batch_used() -> None:
-    cfg, notes = ft.resolve_config({"data": "d", "output": "o", "preset": "voc07+12-c4-24k", "batch_size": 8})
+def test_recipe_is_linearly_scaled_to_the_batch_used() -> None:
+    cfg, notes = ft.resolve_config({"data": "d", "output": "o", "recipe": "voc07+12-c4-24k", "batch_size": 8})
     assert cfg.iterations == 48000 and cfg.steps == [36000, 44000] and cfg.warmup == 200
     assert math.isclose(cfg.lr, 0.01)
     assert cfg.arch == "faster_rcnn_c4"
     assert cfg.min_size == list(range(480, 801, 32)) and cfg.test_size == 800
     assert any("linear scaling" in n and "48000" in n for n in notes)
-    cfg16, _ = ft.resolve_config({"data": "d", "output": "o", "preset": "coco-1x"})
+    cfg16, _ = ft.resolve_config({"data": "d", "output": "o", "recipe": "coco-1x"})
     assert (cfg16.iterations, cfg16.lr, cfg16.batch_size, cfg16.arch) == (90000, 0.02, 16, "mask_rcnn_fpn")
     assert cfg16.min_size == list(range(640, 801, 32))
 
 
-def test_flags_override_the_preset() -> None:
-    cfg, notes = ft.resolve_config({"data": "d", "output": "o", "preset": "coco-2x", "batch_size": 4,
+def test_flags_override_the_recipe() -> None:
+    cfg, notes = ft.resolve_config({"data": "d", "output": "o", "recipe": "coco-2x", "batch_size": 4,
                                     "iterations": 900, "lr": 0.5, "min_size": "256-320", "max_size": 500,
                                     "arch": "faster_rcnn_fpn"})
     # steps keep their fractions of the schedule (120k/180k, 160k/180k)
     assert cfg.iterations == 900 and cfg.steps == [600, 800]
     assert cfg.lr == 0.5 and cfg.arch == "faster_rcnn_fpn"
     assert cfg.min_size == [256, 288, 320] and cfg.max_size == 500 and cfg.test_size == 320
-    cfg2, _ = ft.resolve_config({"data": "d", "output": "o", "preset": "coco-1x", "steps": "5,9",
+    cfg2, _ = ft.resolve_config({"data": "d", "output": "o", "recipe": "coco-1x", "steps": "5,9",
                                  "iterations": 10, "warmup": 50})
     assert cfg2.steps == [5, 9] and cfg2.warmup == 10  # warmup never exceeds the run
 
@@ -139,7 +139,9 @@ def test_flags_override_the_preset() -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        ({"preset": "coco-3x"}, "unknown preset 'coco-3x'"),
+        ({"recipe": "coco-3x"}, "unknown recipe 'coco-3x'"),
+        ({"preset": "coco-3x"}, "--preset must be one of"),
+        ({"backbone": "tiny-fpn", "preset": "r50-fpn"}, "disagree"),
         ({"arch": "yolo"}, "unknown architecture 'yolo'"),
         ({"steps": "9,5"}, "increasing"),
         ({"min_size": "big"}, "cannot read sizes"),
@@ -150,6 +152,29 @@ def test_flags_override_the_preset() -> None:
 def test_bad_recipe_values_are_refused(flags: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ft.resolve_config({"data": "d", "output": "o", **flags})
+
+
+def test_old_names_still_work_for_one_release_with_a_warning() -> None:
+    with pytest.warns(DeprecationWarning, match="--backbone is deprecated: use --preset tiny-fpn"):
+        cfg, notes = ft.resolve_config({"data": "d", "output": "o", "backbone": "tiny-fpn"})
+    assert cfg.preset == "tiny-fpn" and cfg.recipe is None and "backbone" not in cfg.to_dict()
+    assert any(n.startswith("warning: --backbone is deprecated") for n in notes)
+    with pytest.warns(DeprecationWarning, match="use --recipe coco-1x"):
+        cfg, _ = ft.resolve_config({"data": "d", "output": "o", "preset": "coco-1x", "batch_size": 16})
+    assert cfg.recipe == "coco-1x" and cfg.preset is None and cfg.iterations == 90000
+    with pytest.raises(ConfigError, match="recipe='coco-1x'"):
+        ft.FinetuneConfig(data="d", output="o", preset="coco-1x")
+
+
+def test_configs_and_checkpoints_written_with_the_old_names_still_load() -> None:
+    new, _ = ft.resolve_config({"data": "d", "output": "o", "preset": "tiny-fpn", "recipe": "coco-1x"})
+    old = {k: v for k, v in new.to_dict().items() if k not in ("preset", "recipe")}
+    old.update(backbone="tiny-fpn", preset="coco-1x")  # a training_args.json of the previous release
+    assert ft.FinetuneConfig.from_dict(old) == new
+    assert ft.renamed_fields(new.to_dict()) == new.to_dict()
+    state = {"model": {}, "optimizer": {}, "iteration": 3,
+             "config": {k: v for k, v in old.items() if k in {*new.fingerprint(), "backbone"}}}
+    ft._check_resumable(Path("checkpoint_000000003.pt"), state, new)  # no CheckpointError
 
 
 def test_lr_factor_warms_up_then_steps() -> None:
@@ -176,13 +201,13 @@ def test_infinite_sampler_splits_ranks_and_resumes() -> None:
 
 def test_coco_polygons_become_masks_that_flip_with_the_image(tmp_path: Path) -> None:
     dataset = load_dataset(make_coco(tmp_path))
-    train = ft.TrainingSet(dataset, masks=True, flip=0.0)
+    train = TrainingSet(dataset, masks=True, flip=0.0)
     image, target = train[0]
     assert target["masks"].shape == (len(target["boxes"]), SIZE[1], SIZE[0])
     x1, y1, x2, y2 = (int(v) for v in target["boxes"][0].tolist())
     mask = target["masks"][0]
     assert mask[y1 + 1 : y2 - 1, x1 + 1 : x2 - 1].all() and int(mask.sum()) <= (x2 - x1 + 1) * (y2 - y1 + 1)
-    flipped = ft.TrainingSet(dataset, masks=True, flip=1.0)
+    flipped = TrainingSet(dataset, masks=True, flip=1.0)
     image_f, target_f = flipped[0]
     assert torch.equal(image_f, image.flip(-1)) and torch.equal(target_f["masks"], target["masks"].flip(-1))
     assert torch.allclose(target_f["boxes"][:, [0, 2]], SIZE[0] - target["boxes"][:, [2, 0]])

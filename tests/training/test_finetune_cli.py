@@ -41,7 +41,7 @@ def finetuned(voc: Path, pretrained: Path, tmp_path_factory: pytest.TempPathFact
     """One run from the pretrained folder, shared by the tests that only read its outputs."""
     run = tmp_path_factory.mktemp("runs") / "from-pretrained"
     args = tiny_args(voc, run, init=pretrained, val_data=voc)
-    del args["backbone"]
+    del args["preset"]
     assert main([*flags(args), "--box-head-extra-norm"]) == 0
     return run
 
@@ -169,9 +169,13 @@ def test_unknown_arch_and_preset(voc: Path, tmp_path: Path, capsys: pytest.Captu
     assert exc.value.code == 2
     assert "--arch: must be one of faster_rcnn_fpn" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        main(flags(tiny_args(voc, tmp_path / "r", preset="voc-99")))
+        main(flags(tiny_args(voc, tmp_path / "r", recipe="voc-99")))
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "--preset: must be one of" in err and "coco-1x" in err
+    assert exc.value.code == 2 and "--recipe: must be one of" in err and "coco-1x" in err
+    with pytest.raises(SystemExit) as exc:
+        main(flags(tiny_args(voc, tmp_path / "r", preset="r7-fpn")))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--preset: must be one of" in err and "tiny-fpn" in err
 
 
 def test_missing_and_unusable_data(voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
