@@ -28,6 +28,7 @@ import argparse
 import gc
 import importlib
 import importlib.machinery
+import itertools
 import json
 import os
 import subprocess
@@ -90,14 +91,17 @@ class Sizes:
     device: str = "cuda"
     fpn_arch: str = "r50-fpn"
     c4_arch: str = "r50-c4"
+    # pretraining step: the official run's canvas, batch and queue; timed and warm-up steps
     canvas: int = 256
     batch: int = 256
     queue: int = 65536
     steps: int = 10
     warmup: int = 3
+    # whole pipeline (JPEG bytes -> step)
+    workers: int = max(1, (os.cpu_count() or 2) - 2)
     pipeline_steps: int = 8
     photos: int = 512
-    workers: int = max(1, (os.cpu_count() or 2) - 2)
+    # inference
     detector_size: tuple[int, int] = (800, 1216)
     detector_batch: int = 8
     features_size: int = 224
@@ -234,14 +238,10 @@ class Pipeline:
                                  num_workers=cfg.workers, collate_fn=collate_encoded,
                                  pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
                                  prefetch_factor=2 if cfg.workers > 0 else None, worker_init_fn=worker_init_fn)
-        self.iterator = iter(self.loader)
+        self.iterator = itertools.chain.from_iterable(itertools.repeat(self.loader))  # epoch after epoch
 
     def batch(self) -> Any:
-        try:
-            return next(self.iterator)
-        except StopIteration:
-            self.iterator = iter(self.loader)
-            return next(self.iterator)
+        return next(self.iterator)
 
     def views(self, channels_last: bool) -> tuple[Any, ...]:
         from insloc_hub.training.engine import batch_to_views
@@ -392,7 +392,7 @@ def detector_inference(check: Check) -> None:
                                                 "rpn_post_nms_top_n_test": 50}
     for name, amp, channels_last in (("fp32 eager (baseline)", False, False), ("bf16 + channels-last", True, True)):
         torch.manual_seed(0)
-        model = build_detector("faster_rcnn_fpn", 91, backbone="r50-fpn", **options).to(device).eval()
+        model = build_detector("faster_rcnn_fpn", 91, preset="r50-fpn", **options).to(device).eval()
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
 

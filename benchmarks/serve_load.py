@@ -56,7 +56,7 @@ def build_model(folder: Path, arch: str, size: int) -> Path:
 
     torch.manual_seed(0)
     # fewer RPN proposals than torchvision's 1000: the 4conv1fc box head on 1000 RoIs dominates CPU time
-    model = build_detector("faster_rcnn_fpn", class_names=["raccoon"], backbone=arch, min_size=size,
+    model = build_detector("faster_rcnn_fpn", class_names=["raccoon"], preset=arch, min_size=size,
                            max_size=int(size * 1.5), rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=100)
     return save_pretrained(model, folder / "detector", name="r50-detector")
 

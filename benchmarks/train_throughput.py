@@ -29,6 +29,7 @@ Prints a ratio table (img/s, higher is better).
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -141,15 +142,11 @@ class Pipeline:
             collate_fn=collate_decoded if setup["gpu_composition"] else None, pin_memory=device.type == "cuda",
             persistent_workers=cfg.workers > 0, generator=torch.Generator().manual_seed(0))
         self.comp = composition_config(cfg)
-        self.iterator = iter(self.loader)
+        self.iterator = itertools.chain.from_iterable(itertools.repeat(self.loader))  # epoch after epoch
         self.done = 0
 
     def _batch(self) -> Any:
-        try:
-            return next(self.iterator)
-        except StopIteration:
-            self.iterator = iter(self.loader)
-            return next(self.iterator)
+        return next(self.iterator)
 
     def run(self, steps: int) -> None:
         for _ in range(steps):

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
-from insloc_hub.cli import run_command
+from insloc_hub.cli import ArgumentParser, run_cli
 
 
 def cmd_onnx(args: argparse.Namespace) -> int:
@@ -71,7 +70,7 @@ def cmd_triton(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="insloc-export", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="insloc-export", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -123,10 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    return run_command("insloc-export", args)
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -85,8 +85,8 @@ def check_task(model: nn.Module, task: str, name: str) -> None:
         raise ConfigError(f"unknown task {task!r}; choose one of {TASKS}")
     if is_detector(model):
         if task != "detector":
-            raise ConfigError(f"{name} is a detection model; export it with --task detector (its backbone alone is "
-                              "not a separate folder: export the pretrained backbone folder for features)")
+            raise ConfigError(f"{name} is a detection model; export it with --task detector (its feature extractor "
+                              "alone is not a separate folder: export the pretrained backbone folder for features)")
         return
     if not isinstance(model, InsLocBackbone):
         raise ConfigError(f"cannot export a {type(model).__name__}; expected an InsLocBackbone or a detector from "

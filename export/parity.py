@@ -229,9 +229,7 @@ def verify_onnx(
     *,
     output_names: list[str] | None = None,
     input_name: str | None = None,
-    batch: int | None = None,
-    height: int | None = None,
-    width: int | None = None,
+    batch: int | None = None, height: int | None = None, width: int | None = None,  # the input's shape
     tolerance: Tolerance | None = None,
     session: Any = None,
     threads: int | None = None,

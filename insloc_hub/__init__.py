@@ -2,7 +2,7 @@
 
 Example:
     >>> import insloc_hub
-    >>> detector = insloc_hub.build_detector("faster_rcnn_fpn", class_names=["raccoon"], backbone="tiny-fpn")
+    >>> detector = insloc_hub.build_detector("faster_rcnn_fpn", class_names=["raccoon"], preset="tiny-fpn")
 """
 
 from insloc_hub.detectors import ARCHITECTURES, LoadReport, build_detector

@@ -11,6 +11,7 @@ import logging
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,6 +26,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old flag name kept for one release: stores like the new one and warns (DeprecationWarning)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        new = "--" + self.dest.replace("_", "-")
+        warnings.warn(f"{option_string} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
+        print(f"{parser.prog}: warning: {option_string} is deprecated; use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _human(n: float) -> str:
@@ -112,19 +124,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from insloc_hub import convert
+    from insloc_hub.convert import convert_to_folder
 
-    converters = {
-        "official": convert.convert_official_to_folder,
-        "torchvision": convert.convert_torchvision_resnet_to_folder,
-        "moco": convert.convert_moco_to_folder,
-    }
-    kwargs: dict[str, Any] = {}
-    if args.variant:
-        kwargs["variant"] = args.variant
-    if args.no_strict:
-        kwargs["strict"] = False
-    folder, report = converters[args.source_format](args.source, args.output, **kwargs)
+    options: dict[str, Any] = {"variant": args.variant} if args.variant else {}
+    folder, report = convert_to_folder(args.source_format, args.source, args.output, strict=not args.no_strict,
+                                       **options)
     print(report.summary())
     print(f"wrote {folder}")
     return 0
@@ -150,12 +154,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     torch.manual_seed(0)
     image = load_image_tensor(args.image) if args.image else _sample_photo()
-    backbone = args.backbone or ("r50-c4" if args.arch == "faster_rcnn_c4" else "r50-fpn")
+    preset = args.preset or ("r50-c4" if args.arch == "faster_rcnn_c4" else "r50-fpn")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        folder = save_pretrained(InsLocBackbone(backbone), Path(tmp) / "backbone")
+        folder = save_pretrained(InsLocBackbone(preset), Path(tmp) / "backbone")
         bundle = from_pretrained(folder)
-        print(f"saved and reloaded a {backbone} backbone hub folder in {time.perf_counter() - start:.2f}s")
+        print(f"saved and reloaded a {preset} backbone bundle (hub folder) in {time.perf_counter() - start:.2f}s")
     detector = build_detector(args.arch, class_names=["object"], pretrained=bundle, min_size=args.size,
                               max_size=int(args.size * 1.667))
     print(detector.load_report.summary())
@@ -243,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="save/load a backbone, build a detector, train a step, detect on a photo")
     p.add_argument("--arch", default="faster_rcnn_fpn", choices=ARCHITECTURES)
-    p.add_argument("--backbone", choices=sorted(PRESETS), help="default: r50-fpn, or r50-c4 for faster_rcnn_c4")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="architecture preset (default: r50-fpn, or r50-c4 for "
+                   "faster_rcnn_c4)")
+    p.add_argument("--backbone", dest="preset", choices=sorted(PRESETS), action=DeprecatedAlias, help=argparse.SUPPRESS)
     p.add_argument("--image", help="an image file (default: scikit-image's astronaut photo)")
     p.add_argument("--size", type=int_at_least(128), default=480,
                    help="shorter side the detector resizes to (at least 128: the coarsest level needs a few pixels)")
@@ -251,26 +257,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(prog: str, args: argparse.Namespace, *, interrupted_hint: str = "") -> int:
-    """Run a parsed subcommand; user errors print one line and exit 2, Ctrl-C exits 130.
+def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None, *, long_running: bool = False,
+            interrupted_hint: str = "") -> int:
+    """Parse ``argv`` and run ``args.func(args)``: how every insloc CLI starts, fails and stops.
 
-    Shared by ``insloc-hub`` and ``insloc-train``.
+    Logs WARNING and up (INFO with timestamps if ``long_running``; DEBUG with ``-v``). A user error
+    (:class:`InsLocError`) prints one line, ``prog command: error: ...``, and returns 2 like a bad flag;
+    Ctrl-C prints one line and returns 130.
+    Used by ``insloc-hub``, ``insloc-train``, ``insloc-export`` and ``insloc-serve``.
+
+    Example:
+        >>> def main(argv=None):
+        ...     return run_cli(build_parser(), argv)
     """
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.INFO if long_running else logging.WARNING
+    stamp = "%(asctime)s " if long_running else ""
+    logging.basicConfig(level=level, format=stamp + "%(levelname)s %(name)s: %(message)s")
+    name = " ".join(filter(None, (parser.prog, getattr(args, "command", None))))
     try:
         return int(args.func(args) or 0)
     except InsLocError as exc:
-        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog} {args.command}: interrupted{interrupted_hint}", file=sys.stderr)
+        print(f"{name}: interrupted{interrupted_hint}", file=sys.stderr)
         return 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    return run_command("insloc-hub", args)
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -148,30 +148,14 @@ def _base_type(annotation: Any) -> type:
 # ----------------------------------------------------------------------------------------------
 
 
-def int_at_least(low: int) -> Any:
-    """argparse type: an integer >= ``low``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    parse.__name__ = "int"
-    return parse
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``low`` (the checks of :func:`flag`)."""
+    return _flag_type({"min": low}, int)
 
 
 def probability(text: str) -> float:
     """argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
+    return _flag_type({"min": 0.0, "max": 1.0}, float)(text)
 
 
 def device_name(text: str) -> str:

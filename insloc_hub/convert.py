@@ -1,27 +1,15 @@
-"""Key maps at the borders: foreign checkpoints in, detectron2 ``.pkl`` out.
+"""Key maps at the borders: foreign checkpoints in, detectron2 ``.pkl`` out; the only place other names appear.
 
-Inside the project every stage uses the names of :mod:`insloc_hub.models` (see docs/design.md);
-this module is the only place where other names appear.
-
-In (each returns ``(InsLocBackbone, ConversionReport)``; ``convert_*_to_folder`` also writes a hub
-folder with the conversion recorded in ``config.json["provenance"]``):
-
-- :func:`convert_official`: an official InstanceLoc (mmdet 2.1 / mmcv 0.6) checkpoint, FPN or C4.
-- :func:`convert_torchvision_resnet`: a torchvision ResNet state dict (supervised ImageNet...).
-- :func:`convert_moco`: a MoCo v1/v2 checkpoint (``module.encoder_q.*``).
-
-Out: :func:`export_detectron2` writes the pickle that the official
-``transfer/detection/convert_pretrained.py`` writes, so the official detectron2 fine-tuning configs
-load it unchanged.
-
-Foreign files are read with ``torch.load(..., weights_only=True)`` only: a file that needs
-arbitrary Python objects to unpickle is refused (:class:`~insloc_hub.errors.CheckpointError`).
-Every converter accounts for every source tensor: mapped, or dropped with a reason. A key that is
-neither is an error unless ``strict=False``.
+In: :func:`convert_official` (official InstanceLoc mmdet/mmcv checkpoints, FPN or C4),
+:func:`convert_torchvision_resnet`, :func:`convert_moco`; each returns ``(InsLocBackbone,
+ConversionReport)`` and accounts for every source tensor (mapped, or dropped with a reason; an
+unknown key is an error unless ``strict=False``). :func:`convert_to_folder` also writes the hub
+folder, the conversion recorded in ``config.json["provenance"]``. Out: :func:`export_detectron2`
+writes the pickle of the official ``convert_pretrained.py``. Foreign files are read with
+``torch.load(weights_only=True)`` only (:class:`~insloc_hub.errors.CheckpointError` otherwise).
 
 Example:
     >>> bundle, report = convert_official("insloc_fpn_200ep.pth")  # doctest: +SKIP
-    >>> print(report.summary())  # doctest: +SKIP
     >>> export_detectron2(bundle, "insloc_fpn_200ep.pkl")  # doctest: +SKIP
 """
 
@@ -48,8 +36,8 @@ from insloc_hub.pretrained import from_pretrained, save_pretrained, sha256_file
 
 __all__ = [
     "ConversionReport", "convert_moco", "convert_moco_to_folder", "convert_official", "convert_official_to_folder",
-    "convert_torchvision_resnet", "convert_torchvision_resnet_to_folder", "export_detectron2",
-    "load_foreign_checkpoint", "official_state_dict_from_bundle",
+    "convert_to_folder", "convert_torchvision_resnet", "convert_torchvision_resnet_to_folder", "export_detectron2",
+    "load_foreign_checkpoint",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -70,16 +58,8 @@ NUM_BATCHES = "BN num_batches_tracked counter; detectron2 has no such buffer"
 
 @dataclass
 class ConversionReport:
-    """What a conversion did with every source tensor.
-
-    Attributes:
-        source: the file (or ``"<state dict>"``) that was converted.
-        source_format: ``"insloc-official"``, ``"torchvision"``, ``"moco"`` or ``"insloc-hub"`` (export).
-        target_format: ``"insloc-hub"`` or ``"detectron2"``.
-        mapped: source key -> target key, for every tensor that was carried over.
-        dropped: source key -> why it was not carried over.
-        notes: anything else worth knowing (filled buffers, dtype casts, checkpoint epoch...).
-        architecture: the inferred :class:`BackboneConfig` as a dict (imports only).
+    """What a conversion did with every source tensor: ``mapped`` (source key -> target key), ``dropped``
+    (source key -> why), ``notes`` (filled buffers, casts...) and the resulting ``architecture``.
 
     Example:
         >>> report = ConversionReport("x.pth", "torchvision", mapped={"conv1.weight": "trunk.conv1.weight"},
@@ -164,15 +144,15 @@ def load_foreign_checkpoint(path: PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(exc):  # not a pickle of objects: garbage or a damaged file
-            detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
-            raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint "
-                                  f"({detail.group(1).strip() if detail else 'not a torch.save file'}); it is "
-                                  "not a PyTorch checkpoint file, or it is damaged") from exc
-        raise CheckpointError(f"refusing to load {path}: {describe_unpickling_refusal(exc)}") from exc
+        if "Unsupported global" in str(exc):  # a pickle of objects: we never run it
+            raise CheckpointError(f"refusing to load {path}: {describe_unpickling_refusal(exc)}") from exc
+        error: Exception = exc  # not a pickle of objects: garbage or a damaged file
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError) as exc:  # garbage bytes
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({type(exc).__name__}: {exc}); it is "
-                              "not a PyTorch checkpoint file, or it is damaged") from exc
+        error = exc
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(error))
+    reason = detail.group(1).strip() if detail else f"{type(error).__name__}: {error}"
+    raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({reason}); it is not a PyTorch checkpoint "
+                          "file, or it is damaged") from error
 
 
 def describe_unpickling_refusal(exc: BaseException) -> str:
@@ -354,14 +334,9 @@ def convert_official(
 ) -> tuple[InsLocBackbone, ConversionReport]:
     """Convert an official InstanceLoc checkpoint (mmcv ``.pth``) to an :class:`InsLocBackbone`.
 
-    Only the query encoder is kept. FPN: ``backbone.*`` -> ``trunk.*``,
-    ``neck.lateral_convs.{i}.conv/bn`` -> ``fpn.lateral.p{i+2}.conv/norm``,
-    ``neck.fpn_convs.{i}`` -> ``fpn.output.p{i+2}``, ``roi_head.bbox_head.shared_convs.{j}.conv/bn`` ->
-    ``box_head.convs.{j}.conv/norm``, ``shared_fcs.0`` -> ``box_head.fc1``. C4: ``backbone.*`` (stem,
-    layer1-3) -> ``trunk.*``, ``roi_head.shared_head.layer4.*`` -> ``box_head.layer4.*``. Dropped with a
-    reason: ``backbone_k``/``neck_k``/``roi_head_k``, ``queue``/``queues``/``queue_ptr``, ``shared_fcs.1``,
-    ``fc_cls`` (FPN) and the whole ``roi_head.bbox_head`` (C4), exactly what the official
-    ``convert_pretrained.py`` leaves out.
+    Only the query encoder is kept, named by :func:`_official_names`. Dropped with a reason, exactly
+    what the official ``convert_pretrained.py`` leaves out: the momentum copies (``*_k``), the queues,
+    ``shared_fcs.1`` and ``fc_cls`` (FPN), the whole ``roi_head.bbox_head`` (C4).
 
     Args:
         path: the ``.pth`` file (``{"state_dict": ..., "meta": ...}``; a bare state dict works too).
@@ -545,53 +520,31 @@ def convert_moco(
 # hub folders
 
 
-def _to_folder(bundle: InsLocBackbone, report: ConversionReport, src: PathLike | StateDict, out_dir: PathLike,
-               converter: str, name: str | None, provenance: Mapping[str, Any] | None) -> Path:
+def convert_to_folder(
+    source_format: str, src: PathLike | StateDict, out_dir: PathLike, *, name: str | None = None,
+    provenance: Mapping[str, Any] | None = None, **options: Any,
+) -> tuple[Path, ConversionReport]:
+    """Convert (``"official"``, ``"torchvision"`` or ``"moco"``, with the converter's ``options``) and save a
+    hub folder whose provenance records the source file, its sha256, its format, what was dropped and
+    ``provenance`` (e.g. ``{"epochs": 200}``).
+
+    Example:
+        >>> folder, report = convert_to_folder("official", "insloc_fpn_200ep.pth", "hub/r50")  # doctest: +SKIP
+    """
+    converters = {"official": convert_official, "torchvision": convert_torchvision_resnet, "moco": convert_moco}
+    if source_format not in converters:
+        raise ConfigError(f"unknown source format {source_format!r}; choose one of {sorted(converters)}")
+    bundle, report = converters[source_format](src, **options)
     record = report.provenance()
-    record["converted_with"] = f"insloc_hub.convert.{converter}"
+    record["converted_with"] = f"insloc_hub.convert.{converters[source_format].__name__}"
     record["source_sha256"] = sha256_file(src) if not isinstance(src, Mapping) else None
     record.update(provenance or {})
-    return save_pretrained(bundle, out_dir, name=name, provenance=record)
+    return save_pretrained(bundle, out_dir, name=name, provenance=record), report
 
 
-def convert_official_to_folder(
-    src: PathLike, out_dir: PathLike, *, variant: str = "auto", depth: int | None = None, strict: bool = True,
-    name: str | None = None, provenance: Mapping[str, Any] | None = None,
-) -> tuple[Path, ConversionReport]:
-    """:func:`convert_official` then ``save_pretrained``; the provenance records the source file, its
-    sha256, its format and what was dropped (plus ``provenance``, e.g. ``{"epochs": 200}``).
-
-    Example:
-        >>> folder, report = convert_official_to_folder("insloc_fpn_200ep.pth", "hub/insloc-r50-fpn")  # doctest: +SKIP
-    """
-    bundle, report = convert_official(src, variant=variant, depth=depth, strict=strict)
-    return _to_folder(bundle, report, src, out_dir, "convert_official", name, provenance), report
-
-
-def convert_torchvision_resnet_to_folder(
-    src: PathLike | StateDict, out_dir: PathLike, *, variant: str = "fpn", depth: int | None = None,
-    strict: bool = True, name: str | None = None, provenance: Mapping[str, Any] | None = None,
-) -> tuple[Path, ConversionReport]:
-    """:func:`convert_torchvision_resnet` then ``save_pretrained`` (see :func:`convert_official_to_folder`).
-
-    Example:
-        >>> folder, _ = convert_torchvision_resnet_to_folder("resnet50-0676ba61.pth", "hub/r50-sup")  # doctest: +SKIP
-    """
-    bundle, report = convert_torchvision_resnet(src, variant=variant, depth=depth, strict=strict)
-    return _to_folder(bundle, report, src, out_dir, "convert_torchvision_resnet", name, provenance), report
-
-
-def convert_moco_to_folder(
-    src: PathLike, out_dir: PathLike, *, variant: str = "fpn", depth: int | None = None, strict: bool = True,
-    name: str | None = None, provenance: Mapping[str, Any] | None = None,
-) -> tuple[Path, ConversionReport]:
-    """:func:`convert_moco` then ``save_pretrained`` (see :func:`convert_official_to_folder`).
-
-    Example:
-        >>> folder, _ = convert_moco_to_folder("moco_v2_200ep_pretrain.pth.tar", "hub/mocov2-r50")  # doctest: +SKIP
-    """
-    bundle, report = convert_moco(src, variant=variant, depth=depth, strict=strict)
-    return _to_folder(bundle, report, src, out_dir, "convert_moco", name, provenance), report
+convert_official_to_folder = functools.partial(convert_to_folder, "official")
+convert_torchvision_resnet_to_folder = functools.partial(convert_to_folder, "torchvision")
+convert_moco_to_folder = functools.partial(convert_to_folder, "moco")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -647,34 +600,15 @@ def _d2_key(key: str, c4: bool) -> str:
 def export_detectron2(
     folder_or_bundle: PathLike | InsLocBackbone, out_pkl: PathLike, *, c4: bool | None = None,
 ) -> ConversionReport:
-    """Write a backbone bundle as the detectron2 pickle of the official ``convert_pretrained.py``.
+    """Write a backbone bundle (a bundle, or a name for :func:`from_pretrained`) as the detectron2 pickle
+    of the official ``convert_pretrained.py``: ``{"model": {d2_key: numpy array}, "__author__":
+    "insloc-hub", "matching_heuristics": True}``.
 
-    The file is ``{"model": {d2_key: numpy array}, "__author__": "insloc-hub", "matching_heuristics":
-    True}`` (the official script writes ``"__author__": "Ceyuan"``; detectron2 does not read it).
-
-    FPN layout (the default for FPN bundles): ``trunk.conv1``/``bn1`` -> ``backbone.bottom_up.stem.conv1``
-    / ``.conv1.norm``; ``trunk.layerN`` -> ``backbone.bottom_up.res{N+1}`` (``bnK`` -> ``convK.norm``,
-    ``downsample.0/1`` -> ``shortcut``/``shortcut.norm``); ``fpn.lateral.p{i}`` / ``fpn.output.p{i}``
-    -> ``backbone.fpn_lateral{i}`` / ``backbone.fpn_output{i}`` (``.norm`` for BN);
-    ``box_head.convs.{j}`` -> ``roi_heads.box_head.conv{j+1}`` (``.norm``); ``box_head.fc1`` ->
-    ``roi_heads.box_head.fc1``.
-
-    C4 layout (``c4=True``, the default for C4 bundles; the official ``--c4``): stem ->
-    ``backbone.stem.conv1`` (``.norm``), ``layer1-3`` -> ``backbone.res2-res4``, res5
-    (``box_head.layer4`` of a C4 bundle, or ``trunk.layer4`` of a trunk-only FPN bundle) ->
-    ``roi_heads.res5``. ``c4=False`` on a C4 bundle puts its res5 at ``backbone.bottom_up.res5``.
-
-    BN keeps ``weight``, ``bias``, ``running_mean``, ``running_var`` under ``.norm.``;
-    ``num_batches_tracked`` is dropped (the official script keeps it; detectron2 has no such buffer
-    and would only warn).
-
-    Args:
-        folder_or_bundle: a hub folder / name for :func:`insloc_hub.pretrained.from_pretrained`, or a bundle.
-        out_pkl: output path (``.pkl``).
-        c4: layout; None follows the bundle's variant.
-
-    Returns:
-        The report: bundle key -> detectron2 key, and the dropped counters.
+    FPN layout (default for FPN bundles): ``trunk`` -> ``backbone.bottom_up`` (stem, ``res2``-``res5``),
+    ``fpn.lateral/output.p{i}`` -> ``backbone.fpn_lateral/output{i}``, ``box_head.convs.{j}`` / ``fc1`` ->
+    ``roi_heads.box_head.conv{j+1}`` / ``fc1``. C4 layout (``c4=True``, default for C4 bundles, the
+    official ``--c4``): stem and ``res2``-``res4`` under ``backbone``, res5 at ``roi_heads.res5``. BN goes
+    under ``.norm``; ``num_batches_tracked`` is dropped (detectron2 has no such buffer).
 
     Example:
         >>> report = export_detectron2("hub/insloc-r50-fpn", "insloc_r50_fpn.pkl")  # doctest: +SKIP
@@ -711,63 +645,3 @@ def export_detectron2(
         pickle.dump({"model": model, "__author__": "insloc-hub", "matching_heuristics": True}, f)
     os.replace(tmp, out)
     return report
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the official layout, produced from our modules (tests, round trips)
-
-
-def _to_official_key(key: str, variant: str) -> str:
-    official = next((off + key[len(ours):] for off, ours in _official_names(variant) if key.startswith(ours)), None)
-    if official is None:
-        raise ConfigError(f"{key!r} has no place in the official {variant} layout")
-    return official
-
-
-def official_state_dict_from_bundle(
-    bundle: InsLocBackbone, *, with_momentum: bool = True, queue_size: int = 64, embed_dim: int = 128,
-    ddp_prefix: bool = False, path: PathLike | None = None, seed: int = 0,
-) -> dict[str, Any]:
-    """Produce a checkpoint in the official layout from our modules: ``{"state_dict": ..., "meta": {"epoch": 200}}``.
-
-    The query side carries the bundle's tensors under mmdet names (``backbone.*``, ``neck.*``,
-    ``roi_head.bbox_head.shared_convs/shared_fcs.0``; C4: ``roi_head.shared_head.layer4.*``). The
-    pretraining projection the bundle does not hold is made up (random): ``shared_fcs.1`` and
-    ``fc_cls`` for FPN, ``bbox_head.shared_fcs.0`` and ``fc_cls`` for C4 (whose head is unreleased).
-    With ``with_momentum``, ``backbone_k``/``neck_k``/``roi_head_k`` copies and the ``queue``,
-    ``queues`` and ``queue_ptr`` buffers are added as in ``InsLocFPN``. Used by the tests to check
-    that :func:`convert_official` inverts it; ``path`` also ``torch.save``s it there.
-
-    Example:
-        >>> ckpt = official_state_dict_from_bundle(InsLocBackbone("tiny-fpn"))
-        >>> "neck.lateral_convs.0.bn.running_var" in ckpt["state_dict"], ckpt["meta"]["epoch"]
-        (True, 200)
-    """
-    variant = bundle.config.variant
-    gen = torch.Generator().manual_seed(seed)
-    query: dict[str, torch.Tensor] = OrderedDict()
-    for key, value in bundle.state_dict().items():
-        query[_to_official_key(key, variant)] = value.detach().cpu().clone()
-    if "box_head" in bundle.config.parts:
-        dim = bundle.config.head_fc if variant == "fpn" else bundle.embedding_dim
-        fc = "shared_fcs.1" if variant == "fpn" else "shared_fcs.0"
-        query[f"roi_head.bbox_head.{fc}.weight"] = torch.randn(dim, dim, generator=gen) * 0.01
-        query[f"roi_head.bbox_head.{fc}.bias"] = torch.zeros(dim)
-        query["roi_head.bbox_head.fc_cls.weight"] = torch.randn(embed_dim, dim, generator=gen) * 0.01
-        query["roi_head.bbox_head.fc_cls.bias"] = torch.zeros(embed_dim)
-    state: dict[str, torch.Tensor] = OrderedDict(query)
-    if with_momentum:
-        for key, value in query.items():
-            head, rest = key.split(".", 1)
-            state[f"{head}_k.{rest}"] = value.clone()
-        levels = 4 if variant == "fpn" else 1
-        queues = torch.nn.functional.normalize(torch.randn(levels, embed_dim, queue_size, generator=gen), dim=1)
-        state["queue"] = queues[-1].clone()
-        state["queues"] = queues
-        state["queue_ptr"] = torch.zeros(1, dtype=torch.long)
-    if ddp_prefix:
-        state = OrderedDict((f"module.{k}", v) for k, v in state.items())
-    checkpoint = {"state_dict": state, "meta": {"epoch": 200, "iter": 200 * 5005, "mmdet_version": "2.1.0"}}
-    if path is not None:
-        torch.save(checkpoint, path)
-    return checkpoint

@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import inspect
 import logging
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -38,7 +38,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign, roi_align
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from insloc_hub.configs import JsonConfig
@@ -62,14 +62,15 @@ class DetectorConfig(JsonConfig):
     fields rebuild the model; ``inference`` records the *effective* resize, normalisation, threshold
     and NMS settings read from the built modules (torchvision's defaults included), so a runtime
     without PyTorch (ONNX Runtime, TensorRT, Triton, a server) knows everything it needs.
-    ``unsaved_options`` names options that are not JSON values (a custom anchor generator...):
+    ``architecture`` is the :class:`BackboneConfig` (as a dict) of the detector's trunk, FPN and box
+    head. ``unsaved_options`` names options that are not JSON values (a custom anchor generator...):
     such a detector cannot be saved.
     """
 
     arch: str = "faster_rcnn_fpn"
     num_classes: int = 91
     class_names: list[str] | None = None
-    backbone: dict[str, Any] = field(default_factory=lambda: BackboneConfig().to_dict())
+    architecture: dict[str, Any] = field(default_factory=lambda: BackboneConfig().to_dict())
     box_head_extra_norm: bool = False
     norm: str = "bn"
     options: dict[str, Any] = field(default_factory=dict)
@@ -82,17 +83,19 @@ class DetectorConfig(JsonConfig):
         del data["unsaved_options"]
         return data
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DetectorConfig:
+        """Also reads the configs of insloc-hub 0.1, which named ``architecture`` ``backbone``."""
+        data = dict(data)
+        if "backbone" in data and "architecture" not in data:
+            data["architecture"] = data.pop("backbone")
+        return super().from_dict(data)
+
 
 @dataclass
 class LoadReport:
-    """What loading pretrained weights into a detector did.
-
-    Attributes:
-        loaded: detector keys filled from the pretrained weights.
-        new: detector keys left at their fresh initialisation (RPN, predictor, mask head...).
-        ignored: pretrained key -> why it was not used (a part the architecture lacks, or a
-            mismatch tolerated by ``strict=False``).
-    """
+    """What loading pretrained weights into a detector did: detector keys ``loaded`` from them, ``new``
+    ones (RPN, predictor, mask head...), and ``ignored`` pretrained keys with the reason."""
 
     loaded: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
@@ -123,19 +126,15 @@ class FPNDetectorBackbone(nn.Module):
         self.stages = [f"c{i + 2}" for i in range(first, 4)]
         self.fpn = FPN(config.stage_channels[first:], config.fpn_channels, levels)
         self.out_channels = config.fpn_channels
-        self.extra_kind = extra
-        self.extra = LastLevelP6P7(config.stage_channels[3], config.fpn_channels) if extra == "p6p7" else None
+        # P6 = subsampled P5 for the RPN's 512 anchors (R-CNNs), or P6/P7 convs from C5 (RetinaNet)
+        self.extra = LastLevelP6P7(config.stage_channels[3], config.fpn_channels) if extra == "p6p7" \
+            else LastLevelMaxPool()
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         c = self.trunk(images)
         feats = self.fpn([c[name] for name in self.stages])
-        if self.extra_kind == "maxpool":
-            # torchvision's LastLevelMaxPool: P6 = subsampled P5, for the RPN's 512 anchors
-            feats["p6"] = F.max_pool2d(feats["p5"], kernel_size=1, stride=2, padding=0)
-        elif self.extra is not None:
-            results, names = self.extra(list(feats.values()), [c[n] for n in self.stages], list(feats))
-            feats = OrderedDict(zip(names, results))
-        return feats
+        results, names = self.extra(list(feats.values()), [c[n] for n in self.stages], list(feats))
+        return OrderedDict(zip(names, results))
 
 
 class AlignedRoIPool(MultiScaleRoIAlign):
@@ -174,7 +173,7 @@ def build_detector(
     num_classes: int | None = None,
     *,
     class_names: list[str] | None = None,
-    backbone: str | BackboneConfig | dict[str, Any] | None = None,
+    preset: str | BackboneConfig | dict[str, Any] | None = None,
     pretrained: InsLocBackbone | None = None,
     norm: str = "bn",
     strict: bool = True,
@@ -189,8 +188,9 @@ def build_detector(
             ``class_names`` (``len + 1``) when omitted; 91 when both are omitted.
         class_names: foreground class names, stored with the model (label ``i`` is
             ``class_names[i - 1]``).
-        backbone: architecture preset (``"r50-fpn"``, ``"r50-c4"``, ``"tiny-fpn"``...) or config;
-            taken from ``pretrained`` when that is given. Default: ``r50-fpn`` / ``r50-c4`` by arch.
+        preset: architecture preset (``"r50-fpn"``, ``"r50-c4"``, ``"tiny-fpn"``...) or a
+            :class:`BackboneConfig`; taken from ``pretrained`` when that is given. Default: ``r50-fpn`` /
+            ``r50-c4`` by arch. ``backbone=`` is its deprecated old name.
         pretrained: a backbone bundle (``insloc_hub.from_pretrained(name)`` of a backbone folder or alias);
             names are resolved by the caller, so this module never loads files.
         norm: ``"bn"`` (plain, trained; the default, since frozen layers hurt self-supervised
@@ -210,10 +210,15 @@ def build_detector(
         :class:`LoadReport` (``None`` without ``pretrained``).
 
     Example:
-        >>> model = build_detector("faster_rcnn_fpn", class_names=["raccoon"], backbone="tiny-fpn")
+        >>> model = build_detector("faster_rcnn_fpn", class_names=["raccoon"], preset="tiny-fpn")
         >>> model.roi_heads.box_predictor.cls_score.out_features
         2
     """
+    if "backbone" in kwargs:  # the old name of preset: kept, with a warning, for one release
+        warnings.warn("build_detector(backbone=...) is deprecated; use preset=...", DeprecationWarning, stacklevel=2)
+        if preset is not None:
+            raise ConfigError("give the architecture preset once: preset=... (backbone= is its deprecated name)")
+        preset = kwargs.pop("backbone")
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown detector architecture {arch!r}; choose one of {ARCHITECTURES}")
     if norm not in NORM_MODES:
@@ -234,10 +239,10 @@ def build_detector(
     variant = "c4" if arch == "faster_rcnn_c4" else "fpn"
     if bundle is not None:
         cfg = dataclasses.replace(bundle.config, parts=None)
-        if backbone is not None and dataclasses.replace(backbone_config(backbone), parts=None) != cfg:
+        if preset is not None and dataclasses.replace(backbone_config(preset), parts=None) != cfg:
             raise ConfigError(
-                f"backbone={backbone!r} conflicts with the pretrained weights' architecture "
-                f"({cfg.to_dict()}); leave backbone out to use the pretrained one"
+                f"preset={preset!r} conflicts with the pretrained weights' architecture "
+                f"({cfg.to_dict()}); leave preset out to use the pretrained one"
             )
         if cfg.variant != variant:
             raise ConfigError(
@@ -245,7 +250,7 @@ def build_detector(
                 f"use arch={'faster_rcnn_c4' if cfg.variant == 'c4' else 'faster_rcnn_fpn'} or a {variant} model"
             )
     else:
-        cfg = backbone_config(backbone if backbone is not None else f"r50-{variant}")
+        cfg = backbone_config(preset if preset is not None else f"r50-{variant}")
         if cfg.variant != variant:
             raise ConfigError(f"{arch} needs a {variant} backbone, got a {cfg.variant} config")
     if box_head_extra_norm and arch == "retinanet_fpn":
@@ -255,7 +260,7 @@ def build_detector(
     model = _ASSEMBLERS[arch](cfg, num_classes, box_head_extra_norm, kwargs)
     model.insloc_config = DetectorConfig(
         arch=arch, num_classes=num_classes, class_names=class_names,
-        backbone=dataclasses.replace(cfg, parts=None).to_dict(), box_head_extra_norm=box_head_extra_norm,
+        architecture=dataclasses.replace(cfg, parts=None).to_dict(), box_head_extra_norm=box_head_extra_norm,
         norm=norm, options={k: v for k, v in kwargs.items() if _is_json_value(v)},
         unsaved_options=sorted(k for k, v in kwargs.items() if not _is_json_value(v)),
     )
@@ -411,66 +416,39 @@ def load_pretrained_into_detector(
     """Copy a bundle's trunk, FPN and box head into a detector built by :func:`build_detector`.
 
     Raises:
-        WeightsMismatchError: (``strict=True``) a pretrained tensor has no place in the detector,
-            has another shape, or a detector tensor of a pretrained part is absent; the message
-            lists the keys.
+        WeightsMismatchError: (``strict=True``) a pretrained tensor has no place in the detector or
+            another shape, or a detector tensor of a pretrained part is absent; the keys are listed.
     """
     bundle_state = pretrained.state_dict() if isinstance(pretrained, nn.Module) else dict(pretrained)
     target = detector.state_dict()
     unused_parts = _UNUSED_PARTS.get(detector.insloc_config.arch, {})
     report = LoadReport()
-    to_load: dict[str, torch.Tensor] = {}
-    unexpected, mismatched = [], []
-    for key, tensor in bundle_state.items():
+    source_of: dict[str, str] = {}  # detector key -> pretrained key
+    for key in bundle_state:
+        part, _, rest = key.partition(".")
+        dest = PART_PREFIXES[part] + rest if part in PART_PREFIXES else key
         reason = next((r for prefix, r in unused_parts.items() if key.startswith(prefix)), None)
+        if reason is None and dest not in target and key.endswith("num_batches_tracked"):
+            reason = "the detector's norm layers keep no batch counter (frozen BN)"
         if reason is not None:
             report.ignored[key] = reason
-            continue
-        part = key.split(".", 1)[0]
-        if part not in PART_PREFIXES:
-            unexpected.append(key)
-            continue
-        dest = PART_PREFIXES[part] + key.split(".", 1)[1]
-        if dest not in target:
-            if key.endswith("num_batches_tracked"):
-                report.ignored[key] = "the detector's norm layers keep no batch counter (frozen BN)"
-            else:
-                unexpected.append(key)
-        elif target[dest].shape != tensor.shape:
-            mismatched.append(f"{key}: pretrained {tuple(tensor.shape)} vs detector {tuple(target[dest].shape)}")
         else:
-            to_load[dest] = tensor
-    parts_present = {k.split(".", 1)[0] for k in bundle_state if k.split(".", 1)[0] in PART_PREFIXES}
-    missing = [
-        k for k in target
-        if any(k.startswith(PART_PREFIXES[p]) for p in parts_present)
-        and k not in to_load and ".extra_norm." not in k and not k.endswith("num_batches_tracked")
-    ]
-    problems = []
-    if unexpected:
-        problems.append(_key_list("pretrained tensors with no place in the detector", unexpected))
-    if mismatched:
-        problems.append(_key_list("shape mismatches", mismatched))
-    if missing:
-        problems.append(_key_list("detector tensors absent from the pretrained weights", missing))
-    if problems and strict:
-        raise WeightsMismatchError(
-            "pretrained weights do not fit the detector:\n" + "\n".join(problems)
-            + "\nCheck that the backbone architecture matches, or pass strict=False to load what fits."
-        )
-    for key in unexpected:
-        report.ignored[key] = "no matching tensor in the detector (strict=False)"
-    for entry in mismatched:
-        report.ignored[entry.split(":", 1)[0]] = "shape mismatch (strict=False)"
+            source_of[dest] = key
+    given = {dest: bundle_state[key] for dest, key in source_of.items()}
+    parts = tuple(PART_PREFIXES[p] for p in {k.split(".", 1)[0] for k in bundle_state} if p in PART_PREFIXES)
+    expected = {k: v for k, v in target.items() if k.startswith(parts) and (
+        k in given or (".extra_norm." not in k and not k.endswith("num_batches_tracked")))}  # new layers, counters
+    if strict:
+        WeightsMismatchError.check(expected, given, "pretrained weights do not fit the detector (detector names):",
+                                   "Check that the architectures match, or pass strict=False to load what fits.")
+    to_load = {k: v for k, v in given.items() if k in target and target[k].shape == v.shape}
+    for dest in set(given) - set(to_load):
+        report.ignored[source_of[dest]] = "shape mismatch (strict=False)" if dest in target else \
+            "no matching tensor in the detector (strict=False)"
     detector.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)
     report.new = sorted(k for k in target if k not in to_load)
     return report
-
-
-def _key_list(title: str, keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-    return f"  {len(keys)} {title}: {shown}"
 
 
 def convert_norm(model: nn.Module, mode: str) -> nn.Module:
@@ -499,16 +477,11 @@ MASK_THRESHOLD = 0.5
 
 
 def inference_options(model: nn.Module) -> dict[str, Any]:
-    """The effective inference settings of a detector from :func:`build_detector`, read from its modules.
-
-    Keys: ``min_size``, ``max_size``, ``image_mean``, ``image_std``, ``size_divisible``, ``score_thresh``,
-    ``nms_thresh``, ``detections_per_img``; R-CNNs add ``rpn_pre_nms_top_n_test``,
-    ``rpn_post_nms_top_n_test``, ``rpn_nms_thresh``; RetinaNet ``topk_candidates``; Mask R-CNN
-    ``mask_thresh``. Boxes come back in the input image's pixels; images go in as RGB in [0, 1] and the
-    detector normalises them with ``image_mean`` / ``image_std``.
+    """The effective inference settings of a detector from :func:`build_detector`, read from its modules
+    (resize, normalisation the detector applies to RGB in [0, 1], thresholds, NMS, top-k).
 
     Example:
-        >>> inference_options(build_detector("retinanet_fpn", 3, backbone="tiny-fpn"))["detections_per_img"]
+        >>> inference_options(build_detector("retinanet_fpn", 3, preset="tiny-fpn"))["detections_per_img"]
         300
     """
     transform = model.transform
@@ -540,7 +513,7 @@ def set_inference_options(model: nn.Module, *, min_size: int | None = None, max_
     """Change a detector's test-time resize in place, in its modules and its metadata together.
 
     Example:
-        >>> model = build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn")
+        >>> model = build_detector("faster_rcnn_fpn", 3, preset="tiny-fpn")
         >>> set_inference_options(model, min_size=600)
         >>> model.insloc_config.inference["min_size"], model.transform.min_size
         (600, (600,))
@@ -560,6 +533,6 @@ def build_detector_from_config(config: DetectorConfig | Mapping[str, Any]) -> nn
     cfg = config if isinstance(config, DetectorConfig) else DetectorConfig.from_dict(config)
     # ``inference`` is derived from the built modules, never an input
     return build_detector(
-        cfg.arch, cfg.num_classes, class_names=cfg.class_names, backbone=cfg.backbone, norm=cfg.norm,
+        cfg.arch, cfg.num_classes, class_names=cfg.class_names, preset=cfg.architecture, norm=cfg.norm,
         box_head_extra_norm=cfg.box_head_extra_norm, **cfg.options,
     )

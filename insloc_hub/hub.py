@@ -1,24 +1,11 @@
-"""Hub transport: turn a model name into a local hub folder, and push hub folders to the Hub.
+"""Hub transport: a model name -> a local hub folder; hub folders -> the Hub. Model-agnostic.
 
-This module is model-agnostic. It knows the *hub folder* contract (``config.json`` naming the
-files of the folder under ``"files"``, default ``["model.safetensors", "config.json"]``) and the
-Hugging Face Hub, nothing about architectures. ``from_pretrained`` builds on :func:`resolve_model_dir`.
-
-Accepted names (see :func:`parse_model_name`)::
-
-    resolve_model_dir("insloc-r50")                        # alias -> insloc-hub/insloc-r50-fpn-200ep
-    resolve_model_dir("insloc-r50", namespace="my-org")    # alias in another namespace
-    resolve_model_dir("my-org/my-detector")                # repo id, branch "main"
-    resolve_model_dir("my-org/my-detector@v1.0")           # branch, tag or commit sha
-    resolve_model_dir("./runs/pretrain/hub")               # local hub folder
-
-huggingface_hub owns the transport and its settings (``HF_ENDPOINT``, ``HF_HUB_OFFLINE``,
-``HF_HOME`` / ``HF_HUB_CACHE``, ``HF_TOKEN``, read when it is imported) and the cache. insloc-hub
-adds the aliases (namespace from ``namespace=`` or ``INSLOC_HUB_NAMESPACE``, default ``insloc-hub``),
-pinning every file to the commit ``config.json`` came from, the completeness check against
-``config.json``'s ``"files"``, and messages that say what to do: every failure is a
-:class:`~insloc_hub.errors.ModelNotFoundError` (:class:`HubAccessError` for HTTP 401/403) with the
-huggingface_hub exception kept as ``__cause__``.
+Names: an alias (``insloc-r50``, in ``namespace=`` / ``$INSLOC_HUB_NAMESPACE`` / ``insloc-hub``), a repo
+id ``owner/name``, either with ``@revision``, or a local folder. huggingface_hub owns the transport,
+the cache and their settings (``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, ``HF_HOME``, ``HF_TOKEN``);
+insloc-hub adds the aliases, pins every file to the commit ``config.json`` came from, checks the
+folder against ``config.json``'s ``"files"``, and turns huggingface_hub's documented exceptions into
+:class:`~insloc_hub.errors.ModelNotFoundError` / :class:`HubAccessError` messages that say what to do.
 """
 
 from __future__ import annotations
@@ -47,7 +34,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from insloc_hub.errors import ConfigError, HubAccessError, InsLocError, ModelNotFoundError
+from insloc_hub.errors import ConfigError, HubAccessError, ModelNotFoundError
 
 __all__ = [
     "ALIASES",
@@ -63,6 +50,8 @@ __all__ = [
     "list_cached",
     "parse_model_name",
     "push_folder_to_hub",
+    "push_target",
+    "read_json_object",
     "required_files",
     "resolve_model_dir",
 ]
@@ -113,10 +102,6 @@ class ModelRef:
     repo_id: str | None = None
     revision: str | None = None
     alias: str | None = None
-
-    @property
-    def is_local(self) -> bool:
-        return self.kind == "local"
 
     def __str__(self) -> str:
         if self.kind == "local":
@@ -242,13 +227,21 @@ def parse_model_name(
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_config(config_path: Path) -> dict[str, Any]:
+#: config.json larger than this is refused before it is parsed
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A config.json's object; ConfigError for a huge file, bad bytes, bad or absurdly nested JSON, a non-object."""
     try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # bad bytes or absurd nesting too
-        raise ConfigError(f"{config_path} is not valid JSON ({type(err).__name__}: {err}).") from err
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is {size:,} bytes, over the limit of {MAX_CONFIG_BYTES:,} for a config.json")
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: JSON and UTF-8 errors
+        raise ConfigError(f"{path} is not valid JSON ({type(err).__name__}: {err}).") from err
     if not isinstance(data, dict):
-        raise ConfigError(f"{config_path} must hold a JSON object, not {type(data).__name__}.")
+        raise ConfigError(f"{path} must hold a JSON object, not {type(data).__name__}.")
     return data
 
 
@@ -283,7 +276,7 @@ def _check_local_folder(folder: Path) -> list[str]:
             f"{folder} is not a hub folder: it has no {CONFIG_NAME}. A hub folder holds {CONFIG_NAME} and "
             f"{WEIGHTS_NAME} (written by `insloc-train` or `save_pretrained`)."
         )
-    files = required_files(_read_config(config_path), source=str(config_path))
+    files = required_files(read_json_object(config_path), source=str(config_path))
     missing = _missing_files(folder, files)
     if missing:
         raise ModelNotFoundError(
@@ -422,7 +415,7 @@ def resolve_model_dir(
         config_path = Path(hf_hub_download(str(ref.repo_id), CONFIG_NAME, revision=ref.revision, **kwargs))
         # .../snapshots/<commit sha>/config.json: every other file is pinned to that commit
         snapshot = config_path.parent
-        files = required_files(_read_config(config_path), source=f"{CONFIG_NAME} of {ref}")
+        files = required_files(read_json_object(config_path), source=f"{CONFIG_NAME} of {ref}")
         patterns = [glob.escape(f) for f in (*files, *_OPTIONAL_FILES)]
         folder = Path(snapshot_download(str(ref.repo_id), revision=snapshot.name, allow_patterns=patterns, **kwargs))
     except _HUB_ERRORS as err:
@@ -458,7 +451,7 @@ def download(
         >>> download("insloc-r50-c4", revision="main")  # doctest: +SKIP
         PosixPath('/home/me/.cache/huggingface/hub/models--insloc-hub--insloc-r50-c4-200ep/snapshots/...')
     """
-    if is_offline_mode() and not parse_model_name(name, revision=revision, namespace=namespace).is_local:
+    if is_offline_mode() and parse_model_name(name, revision=revision, namespace=namespace).kind == "hub":
         raise ModelNotFoundError(f"Cannot download {name}: offline mode is enabled (HF_HUB_OFFLINE). Unset "
                                  "HF_HUB_OFFLINE and retry.")
     return resolve_model_dir(name, revision=revision, cache_dir=cache_dir, local_files_only=False,
@@ -503,24 +496,9 @@ def push_folder_to_hub(
     folder = Path(directory).expanduser()
     if not folder.is_dir():
         raise ModelNotFoundError(f"Cannot push {str(folder)!r}: no such folder.")
-    for required in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (folder / required).is_file():
-            raise ModelNotFoundError(
-                f"Cannot push {folder}: it has no {required}. A hub folder holds {CONFIG_NAME} and "
-                f"{WEIGHTS_NAME} (see `save_pretrained` / `insloc-train`)."
-            )
     # only the hub folder travels: never checkpoints, logs or half-written saves lying beside it
     upload_files = set(_check_local_folder(folder)) | {f for f in _OPTIONAL_FILES if (folder / f).is_file()}
-
-    base, revision = _split_revision(repo_id.strip(), revision)
-    if base.lower() in ALIASES:
-        target = alias_repo_id(base, namespace)
-    elif _is_repo_id(base):
-        target = base
-    else:
-        raise ConfigError(f"Cannot push to {repo_id!r}: expected a repo id 'owner/name' or an alias.")
-    if revision is not None and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
-        raise ConfigError(f"Cannot push to commit {revision}: pass a branch name as revision.")
+    target, revision = push_target(repo_id, revision, namespace)
     if create_pr and revision not in (None, constants.DEFAULT_REVISION):
         raise ConfigError(f"create_pr=True opens a pull request against '{constants.DEFAULT_REVISION}'; "
                           f"do not combine it with revision={revision!r}.")
@@ -543,11 +521,25 @@ def push_folder_to_hub(
         ref = ModelRef(kind="hub", repo_id=target, revision=revision)
         translated = _translate_error(err, ref, endpoint=endpoint, action="write")
         raise type(translated)(f"Push of {folder} to {target!r} failed. {translated}") from err
-    oid = getattr(info, "oid", None)
-    if not isinstance(oid, str):  # pragma: no cover - defensive
-        raise InsLocError(f"The Hub did not return a commit sha for the push to {target!r}: {info!r}")
-    logger.info("Pushed %s to %s@%s (commit %s)", folder, target, revision or "main", oid)
-    return oid
+    logger.info("Pushed %s to %s@%s (commit %s)", folder, target, revision or "main", info.oid)
+    return info.oid
+
+
+def push_target(repo_id: str, revision: str | None = None, namespace: str | None = None) -> tuple[str, str | None]:
+    """``(owner/name, branch)`` a push of ``repo_id`` (``owner/name[@branch]`` or an alias) goes to.
+
+    Example:
+        >>> push_target("insloc-r50@v1", namespace="me")
+        ('me/insloc-r50-fpn-200ep', 'v1')
+    """
+    base, revision = _split_revision(repo_id.strip(), revision)
+    if base.lower() in ALIASES:
+        base = alias_repo_id(base, namespace)
+    elif not _is_repo_id(base):
+        raise ConfigError(f"Cannot push to {repo_id!r}: expected a repo id 'owner/name' or an alias.")
+    if revision is not None and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        raise ConfigError(f"Cannot push to commit {revision}: pass a branch name as revision.")
+    return base, revision
 
 
 # ----------------------------------------------------------------------------------------------
@@ -555,33 +547,15 @@ def push_folder_to_hub(
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_insloc_config(config: dict[str, Any]) -> bool:
-    for key in ("library_name", "model_type", "library"):
-        value = config.get(key)
-        if isinstance(value, str) and "insloc" in value.lower():
-            return True
-    return "insloc" in config
-
-
 def list_cached(cache_dir: str | os.PathLike[str] | None = None, namespace: str | None = None) -> list[dict]:
-    """Insloc models in the Hugging Face cache, one dict per repo, sorted by repo id.
+    """Insloc models in the Hugging Face cache (``scan_cache_dir``), one dict per repo, sorted by repo id.
 
-    A cached model repo counts as insloc if it is in the alias namespace (``namespace`` argument,
-    else ``$INSLOC_HUB_NAMESPACE``, else ``insloc-hub``) or one of its cached ``config.json``
-    says so (``"library_name": "insloc-hub"``). Each dict::
-
-        {"repo_id": "insloc-hub/insloc-r50-fpn-200ep", "path": "...", "size_on_disk": 94371840,
-         "revisions": [{"commit": "3f2a...", "refs": ["main"], "size_on_disk": 94371840,
-                        "files": ["config.json", "model.safetensors"], "path": ".../snapshots/3f2a..."}]}
-
-    Returns an empty list when the cache folder does not exist.
+    A cached model repo counts if it is in the alias namespace or a cached ``config.json`` says
+    ``"library": "insloc-hub"`` (or ``library_name``). Each dict: ``repo_id``, ``path``, ``size_on_disk``, ``revisions``
+    (newest first: ``commit``, ``refs``, ``size_on_disk``, ``files``, ``path``). No cache folder: ``[]``.
 
     Raises:
         ConfigError: ``cache_dir`` exists but is not a folder.
-
-    Example:
-        >>> [m["repo_id"] for m in list_cached()]  # doctest: +SKIP
-        ['insloc-hub/insloc-r50-fpn-200ep']
     """
     root = Path(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE).expanduser()
     if root.exists() and not root.is_dir():
@@ -590,33 +564,20 @@ def list_cached(cache_dir: str | os.PathLike[str] | None = None, namespace: str 
         return []
     ns = _namespace(namespace)
     out: list[dict] = []
-    for repo in scan_cache_dir(root).repos:
+    for repo in sorted(scan_cache_dir(root).repos, key=lambda r: r.repo_id):
         revisions = sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True)
-        configs = [Path(rev.snapshot_path) / CONFIG_NAME for rev in revisions]
-        if repo.repo_type != "model" or not (
-            repo.repo_id.split("/")[0] == ns or any(p.is_file() and _is_insloc_config(_try_read(p)) for p in configs)
-        ):
-            continue
-        out.append({
-            "repo_id": repo.repo_id,
-            "path": str(repo.repo_path),
-            "size_on_disk": repo.size_on_disk,
-            "revisions": [
-                {
-                    "commit": rev.commit_hash,
-                    "refs": sorted(rev.refs),
-                    "size_on_disk": rev.size_on_disk,
-                    "files": sorted(Path(f.file_path).relative_to(rev.snapshot_path).as_posix() for f in rev.files),
-                    "path": str(rev.snapshot_path),
-                }
-                for rev in revisions
-            ],
-        })
-    return sorted(out, key=lambda m: m["repo_id"])
+        if repo.repo_type == "model" and (repo.repo_id.split("/")[0] == ns or any(_is_insloc(r) for r in revisions)):
+            out.append({"repo_id": repo.repo_id, "path": str(repo.repo_path), "size_on_disk": repo.size_on_disk,
+                        "revisions": [{"commit": r.commit_hash, "refs": sorted(r.refs), "size_on_disk": r.size_on_disk,
+                                       "files": sorted(Path(f.file_path).relative_to(r.snapshot_path).as_posix()
+                                                       for f in r.files),
+                                       "path": str(r.snapshot_path)} for r in revisions]})
+    return out
 
 
-def _try_read(config_path: Path) -> dict[str, Any]:
+def _is_insloc(revision: Any) -> bool:
     try:
-        return _read_config(config_path)
-    except (ConfigError, OSError):
-        return {}
+        config = read_json_object(Path(revision.snapshot_path) / CONFIG_NAME)
+    except ConfigError:
+        return False
+    return "insloc-hub" in (config.get("library"), config.get("library_name"))

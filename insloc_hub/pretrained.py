@@ -8,14 +8,15 @@ never with pickle.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import math
 import os
 import shutil
 import stat
-import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from insloc_hub.card import render_card
@@ -35,7 +36,15 @@ from insloc_hub.detectors import (
     inference_options,
 )
 from insloc_hub.errors import ConfigError, IntegrityError, WeightsMismatchError
-from insloc_hub.hub import CONFIG_NAME, WEIGHTS_NAME, required_files, resolve_model_dir
+from insloc_hub.hub import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    push_folder_to_hub,
+    push_target,
+    read_json_object,
+    required_files,
+    resolve_model_dir,
+)
 from insloc_hub.models import BackboneConfig, InsLocBackbone
 from insloc_hub.transforms import PREPROCESSING
 from insloc_hub.version import __version__
@@ -45,27 +54,15 @@ logger = logging.getLogger(__name__)
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 _VERIFIED_RECORD = "verified-weights.json"
-#: config.json larger than this is refused before it is parsed
-MAX_CONFIG_BYTES = 16 * 1024 * 1024
-#: a safetensors header larger than this is refused (safetensors' own limit is 100 MB)
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 #: the most classes a detection config may ask for (LVIS has 1203): the predictor is allocated from it
 MAX_NUM_CLASSES = 10_000
 #: the longest image side a detector config may resize to
 MAX_IMAGE_SIDE = 10_000
-#: integer architecture fields of config.json and their accepted ranges (checked before building)
-ARCHITECTURE_RANGES = {
-    "depth": (18, 152),
-    "width": (1, 1024),
-    "fpn_channels": (1, 4096),
-    "head_channels": (1, 4096),
-    "head_convs": (0, 16),
-    "head_fc": (1, 16384),
-    "roi_size": (1, 64),
-}
+#: integer architecture fields of config.json and their accepted ranges (BackboneConfig's limits)
+ARCHITECTURE_RANGES = {f.name: (f.metadata["min"], f.metadata["max"]) for f in dataclasses.fields(BackboneConfig)
+                       if "max" in f.metadata}
 #: safetensors dtypes a hub folder holds: float32 tensors, int64 BatchNorm step counters
 _WEIGHT_DTYPE, _COUNTER_DTYPE = "F32", "I64"
-_MISMATCH_HINT = "Pass strict=False to load what fits, or check that config.json belongs to these weights."
 
 
 def save_pretrained(
@@ -170,7 +167,7 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
         parts = [p for p, prefix in PART_PREFIXES.items() if any(k.startswith(prefix) for k in report.loaded)]
     else:  # a detector loaded from a hub folder keeps what its folder recorded
         parts = list(getattr(model, "hub_config", {}).get("pretrained_parts", []))
-    features = InsLocBackbone(BackboneConfig.from_dict(det_config.backbone)).feature_info
+    features = InsLocBackbone(BackboneConfig.from_dict(det_config.architecture)).feature_info
     detector = det_config.to_dict()
     detector["inference"] = inference_options(model)  # what the modules do now, whoever changed them
     if detector["norm"] == "sync":
@@ -180,7 +177,7 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
     preprocessing = {**base["preprocessing"], "normalization": "model", "mean": inference["image_mean"],
                      "std": inference["image_std"],
                      "resize": {"min_size": inference["min_size"], "max_size": inference["max_size"]}}
-    return {**base, "preprocessing": preprocessing, "task": "detection", "architecture": det_config.backbone,
+    return {**base, "preprocessing": preprocessing, "task": "detection", "architecture": det_config.architecture,
             "pretrained_parts": parts, "features": features, "detector": detector,
             "class_names": det_config.class_names}
 
@@ -197,7 +194,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse and validate a hub folder's config.json, before anything is built or allocated.
 
-    Checked: size (at most :data:`MAX_CONFIG_BYTES`), UTF-8, JSON (nesting included), the
+    Checked: size (at most ``hub.MAX_CONFIG_BYTES``), UTF-8, JSON (nesting included), the
     insloc-hub markers, ``weights.file`` (a plain file name in the folder), ``files`` (relative
     names inside it), and every value used to build a model (:data:`ARCHITECTURE_RANGES`,
     ``num_classes`` up to :data:`MAX_NUM_CLASSES`, image sizes up to :data:`MAX_IMAGE_SIDE`).
@@ -206,20 +203,8 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
         ConfigError: naming the field and the accepted values.
     """
     path = Path(folder) / CONFIG_NAME
-    try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path} is {size:,} bytes, over the limit of {MAX_CONFIG_BYTES:,} for a config.json")
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except ConfigError:
-        raise
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path} is not UTF-8 text (bad byte at offset {exc.start}); re-save the model") from exc
-    except RecursionError as exc:
-        raise ConfigError(f"{path} nests JSON too deeply to be a config.json") from exc
-    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
-        raise ConfigError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(config, dict) or config.get("library") != "insloc-hub" or "architecture" not in config:
+    config = read_json_object(path)
+    if config.get("library") != "insloc-hub" or "architecture" not in config:
         raise ConfigError(f"{path} is not an insloc-hub config (no 'library': 'insloc-hub' / 'architecture')")
     version = config.get("format_version", 1)
     if not _is_int(version):
@@ -260,100 +245,73 @@ def _plain_file_name(value: Any, field: str, source: Any) -> str:
     return value
 
 
+def _require(ok: bool, source: Any, field: str, what: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{source}: {field} must be {what}, got {value!r}")
+
+
 def _check_int(value: Any, field: str, low: int, high: int, source: Any) -> None:
-    if not _is_int(value) or not low <= value <= high:
-        raise ConfigError(f"{source}: {field} must be an integer in [{low}, {high}], got {value!r}")
+    _require(_is_int(value) and low <= value <= high, source, field, f"an integer in [{low}, {high}]", value)
+
+
+def _is_list_of_str(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _check_architecture(arch: Mapping[str, Any], prefix: str, source: Any) -> None:
     for name, (low, high) in ARCHITECTURE_RANGES.items():
         if name in arch:
             _check_int(arch[name], f"{prefix}.{name}", low, high, source)
-    for name in ("variant",):
-        if name in arch and not isinstance(arch[name], str):
-            raise ConfigError(f"{source}: {prefix}.{name} must be a string, got {arch[name]!r}")
+    _require(isinstance(arch.get("variant", ""), str), source, f"{prefix}.variant", "a string", arch.get("variant"))
     parts = arch.get("parts")
-    if parts is not None and not (isinstance(parts, list) and all(isinstance(p, str) for p in parts)):
-        raise ConfigError(f"{source}: {prefix}.parts must be a list of names, got {parts!r}")
+    _require(parts is None or _is_list_of_str(parts), source, f"{prefix}.parts", "a list of names", parts)
 
 
 def _check_detector(detector: Mapping[str, Any], source: Any) -> None:
     if "num_classes" in detector:
         _check_int(detector["num_classes"], "detector.num_classes", 1, MAX_NUM_CLASSES, source)
     names = detector.get("class_names")
-    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-        raise ConfigError(f"{source}: detector.class_names must be a list of strings, got {names!r}")
+    _require(names is None or _is_list_of_str(names), source, "detector.class_names", "a list of strings", names)
     for name in ("arch", "norm"):
-        if name in detector and not isinstance(detector[name], str):
-            raise ConfigError(f"{source}: detector.{name} must be a string, got {detector[name]!r}")
-    backbone = detector.get("backbone", {})
-    if not isinstance(backbone, dict):
-        raise ConfigError(f"{source}: detector.backbone must be an object, got {backbone!r}")
-    _check_architecture(backbone, "detector.backbone", source)
+        _require(isinstance(detector.get(name, ""), str), source, f"detector.{name}", "a string", detector.get(name))
+    field = "architecture" if "architecture" in detector else "backbone"  # its name in insloc-hub 0.1
+    architecture = detector.get(field, {})
+    _require(isinstance(architecture, dict), source, f"detector.{field}", "an object", architecture)
+    _check_architecture(architecture, f"detector.{field}", source)
     options = detector.get("options", {})
-    if not isinstance(options, dict):
-        raise ConfigError(f"{source}: detector.options must be an object, got {options!r}")
+    _require(isinstance(options, dict), source, "detector.options", "an object", options)
     for name in ("min_size", "max_size"):
-        if name in options:
-            sizes = options[name] if isinstance(options[name], list) else [options[name]]
-            if not sizes:
-                raise ConfigError(f"{source}: detector.options.{name} must not be empty")
-            for value in sizes:
-                _check_int(value, f"detector.options.{name}", 1, MAX_IMAGE_SIDE, source)
+        sizes = options.get(name, [1]) if isinstance(options.get(name), list) else [options.get(name, 1)]
+        _require(bool(sizes), source, f"detector.options.{name}", "one size or a non-empty list", sizes)
+        for value in sizes:
+            _check_int(value, f"detector.options.{name}", 1, MAX_IMAGE_SIDE, source)
     for name, value in options.items():
-        if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"{source}: detector.options.{name} must be a finite number >= 0, got {value!r}")
-        if _is_int(value) and value < 0:
-            raise ConfigError(f"{source}: detector.options.{name} must not be negative, got {value!r}")
+        finite = math.isfinite(value) and value >= 0 if isinstance(value, (int, float)) else True
+        _require(finite, source, f"detector.options.{name}", "a finite number >= 0", value)
 
 
 def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """The tensor table of a safetensors file (``{key: {"dtype", "shape", "data_offsets"}}``), checked.
+    """``{key: {"dtype", "shape"}}`` of a safetensors file, from its header only.
 
-    Reads only the header: the file must be a regular file whose size is exactly what the header
-    describes (8 + header + data), so a truncated, padded or endless file (``/dev/zero``) is refused
-    before it is hashed or mapped.
+    The file must be a regular file (never ``/dev/zero`` or a FIFO, which would hash forever) and
+    safetensors must accept the header, which includes a size exactly that of the header and data.
 
     Raises:
         IntegrityError: not a regular file, a malformed header, or a size that does not match.
     """
     path = Path(path)
     try:
-        info = path.stat()
+        regular = stat.S_ISREG(path.stat().st_mode)
     except OSError as exc:
         raise IntegrityError(f"{path} is missing; download the model again (insloc-hub download NAME)") from exc
-    if not stat.S_ISREG(info.st_mode):
+    if not regular:
         raise IntegrityError(f"{path} is not a regular file; a hub folder's weights must be a plain file")
     try:
-        with path.open("rb") as f:
-            prefix = f.read(8)
-            length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-            if not 2 <= length <= min(MAX_HEADER_BYTES, info.st_size - 8):
-                raise IntegrityError(f"{path} is not a safetensors file (header length {length}); download it again")
-            header = json.loads(f.read(length).decode("utf-8"))
-    except IntegrityError:
-        raise
-    except (OSError, ValueError, RecursionError) as exc:
-        raise IntegrityError(f"{path} has a corrupt safetensors header ({exc}); download it again") from exc
-    if not isinstance(header, dict):
-        raise IntegrityError(f"{path} has a corrupt safetensors header; download it again")
-    header.pop("__metadata__", None)
-    end = 0
-    for key, entry in header.items():
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(v) and v >= 0 for v in offsets)
-                or not isinstance(shape, list) or not all(_is_int(v) and v >= 0 for v in shape)
-                or not isinstance(entry.get("dtype"), str)):
-            raise IntegrityError(f"{path}: tensor {key!r} has a malformed header entry; download it again")
-        end = max(end, offsets[1])
-    expected = 8 + length + end
-    if info.st_size != expected:
-        raise IntegrityError(
-            f"{path} is {info.st_size:,} bytes but its header describes {expected:,}: the file is truncated or has "
-            "extra bytes; download it again"
-        )
-    return header
+        with safe_open(str(path), framework="pt") as f:
+            return {k: {"dtype": f.get_slice(k).get_dtype(), "shape": f.get_slice(k).get_shape()} for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise IntegrityError(f"{path} is not a safetensors file of the size its header describes ({exc}): it is "
+                             "corrupt, truncated or has extra bytes; download it again") from exc
 
 
 def _check_dtypes(header: Mapping[str, Mapping[str, Any]], source: Any) -> None:
@@ -416,28 +374,6 @@ def _read_record(path: Path) -> dict[str, str]:
         return {}
 
 
-def load_state(
-    folder: str | os.PathLike[str], device: str | torch.device = "cpu", file_name: str = WEIGHTS_NAME,
-) -> dict[str, torch.Tensor]:
-    """The weights of a hub folder as a state dict (safetensors, memory-mapped)."""
-    path = Path(folder) / file_name
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
-    except FileNotFoundError as exc:
-        raise IntegrityError(f"{path} is missing; download the model again (insloc-hub download NAME)") from exc
-    except Exception as exc:  # safetensors raises its own SafetensorError for corrupt headers
-        raise IntegrityError(f"cannot read {path} as safetensors ({exc}); the file is corrupt or truncated: "
-                             "download it again") from exc
-
-
-def _check_shapes(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
-    """WeightsMismatchError unless the file's keys and shapes (from its header) are exactly the model's."""
-    given = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}  # shapes only, no memory
-    WeightsMismatchError.check(model.state_dict(), given, f"{source} does not match its architecture config:",
-                               _MISMATCH_HINT)
-
-
 def from_pretrained(
     name: str | os.PathLike[str],
     *,
@@ -483,25 +419,23 @@ def from_pretrained(
     source = f"{folder / weights_file}"
     header = read_safetensors_header(folder / weights_file)
     _check_dtypes(header, source)
-    shapes = {key: tuple(entry["shape"]) for key, entry in header.items()}
     if config.get("task") == "detection":
-        model = build_detector_from_config(config["detector"])
-        if strict:  # keys and shapes from the header: nothing is read if they do not fit
-            _check_shapes(model, shapes, source)
-        state = load_state(folder, device, weights_file)
-        if not strict:
-            _drop_unusable(model, state)
-        model.load_state_dict(state, strict=False)
+        model, assign = build_detector_from_config(config["detector"]), False
+        fresh = model.state_dict  # the detector's own random init
     else:
         arch = BackboneConfig.from_dict(config["architecture"])
         with torch.device("meta"):  # no random init: every tensor comes from the file
             model = InsLocBackbone(arch)
-        if strict:
-            _check_shapes(model, shapes, source)
-        state = load_state(folder, device, weights_file)
-        if not strict:
-            _initialise_missing(model, state)
-        model.load_state_dict(state, strict=False, assign=True)
+        assign, fresh = True, lambda: InsLocBackbone(arch).state_dict()
+    if strict:  # keys and shapes from the header: nothing is read if they do not fit
+        given = {key: torch.empty(entry["shape"], device="meta") for key, entry in header.items()}
+        WeightsMismatchError.check(model.state_dict(), given, f"{source} does not match its architecture config:",
+                                   "Pass strict=False to load what fits, or check that config.json belongs to these "
+                                   "weights.")
+    state = load_file(folder / weights_file, device=str(device))
+    if not strict:
+        _keep_what_fits(model, state, fresh)
+    model.load_state_dict(state, assign=assign)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.hub_config = config
     model.hub_folder = folder
@@ -524,67 +458,50 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return parsed
 
 
-def _drop_unusable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """strict=False for detectors: skip tensors that do not fit; the model keeps its fresh init there."""
+def _keep_what_fits(model: nn.Module, state: dict[str, torch.Tensor], fresh: Any) -> None:
+    """strict=False: drop the file's tensors that do not fit; the model's others come from ``fresh()``."""
     expected = model.state_dict()
     skipped = [k for k in state if k not in expected or state[k].shape != expected[k].shape]
     for key in skipped:
         del state[key]
     missing = [k for k in expected if k not in state]
+    if missing:
+        initial = fresh()
+        state.update({k: initial[k] for k in missing})
     if skipped or missing:
         logger.warning("strict=False: skipped %d tensors that do not fit (%s); %d tensors keep a fresh init (%s)",
                        len(skipped), ", ".join(skipped[:6]), len(missing), ", ".join(missing[:6]))
 
 
-def _initialise_missing(model: InsLocBackbone, state: dict[str, torch.Tensor]) -> None:
-    """With strict=False, tensors absent from the file (or misshapen) get a proper fresh init."""
-    expected = model.state_dict()
-    bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
-    for key in [k for k in state if k not in expected or state[k].shape != expected[k].shape]:
-        del state[key]
-    if bad:
-        fresh = InsLocBackbone(model.config).state_dict()
-        state.update({k: fresh[k] for k in bad})
-        logger.warning("strict=False: %d tensors were not usable from the file and keep a fresh initialisation: %s",
-                       len(bad), ", ".join(bad[:8]))
-
-
-def push_to_hub(
-    model_or_directory: nn.Module | str | os.PathLike[str],
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    private: bool = False,
-    token: str | bool | None = None,
-    commit_message: str | None = None,
-    create_pr: bool = False,
-    **save_kwargs: Any,
-) -> str:
+def push_to_hub(model_or_directory: nn.Module | str | os.PathLike[str], repo_id: str, **options: Any) -> str:
     """Publish a model (saved first with :func:`save_pretrained`) or a hub folder; return the commit id.
+
+    ``options`` go to :func:`~insloc_hub.hub.push_folder_to_hub` (``revision``, ``private``, ``token``,
+    ``commit_message``, ``create_pr``...) and, for a model, the rest to :func:`save_pretrained`
+    (``provenance``, ``results``...). config.json and the card are written naming ``repo_id``; the
+    user's folder is left untouched, and only the files its config.json lists travel.
 
     Example:
         >>> push_to_hub("runs/insloc/final", "me/insloc-r50-fpn", revision="v1")  # doctest: +SKIP
         '1f0c...'
     """
-    from insloc_hub.hub import parse_model_name, push_folder_to_hub
-
-    kwargs = dict(revision=revision, private=private, token=token, commit_message=commit_message, create_pr=create_pr)
-    target = parse_model_name(repo_id.split("@")[0]).repo_id or repo_id.split("@")[0]
+    push_names = inspect.signature(push_folder_to_hub).parameters
+    push_options = {k: v for k, v in options.items() if k in push_names}
+    save_options = {k: v for k, v in options.items() if k not in push_names}
+    target, _ = push_target(repo_id, options.get("revision"), options.get("namespace"))
     with tempfile.TemporaryDirectory(prefix="insloc-push-") as staging:
         staged = Path(staging) / target.split("/")[-1]
         if isinstance(model_or_directory, nn.Module):
-            save_pretrained(model_or_directory, staged, repo_id=target, **save_kwargs)
+            save_pretrained(model_or_directory, staged, repo_id=target, **save_options)
+        elif save_options:
+            raise ConfigError(f"push_to_hub of a folder takes no {sorted(save_options)}; those are for a model")
         else:
             _stage_folder(Path(model_or_directory), staged, target)
-        return push_folder_to_hub(staged, repo_id, **kwargs)
+        return push_folder_to_hub(staged, repo_id, **push_options)
 
 
 def _stage_folder(folder: Path, staged: Path, repo_id: str) -> None:
-    """Link the folder's hub files into ``staged`` with config.json and the card naming ``repo_id``.
-
-    Only the files config.json lists travel (never checkpoints or half-written saves lying beside
-    them), and the user's folder is left untouched.
-    """
+    """Link the folder's listed files into ``staged``, with config.json and the card naming ``repo_id``."""
     config = read_config(folder)
     staged.mkdir(parents=True)
     for file_name in config.get("files", [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME]):

@@ -154,8 +154,8 @@ class TorchBackend(Backend):
 
     On CUDA: bf16 autocast, channels_last and optionally ``torch.compile`` (chosen at run time; the
     CPU path is float32 eager unless ``precision="bf16"`` asks for autocast there too). Detectors run
-    only their backbone and box head under autocast: box decoding and NMS stay float32, since bf16
-    has 8 significant bits (a box edge near 1,000 px would move by up to 4 px).
+    only their feature extractor (``model.backbone``) and box head under autocast: box decoding and
+    NMS stay float32, since bf16 has 8 significant bits (a box edge near 1,000 px would move by up to 4 px).
     """
 
     def __init__(self, spec: str, *, name: str | None = None, revision: str | None = None, device: str = "auto",
@@ -188,7 +188,7 @@ class TorchBackend(Backend):
         self.features_fn = getattr(model, "forward_features", None)
         self.embed_fn = getattr(model, "forward_embedding", None)
         if compile and self.on_cuda:
-            if self.is_detector:  # torchvision detectors have data-dependent control flow: compile the backbone
+            if self.is_detector:  # data-dependent control flow in torchvision detectors: compile the features
                 model.backbone = torch.compile(model.backbone, dynamic=True)
             else:
                 self.features_fn = torch.compile(model.forward_features, dynamic=True)

@@ -10,12 +10,13 @@ import argparse
 import logging
 import sys
 
+from insloc_hub.cli import ArgumentParser, run_cli
 from insloc_hub.errors import InsLocError
 from insloc_hub.serve.settings import Settings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="insloc-serve", description=__doc__.split("\n\n")[0],
         epilog="Every flag can also come from the environment: INSLOC_SERVE_<FLAG> (INSLOC_SERVE_MODELS is "
                "comma-separated). Flags win over the environment.")
@@ -44,37 +45,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
                         help="skip the warm-up pass before ready")
     parser.add_argument("--log-level", help="debug, info (default), warning")
+    parser.set_defaults(func=serve)
     return parser
 
 
+def serve(args: argparse.Namespace) -> None:
+    """Build the app from the flags (over the environment) and run it with uvicorn until Ctrl-C / SIGTERM."""
+    settings = Settings.from_env(**{k: v for k, v in vars(args).items() if k != "func"})
+    if not settings.models:
+        raise InsLocError("no model to serve; pass --model NAME (hub name, folder or .onnx file) or set "
+                          "INSLOC_SERVE_MODELS")
+    import uvicorn
+
+    from insloc_hub.serve.app import create_app
+    from insloc_hub.serve.backends import load_backend
+
+    logging.getLogger().setLevel(settings.log_level.upper())
+    # load before listening: a wrong name or file fails here with one clear line (warm-up runs at start)
+    backends = [load_backend(spec, backend=settings.backend, revision=settings.revision, device=settings.device,
+                             compile=settings.compile, threads=settings.threads, precision=settings.precision)
+                for spec in settings.models]
+    app = create_app(settings, backends=backends)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=settings.request_timeout_s)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags (over the environment), build the app and run it with uvicorn until Ctrl-C / SIGTERM."""
-    args = vars(build_parser().parse_args(argv))
-    try:
-        settings = Settings.from_env(**args)
-        if not settings.models:
-            raise InsLocError("no model to serve; pass --model NAME (hub name, folder or .onnx file) or set "
-                              "INSLOC_SERVE_MODELS")
-        import uvicorn
-
-        from insloc_hub.serve.app import create_app
-
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        from insloc_hub.serve.backends import load_backend
-
-        # load before listening: a wrong name or file fails here with one clear line (warm-up runs at start)
-        backends = [load_backend(spec, backend=settings.backend, revision=settings.revision, device=settings.device,
-                                 compile=settings.compile, threads=settings.threads, precision=settings.precision)
-                    for spec in settings.models]
-        app = create_app(settings, backends=backends)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                    timeout_graceful_shutdown=settings.request_timeout_s)
-    except InsLocError as exc:
-        print(f"insloc-serve: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_cli(build_parser(), argv, long_running=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:  # make ``import hub_server`` work whatever the rootdir/import mode
@@ -53,6 +54,16 @@ def isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     for name, sub in _CACHE_VARIABLES.items():
         monkeypatch.setenv(name, str(root / sub) if sub else str(root))
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a test module: tiny convolutions run fastest so on a shared 2-core machine,
+    and the same in subprocesses (bit-exact). Use ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @dataclass

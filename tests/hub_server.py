@@ -1,22 +1,11 @@
 """The Hub routes insloc-hub calls, served on 127.0.0.1 for tests (FastAPI + uvicorn, in memory).
 
-Only what ``push_folder_to_hub`` and ``resolve_model_dir``/``download`` make huggingface_hub (2.x)
-send, nothing else of the Hub:
-
-- ``POST /api/repos/create`` (409 with the url when it exists: ``exist_ok=True`` reads it);
-- ``POST /api/models/{repo}/branch/{branch}``;
-- ``POST /api/models/{repo}/preupload/{rev}``: every file is ``"regular"`` (sent base64 inside the
-  commit, so neither LFS nor Xet is used); ``"oid"`` is the git blob sha1 already at that path, so
-  unchanged files are skipped; ``POST /api/validate-yaml`` accepts every model card;
-- ``POST /api/models/{repo}/commit/{rev}`` (NDJSON ``header`` + ``file`` lines; ``create_pr=1``
-  opens ``refs/pr/N``; the ``hub_env`` fixture turns Xet off, so uploads take this one path);
-- ``GET /api/models/{repo}/tree/{rev}`` (what ``snapshot_download`` lists) and ``.../revision/{rev}``
-  (the head a push without changes returns);
-- ``HEAD/GET /{repo}/resolve/{rev}/{path}`` with ``ETag`` and ``X-Repo-Commit``.
-
-Errors carry ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``), which the
-client maps to its exception classes. ``tokens`` maps a token to ``"read"`` or ``"write"``: an unknown
-token gets 401, writing without a token 401, with a read token 403.
+Only what ``push_folder_to_hub`` and ``resolve_model_dir`` make huggingface_hub 2.x send: create a
+repo or branch, preupload (every file ``"regular"``, so neither LFS nor Xet; a known blob sha1 is
+skipped), commit (NDJSON; ``create_pr=1`` opens ``refs/pr/N``), revision info, tree listing, and
+``HEAD/GET .../resolve/{rev}/{path}`` with ``ETag`` and ``X-Repo-Commit``. Errors carry the
+``X-Error-Code`` huggingface_hub maps to its exceptions. ``tokens`` maps a token to ``"read"`` or
+``"write"``: an unknown token gets 401, writing without a token 401, with a read token 403.
 """
 
 from __future__ import annotations

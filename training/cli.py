@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
-from insloc_hub.cli import ArgumentParser, run_command
+from insloc_hub.cli import ArgumentParser, run_cli
 
 # modules that contribute subcommands, in the order they appear in --help
 SUBCOMMAND_MODULES = ("insloc_hub.training.pretrain", "insloc_hub.training.finetune", "insloc_hub.training.demo")
@@ -36,11 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_command("insloc-train", args, interrupted_hint="; resume with --resume auto")
+    return run_cli(build_parser(), argv, long_running=True, interrupted_hint="; resume with --resume auto")
 
 
 if __name__ == "__main__":

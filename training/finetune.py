@@ -428,7 +428,7 @@ def build_model(cfg: FinetuneConfig, class_names: Sequence[str], norm: str) -> t
     """The detector to fine-tune and its load report as a JSON-ready dict."""
     bundle = None if cfg.init == "random" else _load_hub_model(cfg.init, "--init", bundle=True)
     options = {"min_size": tuple(cfg.min_size), "max_size": cfg.max_size, **cfg.detector_options}
-    model = build_detector(cfg.arch, class_names=list(class_names), backbone=cfg.preset, pretrained=bundle,
+    model = build_detector(cfg.arch, class_names=list(class_names), preset=cfg.preset, pretrained=bundle,
                            norm=norm, strict=cfg.strict_load, box_head_extra_norm=cfg.box_head_extra_norm, **options)
     if bundle is None:
         keys = sorted(model.state_dict())

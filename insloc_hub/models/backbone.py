@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchvision.ops import MultiScaleRoIAlign
 
-from insloc_hub.configs import JsonConfig
+from insloc_hub.configs import JsonConfig, flag
 from insloc_hub.errors import ConfigError
 from insloc_hub.models.fpn import FPN
 from insloc_hub.models.heads import BoxHead, Res5Head
@@ -30,28 +30,21 @@ ALL_PARTS = ("trunk", "fpn", "box_head")
 class BackboneConfig(JsonConfig):
     """Architecture of a backbone bundle; serialised into ``config.json["architecture"]``.
 
-    Attributes:
-        depth: ResNet depth (18, 34, 50, 101).
-        width: first-stage width (64 standard; 16 in tests).
-        variant: ``"fpn"`` (trunk c2-c5 + FPN + 4conv1fc box head) or ``"c4"`` (trunk to res4 +
-            res5 RoI head).
-        fpn_channels: FPN width (256).
-        head_channels: box-head conv width (256).
-        head_convs: number of box-head convs (4).
-        head_fc: box-head fc width (1024).
-        roi_size: RoIAlign output size feeding the head (7 for FPN, 14 for C4).
-        parts: which of ``trunk``, ``fpn``, ``box_head`` the bundle holds (a converted supervised
-            or MoCo ResNet holds the trunk only for ``fpn``; trunk and res5 for ``c4``).
+    ``variant`` ``"fpn"``: trunk c2-c5 + FPN + 4conv1fc box head (``roi_size`` 7); ``"c4"``: trunk to
+    res4 + res5 RoI head (``roi_size`` 14). ``width`` is the first stage's (64 standard; 16 in tests).
+    ``parts`` says which of ``trunk``, ``fpn``, ``box_head`` the bundle holds (a converted supervised
+    or MoCo ResNet holds the trunk only for ``fpn``; trunk and res5 for ``c4``).
     """
 
-    depth: int = 50
-    width: int = 64
-    variant: str = "fpn"
-    fpn_channels: int = 256
-    head_channels: int = 256
-    head_convs: int = 4
-    head_fc: int = 1024
-    roi_size: int = 7
+    # the limits are those config.json files are checked against before anything is built
+    depth: int = flag(50, min=18, max=152)
+    width: int = flag(64, min=1, max=1024)
+    variant: str = flag("fpn", choices=VARIANTS)
+    fpn_channels: int = flag(256, min=1, max=4096)
+    head_channels: int = flag(256, min=1, max=4096)
+    head_convs: int = flag(4, min=0, max=16)
+    head_fc: int = flag(1024, min=1, max=16384)
+    roi_size: int = flag(7, min=1, max=64)
     parts: tuple[str, ...] | None = None
     config_kind = "architecture"
 

@@ -47,8 +47,8 @@ def detector_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     folders = {}
     for arch, options in DETECTOR_OPTIONS.items():
         torch.manual_seed(0)
-        backbone = "tiny-c4" if arch == "faster_rcnn_c4" else "tiny-fpn"
-        model = build_detector(arch, class_names=["cat", "mug"], backbone=backbone, **options)
+        preset = "tiny-c4" if arch == "faster_rcnn_c4" else "tiny-fpn"
+        model = build_detector(arch, class_names=["cat", "mug"], preset=preset, **options)
         folders[arch] = save_pretrained(model, root / arch)
     return folders
 

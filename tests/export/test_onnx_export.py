@@ -149,7 +149,7 @@ def test_fixed_size_mask_rcnn_and_verify_onnx_reads_sizes_from_the_graph(tmp_pat
     from insloc_hub.export.wrappers import PixelDetector
 
     torch.manual_seed(0)
-    model = build_detector("mask_rcnn_fpn", class_names=["cat"], backbone="tiny-fpn", min_size=96, max_size=128,
+    model = build_detector("mask_rcnn_fpn", class_names=["cat"], preset="tiny-fpn", min_size=96, max_size=128,
                            box_detections_per_img=5)
     out = tmp_path / "fixed.onnx"
     result = export_onnx(model, out, height=120, width=160, verify=False)
@@ -164,7 +164,7 @@ def test_detector_with_zero_detections(tmp_path: Path) -> None:
     from insloc_hub import build_detector
 
     torch.manual_seed(0)
-    model = build_detector("faster_rcnn_fpn", class_names=["cat"], backbone="tiny-fpn", min_size=128, max_size=192,
+    model = build_detector("faster_rcnn_fpn", class_names=["cat"], preset="tiny-fpn", min_size=128, max_size=192,
                            box_score_thresh=0.999)
     out = tmp_path / "none.onnx"
     result = export_onnx(model, out, threads=1)
@@ -186,7 +186,7 @@ def test_parity_beyond_tolerance_fails_the_export_with_figures(features_onnx: Pa
     with pytest.raises(ExportError, match=r"beyond tolerance(.|\n)*max rel diff"):
         verify_onnx(features_onnx, reference, "features", output_names=names, input_name="images", threads=1)
     # through export_onnx: the figures are in the error and no unverified file is left behind
-    detector = build_detector("faster_rcnn_fpn", class_names=["cat"], backbone="tiny-fpn", min_size=128,
+    detector = build_detector("faster_rcnn_fpn", class_names=["cat"], preset="tiny-fpn", min_size=128,
                               max_size=192, box_detections_per_img=10)
     out = tmp_path / "strict.onnx"
     with pytest.raises(ExportError, match=r"matched 10 of torch 10 / onnx 10 .*< 1.01") as info:

@@ -33,7 +33,7 @@ def _model_config_class() -> type:
 def graphs(features_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("triton-onnx")
     torch.manual_seed(0)
-    detector = build_detector("mask_rcnn_fpn", class_names=["cat", "mug"], backbone="tiny-fpn", min_size=96,
+    detector = build_detector("mask_rcnn_fpn", class_names=["cat", "mug"], preset="tiny-fpn", min_size=96,
                               max_size=128, box_detections_per_img=5)
     return {"features": features_onnx, "detector": export_onnx(detector, root / "det.onnx", verify=False).path}
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from insloc_hub.cli import main
+from insloc_hub.cli import build_parser, main
 from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import save_pretrained
 
@@ -46,13 +46,20 @@ def test_push_download_and_list_against_a_local_hub(hub_env, folder, capsys):
     assert "insloc-r50" in out and "team/cli-model" in out
 
 
-@pytest.mark.parametrize("arch,backbone", [("faster_rcnn_fpn", "tiny-fpn"), ("mask_rcnn_fpn", "tiny-fpn"),
-                                           ("faster_rcnn_c4", "tiny-c4"), ("retinanet_fpn", "tiny-fpn")])
-def test_demo_runs_every_architecture_on_a_tiny_backbone(arch, backbone, capsys):
-    assert main(["demo", "--arch", arch, "--backbone", backbone, "--size", "128"]) == 0
+@pytest.mark.parametrize("arch,preset", [("faster_rcnn_fpn", "tiny-fpn"), ("mask_rcnn_fpn", "tiny-fpn"),
+                                         ("faster_rcnn_c4", "tiny-c4"), ("retinanet_fpn", "tiny-fpn")])
+def test_demo_runs_every_architecture_on_a_tiny_preset(arch, preset, capsys):
+    assert main(["demo", "--arch", arch, "--preset", preset, "--size", "128"]) == 0
     out = capsys.readouterr().out
     assert "pretrained tensors" in out and "training step:" in out
     assert "inference on a 512x512 photo" in out
+
+
+def test_old_backbone_flag_still_works_with_a_deprecation_warning(capsys):
+    with pytest.warns(DeprecationWarning, match="--backbone is deprecated; use --preset"):
+        args = build_parser().parse_args(["demo", "--backbone", "tiny-c4"])
+    assert args.preset == "tiny-c4"
+    assert "--backbone is deprecated" in capsys.readouterr().err
 
 
 def test_convert_official_and_export_d2(tmp_path, capsys):
@@ -60,7 +67,7 @@ def test_convert_official_and_export_d2(tmp_path, capsys):
 
     import torch
 
-    from insloc_hub.convert import official_state_dict_from_bundle
+    from tests.insloc_hub.official_layout import official_state_dict_from_bundle
 
     bundle = InsLocBackbone("tiny-fpn")
     checkpoint = tmp_path / "insloc_fpn_200ep.pth"

@@ -4,35 +4,13 @@ timeout turns a hang into a failure."""
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 import pytest
-import torch
 
 from insloc_hub.errors import ConfigError
-from insloc_hub.models import InsLocBackbone
-from insloc_hub.pretrained import from_pretrained, read_config, save_pretrained
+from insloc_hub.pretrained import from_pretrained, read_config
+from tests.insloc_hub.hub_folders import copy_folder, edit_config
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    return save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path_factory.mktemp("hub") / "tiny")
-
-
-def _copy(template: Path, folder: Path) -> Path:
-    shutil.copytree(template, folder)
-    return folder
-
-
-def _edit_config(folder: Path, edit) -> None:
-    config = json.loads((folder / "config.json").read_text())
-    edit(config)
-    (folder / "config.json").write_text(json.dumps(config))
 
 
 # --- config.json values: ConfigError naming the field, before building (94 cases) -------------
@@ -44,8 +22,8 @@ ARCH_FIELDS = ["depth", "width", "fpn_channels", "head_channels", "head_fc", "ro
 @pytest.mark.parametrize("value", BAD_INTS)
 @pytest.mark.parametrize("name", ARCH_FIELDS)
 def test_bad_architecture_values_name_the_field(template, tmp_path, name, value):
-    folder = _copy(template, tmp_path / "m")
-    _edit_config(folder, lambda c: c["architecture"].update({name: value}))
+    folder = copy_folder(template, tmp_path / "m")
+    edit_config(folder, lambda c: c["architecture"].update({name: value}))
     with pytest.raises(ConfigError, match=rf"architecture\.{name} must be an integer in"):
         from_pretrained(folder)
 
@@ -53,13 +31,13 @@ def test_bad_architecture_values_name_the_field(template, tmp_path, name, value)
 def _detection(config: dict, **detector) -> None:
     config["task"] = "detection"
     config["detector"] = {"arch": "faster_rcnn_fpn", "num_classes": 3, "class_names": ["a", "b"],
-                          "backbone": dict(config["architecture"]), "norm": "bn", "options": {}, **detector}
+                          "architecture": dict(config["architecture"]), "norm": "bn", "options": {}, **detector}
 
 
 @pytest.mark.parametrize("value", [10**8, 0, -3, 2.5, "91", None, True, float("nan"), 10_001])
 def test_bad_num_classes_is_refused_before_building(template, tmp_path, value):
-    folder = _copy(template, tmp_path / "m")
-    _edit_config(folder, lambda c: _detection(c, num_classes=value))
+    folder = copy_folder(template, tmp_path / "m")
+    edit_config(folder, lambda c: _detection(c, num_classes=value))
     with pytest.raises(ConfigError, match=r"detector\.num_classes must be an integer in \[1, 10000\]"):
         from_pretrained(folder)
 
@@ -67,26 +45,33 @@ def test_bad_num_classes_is_refused_before_building(template, tmp_path, value):
 @pytest.mark.parametrize("value", [-5, 0, 2.5, "800", [800, -1], [], [True], 10**6, None])
 @pytest.mark.parametrize("name", ["min_size", "max_size"])
 def test_bad_image_sizes_are_refused(template, tmp_path, name, value):
-    folder = _copy(template, tmp_path / "m")
-    _edit_config(folder, lambda c: _detection(c, options={name: value}))
+    folder = copy_folder(template, tmp_path / "m")
+    edit_config(folder, lambda c: _detection(c, options={name: value}))
     with pytest.raises(ConfigError, match=rf"detector\.options\.{name}"):
         from_pretrained(folder)
 
 
 @pytest.mark.parametrize("value", [-1, float("inf"), float("nan"), -0.5])
 def test_negative_or_non_finite_detector_options_are_refused(template, tmp_path, value):
-    folder = _copy(template, tmp_path / "m")
-    _edit_config(folder, lambda c: _detection(c, options={"box_score_thresh": value}))
+    folder = copy_folder(template, tmp_path / "m")
+    edit_config(folder, lambda c: _detection(c, options={"box_score_thresh": value}))
     with pytest.raises(ConfigError, match=r"detector\.options\.box_score_thresh"):
         from_pretrained(folder)
 
 
+@pytest.mark.parametrize("field", ["architecture", "backbone"])  # "backbone": its name in insloc-hub 0.1
 @pytest.mark.parametrize("value", [-1, 10**7, 3.5, "18"])
 @pytest.mark.parametrize("name", ["width", "depth", "fpn_channels"])
-def test_bad_detector_backbone_values(template, tmp_path, name, value):
-    folder = _copy(template, tmp_path / "m")
-    _edit_config(folder, lambda c: _detection(c, backbone={**c["architecture"], name: value}))
-    with pytest.raises(ConfigError, match=rf"detector\.backbone\.{name}"):
+def test_bad_detector_architecture_values(template, tmp_path, name, value, field):
+    folder = copy_folder(template, tmp_path / "m")
+
+    def edit(config: dict) -> None:
+        _detection(config)
+        config["detector"].pop("architecture")
+        config["detector"][field] = {**config["architecture"], name: value}
+
+    edit_config(folder, edit)
+    with pytest.raises(ConfigError, match=rf"detector\.{field}\.{name}"):
         from_pretrained(folder)
 
 
@@ -104,14 +89,14 @@ def test_bad_detector_backbone_values(template, tmp_path, name, value):
     ],
 )
 def test_unreadable_config_json(template, tmp_path, content, message):
-    folder = _copy(template, tmp_path / "m")
+    folder = copy_folder(template, tmp_path / "m")
     (folder / "config.json").write_bytes(content)
     with pytest.raises(ConfigError, match=message):
         from_pretrained(folder)
 
 
 def test_oversized_config_json_is_refused_before_parsing(template, tmp_path):
-    folder = _copy(template, tmp_path / "m")
+    folder = copy_folder(template, tmp_path / "m")
     with (folder / "config.json").open("ab") as f:
         f.truncate(17 * 1024 * 1024)  # sparse: costs no disk
     with pytest.raises(ConfigError, match="over the limit"):

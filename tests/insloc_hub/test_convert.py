@@ -28,11 +28,11 @@ from insloc_hub.convert import (
     convert_torchvision_resnet,
     convert_torchvision_resnet_to_folder,
     export_detectron2,
-    official_state_dict_from_bundle,
 )
 from insloc_hub.errors import CheckpointError, ConfigError, WeightsMismatchError
 from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import from_pretrained
+from tests.insloc_hub.official_layout import official_state_dict_from_bundle
 
 
 @pytest.fixture(autouse=True)
@@ -40,13 +40,7 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("INSLOC_HUB_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions: one thread is fastest, and far faster than several on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thread is fastest
 
 
 def _trained_like(name: str, seed: int = 0) -> InsLocBackbone:

@@ -73,7 +73,7 @@ def _train_and_infer(model, images, targets):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_tiny_detectors_train_and_infer_on_photos(arch, photos):
     variant = "c4" if arch == "faster_rcnn_c4" else "fpn"
-    model = build_detector(arch, class_names=["person", "cup"], backbone=f"tiny-{variant}", **fast(arch))
+    model = build_detector(arch, class_names=["person", "cup"], preset=f"tiny-{variant}", **fast(arch))
     losses = _train_and_infer(model, *photos)
     expected = {"bbox_regression", "classification"} if arch == "retinanet_fpn" else {
         "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
@@ -123,15 +123,15 @@ def test_shape_mismatch_raises_with_key_names():
     bundle = InsLocBackbone("tiny-fpn")
     state = bundle.state_dict()
     state["fpn.output.p3.conv.weight"] = torch.zeros(32, 32, 1, 1)
-    model = build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn")
-    with pytest.raises(WeightsMismatchError, match=r"fpn\.output\.p3\.conv\.weight: pretrained \(32, 32, 1, 1\)"):
+    model = build_detector("faster_rcnn_fpn", 3, preset="tiny-fpn")
+    with pytest.raises(WeightsMismatchError, match=r"fpn\.output\.p3\.conv\.weight: given \(32, 32, 1, 1\)"):
         load_pretrained_into_detector(model, state)
 
 
 def test_unused_pretrained_tensor_raises_unless_not_strict():
     state = InsLocBackbone("tiny-fpn").state_dict()
     state["box_head.fc2.weight"] = torch.zeros(64, 64)
-    model = build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn")
+    model = build_detector("faster_rcnn_fpn", 3, preset="tiny-fpn")
     with pytest.raises(WeightsMismatchError, match=r"box_head\.fc2\.weight"):
         load_pretrained_into_detector(model, state)
     report = load_pretrained_into_detector(model, state, strict=False)
@@ -142,7 +142,7 @@ def test_unused_pretrained_tensor_raises_unless_not_strict():
 def test_missing_tensor_of_a_pretrained_part_raises():
     state = InsLocBackbone("tiny-fpn").state_dict()
     del state["trunk.layer3.0.bn1.running_var"]
-    model = build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn")
+    model = build_detector("faster_rcnn_fpn", 3, preset="tiny-fpn")
     with pytest.raises(WeightsMismatchError, match=r"backbone\.trunk\.layer3\.0\.bn1\.running_var"):
         load_pretrained_into_detector(model, state)
 
@@ -178,18 +178,18 @@ def test_faster_rcnn_fpn_computes_what_torchvision_v2_computes():
 
 def test_unknown_or_misapplied_options_are_errors():
     with pytest.raises(ConfigError, match="'bogus_knob' is not an option of faster_rcnn_fpn"):
-        build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn", bogus_knob=1)
+        build_detector("faster_rcnn_fpn", 3, preset="tiny-fpn", bogus_knob=1)
     with pytest.raises(ConfigError, match="did you mean score_thresh"):
-        build_detector("retinanet_fpn", 3, backbone="tiny-fpn", box_score_thresh=0.2)
+        build_detector("retinanet_fpn", 3, preset="tiny-fpn", box_score_thresh=0.2)
 
 
 def test_explicit_backbone_conflicting_with_pretrained_is_an_error():
     with pytest.raises(ConfigError, match="conflicts with the pretrained"):
-        build_detector("faster_rcnn_fpn", 3, backbone="r101-fpn", pretrained=InsLocBackbone("tiny-fpn"))
+        build_detector("faster_rcnn_fpn", 3, preset="r101-fpn", pretrained=InsLocBackbone("tiny-fpn"))
 
 
 def test_c4_uses_aligned_roi_align_and_detectron2_rpn_budget():
-    model = build_detector("faster_rcnn_c4", 3, backbone="tiny-c4", box_head_extra_norm=True)
+    model = build_detector("faster_rcnn_c4", 3, preset="tiny-c4", box_head_extra_norm=True)
     assert model.rpn._pre_nms_top_n == {"training": 12000, "testing": 6000}
     assert model.roi_heads.box_head.extra_norm is not None
     feats = {"c4": torch.randn(1, 64, 8, 8)}
@@ -201,18 +201,18 @@ def test_c4_uses_aligned_roi_align_and_detectron2_rpn_budget():
 
 
 def test_norm_modes_and_nothing_frozen_by_default():
-    model = build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn")
+    model = build_detector("faster_rcnn_fpn", 3, preset="tiny-fpn")
     assert all(p.requires_grad for p in model.parameters())
-    frozen = build_detector("mask_rcnn_fpn", 3, backbone="tiny-fpn", norm="frozen")
+    frozen = build_detector("mask_rcnn_fpn", 3, preset="tiny-fpn", norm="frozen")
     assert isinstance(frozen.backbone.trunk.bn1, FrozenBatchNorm2d)
     for part in (frozen.backbone.trunk, frozen.backbone.fpn, frozen.roi_heads.box_head):
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in part.modules())
     # the new mask head keeps trainable BN
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.roi_heads.mask_head.modules())
-    sync = build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn", norm="sync")
+    sync = build_detector("faster_rcnn_fpn", 3, preset="tiny-fpn", norm="sync")
     assert isinstance(sync.backbone.trunk.bn1, torch.nn.SyncBatchNorm)
     with pytest.raises(ConfigError, match="norm mode"):
-        build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn", norm="group")
+        build_detector("faster_rcnn_fpn", 3, preset="tiny-fpn", norm="group")
 
 
 def test_frozen_bn_keeps_pretrained_statistics():
@@ -223,7 +223,7 @@ def test_frozen_bn_keeps_pretrained_statistics():
 
 
 def test_torchvision_knobs_pass_through_and_config_round_trips():
-    model = build_detector("faster_rcnn_fpn", class_names=["a", "b"], backbone="tiny-fpn", min_size=200,
+    model = build_detector("faster_rcnn_fpn", class_names=["a", "b"], preset="tiny-fpn", min_size=200,
                            box_score_thresh=0.3, box_head_extra_norm=True)
     assert model.transform.min_size == (200,) and model.roi_heads.score_thresh == 0.3
     assert model.roi_heads.box_head.extra_norm is not None

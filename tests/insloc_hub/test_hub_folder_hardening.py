@@ -8,9 +8,7 @@ hang (hashing /dev/zero, a 1e8-class predictor) into a failure.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import struct
 import time
 from pathlib import Path
@@ -22,25 +20,9 @@ from safetensors.torch import load_file, save_file
 from insloc_hub.errors import ConfigError, IntegrityError, ModelNotFoundError, WeightsMismatchError
 from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import from_pretrained, read_config, save_pretrained, verify_weights
+from tests.insloc_hub.hub_folders import copy_folder, edit_config
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    return save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path_factory.mktemp("hub") / "tiny")
-
-
-def _copy(template: Path, folder: Path) -> Path:
-    shutil.copytree(template, folder)
-    return folder
-
-
-def _edit_config(folder: Path, edit) -> None:
-    config = json.loads((folder / "config.json").read_text())
-    edit(config)
-    (folder / "config.json").write_text(json.dumps(config))
 
 
 # --- file names config.json lists: only inside the folder (40 cases) ---------------------------
@@ -52,32 +34,32 @@ UNSAFE_NAMES = ["/etc/passwd", "../model.safetensors", "../../x/model.safetensor
 
 @pytest.mark.parametrize("name", UNSAFE_NAMES)
 def test_weights_file_must_be_a_plain_name(template, tmp_path, name):
-    folder = _copy(template, tmp_path / "m")
-    _edit_config(folder, lambda c: c["weights"].update(file=name))
+    folder = copy_folder(template, tmp_path / "m")
+    edit_config(folder, lambda c: c["weights"].update(file=name))
     with pytest.raises((ConfigError, ModelNotFoundError), match="weights.file|plain file name|relative|missing"):
         from_pretrained(folder)
 
 
 @pytest.mark.parametrize("name", [42, None, ["model.safetensors"], {"x": 1}])
 def test_weights_file_of_the_wrong_type(template, tmp_path, name):
-    folder = _copy(template, tmp_path / "m")
-    _edit_config(folder, lambda c: c["weights"].update(file=name))
+    folder = copy_folder(template, tmp_path / "m")
+    edit_config(folder, lambda c: c["weights"].update(file=name))
     with pytest.raises(ConfigError):
         from_pretrained(folder)
 
 
 @pytest.mark.parametrize("name", ["/etc/passwd", "../x", "a/../../b", "\\\\server\\share", "C:/x", "..", 7, ""])
 def test_listed_files_must_stay_inside_the_folder(template, tmp_path, name):
-    folder = _copy(template, tmp_path / "m")
-    _edit_config(folder, lambda c: c["files"].append(name))
+    folder = copy_folder(template, tmp_path / "m")
+    edit_config(folder, lambda c: c["files"].append(name))
     with pytest.raises(ConfigError, match='"files"'):
         from_pretrained(folder)
 
 
 @pytest.mark.parametrize("sha", ["", "abc", "Z" * 64, 12, ["x"]])
 def test_malformed_sha256(template, tmp_path, sha):
-    folder = _copy(template, tmp_path / "m")
-    _edit_config(folder, lambda c: c["weights"].update(sha256=sha))
+    folder = copy_folder(template, tmp_path / "m")
+    edit_config(folder, lambda c: c["weights"].update(sha256=sha))
     with pytest.raises((ConfigError, IntegrityError), match="sha256"):
         from_pretrained(folder)
 
@@ -96,7 +78,7 @@ def test_extra_file_names_are_plain_names(tmp_path):
 
 @pytest.mark.parametrize("target", ["/dev/zero", "/dev/null", "folder", "fifo"])
 def test_weights_must_be_a_regular_file(template, tmp_path, target):
-    folder = _copy(template, tmp_path / "m")
+    folder = copy_folder(template, tmp_path / "m")
     weights = folder / "model.safetensors"
     weights.unlink()
     if target == "folder":
@@ -112,7 +94,7 @@ def test_weights_must_be_a_regular_file(template, tmp_path, target):
 
 @pytest.mark.parametrize("change", [-1, -100, -4096, 1, 4096, 10**6])
 def test_weights_size_must_match_the_header(template, tmp_path, change):
-    folder = _copy(template, tmp_path / "m")
+    folder = copy_folder(template, tmp_path / "m")
     weights = folder / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[:change] if change < 0 else data + b"\0" * change)
@@ -129,7 +111,7 @@ def test_weights_size_must_match_the_header(template, tmp_path, change):
      struct.pack("<Q", 60) + b'{"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}'[:60]],
 )
 def test_garbage_safetensors_headers(template, tmp_path, header):
-    folder = _copy(template, tmp_path / "m")
+    folder = copy_folder(template, tmp_path / "m")
     (folder / "model.safetensors").write_bytes(header)
     with pytest.raises(IntegrityError):
         from_pretrained(folder, verify=False)
@@ -143,13 +125,13 @@ def _rewrite_weights(folder: Path, change) -> None:
     state = load_file(str(path))
     change(state)
     save_file(state, str(path))
-    _edit_config(folder, lambda c: c["weights"].update(sha256=sha256_file(path)))
+    edit_config(folder, lambda c: c["weights"].update(sha256=sha256_file(path)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int8])
 @pytest.mark.parametrize("key", ["trunk.conv1.weight", "trunk.bn1.running_var", "fpn.inner.0.weight"])
 def test_weights_of_another_dtype_name_the_tensor(template, tmp_path, dtype, key):
-    folder = _copy(template, tmp_path / "m")
+    folder = copy_folder(template, tmp_path / "m")
     state_keys = load_file(str(folder / "model.safetensors")).keys()
     key = next(k for k in state_keys if k.startswith(key.split(".")[0]) and k.endswith(key.split(".")[-1]))
     _rewrite_weights(folder, lambda s: s.update({key: s[key].to(dtype)}))
@@ -158,7 +140,7 @@ def test_weights_of_another_dtype_name_the_tensor(template, tmp_path, dtype, key
 
 
 def test_float_counter_is_refused(template, tmp_path):
-    folder = _copy(template, tmp_path / "m")
+    folder = copy_folder(template, tmp_path / "m")
     key = next(k for k in load_file(str(folder / "model.safetensors")) if k.endswith("num_batches_tracked"))
     _rewrite_weights(folder, lambda s: s.update({key: s[key].double()}))
     with pytest.raises(WeightsMismatchError, match="num_batches_tracked"):
@@ -166,7 +148,7 @@ def test_float_counter_is_refused(template, tmp_path):
 
 
 def test_wrong_shape_is_found_from_the_header(template, tmp_path):
-    folder = _copy(template, tmp_path / "m")
+    folder = copy_folder(template, tmp_path / "m")
     _rewrite_weights(folder, lambda s: s.update({"trunk.conv1.weight": torch.zeros(3, 3, 7, 7)}))
     with pytest.raises(WeightsMismatchError, match="wrong shape"):
         from_pretrained(folder)
@@ -176,7 +158,7 @@ def test_wrong_shape_is_found_from_the_header(template, tmp_path):
 
 
 def test_flipped_byte_with_restored_mtime_is_caught(template, tmp_path):
-    folder = _copy(template, tmp_path / "m")
+    folder = copy_folder(template, tmp_path / "m")
     config = read_config(folder)
     verify_weights(folder, config)  # recorded as verified
     weights = folder / "model.safetensors"
@@ -194,7 +176,7 @@ def test_flipped_byte_with_restored_mtime_is_caught(template, tmp_path):
 def test_verified_file_is_not_hashed_twice(template, tmp_path, monkeypatch):
     from insloc_hub import pretrained
 
-    folder = _copy(template, tmp_path / "m")
+    folder = copy_folder(template, tmp_path / "m")
     config = read_config(folder)
     verify_weights(folder, config)
     calls = []
@@ -205,7 +187,7 @@ def test_verified_file_is_not_hashed_twice(template, tmp_path, monkeypatch):
 
 def test_the_verify_record_lives_in_the_test_cache_not_the_home(template, tmp_path, isolated_caches, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    folder = _copy(template, tmp_path / "m")
+    folder = copy_folder(template, tmp_path / "m")
     verify_weights(folder, read_config(folder), always=True)
     assert (Path(os.environ["INSLOC_HUB_CACHE"]) / "verified-weights.json").is_file()
     assert Path(os.environ["INSLOC_HUB_CACHE"]).is_relative_to(isolated_caches)

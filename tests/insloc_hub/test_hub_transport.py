@@ -137,7 +137,7 @@ def test_offline_uncached_revision_names_repo_revision_and_download_command(hub_
     assert hub.resolve_model_dir(REPO, revision="v9", local_files_only=True) == downloaded
 
 
-def test_partial_snapshot_is_an_error_offline_and_healed_online(hub_env, pushed, monkeypatch):
+def test_partial_snapshot_is_an_error_offline_and_healed_online(hub_env, pushed, tmp_path):
     src, sha = pushed
     folder = hub.resolve_model_dir(REPO)
     (folder / "model.safetensors").unlink()
@@ -150,15 +150,14 @@ def test_partial_snapshot_is_an_error_offline_and_healed_online(hub_env, pushed,
     assert hub.resolve_model_dir(REPO) == folder  # online: the missing file is fetched again
     assert same_bytes(folder, src)
 
-    # Without huggingface_hub's tree listing (older versions, or a cache filled by hand) snapshot_download
-    # returns the partial folder as is: insloc's own check against config.json's "files" catches it.
-    from huggingface_hub import _tree_cache
-
-    monkeypatch.setattr(_tree_cache, "_IN_MEMORY_TREE_CACHE", {})
-    shutil.rmtree(folder.parent.parent / "trees")
-    (folder / "model.safetensors").unlink()
+    # A cache filled by hand has no tree listing, so snapshot_download returns the partial folder as is:
+    # insloc's own check against config.json's "files" catches it.
+    by_hand = tmp_path / "by-hand"
+    snapshot = by_hand / folder.parent.parent.name / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    shutil.copy(folder / "config.json", snapshot / "config.json")
     with pytest.raises(ModelNotFoundError, match="incomplete: model.safetensors listed in config.json") as info:
-        hub.resolve_model_dir(REPO, revision=sha, local_files_only=True)
+        hub.resolve_model_dir(REPO, revision=sha, local_files_only=True, cache_dir=by_hand)
     assert f"insloc-hub download {REPO} --revision {sha}" in str(info.value)
 
 
@@ -252,7 +251,7 @@ def test_push_checks_the_folder_before_any_request(hub_env, tmp_path):
     folder = make_hub_folder(tmp_path / "broken")
     (folder / "model.safetensors").unlink()
     hub_env.server.clear_requests()
-    with pytest.raises(ModelNotFoundError, match="no model.safetensors"):
+    with pytest.raises(ModelNotFoundError, match="model.safetensors listed in config.json is missing"):
         hub.push_folder_to_hub(folder, REPO)
     with pytest.raises(ModelNotFoundError, match="no such folder"):
         hub.push_folder_to_hub(tmp_path / "missing", REPO)

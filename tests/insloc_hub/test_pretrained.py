@@ -48,12 +48,27 @@ def test_backbone_round_trip_is_bit_identical(tmp_path, arch):
         assert torch.equal(model.forward_embedding(x), loaded.forward_embedding(x))
 
 
+def test_old_backbone_keyword_and_config_field_still_work(tmp_path):
+    """insloc-hub 0.1 said backbone= for the preset and "backbone" in config.json's detector section."""
+    with pytest.warns(DeprecationWarning, match="use preset="):
+        model = build_detector("faster_rcnn_c4", 3, backbone="tiny-c4")
+    same = build_detector("faster_rcnn_c4", 3, preset="tiny-c4")
+    assert model.insloc_config.architecture == same.insloc_config.architecture
+    with pytest.raises(ConfigError, match="once"), pytest.warns(DeprecationWarning):
+        build_detector("faster_rcnn_c4", 3, preset="tiny-c4", backbone="tiny-c4")
+    folder = save_pretrained(model, tmp_path / "det")
+    config = json.loads((folder / "config.json").read_text())
+    config["detector"]["backbone"] = config["detector"].pop("architecture")  # as 0.1 wrote it
+    (folder / "config.json").write_text(json.dumps(config))
+    _assert_same_state(model, from_pretrained(folder))
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_detector_round_trip_gives_same_detections(tmp_path, arch):
     torch.manual_seed(0)
     variant = "c4" if arch == "faster_rcnn_c4" else "fpn"
     threshold = {"score_thresh" if arch == "retinanet_fpn" else "box_score_thresh": 0.0}
-    model = build_detector(arch, class_names=["person", "cup"], backbone=f"tiny-{variant}", min_size=128,
+    model = build_detector(arch, class_names=["person", "cup"], preset=f"tiny-{variant}", min_size=128,
                            max_size=160, **threshold).eval()
     folder = save_pretrained(model, tmp_path / "det", results=[{"dataset": "toy", "metrics": {"AP": 12.5}}])
     loaded = from_pretrained(folder)
@@ -87,7 +102,7 @@ def test_config_records_the_contract(tmp_path):
 
 
 def test_detector_card_has_model_index(tmp_path):
-    model = build_detector("faster_rcnn_fpn", class_names=["raccoon"], backbone="tiny-fpn")
+    model = build_detector("faster_rcnn_fpn", class_names=["raccoon"], preset="tiny-fpn")
     folder = save_pretrained(model, tmp_path / "d", results=[{"dataset": "raccoon", "metrics": {"AP50": 61.0}}])
     card = (folder / "README.md").read_text()
     assert "model-index:" in card and "value: 61.0" in card and "object-detection" in card
@@ -212,7 +227,7 @@ def test_partial_snapshot_is_detected(hub_env, monkeypatch):
 def test_card_metadata_parses_as_a_hub_model_card(tmp_path):
     from huggingface_hub import ModelCard
 
-    model = build_detector("faster_rcnn_fpn", class_names=["raccoon"], backbone="tiny-fpn")
+    model = build_detector("faster_rcnn_fpn", class_names=["raccoon"], preset="tiny-fpn")
     results = [{"dataset": "raccoon", "metrics": {"AP": 41.5, "AP50": 70.0, "AP_small": float("nan")}},
                {"dataset": "empty", "metrics": {}}]
     folder = save_pretrained(model, tmp_path / "d", results=results,
@@ -235,7 +250,7 @@ def test_card_shows_pretraining_diagnostics(tmp_path):
 
 
 def test_detector_folder_records_which_parts_were_pretrained(tmp_path):
-    scratch = build_detector("faster_rcnn_fpn", class_names=["a"], backbone="tiny-fpn")
+    scratch = build_detector("faster_rcnn_fpn", class_names=["a"], preset="tiny-fpn")
     assert read_config(save_pretrained(scratch, tmp_path / "s"))["pretrained_parts"] == []
     retina = build_detector("retinanet_fpn", class_names=["a"], pretrained=InsLocBackbone("tiny-fpn"))
     config = read_config(save_pretrained(retina, tmp_path / "r"))
@@ -247,7 +262,7 @@ def test_detector_folder_records_which_parts_were_pretrained(tmp_path):
 
 
 def test_detector_strict_false_skips_what_does_not_fit(tmp_path):
-    folder = save_pretrained(build_detector("faster_rcnn_fpn", class_names=["a"], backbone="tiny-fpn"), tmp_path / "d")
+    folder = save_pretrained(build_detector("faster_rcnn_fpn", class_names=["a"], preset="tiny-fpn"), tmp_path / "d")
     config = json.loads((folder / "config.json").read_text())
     config["detector"]["num_classes"], config["detector"]["class_names"] = 5, ["a", "b", "c", "d"]
     (folder / "config.json").write_text(json.dumps(config))
@@ -292,7 +307,7 @@ def test_saving_a_detector_with_non_json_options_is_refused(tmp_path):
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
     anchors = AnchorGenerator(((16,), (32,), (64,), (128,), (256,)), ((0.5, 1.0, 2.0),) * 5)
-    model = build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn", rpn_anchor_generator=anchors)
+    model = build_detector("faster_rcnn_fpn", 3, preset="tiny-fpn", rpn_anchor_generator=anchors)
     with pytest.raises(ConfigError, match="rpn_anchor_generator"):
         save_pretrained(model, tmp_path / "d")
 
@@ -311,16 +326,16 @@ def test_push_uploads_only_the_hub_files_and_names_the_repo_in_the_card(hub_env,
     assert "repo_id" not in read_config(folder)  # the user's folder is untouched
 
 
-@pytest.mark.parametrize(("arch", "backbone", "expected"), [
+@pytest.mark.parametrize(("arch", "preset", "expected"), [
     ("faster_rcnn_fpn", "tiny-fpn", {"detections_per_img": 100, "rpn_post_nms_top_n_test": 1000}),
     ("mask_rcnn_fpn", "tiny-fpn", {"mask_thresh": 0.5, "nms_thresh": 0.5}),
     ("faster_rcnn_c4", "tiny-c4", {"rpn_pre_nms_top_n_test": 6000, "rpn_post_nms_top_n_test": 1000}),
     ("retinanet_fpn", "tiny-fpn", {"detections_per_img": 300, "topk_candidates": 1000}),
 ])
-def test_detection_config_says_what_a_runtime_needs(tmp_path, arch, backbone, expected):
+def test_detection_config_says_what_a_runtime_needs(tmp_path, arch, preset, expected):
     """config.json carries the effective (not only explicit) inference settings and who normalises."""
     threshold = {"score_thresh" if arch == "retinanet_fpn" else "box_score_thresh": 0.3}
-    model = build_detector(arch, class_names=["a", "b"], backbone=backbone, min_size=320, **threshold)
+    model = build_detector(arch, class_names=["a", "b"], preset=preset, min_size=320, **threshold)
     folder = save_pretrained(model, tmp_path / arch)
     config = json.loads((folder / "config.json").read_text())
     inference = config["detector"]["inference"]
@@ -342,7 +357,7 @@ def test_backbone_config_says_the_caller_normalises(tmp_path):
 
 
 def test_set_inference_options_changes_modules_and_saved_config(tmp_path):
-    model = build_detector("faster_rcnn_fpn", class_names=["a"], backbone="tiny-fpn", min_size=(480, 512))
+    model = build_detector("faster_rcnn_fpn", class_names=["a"], preset="tiny-fpn", min_size=(480, 512))
     set_inference_options(model, min_size=256, max_size=400)
     config = json.loads((save_pretrained(model, tmp_path / "d") / "config.json").read_text())
     assert config["detector"]["inference"]["min_size"] == 256 and config["detector"]["options"]["max_size"] == 400
@@ -363,7 +378,7 @@ def test_detector_with_unsaveable_options_is_refused(tmp_path):
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
     anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
-    model = build_detector("faster_rcnn_fpn", 3, backbone="tiny-fpn", rpn_anchor_generator=anchors)
+    model = build_detector("faster_rcnn_fpn", 3, preset="tiny-fpn", rpn_anchor_generator=anchors)
     assert model.insloc_config.unsaved_options == ["rpn_anchor_generator"]
     assert "unsaved_options" not in model.insloc_config.to_dict()
     with pytest.raises(ConfigError, match="rpn_anchor_generator"):

@@ -44,7 +44,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     root = tmp_path_factory.mktemp("serve-models")
     torch.manual_seed(0)
     backbone = save_pretrained(InsLocBackbone("tiny-fpn"), root / "tiny-backbone", name="tiny-backbone")
-    detector = build_detector("faster_rcnn_fpn", class_names=CLASS_NAMES, backbone="tiny-fpn", **DETECTOR_OPTIONS)
+    detector = build_detector("faster_rcnn_fpn", class_names=CLASS_NAMES, preset="tiny-fpn", **DETECTOR_OPTIONS)
     detector_dir = save_pretrained(detector, root / "tiny-detector", name="tiny-detector")
     return TinyModels(backbone=backbone, detector=detector_dir)
 

@@ -23,12 +23,7 @@ from tests.training.test_engine import write_photos
 LEVELS = ("p2", "p3", "p4", "p5")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thread is fastest
 
 
 def test_distinct_embeddings_are_healthy_and_identical_ones_collapsed():

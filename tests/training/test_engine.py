@@ -38,13 +38,7 @@ from insloc_hub.training.pretrain_data import InsLocPretrainDataset, UnlabelledI
 from tests.photos import photo
 
 REPO = Path(__file__).resolve().parents[2]
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: fast on a shared 2-core machine, and the same in subprocesses (bit-exact)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thread is fastest
 
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",

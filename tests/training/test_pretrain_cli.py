@@ -19,12 +19,7 @@ from tests.training.test_engine import write_photos
 TINY = ["--preset", "tiny", "--batch-size", "8", "--queue-size", "16", "--workers", "0", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thread is fastest
 
 
 @pytest.fixture(scope="module")
@@ -68,28 +63,22 @@ def test_device_composition_amp_and_channels_last_paths_on_cpu(photos, tmp_path,
     assert from_pretrained(out / "final").hub_config["provenance"]["steps"] == 1
 
 
-def test_moco_baseline_smoke(photos, tmp_path, capsys):
-    out = tmp_path / "moco"
-    code, err = run(["pretrain", "--data", photos, "--output", out, *TINY, "--method", "moco", "--max-steps", "2"],
-                    capsys)
+@pytest.mark.parametrize(("flags", "parts", "arch"), [
+    (["--method", "moco", "--max-steps", "2"], ("trunk",), "faster_rcnn_fpn"),  # the MoCo v2 baseline
+    (["--arch", "tiny-c4", "--max-steps", "1"], ("trunk", "box_head"), "faster_rcnn_c4"),  # C4 reconstruction
+])
+def test_moco_baseline_and_c4_reconstruction_smoke(photos, tmp_path, capsys, flags, parts, arch):
+    out = tmp_path / "run"
+    code, err = run(["pretrain", "--data", photos, "--output", out, *TINY, *flags], capsys)
     assert code == 0, err
-    backbone = from_pretrained(out / "final")
-    assert backbone.config.parts == ("trunk",)
-    assert backbone.hub_config["provenance"]["method"].startswith("MoCo v2")
-    detector = build_detector("faster_rcnn_fpn", num_classes=2, pretrained=from_pretrained(out / "final"))
-    assert all(k.startswith("backbone.trunk.") for k in detector.load_report.loaded)
-
-
-def test_c4_reconstruction_smoke(photos, tmp_path, capsys):
-    out = tmp_path / "c4"
-    code, err = run(["pretrain", "--data", photos, "--output", out, *TINY, "--arch", "tiny-c4", "--max-steps", "1"],
-                    capsys)
-    assert code == 0, err
-    backbone = from_pretrained(out / "final")
-    assert backbone.config.parts == ("trunk", "box_head")
-    assert "reconstruction" in backbone.hub_config["provenance"]
-    detector = build_detector("faster_rcnn_c4", num_classes=2, pretrained=from_pretrained(out / "final"))
-    assert any(k.startswith("roi_heads.box_head.") for k in detector.load_report.loaded)
+    bundle = from_pretrained(out / "final")
+    assert bundle.config.parts == parts
+    provenance = bundle.hub_config["provenance"]
+    assert provenance["method"].startswith("MoCo v2") if "moco" in flags else "reconstruction" in provenance
+    detector = build_detector(arch, num_classes=2, pretrained=bundle)
+    loaded_parts = {"box_head" if k.startswith("roi_heads.box_head.") else k.split(".")[1]
+                    for k in detector.load_report.loaded}
+    assert loaded_parts == set(parts)
 
 
 # -- errors --------------------------------------------------------------------------------------

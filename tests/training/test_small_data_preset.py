@@ -9,13 +9,7 @@ from insloc_hub.pretrained import from_pretrained
 from insloc_hub.training.engine import build_model, deviations_from_official, resolve_config, train
 from tests.training.test_engine import write_photos
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thread is fastest
 
 
 @pytest.mark.parametrize("arch", ["tiny-fpn", "r18-fpn", "r50-fpn"])
