@@ -3,7 +3,7 @@
 Each variant changes one thing of the raccoon CPU configuration (``transfer_raccoon.py --config cpu``:
 tiny-fpn, batch 16, canvas 128, queue 256, lr 0.03 per 256, key momentum 0.99, 60-epoch cosine) and
 pretrains for ``--steps`` steps; the table reports the collapse diagnostics of
-``training/diagnostics.py`` (in-batch top-1, key / query cosine, embedding std) at fixed steps,
+``training/pretraining/diagnostics.py`` (in-batch top-1, key / query cosine, embedding std) at fixed steps,
 averaged over the logged steps in a window around each.
 
 Usage (one variant per process, so several can run side by side; finished runs are reused)::
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from insloc_hub.training import engine
+from insloc_hub.training.pretraining import engine
 
 #: the raccoon CPU configuration every variant starts from
 BASE: dict[str, Any] = dict(arch="tiny-fpn", method="insloc", epochs=60, batch_size=16, canvas=128, queue_size=256,
@@ -192,7 +192,7 @@ def probe(data: str, steps: int, batches: int = 6) -> str:
     The same ``batches`` composed batches (batch 16, canvas 128, seed 0) are cycled for every variant,
     with the engine's SGD settings, so the rows differ only by what the variant changes.
     """
-    from insloc_hub.training.pretrain_data import InsLocPretrainDataset, UnlabelledImages
+    from insloc_hub.training.pretraining.pretrain_data import InsLocPretrainDataset, UnlabelledImages
 
     torch.set_num_threads(1)
     base = engine.PretrainConfig.from_dict({**BASE, "data": data, "output": "unused"})

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.photos import photo_files, write_synthetic_photos  # noqa: E402
 from benchmarks.runner import Row, print_table  # noqa: E402
-from insloc_hub.training.compose import CompositionConfig  # noqa: E402
-from insloc_hub.training.pretrain_data import (  # noqa: E402
+from insloc_hub.training.pretraining.compose import CompositionConfig  # noqa: E402
+from insloc_hub.training.pretraining.pretrain_data import (  # noqa: E402
     InsLocBytesDataset,
     InsLocPretrainDataset,
     UnlabelledImages,

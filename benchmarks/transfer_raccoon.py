@@ -203,7 +203,7 @@ def pretrain_command(method: str, unlabelled: Path, out: Path, budget: Budget, d
     """The ``pretrain`` CLI call of one row; with ``preset``, the preset's lr and key momentum win (if it sets them)."""
     owned: set[str] = set()
     if preset is not None:
-        from insloc_hub.training.engine import PRETRAIN_PRESETS
+        from insloc_hub.training.pretraining.engine import PRETRAIN_PRESETS
 
         owned = set(PRETRAIN_PRESETS.get(preset, {})) & set(PRESET_OWNED)
     optimisation = {"lr": str(budget.pretrain_lr), "key_momentum": str(budget.pretrain_key_momentum)}

@@ -16,7 +16,7 @@ import torchvision.transforms.v2.functional as F2
 from PIL import Image, ImageFilter
 
 from insloc_hub.errors import ConfigError
-from insloc_hub.training.compose import (
+from insloc_hub.training.pretraining.compose import (
     CompositionConfig,
     CompositionParams,
     apply_color_ops,

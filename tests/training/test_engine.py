@@ -20,8 +20,7 @@ from insloc_hub import build_detector
 from insloc_hub.errors import ConfigError
 from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import from_pretrained
-from insloc_hub.training.checkpoint import find_latest, load_checkpoint
-from insloc_hub.training.engine import (
+from insloc_hub.training.pretraining.engine import (
     PretrainConfig,
     ResumableDistributedSampler,
     batch_to_views,
@@ -36,7 +35,8 @@ from insloc_hub.training.engine import (
     set_schedule_epoch,
     train,
 )
-from insloc_hub.training.pretrain_data import InsLocPretrainDataset, UnlabelledImages, collate_decoded
+from insloc_hub.training.pretraining.pretrain_data import InsLocPretrainDataset, UnlabelledImages, collate_decoded
+from insloc_hub.training.runtime.checkpoint import find_latest, load_checkpoint
 from tests.photos import photo
 
 REPO = Path(__file__).resolve().parents[2]

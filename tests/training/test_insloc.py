@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from insloc_hub.errors import ConfigError
 from insloc_hub.models import InsLocBackbone
-from insloc_hub.training import insloc as insloc_module
-from insloc_hub.training.boxaug import BoxJitter
-from insloc_hub.training.insloc import InsLoc, info_nce_per_level
-from insloc_hub.training.moco import MoCo
+from insloc_hub.training.pretraining import insloc as insloc_module
+from insloc_hub.training.pretraining.boxaug import BoxJitter
+from insloc_hub.training.pretraining.insloc import InsLoc, info_nce_per_level
+from insloc_hub.training.pretraining.moco import MoCo
 
 B, S = 4, 64
 

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from torchvision.io import decode_jpeg
 
 from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
-from insloc_hub.training.compose import CompositionConfig, compose_batch
-from insloc_hub.training.pretrain_data import (
+from insloc_hub.training.pretraining.compose import CompositionConfig, compose_batch
+from insloc_hub.training.pretraining.pretrain_data import (
     DevicePrefetcher,
     EncodedImage,
     InsLocBytesDataset,
@@ -111,7 +111,7 @@ def test_corrupt_file_is_skipped_counted_and_reported_once(tmp_path: Path, caplo
     for i in range(len(ds)):
         ds[i]
     assert images.unreadable_count >= 1 and images.is_known_unreadable(bad)
-    with caplog.at_level(logging.WARNING, logger="insloc_hub.training.pretrain_data"):
+    with caplog.at_level(logging.WARNING, logger="insloc_hub.training.pretraining.pretrain_data"):
         report = images.pop_epoch_report()
     assert report.events >= 1 and report.files == (images.paths[bad],)
     assert sum("unreadable" in r.getMessage() for r in caplog.records) == 1

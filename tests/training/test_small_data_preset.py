@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from insloc_hub.pretrained import from_pretrained
-from insloc_hub.training.engine import build_model, deviations_from_official, resolve_config, train
+from insloc_hub.training.pretraining.engine import build_model, deviations_from_official, resolve_config, train
 from tests.training.test_engine import write_photos
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thread is fastest
@@ -90,7 +90,7 @@ def test_preset_run_records_its_deviations_in_the_card(tmp_path):
 
 
 def test_checkpoints_written_before_the_new_fields_still_resume(tmp_path):
-    from insloc_hub.training.checkpoint import find_latest, load_checkpoint, save_checkpoint
+    from insloc_hub.training.runtime.checkpoint import find_latest, load_checkpoint, save_checkpoint
 
     photos = write_photos(tmp_path / "photos", count=8)
     values = {"preset": "tiny", "data": str(photos), "output": str(tmp_path / "run"), "batch_size": 8,

@@ -53,10 +53,9 @@ from torchvision.ops import roi_align
 
 from insloc_hub.errors import ConfigError
 from insloc_hub.models import BackboneConfig, InsLocBackbone, backbone_config
-
-from .boxaug import BoxJitter
-from .diagnostics import embedding_diagnostics
-from .distributed import all_gather_tensor, broadcast_tensor, get_rank, get_world_size
+from insloc_hub.training.pretraining.boxaug import BoxJitter
+from insloc_hub.training.pretraining.diagnostics import embedding_diagnostics
+from insloc_hub.training.runtime.distributed import all_gather_tensor, broadcast_tensor, get_rank, get_world_size
 
 __all__ = ["PROJECTION_NORMS", "FPN_LEVELS", "FPN_STRIDES", "Projection", "Encoder", "InsLoc", "info_nce_per_level",
            "predictor_mlp"]
@@ -115,7 +114,7 @@ class Encoder(nn.Module):
 
     Pooling modes: ``"fpn"`` (RoIAlign 7x7 on P2-P5, shared 4conv1fc head) and ``"c4"`` (RoIAlign
     ``roi_size`` on res4, res5 head with average pooling). The MoCo baseline's image-level encoder
-    overrides :meth:`features` (``training/moco.py``).
+    overrides :meth:`features` (``training/pretraining/moco.py``).
     """
 
     def __init__(self, backbone: InsLocBackbone, projection: Projection, pooling: str,
@@ -237,7 +236,7 @@ class InsLoc(nn.Module):
         predictor_hidden: > 0 adds :func:`predictor_mlp` with this hidden width on the query side (not
             official; BYOL / MoCo v3); it is trained but not exported.
 
-    ``forward`` also returns the collapse diagnostics of ``training/diagnostics.py`` (in-batch top-1,
+    ``forward`` also returns the collapse diagnostics of ``training/pretraining/diagnostics.py`` (in-batch top-1,
     cosines, std; per level and in total).
     """
 

@@ -48,15 +48,11 @@ from insloc_hub.configs import JsonConfig, device_name, flag, output_folder
 from insloc_hub.errors import CheckpointError, ConfigError, DatasetError, WeightsMismatchError
 from insloc_hub.models import PRESETS, BackboneConfig, InsLocBackbone, backbone_config
 from insloc_hub.pretrained import save_pretrained
-
-from . import distributed as dist_utils
-from . import run as run_lib
-from .checkpoint import check_config, find_latest, load_checkpoint
-from .compose import CompositionConfig, compose_batch, make_composition_grid
-from .diagnostics import CollapseMonitor, plot_curves, summarize
-from .insloc import PROJECTION_NORMS, InsLoc
-from .moco import MoCo, MocoDecodeDataset, MocoPretrainDataset
-from .pretrain_data import (
+from insloc_hub.training.pretraining.compose import CompositionConfig, compose_batch, make_composition_grid
+from insloc_hub.training.pretraining.diagnostics import CollapseMonitor, plot_curves, summarize
+from insloc_hub.training.pretraining.insloc import PROJECTION_NORMS, InsLoc
+from insloc_hub.training.pretraining.moco import MoCo, MocoDecodeDataset, MocoPretrainDataset
+from insloc_hub.training.pretraining.pretrain_data import (
     DevicePrefetcher,
     InsLocBytesDataset,
     InsLocPretrainDataset,
@@ -64,7 +60,10 @@ from .pretrain_data import (
     collate_decoded,
     compose_encoded_batch,
 )
-from .run import MetricsWriter, StepTimer, seed_everything
+from insloc_hub.training.runtime import distributed as dist_utils
+from insloc_hub.training.runtime import run as run_lib
+from insloc_hub.training.runtime.checkpoint import check_config, find_latest, load_checkpoint
+from insloc_hub.training.runtime.run import MetricsWriter, StepTimer, seed_everything
 
 __all__ = ["Runtime", "build_dataset", "resolve_runtime", "PretrainConfig", "PRETRAIN_PRESETS",
            "RESUME_IGNORED_FIELDS", "CHECKPOINT_FORMAT", "ResumableDistributedSampler", "cosine_by_epoch",
@@ -636,7 +635,7 @@ def device_batches(loader: Iterable[Any], prepare: Callable[[Any], Views], devic
                    prefetch: bool) -> Iterator[tuple[Views, float]]:
     """``(prepare(batch), seconds waited for the batch)`` for each batch of ``loader``.
 
-    ``prefetch``: through :class:`~insloc_hub.training.pretrain_data.DevicePrefetcher`, so on CUDA the
+    ``prefetch``: through :class:`~insloc_hub.training.pretraining.pretrain_data.DevicePrefetcher`, so on CUDA the
     next batch is decoded and composed on a side stream while the current step runs (the same
     batches either way).
     """

@@ -7,14 +7,14 @@
   ``mmdet/datasets/imagenet.py`` L66-91 at limbo0000/InstanceLoc @ a419bb6): foreground = image
   ``idx``, two backgrounds drawn uniformly with replacement from the whole set, composed per sample
   on the CPU: by default the fast pipeline (:meth:`EncodedImage.decode_uint8`, then
-  :func:`insloc_hub.training.compose.compose_batch` on the one sample), or the reference
-  :func:`insloc_hub.training.compose.compose_pair` with ``pipeline="reference"``.
+  :func:`insloc_hub.training.pretraining.compose.compose_batch` on the one sample), or the reference
+  :func:`insloc_hub.training.pretraining.compose.compose_pair` with ``pipeline="reference"``.
 * :class:`InsLocBytesDataset` -- the same draws; workers only read the files' bytes (and headers);
   :func:`compose_encoded_batch` decodes them on the device (``torchvision.io.decode_jpeg``, nvJPEG on
   CUDA) and composes the batch there. Use :func:`collate_encoded`.
 * :class:`InsLocDecodeDataset` -- the same draws, but it only decodes: foreground + two backgrounds
-  as uint8 tensors plus the sample's :class:`~insloc_hub.training.compose.CompositionParams`, for
-  :func:`insloc_hub.training.compose.compose_batch` on the device. Use :func:`collate_decoded`.
+  as uint8 tensors plus the sample's :class:`~insloc_hub.training.pretraining.compose.CompositionParams`, for
+  :func:`insloc_hub.training.pretraining.compose.compose_batch` on the device. Use :func:`collate_decoded`.
 
 Reproducibility. Sample ``idx`` of epoch ``e`` is a pure function of ``(seed, e, idx)`` and the
 files: every draw comes from ``numpy.random.default_rng(SeedSequence([seed, e, idx]))``, whatever the
@@ -45,9 +45,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, get_worker_info
 
 from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
-from insloc_hub.transforms import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
-
-from .compose import (
+from insloc_hub.training.pretraining.compose import (
     CompositionConfig,
     compose_batch,
     compose_pair,
@@ -55,6 +53,7 @@ from .compose import (
     sample_composition_params,
     stretch_to_canvas,
 )
+from insloc_hub.transforms import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -475,10 +474,10 @@ class InsLocPretrainDataset(_InsLocSampleBase):
     * ``"fast"`` (default) -- :meth:`EncodedImage.decode_uint8` decodes (``torchvision.io.decode_jpeg``,
       or PIL ``draft`` at the smallest DCT scale that is still at least the size its use needs: a
       background the canvas, the foreground the size at which both crops still shrink to their
-      pastes), then :func:`~insloc_hub.training.compose.compose_batch` on this one sample (uint8
+      pastes), then :func:`~insloc_hub.training.pretraining.compose.compose_batch` on this one sample (uint8
       resizes and composite, in-place float colour ops). Same draws, same boxes; pixels within about
       a grey level of the reference on average (see ``compose_batch`` for each difference).
-    * ``"reference"`` -- :func:`~insloc_hub.training.compose.compose_pair` on full decodes through
+    * ``"reference"`` -- :func:`~insloc_hub.training.pretraining.compose.compose_pair` on full decodes through
       :func:`insloc_hub.transforms.decode_image` (the specification).
     """
 
@@ -633,7 +632,7 @@ class InsLocBytesDataset(_InsLocSampleBase):
     :class:`CompositionParams`, drawn for the foreground's oriented size read from its header. Batch
     with :func:`collate_encoded`, then :func:`compose_encoded_batch` decodes the JPEGs with
     ``torchvision.io.decode_jpeg`` on the device (nvJPEG on CUDA, batched) and composes them with
-    :func:`~insloc_hub.training.compose.compose_batch`. Same draws as :class:`InsLocPretrainDataset`,
+    :func:`~insloc_hub.training.pretraining.compose.compose_batch`. Same draws as :class:`InsLocPretrainDataset`,
     hence the same boxes.
 
     ``batch_backgrounds=True`` (off by default; not the official recipe): no background is read;
