@@ -3,7 +3,7 @@
 Each variant changes one thing of the raccoon CPU configuration (``transfer_raccoon.py --config cpu``:
 tiny-fpn, batch 16, canvas 128, queue 256, lr 0.03 per 256, key momentum 0.99, 60-epoch cosine) and
 pretrains for ``--steps`` steps; the table reports the collapse diagnostics of
-``training/diagnostics.py`` (in-batch top-1, key / query cosine, embedding std) at fixed steps,
+``training/pretraining/diagnostics.py`` (in-batch top-1, key / query cosine, embedding std) at fixed steps,
 averaged over the logged steps in a window around each.
 
 Usage (one variant per process, so several can run side by side; finished runs are reused)::
@@ -25,12 +25,18 @@ from typing import Any
 
 import torch
 
-from insloc_hub.training import engine
+from insloc_hub.training.pretraining import engine
 
 #: the raccoon CPU configuration every variant starts from
 BASE: dict[str, Any] = dict(arch="tiny-fpn", method="insloc", epochs=60, batch_size=16, canvas=128, queue_size=256,
                             lr=0.03, key_momentum=0.99, workers=0, threads=1, log_every=10, checkpoint_every_steps=0,
                             keep_checkpoints=1, seed=0)
+
+#: the two changes that stop the collapse (projection BN + in-batch negatives); the part-3 variants build on them
+SMALL: dict[str, Any] = dict(projection_norm="batch", inbatch_negatives=True)
+
+#: AdamW at 1e-3 for batch 16 (0.016 per 256 under the linear scaling rule), wd 0.05, 5-epoch (55-step) warmup
+ADAMW: dict[str, Any] = dict(optimizer="adamw", lr=0.016, weight_decay=0.05, warmup_epochs=5)
 
 #: name -> (what changes, config overrides, InsLoc keyword overrides, optimizer change)
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
@@ -65,6 +71,63 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
     "inbatch+lr-x10": ("in-batch negatives + lr 0.3 per 256", {"inbatch_negatives": True, "lr": 0.3}, {}, None),
     "projection-bn+inbatch+lr-x10": ("projection BN + in-batch negatives + lr 0.3 per 256",
                                      {"projection_norm": "batch", "inbatch_negatives": True, "lr": 0.3}, {}, None),
+    # issue 11 part 3: what makes the small-data preset learn (all on top of projection BN + in-batch negatives)
+    "projection-bn+inbatch+km-0.999": ("projection BN + in-batch negatives + key momentum 0.999 (official)", {
+        **SMALL, "key_momentum": 0.999}, {}, None),
+    "projection-bn+inbatch+km-0.9": ("projection BN + in-batch negatives + key momentum 0.9", {
+        **SMALL, "key_momentum": 0.9}, {}, None),
+    "projection-bn+inbatch+t-0.1": ("projection BN + in-batch negatives + temperature 0.1", {
+        **SMALL, "temperature": 0.1}, {}, None),
+    "projection-bn+inbatch+adamw": ("projection BN + in-batch negatives + AdamW lr 1e-3 (0.016 per 256), wd 0.05, "
+                                    "5-epoch warmup", {**SMALL, **ADAMW}, {}, None),
+    "projection-bn+inbatch+sgd-x10-warmup": ("projection BN + in-batch negatives + SGD lr 0.3 per 256, 5-epoch warmup",
+                                             {**SMALL, "lr": 0.3, "warmup_epochs": 5}, {}, None),
+    "projection-bn+inbatch+symmetric": ("projection BN + in-batch negatives + symmetric loss", {
+        **SMALL, "symmetric_loss": True}, {}, None),
+    "projection-bn+inbatch+predictor": ("projection BN + in-batch negatives + predictor MLP 128-512-128", {
+        **SMALL, "predictor_hidden": 512}, {}, None),
+    "projection-bn+inbatch+adamw+symmetric": ("... + AdamW (as above) + symmetric loss", {
+        **SMALL, **ADAMW, "symmetric_loss": True}, {}, None),
+    "projection-bn+inbatch+adamw+predictor": ("... + AdamW (as above) + predictor 128-512-128", {
+        **SMALL, **ADAMW, "predictor_hidden": 512}, {}, None),
+    "projection-bn+inbatch+adamw+t-0.1": ("... + AdamW (as above) + temperature 0.1", {
+        **SMALL, **ADAMW, "temperature": 0.1}, {}, None),
+    "projection-bn+inbatch+no-queue": ("projection BN + in-batch negatives only (no queue negatives, MoCo v3)", {
+        **SMALL, "queue_negatives": False}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw": ("... + no queue negatives + AdamW (as above)", {
+        **SMALL, **ADAMW, "queue_negatives": False}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw+symmetric": ("... + no queue negatives + AdamW + symmetric loss", {
+        **SMALL, **ADAMW, "queue_negatives": False, "symmetric_loss": True}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw+km-0.9": ("... + no queue negatives + AdamW + key momentum 0.9", {
+        **SMALL, **ADAMW, "queue_negatives": False, "key_momentum": 0.9}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw+km-0": ("... + no queue negatives + AdamW + key momentum 0 (keys from a "
+                                                  "copy of the query encoder, SimCLR with a stop-gradient)", {
+        **SMALL, **ADAMW, "queue_negatives": False, "key_momentum": 0.0}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw+predictor": ("... + no queue negatives + AdamW + predictor 128-512-128", {
+        **SMALL, **ADAMW, "queue_negatives": False, "predictor_hidden": 512}, {}, None),
+    "projection-bn+inbatch+no-queue+sgd-x10-warmup": ("... + no queue negatives + SGD lr 0.3 per 256, 5-epoch "
+                                                      "warmup", {**SMALL, "queue_negatives": False, "lr": 0.3,
+                                                                 "warmup_epochs": 5}, {}, None),
+    "projection-bn+inbatch+no-queue+symmetric": ("... + no queue negatives + symmetric loss", {
+        **SMALL, "queue_negatives": False, "symmetric_loss": True}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw+km-0+t-0.1": ("... + no queue negatives + AdamW + key momentum 0 + "
+                                                        "temperature 0.1", {
+        **SMALL, **ADAMW, "queue_negatives": False, "key_momentum": 0.0, "temperature": 0.1}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw+km-0.9+predictor": ("... + no queue negatives + AdamW + key momentum 0.9 + "
+                                                              "predictor 128-512-128", {
+        **SMALL, **ADAMW, "queue_negatives": False, "key_momentum": 0.9, "predictor_hidden": 512}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw+km-0+symmetric": ("... + no queue negatives + AdamW + key momentum 0 + "
+                                                            "symmetric loss", {
+        **SMALL, **ADAMW, "queue_negatives": False, "key_momentum": 0.0, "symmetric_loss": True}, {}, None),
+    "projection-bn+inbatch+no-queue+km-0": ("... + no queue negatives + key momentum 0 (SGD, lr 0.03 per 256)", {
+        **SMALL, "queue_negatives": False, "key_momentum": 0.0}, {}, None),
+    "projection-bn+inbatch+no-queue+adamw-x3+km-0": ("... + no queue negatives + AdamW lr 3e-3 (0.048 per 256) + "
+                                                     "key momentum 0", {
+        **SMALL, **ADAMW, "lr": 0.048, "queue_negatives": False, "key_momentum": 0.0}, {}, None),
+    "projection-bn+inbatch+adamw+km-0.999": ("... + AdamW (as above) + key momentum 0.999", {
+        **SMALL, **ADAMW, "key_momentum": 0.999}, {}, None),
+    "projection-bn+inbatch+adamw+km-0.9": ("... + AdamW (as above) + key momentum 0.9", {
+        **SMALL, **ADAMW, "key_momentum": 0.9}, {}, None),
 }
 
 
@@ -77,7 +140,8 @@ def _patch(model_kwargs: dict[str, Any], optimizer_change: str | None) -> None:
             cls = type(build(cfg))
             kwargs = dict(box_jitter=cfg.box_jitter, canvas=cfg.canvas, shuffle_bn=cfg.shuffle_bn,
                           projection_norm=cfg.projection_norm, inbatch_negatives=cfg.inbatch_negatives,
-                          embed_init=cfg.embed_init)
+                          embed_init=cfg.embed_init, symmetric_loss=cfg.symmetric_loss,
+                          predictor_hidden=cfg.predictor_hidden, queue_negatives=cfg.queue_negatives)
             return cls(cfg.arch, cfg.dim, cfg.queue_size, cfg.key_momentum, cfg.temperature,
                        **{**kwargs, **model_kwargs})
 
@@ -128,7 +192,7 @@ def probe(data: str, steps: int, batches: int = 6) -> str:
     The same ``batches`` composed batches (batch 16, canvas 128, seed 0) are cycled for every variant,
     with the engine's SGD settings, so the rows differ only by what the variant changes.
     """
-    from insloc_hub.training.pretrain_data import InsLocPretrainDataset, UnlabelledImages
+    from insloc_hub.training.pretraining.pretrain_data import InsLocPretrainDataset, UnlabelledImages
 
     torch.set_num_threads(1)
     base = engine.PretrainConfig.from_dict({**BASE, "data": data, "output": "unused"})

@@ -2,7 +2,7 @@
 
 Runs the official recipe -- r50-fpn, global batch 256, canvas 256, queue 65536, lr 0.03, key
 momentum 0.999, T 0.2, bf16 autocast on CUDA -- for ``--steps`` (1,000) steps and logs the collapse
-diagnostics of ``training/diagnostics.py`` every ``--log-every`` (50) steps: in-batch top-1 among
+diagnostics of ``training/pretraining/diagnostics.py`` every ``--log-every`` (50) steps: in-batch top-1 among
 the 256 keys (chance 0.39 %), mean pairwise query/key cosine, per-dimension embedding std (healthy
 about 0.088, collapsed towards 0). The cosine schedule is stretched over ``20 x`` the run so the lr
 stays at the official value, as in the first 1,000 of the official 1 M steps.
@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from insloc_hub.training import engine
-from insloc_hub.training.diagnostics import CollapseMonitor
+from insloc_hub.training.pretraining import engine
+from insloc_hub.training.pretraining.diagnostics import CollapseMonitor
 
 OFFICIAL = dict(arch="r50-fpn", method="insloc", batch_size=256, canvas=256, queue_size=65536, lr=0.03,
                 momentum=0.9, nesterov=True, weight_decay=1e-4, key_momentum=0.999, temperature=0.2, box_jitter=True,

@@ -177,7 +177,7 @@ class Variant:
 
 
 def _pretrain_config(sizes: Sizes, arch: str) -> Any:
-    from insloc_hub.training.engine import PretrainConfig
+    from insloc_hub.training.pretraining.engine import PretrainConfig
 
     return PretrainConfig(data="gpu-check", output="gpu-check", arch=arch, batch_size=sizes.batch,
                           canvas=sizes.canvas, queue_size=sizes.queue, workers=sizes.workers, device=sizes.device)
@@ -186,7 +186,7 @@ def _pretrain_config(sizes: Sizes, arch: str) -> Any:
 def _setup(cfg: Any, variant: Variant, device: Any) -> dict[str, Any]:
     import torch
 
-    from insloc_hub.training.engine import build_model, compile_encoders
+    from insloc_hub.training.pretraining.engine import build_model, compile_encoders
 
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
@@ -224,8 +224,8 @@ class Pipeline:
         import torch
         from torch.utils.data import DataLoader, RandomSampler
 
-        from insloc_hub.training.engine import composition_config
-        from insloc_hub.training.pretrain_data import InsLocBytesDataset, collate_encoded, worker_init_fn
+        from insloc_hub.training.pretraining.engine import composition_config
+        from insloc_hub.training.pretraining.pretrain_data import InsLocBytesDataset, collate_encoded, worker_init_fn
 
         self.comp = composition_config(cfg)
         self.device = device
@@ -244,7 +244,7 @@ class Pipeline:
         return next(self.iterator)
 
     def views(self, channels_last: bool) -> tuple[Any, ...]:
-        from insloc_hub.training.engine import batch_to_views
+        from insloc_hub.training.pretraining.engine import batch_to_views
 
         return batch_to_views(self.batch(), self.comp, self.device, channels_last)
 
@@ -252,7 +252,7 @@ class Pipeline:
 def _step(setup: dict[str, Any], views: tuple[Any, ...], i: int) -> None:
     import torch
 
-    from insloc_hub.training.engine import train_step
+    from insloc_hub.training.pretraining.engine import train_step
 
     train_step(setup["model"], setup["optimizer"], views, amp_dtype=setup["amp"],
                generator=torch.Generator().manual_seed(i))
@@ -296,7 +296,7 @@ def _pretrain_variant(check: Check, cfg: Any, label: str, images: Any, variant: 
                               variant.name, run_pipeline, images=cfg.batch_size * sizes.pipeline_steps, repeats=3,
                               warmup=0, device=sizes.device, photos=len(images)))
     # the same, with the next batch decoded and composed on a side stream during the step
-    from insloc_hub.training.pretrain_data import DevicePrefetcher, compose_encoded_batch
+    from insloc_hub.training.pretraining.pretrain_data import DevicePrefetcher, compose_encoded_batch
 
     def prepare(batch: Any) -> tuple[Any, ...]:
         q, qb, k, kb = compose_encoded_batch(batch, pipe.comp, device)
@@ -329,7 +329,7 @@ def sync_check(check: Check, setup: dict[str, Any], pipe: Pipeline, variant: Var
     cuda = check.sizes.device == "cuda"
     result: dict[str, Any] = {"device": check.sizes.device}
     batches = [pipe.batch() for _ in range(2)]  # loaded first: waiting for workers is not the step's sync
-    from insloc_hub.training.engine import batch_to_views
+    from insloc_hub.training.pretraining.engine import batch_to_views
 
     def steps() -> None:
         for batch in batches:
@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
 
     from benchmarks.photos import photo_files, write_synthetic_photos
-    from insloc_hub.training.pretrain_data import UnlabelledImages
+    from insloc_hub.training.pretraining.pretrain_data import UnlabelledImages
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.photos:

@@ -6,9 +6,8 @@ One process, one thread, samples composed one after the other from the same phot
   functions: PIL, 3 full decodes, background stretch, crop + rescale, hard paste, torchvision's
   ColorJitter / RandomGrayscale, PIL blur, flip, ToTensor + Normalize;
 * ``reference`` -- our :class:`InsLocPretrainDataset` with ``pipeline="reference"`` (the specification);
-* ``fast`` -- the default ``pipeline="fast"``: reduced-scale JPEG decodes, one resampling per crop,
-  lookup-table colour ops, normalised float out (like the baseline);
-* ``fast, uint8 out`` -- the same, normalisation left to the batch on the device;
+* ``fast`` -- the default ``pipeline="fast"``: torchvision JPEG decodes (PIL ``draft`` where a reduced
+  scale is enough), uint8 channels-last resizes, in-place float colour ops (the device composer's);
 * ``bytes -> decode_jpeg + compose_batch (cpu)`` and its ``in-batch backgrounds`` variant -- the
   device-agnostic GPU path run on the CPU (workers read bytes; torchvision decode; batched composer).
 
@@ -33,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.photos import photo_files, write_synthetic_photos  # noqa: E402
 from benchmarks.runner import Row, print_table  # noqa: E402
-from insloc_hub.training.compose import CompositionConfig  # noqa: E402
-from insloc_hub.training.pretrain_data import (  # noqa: E402
+from insloc_hub.training.pretraining.compose import CompositionConfig  # noqa: E402
+from insloc_hub.training.pretraining.pretrain_data import (  # noqa: E402
     InsLocBytesDataset,
     InsLocPretrainDataset,
     UnlabelledImages,
@@ -105,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline = official_style_sampler(files)
         datasets = {
             "reference (pipeline='reference')": InsLocPretrainDataset(images, cfg, pipeline="reference"),
-            "fast (default), normalised float out": InsLocPretrainDataset(images, cfg),
-            "fast, uint8 out (normalised later, per batch)": InsLocPretrainDataset(images, cfg, uint8=True),
+            "fast (default)": InsLocPretrainDataset(images, cfg),
         }
         batched = {
             "bytes -> decode_jpeg + compose_batch, cpu": InsLocBytesDataset(images, cfg),

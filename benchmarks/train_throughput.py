@@ -44,7 +44,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.runner import Row, print_table  # noqa: E402
-from insloc_hub.training.engine import (  # noqa: E402
+from insloc_hub.training.pretraining.engine import (  # noqa: E402
     PretrainConfig,
     batch_to_views,
     build_dataset,
@@ -54,7 +54,7 @@ from insloc_hub.training.engine import (  # noqa: E402
     resolve_runtime,
     train_step,
 )
-from insloc_hub.training.pretrain_data import UnlabelledImages, collate_decoded  # noqa: E402
+from insloc_hub.training.pretraining.pretrain_data import UnlabelledImages, collate_decoded  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
           "colorwheel", "cat", "camera", "brick", "grass", "gravel", "moon", "coins", "horse")

@@ -193,14 +193,52 @@ def _run(cmd: list[str], log: Path, threads: int) -> tuple[float, float]:
 CLI = [sys.executable, "-m", "insloc_hub.training.cli"]
 
 
-def pretrain_command(method: str, unlabelled: Path, out: Path, budget: Budget, device: str, seed: int) -> list[str]:
-    return [*CLI, "pretrain", "--data", str(unlabelled), "--output", str(out),
-            "--arch", budget.trunk, "--method", method, "--epochs", str(budget.pretrain_epochs),
-            "--batch-size", str(budget.pretrain_batch), "--canvas", str(budget.pretrain_canvas),
-            "--queue-size", str(budget.pretrain_queue), "--lr", str(budget.pretrain_lr),
-            "--key-momentum", str(budget.pretrain_key_momentum), "--workers", str(budget.pretrain_workers),
-            "--log-every", "10", "--keep-checkpoints", "1", "--seed", str(seed), "--device", device,
-            "--dataset-name", "raccoon-train+skimage-photos", "--resume", "auto", *budget.pretrain_extra]
+#: optimisation settings a pretraining preset keeps when it sets them (explicit flags would override it); the
+#: budget (epochs, batch, canvas, queue) always comes from the config, so every row has the same budget
+PRESET_OWNED = {"lr": "--lr", "key_momentum": "--key-momentum"}
+
+
+def pretrain_command(method: str, unlabelled: Path, out: Path, budget: Budget, device: str, seed: int,
+                     preset: str | None = None) -> list[str]:
+    """The ``pretrain`` CLI call of one row; with ``preset``, the preset's lr and key momentum win (if it sets them)."""
+    owned: set[str] = set()
+    if preset is not None:
+        from insloc_hub.training.pretraining.engine import PRETRAIN_PRESETS
+
+        owned = set(PRETRAIN_PRESETS.get(preset, {})) & set(PRESET_OWNED)
+    optimisation = {"lr": str(budget.pretrain_lr), "key_momentum": str(budget.pretrain_key_momentum)}
+    cmd = [*CLI, "pretrain", "--data", str(unlabelled), "--output", str(out),
+           "--arch", budget.trunk, "--method", method, "--epochs", str(budget.pretrain_epochs),
+           "--batch-size", str(budget.pretrain_batch), "--canvas", str(budget.pretrain_canvas),
+           "--queue-size", str(budget.pretrain_queue)]
+    for name, value in optimisation.items():
+        if name not in owned:
+            cmd += [PRESET_OWNED[name], value]
+    cmd += ["--workers", str(budget.pretrain_workers), "--log-every", "10", "--keep-checkpoints", "1", "--seed",
+            str(seed), "--device", device, "--dataset-name", "raccoon-train+skimage-photos", "--resume", "auto",
+            *budget.pretrain_extra]
+    if preset is not None:
+        cmd += ["--preset", preset]
+    return cmd
+
+
+def pretrain_settings(run: Path) -> str:
+    """What a finished pretraining actually used (from its ``config.json``), for the table header."""
+    path = run / "config.json"
+    if not path.is_file():
+        return "settings unknown (no config.json)"
+    cfg = json.loads(path.read_text())
+    scaled = cfg.get("resolved", {}).get("scaled_lr", cfg["lr"] * cfg["batch_size"] / 256)
+    parts = [f"{cfg.get('optimizer', 'sgd')} lr {scaled:g} ({cfg['lr']:g} per 256)", f"wd {cfg['weight_decay']:g}",
+             f"warmup {cfg.get('warmup_epochs', 0)} epochs", f"key momentum {cfg['key_momentum']:g}",
+             f"T {cfg['temperature']:g}"]
+    for name in ("projection_norm", "inbatch_negatives", "symmetric_loss", "predictor_hidden"):
+        if cfg.get(name) not in (None, False, 0, "off"):
+            parts.append(f"{name} {cfg[name]}")
+    if cfg.get("queue_negatives") is False:
+        parts.append("no queue negatives")
+    preset = f"preset {cfg['preset']}: " if cfg.get("preset") else ""
+    return preset + ", ".join(parts)
 
 
 def finetune_command(init: str, data: Path, out: Path, budget: Budget, device: str, seed: int) -> list[str]:
@@ -261,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per stage")
     parser.add_argument("--pretrain-seed", type=int, default=0)
     parser.add_argument("--insloc-preset", help="pretraining preset for the InsLoc row only (e.g. small-data); the "
-                                                "config's batch, canvas, queue, lr, key momentum and epochs still "
-                                                "apply, so MoCo v2 keeps the same budget")
+                                                "config's epochs, batch, canvas and queue still apply (the same "
+                                                "budget as MoCo v2), the preset's own lr and key momentum win when it "
+                                                "sets them (the table header says what each row used)")
     args = parser.parse_args(argv)
 
     budget = CONFIGS[args.config]
@@ -313,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
             if method == "insloc" and "insloc-trunk" in rows:
                 start_trunk_only()
             continue
-        cmd = pretrain_command(method, work / "unlabelled", out, budget, args.device, args.pretrain_seed)
-        if method == "insloc" and args.insloc_preset:
-            cmd += ["--preset", args.insloc_preset]
+        preset = args.insloc_preset if method == "insloc" else None
+        cmd = pretrain_command(method, work / "unlabelled", out, budget, args.device, args.pretrain_seed, preset)
+        print(f"pretrain-{method}: {' '.join(cmd[len(CLI):])}", flush=True)
         pending[pool.submit(_run, cmd, work / "logs" / f"pretrain-{method}.log", args.threads)] = f"pretrain-{method}"
     if "random" in rows:
         submit_finetunes("random")
@@ -337,9 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"Raccoon transfer, config `{budget.name}` ({datetime.date.today().isoformat()}, "
         f"{platform.machine()}, {os.cpu_count()} CPUs, device {args.device}); total {total / 60:.1f} min.\n\n"
-        f"Pretraining (MoCo v2 and InsLoc alike): {counts['total']} unlabelled photos, {budget.trunk}, "
+        f"Pretraining budget (MoCo v2 and InsLoc alike): {counts['total']} unlabelled photos, {budget.trunk}, "
         f"{budget.pretrain_epochs} epochs, batch {budget.pretrain_batch}, canvas {budget.pretrain_canvas}, "
-        f"queue {budget.pretrain_queue}, key momentum {budget.pretrain_key_momentum}. Fine-tuning (every row): "
+        f"queue {budget.pretrain_queue}. "
+        + "".join(f"{method}: {pretrain_settings(work / f'pretrain-{method}')}. " for method in ("moco", "insloc")
+                  if method in rows)
+        + "Fine-tuning (every row): "
         f"Faster R-CNN FPN, {budget.iterations} iterations, batch {budget.batch_size}, lr {budget.lr}, "
         f"short side {budget.min_size} (test {budget.test_size}); test split of 40 photos.\n\n"
     )

@@ -13,7 +13,9 @@ import sys
 from insloc_hub.cli import ArgumentParser, run_cli
 
 # modules that contribute subcommands, in the order they appear in --help
-SUBCOMMAND_MODULES = ("insloc_hub.training.pretrain", "insloc_hub.training.finetune", "insloc_hub.training.demo")
+SUBCOMMAND_MODULES = (
+    "insloc_hub.training.pretraining.pretrain", "insloc_hub.training.transfer.finetune", "insloc_hub.training.demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

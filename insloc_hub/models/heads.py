@@ -2,7 +2,7 @@
 
 ``BoxHead`` is the 4conv + fc box head with BN (torchvision's ``FastRCNNConvFCHead`` of the v2
 detectors, detectron2's ``NUM_CONV 4, NUM_FC 1`` with norm). InsLoc pretrains its convs and its fc
-(``fc1``); the pretraining projection (fc2 + 128-d embedding) lives in ``training/insloc.py`` and is
+(``fc1``); the pretraining projection (fc2 + 128-d embedding) lives in ``training/pretraining/insloc.py`` and is
 not part of the transferred weights, as in the official ``convert_pretrained.py``.
 
 ``Res5Head`` is ResNet's last stage used as the RoI head of C4 detectors (detectron2's R50-C4,

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from insloc_hub.training import cli, engine, pretrain
-from insloc_hub.training.distributed import get_rank
+from insloc_hub.training import cli
+from insloc_hub.training.pretraining import engine, pretrain
+from insloc_hub.training.runtime.distributed import get_rank
 
 
 def main() -> int:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torchvision.ops import box_iou, nms
 
-from insloc_hub.training.boxaug import BoxJitter, grid_anchors
-from insloc_hub.training.compose import CompositionConfig, sample_composition_params
+from insloc_hub.training.pretraining.boxaug import BoxJitter, grid_anchors
+from insloc_hub.training.pretraining.compose import CompositionConfig, sample_composition_params
 
 
 def _gt_boxes(n: int, cfg: CompositionConfig, seed: int = 0) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from insloc_hub.errors import CheckpointError
-from insloc_hub.training.checkpoint import (
+from insloc_hub.training.runtime.checkpoint import (
     capture_rng_state,
     check_config,
     checkpoint_path,

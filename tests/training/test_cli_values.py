@@ -16,8 +16,8 @@ import pytest
 
 from insloc_hub import cli as hub_cli
 from insloc_hub.training import cli as train_cli
-from insloc_hub.training.engine import PretrainConfig
-from insloc_hub.training.finetune import FinetuneConfig
+from insloc_hub.training.pretraining.engine import PretrainConfig
+from insloc_hub.training.transfer.finetune import FinetuneConfig
 
 NOT_WRITABLE = "/proc/insloc-test/run"  # even root cannot create a folder under /proc
 

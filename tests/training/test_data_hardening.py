@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 
 from insloc_hub.errors import CheckpointError, DatasetError
-from insloc_hub.training import checkpoint as ckpt
-from insloc_hub.training import finetune as ft
 from insloc_hub.training.cli import main
-from insloc_hub.training.detection_data import load_coco, load_voc, segmentation_problem
-from insloc_hub.training.evaluation import run_evaluation
-from insloc_hub.training.run import choose_resume
+from insloc_hub.training.runtime import checkpoint as ckpt
+from insloc_hub.training.runtime.run import choose_resume
+from insloc_hub.training.transfer import finetune as ft
+from insloc_hub.training.transfer.detection_data import load_coco, load_voc, segmentation_problem
+from insloc_hub.training.transfer.evaluation import run_evaluation
 from tests.photos import photo
 from tests.training.test_finetune import make_voc, tiny_args
 

@@ -1,4 +1,4 @@
-"""COCO / VOC readers, the dataset contract, transforms and protocols of insloc_hub.training.detection_data."""
+"""COCO / VOC readers, the dataset contract, transforms and protocols of insloc_hub.training.transfer.detection_data."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from insloc_hub.errors import ConfigError, DatasetError
-from insloc_hub.training.detection_data import (
+from insloc_hub.training.transfer.detection_data import (
     DetectionDataset,
     TrainingSet,
     collate_detection,
@@ -193,7 +193,7 @@ def test_voc_reports_missing_images_unknown_classes_and_bad_xml(
     )
     (root / "Annotations" / "d.xml").write_text("<annotation><object>")  # truncated XML
     write_image(root / "JPEGImages" / "d.jpg")
-    with caplog.at_level(logging.WARNING, logger="insloc_hub.training.detection_data"):
+    with caplog.at_level(logging.WARNING, logger="insloc_hub.training.transfer.detection_data"):
         ds = load_voc(root, class_names=["dog"])
     report = ds.report
     assert len(ds) == 1 and report.num_images == 4 and report.num_usable == 1

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from insloc_hub.errors import ConfigError
 from insloc_hub.pretrained import from_pretrained
-from insloc_hub.training.diagnostics import CollapseMonitor, embedding_diagnostics, plot_curves, summarize
-from insloc_hub.training.engine import resolve_config, train
-from insloc_hub.training.run import MetricsWriter
+from insloc_hub.training.pretraining.diagnostics import CollapseMonitor, embedding_diagnostics, plot_curves, summarize
+from insloc_hub.training.pretraining.engine import resolve_config, train
+from insloc_hub.training.runtime.run import MetricsWriter
 from tests.training.test_engine import write_photos
 
 LEVELS = ("p2", "p3", "p4", "p5")

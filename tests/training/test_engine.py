@@ -17,15 +17,16 @@ import torch
 from safetensors.torch import load_file
 
 from insloc_hub import build_detector
+from insloc_hub.errors import ConfigError
 from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import from_pretrained
-from insloc_hub.training.checkpoint import find_latest, load_checkpoint
-from insloc_hub.training.engine import (
+from insloc_hub.training.pretraining.engine import (
     PretrainConfig,
     ResumableDistributedSampler,
     batch_to_views,
     build_dataset,
     build_model,
+    build_optimizer_and_schedule,
     composition_config,
     cosine_by_epoch,
     device_batches,
@@ -34,7 +35,8 @@ from insloc_hub.training.engine import (
     set_schedule_epoch,
     train,
 )
-from insloc_hub.training.pretrain_data import InsLocPretrainDataset, UnlabelledImages, collate_decoded
+from insloc_hub.training.pretraining.pretrain_data import InsLocPretrainDataset, UnlabelledImages, collate_decoded
+from insloc_hub.training.runtime.checkpoint import find_latest, load_checkpoint
 from tests.photos import photo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,6 +121,31 @@ def test_sampler_resumes_mid_epoch_without_drawing_anything():
     resumed.set_epoch(2)
     resumed.set_start_step(3)
     assert list(resumed) == order[12:] and len(resumed) == 8
+
+
+def test_warmup_ramps_linearly_then_follows_the_cosine():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.03)
+    sched = cosine_by_epoch(opt, 200, warmup_epochs=3)
+    cosine = [0.03 * (1 + math.cos(math.pi * e / 200)) / 2 for e in range(5)]
+    assert [set_schedule_epoch(sched, e) for e in range(5)] == pytest.approx(
+        [cosine[0] / 4, cosine[1] * 2 / 4, cosine[2] * 3 / 4, cosine[3], cosine[4]])
+
+
+def test_build_optimizer_official_sgd_or_adamw():
+    model = torch.nn.Linear(2, 2)
+    sgd, _ = build_optimizer_and_schedule(PretrainConfig(batch_size=16, queue_size=256), model)
+    assert isinstance(sgd, torch.optim.SGD)
+    group = sgd.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.03 * 16 / 256, 0.9,
+                                                                                         True, 1e-4)
+    cfg = PretrainConfig(batch_size=16, queue_size=256, optimizer="adamw", lr=0.016, weight_decay=0.05,
+                         warmup_epochs=5)
+    adamw, schedule = build_optimizer_and_schedule(cfg, model)
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert adamw.param_groups[0]["weight_decay"] == 0.05
+    assert set_schedule_epoch(schedule, 0) == pytest.approx(0.001 / 6)
+    with pytest.raises(ConfigError):
+        PretrainConfig(optimizer="adam")
 
 
 def test_cosine_per_epoch_without_warmup():

@@ -1,4 +1,4 @@
-"""COCO-style evaluation, result files, pictures and run_evaluation of insloc_hub.training.evaluation."""
+"""COCO-style evaluation, result files, pictures and run_evaluation of insloc_hub.training.transfer.evaluation."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from insloc_hub.errors import ConfigError
-from insloc_hub.training.detection_data import DetectionDataset, load_coco, load_voc
-from insloc_hub.training.evaluation import (
+from insloc_hub.training.transfer.detection_data import DetectionDataset, load_coco, load_voc
+from insloc_hub.training.transfer.evaluation import (
     EvalResult,
     detections_from_outputs,
     draw_detections,

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from insloc_hub.errors import ConfigError
-from insloc_hub.training import finetune as ft
-from insloc_hub.training.detection_data import TrainingSet, load_dataset
+from insloc_hub.training.transfer import finetune as ft
+from insloc_hub.training.transfer.detection_data import TrainingSet, load_dataset
 from tests.photos import photo
 
 SIZE = (128, 96)  # width, height of every generated image

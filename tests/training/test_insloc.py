@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from insloc_hub.errors import ConfigError
 from insloc_hub.models import InsLocBackbone
-from insloc_hub.training import insloc as insloc_module
-from insloc_hub.training.boxaug import BoxJitter
-from insloc_hub.training.insloc import InsLoc, info_nce_per_level
-from insloc_hub.training.moco import MoCo
+from insloc_hub.training.pretraining import insloc as insloc_module
+from insloc_hub.training.pretraining.boxaug import BoxJitter
+from insloc_hub.training.pretraining.insloc import InsLoc, info_nce_per_level
+from insloc_hub.training.pretraining.moco import MoCo
 
 B, S = 4, 64
 
@@ -118,6 +118,20 @@ def test_inbatch_negatives_add_the_other_keys_of_the_batch():
             per_image.append(F.cross_entropy(logits.view(1, -1), torch.zeros(1, dtype=torch.long)))
         expected.append(torch.stack(per_image).mean())
     assert torch.allclose(losses, torch.stack(expected), atol=1e-5)
+
+
+def test_without_queue_negatives_only_the_batch_keys_are_negatives():
+    g = torch.Generator().manual_seed(3)
+    q = F.normalize(torch.randn(2, 5, 16, generator=g), dim=-1)
+    k = F.normalize(torch.randn(2, 5, 16, generator=g), dim=-1)
+    losses, _ = info_nce_per_level(q, k, None, 0.2, inbatch_negatives=True)
+    logits = torch.bmm(q, k.transpose(1, 2)) / 0.2  # row i: its own key (the label) and the 4 other keys
+    expected = F.cross_entropy(logits.flatten(0, 1), torch.arange(5).repeat(2), reduction="none").view(2, 5)
+    assert torch.allclose(losses, expected.mean(dim=1), atol=1e-5)
+    with pytest.raises(ValueError, match="no negatives"):
+        info_nce_per_level(q, k, None, 0.2)
+    with pytest.raises(ConfigError, match="inbatch_negatives"):
+        InsLoc("tiny-fpn", K=16, canvas=S, queue_negatives=False)
 
 
 def test_momentum_update_equals_the_reference_loop():
@@ -268,3 +282,36 @@ def test_projection_norm_centres_the_embeddings_per_level_when_asked():
         InsLoc("tiny-fpn", K=16, canvas=S, projection_norm="yes")
     level = InsLoc("tiny-fpn", K=16, canvas=S, projection_norm="level")
     assert level.encoder_q.projection.norm2.num_features == 4 * 64
+
+
+def test_symmetric_loss_is_the_mean_of_both_directions():
+    import copy
+
+    torch.manual_seed(0)
+    base = InsLoc("tiny-fpn", K=16, canvas=S, box_jitter=False, projection_norm="batch", inbatch_negatives=True)
+    symmetric, forward, backward = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    symmetric.symmetric_loss = True
+    q, q_box, k, k_box = _inputs()
+    both = symmetric(q, q_box, k, k_box)
+    one = forward(q, q_box, k, k_box)  # the official direction
+    other = backward(k, k_box, q, q_box)  # the key view as query, from the same weights and queue
+    assert torch.allclose(both["loss"], (one["loss"] + other["loss"]) / 2, atol=1e-5)
+    # diagnostics and the enqueued keys are those of the first direction, as without the option
+    assert float(both["inbatch_top1"]) == float(one["inbatch_top1"])
+    assert torch.allclose(symmetric.queue, forward.queue) and int(symmetric.queue_ptr) == int(forward.queue_ptr)
+    both["loss"].backward()
+    assert all(p.grad is not None for p in symmetric.encoder_q.parameters())
+
+
+def test_predictor_trains_on_the_query_side_only_and_is_not_exported():
+    torch.manual_seed(0)
+    model = InsLoc("tiny-fpn", K=16, canvas=S, projection_norm="batch", predictor_hidden=32)
+    assert InsLoc("tiny-fpn", K=16, canvas=S).predictor is None
+    q, q_box, k, k_box = _inputs()
+    out = model(q, q_box, k, k_box, generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.predictor.parameters())
+    assert not any("predictor" in name for name in model.encoder_k.state_dict())
+    assert not any("predictor" in name for name in model.query_backbone().state_dict())
+    with pytest.raises(ConfigError, match="predictor_hidden"):
+        InsLoc("tiny-fpn", K=16, canvas=S, predictor_hidden=-1)

@@ -12,8 +12,8 @@ import torch
 from insloc_hub import build_detector
 from insloc_hub.pretrained import from_pretrained
 from insloc_hub.training import cli
-from insloc_hub.training.engine import PretrainConfig
-from insloc_hub.training.insloc import InsLoc
+from insloc_hub.training.pretraining.engine import PretrainConfig
+from insloc_hub.training.pretraining.insloc import InsLoc
 from tests.training.test_engine import write_photos
 
 TINY = ["--preset", "tiny", "--batch-size", "8", "--queue-size", "16", "--workers", "0", "--device", "cpu"]

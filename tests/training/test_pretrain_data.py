@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from torchvision.io import decode_jpeg
 
 from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
-from insloc_hub.training.compose import CompositionConfig, compose_batch, normalize_uint8
-from insloc_hub.training.pretrain_data import (
+from insloc_hub.training.pretraining.compose import CompositionConfig, compose_batch
+from insloc_hub.training.pretraining.pretrain_data import (
     DevicePrefetcher,
     EncodedImage,
     InsLocBytesDataset,
@@ -111,7 +111,7 @@ def test_corrupt_file_is_skipped_counted_and_reported_once(tmp_path: Path, caplo
     for i in range(len(ds)):
         ds[i]
     assert images.unreadable_count >= 1 and images.is_known_unreadable(bad)
-    with caplog.at_level(logging.WARNING, logger="insloc_hub.training.pretrain_data"):
+    with caplog.at_level(logging.WARNING, logger="insloc_hub.training.pretraining.pretrain_data"):
         report = images.pop_epoch_report()
     assert report.events >= 1 and report.files == (images.paths[bad],)
     assert sum("unreadable" in r.getMessage() for r in caplog.records) == 1
@@ -209,15 +209,14 @@ def test_fast_pipeline_has_the_reference_draws(tmp_path: Path) -> None:
     images = UnlabelledImages(tmp_path / "train")
     ref = InsLocPretrainDataset(images, TINY, seed=2, pipeline="reference")
     fast = InsLocPretrainDataset(images, TINY, seed=2)
-    raw = InsLocPretrainDataset(images, TINY, seed=2, uint8=True)
     for i in range(len(images)):
-        r, f, u = ref[i], fast[i], raw[i]
+        r, f = ref[i], fast[i]
         assert torch.equal(r["q_box"], f["q_box"]) and torch.equal(r["k_box"], f["k_box"])  # same draws
-        assert f["q_img"].dtype == torch.float32 and u["q_img"].dtype == torch.uint8
-        assert torch.equal(normalize_uint8(u["q_img"], TINY), f["q_img"])
-        # small photos: JPEG reduction rarely applies at canvas 64, the pixels stay close to the reference
-        grey = (f["q_img"] - r["q_img"]).abs().mean() * 0.226 * 255
-        assert grey < 6.0
+        assert f["q_img"].dtype == torch.float32 and f["q_img"].shape == (3, 64, 64)
+        # same geometry and colour parameters; the tensor ops differ from PIL's by about a grey level
+        # (tests/training/test_compose.py holds each one to its PIL counterpart)
+        for view in ("q_img", "k_img"):
+            assert (f[view] - r[view]).abs().mean() * 0.226 * 255 < 3.0
     with pytest.raises(ConfigError):
         InsLocPretrainDataset(images, TINY, pipeline="turbo")
 
@@ -240,6 +239,7 @@ def test_encoded_image_applies_exif_orientation_like_decode_image(tmp_path: Path
     enc = EncodedImage.open(path)
     assert enc.size == (expected.shape[1], expected.shape[0]) and enc.orientation == orientation
     assert np.array_equal(np.asarray(enc.decode()), expected)
+    assert np.array_equal(EncodedImage.open(path).decode_uint8().permute(1, 2, 0).numpy(), expected)
     on_device = apply_exif_orientation(decode_jpeg(enc.as_tensor()), enc.orientation)  # the GPU path's way
     assert np.array_equal(on_device.permute(1, 2, 0).numpy(), expected)
 
@@ -252,6 +252,10 @@ def test_encoded_image_reduced_decode_and_errors(tmp_path: Path) -> None:
     assert enc.decode((200, 130)).size == (256, 256)  # the smallest DCT scale still >= the request
     assert enc.decode((64, 64)).size == (64, 64)
     assert enc.decode((600, 600)).size == (512, 512)
+    for request, shape in (((200, 130), (3, 256, 256)), ((300, 300), (3, 512, 512)), (None, (3, 512, 512))):
+        decoded = EncodedImage.open(big).decode_uint8(request)  # full scale: torchvision; reduced: PIL draft
+        assert decoded.shape == shape and decoded.dtype == torch.uint8
+        assert decoded.permute(1, 2, 0).is_contiguous()  # channels-last, as the CPU resize wants it
     png = tmp_path / "a.png"
     photo("coffee").resize((60, 40)).convert("RGBA").save(png)
     enc_png = EncodedImage.open(png)
@@ -261,6 +265,8 @@ def test_encoded_image_reduced_decode_and_errors(tmp_path: Path) -> None:
     header_only = EncodedImage.open(truncated)
     with pytest.raises(InvalidImageError):
         header_only.decode()
+    with pytest.raises(InvalidImageError):  # torchvision refuses it, then PIL words the error
+        EncodedImage.open(truncated).decode_uint8()
     for bad in (tmp_path / "missing.jpg", tmp_path / "n01"):
         with pytest.raises(InvalidImageError):
             EncodedImage.open(bad)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from insloc_hub.pretrained import from_pretrained
-from insloc_hub.training.engine import build_model, deviations_from_official, resolve_config, train
+from insloc_hub.training.pretraining.engine import build_model, deviations_from_official, resolve_config, train
 from tests.training.test_engine import write_photos
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thread is fastest
@@ -15,16 +15,33 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one thr
 @pytest.mark.parametrize("arch", ["tiny-fpn", "r18-fpn", "r50-fpn"])
 def test_preset_works_with_every_fpn_size(arch):
     cfg = resolve_config({"preset": "small-data", "arch": arch, "data": "d", "output": "o"})
-    assert cfg.arch == arch and cfg.projection_norm == "batch" and cfg.inbatch_negatives and cfg.batch_size == 16
-    assert cfg.queue_size % cfg.batch_size == 0
+    assert cfg.arch == arch and cfg.method == "insloc" and cfg.batch_size == 16
+    # the best combination of docs/pretraining.md ("Collapse"): projection BN, the batch's keys as the only
+    # negatives, keys from the current weights, AdamW 3e-3 with warmup
+    assert (cfg.projection_norm, cfg.inbatch_negatives, cfg.queue_negatives, cfg.key_momentum,
+            cfg.symmetric_loss) == ("batch", True, False, 0.0, False)
+    assert (cfg.optimizer, cfg.scaled_lr, cfg.weight_decay, cfg.warmup_epochs) == ("adamw", 0.003, 0.05, 5)
+    assert cfg.queue_size % cfg.batch_size == 0 and cfg.temperature == 0.2 and cfg.box_jitter
+    model = build_model(cfg)
+    assert not model.symmetric_loss and not model.queue_negatives and model.predictor is None
+
+
+def test_explicit_flags_still_override_the_preset():
+    cfg = resolve_config({"preset": "small-data", "key_momentum": 0.99, "optimizer": "sgd"})
+    assert cfg.key_momentum == 0.99 and cfg.optimizer == "sgd" and not cfg.queue_negatives
 
 
 def test_official_recipe_has_no_deviations_and_the_preset_explains_each():
     assert deviations_from_official(resolve_config({"preset": "r50-fpn-200ep"})) == []
     deviations = deviations_from_official(resolve_config({"preset": "small-data"}))
     names = [d.split()[0] for d in deviations]
-    assert names == ["batch_size", "queue_size", "key_momentum", "projection_norm", "inbatch_negatives"]
+    assert names == ["batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "queue_size", "key_momentum",
+                     "projection_norm", "inbatch_negatives", "queue_negatives"]
     assert all(": " in d for d in deviations), "every deviation of the preset carries its reason"
+    # each reason names the ablation row or the measurement behind it
+    by_name = dict(zip(names, deviations))
+    for name in ("projection_norm", "inbatch_negatives", "queue_negatives", "key_momentum", "optimizer", "lr"):
+        assert "`" in by_name[name], f"the reason for {name} names no ablation row"
     # a hand-made deviation is recorded, without a reason
     assert deviations_from_official(resolve_config({"temperature": 0.5})) == ["temperature 0.5 (official 0.2)"]
 
@@ -64,13 +81,16 @@ def test_preset_run_records_its_deviations_in_the_card(tmp_path):
     train(resolve_config({"preset": "small-data", "arch": "tiny-fpn", "canvas": 64, "data": str(photos),
                           "output": str(out), "workers": 0, "device": "cpu", "max_steps": 2, "log_every": 1}))
     provenance = from_pretrained(out / "final").hub_config["provenance"]
-    assert "projection_norm batch (official off)" in provenance["deviations_from_official"]
+    for deviation in ("projection_norm batch (official off)", "queue_negatives False (official True)",
+                      "key_momentum 0.0 (official 0.999)", "optimizer adamw (official sgd)"):
+        assert deviation in provenance["deviations_from_official"]
+    assert "AdamW" in provenance["recipe"] and "warmup" in provenance["recipe"]
     card = (out / "final" / "README.md").read_text()
-    assert "deviations_from_official" in card and "inbatch_negatives" in card
+    assert "deviations_from_official" in card and "inbatch_negatives" in card and "queue_negatives" in card
 
 
 def test_checkpoints_written_before_the_new_fields_still_resume(tmp_path):
-    from insloc_hub.training.checkpoint import find_latest, load_checkpoint, save_checkpoint
+    from insloc_hub.training.runtime.checkpoint import find_latest, load_checkpoint, save_checkpoint
 
     photos = write_photos(tmp_path / "photos", count=8)
     values = {"preset": "tiny", "data": str(photos), "output": str(tmp_path / "run"), "batch_size": 8,
@@ -78,7 +98,8 @@ def test_checkpoints_written_before_the_new_fields_still_resume(tmp_path):
     train(resolve_config(values))
     path = find_latest(tmp_path / "run")
     state = load_checkpoint(path)
-    for name in ("projection_norm", "inbatch_negatives", "embed_init", "tensorboard"):
+    for name in ("projection_norm", "inbatch_negatives", "embed_init", "tensorboard", "optimizer", "warmup_epochs",
+                 "symmetric_loss", "predictor_hidden", "queue_negatives"):
         del state["config"][name]  # as written by an older version
     save_checkpoint(path, state)
     train(resolve_config({**values, "max_steps": 2, "resume": "auto"}))

@@ -52,13 +52,18 @@ from insloc_hub.errors import CheckpointError, ConfigError, InsLocError, ModelNo
 from insloc_hub.models import PRESETS as ARCH_PRESETS
 from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import from_pretrained, save_pretrained
-
-from . import checkpoint as ckpt
-from . import distributed as dist_utils
-from . import run as run_lib
-from .detection_data import DetectionDataset, TrainingSet, collate_detection, load_dataset, protocol_sizes
-from .evaluation import STAT_NAMES, EvalResult, run_evaluation
-from .run import MetricsWriter, StepTimer, seed_everything
+from insloc_hub.training.runtime import checkpoint as ckpt
+from insloc_hub.training.runtime import distributed as dist_utils
+from insloc_hub.training.runtime import run as run_lib
+from insloc_hub.training.runtime.run import MetricsWriter, StepTimer, seed_everything
+from insloc_hub.training.transfer.detection_data import (
+    DetectionDataset,
+    TrainingSet,
+    collate_detection,
+    load_dataset,
+    protocol_sizes,
+)
+from insloc_hub.training.transfer.evaluation import STAT_NAMES, EvalResult, run_evaluation
 
 __all__ = ["RECIPES", "FinetuneConfig", "FinetuneResult", "Recipe", "TrainingDivergedError", "add_subcommands",
            "evaluate_model", "finetune", "lr_factor", "parse_sizes", "resolve_config"]
@@ -79,7 +84,7 @@ class TrainingDivergedError(InsLocError, FloatingPointError):
 class Recipe:
     """A published fine-tuning schedule, defined at a total batch of ``batch_size`` images.
 
-    ``protocol`` names the image sizes (:func:`~insloc_hub.training.detection_data.protocol_sizes`).
+    ``protocol`` names the image sizes (:func:`~insloc_hub.training.transfer.detection_data.protocol_sizes`).
     """
 
     name: str

@@ -36,9 +36,8 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import draw_bounding_boxes
 
 from insloc_hub.errors import ConfigError, DatasetError
+from insloc_hub.training.transfer.detection_data import DetectionDataset
 from insloc_hub.transforms import to_tensor
-
-from .detection_data import DetectionDataset
 
 __all__ = [
     "STAT_NAMES",

@@ -10,7 +10,7 @@ which yields ``(image, target)`` in the format torchvision's detection models ta
   ``iscrowd`` (``int64 [N]``), ``area`` (``float32 [N]``), ``difficult`` (``bool [N]``).
 
 Label ``i + 1`` is ``class_names[i]``. ``to_coco_dict()`` gives the ground truth in COCO format for
-:func:`insloc_hub.training.evaluation.evaluate_detections`.
+:func:`insloc_hub.training.transfer.evaluation.evaluate_detections`.
 
 Bad annotations never crash a load and are never accepted silently: boxes outside the image are
 clipped, empty boxes dropped, missing or unreadable files and unknown classes counted; everything

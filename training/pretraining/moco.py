@@ -6,7 +6,7 @@ tables compare against MoCo v2, insloc-method.md section 7). What is shared with
 * the ResNet trunk (``InsLocBackbone`` with ``parts=("trunk",)``; for a C4 arch trunk + res5), so the
   export is a trunk-only bundle that every detector loads;
 * the momentum encoder, queue, shuffle-BN and InfoNCE machinery (this class subclasses
-  :class:`~insloc_hub.training.insloc.InsLoc` with a single "image" level and no boxes);
+  :class:`~insloc_hub.training.pretraining.insloc.InsLoc` with a single "image" level and no boxes);
 * K, m, T, optimizer, lr schedule and epochs (the same flags);
 * the unlabelled images, and the per-view colour pipeline of the composition code
   (``ColorJitter(0.4, 0.4, 0.4, 0.1)`` p=0.8, grayscale p=0.2, PIL Gaussian blur sigma 0.1-2 p=0.5,
@@ -33,16 +33,15 @@ from torch.utils.data import Dataset
 
 from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
 from insloc_hub.models import BackboneConfig, InsLocBackbone
-
-from .compose import (
+from insloc_hub.training.pretraining.compose import (
     CompositionConfig,
     CompositionParams,
     compose_pair_with_params,
     random_resized_crop_params,
     sample_composition_params,
 )
-from .insloc import Encoder, InsLoc, Projection
-from .pretrain_data import UnlabelledImages, sample_rng
+from insloc_hub.training.pretraining.insloc import Encoder, InsLoc, Projection
+from insloc_hub.training.pretraining.pretrain_data import UnlabelledImages, sample_rng
 
 __all__ = ["MoCo", "ImageEncoder", "MOCO_CROP_SCALE", "MOCO_CROP_RATIO", "moco_view_params", "MocoPretrainDataset",
            "MocoDecodeDataset"]
@@ -92,7 +91,7 @@ def moco_view_params(foreground_size: tuple[int, int], cfg: CompositionConfig,
 
     Each view crops ``RandomResizedCrop`` geometry from the whole image and "pastes" it over the
     entire canvas (so the background never shows); the colour, blur and flip draws are those of
-    :func:`~insloc_hub.training.compose.sample_composition_params`, so both pipelines share one
+    :func:`~insloc_hub.training.pretraining.compose.sample_composition_params`, so both pipelines share one
     implementation of the per-view augmentation.
     """
     width, height = int(foreground_size[0]), int(foreground_size[1])
@@ -144,7 +143,7 @@ class MocoPretrainDataset(_MocoBase):
     """Two augmented views of image ``idx`` (PIL reference pipeline): ``dict(q_img, q_box, k_img, k_box, index)``.
 
     The boxes cover the whole canvas (after flip) and are unused by the model; they keep the batch
-    layout of :class:`~insloc_hub.training.pretrain_data.InsLocPretrainDataset`.
+    layout of :class:`~insloc_hub.training.pretraining.pretrain_data.InsLocPretrainDataset`.
     """
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:

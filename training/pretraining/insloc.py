@@ -53,12 +53,12 @@ from torchvision.ops import roi_align
 
 from insloc_hub.errors import ConfigError
 from insloc_hub.models import BackboneConfig, InsLocBackbone, backbone_config
+from insloc_hub.training.pretraining.boxaug import BoxJitter
+from insloc_hub.training.pretraining.diagnostics import embedding_diagnostics
+from insloc_hub.training.runtime.distributed import all_gather_tensor, broadcast_tensor, get_rank, get_world_size
 
-from .boxaug import BoxJitter
-from .diagnostics import embedding_diagnostics
-from .distributed import all_gather_tensor, broadcast_tensor, get_rank, get_world_size
-
-__all__ = ["PROJECTION_NORMS", "FPN_LEVELS", "FPN_STRIDES", "Projection", "Encoder", "InsLoc", "info_nce_per_level"]
+__all__ = ["PROJECTION_NORMS", "FPN_LEVELS", "FPN_STRIDES", "Projection", "Encoder", "InsLoc", "info_nce_per_level",
+           "predictor_mlp"]
 
 FPN_LEVELS = ("p2", "p3", "p4", "p5")
 FPN_STRIDES = (4, 8, 16, 32)
@@ -114,7 +114,7 @@ class Encoder(nn.Module):
 
     Pooling modes: ``"fpn"`` (RoIAlign 7x7 on P2-P5, shared 4conv1fc head) and ``"c4"`` (RoIAlign
     ``roi_size`` on res4, res5 head with average pooling). The MoCo baseline's image-level encoder
-    overrides :meth:`features` (``training/moco.py``).
+    overrides :meth:`features` (``training/pretraining/moco.py``).
     """
 
     def __init__(self, backbone: InsLocBackbone, projection: Projection, pooling: str,
@@ -155,18 +155,30 @@ class Encoder(nn.Module):
             x = self._pool(c4, boxes[0], self.strides[0])  # [B, C4, 14, 14]
         return self.backbone.box_head(x)  # 4conv1fc -> [B * L, 1024] | res5 + avgpool -> [B, 2048]
 
-    def forward(self, images: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.projection(self.features(images, boxes)).float()
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor | None = None,
+                predictor: nn.Module | None = None) -> torch.Tensor:
+        x = self.projection(self.features(images, boxes))
+        if predictor is not None:  # query side only (InsLoc ``predictor_hidden``)
+            x = predictor(x)
+        x = x.float()
         return F.normalize(x, dim=1).view(images.shape[0], -1, x.shape[-1])
 
 
-def info_nce_per_level(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
+def predictor_mlp(dim: int, hidden: int) -> nn.Sequential:
+    """The query-side predictor of BYOL / MoCo v3 (Grill et al. 2020; Chen et al. 2021), not in InsLoc:
+    ``Linear(dim, hidden) -> BN -> ReLU -> Linear(hidden, dim)``, PyTorch's default init."""
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim))
+
+
+def info_nce_per_level(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, temperature: float,
                        *, inbatch_negatives: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-level InfoNCE losses and top-1 accuracies (%), all levels in one ``bmm``.
 
     Args:
         q, k: ``[L, B, dim]`` normalised query / key embeddings (keys carry no gradient).
-        queue: ``[L, dim, K]`` negatives, one queue per level.
+        queue: ``[L, dim, K]`` negatives, one queue per level; ``None``: no queue negatives (not official;
+            then ``inbatch_negatives`` must be on, as in MoCo v3).
         temperature: T (0.2).
         inbatch_negatives: also use the other keys of the batch as negatives (not official; the
             ``small-data`` preset). The official loss ``[q.k+, q.queue]`` is the default.
@@ -176,8 +188,11 @@ def info_nce_per_level(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, te
         for each level, and how often the positive has the highest logit.
     """
     l_pos = (q * k).sum(dim=-1, keepdim=True)  # [L, B, 1]
-    l_neg = torch.bmm(q, queue)  # [L, B, K]
-    parts = [l_pos, l_neg]
+    parts = [l_pos]
+    if queue is not None:
+        parts.append(torch.bmm(q, queue))  # [L, B, K]
+    elif not inbatch_negatives:
+        raise ValueError("no negatives: pass a queue or set inbatch_negatives")
     if inbatch_negatives:
         l_batch = torch.bmm(q, k.transpose(1, 2))  # [L, B, B]; the diagonal is the positive, masked out
         own = torch.eye(q.shape[1], dtype=torch.bool, device=q.device)
@@ -212,8 +227,16 @@ class InsLoc(nn.Module):
         embed_init: ``"official"`` (``embed`` ~ N(0, 0.01)) or ``"default"`` (``nn.Linear``'s init).
         inbatch_negatives: the batch's other keys are negatives too (not official, see
             :func:`info_nce_per_level`).
+        symmetric_loss: each view also serves as the query of the other (not official; MoCo v3): the loss
+            is the mean of the two directions, both against the same queue; the key view's keys are enqueued
+            and the diagnostics describe the first direction, as without it.
+        queue_negatives: the queue's keys are negatives (official); ``False`` (not official, needs
+            ``inbatch_negatives``) keeps only the keys of the current batch, as MoCo v3 does, so that moving
+            every current embedding away from the older queued keys (recency) cannot lower the loss.
+        predictor_hidden: > 0 adds :func:`predictor_mlp` with this hidden width on the query side (not
+            official; BYOL / MoCo v3); it is trained but not exported.
 
-    ``forward`` also returns the collapse diagnostics of ``training/diagnostics.py`` (in-batch top-1,
+    ``forward`` also returns the collapse diagnostics of ``training/pretraining/diagnostics.py`` (in-batch top-1,
     cosines, std; per level and in total).
     """
 
@@ -236,6 +259,9 @@ class InsLoc(nn.Module):
         projection_norm: str = "off",
         embed_init: str = "official",
         inbatch_negatives: bool = False,
+        symmetric_loss: bool = False,
+        predictor_hidden: int = 0,
+        queue_negatives: bool = True,
     ) -> None:
         super().__init__()
         if K <= 0 or dim <= 0 or not 0.0 <= m <= 1.0 or T <= 0:
@@ -247,6 +273,11 @@ class InsLoc(nn.Module):
         if projection_norm not in PROJECTION_NORMS:
             raise ConfigError(f"projection_norm must be one of {PROJECTION_NORMS}, got {projection_norm!r}")
         self.projection_norm, self.embed_init = projection_norm, embed_init
+        self.symmetric_loss, self.queue_negatives = bool(symmetric_loss), bool(queue_negatives)
+        if not self.queue_negatives and not self.inbatch_negatives:
+            raise ConfigError("queue_negatives off needs inbatch_negatives on: otherwise the loss has no negatives")
+        if predictor_hidden < 0:
+            raise ConfigError(f"predictor_hidden must be >= 0 (0: no predictor), got {predictor_hidden}")
 
         # -- encoders ------------------------------------------------------------------------------
         self.encoder_q = self._build_encoder(backbone_config(arch), dim, c4_roi_size)
@@ -254,6 +285,7 @@ class InsLoc(nn.Module):
         for param_k in self.encoder_k.parameters():
             param_k.requires_grad = False
         self.levels = self.encoder_q.levels
+        self.predictor = predictor_mlp(dim, predictor_hidden) if predictor_hidden else None
 
         # -- box jitter: query only, at P5 (C4: its single level) ----------------------------------
         if box_jitter is True:
@@ -351,6 +383,29 @@ class InsLoc(nn.Module):
                      for level in self.levels]
         return torch.stack(per_level)
 
+    def _query(self, img: torch.Tensor, box: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+        """Query embeddings ``[B, L, dim]``: ground-truth boxes, the jittered box at ``jitter_levels``."""
+        levels = None
+        if box is not None:
+            jittered = self.box_jitter(box.detach().float(), generator=generator) if self.box_jitter else None
+            levels = self._level_boxes(box, jittered)
+        return self.encoder_q(img, levels, self.predictor)
+
+    @torch.no_grad()
+    def _key(self, img: torch.Tensor, box: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+        """Key embeddings ``[B, L, dim]``: shuffled forward (shuffle-BN) with ground-truth boxes on every level."""
+        box_in = box if box is not None else torch.zeros(img.shape[0], 4, device=img.device)
+        img, box_s, idx_unshuffle = self._batch_shuffle_ddp(img, box_in, generator)
+        levels = None if box is None else self._level_boxes(box_s, None)
+        return self._batch_unshuffle_ddp(self.encoder_k(img, levels), idx_unshuffle)
+
+    def _info_nce(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-level InfoNCE losses and accuracies in float32 (autocast off)."""
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return info_nce_per_level(q.float().transpose(0, 1), k.float().transpose(0, 1),
+                                      queue if self.queue_negatives else None, self.T,
+                                      inbatch_negatives=self.inbatch_negatives)
+
     # ----------------------------------------------------------------------------------------------
     def forward(
         self,
@@ -373,28 +428,17 @@ class InsLoc(nn.Module):
             ``{"loss": sum of weighted per-level losses, "loss_<level>": ..., "acc_<level>": top-1 % against
             the queue, "inbatch_top1", "cos_q", "cos_k", "emb_std" (+ ``_<level>``)}``.
         """
-        # query: GT boxes, jittered box at P5
-        q_levels = None
-        if q_box is not None:
-            jittered = self.box_jitter(q_box.detach().float(), generator=generator) if self.box_jitter else None
-            q_levels = self._level_boxes(q_box, jittered)
-        q = self.encoder_q(q_img, q_levels)  # [B, L, dim]
-
-        # key: momentum update first, then the shuffled forward with GT boxes on every level
-        with torch.no_grad():
+        q = self._query(q_img, q_box, generator)  # [B, L, dim]; query: GT boxes, jittered box at P5
+        with torch.no_grad():  # key: momentum update first, then the shuffled forward with GT boxes on every level
             self._momentum_update_key_encoder()
-            k_box_in = k_box if k_box is not None else torch.zeros(k_img.shape[0], 4, device=k_img.device)
-            k_img, k_box_s, idx_unshuffle = self._batch_shuffle_ddp(k_img, k_box_in, generator)
-            k_levels = None if k_box is None else self._level_boxes(k_box_s, None)
-            k = self.encoder_k(k_img, k_levels)
-            k = self._batch_unshuffle_ddp(k, idx_unshuffle)
-
-        # per-level InfoNCE in float32 (autocast off), then the weighted sum
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            losses, accuracies = info_nce_per_level(
-                q.float().transpose(0, 1), k.float().transpose(0, 1), self.queue.clone().detach(), self.T,
-                inbatch_negatives=self.inbatch_negatives)
-            loss = (losses * self.level_weights.to(losses.device)).sum()
+        k = self._key(k_img, k_box, generator)
+        queue = self.queue.clone().detach()
+        losses, accuracies = self._info_nce(q, k, queue)
+        if self.symmetric_loss:  # the key view as query of the query view, against the same queue
+            q2 = self._query(k_img, k_box, generator)
+            k2 = self._key(q_img, q_box, generator)
+            losses = (losses + self._info_nce(q2, k2, queue)[0]) / 2
+        loss = (losses * self.level_weights.to(losses.device)).sum()
         self._dequeue_and_enqueue(k)
 
         out = {"loss": loss}

@@ -48,15 +48,11 @@ from insloc_hub.configs import JsonConfig, device_name, flag, output_folder
 from insloc_hub.errors import CheckpointError, ConfigError, DatasetError, WeightsMismatchError
 from insloc_hub.models import PRESETS, BackboneConfig, InsLocBackbone, backbone_config
 from insloc_hub.pretrained import save_pretrained
-
-from . import distributed as dist_utils
-from . import run as run_lib
-from .checkpoint import check_config, find_latest, load_checkpoint
-from .compose import CompositionConfig, compose_batch, make_composition_grid
-from .diagnostics import CollapseMonitor, plot_curves, summarize
-from .insloc import PROJECTION_NORMS, InsLoc
-from .moco import MoCo, MocoDecodeDataset, MocoPretrainDataset
-from .pretrain_data import (
+from insloc_hub.training.pretraining.compose import CompositionConfig, compose_batch, make_composition_grid
+from insloc_hub.training.pretraining.diagnostics import CollapseMonitor, plot_curves, summarize
+from insloc_hub.training.pretraining.insloc import PROJECTION_NORMS, InsLoc
+from insloc_hub.training.pretraining.moco import MoCo, MocoDecodeDataset, MocoPretrainDataset
+from insloc_hub.training.pretraining.pretrain_data import (
     DevicePrefetcher,
     InsLocBytesDataset,
     InsLocPretrainDataset,
@@ -64,7 +60,10 @@ from .pretrain_data import (
     collate_decoded,
     compose_encoded_batch,
 )
-from .run import MetricsWriter, StepTimer, seed_everything
+from insloc_hub.training.runtime import distributed as dist_utils
+from insloc_hub.training.runtime import run as run_lib
+from insloc_hub.training.runtime.checkpoint import check_config, find_latest, load_checkpoint
+from insloc_hub.training.runtime.run import MetricsWriter, StepTimer, seed_everything
 
 __all__ = ["Runtime", "build_dataset", "resolve_runtime", "PretrainConfig", "PRETRAIN_PRESETS",
            "RESUME_IGNORED_FIELDS", "CHECKPOINT_FORMAT", "ResumableDistributedSampler", "cosine_by_epoch",
@@ -77,6 +76,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "insloc-hub/pretrain-checkpoint/v1"
 METHODS = ("insloc", "moco")
 TRI_STATE = ("auto", "on", "off")
+OPTIMIZERS = ("sgd", "adamw")
 EMBED_INITS = ("official", "default")
 
 
@@ -109,10 +109,15 @@ class PretrainConfig(JsonConfig):
     batch_size: int = flag(256, help="GLOBAL batch over all GPUs; official 256 = 8 GPUs x samples_per_gpu=32", min=1)
     lr: float = flag(0.03, help="base learning rate for a batch of 256, scaled linearly (config L110: 0.03; "
                                 "GETSTARTED.md)", above=0)
+    optimizer: str = flag("sgd", help="sgd (official, config L110) or adamw (NOT official; preset small-data: "
+                                      "short runs from random init); --momentum/--nesterov apply to sgd only",
+                          choices=OPTIMIZERS)
     momentum: float = flag(0.9, help="SGD momentum (config L110: 0.9)", min=0, max=1)
     nesterov: bool = flag(True, help="Nesterov momentum (config L110: nesterov=True, unlike MoCo)")
     weight_decay: float = flag(1e-4, help="weight decay on ALL parameters, BN and biases included (config L110: "
                                           "1e-4)", min=0)
+    warmup_epochs: int = flag(0, help="linear lr warmup over the first N epochs, then the cosine (official: 0, no "
+                                      "warmup)", min=0)
     dim: int = flag(128, help="embedding size (momentum_cfg dim=128, config L48)", min=1)
     queue_size: int = flag(65536, help="queue length K per level (momentum_cfg K=65536, config L48); multiple of "
                                        "--batch-size", min=1)
@@ -131,6 +136,12 @@ class PretrainConfig(JsonConfig):
                                 choices=PROJECTION_NORMS)
     inbatch_negatives: bool = flag(False, help="the other keys of the batch are negatives too (NOT official; preset "
                                                "small-data)")
+    queue_negatives: bool = flag(True, help="the queue's keys are negatives (official); off (NOT official, needs "
+                                            "--inbatch-negatives): only the keys of the current batch, as MoCo v3")
+    symmetric_loss: bool = flag(False, help="both views serve as query, the loss is the mean of the two directions "
+                                            "(NOT official; MoCo v3 style)")
+    predictor_hidden: int = flag(0, help="hidden width of a predictor MLP on the query side (dim-hidden-BN-ReLU-dim, "
+                                         "BYOL / MoCo v3 style; NOT official); 0: none", min=0)
     embed_init: str = flag("official", help="init of the 128-d embed layer: official (N(0, 0.01)) or default "
                                             "(nn.Linear's)", choices=EMBED_INITS)
     workers: int = flag(4, help="data loader processes per GPU (workers_per_gpu=4 in the config)", min=0)
@@ -176,6 +187,8 @@ class PretrainConfig(JsonConfig):
                 f"(the queue is filled one whole batch at a time; official 65536 / 256). For example use "
                 f"--queue-size {max(self.batch_size, self.queue_size // self.batch_size * self.batch_size)}."
             )
+        if not self.queue_negatives and not self.inbatch_negatives:
+            raise ConfigError("--no-queue-negatives needs --inbatch-negatives (otherwise the loss has no negatives)")
         if self.canvas % 16 != 0:
             raise ConfigError(f"--canvas must be a multiple of 16 (box-jitter anchors), got {self.canvas}")
 
@@ -202,11 +215,12 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "r50-fpn-400ep": dict(arch="r50-fpn", method="insloc", epochs=400, batch_size=256, lr=0.03, momentum=0.9,
                           nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999,
                           temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True, sync_bn=False, workers=4),
-    # A few hundred to a few thousand photos on one machine: the settings that stop the embedding collapse
-    # measured at batch 16 (docs/pretraining.md, "Collapse"); every deviation is recorded in the card.
-    # Choose the size with --arch (tiny-fpn, r18-fpn, r50-fpn).
-    "small-data": dict(method="insloc", batch_size=16, queue_size=256, key_momentum=0.99, projection_norm="batch",
-                       inbatch_negatives=True),
+    # A few hundred to a few thousand photos on one machine: the best combination measured at batch 16 on the
+    # raccoon CPU budget (docs/pretraining.md, "Collapse"); every deviation is recorded in the card with its
+    # reason (DEVIATION_REASONS). Choose the size with --arch (tiny-fpn, r18-fpn, r50-fpn).
+    "small-data": dict(method="insloc", batch_size=16, optimizer="adamw", lr=0.048, weight_decay=0.05,
+                       warmup_epochs=5, queue_size=256, key_momentum=0.0, projection_norm="batch",
+                       inbatch_negatives=True, queue_negatives=False),
     # Reconstruction: the C4 pretraining config was never released (issue #14).
     "r50-c4-200ep": dict(arch="r50-c4", method="insloc", epochs=200, batch_size=256, lr=0.03, momentum=0.9,
                          nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999,
@@ -216,13 +230,16 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
 #: config fields newer than some checkpoints, with the value those checkpoints were trained with
 FIELDS_ADDED_LATER: dict[str, Any] = dict(projection_norm="off", inbatch_negatives=False, embed_init="official",
                                           batch_backgrounds=False,
-                                          tensorboard=False)
+                                          tensorboard=False, optimizer="sgd", warmup_epochs=0, symmetric_loss=False,
+                                          predictor_hidden=0, queue_negatives=True)
 
 #: the settings of the released recipe that change what is learned; a run records where it differs
 OFFICIAL_RECIPE: dict[str, Any] = dict(
-    batch_size=256, lr=0.03, momentum=0.9, nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536,
-    key_momentum=0.999, temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True, sync_bn=False,
-    projection_norm="off", inbatch_negatives=False, embed_init="official")
+    batch_size=256, optimizer="sgd", lr=0.03, momentum=0.9, nesterov=True, weight_decay=1e-4, warmup_epochs=0,
+    dim=128, queue_size=65536, key_momentum=0.999, temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True,
+    sync_bn=False, projection_norm="off", inbatch_negatives=False, queue_negatives=True, symmetric_loss=False,
+    predictor_hidden=0,
+    embed_init="official")
 
 #: why a preset deviates from the official recipe (the ablation rows are in docs/pretraining.md, "Collapse")
 DEVIATION_REASONS: dict[str, str] = {
@@ -236,10 +253,28 @@ DEVIATION_REASONS: dict[str, str] = {
                          "telling the images of the batch apart: with projection BN alone the in-batch top-1 stays "
                          "at chance (6 % at step 200), with in-batch negatives it rises (11 % at step 200, 14 % "
                          "over steps 561-660); ablation rows `projection-bn` vs `projection-bn+inbatch`",
-    "batch_size": "one machine; the collapse diagnostics were measured at batch 16",
-    "queue_size": "shorter than a few thousand images, a multiple of the batch (the raccoon CPU configuration)",
-    "key_momentum": "the key encoder must move within a few hundred steps (the measured raccoon CPU configuration; "
-                    "0.999 was not ablated)",
+    "queue_negatives": "with queued keys as negatives the loss also falls when every current embedding moves away from "
+                       "the older keys (recency): key momentum 0.9 with the queue collapses (warning at step 170, "
+                       "loss 20.2 below its 22.4 chance level while the in-batch top-1 stays at chance), without the "
+                       "queue the same run keeps the key cosine at 0.11 and reaches 11 % at step 200; ablation rows "
+                       "`projection-bn+inbatch+adamw+km-0.9` vs `projection-bn+inbatch+no-queue+adamw+km-0.9`",
+    "key_momentum": "without queued negatives the keys need not stay consistent over many steps; keys from the "
+                    "current query weights (SimCLR with a stop-gradient) learn fastest: in-batch top-1 14 % at step "
+                    "200 against 11 % at 0.9 and 8 % at 0.99, while the official 0.999 stays at chance (6 % at step "
+                    "200); ablation rows `projection-bn+inbatch+no-queue+adamw+km-0`, `...+km-0.9`, "
+                    "`projection-bn+inbatch+no-queue+adamw`, `projection-bn+inbatch+km-0.999`",
+    "optimizer": "AdamW 3e-3 is the best combination measured over 660 steps (24 % over steps 561-660, row "
+                 "`projection-bn+inbatch+no-queue+adamw-x3+km-0`); it is not what makes the run learn: SGD at "
+                 "the official per-sample lr with the same loss gets 15 % at step 200 (row "
+                 "`projection-bn+inbatch+no-queue+km-0`, not run to 660), SGD at 10x with warmup drifts (query "
+                 "cosine 0.76 at step 200, row `projection-bn+inbatch+no-queue+sgd-x10-warmup`)",
+    "lr": "AdamW at 3e-3 for batch 16 (0.048 per 256 under the linear scaling rule): 17 % at step 200 against 14 % "
+          "at 1e-3, and 24 % over steps 561-660 (MoCo v2 in the same setting: 24 %); ablation rows "
+          "`projection-bn+inbatch+no-queue+adamw-x3+km-0` vs `projection-bn+inbatch+no-queue+adamw+km-0`",
+    "weight_decay": "0.05, the usual AdamW value (MoCo v3), with AdamW's decoupled decay",
+    "warmup_epochs": "5 of 60 epochs of linear warmup, usual with AdamW from random init",
+    "batch_size": "one machine; the collapse diagnostics and the ablations were measured at batch 16",
+    "queue_size": "a multiple of the batch; unused as negatives by this preset (no queue negatives)",
 }
 DEVIATION_PRESETS = ("small-data",)
 
@@ -314,13 +349,19 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
         return (self.steps_per_epoch - self.start_step) * self.batch_per_rank
 
 
-def cosine_by_epoch(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine_by_epoch(optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int = 0
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
     """mmcv ``CosineAnnealingLrUpdaterHook(min_lr=0, by_epoch=True)`` as a ``LambdaLR``: the lr of epoch
-    ``e`` is ``lr * (1 + cos(pi * e / epochs)) / 2``, fixed within the epoch, no warmup.
+    ``e`` is ``lr * (1 + cos(pi * e / epochs)) / 2``, fixed within the epoch, no warmup (official).
 
-    Go to epoch ``e`` with :func:`set_schedule_epoch` (closed form, so resuming mid-run is exact).
+    With ``warmup_epochs`` = W > 0 (not official) the first W epochs ramp linearly, ``lr * (e + 1) / (W + 1)``
+    times the cosine. Go to epoch ``e`` with :func:`set_schedule_epoch` (closed form, so resuming is exact).
     """
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: (1.0 + math.cos(math.pi * epoch / epochs)) / 2)
+    def factor(epoch: int) -> float:
+        ramp = (epoch + 1) / (warmup_epochs + 1) if epoch < warmup_epochs else 1.0
+        return ramp * (1.0 + math.cos(math.pi * epoch / epochs)) / 2
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def set_schedule_epoch(schedule: torch.optim.lr_scheduler.LambdaLR, epoch: int) -> float:
@@ -338,7 +379,9 @@ def build_model(cfg: PretrainConfig) -> InsLoc:
     return cls(cfg.arch, cfg.dim, cfg.queue_size, cfg.key_momentum, cfg.temperature,
                box_jitter=cfg.box_jitter and cfg.method == "insloc", canvas=cfg.canvas, shuffle_bn=cfg.shuffle_bn,
                c4_roi_size=cfg.c4_roi_size, projection_norm=cfg.projection_norm,
-               inbatch_negatives=cfg.inbatch_negatives, embed_init=cfg.embed_init)
+               inbatch_negatives=cfg.inbatch_negatives, embed_init=cfg.embed_init,
+               symmetric_loss=cfg.symmetric_loss, predictor_hidden=cfg.predictor_hidden,
+               queue_negatives=cfg.queue_negatives)
 
 
 def query_backbone_config(cfg: PretrainConfig) -> BackboneConfig:
@@ -437,8 +480,13 @@ def _provenance(cfg: PretrainConfig, *, epoch: int, step_in_epoch: int, steps_pe
                 num_images: int) -> dict[str, Any]:
     variant = backbone_config(cfg.arch).variant
     done = epoch + (step_in_epoch / steps_per_epoch if steps_per_epoch else 0.0)
-    recipe = (f"{cfg.method} {cfg.arch}: SGD lr {cfg.lr} x {cfg.batch_size}/256 = {cfg.scaled_lr:g}, momentum "
-              f"{cfg.momentum}{' nesterov' if cfg.nesterov else ''}, wd {cfg.weight_decay}, cosine per epoch, "
+    if cfg.optimizer == "adamw":
+        opt = f"AdamW lr {cfg.lr} x {cfg.batch_size}/256 = {cfg.scaled_lr:g}"
+    else:
+        opt = (f"SGD lr {cfg.lr} x {cfg.batch_size}/256 = {cfg.scaled_lr:g}, momentum "
+               f"{cfg.momentum}{' nesterov' if cfg.nesterov else ''}")
+    warmup = f", {cfg.warmup_epochs}-epoch warmup" if cfg.warmup_epochs else ""
+    recipe = (f"{cfg.method} {cfg.arch}: {opt}, wd {cfg.weight_decay}, cosine per epoch{warmup}, "
               f"batch {cfg.batch_size}, K {cfg.queue_size}, m {cfg.key_momentum}, T {cfg.temperature}, "
               f"canvas {cfg.canvas}")
     prov: dict[str, Any] = {
@@ -511,7 +559,7 @@ def _check_tensorboard(cfg: PretrainConfig) -> None:
 
 def chance_loss(model: InsLoc, batch_size: int) -> float:
     """The loss of embeddings that tell nothing apart: sum over levels of weight x ln(negatives + 1)."""
-    negatives = model.K + (batch_size - 1 if model.inbatch_negatives else 0)
+    negatives = (model.K if model.queue_negatives else 0) + (batch_size - 1 if model.inbatch_negatives else 0)
     return float(model.level_weights.sum()) * math.log(negatives + 1)
 
 
@@ -564,19 +612,30 @@ def _oom_error(cfg: PretrainConfig, world: int) -> ConfigError:
 
 def build_optimizer_and_schedule(cfg: PretrainConfig, model: nn.Module
                                  ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """SGD over every trainable parameter (BN and biases decayed too, as the official config) and the
-    cosine-by-epoch schedule."""
+    """The optimizer and per-epoch schedule of a config, over the trainable parameters of ``model``.
+
+    Official: SGD (momentum 0.9, Nesterov, wd 1e-4 on all parameters) at ``cfg.scaled_lr``, cosine per
+    epoch. ``optimizer="adamw"`` (the small-data preset) uses AdamW (betas 0.9/0.999) at the same
+    linearly scaled lr, with ``cfg.weight_decay`` on all parameters; ``warmup_epochs`` adds a linear ramp.
+
+    Example:
+        >>> optimizer, schedule = build_optimizer_and_schedule(cfg, model)
+        >>> lr = set_schedule_epoch(schedule, epoch)
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.scaled_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
-    return optimizer, cosine_by_epoch(optimizer, cfg.epochs)
+    if cfg.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.scaled_lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=cfg.scaled_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                    weight_decay=cfg.weight_decay)
+    return optimizer, cosine_by_epoch(optimizer, cfg.epochs, cfg.warmup_epochs)
 
 
 def device_batches(loader: Iterable[Any], prepare: Callable[[Any], Views], device: torch.device,
                    prefetch: bool) -> Iterator[tuple[Views, float]]:
     """``(prepare(batch), seconds waited for the batch)`` for each batch of ``loader``.
 
-    ``prefetch``: through :class:`~insloc_hub.training.pretrain_data.DevicePrefetcher`, so on CUDA the
+    ``prefetch``: through :class:`~insloc_hub.training.pretraining.pretrain_data.DevicePrefetcher`, so on CUDA the
     next batch is decoded and composed on a side stream while the current step runs (the same
     batches either way).
     """
@@ -706,8 +765,8 @@ class _PretrainRun:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.optimizer, self.schedule = build_optimizer_and_schedule(cfg, model)
-        logger.info("lr %g per 256 images x %d/256 = %g (global batch %d = %d process(es) x %d)", cfg.lr,
-                    cfg.batch_size, cfg.scaled_lr, cfg.batch_size, world, self.batch_per_rank)
+        logger.info("%s lr %g per 256 images x %d/256 = %g (global batch %d = %d process(es) x %d)", cfg.optimizer,
+                    cfg.lr, cfg.batch_size, cfg.scaled_lr, cfg.batch_size, world, self.batch_per_rank)
 
     def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:

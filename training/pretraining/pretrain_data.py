@@ -6,15 +6,15 @@
 * :class:`InsLocPretrainDataset` -- the official sample (``ImageNetDataset.prepare_train_img``,
   ``mmdet/datasets/imagenet.py`` L66-91 at limbo0000/InstanceLoc @ a419bb6): foreground = image
   ``idx``, two backgrounds drawn uniformly with replacement from the whole set, composed per sample
-  on the CPU: by default the fast pipeline (:class:`EncodedImage` reduced-scale JPEG decodes, then
-  :func:`insloc_hub.training.compose.compose_pair_fast`), or the reference
-  :func:`insloc_hub.training.compose.compose_pair` with ``pipeline="reference"``.
+  on the CPU: by default the fast pipeline (:meth:`EncodedImage.decode_uint8`, then
+  :func:`insloc_hub.training.pretraining.compose.compose_batch` on the one sample), or the reference
+  :func:`insloc_hub.training.pretraining.compose.compose_pair` with ``pipeline="reference"``.
 * :class:`InsLocBytesDataset` -- the same draws; workers only read the files' bytes (and headers);
   :func:`compose_encoded_batch` decodes them on the device (``torchvision.io.decode_jpeg``, nvJPEG on
   CUDA) and composes the batch there. Use :func:`collate_encoded`.
 * :class:`InsLocDecodeDataset` -- the same draws, but it only decodes: foreground + two backgrounds
-  as uint8 tensors plus the sample's :class:`~insloc_hub.training.compose.CompositionParams`, for
-  :func:`insloc_hub.training.compose.compose_batch` on the device. Use :func:`collate_decoded`.
+  as uint8 tensors plus the sample's :class:`~insloc_hub.training.pretraining.compose.CompositionParams`, for
+  :func:`insloc_hub.training.pretraining.compose.compose_batch` on the device. Use :func:`collate_decoded`.
 
 Reproducibility. Sample ``idx`` of epoch ``e`` is a pure function of ``(seed, e, idx)`` and the
 files: every draw comes from ``numpy.random.default_rng(SeedSequence([seed, e, idx]))``, whatever the
@@ -45,17 +45,15 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, get_worker_info
 
 from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
-from insloc_hub.transforms import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
-
-from .compose import (
+from insloc_hub.training.pretraining.compose import (
     CompositionConfig,
     compose_batch,
     compose_pair,
-    compose_pair_fast,
     foreground_reduction,
     sample_composition_params,
     stretch_to_canvas,
 )
+from insloc_hub.transforms import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -329,6 +327,21 @@ class EncodedImage:
             img = ImageOps.exif_transpose(img)
         return img if img.mode == "RGB" else img.convert("RGB")
 
+    def decode_uint8(self, min_size: tuple[float, float] | None = None) -> torch.Tensor:
+        """:meth:`decode` as a uint8 ``[3, H, W]`` tensor (laid out channels-last in memory).
+
+        A JPEG read at full scale goes to ``torchvision.io.decode_jpeg`` (libjpeg-turbo without PIL's
+        image conversions, about a third faster here), a reduced one to PIL's ``draft``; if
+        torchvision refuses a file, PIL decodes it (or raises :class:`InvalidImageError`).
+        """
+        reduced = min_size is not None and all(s // max(1, math.ceil(m)) >= 2 for s, m in zip(self.size, min_size))
+        if self.is_jpeg and not reduced:
+            try:
+                return apply_exif_orientation(_decode_jpeg(self.as_tensor(), torch.device("cpu")), self.orientation)
+            except RuntimeError:
+                pass
+        return _pil_to_uint8(self.decode(min_size))
+
     def as_tensor(self) -> torch.Tensor:
         """The encoded bytes as a 1-D uint8 tensor (what ``torchvision.io.decode_jpeg`` takes)."""
         return torch.frombuffer(bytearray(self.data), dtype=torch.uint8)
@@ -452,33 +465,28 @@ class InsLocPretrainDataset(_InsLocSampleBase):
     """The official InsLoc pretraining sample, composed per sample on the CPU.
 
     ``dataset[idx]`` (or ``dataset[(epoch, idx)]``) returns ``dict(q_img, q_box, k_img, k_box, index)``:
-    normalised float images ``[3, S, S]`` (uint8 with ``uint8=True``; normalise the batch with
-    :func:`~insloc_hub.training.compose.normalize_uint8`), float32 boxes ``[4]`` (x1, y1, x2, y2;
-    x2/y2 exclusive) and the index. A corrupt foreground or background is replaced by another random
-    image (counted in ``images``' report).
+    normalised float images ``[3, S, S]``, float32 boxes ``[4]`` (x1, y1, x2, y2; x2/y2 exclusive)
+    and the index. A corrupt foreground or background is replaced by another random image (counted
+    in ``images``' report).
 
     ``pipeline``:
 
-    * ``"fast"`` (default) -- :func:`~insloc_hub.training.compose.compose_pair_fast` on
-      :class:`EncodedImage` decodes: each JPEG decoded at the smallest DCT scale that is still at
-      least the size its use needs (a background: the canvas; the foreground: the size at which
-      both crops still shrink to their pastes), crop and resize in one resampling, no copies of
-      decoded images, normalisation once at the end (or left to the batch with ``uint8=True``).
-      Same draws, same boxes, same PIL colour operations; the same bytes as the reference whenever no
-      reduced decode applies, else pastes and backgrounds differ by the decoder's downscaling filter.
-    * ``"reference"`` -- :func:`~insloc_hub.training.compose.compose_pair` on full decodes through
+    * ``"fast"`` (default) -- :meth:`EncodedImage.decode_uint8` decodes (``torchvision.io.decode_jpeg``,
+      or PIL ``draft`` at the smallest DCT scale that is still at least the size its use needs: a
+      background the canvas, the foreground the size at which both crops still shrink to their
+      pastes), then :func:`~insloc_hub.training.pretraining.compose.compose_batch` on this one sample (uint8
+      resizes and composite, in-place float colour ops). Same draws, same boxes; pixels within about
+      a grey level of the reference on average (see ``compose_batch`` for each difference).
+    * ``"reference"`` -- :func:`~insloc_hub.training.pretraining.compose.compose_pair` on full decodes through
       :func:`insloc_hub.transforms.decode_image` (the specification).
     """
 
     def __init__(self, images: UnlabelledImages, cfg: CompositionConfig | None = None, seed: int = 0, *,
-                 pipeline: str = "fast", uint8: bool = False) -> None:
+                 pipeline: str = "fast") -> None:
         super().__init__(images, cfg, seed)
         if pipeline not in PIPELINES:
             raise ConfigError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
-        if uint8 and pipeline != "fast":
-            raise ConfigError("uint8=True needs pipeline='fast'")
         self.pipeline = pipeline
-        self.uint8 = bool(uint8)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = self._key(key)
@@ -489,22 +497,18 @@ class InsLocPretrainDataset(_InsLocSampleBase):
         else:
             opener = self.images.open_encoded
             fg, bg_q, bg_k = self._draw(index, rng, opener, opener)
-            size = self.cfg.canvas
-            canvases = [self._decode_or_replace(bg, rng, (size, size)) for bg in (bg_q, bg_k)]
-            canvases = [c if c.size == (size, size) else c.resize((size, size), Image.Resampling.BILINEAR)
-                        for c in canvases]
-            if canvases[0] is canvases[1]:
-                canvases[1] = canvases[1].copy()
+            size = (self.cfg.canvas, self.cfg.canvas)
+            bgs = [self._decode_or_replace(bg, rng, size) for bg in (bg_q, bg_k)]
             while True:
                 params = sample_composition_params(fg.size, self.cfg, rng)
                 reduce = foreground_reduction(params)
                 try:
-                    image = fg.decode((fg.size[0] / reduce, fg.size[1] / reduce))
+                    image = fg.decode_uint8((fg.size[0] / reduce, fg.size[1] / reduce))
                     break
                 except InvalidImageError as err:
                     fg = self._replace(fg, err, rng)
-            q_img, q_box, k_img, k_box = compose_pair_fast(image, fg.size, canvases[0], canvases[1], params,
-                                                           self.cfg, normalize=not self.uint8)
+            q, qb, k, kb = compose_batch([image], bgs[:1], bgs[1:], self.cfg, params=[params])
+            q_img, q_box, k_img, k_box = q[0], qb[0], k[0], kb[0]
         return {"q_img": q_img, "q_box": q_box, "k_img": k_img, "k_box": k_box, "index": index}
 
     def _replace(self, enc: EncodedImage, err: InvalidImageError, rng: np.random.Generator) -> EncodedImage:
@@ -514,16 +518,17 @@ class InsLocPretrainDataset(_InsLocSampleBase):
         return other
 
     def _decode_or_replace(self, enc: EncodedImage, rng: np.random.Generator,
-                           min_size: tuple[float, float]) -> Image.Image:
+                           min_size: tuple[float, float]) -> torch.Tensor:
         while True:
             try:
-                return enc.decode(min_size)
+                return enc.decode_uint8(min_size)
             except InvalidImageError as err:
                 enc = self._replace(enc, err, rng)
 
 
 def _pil_to_uint8(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    # [3, H, W] over the H x W x 3 array: one copy, and the channels-last layout the CPU resize wants
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
 class InsLocDecodeDataset(_InsLocSampleBase):
@@ -627,7 +632,7 @@ class InsLocBytesDataset(_InsLocSampleBase):
     :class:`CompositionParams`, drawn for the foreground's oriented size read from its header. Batch
     with :func:`collate_encoded`, then :func:`compose_encoded_batch` decodes the JPEGs with
     ``torchvision.io.decode_jpeg`` on the device (nvJPEG on CUDA, batched) and composes them with
-    :func:`~insloc_hub.training.compose.compose_batch`. Same draws as :class:`InsLocPretrainDataset`,
+    :func:`~insloc_hub.training.pretraining.compose.compose_batch`. Same draws as :class:`InsLocPretrainDataset`,
     hence the same boxes.
 
     ``batch_backgrounds=True`` (off by default; not the official recipe): no background is read;

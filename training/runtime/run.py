@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from insloc_hub.errors import CheckpointError
-
-from . import distributed as dist_utils
-from .checkpoint import (
+from insloc_hub.training.runtime import distributed as dist_utils
+from insloc_hub.training.runtime.checkpoint import (
     capture_rng_state,
     checkpoint_path,
     list_checkpoints,
@@ -77,7 +76,7 @@ def resume(run_dir: Path, spec: str | None, check: Callable[[Path, dict[str, Any
     """Load the checkpoint to continue from (rank 0 chooses for all) and restore its RNG states.
 
     ``None``: start from scratch. Newer checkpoints that fail to load or fail ``check`` are passed
-    over with a warning (:func:`~insloc_hub.training.checkpoint.load_newest_usable`).
+    over with a warning (:func:`~insloc_hub.training.runtime.checkpoint.load_newest_usable`).
     """
     candidates = dist_utils.broadcast_object(choose_resume(run_dir, spec))
     if not candidates:

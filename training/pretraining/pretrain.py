@@ -1,6 +1,6 @@
 """``insloc-train pretrain`` and ``insloc-train export-weights``.
 
-Every field of :class:`~insloc_hub.training.engine.PretrainConfig` is a flag (``--batch-size``,
+Every field of :class:`~insloc_hub.training.pretraining.engine.PretrainConfig` is a flag (``--batch-size``,
 ``--queue-size``...; booleans also as ``--no-...``). Precedence: built-in defaults (the official
 recipe) < ``--preset`` < explicit flags.
 
@@ -19,8 +19,7 @@ import dataclasses
 import logging
 
 from insloc_hub.configs import add_config_flags, output_folder
-
-from .engine import PretrainConfig, export_checkpoint, resolve_config, train
+from insloc_hub.training.pretraining.engine import PretrainConfig, export_checkpoint, resolve_config, train
 
 __all__ = ["add_subcommands", "config_from_args", "run_pretrain", "run_export"]
 

@@ -1,0 +1,1 @@
+"""Shared run infrastructure: run folders, resume, checkpoints, seeding, metrics, distributed."""
