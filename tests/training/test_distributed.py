@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from insloc_hub.errors import ConfigError
-from insloc_hub.training import distributed as D
+from insloc_hub.training.runtime import distributed as D
 
 
 def test_single_process_defaults():
