@@ -70,6 +70,7 @@ __all__ = [
     "DevicePrefetcher",
     "apply_exif_orientation",
     "in_batch_background_indices",
+    "pil_to_uint8",
     "sample_rng",
     "worker_init_fn",
 ]
@@ -340,7 +341,7 @@ class EncodedImage:
                 return apply_exif_orientation(_decode_jpeg(self.as_tensor(), torch.device("cpu")), self.orientation)
             except RuntimeError:
                 pass
-        return _pil_to_uint8(self.decode(min_size))
+        return pil_to_uint8(self.decode(min_size))
 
     def as_tensor(self) -> torch.Tensor:
         """The encoded bytes as a 1-D uint8 tensor (what ``torchvision.io.decode_jpeg`` takes)."""
@@ -383,8 +384,8 @@ def worker_init_fn(worker_id: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # Datasets
 # --------------------------------------------------------------------------------------------------
-class _InsLocSampleBase(Dataset):
-    """Shared logic: epoch, per-sample RNG, foreground/background draws with replacement of bad files."""
+class PretrainSampleDataset(Dataset):
+    """Shared by the InsLoc and MoCo datasets: epoch, per-sample RNG, draws with replacement of bad files."""
 
     def __init__(self, images: UnlabelledImages, cfg: CompositionConfig | None = None, seed: int = 0) -> None:
         if len(images) == 0:
@@ -461,7 +462,7 @@ class _InsLocSampleBase(Dataset):
 PIPELINES = ("fast", "reference")
 
 
-class InsLocPretrainDataset(_InsLocSampleBase):
+class InsLocPretrainDataset(PretrainSampleDataset):
     """The official InsLoc pretraining sample, composed per sample on the CPU.
 
     ``dataset[idx]`` (or ``dataset[(epoch, idx)]``) returns ``dict(q_img, q_box, k_img, k_box, index)``:
@@ -526,12 +527,12 @@ class InsLocPretrainDataset(_InsLocSampleBase):
                 enc = self._replace(enc, err, rng)
 
 
-def _pil_to_uint8(img: Image.Image) -> torch.Tensor:
-    # [3, H, W] over the H x W x 3 array: one copy, and the channels-last layout the CPU resize wants
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as uint8 ``[3, H, W]``: one copy, laid out channels-last (what the CPU resize wants)."""
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
-class InsLocDecodeDataset(_InsLocSampleBase):
+class InsLocDecodeDataset(PretrainSampleDataset):
     """Decode-only twin of :class:`InsLocPretrainDataset` for composing on the device.
 
     ``dataset[idx]`` returns ``dict(fg, bg_q, bg_k, params, index)``:
@@ -583,9 +584,9 @@ class InsLocDecodeDataset(_InsLocSampleBase):
         fg, bg_q, bg_k = self._draw(index, rng, self._load_foreground, self._load_background)
         params = sample_composition_params(fg.size, self.cfg, rng)
         return {
-            "fg": _pil_to_uint8(fg),
-            "bg_q": _pil_to_uint8(bg_q),
-            "bg_k": _pil_to_uint8(bg_k),
+            "fg": pil_to_uint8(fg),
+            "bg_q": pil_to_uint8(bg_q),
+            "bg_k": pil_to_uint8(bg_k),
             "params": params,
             "index": index,
         }
@@ -619,10 +620,10 @@ def _payload(enc: EncodedImage) -> tuple[str, torch.Tensor, int]:
     other formats (their CPU fallback, decoded once in the worker by ``decode_image``)."""
     if enc.is_jpeg:
         return (JPEG, enc.as_tensor(), enc.orientation)
-    return (PIXELS, _pil_to_uint8(enc.decode()), 1)
+    return (PIXELS, pil_to_uint8(enc.decode()), 1)
 
 
-class InsLocBytesDataset(_InsLocSampleBase):
+class InsLocBytesDataset(PretrainSampleDataset):
     """Workers only read bytes: the official draws, the files' bytes, nothing decoded.
 
     ``dataset[idx]`` returns ``dict(fg, bg_q, bg_k, params, index, bg_draw)`` where ``fg``/``bg_q``/
@@ -715,7 +716,7 @@ def _decode_one(payload: tuple[str, torch.Tensor, int], device: torch.device) ->
         img = _decode_jpeg(data, device)
     except RuntimeError:  # e.g. a JPEG variant the device decoder refuses: PIL on the CPU
         try:
-            img = _pil_to_uint8(decode_image(data.numpy().tobytes())).to(device)
+            img = pil_to_uint8(decode_image(data.numpy().tobytes())).to(device)
         except InvalidImageError as err:
             logger.warning("undecodable image replaced by grey in this batch: %s", err)
             return torch.full((3, 64, 64), 128, dtype=torch.uint8, device=device)
