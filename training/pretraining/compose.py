@@ -41,7 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
+from torchvision.utils import draw_bounding_boxes, make_grid
 
 from insloc_hub.configs import JsonConfig
 from insloc_hub.errors import ConfigError
@@ -419,6 +420,10 @@ def _stretch_background_pil(img: Image.Image, canvas: int) -> Image.Image:
     return img.resize((canvas, canvas), Image.Resampling.BILINEAR)
 
 
+_PIL_COLOR_OPS = {BRIGHTNESS: TF.adjust_brightness, CONTRAST: TF.adjust_contrast, SATURATION: TF.adjust_saturation,
+                  HUE: TF.adjust_hue}
+
+
 def render_view_pil(
     foreground: Image.Image, background: Image.Image, view: ViewParams, cfg: CompositionConfig
 ) -> tuple[Image.Image, tuple[float, float, float, float]]:
@@ -442,14 +447,7 @@ def render_view_pil(
     if view.jitter:
         factors = (view.brightness, view.contrast, view.saturation, view.hue)
         for op in view.jitter_order:
-            if op == BRIGHTNESS:
-                canvas = TF.adjust_brightness(canvas, factors[op])
-            elif op == CONTRAST:
-                canvas = TF.adjust_contrast(canvas, factors[op])
-            elif op == SATURATION:
-                canvas = TF.adjust_saturation(canvas, factors[op])
-            else:
-                canvas = TF.adjust_hue(canvas, factors[op])
+            canvas = _PIL_COLOR_OPS[op](canvas, factors[op])
     if view.grayscale:
         canvas = TF.rgb_to_grayscale(canvas, num_output_channels=3)
     if view.blur:
@@ -895,25 +893,6 @@ def compose_batch(
 # --------------------------------------------------------------------------------------------------
 # Visual check
 # --------------------------------------------------------------------------------------------------
-def _to_pil(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> Image.Image:
-    x = img.detach().float().cpu()
-    x = x * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
-    arr = (x.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(np.ascontiguousarray(arr), "RGB")
-
-
-def _draw_box(
-    draw: ImageDraw.ImageDraw,
-    box: Sequence[float],
-    color: tuple[int, int, int],
-    offset: tuple[int, int],
-) -> None:
-    x1, y1, x2, y2 = (float(v) for v in box)
-    ox, oy = offset
-    # Boxes are pixel-exclusive at x2/y2: the last covered pixel is x2 - 1.
-    draw.rectangle([ox + x1, oy + y1, ox + x2 - 1, oy + y2 - 1], outline=color, width=2)
-
-
 def make_composition_grid(
     q_imgs: torch.Tensor,
     q_boxes: torch.Tensor,
@@ -937,20 +916,18 @@ def make_composition_grid(
     n = min(int(q_imgs.shape[0]), max_items)
     if n == 0:
         raise ValueError("make_composition_grid: empty batch")
-    h, w = int(q_imgs.shape[-2]), int(q_imgs.shape[-1])
-    grid = Image.new("RGB", (n * w + (n + 1) * padding, 2 * h + 3 * padding), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
     green, red = (0, 230, 0), (255, 40, 40)
-    for i in range(n):
-        ox = padding + i * (w + padding)
-        q_off, k_off = (ox, padding), (ox, 2 * padding + h)
-        grid.paste(_to_pil(q_imgs[i], mean, std), q_off)
-        grid.paste(_to_pil(k_imgs[i], mean, std), k_off)
-        _draw_box(draw, q_boxes[i].tolist(), green, q_off)
-        _draw_box(draw, k_boxes[i].tolist(), green, k_off)
-        if jittered_boxes is not None:
-            _draw_box(draw, jittered_boxes[i].tolist(), red, q_off)
+    last_pixel = torch.tensor([0.0, 0.0, 1.0, 1.0])  # boxes are pixel-exclusive at x2/y2; drawn up to x2 - 1
+
+    def drawn(imgs: torch.Tensor, *box_sets: torch.Tensor) -> list[torch.Tensor]:
+        x = imgs[:n].detach().float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+        x = (x.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
+        return [draw_bounding_boxes(x[i], torch.stack([b[i].detach().float().cpu() for b in box_sets]) - last_pixel,
+                                    colors=[green, red][:len(box_sets)], width=2) for i in range(n)]
+
+    q_sets = (q_boxes,) if jittered_boxes is None else (q_boxes, jittered_boxes)
+    grid = make_grid(drawn(q_imgs, *q_sets) + drawn(k_imgs, k_boxes), nrow=n, padding=padding, pad_value=255)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out, format="PNG")
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out, format="PNG")
     return out
