@@ -231,10 +231,6 @@ class ViewParams:
             x1, x2 = canvas - x2, canvas - x1
         return (float(x1), float(y1), float(x2), float(y2))
 
-    def without_color(self) -> ViewParams:
-        """Same geometry and flip, no jitter, grayscale or blur (used to compare pixels)."""
-        return dataclasses.replace(self, jitter=False, grayscale=False, blur=False)
-
 
 @dataclass(frozen=True)
 class CompositionParams:
@@ -245,19 +241,9 @@ class CompositionParams:
     foreground_size: tuple[int, int] = field(default=(0, 0))
     """(width, height) of the foreground the crops were drawn for."""
 
-    def without_color(self) -> CompositionParams:
-        return CompositionParams(self.query.without_color(), self.key.without_color(), self.foreground_size)
-
-
 # --------------------------------------------------------------------------------------------------
 # Parameter sampling (shared by both implementations)
 # --------------------------------------------------------------------------------------------------
-def _as_generator(rng: np.random.Generator | int | None) -> np.random.Generator:
-    if isinstance(rng, np.random.Generator):
-        return rng
-    return np.random.default_rng(rng)
-
-
 def random_resized_crop_params(
     width: int,
     height: int,
@@ -367,7 +353,7 @@ def sample_composition_params(
     (imagenet.py L85-90).
     """
     cfg = cfg or CompositionConfig()
-    gen = _as_generator(rng)
+    gen = np.random.default_rng(rng)  # a Generator is returned as it is
     width, height = int(foreground_size[0]), int(foreground_size[1])
     if width < 1 or height < 1:
         raise ValueError(f"foreground size must be positive, got {foreground_size}")
@@ -835,7 +821,7 @@ def compose_batch(
     dev = torch.device(device) if device is not None else foregrounds[0].device
     fgs = [_check_uint8_image(f, "foreground") for f in foregrounds]
     if params is None:
-        gen = _as_generator(rng)
+        gen = np.random.default_rng(rng)  # a Generator is returned as it is
         params = [sample_composition_params((int(f.shape[-1]), int(f.shape[-2])), cfg, gen) for f in fgs]
     if len(params) != batch:
         raise ValueError(f"{batch} foregrounds but {len(params)} parameter sets")

@@ -204,17 +204,16 @@ RESUME_IGNORED_FIELDS = frozenset({
     "checkpoint_every_steps", "keep_checkpoints", "log_every", "max_steps", "tensorboard",
 })
 
+_OFFICIAL_FPN = dict(arch="r50-fpn", method="insloc", epochs=200, batch_size=256, lr=0.03, momentum=0.9, nesterov=True,
+                     weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999, temperature=0.2, canvas=256,
+                     box_jitter=True, shuffle_bn=True, sync_bn=False, workers=4)
 PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # CPU smoke run: ResNet-18 at 1/4 width, 64 px canvas, short queue, a few steps per epoch.
     "tiny": dict(arch="tiny-fpn", canvas=64, queue_size=256, batch_size=16, epochs=2, workers=2,
                  log_every=1, checkpoint_every_steps=0, keep_checkpoints=2),
     # The released recipe (configs/FPN/insloc_fpn_200ep.py) and its 400-epoch variant (MODELZOO.md).
-    "r50-fpn-200ep": dict(arch="r50-fpn", method="insloc", epochs=200, batch_size=256, lr=0.03, momentum=0.9,
-                          nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999,
-                          temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True, sync_bn=False, workers=4),
-    "r50-fpn-400ep": dict(arch="r50-fpn", method="insloc", epochs=400, batch_size=256, lr=0.03, momentum=0.9,
-                          nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999,
-                          temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True, sync_bn=False, workers=4),
+    "r50-fpn-200ep": _OFFICIAL_FPN,
+    "r50-fpn-400ep": dict(_OFFICIAL_FPN, epochs=400),
     # A few hundred to a few thousand photos on one machine: the best combination measured at batch 16 on the
     # raccoon CPU budget (docs/pretraining.md, "Collapse"); every deviation is recorded in the card with its
     # reason (DEVIATION_REASONS). Choose the size with --arch (tiny-fpn, r18-fpn, r50-fpn).
@@ -222,9 +221,7 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
                        warmup_epochs=5, queue_size=256, key_momentum=0.0, projection_norm="batch",
                        inbatch_negatives=True, queue_negatives=False),
     # Reconstruction: the C4 pretraining config was never released (issue #14).
-    "r50-c4-200ep": dict(arch="r50-c4", method="insloc", epochs=200, batch_size=256, lr=0.03, momentum=0.9,
-                         nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999,
-                         temperature=0.2, canvas=256, box_jitter=True, c4_roi_size=14, workers=4),
+    "r50-c4-200ep": dict(_OFFICIAL_FPN, arch="r50-c4", c4_roi_size=14),
 }
 
 #: config fields newer than some checkpoints, with the value those checkpoints were trained with
@@ -476,10 +473,11 @@ def deviations_from_official(cfg: PretrainConfig) -> list[str]:
     return out
 
 
-def _provenance(cfg: PretrainConfig, *, epoch: int, step_in_epoch: int, steps_per_epoch: int, global_step: int,
-                num_images: int) -> dict[str, Any]:
+def _provenance(cfg: PretrainConfig, position: dict[str, Any]) -> dict[str, Any]:
+    """The card's training record; ``position`` holds a checkpoint's epoch, step and data-size fields."""
     variant = backbone_config(cfg.arch).variant
-    done = epoch + (step_in_epoch / steps_per_epoch if steps_per_epoch else 0.0)
+    steps_per_epoch = position["steps_per_epoch"]
+    done = position["epoch"] + (position["step_in_epoch"] / steps_per_epoch if steps_per_epoch else 0.0)
     if cfg.optimizer == "adamw":
         opt = f"AdamW lr {cfg.lr} x {cfg.batch_size}/256 = {cfg.scaled_lr:g}"
     else:
@@ -491,7 +489,8 @@ def _provenance(cfg: PretrainConfig, *, epoch: int, step_in_epoch: int, steps_pe
               f"canvas {cfg.canvas}")
     prov: dict[str, Any] = {
         "method": "InsLoc" if cfg.method == "insloc" else "MoCo v2 (image-level baseline)", "recipe": recipe,
-        "epochs": cfg.epochs, "epochs_completed": round(done, 4), "steps": global_step, "num_images": num_images,
+        "epochs": cfg.epochs, "epochs_completed": round(done, 4), "steps": position["global_step"],
+        "num_images": position["num_images"],
         "data_path": str(cfg.data), "seed": cfg.seed,
         "official_code": "limbo0000/InstanceLoc @ a419bb6 (configs/FPN/insloc_fpn_200ep.py)"}
     if cfg.dataset_name:
@@ -511,11 +510,16 @@ def _provenance(cfg: PretrainConfig, *, epoch: int, step_in_epoch: int, steps_pe
     return prov
 
 
-def _export(backbone: InsLocBackbone, out_dir: Path, cfg: PretrainConfig, provenance: dict[str, Any],
-            run_dir: Path | None) -> Path:
+def _export(model_state: dict[str, torch.Tensor], out_dir: Path, cfg: PretrainConfig, provenance: dict[str, Any],
+            run_dir: Path | None, records: Sequence[dict[str, Any]], collapsed_at: int | None) -> Path:
+    """The query backbone of ``model_state`` as a hub folder; the card also gets the run's diagnostics."""
+    diagnostics = summarize(records, batch_size=cfg.batch_size, dim=cfg.dim, collapsed_at=collapsed_at)
+    if diagnostics:
+        provenance["diagnostics"] = diagnostics
     files = {"metrics.jsonl": "metrics.jsonl", "training_args.json": "config.json"}
     extra = {name: run_dir / file for name, file in files.items() if run_dir is not None and (run_dir / file).is_file()}
     name = f"insloc-{cfg.arch}" if cfg.method == "insloc" else f"moco-{cfg.arch}"
+    backbone = export_backbone_from_state(model_state, cfg)
     return save_pretrained(backbone, out_dir, name=name, provenance=provenance, extra_files=extra)
 
 
@@ -531,20 +535,15 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.Path
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an insloc-train pretraining checkpoint (format {state.get('format')!r})")
     cfg = PretrainConfig.from_dict(state["config"])
-    backbone = export_backbone_from_state(state["model"], cfg)
-    prov = _provenance(cfg, epoch=state["epoch"], step_in_epoch=state["step_in_epoch"],
-                       steps_per_epoch=state["steps_per_epoch"], global_step=state["global_step"],
-                       num_images=state["num_images"])
+    prov = _provenance(cfg, state)
     prov["checkpoint"] = path.name
     run_dir = path.parent if (path.parent / "config.json").is_file() else None
+    records, collapsed = [], None
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
         records = run_lib.read_metrics(run_dir / "metrics.jsonl", state["global_step"])
         monitor = CollapseMonitor(cfg.dim, cfg.batch_size)
         collapsed = next((r["step"] for r in records if monitor.is_collapsed(r)), None)
-        diagnostics = summarize(records, batch_size=cfg.batch_size, dim=cfg.dim, collapsed_at=collapsed)
-        if diagnostics:
-            prov["diagnostics"] = diagnostics
-    return _export(backbone, Path(out_dir), cfg, prov, run_dir)
+    return _export(state["model"], Path(out_dir), cfg, prov, run_dir, records, collapsed)
 
 
 def _check_tensorboard(cfg: PretrainConfig) -> None:
@@ -639,15 +638,14 @@ def device_batches(loader: Iterable[Any], prepare: Callable[[Any], Views], devic
     next batch is decoded and composed on a side stream while the current step runs (the same
     batches either way).
     """
-    batches = DevicePrefetcher(loader, prepare, device) if prefetch else None
-    source = iter(batches if batches is not None else loader)
+    source = iter(DevicePrefetcher(loader, prepare, device) if prefetch else loader)
     while True:
         start = time.perf_counter()
         item = next(source, None)
         if item is None:
             return
         waited = time.perf_counter() - start
-        yield (item if batches is not None else prepare(item)), waited
+        yield (item if prefetch else prepare(item)), waited
 
 
 Callback = Callable[[str, dict[str, Any]], None]
@@ -882,16 +880,19 @@ class _PretrainRun:
             return
         run_lib.save(self.run_dir, self.global_step, {
             "format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(), "epoch": epoch,
-            "step_in_epoch": step_in_epoch, "steps_per_epoch": self.steps_per_epoch,
-            "global_step": self.global_step, "num_images": len(self.images), "world_size": self.info.world_size,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
+            **self._position(epoch, step_in_epoch), "world_size": self.info.world_size,
         }, self.cfg.keep_checkpoints)
         self._draw_curves()
 
-    def _draw_curves(self) -> None:
-        if self.is_main:
-            plot_curves(self.metrics.records, self.run_dir / "curves.png", chance_loss=self.loss_at_chance,
-                        batch_size=self.cfg.batch_size)
+    def _position(self, epoch: int, step_in_epoch: int) -> dict[str, int]:
+        """Where the run stands: the checkpoint fields that the card's provenance reads too."""
+        return {"epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": self.steps_per_epoch,
+                "global_step": self.global_step, "num_images": len(self.images)}
+
+    def _draw_curves(self) -> None:  # rank 0 only
+        plot_curves(self.metrics.records, self.run_dir / "curves.png", chance_loss=self.loss_at_chance,
+                    batch_size=self.cfg.batch_size)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -903,16 +904,10 @@ class _PretrainRun:
         """Write the query backbone as the hub folder ``RUN_DIR/final`` (rank 0); every rank returns its path."""
         cfg, final = self.cfg, self.run_dir / "final"
         if self.is_main:
-            backbone = export_backbone_from_state(self.model.state_dict(), cfg)
-            prov = _provenance(cfg, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
-                               steps_per_epoch=self.steps_per_epoch, global_step=self.global_step,
-                               num_images=len(self.images))
-            diagnostics = summarize(self.metrics.records, batch_size=cfg.batch_size, dim=cfg.dim,
-                                    collapsed_at=self.monitor.collapsed_at)
-            if diagnostics:
-                prov["diagnostics"] = diagnostics
+            prov = _provenance(cfg, self._position(self.epoch, self.step_in_epoch))
             self._draw_curves()
-            _export(backbone, final, cfg, prov, self.run_dir)
+            _export(self.model.state_dict(), final, cfg, prov, self.run_dir, self.metrics.records,
+                    self.monitor.collapsed_at)
             logger.info("exported the query backbone to %s", final)
         dist_utils.barrier()
         return final
