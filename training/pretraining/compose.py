@@ -740,18 +740,16 @@ def _stretch_into(out: torch.Tensor, images: Sequence[torch.Tensor], canvas: int
 def _fill_backgrounds(
     backgrounds: torch.Tensor | Sequence[torch.Tensor], out: torch.Tensor, canvas: int, batch: int
 ) -> None:
+    if len(backgrounds) != batch:
+        raise ValueError(f"{batch} foregrounds but {len(backgrounds)} backgrounds")
     if isinstance(backgrounds, torch.Tensor) and backgrounds.dim() == 4:
         if backgrounds.dtype != torch.uint8 or tuple(backgrounds.shape[1:]) != (3, canvas, canvas):
             raise ValueError(
                 f"a background tensor must be uint8 [B, 3, {canvas}, {canvas}], got "
                 f"{backgrounds.dtype} {tuple(backgrounds.shape)}"
             )
-        if backgrounds.shape[0] != batch:
-            raise ValueError(f"{batch} foregrounds but {backgrounds.shape[0]} backgrounds")
         out.copy_(backgrounds.to(out.device, non_blocking=True))
         return
-    if len(backgrounds) != batch:
-        raise ValueError(f"{batch} foregrounds but {len(backgrounds)} backgrounds")
     # mmcv.imresize(img, (256, 256)): a plain stretch (copy_and_paste.py L107-110).
     _stretch_into(out, [_check_uint8_image(bg, "background") for bg in backgrounds], canvas)
 
@@ -834,9 +832,8 @@ def compose_batch(
     _fill_backgrounds(backgrounds_q, canvas[:batch], size, batch)
     _fill_backgrounds(backgrounds_k, canvas[batch:], size, batch)
 
-    # 2. Crop, aspect-preserving rescale, hard paste (per sample: the sizes differ). A foreground
-    # smaller than the size its parameters were drawn for is a reduced decode of it (JPEG draft):
-    # its crop windows are scaled to it, rounded to its pixel grid.
+    # 2. Crop, aspect-preserving rescale, hard paste (per sample: the sizes differ); crop windows of a
+    # reduced decode scaled to it (see above).
     for i, fg in enumerate(fgs):
         fg = fg.to(dev, non_blocking=True)
         height, width = fg.shape[1:]

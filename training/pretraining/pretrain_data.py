@@ -1,20 +1,13 @@
 """Unlabelled images and the InsLoc pretraining datasets (insloc-method.md, section 1.1).
 
-* :class:`UnlabelledImages` -- a folder of images (ImageNet layout or any tree; class folders are
-  ignored) or the official text list of relative paths (``docs/DATA.md``). Unreadable files are
-  skipped, counted and reported once per epoch, never fatal.
-* :class:`InsLocPretrainDataset` -- the official sample (``ImageNetDataset.prepare_train_img``,
-  ``mmdet/datasets/imagenet.py`` L66-91 at limbo0000/InstanceLoc @ a419bb6): foreground = image
-  ``idx``, two backgrounds drawn uniformly with replacement from the whole set, composed per sample
-  on the CPU: by default the fast pipeline (:meth:`EncodedImage.decode_uint8`, then
-  :func:`insloc_hub.training.pretraining.compose.compose_batch` on the one sample), or the reference
-  :func:`insloc_hub.training.pretraining.compose.compose_pair` with ``pipeline="reference"``.
-* :class:`InsLocBytesDataset` -- the same draws; workers only read the files' bytes (and headers);
-  :func:`compose_encoded_batch` decodes them on the device (``torchvision.io.decode_jpeg``, nvJPEG on
-  CUDA) and composes the batch there. Use :func:`collate_encoded`.
-* :class:`InsLocDecodeDataset` -- the same draws, but it only decodes: foreground + two backgrounds
-  as uint8 tensors plus the sample's :class:`~insloc_hub.training.pretraining.compose.CompositionParams`, for
-  :func:`insloc_hub.training.pretraining.compose.compose_batch` on the device. Use :func:`collate_decoded`.
+:class:`UnlabelledImages` holds the files: a folder (any tree, class folders ignored) or the official
+list of relative paths (``docs/DATA.md``); unreadable files are skipped, counted and reported once per
+epoch, never fatal. Every dataset draws the official sample (``ImageNetDataset.prepare_train_img``,
+``mmdet/datasets/imagenet.py`` L66-91 at limbo0000/InstanceLoc @ a419bb6: foreground = image ``idx``,
+two backgrounds drawn uniformly with replacement from the whole set); they differ only in where the
+images are decoded and composed: :class:`InsLocPretrainDataset` in the CPU workers (fast tensor
+pipeline, or the PIL reference), :class:`InsLocDecodeDataset` (decoded in the workers) and
+:class:`InsLocBytesDataset` (bytes only; nvJPEG on CUDA) on the device.
 
 Reproducibility. Sample ``idx`` of epoch ``e`` is a pure function of ``(seed, e, idx)`` and the
 files: every draw comes from ``numpy.random.default_rng(SeedSequence([seed, e, idx]))``, whatever the
@@ -50,6 +43,7 @@ from insloc_hub.training.pretraining.compose import (
     compose_batch,
     compose_pair,
     foreground_reduction,
+    mmcv_rescale_size,
     sample_composition_params,
     stretch_to_canvas,
 )
@@ -565,11 +559,8 @@ class InsLocDecodeDataset(PretrainSampleDataset):
 
     def _load_foreground(self, index: int) -> Image.Image:
         img = self.images.load(index)
-        width, height = img.size
-        if max(width, height) > self.max_side:
-            f = self.max_side / max(width, height)
-            size = (max(1, int(width * f + 0.5)), max(1, int(height * f + 0.5)))
-            img = img.resize(size, Image.Resampling.BILINEAR)
+        if max(img.size) > self.max_side:  # long side to max_side, rounded as mmcv rounds
+            img = img.resize(mmcv_rescale_size(*img.size, self.max_side, self.max_side), Image.Resampling.BILINEAR)
         return img
 
     def _load_background(self, index: int) -> Image.Image:
@@ -683,21 +674,19 @@ def collate_encoded(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def apply_exif_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
     """``[C, H, W]`` as PIL's ``ImageOps.exif_transpose`` would turn it for EXIF ``orientation`` 1-8."""
-    if orientation == 2:
-        return img.flip(-1)
-    if orientation == 3:
-        return img.flip((-2, -1))
-    if orientation == 4:
-        return img.flip(-2)
-    if orientation == 5:
-        return img.transpose(-2, -1)
-    if orientation == 6:
-        return torch.rot90(img, -1, (-2, -1))
-    if orientation == 7:
-        return img.transpose(-2, -1).flip((-2, -1))
-    if orientation == 8:
-        return torch.rot90(img, 1, (-2, -1))
-    return img
+    transform = _EXIF_TRANSFORMS.get(orientation)
+    return img if transform is None else transform(img)
+
+
+_EXIF_TRANSFORMS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
+    2: lambda img: img.flip(-1),
+    3: lambda img: img.flip((-2, -1)),
+    4: lambda img: img.flip(-2),
+    5: lambda img: img.transpose(-2, -1),
+    6: lambda img: torch.rot90(img, -1, (-2, -1)),
+    7: lambda img: img.transpose(-2, -1).flip((-2, -1)),
+    8: lambda img: torch.rot90(img, 1, (-2, -1)),
+}
 
 
 def _decode_jpeg(data: Any, device: torch.device) -> Any:
