@@ -391,13 +391,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _normalise(img: Image.Image, cfg: CompositionConfig) -> torch.Tensor:
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
-    return x.sub_(mean).div_(std)
-
-
 def _stretch_background_pil(img: Image.Image, canvas: int) -> Image.Image:
     # copy_and_paste.py L107-110: mmcv.imresize(img, (256, 256)), a plain stretch (aspect ignored).
     img = _to_rgb(img)
@@ -461,9 +454,9 @@ def compose_pair_with_params(
     q_img, q_box = render_view_pil(foreground, background_q, params.query, cfg)
     k_img, k_box = render_view_pil(foreground, background_k, params.key, cfg)
     return (
-        _normalise(q_img, cfg),
+        TF.normalize(TF.to_tensor(q_img), cfg.mean, cfg.std, inplace=True),
         torch.tensor(q_box, dtype=torch.float32),
-        _normalise(k_img, cfg),
+        TF.normalize(TF.to_tensor(k_img), cfg.mean, cfg.std, inplace=True),
         torch.tensor(k_box, dtype=torch.float32),
     )
 

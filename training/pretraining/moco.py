@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torchvision.transforms.functional import pil_to_tensor
 
 from insloc_hub.models import BackboneConfig, InsLocBackbone
 from insloc_hub.training.pretraining.compose import (
@@ -42,7 +43,6 @@ from insloc_hub.training.pretraining.insloc import Encoder, InsLoc, Projection
 from insloc_hub.training.pretraining.pretrain_data import (
     InsLocDecodeDataset,
     PretrainSampleDataset,
-    pil_to_uint8,
     sample_rng,
 )
 
@@ -140,4 +140,4 @@ class MocoDecodeDataset(InsLocDecodeDataset):
         _, image = self._load(index, rng, self._load_foreground)
         params = moco_view_params(image.size, self.cfg, rng)
         blank = torch.zeros(3, self.cfg.canvas, self.cfg.canvas, dtype=torch.uint8)
-        return {"fg": pil_to_uint8(image), "bg_q": blank, "bg_k": blank, "params": params, "index": index}
+        return {"fg": pil_to_tensor(image), "bg_q": blank, "bg_k": blank, "params": params, "index": index}

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, get_worker_info
+from torchvision.transforms.functional import pil_to_tensor  # [3, H, W] over the H x W x 3 array (channels-last)
 
 from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
 from insloc_hub.training.pretraining.compose import (
@@ -64,7 +65,6 @@ __all__ = [
     "DevicePrefetcher",
     "apply_exif_orientation",
     "in_batch_background_indices",
-    "pil_to_uint8",
     "sample_rng",
     "worker_init_fn",
 ]
@@ -335,7 +335,7 @@ class EncodedImage:
                 return apply_exif_orientation(_decode_jpeg(self.as_tensor(), torch.device("cpu")), self.orientation)
             except RuntimeError:
                 pass
-        return pil_to_uint8(self.decode(min_size))
+        return pil_to_tensor(self.decode(min_size))
 
     def as_tensor(self) -> torch.Tensor:
         """The encoded bytes as a 1-D uint8 tensor (what ``torchvision.io.decode_jpeg`` takes)."""
@@ -521,11 +521,6 @@ class InsLocPretrainDataset(PretrainSampleDataset):
                 enc = self._replace(enc, err, rng)
 
 
-def pil_to_uint8(img: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as uint8 ``[3, H, W]``: one copy, laid out channels-last (what the CPU resize wants)."""
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-
-
 class InsLocDecodeDataset(PretrainSampleDataset):
     """Decode-only twin of :class:`InsLocPretrainDataset` for composing on the device.
 
@@ -575,9 +570,9 @@ class InsLocDecodeDataset(PretrainSampleDataset):
         fg, bg_q, bg_k = self._draw(index, rng, self._load_foreground, self._load_background)
         params = sample_composition_params(fg.size, self.cfg, rng)
         return {
-            "fg": pil_to_uint8(fg),
-            "bg_q": pil_to_uint8(bg_q),
-            "bg_k": pil_to_uint8(bg_k),
+            "fg": pil_to_tensor(fg),
+            "bg_q": pil_to_tensor(bg_q),
+            "bg_k": pil_to_tensor(bg_k),
             "params": params,
             "index": index,
         }
@@ -611,7 +606,7 @@ def _payload(enc: EncodedImage) -> tuple[str, torch.Tensor, int]:
     other formats (their CPU fallback, decoded once in the worker by ``decode_image``)."""
     if enc.is_jpeg:
         return (JPEG, enc.as_tensor(), enc.orientation)
-    return (PIXELS, pil_to_uint8(enc.decode()), 1)
+    return (PIXELS, pil_to_tensor(enc.decode()), 1)
 
 
 class InsLocBytesDataset(PretrainSampleDataset):
@@ -705,7 +700,7 @@ def _decode_one(payload: tuple[str, torch.Tensor, int], device: torch.device) ->
         img = _decode_jpeg(data, device)
     except RuntimeError:  # e.g. a JPEG variant the device decoder refuses: PIL on the CPU
         try:
-            img = pil_to_uint8(decode_image(data.numpy().tobytes())).to(device)
+            img = pil_to_tensor(decode_image(data.numpy().tobytes())).to(device)
         except InvalidImageError as err:
             logger.warning("undecodable image replaced by grey in this batch: %s", err)
             return torch.full((3, 64, 64), 128, dtype=torch.uint8, device=device)
