@@ -317,27 +317,18 @@ def _sample_pixel_aug(cfg: CompositionConfig, rng: np.random.Generator) -> dict[
     # PixelAugPil (pixel_aug_pil.py L24-55) then RandomFlip, in the official order. The colour
     # parameters are always drawn (torchvision draws them only when RandomApply fires) so that every
     # sample uses the same number of draws; the distributions are unchanged.
-    jitter = bool(rng.random() < cfg.jitter_p)  # RandomApply: applied iff rand <= p
-    order = tuple(int(i) for i in rng.permutation(4))  # ColorJitter.get_params: torch.randperm(4)
-    brightness = float(rng.uniform(*cfg.brightness_range))
-    contrast = float(rng.uniform(*cfg.contrast_range))
-    saturation = float(rng.uniform(*cfg.saturation_range))
-    hue = float(rng.uniform(*cfg.hue_range))
-    grayscale = bool(rng.random() < cfg.grayscale_p)  # RandomGrayscale: torch.rand(1) < p
-    blur = bool(rng.random() < cfg.blur_p)  # RandomApply([GaussianBlur], p=0.5)
-    sigma = float(rng.uniform(*cfg.blur_sigma))  # GaussianBlur: random.uniform(.1, 2.)
-    flip = bool(rng.random() < cfg.flip_p)  # RandomFlip: np.random.rand() < flip_ratio
+    # Keyword arguments are evaluated in order, so the draws below happen top to bottom.
     return dict(
-        jitter=jitter,
-        jitter_order=order,
-        brightness=brightness,
-        contrast=contrast,
-        saturation=saturation,
-        hue=hue,
-        grayscale=grayscale,
-        blur=blur,
-        blur_sigma=sigma,
-        flip=flip,
+        jitter=bool(rng.random() < cfg.jitter_p),  # RandomApply: applied iff rand <= p
+        jitter_order=tuple(int(i) for i in rng.permutation(4)),  # ColorJitter.get_params: torch.randperm(4)
+        brightness=float(rng.uniform(*cfg.brightness_range)),
+        contrast=float(rng.uniform(*cfg.contrast_range)),
+        saturation=float(rng.uniform(*cfg.saturation_range)),
+        hue=float(rng.uniform(*cfg.hue_range)),
+        grayscale=bool(rng.random() < cfg.grayscale_p),  # RandomGrayscale: torch.rand(1) < p
+        blur=bool(rng.random() < cfg.blur_p),  # RandomApply([GaussianBlur], p=0.5)
+        blur_sigma=float(rng.uniform(*cfg.blur_sigma)),  # GaussianBlur: random.uniform(.1, 2.)
+        flip=bool(rng.random() < cfg.flip_p),  # RandomFlip: np.random.rand() < flip_ratio
     )
 
 
