@@ -58,6 +58,7 @@ __all__ = [
     "compose_pair",
     "compose_pair_with_params",
     "render_view_pil",
+    "stretch_background_pil",
     "foreground_reduction",
     "compose_batch",
     "stretch_to_canvas",
@@ -382,8 +383,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _stretch_background_pil(img: Image.Image, canvas: int) -> Image.Image:
-    # copy_and_paste.py L107-110: mmcv.imresize(img, (256, 256)), a plain stretch (aspect ignored).
+def stretch_background_pil(img: Image.Image, canvas: int) -> Image.Image:
+    """A new RGB image stretched to ``canvas`` squared, aspect ignored: the reference's background
+    (copy_and_paste.py L107-110: ``mmcv.imresize(img, (256, 256))``)."""
     img = _to_rgb(img)
     if img.size == (canvas, canvas):
         return img.copy()
@@ -402,7 +404,7 @@ def render_view_pil(
     ``background`` is stretched to the canvas if it is not already canvas-sized. Returns the RGB
     PIL canvas after paste, colour augmentation and flip, and the final box.
     """
-    canvas = _stretch_background_pil(background, cfg.canvas)
+    canvas = stretch_background_pil(background, cfg.canvas)
     fg = _to_rgb(foreground)
     # get_crop (L163-170): mmcv.imcrop of rows [top, top+h), cols [left, left+w).
     crop = fg.crop((view.crop_left, view.crop_top, view.crop_left + view.crop_width, view.crop_top + view.crop_height))

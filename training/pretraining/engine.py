@@ -51,7 +51,7 @@ from insloc_hub.pretrained import save_pretrained
 from insloc_hub.training.pretraining.compose import CompositionConfig, compose_batch, make_composition_grid
 from insloc_hub.training.pretraining.diagnostics import CollapseMonitor, plot_curves, summarize
 from insloc_hub.training.pretraining.insloc import PROJECTION_NORMS, InsLoc
-from insloc_hub.training.pretraining.moco import MoCo, MocoDecodeDataset, MocoPretrainDataset
+from insloc_hub.training.pretraining.moco import MoCo, MocoDecodeDataset, MocoPretrainDataset, moco_backbone_config
 from insloc_hub.training.pretraining.pretrain_data import (
     DevicePrefetcher,
     InsLocBytesDataset,
@@ -336,11 +336,9 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
         n, total = self.num_samples, self.steps_per_epoch * self.global_batch
         order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch, 0x5A3D)))
         order = order.repeat(math.ceil(total / n))[:total]  # padded to whole global batches by wrapping around
-        b, g = self.batch_per_rank, self.global_batch
-        for step in range(self.start_step, self.steps_per_epoch):
-            start = step * g + self.rank * b
-            for index in order[start:start + b].tolist():
-                yield (self.epoch, index)
+        # [step, rank, position in the rank's part of the global batch]
+        mine = order.view(self.steps_per_epoch, self.world_size, self.batch_per_rank)[self.start_step:, self.rank]
+        return ((self.epoch, index) for index in mine.flatten().tolist())
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.batch_per_rank
@@ -384,10 +382,7 @@ def build_model(cfg: PretrainConfig) -> InsLoc:
 def query_backbone_config(cfg: PretrainConfig) -> BackboneConfig:
     """Architecture of the exported bundle: trunk+FPN+box head (InsLoc FPN), trunk+res5 (C4), trunk (MoCo FPN)."""
     arch = backbone_config(cfg.arch)
-    if cfg.method == "moco":
-        parts = ("trunk",) if arch.variant == "fpn" else ("trunk", "box_head")
-        return dataclasses.replace(arch, parts=parts)
-    return dataclasses.replace(arch, parts=None)
+    return moco_backbone_config(arch) if cfg.method == "moco" else dataclasses.replace(arch, parts=None)
 
 
 def composition_config(cfg: PretrainConfig) -> CompositionConfig:

@@ -46,8 +46,8 @@ from insloc_hub.training.pretraining.pretrain_data import (
     sample_rng,
 )
 
-__all__ = ["MoCo", "ImageEncoder", "MOCO_CROP_SCALE", "MOCO_CROP_RATIO", "moco_view_params", "MocoPretrainDataset",
-           "MocoDecodeDataset"]
+__all__ = ["MoCo", "ImageEncoder", "MOCO_CROP_SCALE", "MOCO_CROP_RATIO", "moco_view_params", "moco_backbone_config",
+           "MocoPretrainDataset", "MocoDecodeDataset"]
 
 MOCO_CROP_SCALE = (0.2, 1.0)
 """``RandomResizedCrop(224, scale=(0.2, 1.))`` in MoCo v2's ``aug_plus``."""
@@ -80,12 +80,16 @@ class MoCo(InsLoc):
         super().__init__(arch, dim, K, m, T, **kwargs)
 
     def _build_encoder(self, cfg: BackboneConfig, dim: int, c4_roi_size: int) -> Encoder:
-        parts = ("trunk",) if cfg.variant == "fpn" else ("trunk", "box_head")
-        backbone = InsLocBackbone(dataclasses.replace(cfg, parts=parts))
+        backbone = InsLocBackbone(moco_backbone_config(cfg))
         width = backbone.embedding_dim  # C5 channels (2048 for R50)
         # the MoCo v2 MLP
         projection = Projection(width, width, dim, official_init=False, norm=self.projection_norm != "off")
         return ImageEncoder(backbone, projection)
+
+
+def moco_backbone_config(arch: BackboneConfig) -> BackboneConfig:
+    """What MoCo trains and exports of ``arch``: the trunk (FPN archs) or trunk + res5 (C4 archs)."""
+    return dataclasses.replace(arch, parts=("trunk",) if arch.variant == "fpn" else ("trunk", "box_head"))
 
 
 def moco_view_params(foreground_size: tuple[int, int], cfg: CompositionConfig,

@@ -46,6 +46,7 @@ from insloc_hub.training.pretraining.compose import (
     foreground_reduction,
     mmcv_rescale_size,
     sample_composition_params,
+    stretch_background_pil,
     stretch_to_canvas,
 )
 from insloc_hub.transforms import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
@@ -559,10 +560,7 @@ class InsLocDecodeDataset(PretrainSampleDataset):
         return img
 
     def _load_background(self, index: int) -> Image.Image:
-        # copy_and_paste.py L107-110: stretched to canvas x canvas (here on the CPU, as the reference).
-        size = (self.cfg.canvas, self.cfg.canvas)
-        img = self.images.load(index)
-        return img if img.size == size else img.resize(size, Image.Resampling.BILINEAR)
+        return stretch_background_pil(self.images.load(index), self.cfg.canvas)  # on the CPU, as the reference
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = self._key(key)
