@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
 
 from insloc_hub import __version__
 from insloc_hub.configs import JsonConfig, device_name, flag, output_folder
@@ -557,14 +558,6 @@ def chance_loss(model: InsLoc, batch_size: int) -> float:
     return float(model.level_weights.sum()) * math.log(negatives + 1)
 
 
-def _progress(total: int, initial: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
-
-
 Views = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
 
 
@@ -723,7 +716,7 @@ class _PretrainRun:
         _set_determinism(cfg, self.device)
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.metrics: MetricsWriter | None = None
-        self.bar: Any = None
+        self.bar: tqdm | None = None
 
     def build_data(self) -> None:
         cfg, info = self.cfg, self.info
@@ -803,7 +796,8 @@ class _PretrainRun:
         self.metrics = MetricsWriter(self.run_dir, self.is_main, self.global_step, tensorboard=cfg.tensorboard)
         self.monitor = CollapseMonitor(cfg.dim, cfg.batch_size)
         self.loss_at_chance = chance_loss(self.model, cfg.batch_size)
-        self.bar = _progress(self.total_steps, self.global_step, self.is_main and sys.stderr.isatty())
+        self.bar = tqdm(total=self.total_steps, initial=self.global_step, unit="step", dynamic_ncols=True,
+                        file=sys.stderr, disable=not (self.is_main and sys.stderr.isatty()))  # disabled: no-ops
 
     def loop(self, callbacks: Sequence[Callback]) -> None:
         cfg = self.cfg
@@ -836,8 +830,7 @@ class _PretrainRun:
                 finished = self.global_step >= self.total_steps
                 if self.global_step % cfg.log_every == 0 or finished:
                     self._log(out, lr, timer)
-                if self.bar is not None:
-                    self.bar.update(1)
+                self.bar.update(1)
                 if self.step_in_epoch == self.steps_per_epoch:
                     self._save(self.epoch + 1, 0)
                 elif finished or (cfg.checkpoint_every_steps and self.global_step % cfg.checkpoint_every_steps == 0):
@@ -860,7 +853,7 @@ class _PretrainRun:
         self.metrics.write(record)
         if self.is_main:
             self.monitor.update(self.global_step, record)
-        if self.bar is not None:
+        if not self.bar.disable:
             self.bar.set_postfix(loss=f"{values['loss']:.3f}", top1=f"{values['inbatch_top1']:.0f}%",
                                  cos_k=f"{values['cos_k']:.2f}", lr=f"{lr:.4g}", img_s=f"{record['img_per_s']:.0f}",
                                  data=f"{data_time:.3f}s", step=f"{step_time:.3f}s")
