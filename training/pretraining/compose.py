@@ -125,9 +125,7 @@ class CompositionConfig(JsonConfig):
             value = getattr(self, f.name)
             if isinstance(value, list):
                 setattr(self, f.name, tuple(value))
-        self._validate()
 
-    def _validate(self) -> None:
         def fail(msg: str) -> None:
             raise ConfigError(f"CompositionConfig: {msg}")
 
@@ -839,15 +837,8 @@ def compose_batch(
 
     # 3. RandomFlip of image and box. The official code flips last; the colour operations commute
     # with a horizontal flip (pointwise, a global mean, a symmetric blur), and a uint8 flip is cheaper.
-    boxes = torch.tensor([v.paste_box for v in views], dtype=torch.float32)
-    flip_rows = [i for i, v in enumerate(views) if v.flip]
-    if flip_rows:
-        _on_rows(canvas, flip_rows, lambda part: part.copy_(part.flip(-1)))
-        fr = torch.as_tensor(flip_rows, dtype=torch.long)
-        x1 = boxes[fr, 0].clone()
-        boxes[fr, 0] = size - boxes[fr, 2]
-        boxes[fr, 2] = size - x1
-    boxes = boxes.to(dev, non_blocking=True)
+    _on_rows(canvas, [i for i, v in enumerate(views) if v.flip], lambda part: part.copy_(part.flip(-1)))
+    boxes = torch.tensor([v.box(size) for v in views], dtype=torch.float32).to(dev, non_blocking=True)
 
     # 4. PixelAugPil (colour jitter -> grayscale -> blur), per view, in float on [0, 1].
     x = apply_color_ops(canvas.float().div_(255.0), views)
