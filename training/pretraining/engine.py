@@ -69,8 +69,8 @@ from insloc_hub.training.runtime.run import MetricsWriter, StepTimer, seed_every
 __all__ = ["Runtime", "build_dataset", "resolve_runtime", "PretrainConfig", "PRETRAIN_PRESETS",
            "RESUME_IGNORED_FIELDS", "CHECKPOINT_FORMAT", "ResumableDistributedSampler", "cosine_by_epoch",
            "set_schedule_epoch", "build_model", "compile_encoders", "train", "train_step", "batch_to_views",
-           "resolve_config", "export_checkpoint", "export_backbone_from_state", "query_backbone_config",
-           "device_batches", "build_optimizer_and_schedule"]
+           "resolve_config", "export_checkpoint", "query_backbone_config", "device_batches",
+           "build_optimizer_and_schedule"]
 
 logger = logging.getLogger(__name__)
 
@@ -393,9 +393,8 @@ def composition_config(cfg: PretrainConfig) -> CompositionConfig:
 
 @dataclass
 class Runtime:
-    """What the ``auto`` settings of a config mean on ``device``."""
+    """What the ``auto`` settings of a config mean on a device."""
 
-    device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
     gpu_composition: bool
@@ -407,7 +406,7 @@ def resolve_runtime(cfg: PretrainConfig, device: torch.device) -> Runtime:
     amp = {"auto": torch.bfloat16 if cuda else None, "on": torch.bfloat16, "off": None}[cfg.amp]
     channels_last = {"auto": cuda, "on": True, "off": False}[cfg.channels_last]
     gpu_comp = {"auto": cuda, "on": True, "off": False}[cfg.gpu_composition]
-    return Runtime(device, amp, channels_last, gpu_comp)
+    return Runtime(amp, channels_last, gpu_comp)
 
 
 def build_dataset(cfg: PretrainConfig, images: UnlabelledImages, gpu_composition: bool) -> Any:
@@ -442,17 +441,6 @@ def batch_to_views(batch: dict[str, Any], comp: CompositionConfig, device: torch
         q_img = q_img.contiguous(memory_format=torch.channels_last)
         k_img = k_img.contiguous(memory_format=torch.channels_last)
     return q_img, q_box, k_img, k_box
-
-
-def export_backbone_from_state(model_state: dict[str, torch.Tensor], cfg: PretrainConfig) -> InsLocBackbone:
-    """A fresh :class:`InsLocBackbone` holding the query-side weights of a pretraining state dict."""
-    prefix = "encoder_q.backbone."
-    backbone = InsLocBackbone(query_backbone_config(cfg))
-    state = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
-    header = f"the checkpoint's query backbone does not match {cfg.arch!r}:"
-    WeightsMismatchError.check(backbone.state_dict(), state, header)
-    backbone.load_state_dict(state)
-    return backbone
 
 
 def deviations_from_official(cfg: PretrainConfig) -> list[str]:
@@ -509,13 +497,18 @@ def _provenance(cfg: PretrainConfig, position: dict[str, Any]) -> dict[str, Any]
 def _export(model_state: dict[str, torch.Tensor], out_dir: Path, cfg: PretrainConfig, provenance: dict[str, Any],
             run_dir: Path | None, records: Sequence[dict[str, Any]], collapsed_at: int | None) -> Path:
     """The query backbone of ``model_state`` as a hub folder; the card also gets the run's diagnostics."""
+    prefix = "encoder_q.backbone."
+    backbone = InsLocBackbone(query_backbone_config(cfg))
+    state = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+    header = f"the checkpoint's query backbone does not match {cfg.arch!r}:"
+    WeightsMismatchError.check(backbone.state_dict(), state, header)
+    backbone.load_state_dict(state)
     diagnostics = summarize(records, batch_size=cfg.batch_size, dim=cfg.dim, collapsed_at=collapsed_at)
     if diagnostics:
         provenance["diagnostics"] = diagnostics
     files = {"metrics.jsonl": "metrics.jsonl", "training_args.json": "config.json"}
     extra = {name: run_dir / file for name, file in files.items() if run_dir is not None and (run_dir / file).is_file()}
     name = f"insloc-{cfg.arch}" if cfg.method == "insloc" else f"moco-{cfg.arch}"
-    backbone = export_backbone_from_state(model_state, cfg)
     return save_pretrained(backbone, out_dir, name=name, provenance=provenance, extra_files=extra)
 
 
