@@ -33,7 +33,7 @@ import dataclasses
 import math
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +237,7 @@ class CompositionParams:
 
     query: ViewParams
     key: ViewParams
-    foreground_size: tuple[int, int] = field(default=(0, 0))
+    foreground_size: tuple[int, int] = (0, 0)
     """(width, height) of the foreground the crops were drawn for."""
 
 # --------------------------------------------------------------------------------------------------

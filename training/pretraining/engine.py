@@ -535,16 +535,6 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.Path
     return _export(state["model"], Path(out_dir), cfg, prov, run_dir, records, collapsed)
 
 
-def _check_tensorboard(cfg: PretrainConfig) -> None:
-    if not cfg.tensorboard:
-        return
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError as err:
-        raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard (or drop "
-                          "--tensorboard; metrics.jsonl and curves.png hold the same numbers)") from err
-
-
 def chance_loss(model: InsLoc, batch_size: int) -> float:
     """The loss of embeddings that tell nothing apart: sum over levels of weight x ln(negatives + 1)."""
     negatives = (model.K if model.queue_negatives else 0) + (batch_size - 1 if model.inbatch_negatives else 0)
@@ -645,7 +635,12 @@ def train(cfg: PretrainConfig, *, callbacks: Sequence[Callback] = ()) -> Path:
         CheckpointError: ``--resume`` of a checkpoint from another configuration or data set.
     """
     cfg.validate()
-    _check_tensorboard(cfg)
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError as err:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard (or drop "
+                              "--tensorboard; metrics.jsonl and curves.png hold the same numbers)") from err
     if not cfg.data:
         raise DatasetError("--data is required: a folder of images or a text file listing them")
     if not cfg.output:
