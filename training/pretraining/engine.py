@@ -572,14 +572,6 @@ def _set_determinism(cfg: PretrainConfig, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def _oom_error(cfg: PretrainConfig, world: int) -> ConfigError:
-    return ConfigError(
-        f"CUDA ran out of memory with {cfg.batch_size // world} images per GPU (--batch-size {cfg.batch_size} over "
-        f"{world} process(es)). Use a smaller batch (e.g. --batch-size {max(world, cfg.batch_size // 2)}; the lr is "
-        "rescaled automatically and --queue-size must stay a multiple of it), more GPUs, or --amp on / "
-        "--channels-last on.")
-
-
 def build_optimizer_and_schedule(cfg: PretrainConfig, model: nn.Module
                                  ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """The optimizer and per-epoch schedule of a config, over the trainable parameters of ``model``.
@@ -678,7 +670,12 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
     try:
         run.loop(callbacks)
     except torch.cuda.OutOfMemoryError as err:
-        raise _oom_error(cfg, info.world_size) from err
+        world = info.world_size
+        raise ConfigError(
+            f"CUDA ran out of memory with {cfg.batch_size // world} images per GPU (--batch-size {cfg.batch_size} "
+            f"over {world} process(es)). Use a smaller batch (e.g. --batch-size {max(world, cfg.batch_size // 2)}; "
+            "the lr is rescaled automatically and --queue-size must stay a multiple of it), more GPUs, or --amp on / "
+            "--channels-last on.") from err
     finally:
         run.close()
     for callback in callbacks:
