@@ -38,6 +38,12 @@ STD = torch.tensor(CFG.std).view(3, 1, 1)
 MEAN = torch.tensor(CFG.mean).view(3, 1, 1)
 
 
+def _without_color(params: CompositionParams) -> CompositionParams:
+    """Same geometry and flips, no jitter, grayscale or blur (to compare pixels)."""
+    plain = [dataclasses.replace(v, jitter=False, grayscale=False, blur=False) for v in (params.query, params.key)]
+    return CompositionParams(*plain, params.foreground_size)
+
+
 @pytest.fixture(scope="module")
 def photos() -> list[Image.Image]:
     gradient = np.zeros((97, 301, 3), dtype=np.uint8)  # a very wide image: exercises the crop fallback
@@ -154,7 +160,7 @@ def test_params_are_deterministic_given_the_generator() -> None:
 # -- reference pipeline --------------------------------------------------------------------------
 def test_reference_is_a_hard_paste_on_the_stretched_background(photos: list[Image.Image]) -> None:
     fg, bg = photos[0], photos[1]
-    params = sample_composition_params(fg.size, CFG, np.random.default_rng(3)).without_color()
+    params = _without_color(sample_composition_params(fg.size, CFG, np.random.default_rng(3)))
     view = dataclasses.replace(params.query, flip=False)
     out, box = render_view_pil(fg, bg, view, CFG)
     canvas = np.array(bg.resize((256, 256), Image.Resampling.BILINEAR))
@@ -189,7 +195,7 @@ def test_batched_matches_reference(photos: list[Image.Image]) -> None:
         fgs.append(fg), bqs.append(bq), bks.append(bk)
         params.append(sample_composition_params(fg.size, CFG, rng))
     for with_color in (False, True):
-        ps = params if with_color else [p.without_color() for p in params]
+        ps = params if with_color else [_without_color(p) for p in params]
         fg_t, bq_t, bk_t = [_u8(f) for f in fgs], [_u8(b) for b in bqs], [_u8(b) for b in bks]
         q, qb, k, kb = compose_batch(fg_t, bq_t, bk_t, CFG, params=ps)
         assert q.shape == (8, 3, 256, 256) and qb.shape == (8, 4)
@@ -281,7 +287,7 @@ def test_each_color_op_matches_the_reference_pil_op(photos: list[Image.Image], o
     box approximation of the same sigma.
     """
     neutral = dict(jitter=op in _ONE_OP, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0)
-    view = dataclasses.replace(sample_composition_params((300, 300), CFG, 0).query.without_color(), **neutral)
+    view = dataclasses.replace(_without_color(sample_composition_params((300, 300), CFG, 0)).query, **neutral)
     strengths = {"hue": (-0.1, -0.04, 0.03, 0.1), "blur": (0.1, 0.6, 1.2, 2.0)}.get(op, (0.6, 0.9, 1.2, 1.4))
     # (mean, largest) allowed difference in grey levels
     mean_tol, max_tol = {"hue": (1.5, 16.0), "blur": (1.0, 18.0)}.get(op, (0.8, 1.5))
@@ -340,7 +346,7 @@ def test_reduced_foreground_keeps_boxes_and_pixels(photos: list[Image.Image]) ->
     rng = np.random.default_rng(4)
     reduced_some = False
     for _ in range(12):
-        params = sample_composition_params(fg.size, CFG, rng).without_color()
+        params = _without_color(sample_composition_params(fg.size, CFG, rng))
         reduce = foreground_reduction(params)
         assert reduce > 0
         for v in (params.query, params.key):  # every paste is still a downscale of the reduced crop

@@ -33,7 +33,7 @@ import dataclasses
 import math
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
+from torchvision.utils import draw_bounding_boxes, make_grid
 
 from insloc_hub.configs import JsonConfig
 from insloc_hub.errors import ConfigError
@@ -57,6 +58,7 @@ __all__ = [
     "compose_pair",
     "compose_pair_with_params",
     "render_view_pil",
+    "stretch_background_pil",
     "foreground_reduction",
     "compose_batch",
     "stretch_to_canvas",
@@ -123,9 +125,7 @@ class CompositionConfig(JsonConfig):
             value = getattr(self, f.name)
             if isinstance(value, list):
                 setattr(self, f.name, tuple(value))
-        self._validate()
 
-    def _validate(self) -> None:
         def fail(msg: str) -> None:
             raise ConfigError(f"CompositionConfig: {msg}")
 
@@ -230,10 +230,6 @@ class ViewParams:
             x1, x2 = canvas - x2, canvas - x1
         return (float(x1), float(y1), float(x2), float(y2))
 
-    def without_color(self) -> ViewParams:
-        """Same geometry and flip, no jitter, grayscale or blur (used to compare pixels)."""
-        return dataclasses.replace(self, jitter=False, grayscale=False, blur=False)
-
 
 @dataclass(frozen=True)
 class CompositionParams:
@@ -241,22 +237,12 @@ class CompositionParams:
 
     query: ViewParams
     key: ViewParams
-    foreground_size: tuple[int, int] = field(default=(0, 0))
+    foreground_size: tuple[int, int] = (0, 0)
     """(width, height) of the foreground the crops were drawn for."""
-
-    def without_color(self) -> CompositionParams:
-        return CompositionParams(self.query.without_color(), self.key.without_color(), self.foreground_size)
-
 
 # --------------------------------------------------------------------------------------------------
 # Parameter sampling (shared by both implementations)
 # --------------------------------------------------------------------------------------------------
-def _as_generator(rng: np.random.Generator | int | None) -> np.random.Generator:
-    if isinstance(rng, np.random.Generator):
-        return rng
-    return np.random.default_rng(rng)
-
-
 def random_resized_crop_params(
     width: int,
     height: int,
@@ -330,27 +316,18 @@ def _sample_pixel_aug(cfg: CompositionConfig, rng: np.random.Generator) -> dict[
     # PixelAugPil (pixel_aug_pil.py L24-55) then RandomFlip, in the official order. The colour
     # parameters are always drawn (torchvision draws them only when RandomApply fires) so that every
     # sample uses the same number of draws; the distributions are unchanged.
-    jitter = bool(rng.random() < cfg.jitter_p)  # RandomApply: applied iff rand <= p
-    order = tuple(int(i) for i in rng.permutation(4))  # ColorJitter.get_params: torch.randperm(4)
-    brightness = float(rng.uniform(*cfg.brightness_range))
-    contrast = float(rng.uniform(*cfg.contrast_range))
-    saturation = float(rng.uniform(*cfg.saturation_range))
-    hue = float(rng.uniform(*cfg.hue_range))
-    grayscale = bool(rng.random() < cfg.grayscale_p)  # RandomGrayscale: torch.rand(1) < p
-    blur = bool(rng.random() < cfg.blur_p)  # RandomApply([GaussianBlur], p=0.5)
-    sigma = float(rng.uniform(*cfg.blur_sigma))  # GaussianBlur: random.uniform(.1, 2.)
-    flip = bool(rng.random() < cfg.flip_p)  # RandomFlip: np.random.rand() < flip_ratio
+    # Keyword arguments are evaluated in order, so the draws below happen top to bottom.
     return dict(
-        jitter=jitter,
-        jitter_order=order,
-        brightness=brightness,
-        contrast=contrast,
-        saturation=saturation,
-        hue=hue,
-        grayscale=grayscale,
-        blur=blur,
-        blur_sigma=sigma,
-        flip=flip,
+        jitter=bool(rng.random() < cfg.jitter_p),  # RandomApply: applied iff rand <= p
+        jitter_order=tuple(int(i) for i in rng.permutation(4)),  # ColorJitter.get_params: torch.randperm(4)
+        brightness=float(rng.uniform(*cfg.brightness_range)),
+        contrast=float(rng.uniform(*cfg.contrast_range)),
+        saturation=float(rng.uniform(*cfg.saturation_range)),
+        hue=float(rng.uniform(*cfg.hue_range)),
+        grayscale=bool(rng.random() < cfg.grayscale_p),  # RandomGrayscale: torch.rand(1) < p
+        blur=bool(rng.random() < cfg.blur_p),  # RandomApply([GaussianBlur], p=0.5)
+        blur_sigma=float(rng.uniform(*cfg.blur_sigma)),  # GaussianBlur: random.uniform(.1, 2.)
+        flip=bool(rng.random() < cfg.flip_p),  # RandomFlip: np.random.rand() < flip_ratio
     )
 
 
@@ -366,7 +343,7 @@ def sample_composition_params(
     (imagenet.py L85-90).
     """
     cfg = cfg or CompositionConfig()
-    gen = _as_generator(rng)
+    gen = np.random.default_rng(rng)  # a Generator is returned as it is
     width, height = int(foreground_size[0]), int(foreground_size[1])
     if width < 1 or height < 1:
         raise ValueError(f"foreground size must be positive, got {foreground_size}")
@@ -404,19 +381,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _normalise(img: Image.Image, cfg: CompositionConfig) -> torch.Tensor:
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
-    return x.sub_(mean).div_(std)
-
-
-def _stretch_background_pil(img: Image.Image, canvas: int) -> Image.Image:
-    # copy_and_paste.py L107-110: mmcv.imresize(img, (256, 256)), a plain stretch (aspect ignored).
+def stretch_background_pil(img: Image.Image, canvas: int) -> Image.Image:
+    """A new RGB image stretched to ``canvas`` squared, aspect ignored: the reference's background
+    (copy_and_paste.py L107-110: ``mmcv.imresize(img, (256, 256))``)."""
     img = _to_rgb(img)
     if img.size == (canvas, canvas):
         return img.copy()
     return img.resize((canvas, canvas), Image.Resampling.BILINEAR)
+
+
+_PIL_COLOR_OPS = {BRIGHTNESS: TF.adjust_brightness, CONTRAST: TF.adjust_contrast, SATURATION: TF.adjust_saturation,
+                  HUE: TF.adjust_hue}
 
 
 def render_view_pil(
@@ -427,7 +402,7 @@ def render_view_pil(
     ``background`` is stretched to the canvas if it is not already canvas-sized. Returns the RGB
     PIL canvas after paste, colour augmentation and flip, and the final box.
     """
-    canvas = _stretch_background_pil(background, cfg.canvas)
+    canvas = stretch_background_pil(background, cfg.canvas)
     fg = _to_rgb(foreground)
     # get_crop (L163-170): mmcv.imcrop of rows [top, top+h), cols [left, left+w).
     crop = fg.crop((view.crop_left, view.crop_top, view.crop_left + view.crop_width, view.crop_top + view.crop_height))
@@ -442,14 +417,7 @@ def render_view_pil(
     if view.jitter:
         factors = (view.brightness, view.contrast, view.saturation, view.hue)
         for op in view.jitter_order:
-            if op == BRIGHTNESS:
-                canvas = TF.adjust_brightness(canvas, factors[op])
-            elif op == CONTRAST:
-                canvas = TF.adjust_contrast(canvas, factors[op])
-            elif op == SATURATION:
-                canvas = TF.adjust_saturation(canvas, factors[op])
-            else:
-                canvas = TF.adjust_hue(canvas, factors[op])
+            canvas = _PIL_COLOR_OPS[op](canvas, factors[op])
     if view.grayscale:
         canvas = TF.rgb_to_grayscale(canvas, num_output_channels=3)
     if view.blur:
@@ -477,9 +445,9 @@ def compose_pair_with_params(
     q_img, q_box = render_view_pil(foreground, background_q, params.query, cfg)
     k_img, k_box = render_view_pil(foreground, background_k, params.key, cfg)
     return (
-        _normalise(q_img, cfg),
+        TF.normalize(TF.to_tensor(q_img), cfg.mean, cfg.std, inplace=True),
         torch.tensor(q_box, dtype=torch.float32),
-        _normalise(k_img, cfg),
+        TF.normalize(TF.to_tensor(k_img), cfg.mean, cfg.std, inplace=True),
         torch.tensor(k_box, dtype=torch.float32),
     )
 
@@ -756,18 +724,16 @@ def _stretch_into(out: torch.Tensor, images: Sequence[torch.Tensor], canvas: int
 def _fill_backgrounds(
     backgrounds: torch.Tensor | Sequence[torch.Tensor], out: torch.Tensor, canvas: int, batch: int
 ) -> None:
+    if len(backgrounds) != batch:
+        raise ValueError(f"{batch} foregrounds but {len(backgrounds)} backgrounds")
     if isinstance(backgrounds, torch.Tensor) and backgrounds.dim() == 4:
         if backgrounds.dtype != torch.uint8 or tuple(backgrounds.shape[1:]) != (3, canvas, canvas):
             raise ValueError(
                 f"a background tensor must be uint8 [B, 3, {canvas}, {canvas}], got "
                 f"{backgrounds.dtype} {tuple(backgrounds.shape)}"
             )
-        if backgrounds.shape[0] != batch:
-            raise ValueError(f"{batch} foregrounds but {backgrounds.shape[0]} backgrounds")
         out.copy_(backgrounds.to(out.device, non_blocking=True))
         return
-    if len(backgrounds) != batch:
-        raise ValueError(f"{batch} foregrounds but {len(backgrounds)} backgrounds")
     # mmcv.imresize(img, (256, 256)): a plain stretch (copy_and_paste.py L107-110).
     _stretch_into(out, [_check_uint8_image(bg, "background") for bg in backgrounds], canvas)
 
@@ -837,7 +803,7 @@ def compose_batch(
     dev = torch.device(device) if device is not None else foregrounds[0].device
     fgs = [_check_uint8_image(f, "foreground") for f in foregrounds]
     if params is None:
-        gen = _as_generator(rng)
+        gen = np.random.default_rng(rng)  # a Generator is returned as it is
         params = [sample_composition_params((int(f.shape[-1]), int(f.shape[-2])), cfg, gen) for f in fgs]
     if len(params) != batch:
         raise ValueError(f"{batch} foregrounds but {len(params)} parameter sets")
@@ -850,9 +816,8 @@ def compose_batch(
     _fill_backgrounds(backgrounds_q, canvas[:batch], size, batch)
     _fill_backgrounds(backgrounds_k, canvas[batch:], size, batch)
 
-    # 2. Crop, aspect-preserving rescale, hard paste (per sample: the sizes differ). A foreground
-    # smaller than the size its parameters were drawn for is a reduced decode of it (JPEG draft):
-    # its crop windows are scaled to it, rounded to its pixel grid.
+    # 2. Crop, aspect-preserving rescale, hard paste (per sample: the sizes differ); crop windows of a
+    # reduced decode scaled to it (see above).
     for i, fg in enumerate(fgs):
         fg = fg.to(dev, non_blocking=True)
         height, width = fg.shape[1:]
@@ -872,15 +837,8 @@ def compose_batch(
 
     # 3. RandomFlip of image and box. The official code flips last; the colour operations commute
     # with a horizontal flip (pointwise, a global mean, a symmetric blur), and a uint8 flip is cheaper.
-    boxes = torch.tensor([v.paste_box for v in views], dtype=torch.float32)
-    flip_rows = [i for i, v in enumerate(views) if v.flip]
-    if flip_rows:
-        _on_rows(canvas, flip_rows, lambda part: part.copy_(part.flip(-1)))
-        fr = torch.as_tensor(flip_rows, dtype=torch.long)
-        x1 = boxes[fr, 0].clone()
-        boxes[fr, 0] = size - boxes[fr, 2]
-        boxes[fr, 2] = size - x1
-    boxes = boxes.to(dev, non_blocking=True)
+    _on_rows(canvas, [i for i, v in enumerate(views) if v.flip], lambda part: part.copy_(part.flip(-1)))
+    boxes = torch.tensor([v.box(size) for v in views], dtype=torch.float32).to(dev, non_blocking=True)
 
     # 4. PixelAugPil (colour jitter -> grayscale -> blur), per view, in float on [0, 1].
     x = apply_color_ops(canvas.float().div_(255.0), views)
@@ -895,25 +853,6 @@ def compose_batch(
 # --------------------------------------------------------------------------------------------------
 # Visual check
 # --------------------------------------------------------------------------------------------------
-def _to_pil(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> Image.Image:
-    x = img.detach().float().cpu()
-    x = x * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
-    arr = (x.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(np.ascontiguousarray(arr), "RGB")
-
-
-def _draw_box(
-    draw: ImageDraw.ImageDraw,
-    box: Sequence[float],
-    color: tuple[int, int, int],
-    offset: tuple[int, int],
-) -> None:
-    x1, y1, x2, y2 = (float(v) for v in box)
-    ox, oy = offset
-    # Boxes are pixel-exclusive at x2/y2: the last covered pixel is x2 - 1.
-    draw.rectangle([ox + x1, oy + y1, ox + x2 - 1, oy + y2 - 1], outline=color, width=2)
-
-
 def make_composition_grid(
     q_imgs: torch.Tensor,
     q_boxes: torch.Tensor,
@@ -937,20 +876,18 @@ def make_composition_grid(
     n = min(int(q_imgs.shape[0]), max_items)
     if n == 0:
         raise ValueError("make_composition_grid: empty batch")
-    h, w = int(q_imgs.shape[-2]), int(q_imgs.shape[-1])
-    grid = Image.new("RGB", (n * w + (n + 1) * padding, 2 * h + 3 * padding), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
     green, red = (0, 230, 0), (255, 40, 40)
-    for i in range(n):
-        ox = padding + i * (w + padding)
-        q_off, k_off = (ox, padding), (ox, 2 * padding + h)
-        grid.paste(_to_pil(q_imgs[i], mean, std), q_off)
-        grid.paste(_to_pil(k_imgs[i], mean, std), k_off)
-        _draw_box(draw, q_boxes[i].tolist(), green, q_off)
-        _draw_box(draw, k_boxes[i].tolist(), green, k_off)
-        if jittered_boxes is not None:
-            _draw_box(draw, jittered_boxes[i].tolist(), red, q_off)
+    last_pixel = torch.tensor([0.0, 0.0, 1.0, 1.0])  # boxes are pixel-exclusive at x2/y2; drawn up to x2 - 1
+
+    def drawn(imgs: torch.Tensor, *box_sets: torch.Tensor) -> list[torch.Tensor]:
+        x = imgs[:n].detach().float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+        x = (x.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
+        return [draw_bounding_boxes(x[i], torch.stack([b[i].detach().float().cpu() for b in box_sets]) - last_pixel,
+                                    colors=[green, red][:len(box_sets)], width=2) for i in range(n)]
+
+    q_sets = (q_boxes,) if jittered_boxes is None else (q_boxes, jittered_boxes)
+    grid = make_grid(drawn(q_imgs, *q_sets) + drawn(k_imgs, k_boxes), nrow=n, padding=padding, pad_value=255)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out, format="PNG")
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out, format="PNG")
     return out

@@ -164,34 +164,31 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, *, chance_loss: f
         return False
     try:
         steps = [r["step"] for r in logged]
+
+        def series(ax: Any, name: str, **style: Any) -> None:
+            ax.plot(steps, [r.get(name, float("nan")) for r in logged], **style)
+
         fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-        ax = axes[0, 0]
-        ax.plot(steps, [r["loss"] for r in logged], label="loss")
+        (loss_ax, top1_ax), (cos_ax, lr_ax) = axes
+        series(loss_ax, "loss", label="loss")
         if chance_loss is not None:
-            ax.axhline(chance_loss, color="grey", ls="--", label=f"chance {chance_loss:.2f}")
-        ax.set_title("loss")
-        ax.legend()
-        ax = axes[0, 1]
+            loss_ax.axhline(chance_loss, color="grey", ls="--", label=f"chance {chance_loss:.2f}")
         levels = sorted({k[len("inbatch_top1_"):] for r in logged for k in r if k.startswith("inbatch_top1_")})
         for level in levels:
-            ax.plot(steps, [r.get(f"inbatch_top1_{level}", float("nan")) for r in logged], lw=0.8, label=level)
-        ax.plot(steps, [r.get("inbatch_top1", float("nan")) for r in logged], color="k", label="total")
+            series(top1_ax, f"inbatch_top1_{level}", lw=0.8, label=level)
+        series(top1_ax, "inbatch_top1", color="k", label="total")
         if batch_size:
-            ax.axhline(100.0 / batch_size, color="grey", ls="--", label="chance")
-        ax.set_ylim(0, 100)
-        ax.set_title("in-batch top-1 (%)")
-        ax.legend(fontsize=7)
-        ax = axes[1, 0]
+            top1_ax.axhline(100.0 / batch_size, color="grey", ls="--", label="chance")
+        top1_ax.set_ylim(0, 100)
         for name in ("cos_q", "cos_k"):
-            ax.plot(steps, [r.get(name, float("nan")) for r in logged], label=name)
-        ax.set_ylim(-0.1, 1.05)
-        ax.set_title("mean pairwise cosine")
-        ax.legend()
-        ax = axes[1, 1]
-        ax.plot(steps, [r.get("lr", float("nan")) for r in logged], label="lr")
-        ax.set_title("learning rate")
-        for ax in axes.flat:
+            series(cos_ax, name, label=name)
+        cos_ax.set_ylim(-0.1, 1.05)
+        series(lr_ax, "lr", label="lr")
+        for ax, title in zip(axes.flat, ("loss", "in-batch top-1 (%)", "mean pairwise cosine", "learning rate")):
+            ax.set_title(title)
             ax.set_xlabel("step")
+            if ax is not lr_ax:
+                ax.legend(fontsize=7 if ax is top1_ax else None)
         fig.tight_layout()
         path = Path(path)
         tmp = path.with_name(path.stem + ".tmp.png")

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
 
 from insloc_hub import __version__
 from insloc_hub.configs import JsonConfig, device_name, flag, output_folder
@@ -51,7 +52,7 @@ from insloc_hub.pretrained import save_pretrained
 from insloc_hub.training.pretraining.compose import CompositionConfig, compose_batch, make_composition_grid
 from insloc_hub.training.pretraining.diagnostics import CollapseMonitor, plot_curves, summarize
 from insloc_hub.training.pretraining.insloc import PROJECTION_NORMS, InsLoc
-from insloc_hub.training.pretraining.moco import MoCo, MocoDecodeDataset, MocoPretrainDataset
+from insloc_hub.training.pretraining.moco import MoCo, MocoDecodeDataset, MocoPretrainDataset, moco_backbone_config
 from insloc_hub.training.pretraining.pretrain_data import (
     DevicePrefetcher,
     InsLocBytesDataset,
@@ -68,8 +69,8 @@ from insloc_hub.training.runtime.run import MetricsWriter, StepTimer, seed_every
 __all__ = ["Runtime", "build_dataset", "resolve_runtime", "PretrainConfig", "PRETRAIN_PRESETS",
            "RESUME_IGNORED_FIELDS", "CHECKPOINT_FORMAT", "ResumableDistributedSampler", "cosine_by_epoch",
            "set_schedule_epoch", "build_model", "compile_encoders", "train", "train_step", "batch_to_views",
-           "resolve_config", "export_checkpoint", "export_backbone_from_state", "query_backbone_config",
-           "device_batches", "build_optimizer_and_schedule"]
+           "resolve_config", "export_checkpoint", "query_backbone_config", "device_batches",
+           "build_optimizer_and_schedule"]
 
 logger = logging.getLogger(__name__)
 
@@ -204,17 +205,16 @@ RESUME_IGNORED_FIELDS = frozenset({
     "checkpoint_every_steps", "keep_checkpoints", "log_every", "max_steps", "tensorboard",
 })
 
+_OFFICIAL_FPN = dict(arch="r50-fpn", method="insloc", epochs=200, batch_size=256, lr=0.03, momentum=0.9, nesterov=True,
+                     weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999, temperature=0.2, canvas=256,
+                     box_jitter=True, shuffle_bn=True, sync_bn=False, workers=4)
 PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # CPU smoke run: ResNet-18 at 1/4 width, 64 px canvas, short queue, a few steps per epoch.
     "tiny": dict(arch="tiny-fpn", canvas=64, queue_size=256, batch_size=16, epochs=2, workers=2,
                  log_every=1, checkpoint_every_steps=0, keep_checkpoints=2),
     # The released recipe (configs/FPN/insloc_fpn_200ep.py) and its 400-epoch variant (MODELZOO.md).
-    "r50-fpn-200ep": dict(arch="r50-fpn", method="insloc", epochs=200, batch_size=256, lr=0.03, momentum=0.9,
-                          nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999,
-                          temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True, sync_bn=False, workers=4),
-    "r50-fpn-400ep": dict(arch="r50-fpn", method="insloc", epochs=400, batch_size=256, lr=0.03, momentum=0.9,
-                          nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999,
-                          temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True, sync_bn=False, workers=4),
+    "r50-fpn-200ep": _OFFICIAL_FPN,
+    "r50-fpn-400ep": dict(_OFFICIAL_FPN, epochs=400),
     # A few hundred to a few thousand photos on one machine: the best combination measured at batch 16 on the
     # raccoon CPU budget (docs/pretraining.md, "Collapse"); every deviation is recorded in the card with its
     # reason (DEVIATION_REASONS). Choose the size with --arch (tiny-fpn, r18-fpn, r50-fpn).
@@ -222,9 +222,7 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
                        warmup_epochs=5, queue_size=256, key_momentum=0.0, projection_norm="batch",
                        inbatch_negatives=True, queue_negatives=False),
     # Reconstruction: the C4 pretraining config was never released (issue #14).
-    "r50-c4-200ep": dict(arch="r50-c4", method="insloc", epochs=200, batch_size=256, lr=0.03, momentum=0.9,
-                         nesterov=True, weight_decay=1e-4, dim=128, queue_size=65536, key_momentum=0.999,
-                         temperature=0.2, canvas=256, box_jitter=True, c4_roi_size=14, workers=4),
+    "r50-c4-200ep": dict(_OFFICIAL_FPN, arch="r50-c4", c4_roi_size=14),
 }
 
 #: config fields newer than some checkpoints, with the value those checkpoints were trained with
@@ -339,11 +337,9 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
         n, total = self.num_samples, self.steps_per_epoch * self.global_batch
         order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch, 0x5A3D)))
         order = order.repeat(math.ceil(total / n))[:total]  # padded to whole global batches by wrapping around
-        b, g = self.batch_per_rank, self.global_batch
-        for step in range(self.start_step, self.steps_per_epoch):
-            start = step * g + self.rank * b
-            for index in order[start:start + b].tolist():
-                yield (self.epoch, index)
+        # [step, rank, position in the rank's part of the global batch]
+        mine = order.view(self.steps_per_epoch, self.world_size, self.batch_per_rank)[self.start_step:, self.rank]
+        return ((self.epoch, index) for index in mine.flatten().tolist())
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.batch_per_rank
@@ -387,10 +383,7 @@ def build_model(cfg: PretrainConfig) -> InsLoc:
 def query_backbone_config(cfg: PretrainConfig) -> BackboneConfig:
     """Architecture of the exported bundle: trunk+FPN+box head (InsLoc FPN), trunk+res5 (C4), trunk (MoCo FPN)."""
     arch = backbone_config(cfg.arch)
-    if cfg.method == "moco":
-        parts = ("trunk",) if arch.variant == "fpn" else ("trunk", "box_head")
-        return dataclasses.replace(arch, parts=parts)
-    return dataclasses.replace(arch, parts=None)
+    return moco_backbone_config(arch) if cfg.method == "moco" else dataclasses.replace(arch, parts=None)
 
 
 def composition_config(cfg: PretrainConfig) -> CompositionConfig:
@@ -400,9 +393,8 @@ def composition_config(cfg: PretrainConfig) -> CompositionConfig:
 
 @dataclass
 class Runtime:
-    """What the ``auto`` settings of a config mean on ``device``."""
+    """What the ``auto`` settings of a config mean on a device."""
 
-    device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
     gpu_composition: bool
@@ -414,7 +406,7 @@ def resolve_runtime(cfg: PretrainConfig, device: torch.device) -> Runtime:
     amp = {"auto": torch.bfloat16 if cuda else None, "on": torch.bfloat16, "off": None}[cfg.amp]
     channels_last = {"auto": cuda, "on": True, "off": False}[cfg.channels_last]
     gpu_comp = {"auto": cuda, "on": True, "off": False}[cfg.gpu_composition]
-    return Runtime(device, amp, channels_last, gpu_comp)
+    return Runtime(amp, channels_last, gpu_comp)
 
 
 def build_dataset(cfg: PretrainConfig, images: UnlabelledImages, gpu_composition: bool) -> Any:
@@ -451,17 +443,6 @@ def batch_to_views(batch: dict[str, Any], comp: CompositionConfig, device: torch
     return q_img, q_box, k_img, k_box
 
 
-def export_backbone_from_state(model_state: dict[str, torch.Tensor], cfg: PretrainConfig) -> InsLocBackbone:
-    """A fresh :class:`InsLocBackbone` holding the query-side weights of a pretraining state dict."""
-    prefix = "encoder_q.backbone."
-    backbone = InsLocBackbone(query_backbone_config(cfg))
-    state = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
-    header = f"the checkpoint's query backbone does not match {cfg.arch!r}:"
-    WeightsMismatchError.check(backbone.state_dict(), state, header)
-    backbone.load_state_dict(state)
-    return backbone
-
-
 def deviations_from_official(cfg: PretrainConfig) -> list[str]:
     """Each setting that differs from the released recipe, with the reason when a preset documents one.
 
@@ -476,10 +457,11 @@ def deviations_from_official(cfg: PretrainConfig) -> list[str]:
     return out
 
 
-def _provenance(cfg: PretrainConfig, *, epoch: int, step_in_epoch: int, steps_per_epoch: int, global_step: int,
-                num_images: int) -> dict[str, Any]:
+def _provenance(cfg: PretrainConfig, position: dict[str, Any]) -> dict[str, Any]:
+    """The card's training record; ``position`` holds a checkpoint's epoch, step and data-size fields."""
     variant = backbone_config(cfg.arch).variant
-    done = epoch + (step_in_epoch / steps_per_epoch if steps_per_epoch else 0.0)
+    steps_per_epoch = position["steps_per_epoch"]
+    done = position["epoch"] + (position["step_in_epoch"] / steps_per_epoch if steps_per_epoch else 0.0)
     if cfg.optimizer == "adamw":
         opt = f"AdamW lr {cfg.lr} x {cfg.batch_size}/256 = {cfg.scaled_lr:g}"
     else:
@@ -491,7 +473,8 @@ def _provenance(cfg: PretrainConfig, *, epoch: int, step_in_epoch: int, steps_pe
               f"canvas {cfg.canvas}")
     prov: dict[str, Any] = {
         "method": "InsLoc" if cfg.method == "insloc" else "MoCo v2 (image-level baseline)", "recipe": recipe,
-        "epochs": cfg.epochs, "epochs_completed": round(done, 4), "steps": global_step, "num_images": num_images,
+        "epochs": cfg.epochs, "epochs_completed": round(done, 4), "steps": position["global_step"],
+        "num_images": position["num_images"],
         "data_path": str(cfg.data), "seed": cfg.seed,
         "official_code": "limbo0000/InstanceLoc @ a419bb6 (configs/FPN/insloc_fpn_200ep.py)"}
     if cfg.dataset_name:
@@ -511,8 +494,18 @@ def _provenance(cfg: PretrainConfig, *, epoch: int, step_in_epoch: int, steps_pe
     return prov
 
 
-def _export(backbone: InsLocBackbone, out_dir: Path, cfg: PretrainConfig, provenance: dict[str, Any],
-            run_dir: Path | None) -> Path:
+def _export(model_state: dict[str, torch.Tensor], out_dir: Path, cfg: PretrainConfig, provenance: dict[str, Any],
+            run_dir: Path | None, records: Sequence[dict[str, Any]], collapsed_at: int | None) -> Path:
+    """The query backbone of ``model_state`` as a hub folder; the card also gets the run's diagnostics."""
+    prefix = "encoder_q.backbone."
+    backbone = InsLocBackbone(query_backbone_config(cfg))
+    state = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+    header = f"the checkpoint's query backbone does not match {cfg.arch!r}:"
+    WeightsMismatchError.check(backbone.state_dict(), state, header)
+    backbone.load_state_dict(state)
+    diagnostics = summarize(records, batch_size=cfg.batch_size, dim=cfg.dim, collapsed_at=collapsed_at)
+    if diagnostics:
+        provenance["diagnostics"] = diagnostics
     files = {"metrics.jsonl": "metrics.jsonl", "training_args.json": "config.json"}
     extra = {name: run_dir / file for name, file in files.items() if run_dir is not None and (run_dir / file).is_file()}
     name = f"insloc-{cfg.arch}" if cfg.method == "insloc" else f"moco-{cfg.arch}"
@@ -531,44 +524,21 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.Path
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an insloc-train pretraining checkpoint (format {state.get('format')!r})")
     cfg = PretrainConfig.from_dict(state["config"])
-    backbone = export_backbone_from_state(state["model"], cfg)
-    prov = _provenance(cfg, epoch=state["epoch"], step_in_epoch=state["step_in_epoch"],
-                       steps_per_epoch=state["steps_per_epoch"], global_step=state["global_step"],
-                       num_images=state["num_images"])
+    prov = _provenance(cfg, state)
     prov["checkpoint"] = path.name
     run_dir = path.parent if (path.parent / "config.json").is_file() else None
+    records, collapsed = [], None
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
         records = run_lib.read_metrics(run_dir / "metrics.jsonl", state["global_step"])
         monitor = CollapseMonitor(cfg.dim, cfg.batch_size)
         collapsed = next((r["step"] for r in records if monitor.is_collapsed(r)), None)
-        diagnostics = summarize(records, batch_size=cfg.batch_size, dim=cfg.dim, collapsed_at=collapsed)
-        if diagnostics:
-            prov["diagnostics"] = diagnostics
-    return _export(backbone, Path(out_dir), cfg, prov, run_dir)
-
-
-def _check_tensorboard(cfg: PretrainConfig) -> None:
-    if not cfg.tensorboard:
-        return
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError as err:
-        raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard (or drop "
-                          "--tensorboard; metrics.jsonl and curves.png hold the same numbers)") from err
+    return _export(state["model"], Path(out_dir), cfg, prov, run_dir, records, collapsed)
 
 
 def chance_loss(model: InsLoc, batch_size: int) -> float:
     """The loss of embeddings that tell nothing apart: sum over levels of weight x ln(negatives + 1)."""
     negatives = (model.K if model.queue_negatives else 0) + (batch_size - 1 if model.inbatch_negatives else 0)
     return float(model.level_weights.sum()) * math.log(negatives + 1)
-
-
-def _progress(total: int, initial: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
 Views = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
@@ -602,14 +572,6 @@ def _set_determinism(cfg: PretrainConfig, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def _oom_error(cfg: PretrainConfig, world: int) -> ConfigError:
-    return ConfigError(
-        f"CUDA ran out of memory with {cfg.batch_size // world} images per GPU (--batch-size {cfg.batch_size} over "
-        f"{world} process(es)). Use a smaller batch (e.g. --batch-size {max(world, cfg.batch_size // 2)}; the lr is "
-        "rescaled automatically and --queue-size must stay a multiple of it), more GPUs, or --amp on / "
-        "--channels-last on.")
-
-
 def build_optimizer_and_schedule(cfg: PretrainConfig, model: nn.Module
                                  ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """The optimizer and per-epoch schedule of a config, over the trainable parameters of ``model``.
@@ -639,15 +601,14 @@ def device_batches(loader: Iterable[Any], prepare: Callable[[Any], Views], devic
     next batch is decoded and composed on a side stream while the current step runs (the same
     batches either way).
     """
-    batches = DevicePrefetcher(loader, prepare, device) if prefetch else None
-    source = iter(batches if batches is not None else loader)
+    source = iter(DevicePrefetcher(loader, prepare, device) if prefetch else loader)
     while True:
         start = time.perf_counter()
         item = next(source, None)
         if item is None:
             return
         waited = time.perf_counter() - start
-        yield (item if batches is not None else prepare(item)), waited
+        yield (item if prefetch else prepare(item)), waited
 
 
 Callback = Callable[[str, dict[str, Any]], None]
@@ -666,7 +627,12 @@ def train(cfg: PretrainConfig, *, callbacks: Sequence[Callback] = ()) -> Path:
         CheckpointError: ``--resume`` of a checkpoint from another configuration or data set.
     """
     cfg.validate()
-    _check_tensorboard(cfg)
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError as err:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard (or drop "
+                              "--tensorboard; metrics.jsonl and curves.png hold the same numbers)") from err
     if not cfg.data:
         raise DatasetError("--data is required: a folder of images or a text file listing them")
     if not cfg.output:
@@ -704,7 +670,12 @@ def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[C
     try:
         run.loop(callbacks)
     except torch.cuda.OutOfMemoryError as err:
-        raise _oom_error(cfg, info.world_size) from err
+        world = info.world_size
+        raise ConfigError(
+            f"CUDA ran out of memory with {cfg.batch_size // world} images per GPU (--batch-size {cfg.batch_size} "
+            f"over {world} process(es)). Use a smaller batch (e.g. --batch-size {max(world, cfg.batch_size // 2)}; "
+            "the lr is rescaled automatically and --queue-size must stay a multiple of it), more GPUs, or --amp on / "
+            "--channels-last on.") from err
     finally:
         run.close()
     for callback in callbacks:
@@ -730,7 +701,7 @@ class _PretrainRun:
         _set_determinism(cfg, self.device)
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.metrics: MetricsWriter | None = None
-        self.bar: Any = None
+        self.bar: tqdm | None = None
 
     def build_data(self) -> None:
         cfg, info = self.cfg, self.info
@@ -810,7 +781,8 @@ class _PretrainRun:
         self.metrics = MetricsWriter(self.run_dir, self.is_main, self.global_step, tensorboard=cfg.tensorboard)
         self.monitor = CollapseMonitor(cfg.dim, cfg.batch_size)
         self.loss_at_chance = chance_loss(self.model, cfg.batch_size)
-        self.bar = _progress(self.total_steps, self.global_step, self.is_main and sys.stderr.isatty())
+        self.bar = tqdm(total=self.total_steps, initial=self.global_step, unit="step", dynamic_ncols=True,
+                        file=sys.stderr, disable=not (self.is_main and sys.stderr.isatty()))  # disabled: no-ops
 
     def loop(self, callbacks: Sequence[Callback]) -> None:
         cfg = self.cfg
@@ -843,8 +815,7 @@ class _PretrainRun:
                 finished = self.global_step >= self.total_steps
                 if self.global_step % cfg.log_every == 0 or finished:
                     self._log(out, lr, timer)
-                if self.bar is not None:
-                    self.bar.update(1)
+                self.bar.update(1)
                 if self.step_in_epoch == self.steps_per_epoch:
                     self._save(self.epoch + 1, 0)
                 elif finished or (cfg.checkpoint_every_steps and self.global_step % cfg.checkpoint_every_steps == 0):
@@ -867,7 +838,7 @@ class _PretrainRun:
         self.metrics.write(record)
         if self.is_main:
             self.monitor.update(self.global_step, record)
-        if self.bar is not None:
+        if not self.bar.disable:
             self.bar.set_postfix(loss=f"{values['loss']:.3f}", top1=f"{values['inbatch_top1']:.0f}%",
                                  cos_k=f"{values['cos_k']:.2f}", lr=f"{lr:.4g}", img_s=f"{record['img_per_s']:.0f}",
                                  data=f"{data_time:.3f}s", step=f"{step_time:.3f}s")
@@ -882,16 +853,19 @@ class _PretrainRun:
             return
         run_lib.save(self.run_dir, self.global_step, {
             "format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(), "epoch": epoch,
-            "step_in_epoch": step_in_epoch, "steps_per_epoch": self.steps_per_epoch,
-            "global_step": self.global_step, "num_images": len(self.images), "world_size": self.info.world_size,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
+            **self._position(epoch, step_in_epoch), "world_size": self.info.world_size,
         }, self.cfg.keep_checkpoints)
         self._draw_curves()
 
-    def _draw_curves(self) -> None:
-        if self.is_main:
-            plot_curves(self.metrics.records, self.run_dir / "curves.png", chance_loss=self.loss_at_chance,
-                        batch_size=self.cfg.batch_size)
+    def _position(self, epoch: int, step_in_epoch: int) -> dict[str, int]:
+        """Where the run stands: the checkpoint fields that the card's provenance reads too."""
+        return {"epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": self.steps_per_epoch,
+                "global_step": self.global_step, "num_images": len(self.images)}
+
+    def _draw_curves(self) -> None:  # rank 0 only
+        plot_curves(self.metrics.records, self.run_dir / "curves.png", chance_loss=self.loss_at_chance,
+                    batch_size=self.cfg.batch_size)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -903,16 +877,10 @@ class _PretrainRun:
         """Write the query backbone as the hub folder ``RUN_DIR/final`` (rank 0); every rank returns its path."""
         cfg, final = self.cfg, self.run_dir / "final"
         if self.is_main:
-            backbone = export_backbone_from_state(self.model.state_dict(), cfg)
-            prov = _provenance(cfg, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
-                               steps_per_epoch=self.steps_per_epoch, global_step=self.global_step,
-                               num_images=len(self.images))
-            diagnostics = summarize(self.metrics.records, batch_size=cfg.batch_size, dim=cfg.dim,
-                                    collapsed_at=self.monitor.collapsed_at)
-            if diagnostics:
-                prov["diagnostics"] = diagnostics
+            prov = _provenance(cfg, self._position(self.epoch, self.step_in_epoch))
             self._draw_curves()
-            _export(backbone, final, cfg, prov, self.run_dir)
+            _export(self.model.state_dict(), final, cfg, prov, self.run_dir, self.metrics.records,
+                    self.monitor.collapsed_at)
             logger.info("exported the query backbone to %s", final)
         dist_utils.barrier()
         return final

@@ -29,9 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import Dataset
+from torchvision.transforms.functional import pil_to_tensor
 
-from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
 from insloc_hub.models import BackboneConfig, InsLocBackbone
 from insloc_hub.training.pretraining.compose import (
     CompositionConfig,
@@ -41,10 +40,14 @@ from insloc_hub.training.pretraining.compose import (
     sample_composition_params,
 )
 from insloc_hub.training.pretraining.insloc import Encoder, InsLoc, Projection
-from insloc_hub.training.pretraining.pretrain_data import UnlabelledImages, sample_rng
+from insloc_hub.training.pretraining.pretrain_data import (
+    InsLocDecodeDataset,
+    PretrainSampleDataset,
+    sample_rng,
+)
 
-__all__ = ["MoCo", "ImageEncoder", "MOCO_CROP_SCALE", "MOCO_CROP_RATIO", "moco_view_params", "MocoPretrainDataset",
-           "MocoDecodeDataset"]
+__all__ = ["MoCo", "ImageEncoder", "MOCO_CROP_SCALE", "MOCO_CROP_RATIO", "moco_view_params", "moco_backbone_config",
+           "MocoPretrainDataset", "MocoDecodeDataset"]
 
 MOCO_CROP_SCALE = (0.2, 1.0)
 """``RandomResizedCrop(224, scale=(0.2, 1.))`` in MoCo v2's ``aug_plus``."""
@@ -77,12 +80,16 @@ class MoCo(InsLoc):
         super().__init__(arch, dim, K, m, T, **kwargs)
 
     def _build_encoder(self, cfg: BackboneConfig, dim: int, c4_roi_size: int) -> Encoder:
-        parts = ("trunk",) if cfg.variant == "fpn" else ("trunk", "box_head")
-        backbone = InsLocBackbone(dataclasses.replace(cfg, parts=parts))
+        backbone = InsLocBackbone(moco_backbone_config(cfg))
         width = backbone.embedding_dim  # C5 channels (2048 for R50)
         # the MoCo v2 MLP
         projection = Projection(width, width, dim, official_init=False, norm=self.projection_norm != "off")
         return ImageEncoder(backbone, projection)
+
+
+def moco_backbone_config(arch: BackboneConfig) -> BackboneConfig:
+    """What MoCo trains and exports of ``arch``: the trunk (FPN archs) or trunk + res5 (C4 archs)."""
+    return dataclasses.replace(arch, parts=("trunk",) if arch.variant == "fpn" else ("trunk", "box_head"))
 
 
 def moco_view_params(foreground_size: tuple[int, int], cfg: CompositionConfig,
@@ -107,39 +114,7 @@ def moco_view_params(foreground_size: tuple[int, int], cfg: CompositionConfig,
     return CompositionParams(views[0], views[1], (width, height))
 
 
-class _MocoBase(Dataset):
-    def __init__(self, images: UnlabelledImages, cfg: CompositionConfig | None = None, seed: int = 0) -> None:
-        if len(images) == 0:
-            raise DatasetError("MoCo pretraining needs at least one image")
-        self.images, self.cfg, self.seed = images, cfg or CompositionConfig(), int(seed)
-        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch[0] = int(epoch)
-
-    def _key(self, key: int | tuple[int, int]) -> tuple[int, int]:
-        if isinstance(key, tuple):
-            return int(key[0]), int(key[1])
-        return int(self._epoch[0]), int(key)
-
-    def _load(self, index: int, rng: np.random.Generator) -> Image.Image:
-        """Image ``index``, or a uniformly drawn replacement if it is unreadable (counted)."""
-        for _ in range(100):
-            if not self.images.is_known_unreadable(index):
-                try:
-                    return self.images.load(index)
-                except InvalidImageError as err:
-                    self.images.record_unreadable(index, err)
-            else:
-                self.images.record_unreadable(index)
-            index = int(rng.integers(0, len(self.images)))
-        raise DatasetError("100 image draws in a row were unreadable; check the data")
-
-
-class MocoPretrainDataset(_MocoBase):
+class MocoPretrainDataset(PretrainSampleDataset):
     """Two augmented views of image ``idx`` (PIL reference pipeline): ``dict(q_img, q_box, k_img, k_box, index)``.
 
     The boxes cover the whole canvas (after flip) and are unused by the model; they keep the batch
@@ -149,37 +124,24 @@ class MocoPretrainDataset(_MocoBase):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = self._key(key)
         rng = sample_rng(self.seed, epoch, index)
-        image = self._load(index, rng)
+        _, image = self._load(index, rng, self.images.load)
         params = moco_view_params(image.size, self.cfg, rng)
         blank = Image.new("RGB", (self.cfg.canvas, self.cfg.canvas))
         q_img, q_box, k_img, k_box = compose_pair_with_params(image, blank, blank, params, self.cfg)
         return {"q_img": q_img, "q_box": q_box, "k_img": k_img, "k_box": k_box, "index": index}
 
 
-class MocoDecodeDataset(_MocoBase):
+class MocoDecodeDataset(InsLocDecodeDataset):
     """Decode-only twin for composing on the device with ``compose_batch`` (see ``collate_decoded``).
 
     Returns ``dict(fg, bg_q, bg_k, params, index)`` like ``InsLocDecodeDataset``; the backgrounds are
     black canvases (fully covered by the views), the image is downscaled to ``max_side`` first.
     """
 
-    def __init__(self, images: UnlabelledImages, cfg: CompositionConfig | None = None, seed: int = 0, *,
-                 max_side: int = 512) -> None:
-        super().__init__(images, cfg, seed)
-        if max_side < 1:
-            raise ConfigError("max_side must be positive")
-        self.max_side = int(max_side)
-
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = self._key(key)
         rng = sample_rng(self.seed, epoch, index)
-        image = self._load(index, rng)
-        width, height = image.size
-        if max(width, height) > self.max_side:
-            f = self.max_side / max(width, height)
-            image = image.resize((max(1, int(width * f + 0.5)), max(1, int(height * f + 0.5))),
-                                 Image.Resampling.BILINEAR)
+        _, image = self._load(index, rng, self._load_foreground)
         params = moco_view_params(image.size, self.cfg, rng)
-        fg = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
         blank = torch.zeros(3, self.cfg.canvas, self.cfg.canvas, dtype=torch.uint8)
-        return {"fg": fg, "bg_q": blank, "bg_k": blank, "params": params, "index": index}
+        return {"fg": pil_to_tensor(image), "bg_q": blank, "bg_k": blank, "params": params, "index": index}

@@ -1,20 +1,13 @@
 """Unlabelled images and the InsLoc pretraining datasets (insloc-method.md, section 1.1).
 
-* :class:`UnlabelledImages` -- a folder of images (ImageNet layout or any tree; class folders are
-  ignored) or the official text list of relative paths (``docs/DATA.md``). Unreadable files are
-  skipped, counted and reported once per epoch, never fatal.
-* :class:`InsLocPretrainDataset` -- the official sample (``ImageNetDataset.prepare_train_img``,
-  ``mmdet/datasets/imagenet.py`` L66-91 at limbo0000/InstanceLoc @ a419bb6): foreground = image
-  ``idx``, two backgrounds drawn uniformly with replacement from the whole set, composed per sample
-  on the CPU: by default the fast pipeline (:meth:`EncodedImage.decode_uint8`, then
-  :func:`insloc_hub.training.pretraining.compose.compose_batch` on the one sample), or the reference
-  :func:`insloc_hub.training.pretraining.compose.compose_pair` with ``pipeline="reference"``.
-* :class:`InsLocBytesDataset` -- the same draws; workers only read the files' bytes (and headers);
-  :func:`compose_encoded_batch` decodes them on the device (``torchvision.io.decode_jpeg``, nvJPEG on
-  CUDA) and composes the batch there. Use :func:`collate_encoded`.
-* :class:`InsLocDecodeDataset` -- the same draws, but it only decodes: foreground + two backgrounds
-  as uint8 tensors plus the sample's :class:`~insloc_hub.training.pretraining.compose.CompositionParams`, for
-  :func:`insloc_hub.training.pretraining.compose.compose_batch` on the device. Use :func:`collate_decoded`.
+:class:`UnlabelledImages` holds the files: a folder (any tree, class folders ignored) or the official
+list of relative paths (``docs/DATA.md``); unreadable files are skipped, counted and reported once per
+epoch, never fatal. Every dataset draws the official sample (``ImageNetDataset.prepare_train_img``,
+``mmdet/datasets/imagenet.py`` L66-91 at limbo0000/InstanceLoc @ a419bb6: foreground = image ``idx``,
+two backgrounds drawn uniformly with replacement from the whole set); they differ only in where the
+images are decoded and composed: :class:`InsLocPretrainDataset` in the CPU workers (fast tensor
+pipeline, or the PIL reference), :class:`InsLocDecodeDataset` (decoded in the workers) and
+:class:`InsLocBytesDataset` (bytes only; nvJPEG on CUDA) on the device.
 
 Reproducibility. Sample ``idx`` of epoch ``e`` is a pure function of ``(seed, e, idx)`` and the
 files: every draw comes from ``numpy.random.default_rng(SeedSequence([seed, e, idx]))``, whatever the
@@ -43,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, get_worker_info
+from torchvision.transforms.functional import pil_to_tensor  # [3, H, W] over the H x W x 3 array (channels-last)
 
 from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
 from insloc_hub.training.pretraining.compose import (
@@ -50,7 +44,9 @@ from insloc_hub.training.pretraining.compose import (
     compose_batch,
     compose_pair,
     foreground_reduction,
+    mmcv_rescale_size,
     sample_composition_params,
+    stretch_background_pil,
     stretch_to_canvas,
 )
 from insloc_hub.transforms import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
@@ -340,7 +336,7 @@ class EncodedImage:
                 return apply_exif_orientation(_decode_jpeg(self.as_tensor(), torch.device("cpu")), self.orientation)
             except RuntimeError:
                 pass
-        return _pil_to_uint8(self.decode(min_size))
+        return pil_to_tensor(self.decode(min_size))
 
     def as_tensor(self) -> torch.Tensor:
         """The encoded bytes as a 1-D uint8 tensor (what ``torchvision.io.decode_jpeg`` takes)."""
@@ -383,8 +379,8 @@ def worker_init_fn(worker_id: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # Datasets
 # --------------------------------------------------------------------------------------------------
-class _InsLocSampleBase(Dataset):
-    """Shared logic: epoch, per-sample RNG, foreground/background draws with replacement of bad files."""
+class PretrainSampleDataset(Dataset):
+    """Shared by the InsLoc and MoCo datasets: epoch, per-sample RNG, draws with replacement of bad files."""
 
     def __init__(self, images: UnlabelledImages, cfg: CompositionConfig | None = None, seed: int = 0) -> None:
         if len(images) == 0:
@@ -461,7 +457,7 @@ class _InsLocSampleBase(Dataset):
 PIPELINES = ("fast", "reference")
 
 
-class InsLocPretrainDataset(_InsLocSampleBase):
+class InsLocPretrainDataset(PretrainSampleDataset):
     """The official InsLoc pretraining sample, composed per sample on the CPU.
 
     ``dataset[idx]`` (or ``dataset[(epoch, idx)]``) returns ``dict(q_img, q_box, k_img, k_box, index)``:
@@ -526,12 +522,7 @@ class InsLocPretrainDataset(_InsLocSampleBase):
                 enc = self._replace(enc, err, rng)
 
 
-def _pil_to_uint8(img: Image.Image) -> torch.Tensor:
-    # [3, H, W] over the H x W x 3 array: one copy, and the channels-last layout the CPU resize wants
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-
-
-class InsLocDecodeDataset(_InsLocSampleBase):
+class InsLocDecodeDataset(PretrainSampleDataset):
     """Decode-only twin of :class:`InsLocPretrainDataset` for composing on the device.
 
     ``dataset[idx]`` returns ``dict(fg, bg_q, bg_k, params, index)``:
@@ -564,18 +555,12 @@ class InsLocDecodeDataset(_InsLocSampleBase):
 
     def _load_foreground(self, index: int) -> Image.Image:
         img = self.images.load(index)
-        width, height = img.size
-        if max(width, height) > self.max_side:
-            f = self.max_side / max(width, height)
-            size = (max(1, int(width * f + 0.5)), max(1, int(height * f + 0.5)))
-            img = img.resize(size, Image.Resampling.BILINEAR)
+        if max(img.size) > self.max_side:  # long side to max_side, rounded as mmcv rounds
+            img = img.resize(mmcv_rescale_size(*img.size, self.max_side, self.max_side), Image.Resampling.BILINEAR)
         return img
 
     def _load_background(self, index: int) -> Image.Image:
-        # copy_and_paste.py L107-110: stretched to canvas x canvas (here on the CPU, as the reference).
-        size = (self.cfg.canvas, self.cfg.canvas)
-        img = self.images.load(index)
-        return img if img.size == size else img.resize(size, Image.Resampling.BILINEAR)
+        return stretch_background_pil(self.images.load(index), self.cfg.canvas)  # on the CPU, as the reference
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = self._key(key)
@@ -583,9 +568,9 @@ class InsLocDecodeDataset(_InsLocSampleBase):
         fg, bg_q, bg_k = self._draw(index, rng, self._load_foreground, self._load_background)
         params = sample_composition_params(fg.size, self.cfg, rng)
         return {
-            "fg": _pil_to_uint8(fg),
-            "bg_q": _pil_to_uint8(bg_q),
-            "bg_k": _pil_to_uint8(bg_k),
+            "fg": pil_to_tensor(fg),
+            "bg_q": pil_to_tensor(bg_q),
+            "bg_k": pil_to_tensor(bg_k),
             "params": params,
             "index": index,
         }
@@ -619,10 +604,10 @@ def _payload(enc: EncodedImage) -> tuple[str, torch.Tensor, int]:
     other formats (their CPU fallback, decoded once in the worker by ``decode_image``)."""
     if enc.is_jpeg:
         return (JPEG, enc.as_tensor(), enc.orientation)
-    return (PIXELS, _pil_to_uint8(enc.decode()), 1)
+    return (PIXELS, pil_to_tensor(enc.decode()), 1)
 
 
-class InsLocBytesDataset(_InsLocSampleBase):
+class InsLocBytesDataset(PretrainSampleDataset):
     """Workers only read bytes: the official draws, the files' bytes, nothing decoded.
 
     ``dataset[idx]`` returns ``dict(fg, bg_q, bg_k, params, index, bg_draw)`` where ``fg``/``bg_q``/
@@ -682,21 +667,19 @@ def collate_encoded(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def apply_exif_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
     """``[C, H, W]`` as PIL's ``ImageOps.exif_transpose`` would turn it for EXIF ``orientation`` 1-8."""
-    if orientation == 2:
-        return img.flip(-1)
-    if orientation == 3:
-        return img.flip((-2, -1))
-    if orientation == 4:
-        return img.flip(-2)
-    if orientation == 5:
-        return img.transpose(-2, -1)
-    if orientation == 6:
-        return torch.rot90(img, -1, (-2, -1))
-    if orientation == 7:
-        return img.transpose(-2, -1).flip((-2, -1))
-    if orientation == 8:
-        return torch.rot90(img, 1, (-2, -1))
-    return img
+    transform = _EXIF_TRANSFORMS.get(orientation)
+    return img if transform is None else transform(img)
+
+
+_EXIF_TRANSFORMS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
+    2: lambda img: img.flip(-1),
+    3: lambda img: img.flip((-2, -1)),
+    4: lambda img: img.flip(-2),
+    5: lambda img: img.transpose(-2, -1),
+    6: lambda img: torch.rot90(img, -1, (-2, -1)),
+    7: lambda img: img.transpose(-2, -1).flip((-2, -1)),
+    8: lambda img: torch.rot90(img, 1, (-2, -1)),
+}
 
 
 def _decode_jpeg(data: Any, device: torch.device) -> Any:
@@ -715,7 +698,7 @@ def _decode_one(payload: tuple[str, torch.Tensor, int], device: torch.device) ->
         img = _decode_jpeg(data, device)
     except RuntimeError:  # e.g. a JPEG variant the device decoder refuses: PIL on the CPU
         try:
-            img = _pil_to_uint8(decode_image(data.numpy().tobytes())).to(device)
+            img = pil_to_tensor(decode_image(data.numpy().tobytes())).to(device)
         except InvalidImageError as err:
             logger.warning("undecodable image replaced by grey in this batch: %s", err)
             return torch.full((3, 64, 64), 128, dtype=torch.uint8, device=device)
