@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from torchvision.io import decode_jpeg
 
 from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
+from insloc_hub.training.pretraining import pretrain_data
 from insloc_hub.training.pretraining.compose import CompositionConfig, compose_batch
 from insloc_hub.training.pretraining.pretrain_data import (
     DevicePrefetcher,
@@ -337,6 +338,21 @@ def test_decode_batch_falls_back_for_a_jpeg_the_decoder_refuses(tmp_path: Path, 
         out = decode_batch(payloads, "cpu")
     assert out[0].shape == (3, 300, 451) and out[2].shape == (3, 4, 5)
     assert out[1].dtype == torch.uint8 and "undecodable" in caplog.text
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_decode_batch_pil_fallback_orients_a_rotated_jpeg_once(tmp_path: Path, orientation: int,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "o.jpg"
+    _jpeg_with_orientation(path, orientation)
+    enc = EncodedImage.open(path)
+
+    def refuse(data, device):  # the device decoder refuses this JPEG: PIL decodes it on the CPU
+        raise RuntimeError("unsupported JPEG")
+
+    monkeypatch.setattr(pretrain_data, "_decode_jpeg", refuse)
+    (out,) = decode_batch([("jpeg", enc.as_tensor(), enc.orientation)], "cpu")
+    assert np.array_equal(out.permute(1, 2, 0).numpy(), np.asarray(decode_image(path)))
 
 
 def test_device_prefetcher_yields_every_prepared_batch_in_order() -> None:

@@ -697,8 +697,8 @@ def _decode_one(payload: tuple[str, torch.Tensor, int], device: torch.device) ->
     try:
         img = _decode_jpeg(data, device)
     except RuntimeError:  # e.g. a JPEG variant the device decoder refuses: PIL on the CPU
-        try:
-            img = pil_to_tensor(decode_image(data.numpy().tobytes())).to(device)
+        try:  # decode_image has already applied the EXIF orientation
+            return pil_to_tensor(decode_image(data.numpy().tobytes())).to(device)
         except InvalidImageError as err:
             logger.warning("undecodable image replaced by grey in this batch: %s", err)
             return torch.full((3, 64, 64), 128, dtype=torch.uint8, device=device)
