@@ -225,7 +225,7 @@ class Pipeline:
         from torch.utils.data import DataLoader, RandomSampler
 
         from insloc_hub.training.pretraining.engine import composition_config
-        from insloc_hub.training.pretraining.pretrain_data import InsLocBytesDataset, collate_encoded, worker_init_fn
+        from insloc_hub.training.pretraining.pretrain_data import InsLocBytesDataset, collate_encoded
 
         self.comp = composition_config(cfg)
         self.device = device
@@ -237,7 +237,7 @@ class Pipeline:
         self.loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                  num_workers=cfg.workers, collate_fn=collate_encoded,
                                  pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-                                 prefetch_factor=2 if cfg.workers > 0 else None, worker_init_fn=worker_init_fn)
+                                 prefetch_factor=2 if cfg.workers > 0 else None)
         self.iterator = itertools.chain.from_iterable(itertools.repeat(self.loader))  # epoch after epoch
 
     def batch(self) -> Any:

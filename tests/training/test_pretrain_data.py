@@ -29,7 +29,6 @@ from insloc_hub.training.pretraining.pretrain_data import (
     decode_batch,
     in_batch_background_indices,
     sample_rng,
-    worker_init_fn,
 )
 from insloc_hub.transforms import decode_image
 from tests.photos import photo, photo_bytes
@@ -161,7 +160,7 @@ def test_same_samples_whatever_the_number_of_workers(tmp_path: Path) -> None:
     ds.set_epoch(2)
     serial = list(DataLoader(ds, batch_size=3, num_workers=0))
     images.pop_epoch_report(log=False)
-    parallel = list(DataLoader(ds, batch_size=3, num_workers=2, worker_init_fn=worker_init_fn))
+    parallel = list(DataLoader(ds, batch_size=3, num_workers=2))
     assert len(serial) == len(parallel) == 2
     for x, y in zip(serial, parallel, strict=True):
         assert _equal(x, y)

@@ -67,7 +67,6 @@ __all__ = [
     "apply_exif_orientation",
     "in_batch_background_indices",
     "sample_rng",
-    "worker_init_fn",
 ]
 
 logger = logging.getLogger(__name__)
@@ -362,18 +361,6 @@ def sample_rng(seed: int, epoch: int, index: int, *, seed_globals: bool | None =
         np.random.seed(int(state[0]))
         torch.manual_seed(global_seed)
     return np.random.default_rng(seq)
-
-
-def worker_init_fn(worker_id: int) -> None:
-    """Seed python ``random`` and numpy's global RNG from torch's per-worker seed.
-
-    Like the official ``worker_init_fn`` (``mmdet/datasets/builder.py`` L88-93); the datasets here
-    reseed per sample anyway, this only covers code that draws outside ``__getitem__``.
-    """
-    info = get_worker_info()
-    base = info.seed if info is not None else torch.initial_seed()
-    random.seed(base)
-    np.random.seed(base % 2**32)
 
 
 # --------------------------------------------------------------------------------------------------
