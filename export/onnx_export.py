@@ -33,7 +33,7 @@ from insloc_hub.export.metadata import set_metadata, tensor_specs
 from insloc_hub.export.parity import ParityReport, Tolerance, verify_onnx
 from insloc_hub.export.wrappers import TASKS, PixelBackbone, PixelDetector, feature_names, has_embedding
 from insloc_hub.models import PRESETS, InsLocBackbone
-from insloc_hub.pretrained import _umask
+from insloc_hub.pretrained import default_file_mode
 from insloc_hub.transforms import IMAGENET_MEAN, IMAGENET_STD
 from insloc_hub.version import __version__
 
@@ -220,7 +220,7 @@ def _writable_temp(output: Path) -> Path:
         os.close(fd)
     except OSError as exc:
         raise ConfigError(f"cannot write {output}: {exc.strerror or exc}; choose a writable --output") from exc
-    os.chmod(name, 0o666 & ~_umask())  # readable like any other file (mkstemp makes 0600)
+    os.chmod(name, default_file_mode())  # mkstemp makes 0600
     return Path(name)
 
 

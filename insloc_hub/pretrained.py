@@ -132,22 +132,27 @@ def save_pretrained(
         (staging_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         (staging_dir / CARD_NAME).write_text(render_card(config, folder=directory))
         # the weights go last, so an interrupted save never leaves new weights beside an old config
-        mode = 0o666 & ~_umask()  # readable like any file the user writes (temporary files are 0600)
+        mode = default_file_mode()
         for file_name in [f for f in files if f != WEIGHTS_NAME] + [WEIGHTS_NAME]:
             os.chmod(staging_dir / file_name, mode)
             os.replace(staging_dir / file_name, directory / file_name)
     return directory
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (``os.umask`` would race with other threads)."""
+def default_file_mode() -> int:
+    """``0o666`` less the process umask: the mode of a file the user writes normally (temporary files are 0600).
+
+    The umask is read without changing it (``os.umask`` would race with other threads).
+    """
+    umask = 0o022
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
+                umask = int(line.split()[1], 8)
+                break
     except OSError:
         pass
-    return 0o022
+    return 0o666 & ~umask
 
 
 def _model_config(model: nn.Module) -> dict[str, Any]:
