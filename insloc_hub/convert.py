@@ -145,10 +145,15 @@ def load_foreign_checkpoint(path: PathLike) -> Any:
         error: Exception = exc  # not a pickle of objects: garbage or a damaged file
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError) as exc:  # garbage bytes
         error = exc
-    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(error))
-    reason = detail.group(1).strip() if detail else f"{type(error).__name__}: {error}"
+    reason = _unpickler_detail(str(error)) or f"{type(error).__name__}: {error}"
     raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({reason}); it is not a PyTorch checkpoint "
                           "file, or it is damaged") from error
+
+
+def _unpickler_detail(message: str) -> str | None:
+    """The reason torch's weights-only unpickler gave, without the advice around it."""
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", message)
+    return detail.group(1).strip() if detail else None
 
 
 def describe_unpickling_refusal(exc: BaseException) -> str:
@@ -162,8 +167,7 @@ def describe_unpickling_refusal(exc: BaseException) -> str:
     if needs is not None:
         what = f"it needs the Python object {needs.group(1)} beyond tensors and plain containers"
     else:
-        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-        reason = detail.group(1).strip() if detail else "unknown content"
+        reason = _unpickler_detail(text) or "unknown content"
         what = f"it holds data that is not tensors and plain containers ({reason})"
     return (
         f"{what}, and unpickling it would run code chosen by the file. insloc-hub never unpickles such files: "

@@ -98,8 +98,6 @@ def decode_image(
     image = _open_checked(name, data, max_pixels)
     try:
         image.load()
-    except InvalidImageError:
-        raise
     except Image.DecompressionBombError as exc:
         raise _bomb_error(name, exc) from exc
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
