@@ -109,6 +109,11 @@ class ModelRef:
         return f"{self.repo_id}@{self.revision}" if self.revision else str(self.repo_id)
 
 
+def is_hex_digest(text: object, length: int) -> bool:
+    """``text`` is ``length`` lowercase hex digits (a git commit id: 40; a sha256: 64)."""
+    return isinstance(text, str) and len(text) == length and all(c in "0123456789abcdef" for c in text)
+
+
 def _is_repo_id(text: str) -> bool:
     try:
         validate_repo_id(text)
@@ -510,7 +515,7 @@ def push_target(repo_id: str, revision: str | None = None, namespace: str | None
         base = alias_repo_id(base, namespace)
     elif not _is_repo_id(base):
         raise ConfigError(f"Cannot push to {repo_id!r}: expected a repo id 'owner/name' or an alias.")
-    if revision is not None and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+    if is_hex_digest(revision, 40):
         raise ConfigError(f"Cannot push to commit {revision}: pass a branch name as revision.")
     return base, revision
 

@@ -39,6 +39,7 @@ from insloc_hub.errors import ConfigError, IntegrityError, WeightsMismatchError
 from insloc_hub.hub import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    is_hex_digest,
     push_folder_to_hub,
     push_target,
     read_json_object,
@@ -221,7 +222,7 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{path} has no 'weights' record (file, sha256); re-save the model with save_pretrained")
     _plain_file_name(weights.get("file", WEIGHTS_NAME), "weights.file", path)
     sha = weights.get("sha256")
-    if sha is not None and not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+    if sha is not None and not is_hex_digest(sha, 64):
         raise ConfigError(f"{path}: weights.sha256 must be 64 lowercase hex digits, got {sha!r}")
     if "files" in config:
         required_files(config, source=str(path))  # relative names inside the folder only
@@ -331,12 +332,16 @@ def _check_dtypes(header: Mapping[str, Mapping[str, Any]], source: Any) -> None:
             )
 
 
-def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *, always: bool = False) -> None:
+def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *,
+                   always: bool = False) -> dict[str, dict[str, Any]]:
     """Check the weights file against config.json's sha256.
 
     A file already verified (same path, size, mtime, ctime and inode) is not hashed again unless
     ``always``: the record lives in ``$INSLOC_HUB_CACHE`` (default ``$XDG_CACHE_HOME/insloc_hub``, else
     ``~/.cache/insloc_hub``).
+
+    Returns:
+        The weights file's header (:func:`read_safetensors_header`), checked before hashing.
 
     Raises:
         IntegrityError: the hashes differ (a tampered or corrupted download).
@@ -346,7 +351,7 @@ def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *,
     expected = config.get("weights", {}).get("sha256")
     if not expected:
         raise IntegrityError(f"{Path(folder) / CONFIG_NAME} records no sha256 for {path.name}; re-save the model")
-    read_safetensors_header(path)  # a regular file of the size its header says, before hashing it
+    header = read_safetensors_header(path)  # a regular file of the size its header says, before hashing it
     real = path.resolve()
     info = real.stat()
     # st_ctime_ns changes on every write and cannot be set back by the user (unlike mtime)
@@ -355,7 +360,7 @@ def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *,
     record_path = Path(os.environ.get("INSLOC_HUB_CACHE") or default_cache) / _VERIFIED_RECORD
     record = _read_record(record_path)
     if not always and record.get(key) == expected:
-        return
+        return header
     actual = sha256_file(real)
     if actual != expected:
         raise IntegrityError(
@@ -370,6 +375,7 @@ def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *,
         os.replace(tmp, record_path)
     except OSError:  # a read-only home only costs a re-hash next time
         pass
+    return header
 
 
 def _read_record(path: Path) -> dict[str, str]:
@@ -418,11 +424,12 @@ def from_pretrained(
     folder = resolve_model_dir(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                                namespace=namespace, token=token)
     config = read_config(folder)
-    if verify:
-        verify_weights(folder, config, always=verify is True)
     weights_file = config["weights"].get("file", WEIGHTS_NAME)
     source = f"{folder / weights_file}"
-    header = read_safetensors_header(folder / weights_file)
+    if verify:
+        header = verify_weights(folder, config, always=verify is True)
+    else:
+        header = read_safetensors_header(folder / weights_file)
     _check_dtypes(header, source)
     if config.get("task") == "detection":
         model, assign = build_detector_from_config(config["detector"]), False
