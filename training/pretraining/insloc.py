@@ -337,8 +337,8 @@ class InsLoc(nn.Module):
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
-        """Write the keys of every GPU (``[B, L, dim]`` each) into every level's queue at the pointer."""
-        keys = all_gather_tensor(keys)
+        """Write the keys of the global batch (``[B, L, dim]``, already gathered from every process) into
+        every level's queue at the pointer."""
         batch_size = keys.shape[0]
         ptr = int(self.queue_ptr)
         if self.K % batch_size != 0:
@@ -399,11 +399,11 @@ class InsLoc(nn.Module):
         levels = None if box is None else self._level_boxes(box_s, None)
         return self._batch_unshuffle_ddp(self.encoder_k(img, levels), idx_unshuffle)
 
-    def _info_nce(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-level InfoNCE losses and accuracies in float32 (autocast off)."""
+    def _info_nce(self, q: torch.Tensor, k: torch.Tensor,
+                  queue: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-level InfoNCE losses and accuracies in float32 (autocast off); ``queue`` None: no queue negatives."""
         with torch.autocast(device_type=q.device.type, enabled=False):
-            return info_nce_per_level(q.float().transpose(0, 1), k.float().transpose(0, 1),
-                                      queue if self.queue_negatives else None, self.T,
+            return info_nce_per_level(q.float().transpose(0, 1), k.float().transpose(0, 1), queue, self.T,
                                       inbatch_negatives=self.inbatch_negatives)
 
     # ----------------------------------------------------------------------------------------------
@@ -432,20 +432,22 @@ class InsLoc(nn.Module):
         with torch.no_grad():  # key: momentum update first, then the shuffled forward with GT boxes on every level
             self._momentum_update_key_encoder()
         k = self._key(k_img, k_box, generator)
-        queue = self.queue.clone().detach()
+        # the loss reads the queue after the in-place enqueue below (bmm saves it for backward): a copy
+        queue = self.queue.clone().detach() if self.queue_negatives else None
         losses, accuracies = self._info_nce(q, k, queue)
         if self.symmetric_loss:  # the key view as query of the query view, against the same queue
             q2 = self._query(k_img, k_box, generator)
             k2 = self._key(q_img, q_box, generator)
             losses = (losses + self._info_nce(q2, k2, queue)[0]) / 2
         loss = (losses * self.level_weights.to(losses.device)).sum()
-        self._dequeue_and_enqueue(k)
+        k_all = all_gather_tensor(k.detach())  # the keys of every process: for the queue and the diagnostics
+        self._dequeue_and_enqueue(k_all)
 
         out = {"loss": loss}
         for i, level in enumerate(self.levels):
             out[f"loss_{level}"] = losses[i].detach()
             out[f"acc_{level}"] = accuracies[i]
         # collapse diagnostics over the global batch (the queries and keys of every process)
-        q_all, k_all = all_gather_tensor(q.detach()), all_gather_tensor(k.detach())
+        q_all = all_gather_tensor(q.detach())
         out.update(embedding_diagnostics(q_all.transpose(0, 1), k_all.transpose(0, 1), self.levels))
         return out
