@@ -71,7 +71,8 @@ def b64_image(value: Any, index: int) -> bytes:
     return data
 
 
-def _parse_json(body: bytes) -> Any:
+def parse_json(body: bytes) -> Any:
+    """The JSON body, or the service's 422 ``invalid_json`` error."""
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -119,7 +120,7 @@ async def images_and_options(request: Request, body: bytes, max_images: int) -> 
             raise ServiceError(422, "no_images", "the multipart body has no file part; send images as files "
                                                  "(curl -F image=@photo.jpg)")
     elif looks_like_json(body, content_type):
-        payload = _parse_json(body)
+        payload = parse_json(body)
         if not isinstance(payload, dict):
             raise ServiceError(422, "invalid_json", "the JSON body must be an object like {\"images\": [\"<base64>\"]}")
         keys = [k for k in ("images", "image", "inputs") if k in payload]

@@ -15,6 +15,7 @@ from insloc_hub.serve.inputs import (
     decode_all,
     images_and_options,
     looks_like_json,
+    parse_json,
     parse_options,
     read_body,
 )
@@ -136,12 +137,7 @@ async def hugging_face(request: Request, model_name: str) -> JSONResponse:
     body = await read_body(request, s.max_body_bytes)
     raw_options: dict[str, Any] = {}
     if looks_like_json(body, request.headers.get("content-type", "").lower()):
-        import json
-
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ServiceError(422, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+        payload = parse_json(body)
         if not isinstance(payload, dict) or "inputs" not in payload:
             raise ServiceError(422, "invalid_json", "expected {\"inputs\": \"<base64 image>\", \"parameters\": {...}}")
         parameters = payload.get("parameters") or {}
