@@ -45,11 +45,38 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: where its detector's weights come from and how it is fine-tuned."""
+
+    title: str
+    pretraining: str | None = None  # a key of PRETRAININGS; None: random init
+    parts: tuple[str, ...] | None = None  # keep only these parts of the pretrained bundle (the rest re-initialised)
+    finetune_flags: tuple[str, ...] = ()
+
+
+#: pretraining runs rows can share: (method, extra pretrain flags)
+PRETRAININGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "moco": ("moco", ()),
+    "insloc": ("insloc", ()),
+    # issue 13's option: both backgrounds from the other images of the batch (device composition, here on the CPU)
+    "insloc-batchbg": ("insloc", ("--gpu-composition", "on", "--batch-backgrounds")),
+}
+EXTRA_NORM = ("--box-head-extra-norm",)  # the official InsLoc fine-tuning head (a new BN after the head's fc)
+ROW_SPECS: dict[str, Row] = {
+    "random": Row("random init"),
+    "moco": Row("MoCo v2 (image-level)", "moco"),
+    "insloc": Row("InsLoc", "insloc"),
+    # diagnostic rows, not run by default
+    "insloc-trunk": Row("InsLoc trunk, FPN and box head re-initialised", "insloc", parts=("trunk",)),
+    "insloc-fpn": Row("InsLoc trunk and FPN, box head re-initialised", "insloc", parts=("trunk", "fpn")),
+    "random-xnorm": Row("random init, extra head BN", finetune_flags=EXTRA_NORM),
+    "moco-xnorm": Row("MoCo v2, extra head BN", "moco", finetune_flags=EXTRA_NORM),
+    "insloc-xnorm": Row("InsLoc, extra head BN", "insloc", finetune_flags=EXTRA_NORM),
+    "insloc-batchbg": Row("InsLoc, in-batch backgrounds", "insloc-batchbg"),
+}
 ROWS = ("random", "moco", "insloc")
-#: diagnostic row, not run by default: the InsLoc trunk alone (its FPN and box head left out)
-EXTRA_ROWS = ("insloc-trunk",)
-ROW_TITLES = {"random": "random init", "moco": "MoCo v2 (image-level)", "insloc": "InsLoc",
-              "insloc-trunk": "InsLoc trunk, FPN and box head re-initialised"}
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raccoon"
 
 #: scikit-image sample photographs that load without a download (real photos; synthetic ones left out)
@@ -150,18 +177,18 @@ def build_unlabelled_folder(data: Path, folder: Path) -> dict[str, int]:
     return {"raccoon_train": len(train), "skimage": extra, "total": len(present)}
 
 
-def trunk_only_folder(folder: Path, out: Path) -> Path:
-    """A copy of a backbone hub folder holding only its trunk (like a converted MoCo/supervised ResNet)."""
+def parts_folder(folder: Path, out: Path, parts: tuple[str, ...]) -> Path:
+    """A copy of a backbone hub folder holding only ``parts`` (e.g. the trunk, like a converted MoCo ResNet)."""
     import dataclasses
 
     from insloc_hub.models import InsLocBackbone
     from insloc_hub.pretrained import from_pretrained, save_pretrained
 
     full = from_pretrained(folder)
-    trunk = InsLocBackbone(dataclasses.replace(full.config, parts=("trunk",)))
-    trunk.trunk.load_state_dict(full.trunk.state_dict())
-    provenance = {**full.hub_config.get("provenance", {}), "derived": f"trunk of {folder}"}
-    return save_pretrained(trunk, out, name=out.name, provenance=provenance)
+    kept = InsLocBackbone(dataclasses.replace(full.config, parts=parts))
+    kept.load_state_dict({k: v for k, v in full.state_dict().items() if k.split(".")[0] in parts})
+    provenance = {**full.hub_config.get("provenance", {}), "derived": f"{'+'.join(parts)} of {folder}"}
+    return save_pretrained(kept, out, name=out.name, provenance=provenance)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,12 +302,12 @@ def render_table(results: dict[str, list[dict[str, float]]], budget: Budget, see
         for key in ("AP", "AP50", "AP75"):
             mean, std = _mean_std([r[key] for r in runs])
             cells.append(f"{mean:.1f} ± {std:.1f}")
-        lines.append(f"| {ROW_TITLES[row]} | {' | '.join(cells)} | {len(runs)} |")
+        lines.append(f"| {ROW_SPECS[row].title} | {' | '.join(cells)} | {len(runs)} |")
     lines += ["", "Per seed (AP / AP50 / AP75):", "", "| init | " + " | ".join(f"seed {s}" for s in seeds) + " |",
               "|---|" + "---|" * len(seeds)]
     for row, runs in results.items():
         cells = [f"{r['AP']:.1f} / {r['AP50']:.1f} / {r['AP75']:.1f}" for r in runs]
-        lines.append(f"| {ROW_TITLES[row]} | {' | '.join(cells)} |")
+        lines.append(f"| {ROW_SPECS[row].title} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -292,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="work folder: unlabelled images, runs, logs")
     parser.add_argument("--table", type=Path, required=True, help="markdown table to write")
     parser.add_argument("--rows", default=",".join(ROWS),
-                        help=f"comma-separated subset of {ROWS + EXTRA_ROWS} (insloc-trunk needs insloc)")
+                        help=f"comma-separated subset of {tuple(ROW_SPECS)} (default: %(default)s)")
     parser.add_argument("--seeds", type=int, help="fine-tuning seeds (default: the config's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--jobs", type=int, default=2, help="stages run at the same time")
@@ -306,11 +333,9 @@ def main(argv: list[str] | None = None) -> int:
 
     budget = CONFIGS[args.config]
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = set(rows) - set(ROWS + EXTRA_ROWS)
+    unknown = set(rows) - set(ROW_SPECS)
     if unknown:
-        parser.error(f"unknown rows {sorted(unknown)}; choose from {ROWS + EXTRA_ROWS}")
-    if "insloc-trunk" in rows and "insloc" not in rows:
-        parser.error("the insloc-trunk row is derived from the insloc pretraining: add insloc to --rows")
+        parser.error(f"unknown rows {sorted(unknown)}; choose from {tuple(ROW_SPECS)}")
     seeds = list(range(args.seeds or budget.seeds))
     data = args.data.resolve()
     if not (data / "train_split.txt").is_file() or not (data / "test_split.txt").is_file():
@@ -327,37 +352,45 @@ def main(argv: list[str] | None = None) -> int:
     # Pretrainings first, then every (row, seed) fine-tuning as soon as its init exists (random at once).
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs))
     pending: dict[concurrent.futures.Future[tuple[float, float]], str] = {}
-    init_of = {"random": "random"}
+    pretrained: dict[str, str] = {}  # pretraining name -> its finished hub folder
 
     def submit_finetunes(row: str) -> None:
+        spec = ROW_SPECS[row]
+        init = "random"
+        if spec.pretraining is not None:
+            init = pretrained[spec.pretraining]
+            if spec.parts is not None:
+                init = str(parts_folder(Path(init), work / f"{row}-init", spec.parts))
         for seed in seeds:
             name = f"finetune-{row}-seed{seed}"
             out = work / name
             if (out / "final" / "config.json").is_file() and (out / "eval" / "metrics.json").is_file():
                 print(f"{name}: reusing {out}", flush=True)
                 continue
-            cmd = finetune_command(init_of[row], data, out, budget, args.device, seed)
+            cmd = finetune_command(init, data, out, budget, args.device, seed) + list(spec.finetune_flags)
             pending[pool.submit(_run, cmd, work / "logs" / f"{name}.log", args.threads)] = name
 
-    def start_trunk_only() -> None:
-        init_of["insloc-trunk"] = str(trunk_only_folder(Path(init_of["insloc"]), work / "insloc-trunk-only"))
-        submit_finetunes("insloc-trunk")
+    def pretraining_done(name: str) -> None:
+        pretrained[name] = str(work / f"pretrain-{name}" / "final")
+        for row in rows:
+            if ROW_SPECS[row].pretraining == name:
+                submit_finetunes(row)
 
-    for method in [r for r in rows if r in ("moco", "insloc")]:
-        out = work / f"pretrain-{method}"
-        init_of[method] = str(out / "final")
+    for name in dict.fromkeys(ROW_SPECS[r].pretraining for r in rows if ROW_SPECS[r].pretraining):
+        out = work / f"pretrain-{name}"
         if (out / "final" / "config.json").is_file():
-            print(f"pretrain-{method}: reusing {out / 'final'}", flush=True)
-            submit_finetunes(method)
-            if method == "insloc" and "insloc-trunk" in rows:
-                start_trunk_only()
+            print(f"pretrain-{name}: reusing {out / 'final'}", flush=True)
+            pretraining_done(name)
             continue
+        method, flags = PRETRAININGS[name]
         preset = args.insloc_preset if method == "insloc" else None
         cmd = pretrain_command(method, work / "unlabelled", out, budget, args.device, args.pretrain_seed, preset)
-        print(f"pretrain-{method}: {' '.join(cmd[len(CLI):])}", flush=True)
-        pending[pool.submit(_run, cmd, work / "logs" / f"pretrain-{method}.log", args.threads)] = f"pretrain-{method}"
-    if "random" in rows:
-        submit_finetunes("random")
+        cmd += flags
+        print(f"pretrain-{name}: {' '.join(cmd[len(CLI):])}", flush=True)
+        pending[pool.submit(_run, cmd, work / "logs" / f"pretrain-{name}.log", args.threads)] = f"pretrain-{name}"
+    for row in rows:
+        if ROW_SPECS[row].pretraining is None:
+            submit_finetunes(row)
     while pending:
         done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
         for future in done:
@@ -365,9 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             timings[name], cpu_times[name] = future.result()
             print(f"{name}: {timings[name]:.0f} s wall, {cpu_times[name]:.0f} s CPU", flush=True)
             if name.startswith("pretrain-"):
-                submit_finetunes(name[len("pretrain-"):])
-                if name == "pretrain-insloc" and "insloc-trunk" in rows:
-                    start_trunk_only()
+                pretraining_done(name[len("pretrain-"):])
     pool.shutdown()
 
     results = {row: [_metrics(work / f"finetune-{row}-seed{seed}") for seed in seeds] for row in rows}
@@ -379,8 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Pretraining budget (MoCo v2 and InsLoc alike): {counts['total']} unlabelled photos, {budget.trunk}, "
         f"{budget.pretrain_epochs} epochs, batch {budget.pretrain_batch}, canvas {budget.pretrain_canvas}, "
         f"queue {budget.pretrain_queue}. "
-        + "".join(f"{method}: {pretrain_settings(work / f'pretrain-{method}')}. " for method in ("moco", "insloc")
-                  if method in rows)
+        + "".join(f"{name}: {pretrain_settings(work / f'pretrain-{name}')}. " for name in pretrained)
         + "Fine-tuning (every row): "
         f"Faster R-CNN FPN, {budget.iterations} iterations, batch {budget.batch_size}, lr {budget.lr}, "
         f"short side {budget.min_size} (test {budget.test_size}); test split of 40 photos.\n\n"
