@@ -311,6 +311,9 @@ class OnnxBackend(Backend):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+            # idle ORT threads must not spin: they would steal the cores of the HTTP loop and other models
+            options.add_session_config_entry(key, "0")
         try:
             self.session = ort.InferenceSession(str(file), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
