@@ -38,6 +38,9 @@ SMALL: dict[str, Any] = dict(projection_norm="batch", inbatch_negatives=True)
 #: AdamW at 1e-3 for batch 16 (0.016 per 256 under the linear scaling rule), wd 0.05, 5-epoch (55-step) warmup
 ADAMW: dict[str, Any] = dict(optimizer="adamw", lr=0.016, weight_decay=0.05, warmup_epochs=5)
 
+#: the current ``--preset small-data`` (projection BN, only the batch's keys as negatives, key momentum 0, AdamW 3e-3)
+PRESET: dict[str, Any] = {**SMALL, **ADAMW, "lr": 0.048, "queue_negatives": False, "key_momentum": 0.0}
+
 #: name -> (what changes, config overrides, InsLoc keyword overrides, optimizer change)
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
     "official": ("the official recipe (raccoon CPU configuration)", {}, {}, None),
@@ -124,6 +127,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
     "projection-bn+inbatch+no-queue+adamw-x3+km-0": ("... + no queue negatives + AdamW lr 3e-3 (0.048 per 256) + "
                                                      "key momentum 0", {
         **SMALL, **ADAMW, "lr": 0.048, "queue_negatives": False, "key_momentum": 0.0}, {}, None),
+    "preset+t-0.5": ("the small-data preset + temperature 0.5", {**PRESET, "temperature": 0.5}, {}, None),
+    "preset+t-0.3": ("the small-data preset + temperature 0.3", {**PRESET, "temperature": 0.3}, {}, None),
+    "preset+lr-x2": ("the small-data preset with AdamW 6e-3 (0.096 per 256)", {**PRESET, "lr": 0.096}, {}, None),
+    "preset+p2-only": ("the small-data preset, loss on P2 only (level weights 1, 0, 0, 0)", PRESET,
+                       {"level_weights": (1, 0, 0, 0)}, None),
     "projection-bn+inbatch+adamw+km-0.999": ("... + AdamW (as above) + key momentum 0.999", {
         **SMALL, **ADAMW, "key_momentum": 0.999}, {}, None),
     "projection-bn+inbatch+adamw+km-0.9": ("... + AdamW (as above) + key momentum 0.9", {
