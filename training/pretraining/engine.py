@@ -545,16 +545,17 @@ Views = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | No
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, views: Views, *,
-               amp_dtype: torch.dtype | None = None,
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+               amp_dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
+               diagnostics: bool = True) -> dict[str, torch.Tensor]:
     """One optimizer step: forward (autocast to ``amp_dtype`` if given), zero_grad, backward, SGD step.
 
     The order is mmcv's ``OptimizerHook`` (zero_grad, backward, step; no gradient clipping).
+    ``diagnostics``: the outputs also hold the collapse diagnostics (see :meth:`InsLoc.forward`).
     """
     q_img, q_box, k_img, k_box = views
     device_type = q_img.device.type
     with torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
-        out = model(q_img, q_box, k_img, k_box, generator=generator)
+        out = model(q_img, q_box, k_img, k_box, generator=generator, diagnostics=diagnostics)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     optimizer.step()
@@ -618,7 +619,8 @@ def train(cfg: PretrainConfig, *, callbacks: Sequence[Callback] = ()) -> Path:
     """Run (or resume) pretraining; returns ``RUN_DIR/final`` (the exported hub folder).
 
     ``callbacks`` are called on every process as ``fn(event, info)``: ``"step"`` after each optimizer
-    step (``info``: ``model`` (the unwrapped :class:`InsLoc`), ``step``, ``epoch``, ``outputs``) and
+    step (``info``: ``model`` (the unwrapped :class:`InsLoc`), ``step``, ``epoch``, ``outputs``, which hold
+    the diagnostics at log steps only) and
     ``"end"`` once training stops, before the export (``model``, ``step``, ``epoch``).
 
     Raises:
@@ -804,16 +806,17 @@ class _PretrainRun:
                     wrote_grid = True
                 if cfg.method == "moco":
                     q_box = k_box = None
-                out = train_step(self.train_model, self.optimizer, (q_img, q_box, k_img, k_box),
-                                 amp_dtype=self.rt.amp_dtype, generator=generator)
                 self.global_step += 1
                 self.step_in_epoch += 1
+                finished = self.global_step >= self.total_steps
+                logged = self.global_step % cfg.log_every == 0 or finished  # the diagnostics are measured only then
+                out = train_step(self.train_model, self.optimizer, (q_img, q_box, k_img, k_box),
+                                 amp_dtype=self.rt.amp_dtype, generator=generator, diagnostics=logged)
                 timer.tick(waited)
                 for callback in callbacks:
                     callback("step", {"model": self.model, "step": self.global_step, "epoch": self.epoch,
                                       "outputs": out})
-                finished = self.global_step >= self.total_steps
-                if self.global_step % cfg.log_every == 0 or finished:
+                if logged:
                     self._log(out, lr, timer)
                 self.bar.update(1)
                 if self.step_in_epoch == self.steps_per_epoch:
@@ -830,7 +833,7 @@ class _PretrainRun:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
     def _log(self, out: dict[str, torch.Tensor], lr: float, timer: StepTimer) -> None:
-        values = {k: float(v.detach()) for k, v in out.items()}  # synchronises the device
+        values = dict(zip(out, torch.stack([v.detach().float() for v in out.values()]).tolist()))  # one sync
         step_time, data_time, _ = timer.read()
         record = {"step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "lr": lr,
                   **values, "img_per_s": self.cfg.batch_size / max(step_time, 1e-9), "data_time": data_time,

@@ -625,14 +625,14 @@ class _FinetuneRun:
             self._save()
 
     def _log(self, loss: torch.Tensor, loss_dict: dict[str, torch.Tensor], lr: float, timer: StepTimer) -> None:
-        values = {k: float(v.detach()) for k, v in loss_dict.items()}
+        total, *parts = torch.stack([v.detach().float() for v in (loss, *loss_dict.values())]).tolist()  # one sync
+        values = dict(zip(loss_dict, parts))
         seconds, _, _ = timer.read()
-        self.log.write({"iteration": self.iteration, "loss": float(loss.detach()), **values, "lr": lr,
-                        "sec_per_iter": seconds})
+        self.log.write({"iteration": self.iteration, "loss": total, **values, "lr": lr, "sec_per_iter": seconds})
         if self.main:
             eta = seconds * (self.cfg.iterations - self.iteration)
             logger.info("iter %d/%d loss %.3f (%s) lr %.5f %.2f s/it eta %s", self.iteration, self.cfg.iterations,
-                        float(loss.detach()), " ".join(f"{k} {v:.3f}" for k, v in values.items()), lr, seconds,
+                        total, " ".join(f"{k} {v:.3f}" for k, v in values.items()), lr, seconds,
                         datetime.timedelta(seconds=round(max(eta, 0))))
 
     def _save(self) -> None:
