@@ -225,19 +225,15 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "r50-c4-200ep": dict(_OFFICIAL_FPN, arch="r50-c4", c4_roi_size=14),
 }
 
-#: config fields newer than some checkpoints, with the value those checkpoints were trained with
-FIELDS_ADDED_LATER: dict[str, Any] = dict(projection_norm="off", inbatch_negatives=False, embed_init="official",
-                                          batch_backgrounds=False,
-                                          tensorboard=False, optimizer="sgd", warmup_epochs=0, symmetric_loss=False,
-                                          predictor_hidden=0, queue_negatives=True)
+#: every field's default: the official recipe, and the value a checkpoint written before a field existed was
+#: trained with (each field added later defaults to the behaviour that came before it)
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
 
-#: the settings of the released recipe that change what is learned; a run records where it differs
-OFFICIAL_RECIPE: dict[str, Any] = dict(
-    batch_size=256, optimizer="sgd", lr=0.03, momentum=0.9, nesterov=True, weight_decay=1e-4, warmup_epochs=0,
-    dim=128, queue_size=65536, key_momentum=0.999, temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True,
-    sync_bn=False, projection_norm="off", inbatch_negatives=False, queue_negatives=True, symmetric_loss=False,
-    predictor_hidden=0,
-    embed_init="official")
+#: the settings of the released recipe (the defaults) that change what is learned; a run records where it differs
+RECIPE_FIELDS = ("batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs", "dim",
+                 "queue_size", "key_momentum", "temperature", "canvas", "box_jitter", "shuffle_bn", "sync_bn",
+                 "projection_norm", "inbatch_negatives", "queue_negatives", "symmetric_loss", "predictor_hidden",
+                 "embed_init")
 
 #: why a preset deviates from the official recipe (the ablation rows are in docs/pretraining.md, "Collapse")
 DEVIATION_REASONS: dict[str, str] = {
@@ -449,8 +445,8 @@ def deviations_from_official(cfg: PretrainConfig) -> list[str]:
     Example: ``["lr 0.3 (official 0.03)", ...]``.
     """
     out = []
-    for name, official in OFFICIAL_RECIPE.items():
-        value = getattr(cfg, name)
+    for name in RECIPE_FIELDS:
+        value, official = getattr(cfg, name), DEFAULTS[name]
         if value != official:
             reason = DEVIATION_REASONS.get(name) if cfg.preset in DEVIATION_PRESETS else None
             out.append(f"{name} {value} (official {official})" + (f": {reason}" if reason else ""))
@@ -744,8 +740,7 @@ class _PretrainRun:
     def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} is not an insloc-train pretraining checkpoint")
-        # fields added after a checkpoint was written take the value that reproduces its behaviour
-        saved_config = {**FIELDS_ADDED_LATER, **state["config"]}
+        saved_config = {**DEFAULTS, **state["config"]}  # a field newer than the checkpoint: its default
         check_config(saved_config, self.cfg.to_dict(), ignore=RESUME_IGNORED_FIELDS, source=path)
         if state["num_images"] != len(self.images):
             raise CheckpointError(f"{path} was trained on {state['num_images']} images but --data has "
