@@ -829,7 +829,7 @@ class _PretrainRun:
 
     def _log(self, out: dict[str, torch.Tensor], lr: float, timer: StepTimer) -> None:
         values = dict(zip(out, torch.stack([v.detach().float() for v in out.values()]).tolist()))  # one sync
-        step_time, data_time, _ = timer.read()
+        step_time, data_time = timer.read()
         record = {"step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "lr": lr,
                   **values, "img_per_s": self.cfg.batch_size / max(step_time, 1e-9), "data_time": data_time,
                   "step_time": step_time, "time": time.time()}

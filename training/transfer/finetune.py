@@ -627,7 +627,7 @@ class _FinetuneRun:
     def _log(self, loss: torch.Tensor, loss_dict: dict[str, torch.Tensor], lr: float, timer: StepTimer) -> None:
         total, *parts = torch.stack([v.detach().float() for v in (loss, *loss_dict.values())]).tolist()  # one sync
         values = dict(zip(loss_dict, parts))
-        seconds, _, _ = timer.read()
+        seconds, _ = timer.read()
         self.log.write({"iteration": self.iteration, "loss": total, **values, "lr": lr, "sec_per_iter": seconds})
         if self.main:
             eta = seconds * (self.cfg.iterations - self.iteration)
