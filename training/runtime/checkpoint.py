@@ -87,25 +87,12 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> P
     return path
 
 
-def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints (and stale tmp files of dead writers).
-
-    ``keep <= 0`` keeps everything. Returns the deleted paths.
-    """
+def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (``keep <= 0`` keeps all) and stale tmp files of dead writers."""
     folder = Path(run_dir)
-    removed: list[Path] = []
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if _TMP_MARK in p.name and p.name.startswith(".checkpoint_"):
-                pid = p.name.rsplit(_TMP_MARK, 1)[-1]
-                if pid != str(os.getpid()):
-                    p.unlink(missing_ok=True)
-                    removed.append(p)
-    if keep > 0:
-        for p in list_checkpoints(folder)[:-keep]:
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
+    stale = [p for p in folder.glob(f".checkpoint_*{_TMP_MARK}*") if not p.name.endswith(f"{_TMP_MARK}{os.getpid()}")]
+    for p in stale + (list_checkpoints(folder)[:-keep] if keep > 0 else []):
+        p.unlink(missing_ok=True)
 
 
 def _is_complete_archive(path: Path) -> bool:
