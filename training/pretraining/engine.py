@@ -558,17 +558,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, views: Views,
     return out
 
 
-def _set_determinism(cfg: PretrainConfig, device: torch.device) -> None:
-    seed_everything(cfg.seed)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-
 def build_optimizer_and_schedule(cfg: PretrainConfig, model: nn.Module
                                  ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """The optimizer and per-epoch schedule of a config, over the trainable parameters of ``model``.
@@ -639,7 +628,25 @@ def train(cfg: PretrainConfig, *, callbacks: Sequence[Callback] = ()) -> Path:
     previous_threads = torch.get_num_threads()
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(cfg, info, callbacks)
+        run = _PretrainRun(cfg, info)  # checks, runtime settings, seeding
+        run.build_data()
+        run.build_model()
+        run.resume()  # before anything of the run is written
+        run.write_config()
+        try:
+            run.loop(callbacks)
+        except torch.cuda.OutOfMemoryError as err:
+            world = info.world_size
+            raise ConfigError(
+                f"CUDA ran out of memory with {cfg.batch_size // world} images per GPU (--batch-size "
+                f"{cfg.batch_size} over {world} process(es)). Use a smaller batch (e.g. --batch-size "
+                f"{max(world, cfg.batch_size // 2)}; the lr is rescaled automatically and --queue-size must stay a "
+                "multiple of it), more GPUs, or --amp on / --channels-last on.") from err
+        finally:
+            run.close()
+        for callback in callbacks:
+            callback("end", {"model": run.model, "step": run.global_step, "epoch": run.epoch})
+        return run.export()
     finally:
         # leave the process as we found it (matters when train() is called from Python, e.g. tests)
         torch.set_num_threads(previous_threads)
@@ -659,30 +666,8 @@ def compile_encoders(model: nn.Module) -> None:
                 module.compile()
 
 
-def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[Callback]) -> Path:
-    run = _PretrainRun(cfg, info)  # checks, runtime settings, seeding
-    run.build_data()
-    run.build_model()
-    run.resume()  # before anything of the run is written
-    run.write_config()
-    try:
-        run.loop(callbacks)
-    except torch.cuda.OutOfMemoryError as err:
-        world = info.world_size
-        raise ConfigError(
-            f"CUDA ran out of memory with {cfg.batch_size // world} images per GPU (--batch-size {cfg.batch_size} "
-            f"over {world} process(es)). Use a smaller batch (e.g. --batch-size {max(world, cfg.batch_size // 2)}; "
-            "the lr is rescaled automatically and --queue-size must stay a multiple of it), more GPUs, or --amp on / "
-            "--channels-last on.") from err
-    finally:
-        run.close()
-    for callback in callbacks:
-        callback("end", {"model": run.model, "step": run.global_step, "epoch": run.epoch})
-    return run.export()
-
-
 class _PretrainRun:
-    """The state of one pretraining run, built by :func:`_train` step by step."""
+    """The state of one pretraining run, built by :func:`train` step by step."""
 
     def __init__(self, cfg: PretrainConfig, info: dist_utils.DistInfo) -> None:
         self.cfg, self.info, self.device, self.is_main = cfg, info, info.device, info.is_main
@@ -696,7 +681,14 @@ class _PretrainRun:
         self.rt = resolve_runtime(cfg, self.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        _set_determinism(cfg, self.device)
+        seed_everything(cfg.seed)
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.metrics: MetricsWriter | None = None
         self.bar: tqdm | None = None
