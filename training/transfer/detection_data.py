@@ -406,11 +406,9 @@ def _finish(records: list[DetectionRecord], class_names: Sequence[str], report: 
 
 def _clean_box(xyxy: Sequence[float], width: int, height: int, report: DatasetReport, where: str
                ) -> tuple[float, float, float, float] | None:
-    """Clip a box to the image; ``None`` (and a note) if it is malformed or empty after clipping."""
+    """Clip a box (finite coordinates: both readers check them) to the image; ``None`` (and a note) if it is
+    empty after clipping."""
     x1, y1, x2, y2 = xyxy
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        report.note("malformed_boxes", f"{where}: {list(xyxy)}")
-        return None
     clipped = (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width),
                min(max(y2, 0.0), height))  # fmt: skip
     if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
@@ -755,7 +753,7 @@ def load_voc(root: str | Path, split: str | Path | None = None, *, class_names: 
     wanted = None if class_names is None else {str(n): i for i, n in enumerate(class_names, start=1)}
     if class_names is not None and len(wanted) != len(class_names):
         raise ConfigError(f"class names must be distinct, got {list(class_names)}")
-    parsed: list[tuple[int, Path, int, int, list[VocObject], str]] = []
+    parsed: list[tuple[int, Path, int, int, list[VocObject]]] = []
     seen: set[str] = set()
     for position, entry in enumerate(entries, start=1):
         stem, listed_name = _entry_name(entry)
@@ -776,22 +774,22 @@ def load_voc(root: str | Path, split: str | Path | None = None, *, class_names: 
             clean = _clean_box(xyxy, width, height, report, f"{stem}.xml")
             if clean is not None:
                 kept.append((name, clean, difficult))
-        parsed.append((position, image_path, width, height, kept, image_path.name))
+        parsed.append((position, image_path, width, height, kept))
 
     if wanted is None:
-        names = sorted({name for *_, objects, _ in parsed for name, _, _ in objects})
+        names = sorted({name for *_, objects in parsed for name, _, _ in objects})
         wanted = {name: i for i, name in enumerate(names, start=1)}
         if not names and parsed:
             raise DatasetError(f"{source}: no object with a class name in any annotation; pass class_names")
         _note_similar_names(names, report)
     _check_class_list(list(wanted), report, unknown_classes)
     records = []
-    for position, image_path, width, height, objects, file_name in parsed:
+    for position, image_path, width, height, objects in parsed:
         boxes = [
             _Box(wanted[name], xyxy, (xyxy[2] - xyxy[0]) * (xyxy[3] - xyxy[1]), difficult=difficult)
             for name, xyxy, difficult in objects
         ]
-        records.append(_make_record(position, image_path, width, height, boxes, file_name))
+        records.append(_make_record(position, image_path, width, height, boxes, image_path.name))
     return _finish(records, list(wanted), report, category_ids=None, keep_difficult=keep_difficult,
                    keep_empty=keep_empty)
 
