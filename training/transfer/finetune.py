@@ -272,6 +272,11 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
     get = a.get
     notes: list[str] = []
     _deprecated_names(a, notes)
+
+    def given(name: str, default: Any) -> Any:
+        """The explicit value of flag ``name``, else ``default``."""
+        return a[name] if a.get(name) is not None else default
+
     recipe_name = get("recipe")
     if recipe_name is not None and recipe_name not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe_name!r}; choose one of {sorted(RECIPES)}")
@@ -279,8 +284,7 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
     arch = get("arch") or (recipe.arch if recipe else "faster_rcnn_fpn")
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
-    batch = int(get("batch_size") if get("batch_size") is not None else (recipe.batch_size if recipe else
-                                                                          DEFAULT_BATCH))
+    batch = int(given("batch_size", recipe.batch_size if recipe else DEFAULT_BATCH))
     if batch < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch}")
 
@@ -313,18 +317,14 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
         iterations = new
     if get("steps") is not None:
         steps = _int_list(get("steps")) if isinstance(get("steps"), str) else [int(s) for s in get("steps")]
-    if get("warmup") is not None:
-        warmup = int(get("warmup"))
-    warmup = min(warmup, iterations)
-    if get("lr") is not None:
-        lr = float(get("lr"))
+    warmup = min(int(given("warmup", warmup)), iterations)
+    lr = float(given("lr", lr))
     if sorted(steps) != steps or any(s < 0 for s in steps):
         raise ConfigError(f"--steps must be increasing non-negative iterations, got {steps}")
 
-    min_size = parse_sizes(get("min_size")) if get("min_size") is not None else list(sizes["min_size"])
-    max_size = int(get("max_size") if get("max_size") is not None else sizes["max_size"])
-    default_test = max(min_size) if get("min_size") is not None else sizes["test_size"]
-    test_size = int(get("test_size") if get("test_size") is not None else default_test)
+    min_size = parse_sizes(given("min_size", sizes["min_size"]))
+    max_size = int(given("max_size", sizes["max_size"]))
+    test_size = int(given("test_size", max(min_size) if get("min_size") is not None else sizes["test_size"]))
 
     options = dict(get("detector_options") or {})
     for item in get("detector_opt") or []:
