@@ -63,7 +63,7 @@ from insloc_hub.training.pretraining.pretrain_data import (
 )
 from insloc_hub.training.runtime import distributed as dist_utils
 from insloc_hub.training.runtime import run as run_lib
-from insloc_hub.training.runtime.checkpoint import check_config, find_latest, load_checkpoint
+from insloc_hub.training.runtime.checkpoint import check_config, list_checkpoints, load_newest_usable
 from insloc_hub.training.runtime.run import MetricsWriter, StepTimer, seed_everything
 
 __all__ = ["Runtime", "build_dataset", "resolve_runtime", "PretrainConfig", "PRETRAIN_PRESETS",
@@ -508,17 +508,19 @@ def _export(model_state: dict[str, torch.Tensor], out_dir: Path, cfg: PretrainCo
     return save_pretrained(backbone, out_dir, name=name, provenance=provenance, extra_files=extra)
 
 
-def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
-    """Write the query-side backbone of a pretraining checkpoint as a hub folder (``export-weights``)."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        latest = find_latest(path)
-        if latest is None:
-            raise CheckpointError(f"{path} holds no readable checkpoint_*.pt")
-        path = latest
-    state = load_checkpoint(path)
+def _check_format(path: Path, state: dict[str, Any]) -> None:
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an insloc-train pretraining checkpoint (format {state.get('format')!r})")
+
+
+def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """Write the query-side backbone of a pretraining checkpoint, or of the newest usable checkpoint of a run
+    folder, as a hub folder (``export-weights``)."""
+    path = Path(checkpoint)
+    candidates = list(reversed(list_checkpoints(path))) if path.is_dir() else [path]
+    if not candidates:
+        raise CheckpointError(f"{path} holds no checkpoint_*.pt")
+    path, state, _ = load_newest_usable(candidates, _check_format)
     cfg = PretrainConfig.from_dict(state["config"])
     prov = _provenance(cfg, state)
     prov["checkpoint"] = path.name
@@ -730,8 +732,7 @@ class _PretrainRun:
                     cfg.lr, cfg.batch_size, cfg.scaled_lr, cfg.batch_size, world, self.batch_per_rank)
 
     def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path} is not an insloc-train pretraining checkpoint")
+        _check_format(path, state)
         saved_config = {**DEFAULTS, **state["config"]}  # a field newer than the checkpoint: its default
         check_config(saved_config, self.cfg.to_dict(), ignore=RESUME_IGNORED_FIELDS, source=path)
         if state["num_images"] != len(self.images):
