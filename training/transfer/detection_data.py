@@ -857,13 +857,13 @@ def _guess_coco_image_root(annotation_json: Path) -> Path:
     return next((c for c in candidates if c.is_dir()), folder)
 
 
-def load_dataset(path: str | Path, **kwargs: Any) -> DetectionDataset:
+def load_dataset(path: str | Path, *, image_root: str | Path | None = None, **kwargs: Any) -> DetectionDataset:
     """Load a COCO or VOC dataset, telling the format from the path.
 
     ``path`` is one of:
 
-    * a COCO ``.json`` file (``image_root`` from kwargs, else ``images/`` next to it, else the
-      ``val2017/``-style folder of ``instances_val2017.json``, else its folder);
+    * a COCO ``.json`` file (images in ``image_root`` if given (VOC ignores it), else ``images/`` next to
+      it, else the ``val2017/``-style folder of ``instances_val2017.json``, else its folder);
     * a VOC root folder (it has ``Annotations/``), with ``split`` from kwargs;
     * a VOC split list ``.txt`` whose folder is the VOC root (``raccoon/train_split.txt``);
     * a folder holding one COCO json (``annotations.json`` or a single ``*.json`` in it or in
@@ -873,8 +873,7 @@ def load_dataset(path: str | Path, **kwargs: Any) -> DetectionDataset:
     """
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".json":
-        image_root = kwargs.pop("image_root", None) or _guess_coco_image_root(path)
-        return load_coco(path, image_root, **kwargs)
+        return load_coco(path, image_root or _guess_coco_image_root(path), **kwargs)
     if path.is_file() and path.suffix.lower() == ".txt":
         if "split" in kwargs:
             raise ConfigError(f"{path} is a split list already; do not pass split as well")
@@ -887,8 +886,7 @@ def load_dataset(path: str | Path, **kwargs: Any) -> DetectionDataset:
         preferred = [j for j in jsons if j.name == "annotations.json"]
         if preferred or len(jsons) == 1:
             json_path = (preferred or jsons)[0]
-            kwargs.setdefault("image_root", _guess_coco_image_root(json_path))
-            return load_dataset(json_path, **kwargs)
+            return load_coco(json_path, image_root or _guess_coco_image_root(json_path), **kwargs)
     if not path.exists():
         raise DatasetError(f"dataset path {path} does not exist")
     raise DatasetError(

@@ -407,12 +407,6 @@ def require_masks(dataset: DetectionDataset) -> None:
                        without, len(segmentations))
 
 
-def _load(spec: str, image_root: str | None, **kwargs: Any) -> DetectionDataset:
-    if image_root is not None and str(spec).lower().endswith(".json"):
-        kwargs["image_root"] = image_root
-    return load_dataset(spec, **kwargs)
-
-
 def _load_hub_model(name: str, what: str, bundle: bool, device: torch.device | None = None) -> nn.Module:
     """``from_pretrained(name)``, refused with a message saying what to do unless it is a backbone bundle
     (``bundle=True``, for ``--init``) or a detector (``bundle=False``, for ``eval``)."""
@@ -529,11 +523,12 @@ class _FinetuneRun:
 
     def build_data(self) -> None:
         cfg = self.cfg
-        self.train_set = _load(cfg.data, cfg.image_root, class_names=cfg.classes, unknown_classes=cfg.unknown_classes)
+        self.train_set = load_dataset(cfg.data, image_root=cfg.image_root, class_names=cfg.classes,
+                                      unknown_classes=cfg.unknown_classes)
         self.val_set = None
         if cfg.val_data:
-            self.val_set = _load(cfg.val_data, cfg.val_image_root, class_names=self.train_set.class_names,
-                                 unknown_classes=cfg.unknown_classes)
+            self.val_set = load_dataset(cfg.val_data, image_root=cfg.val_image_root,
+                                        class_names=self.train_set.class_names, unknown_classes=cfg.unknown_classes)
         self.masks = cfg.arch == "mask_rcnn_fpn"
         if self.masks:
             require_masks(self.train_set)
@@ -714,7 +709,7 @@ def evaluate_model(model_name: str, data: str, *, output: str | os.PathLike[str]
     dev = dist_utils.select_device(device)
     model = _load_hub_model(model_name, "model", bundle=False, device=dev)
     class_names = model.hub_config.get("class_names")
-    dataset = _load(data, image_root, **({"class_names": class_names} if class_names else {}))
+    dataset = load_dataset(data, image_root=image_root, class_names=class_names or None)
     return run_evaluation(model, dataset, device=dev, batch_size=batch_size, score_threshold=score_threshold,
                           output_dir=output, num_visualize=num_visualize)
 
