@@ -313,12 +313,8 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
         self.epoch, self.start_step = 0, 0
 
     @property
-    def global_batch(self) -> int:
-        return self.batch_per_rank * self.world_size
-
-    @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.num_samples / self.global_batch)
+        return math.ceil(self.num_samples / (self.batch_per_rank * self.world_size))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -330,7 +326,7 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
         self.start_step = int(step)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        n, total = self.num_samples, self.steps_per_epoch * self.global_batch
+        n, total = self.num_samples, self.steps_per_epoch * self.batch_per_rank * self.world_size
         order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch, 0x5A3D)))
         order = order.repeat(math.ceil(total / n))[:total]  # padded to whole global batches by wrapping around
         # [step, rank, position in the rank's part of the global batch]

@@ -120,8 +120,6 @@ class Encoder(nn.Module):
     def __init__(self, backbone: InsLocBackbone, projection: Projection, pooling: str,
                  levels: Sequence[str], strides: Sequence[int], roi_size: int) -> None:
         super().__init__()
-        if pooling not in ("fpn", "c4"):
-            raise ConfigError(f"unknown pooling {pooling!r}")
         self.backbone = backbone
         self.projection = projection
         self.pooling = pooling
