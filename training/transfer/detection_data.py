@@ -326,14 +326,7 @@ class DetectionDataset(Dataset):
         keep = ~record.iscrowd
         if not self.keep_difficult:
             keep &= ~record.difficult
-        if masks:
-            segmentations = [s for s, k in zip(record.segmentations or [None] * len(keep), keep) if k]
-            shape = (record.height, record.width)
-            target = self.get_target(index)
-            target["masks"] = torch.stack([_rasterise(s, b, shape) for s, b in zip(segmentations, target["boxes"])]) \
-                if segmentations else torch.zeros((0, *shape), dtype=torch.uint8)
-            return target
-        return {
+        target = {
             "boxes": torch.from_numpy(record.boxes[keep].copy()).reshape(-1, 4),
             "labels": torch.from_numpy(record.labels[keep].copy()),
             "image_id": int(record.image_id),
@@ -341,6 +334,12 @@ class DetectionDataset(Dataset):
             "area": torch.from_numpy(record.area[keep].copy()),
             "difficult": torch.from_numpy(record.difficult[keep].copy()),
         }
+        if masks:
+            shape = (record.height, record.width)
+            segmentations = [s for s, k in zip(record.segmentations or [None] * len(keep), keep) if k]
+            target["masks"] = torch.stack([_rasterise(s, b, shape) for s, b in zip(segmentations, target["boxes"])]) \
+                if segmentations else torch.zeros((0, *shape), dtype=torch.uint8)
+        return target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         return to_tensor(self.load_image(index)), self.get_target(index)
