@@ -7,15 +7,12 @@ Each subcommand lives in the module that implements it; the module exposes
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from insloc_hub.cli import ArgumentParser, run_cli
-
-# modules that contribute subcommands, in the order they appear in --help
-SUBCOMMAND_MODULES = (
-    "insloc_hub.training.pretraining.pretrain", "insloc_hub.training.transfer.finetune", "insloc_hub.training.demo",
-)
+from insloc_hub.training import demo
+from insloc_hub.training.pretraining import pretrain
+from insloc_hub.training.transfer import finetune
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,13 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
+    for module in (pretrain, finetune, demo):  # in the order of --help
         module.add_subcommands(subparsers)
     return parser
 

@@ -156,7 +156,8 @@ def run_demo(args: argparse.Namespace) -> int:
           f"evaluation in {out / 'eval'}")
     if args.serve:
         _serve_stage(detector, out, test_list, timings)
-    summary = _summary(metrics, timings, time.perf_counter() - start)
+    summary = {"AP": metrics["ap"], "AP50": metrics["ap50"], "AP75": metrics["ap75"], "stage_seconds": timings,
+               "seconds": time.perf_counter() - start}  # eval/metrics.json is EvalResult.to_dict()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"demo done in {summary['seconds']:.0f}s: test AP {summary['AP']:.3f}, AP50 {summary['AP50']:.3f}, "
           f"AP75 {summary['AP75']:.3f} (COCO-style, pycocotools); load the detector with "
@@ -182,12 +183,6 @@ def _serve_stage(detector: Path, out: Path, test_list: Path, timings: dict[str, 
           f"detections scoring >= {CONFIDENT_SCORE}:")
     print(json.dumps(answer, indent=2))
     print(f"annotated picture: {out / 'serve' / 'served_annotated.png'}")
-
-
-def _summary(metrics: dict[str, Any], timings: dict[str, float], seconds: float) -> dict[str, Any]:
-    """The headline numbers of eval/metrics.json (:meth:`EvalResult.to_dict`) and the stage times."""
-    return {"AP": metrics["ap"], "AP50": metrics["ap50"], "AP75": metrics["ap75"], "stage_seconds": timings,
-            "seconds": seconds}
 
 
 def add_subcommands(subparsers: Any) -> None:

@@ -15,9 +15,9 @@ from insloc_hub.training.runtime.checkpoint import (
     check_config,
     checkpoint_path,
     checkpoint_step,
-    find_latest,
     list_checkpoints,
     load_checkpoint,
+    load_newest_usable,
     prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
@@ -37,7 +37,7 @@ def test_save_load_round_trip_is_weights_only_safe(tmp_path):
     assert state["step"] == 7 and torch.equal(state["weights"], torch.full((3,), 7.0))
 
 
-def test_find_latest_skips_tmp_and_corrupt_files(tmp_path, caplog):
+def test_the_newest_usable_checkpoint_skips_tmp_and_corrupt_files(tmp_path, caplog):
     for step in (2, 10, 4):
         save_checkpoint(checkpoint_path(tmp_path, step), _state(step))
     # a half-written newer checkpoint from a killed writer, and a truncated "complete" one
@@ -46,9 +46,10 @@ def test_find_latest_skips_tmp_and_corrupt_files(tmp_path, caplog):
     checkpoint_path(tmp_path, 12).write_bytes(good[: len(good) // 2])
     assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [2, 4, 10, 12]
     with caplog.at_level("WARNING"):
-        assert find_latest(tmp_path) == checkpoint_path(tmp_path, 10)
-    assert "checkpoint_000000012.pt" in caplog.text
-    assert find_latest(tmp_path / "missing") is None
+        path, state, skipped = load_newest_usable(reversed(list_checkpoints(tmp_path)))
+    assert path == checkpoint_path(tmp_path, 10) and state["step"] == 10
+    assert "checkpoint_000000012.pt" in caplog.text and skipped[0].startswith("checkpoint_000000012.pt")
+    assert list_checkpoints(tmp_path / "missing") == []
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_checkpoint(checkpoint_path(tmp_path, 12))
 

@@ -106,6 +106,27 @@ def test_a_run_logs_plots_and_records_the_diagnostics(tmp_path):
     assert "Pretraining diagnostics" in card and "in-batch top-1" in card
 
 
+def test_diagnostics_are_measured_at_log_steps_only_with_the_same_values(tmp_path):
+    photos = write_photos(tmp_path / "photos", count=8)
+    seen: dict[int, set[str]] = {}
+
+    def keys(event: str, info: dict) -> None:
+        if event == "step":
+            seen[info["step"]] = set(info["outputs"])
+
+    runs = {}
+    for log_every in (1, 2):
+        out = tmp_path / f"log{log_every}"
+        train(resolve_config(dict(preset="tiny", data=str(photos), output=str(out), batch_size=8, queue_size=16,
+                                  epochs=3, workers=0, device="cpu", deterministic=True, log_every=log_every)),
+              callbacks=[keys])
+        runs[log_every] = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(runs[2]) == [2, 3]  # every 2nd step and the last
+    assert "cos_k" not in seen[1] and {"loss", "cos_k", "inbatch_top1_p5"} <= seen[2] & seen[3]
+    names = [k for k in runs[1][2] if k.split("_p")[0] in ("inbatch_top1", "cos_q", "cos_k", "emb_std", "loss")]
+    assert [runs[2][s][k] for s in (2, 3) for k in names] == [runs[1][s][k] for s in (2, 3) for k in names]
+
+
 def test_tensorboard_flag(tmp_path, monkeypatch):
     cfg = resolve_config(dict(preset="tiny", data="x", output=str(tmp_path), tensorboard=True))
     monkeypatch.setitem(sys.modules, "tensorboard", None)

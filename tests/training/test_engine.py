@@ -36,7 +36,7 @@ from insloc_hub.training.pretraining.engine import (
     train,
 )
 from insloc_hub.training.pretraining.pretrain_data import InsLocPretrainDataset, UnlabelledImages, collate_decoded
-from insloc_hub.training.runtime.checkpoint import find_latest, load_checkpoint
+from insloc_hub.training.runtime.checkpoint import list_checkpoints, load_checkpoint
 from tests.photos import photo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,7 +177,7 @@ def test_run_folder_contents(reference_run):
     names = {p.name for p in reference_run.iterdir()}
     assert {"config.json", "metrics.jsonl", "composition.png", "final"} <= names
     assert len([n for n in names if n.startswith("checkpoint_")]) == 6
-    state = load_checkpoint(find_latest(reference_run))
+    state = load_checkpoint(list_checkpoints(reference_run)[-1])
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (3, 0, 6)
     assert {"model", "optimizer", "scheduler", "rng", "config"} <= set(state)
     assert {"queue", "queue_ptr"} <= set(state["model"]) and any(k.startswith("encoder_k.") for k in state["model"])
@@ -203,12 +203,11 @@ def test_sigkill_and_resume_gives_bit_identical_weights(photos, reference_run, t
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "final").exists(), "the run finished before it could be killed"
-    killed_at = find_latest(out)
-    assert killed_at is not None
+    assert list_checkpoints(out)
 
     train(tiny_config(photos, out, resume="auto"))
-    ref = load_checkpoint(find_latest(reference_run))
-    got = load_checkpoint(find_latest(out))
+    ref = load_checkpoint(list_checkpoints(reference_run)[-1])
+    got = load_checkpoint(list_checkpoints(out)[-1])
     assert got["global_step"] == ref["global_step"] == 6
     for key, value in ref["model"].items():
         assert torch.equal(value, got["model"][key]), key
@@ -240,13 +239,13 @@ def test_export_loads_in_from_pretrained_and_detectors_without_key_map(reference
     assert (reference_run / "final" / "metrics.jsonl").is_file()
     detector = build_detector("faster_rcnn_fpn", num_classes=3, pretrained=from_pretrained(reference_run / "final"))
     assert not detector.load_report.ignored
-    trained = load_checkpoint(find_latest(reference_run))["model"]
+    trained = load_checkpoint(list_checkpoints(reference_run)[-1])["model"]
     det_state = detector.state_dict()
     assert torch.equal(det_state["roi_heads.box_head.fc1.weight"], trained["encoder_q.backbone.box_head.fc1.weight"])
     assert torch.equal(det_state["backbone.fpn.lateral.p2.conv.weight"],
                        trained["encoder_q.backbone.fpn.lateral.p2.conv.weight"])
     # export-weights of the newest checkpoint equals the run's own export
-    folder = export_checkpoint(find_latest(reference_run), tmp_path / "exported")
+    folder = export_checkpoint(list_checkpoints(reference_run)[-1], tmp_path / "exported")
     a = load_file(str(folder / "model.safetensors"))
     b = load_file(str(reference_run / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in b)
@@ -265,7 +264,7 @@ def test_two_process_gloo_ddp_ranks_agree(photos, tmp_path):
     assert int(ranks[0]["step"]) == 2 and int(ranks[0]["queue_ptr"]) == 0  # 2 steps x 8 keys wrap K=16
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
-    state = load_checkpoint(find_latest(out))
+    state = load_checkpoint(list_checkpoints(out)[-1])
     assert state["world_size"] == 2 and state["global_step"] == 2
     assert (out / "final" / "model.safetensors").is_file()
 

@@ -271,6 +271,26 @@ def test_moco_baseline_smoke():
     assert c4.query_backbone().config.parts == ("trunk", "box_head")
 
 
+def test_moco_decode_dataset_feeds_the_batched_composer_with_the_reference_draws(tmp_path):
+    from insloc_hub.training.pretraining.compose import CompositionConfig, compose_batch
+    from insloc_hub.training.pretraining.moco import MocoDecodeDataset, MocoPretrainDataset
+    from insloc_hub.training.pretraining.pretrain_data import UnlabelledImages, collate_decoded
+    from tests.training.test_engine import write_photos
+
+    images = UnlabelledImages(write_photos(tmp_path, count=4, side=120))
+    comp = CompositionConfig.for_canvas(S)
+    ref, dec = MocoPretrainDataset(images, comp, seed=5), MocoDecodeDataset(images, comp, seed=5, max_side=512)
+    batch = collate_decoded([dec[i] for i in range(len(dec))])
+    assert batch["bg_q"].shape == (4, 3, S, S) and not batch["bg_q"].any()
+    q, qb, k, kb = compose_batch(batch["fg"], batch["bg_q"], batch["bg_k"], comp, params=batch["params"])
+    assert q.shape == (4, 3, S, S)
+    for i in range(len(ref)):  # same draws -> same boxes as the CPU reference path
+        assert torch.equal(qb[i], ref[i]["q_box"]) and torch.equal(kb[i], ref[i]["k_box"])
+    small = MocoDecodeDataset(images, comp, seed=5, max_side=50)[0]
+    assert max(small["fg"].shape[1:]) == 50
+    assert small["params"].foreground_size == (small["fg"].shape[2], small["fg"].shape[1])
+
+
 def test_projection_norm_centres_the_embeddings_per_level_when_asked():
     torch.manual_seed(0)
     x = torch.randn(6 * 4, 32) + torch.arange(4).repeat(6).unsqueeze(1).float() * 5  # level-dependent offset

@@ -90,17 +90,17 @@ def test_preset_run_records_its_deviations_in_the_card(tmp_path):
 
 
 def test_checkpoints_written_before_the_new_fields_still_resume(tmp_path):
-    from insloc_hub.training.runtime.checkpoint import find_latest, load_checkpoint, save_checkpoint
+    from insloc_hub.training.runtime.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
     photos = write_photos(tmp_path / "photos", count=8)
     values = {"preset": "tiny", "data": str(photos), "output": str(tmp_path / "run"), "batch_size": 8,
               "queue_size": 16, "workers": 0, "device": "cpu", "max_steps": 1}
     train(resolve_config(values))
-    path = find_latest(tmp_path / "run")
+    path = list_checkpoints(tmp_path / "run")[-1]
     state = load_checkpoint(path)
     for name in ("projection_norm", "inbatch_negatives", "embed_init", "tensorboard", "optimizer", "warmup_epochs",
                  "symmetric_loss", "predictor_hidden", "queue_negatives"):
         del state["config"][name]  # as written by an older version
     save_checkpoint(path, state)
     train(resolve_config({**values, "max_steps": 2, "resume": "auto"}))
-    assert load_checkpoint(find_latest(tmp_path / "run"))["global_step"] == 2
+    assert load_checkpoint(list_checkpoints(tmp_path / "run")[-1])["global_step"] == 2

@@ -131,7 +131,7 @@ def summarize(records: Sequence[dict[str, Any]], *, batch_size: int, dim: int, c
     if not logged:
         return {}
     last = logged[-tail:]
-    keys = sorted({k for r in last for k in r if k.split("_p")[0] in DIAGNOSTIC_NAMES or k in DIAGNOSTIC_NAMES})
+    keys = sorted({k for r in last for k in r if k.split("_p")[0] in DIAGNOSTIC_NAMES})  # totals and levels
     summary: dict[str, Any] = {k: round(sum(r[k] for r in last if k in r) / len(last), 4) for k in keys}
     summary.update({
         "steps": [last[0]["step"], last[-1]["step"]],

@@ -63,7 +63,7 @@ from insloc_hub.training.pretraining.pretrain_data import (
 )
 from insloc_hub.training.runtime import distributed as dist_utils
 from insloc_hub.training.runtime import run as run_lib
-from insloc_hub.training.runtime.checkpoint import check_config, find_latest, load_checkpoint
+from insloc_hub.training.runtime.checkpoint import check_config, list_checkpoints, load_newest_usable
 from insloc_hub.training.runtime.run import MetricsWriter, StepTimer, seed_everything
 
 __all__ = ["Runtime", "build_dataset", "resolve_runtime", "PretrainConfig", "PRETRAIN_PRESETS",
@@ -225,19 +225,15 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "r50-c4-200ep": dict(_OFFICIAL_FPN, arch="r50-c4", c4_roi_size=14),
 }
 
-#: config fields newer than some checkpoints, with the value those checkpoints were trained with
-FIELDS_ADDED_LATER: dict[str, Any] = dict(projection_norm="off", inbatch_negatives=False, embed_init="official",
-                                          batch_backgrounds=False,
-                                          tensorboard=False, optimizer="sgd", warmup_epochs=0, symmetric_loss=False,
-                                          predictor_hidden=0, queue_negatives=True)
+#: every field's default: the official recipe, and the value a checkpoint written before a field existed was
+#: trained with (each field added later defaults to the behaviour that came before it)
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
 
-#: the settings of the released recipe that change what is learned; a run records where it differs
-OFFICIAL_RECIPE: dict[str, Any] = dict(
-    batch_size=256, optimizer="sgd", lr=0.03, momentum=0.9, nesterov=True, weight_decay=1e-4, warmup_epochs=0,
-    dim=128, queue_size=65536, key_momentum=0.999, temperature=0.2, canvas=256, box_jitter=True, shuffle_bn=True,
-    sync_bn=False, projection_norm="off", inbatch_negatives=False, queue_negatives=True, symmetric_loss=False,
-    predictor_hidden=0,
-    embed_init="official")
+#: the settings of the released recipe (the defaults) that change what is learned; a run records where it differs
+RECIPE_FIELDS = ("batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs", "dim",
+                 "queue_size", "key_momentum", "temperature", "canvas", "box_jitter", "shuffle_bn", "sync_bn",
+                 "projection_norm", "inbatch_negatives", "queue_negatives", "symmetric_loss", "predictor_hidden",
+                 "embed_init")
 
 #: why a preset deviates from the official recipe (the ablation rows are in docs/pretraining.md, "Collapse")
 DEVIATION_REASONS: dict[str, str] = {
@@ -317,12 +313,8 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
         self.epoch, self.start_step = 0, 0
 
     @property
-    def global_batch(self) -> int:
-        return self.batch_per_rank * self.world_size
-
-    @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.num_samples / self.global_batch)
+        return math.ceil(self.num_samples / (self.batch_per_rank * self.world_size))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -334,7 +326,7 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
         self.start_step = int(step)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        n, total = self.num_samples, self.steps_per_epoch * self.global_batch
+        n, total = self.num_samples, self.steps_per_epoch * self.batch_per_rank * self.world_size
         order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch, 0x5A3D)))
         order = order.repeat(math.ceil(total / n))[:total]  # padded to whole global batches by wrapping around
         # [step, rank, position in the rank's part of the global batch]
@@ -449,8 +441,8 @@ def deviations_from_official(cfg: PretrainConfig) -> list[str]:
     Example: ``["lr 0.3 (official 0.03)", ...]``.
     """
     out = []
-    for name, official in OFFICIAL_RECIPE.items():
-        value = getattr(cfg, name)
+    for name in RECIPE_FIELDS:
+        value, official = getattr(cfg, name), DEFAULTS[name]
         if value != official:
             reason = DEVIATION_REASONS.get(name) if cfg.preset in DEVIATION_PRESETS else None
             out.append(f"{name} {value} (official {official})" + (f": {reason}" if reason else ""))
@@ -512,17 +504,19 @@ def _export(model_state: dict[str, torch.Tensor], out_dir: Path, cfg: PretrainCo
     return save_pretrained(backbone, out_dir, name=name, provenance=provenance, extra_files=extra)
 
 
-def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
-    """Write the query-side backbone of a pretraining checkpoint as a hub folder (``export-weights``)."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        latest = find_latest(path)
-        if latest is None:
-            raise CheckpointError(f"{path} holds no readable checkpoint_*.pt")
-        path = latest
-    state = load_checkpoint(path)
+def _check_format(path: Path, state: dict[str, Any]) -> None:
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an insloc-train pretraining checkpoint (format {state.get('format')!r})")
+
+
+def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """Write the query-side backbone of a pretraining checkpoint, or of the newest usable checkpoint of a run
+    folder, as a hub folder (``export-weights``)."""
+    path = Path(checkpoint)
+    candidates = list(reversed(list_checkpoints(path))) if path.is_dir() else [path]
+    if not candidates:
+        raise CheckpointError(f"{path} holds no checkpoint_*.pt")
+    path, state, _ = load_newest_usable(candidates, _check_format)
     cfg = PretrainConfig.from_dict(state["config"])
     prov = _provenance(cfg, state)
     prov["checkpoint"] = path.name
@@ -545,31 +539,21 @@ Views = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | No
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, views: Views, *,
-               amp_dtype: torch.dtype | None = None,
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+               amp_dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
+               diagnostics: bool = True) -> dict[str, torch.Tensor]:
     """One optimizer step: forward (autocast to ``amp_dtype`` if given), zero_grad, backward, SGD step.
 
     The order is mmcv's ``OptimizerHook`` (zero_grad, backward, step; no gradient clipping).
+    ``diagnostics``: the outputs also hold the collapse diagnostics (see :meth:`InsLoc.forward`).
     """
     q_img, q_box, k_img, k_box = views
     device_type = q_img.device.type
     with torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
-        out = model(q_img, q_box, k_img, k_box, generator=generator)
+        out = model(q_img, q_box, k_img, k_box, generator=generator, diagnostics=diagnostics)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     optimizer.step()
     return out
-
-
-def _set_determinism(cfg: PretrainConfig, device: torch.device) -> None:
-    seed_everything(cfg.seed)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
 
 
 def build_optimizer_and_schedule(cfg: PretrainConfig, model: nn.Module
@@ -618,7 +602,8 @@ def train(cfg: PretrainConfig, *, callbacks: Sequence[Callback] = ()) -> Path:
     """Run (or resume) pretraining; returns ``RUN_DIR/final`` (the exported hub folder).
 
     ``callbacks`` are called on every process as ``fn(event, info)``: ``"step"`` after each optimizer
-    step (``info``: ``model`` (the unwrapped :class:`InsLoc`), ``step``, ``epoch``, ``outputs``) and
+    step (``info``: ``model`` (the unwrapped :class:`InsLoc`), ``step``, ``epoch``, ``outputs``, which hold
+    the diagnostics at log steps only) and
     ``"end"`` once training stops, before the export (``model``, ``step``, ``epoch``).
 
     Raises:
@@ -641,7 +626,25 @@ def train(cfg: PretrainConfig, *, callbacks: Sequence[Callback] = ()) -> Path:
     previous_threads = torch.get_num_threads()
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(cfg, info, callbacks)
+        run = _PretrainRun(cfg, info)  # checks, runtime settings, seeding
+        run.build_data()
+        run.build_model()
+        run.resume()  # before anything of the run is written
+        run.write_config()
+        try:
+            run.loop(callbacks)
+        except torch.cuda.OutOfMemoryError as err:
+            world = info.world_size
+            raise ConfigError(
+                f"CUDA ran out of memory with {cfg.batch_size // world} images per GPU (--batch-size "
+                f"{cfg.batch_size} over {world} process(es)). Use a smaller batch (e.g. --batch-size "
+                f"{max(world, cfg.batch_size // 2)}; the lr is rescaled automatically and --queue-size must stay a "
+                "multiple of it), more GPUs, or --amp on / --channels-last on.") from err
+        finally:
+            run.close()
+        for callback in callbacks:
+            callback("end", {"model": run.model, "step": run.global_step, "epoch": run.epoch})
+        return run.export()
     finally:
         # leave the process as we found it (matters when train() is called from Python, e.g. tests)
         torch.set_num_threads(previous_threads)
@@ -661,30 +664,8 @@ def compile_encoders(model: nn.Module) -> None:
                 module.compile()
 
 
-def _train(cfg: PretrainConfig, info: dist_utils.DistInfo, callbacks: Sequence[Callback]) -> Path:
-    run = _PretrainRun(cfg, info)  # checks, runtime settings, seeding
-    run.build_data()
-    run.build_model()
-    run.resume()  # before anything of the run is written
-    run.write_config()
-    try:
-        run.loop(callbacks)
-    except torch.cuda.OutOfMemoryError as err:
-        world = info.world_size
-        raise ConfigError(
-            f"CUDA ran out of memory with {cfg.batch_size // world} images per GPU (--batch-size {cfg.batch_size} "
-            f"over {world} process(es)). Use a smaller batch (e.g. --batch-size {max(world, cfg.batch_size // 2)}; "
-            "the lr is rescaled automatically and --queue-size must stay a multiple of it), more GPUs, or --amp on / "
-            "--channels-last on.") from err
-    finally:
-        run.close()
-    for callback in callbacks:
-        callback("end", {"model": run.model, "step": run.global_step, "epoch": run.epoch})
-    return run.export()
-
-
 class _PretrainRun:
-    """The state of one pretraining run, built by :func:`_train` step by step."""
+    """The state of one pretraining run, built by :func:`train` step by step."""
 
     def __init__(self, cfg: PretrainConfig, info: dist_utils.DistInfo) -> None:
         self.cfg, self.info, self.device, self.is_main = cfg, info, info.device, info.is_main
@@ -698,7 +679,14 @@ class _PretrainRun:
         self.rt = resolve_runtime(cfg, self.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        _set_determinism(cfg, self.device)
+        seed_everything(cfg.seed)
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.metrics: MetricsWriter | None = None
         self.bar: tqdm | None = None
@@ -740,10 +728,8 @@ class _PretrainRun:
                     cfg.lr, cfg.batch_size, cfg.scaled_lr, cfg.batch_size, world, self.batch_per_rank)
 
     def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path} is not an insloc-train pretraining checkpoint")
-        # fields added after a checkpoint was written take the value that reproduces its behaviour
-        saved_config = {**FIELDS_ADDED_LATER, **state["config"]}
+        _check_format(path, state)
+        saved_config = {**DEFAULTS, **state["config"]}  # a field newer than the checkpoint: its default
         check_config(saved_config, self.cfg.to_dict(), ignore=RESUME_IGNORED_FIELDS, source=path)
         if state["num_images"] != len(self.images):
             raise CheckpointError(f"{path} was trained on {state['num_images']} images but --data has "
@@ -804,16 +790,17 @@ class _PretrainRun:
                     wrote_grid = True
                 if cfg.method == "moco":
                     q_box = k_box = None
-                out = train_step(self.train_model, self.optimizer, (q_img, q_box, k_img, k_box),
-                                 amp_dtype=self.rt.amp_dtype, generator=generator)
                 self.global_step += 1
                 self.step_in_epoch += 1
+                finished = self.global_step >= self.total_steps
+                logged = self.global_step % cfg.log_every == 0 or finished  # the diagnostics are measured only then
+                out = train_step(self.train_model, self.optimizer, (q_img, q_box, k_img, k_box),
+                                 amp_dtype=self.rt.amp_dtype, generator=generator, diagnostics=logged)
                 timer.tick(waited)
                 for callback in callbacks:
                     callback("step", {"model": self.model, "step": self.global_step, "epoch": self.epoch,
                                       "outputs": out})
-                finished = self.global_step >= self.total_steps
-                if self.global_step % cfg.log_every == 0 or finished:
+                if logged:
                     self._log(out, lr, timer)
                 self.bar.update(1)
                 if self.step_in_epoch == self.steps_per_epoch:
@@ -830,8 +817,8 @@ class _PretrainRun:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
     def _log(self, out: dict[str, torch.Tensor], lr: float, timer: StepTimer) -> None:
-        values = {k: float(v.detach()) for k, v in out.items()}  # synchronises the device
-        step_time, data_time, _ = timer.read()
+        values = dict(zip(out, torch.stack([v.detach().float() for v in out.values()]).tolist()))  # one sync
+        step_time, data_time = timer.read()
         record = {"step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "lr": lr,
                   **values, "img_per_s": self.cfg.batch_size / max(step_time, 1e-9), "data_time": data_time,
                   "step_time": step_time, "time": time.time()}

@@ -120,8 +120,6 @@ class Encoder(nn.Module):
     def __init__(self, backbone: InsLocBackbone, projection: Projection, pooling: str,
                  levels: Sequence[str], strides: Sequence[int], roi_size: int) -> None:
         super().__init__()
-        if pooling not in ("fpn", "c4"):
-            raise ConfigError(f"unknown pooling {pooling!r}")
         self.backbone = backbone
         self.projection = projection
         self.pooling = pooling
@@ -415,6 +413,7 @@ class InsLoc(nn.Module):
         k_box: torch.Tensor | None,
         *,
         generator: torch.Generator | None = None,
+        diagnostics: bool = True,
     ) -> dict[str, torch.Tensor]:
         """One InsLoc step.
 
@@ -423,10 +422,12 @@ class InsLoc(nn.Module):
             q_box, k_box: the pasted instance's box in each view, ``[B, 4]`` xyxy canvas pixels.
             generator: CPU generator for the box jitter and the shuffle permutation (the trainer
                 seeds one per step, so a resumed run draws the same numbers).
+            diagnostics: also measure the collapse diagnostics (the trainer asks at its log steps only;
+                under DDP every process must pass the same value: they gather the queries).
 
         Returns:
             ``{"loss": sum of weighted per-level losses, "loss_<level>": ..., "acc_<level>": top-1 % against
-            the queue, "inbatch_top1", "cos_q", "cos_k", "emb_std" (+ ``_<level>``)}``.
+            the queue, "inbatch_top1", "cos_q", "cos_k", "emb_std" (+ ``_<level>``; with ``diagnostics``)}``.
         """
         q = self._query(q_img, q_box, generator)  # [B, L, dim]; query: GT boxes, jittered box at P5
         with torch.no_grad():  # key: momentum update first, then the shuffled forward with GT boxes on every level
@@ -447,7 +448,7 @@ class InsLoc(nn.Module):
         for i, level in enumerate(self.levels):
             out[f"loss_{level}"] = losses[i].detach()
             out[f"acc_{level}"] = accuracies[i]
-        # collapse diagnostics over the global batch (the queries and keys of every process)
-        q_all = all_gather_tensor(q.detach())
-        out.update(embedding_diagnostics(q_all.transpose(0, 1), k_all.transpose(0, 1), self.levels))
+        if diagnostics:  # over the global batch: the queries and keys of every process
+            q_all = all_gather_tensor(q.detach())
+            out.update(embedding_diagnostics(q_all.transpose(0, 1), k_all.transpose(0, 1), self.levels))
         return out

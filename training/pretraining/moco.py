@@ -36,15 +36,12 @@ from insloc_hub.training.pretraining.compose import (
     CompositionConfig,
     CompositionParams,
     compose_pair_with_params,
+    mmcv_rescale_size,
     random_resized_crop_params,
     sample_composition_params,
 )
 from insloc_hub.training.pretraining.insloc import Encoder, InsLoc, Projection
-from insloc_hub.training.pretraining.pretrain_data import (
-    InsLocDecodeDataset,
-    PretrainSampleDataset,
-    sample_rng,
-)
+from insloc_hub.training.pretraining.pretrain_data import PretrainSampleDataset, UnlabelledImages, sample_rng
 
 __all__ = ["MoCo", "ImageEncoder", "MOCO_CROP_SCALE", "MOCO_CROP_RATIO", "moco_view_params", "moco_backbone_config",
            "MocoPretrainDataset", "MocoDecodeDataset"]
@@ -131,17 +128,31 @@ class MocoPretrainDataset(PretrainSampleDataset):
         return {"q_img": q_img, "q_box": q_box, "k_img": k_img, "k_box": k_box, "index": index}
 
 
-class MocoDecodeDataset(InsLocDecodeDataset):
-    """Decode-only twin for composing on the device with ``compose_batch`` (see ``collate_decoded``).
+class MocoDecodeDataset(PretrainSampleDataset):
+    """Decode-only twin of :class:`MocoPretrainDataset` for composing on the device: batch with
+    ``collate_decoded``, compose with ``compose_batch(fg, bg_q, bg_k, cfg, params=params, device=...)``.
 
-    Returns ``dict(fg, bg_q, bg_k, params, index)`` like ``InsLocDecodeDataset``; the backgrounds are
-    black canvases (fully covered by the views), the image is downscaled to ``max_side`` first.
+    Returns ``dict(fg, bg_q, bg_k, params, index)``: the image (uint8 ``[3, h, w]``) downscaled so that its
+    long side is at most ``max_side`` (bounds the memory of a batch), the views' parameters drawn for that
+    size, and black backgrounds (fully covered by the views).
     """
+
+    def __init__(self, images: UnlabelledImages, cfg: CompositionConfig | None = None, seed: int = 0, *,
+                 max_side: int = 512) -> None:
+        super().__init__(images, cfg, seed)
+        self.max_side = int(max_side)
+
+    def _load_downscaled(self, index: int) -> Image.Image:
+        image = self.images.load(index)
+        if max(image.size) > self.max_side:  # long side to max_side, rounded as mmcv rounds
+            size = mmcv_rescale_size(*image.size, self.max_side, self.max_side)
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        return image
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = self._key(key)
         rng = sample_rng(self.seed, epoch, index)
-        _, image = self._load(index, rng, self._load_foreground)
+        _, image = self._load(index, rng, self._load_downscaled)
         params = moco_view_params(image.size, self.cfg, rng)
         blank = torch.zeros(3, self.cfg.canvas, self.cfg.canvas, dtype=torch.uint8)
         return {"fg": pil_to_tensor(image), "bg_q": blank, "bg_k": blank, "params": params, "index": index}

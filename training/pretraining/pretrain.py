@@ -21,7 +21,7 @@ import logging
 from insloc_hub.configs import add_config_flags, output_folder
 from insloc_hub.training.pretraining.engine import PretrainConfig, export_checkpoint, resolve_config, train
 
-__all__ = ["add_subcommands", "config_from_args", "run_pretrain", "run_export"]
+__all__ = ["add_subcommands", "run_pretrain", "run_export"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,22 +36,14 @@ _GROUPS = {
 }
 
 
-def config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    """The resolved :class:`PretrainConfig` of parsed ``pretrain`` arguments."""
-    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(PretrainConfig)}
-    return resolve_config(overrides)
-
-
 def run_pretrain(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    final = train(cfg)
-    logger.info("done: %s", final)
+    cfg = resolve_config({f.name: getattr(args, f.name, None) for f in dataclasses.fields(PretrainConfig)})
+    logger.info("done: %s", train(cfg))
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
-    folder = export_checkpoint(args.checkpoint, args.directory)
-    print(folder)
+    print(export_checkpoint(args.checkpoint, args.directory))
     return 0
 
 

@@ -31,7 +31,7 @@ from insloc_hub.convert import describe_unpickling_refusal
 from insloc_hub.errors import CheckpointError
 
 __all__ = ["CHECKPOINT_PATTERN", "capture_rng_state", "check_config", "checkpoint_path", "checkpoint_step",
-           "find_latest", "list_checkpoints", "load_checkpoint", "load_newest_usable", "prune_checkpoints",
+           "list_checkpoints", "load_checkpoint", "load_newest_usable", "prune_checkpoints",
            "restore_rng_state", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
@@ -87,44 +87,12 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> P
     return path
 
 
-def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints (and stale tmp files of dead writers).
-
-    ``keep <= 0`` keeps everything. Returns the deleted paths.
-    """
+def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (``keep <= 0`` keeps all) and stale tmp files of dead writers."""
     folder = Path(run_dir)
-    removed: list[Path] = []
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if _TMP_MARK in p.name and p.name.startswith(".checkpoint_"):
-                pid = p.name.rsplit(_TMP_MARK, 1)[-1]
-                if pid != str(os.getpid()):
-                    p.unlink(missing_ok=True)
-                    removed.append(p)
-    if keep > 0:
-        for p in list_checkpoints(folder)[:-keep]:
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
-
-def _is_complete_archive(path: Path) -> bool:
-    """Whether every member of the ``torch.save`` zip checks out (reads the file, unpickles nothing)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None and any(n.endswith("data.pkl") for n in archive.namelist())
-    except (OSError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError):
-        return False
-
-
-def find_latest(run_dir: str | os.PathLike[str]) -> Path | None:
-    """Newest readable checkpoint of a run folder (highest step), or ``None``; temporary files of
-    interrupted writes are ignored, incomplete archives skipped with a warning."""
-    for path in reversed(list_checkpoints(run_dir)):
-        if _is_complete_archive(path):
-            return path
-        logger.warning("skipping unreadable or corrupt checkpoint %s", path)
-    return None
+    stale = [p for p in folder.glob(f".checkpoint_*{_TMP_MARK}*") if not p.name.endswith(f"{_TMP_MARK}{os.getpid()}")]
+    for p in stale + (list_checkpoints(folder)[:-keep] if keep > 0 else []):
+        p.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
@@ -179,7 +147,7 @@ def load_newest_usable(
             skipped.append(f"{Path(path).name}: {why}")
             continue
         if skipped:
-            logger.warning("resuming from %s: %d newer checkpoint(s) were unusable", path, len(skipped))
+            logger.warning("using %s: %d newer checkpoint(s) were unusable", path, len(skipped))
         return Path(path), state, skipped
     raise CheckpointError("no usable checkpoint to resume from:\n  " + "\n  ".join(skipped))
 

@@ -12,7 +12,7 @@ import datetime
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,34 +20,25 @@ import torch.distributed as dist
 
 from insloc_hub.errors import ConfigError
 
-__all__ = ["DistInfo", "LaunchEnv", "all_gather_tensor", "barrier", "broadcast_object", "broadcast_tensor", "cleanup",
+__all__ = ["DistInfo", "all_gather_tensor", "barrier", "broadcast_object", "broadcast_tensor", "cleanup",
            "detect_launch_env", "get_rank", "get_world_size", "init_distributed", "is_distributed", "select_device"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class LaunchEnv:
-    """Rank layout read from the environment (before any process group exists)."""
+class DistInfo:
+    """The rank layout: read from the environment by :func:`detect_launch_env` (before any process group
+    exists), with the device and backend that :func:`init_distributed` set up."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     launcher: str = "none"
     """``"torchrun"`` or ``"none"``."""
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """What :func:`init_distributed` set up."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    backend: str | None
+    device: torch.device | None = None
+    backend: str | None = None
     """``"nccl"``, ``"gloo"``, or ``None`` when no process group was created (one process)."""
-    launcher: str
 
     @property
     def is_main(self) -> bool:
@@ -61,13 +52,13 @@ def _int_env(env: Mapping[str, str], name: str) -> int:
         raise ConfigError(f"environment variable {name}={env[name]!r} is not an integer") from err
 
 
-def detect_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
+def detect_launch_env(env: Mapping[str, str] | None = None) -> DistInfo:
     """Read the rank layout from torchrun's variables (``env`` defaults to ``os.environ``)."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchEnv(_int_env(env, "RANK"), _int_env(env, "WORLD_SIZE"),
-                         _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0, "torchrun")
-    return LaunchEnv()
+        return DistInfo(_int_env(env, "RANK"), _int_env(env, "WORLD_SIZE"),
+                        _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0, "torchrun")
+    return DistInfo()
 
 
 def select_device(device: str | torch.device, local_rank: int = 0) -> torch.device:
@@ -96,10 +87,10 @@ def init_distributed(device: str | torch.device = "auto", *, env: Mapping[str, s
     launch = detect_launch_env(env)
     dev = select_device(device, launch.local_rank)
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), launch.local_rank, dev, dist.get_backend(),
-                        launch.launcher)
+        return DistInfo(dist.get_rank(), dist.get_world_size(), launch.local_rank, launch.launcher, dev,
+                        dist.get_backend())
     if launch.world_size <= 1:
-        return DistInfo(0, 1, 0, dev, None, launch.launcher)
+        return DistInfo(launcher=launch.launcher, device=dev)
     if not dist.is_available():
         raise ConfigError("this PyTorch build has no torch.distributed; run a single process")
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
@@ -110,7 +101,7 @@ def init_distributed(device: str | torch.device = "auto", *, env: Mapping[str, s
                             timeout=datetime.timedelta(minutes=30))
     logger.info("process group: %s, rank %d of %d (local rank %d), device %s, launcher %s", chosen, launch.rank,
                 launch.world_size, launch.local_rank, dev, launch.launcher)
-    return DistInfo(launch.rank, launch.world_size, launch.local_rank, dev, chosen, launch.launcher)
+    return replace(launch, device=dev, backend=chosen)
 
 
 def cleanup() -> None:
@@ -120,7 +111,7 @@ def cleanup() -> None:
 
 
 def is_distributed() -> bool:
-    """Whether a process group with more than zero peers is initialised."""
+    """Whether a process group is initialised."""
     return dist.is_available() and dist.is_initialized()
 
 

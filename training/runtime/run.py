@@ -119,11 +119,11 @@ class StepTimer:
         self.steps += 1
         self.data += data_seconds
 
-    def read(self) -> tuple[float, float, int]:
-        """``(seconds per step, data seconds per step, steps)`` of the window, then start a new one."""
+    def read(self) -> tuple[float, float]:
+        """``(seconds per step, data seconds per step)`` of the window, then start a new one."""
         elapsed, steps, data = time.perf_counter() - self.start, max(self.steps, 1), self.data
         self.__init__()
-        return elapsed / steps, data / steps, steps
+        return elapsed / steps, data / steps
 
 
 def seed_everything(seed: int) -> None:

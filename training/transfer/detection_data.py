@@ -326,14 +326,7 @@ class DetectionDataset(Dataset):
         keep = ~record.iscrowd
         if not self.keep_difficult:
             keep &= ~record.difficult
-        if masks:
-            segmentations = [s for s, k in zip(record.segmentations or [None] * len(keep), keep) if k]
-            shape = (record.height, record.width)
-            target = self.get_target(index)
-            target["masks"] = torch.stack([_rasterise(s, b, shape) for s, b in zip(segmentations, target["boxes"])]) \
-                if segmentations else torch.zeros((0, *shape), dtype=torch.uint8)
-            return target
-        return {
+        target = {
             "boxes": torch.from_numpy(record.boxes[keep].copy()).reshape(-1, 4),
             "labels": torch.from_numpy(record.labels[keep].copy()),
             "image_id": int(record.image_id),
@@ -341,6 +334,12 @@ class DetectionDataset(Dataset):
             "area": torch.from_numpy(record.area[keep].copy()),
             "difficult": torch.from_numpy(record.difficult[keep].copy()),
         }
+        if masks:
+            shape = (record.height, record.width)
+            segmentations = [s for s, k in zip(record.segmentations or [None] * len(keep), keep) if k]
+            target["masks"] = torch.stack([_rasterise(s, b, shape) for s, b in zip(segmentations, target["boxes"])]) \
+                if segmentations else torch.zeros((0, *shape), dtype=torch.uint8)
+        return target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         return to_tensor(self.load_image(index)), self.get_target(index)
@@ -406,11 +405,9 @@ def _finish(records: list[DetectionRecord], class_names: Sequence[str], report: 
 
 def _clean_box(xyxy: Sequence[float], width: int, height: int, report: DatasetReport, where: str
                ) -> tuple[float, float, float, float] | None:
-    """Clip a box to the image; ``None`` (and a note) if it is malformed or empty after clipping."""
+    """Clip a box (finite coordinates: both readers check them) to the image; ``None`` (and a note) if it is
+    empty after clipping."""
     x1, y1, x2, y2 = xyxy
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        report.note("malformed_boxes", f"{where}: {list(xyxy)}")
-        return None
     clipped = (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width),
                min(max(y2, 0.0), height))  # fmt: skip
     if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
@@ -755,7 +752,7 @@ def load_voc(root: str | Path, split: str | Path | None = None, *, class_names: 
     wanted = None if class_names is None else {str(n): i for i, n in enumerate(class_names, start=1)}
     if class_names is not None and len(wanted) != len(class_names):
         raise ConfigError(f"class names must be distinct, got {list(class_names)}")
-    parsed: list[tuple[int, Path, int, int, list[VocObject], str]] = []
+    parsed: list[tuple[int, Path, int, int, list[VocObject]]] = []
     seen: set[str] = set()
     for position, entry in enumerate(entries, start=1):
         stem, listed_name = _entry_name(entry)
@@ -776,22 +773,22 @@ def load_voc(root: str | Path, split: str | Path | None = None, *, class_names: 
             clean = _clean_box(xyxy, width, height, report, f"{stem}.xml")
             if clean is not None:
                 kept.append((name, clean, difficult))
-        parsed.append((position, image_path, width, height, kept, image_path.name))
+        parsed.append((position, image_path, width, height, kept))
 
     if wanted is None:
-        names = sorted({name for *_, objects, _ in parsed for name, _, _ in objects})
+        names = sorted({name for *_, objects in parsed for name, _, _ in objects})
         wanted = {name: i for i, name in enumerate(names, start=1)}
         if not names and parsed:
             raise DatasetError(f"{source}: no object with a class name in any annotation; pass class_names")
         _note_similar_names(names, report)
     _check_class_list(list(wanted), report, unknown_classes)
     records = []
-    for position, image_path, width, height, objects, file_name in parsed:
+    for position, image_path, width, height, objects in parsed:
         boxes = [
             _Box(wanted[name], xyxy, (xyxy[2] - xyxy[0]) * (xyxy[3] - xyxy[1]), difficult=difficult)
             for name, xyxy, difficult in objects
         ]
-        records.append(_make_record(position, image_path, width, height, boxes, file_name))
+        records.append(_make_record(position, image_path, width, height, boxes, image_path.name))
     return _finish(records, list(wanted), report, category_ids=None, keep_difficult=keep_difficult,
                    keep_empty=keep_empty)
 
@@ -859,13 +856,13 @@ def _guess_coco_image_root(annotation_json: Path) -> Path:
     return next((c for c in candidates if c.is_dir()), folder)
 
 
-def load_dataset(path: str | Path, **kwargs: Any) -> DetectionDataset:
+def load_dataset(path: str | Path, *, image_root: str | Path | None = None, **kwargs: Any) -> DetectionDataset:
     """Load a COCO or VOC dataset, telling the format from the path.
 
     ``path`` is one of:
 
-    * a COCO ``.json`` file (``image_root`` from kwargs, else ``images/`` next to it, else the
-      ``val2017/``-style folder of ``instances_val2017.json``, else its folder);
+    * a COCO ``.json`` file (images in ``image_root`` if given (VOC ignores it), else ``images/`` next to
+      it, else the ``val2017/``-style folder of ``instances_val2017.json``, else its folder);
     * a VOC root folder (it has ``Annotations/``), with ``split`` from kwargs;
     * a VOC split list ``.txt`` whose folder is the VOC root (``raccoon/train_split.txt``);
     * a folder holding one COCO json (``annotations.json`` or a single ``*.json`` in it or in
@@ -875,8 +872,7 @@ def load_dataset(path: str | Path, **kwargs: Any) -> DetectionDataset:
     """
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".json":
-        image_root = kwargs.pop("image_root", None) or _guess_coco_image_root(path)
-        return load_coco(path, image_root, **kwargs)
+        return load_coco(path, image_root or _guess_coco_image_root(path), **kwargs)
     if path.is_file() and path.suffix.lower() == ".txt":
         if "split" in kwargs:
             raise ConfigError(f"{path} is a split list already; do not pass split as well")
@@ -889,8 +885,7 @@ def load_dataset(path: str | Path, **kwargs: Any) -> DetectionDataset:
         preferred = [j for j in jsons if j.name == "annotations.json"]
         if preferred or len(jsons) == 1:
             json_path = (preferred or jsons)[0]
-            kwargs.setdefault("image_root", _guess_coco_image_root(json_path))
-            return load_dataset(json_path, **kwargs)
+            return load_coco(json_path, image_root or _guess_coco_image_root(json_path), **kwargs)
     if not path.exists():
         raise DatasetError(f"dataset path {path} does not exist")
     raise DatasetError(

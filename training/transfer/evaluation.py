@@ -434,12 +434,11 @@ def run_evaluation(model: torch.nn.Module, dataset: DetectionDataset, *, device:
 
     if output_dir is not None:
         output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_coco_results(detections, output_dir / "detections.json")
+        write_coco_results(detections, output_dir / "detections.json")  # creates output_dir
         metrics = result.to_dict()
         metrics.update(score_threshold=score_threshold, seconds=round(seconds, 3), dataset=dataset.source)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        if num_visualize > 0 and len(dataset) > 0:
+        if num_visualize > 0:  # kept is not empty
             pictures = [draw_detections(dataset.load_image(i), outputs[i]["boxes"], outputs[i]["labels"],
                                         outputs[i]["scores"], dataset.records[i].boxes, dataset.records[i].labels,
                                         dataset.class_names, score_threshold=max(score_threshold, 0.3))

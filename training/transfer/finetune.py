@@ -272,6 +272,11 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
     get = a.get
     notes: list[str] = []
     _deprecated_names(a, notes)
+
+    def given(name: str, default: Any) -> Any:
+        """The explicit value of flag ``name``, else ``default``."""
+        return a[name] if a.get(name) is not None else default
+
     recipe_name = get("recipe")
     if recipe_name is not None and recipe_name not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe_name!r}; choose one of {sorted(RECIPES)}")
@@ -279,8 +284,7 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
     arch = get("arch") or (recipe.arch if recipe else "faster_rcnn_fpn")
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
-    batch = int(get("batch_size") if get("batch_size") is not None else (recipe.batch_size if recipe else
-                                                                          DEFAULT_BATCH))
+    batch = int(given("batch_size", recipe.batch_size if recipe else DEFAULT_BATCH))
     if batch < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch}")
 
@@ -313,18 +317,14 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
         iterations = new
     if get("steps") is not None:
         steps = _int_list(get("steps")) if isinstance(get("steps"), str) else [int(s) for s in get("steps")]
-    if get("warmup") is not None:
-        warmup = int(get("warmup"))
-    warmup = min(warmup, iterations)
-    if get("lr") is not None:
-        lr = float(get("lr"))
+    warmup = min(int(given("warmup", warmup)), iterations)
+    lr = float(given("lr", lr))
     if sorted(steps) != steps or any(s < 0 for s in steps):
         raise ConfigError(f"--steps must be increasing non-negative iterations, got {steps}")
 
-    min_size = parse_sizes(get("min_size")) if get("min_size") is not None else list(sizes["min_size"])
-    max_size = int(get("max_size") if get("max_size") is not None else sizes["max_size"])
-    default_test = max(min_size) if get("min_size") is not None else sizes["test_size"]
-    test_size = int(get("test_size") if get("test_size") is not None else default_test)
+    min_size = parse_sizes(given("min_size", sizes["min_size"]))
+    max_size = int(given("max_size", sizes["max_size"]))
+    test_size = int(given("test_size", max(min_size) if get("min_size") is not None else sizes["test_size"]))
 
     options = dict(get("detector_options") or {})
     for item in get("detector_opt") or []:
@@ -405,12 +405,6 @@ def require_masks(dataset: DetectionDataset) -> None:
     if without:
         logger.warning("%d of %d annotations have no segmentation; their boxes are used as masks",
                        without, len(segmentations))
-
-
-def _load(spec: str, image_root: str | None, **kwargs: Any) -> DetectionDataset:
-    if image_root is not None and str(spec).lower().endswith(".json"):
-        kwargs["image_root"] = image_root
-    return load_dataset(spec, **kwargs)
 
 
 def _load_hub_model(name: str, what: str, bundle: bool, device: torch.device | None = None) -> nn.Module:
@@ -529,11 +523,12 @@ class _FinetuneRun:
 
     def build_data(self) -> None:
         cfg = self.cfg
-        self.train_set = _load(cfg.data, cfg.image_root, class_names=cfg.classes, unknown_classes=cfg.unknown_classes)
+        self.train_set = load_dataset(cfg.data, image_root=cfg.image_root, class_names=cfg.classes,
+                                      unknown_classes=cfg.unknown_classes)
         self.val_set = None
         if cfg.val_data:
-            self.val_set = _load(cfg.val_data, cfg.val_image_root, class_names=self.train_set.class_names,
-                                 unknown_classes=cfg.unknown_classes)
+            self.val_set = load_dataset(cfg.val_data, image_root=cfg.val_image_root,
+                                        class_names=self.train_set.class_names, unknown_classes=cfg.unknown_classes)
         self.masks = cfg.arch == "mask_rcnn_fpn"
         if self.masks:
             require_masks(self.train_set)
@@ -625,14 +620,14 @@ class _FinetuneRun:
             self._save()
 
     def _log(self, loss: torch.Tensor, loss_dict: dict[str, torch.Tensor], lr: float, timer: StepTimer) -> None:
-        values = {k: float(v.detach()) for k, v in loss_dict.items()}
-        seconds, _, _ = timer.read()
-        self.log.write({"iteration": self.iteration, "loss": float(loss.detach()), **values, "lr": lr,
-                        "sec_per_iter": seconds})
+        total, *parts = torch.stack([v.detach().float() for v in (loss, *loss_dict.values())]).tolist()  # one sync
+        values = dict(zip(loss_dict, parts))
+        seconds, _ = timer.read()
+        self.log.write({"iteration": self.iteration, "loss": total, **values, "lr": lr, "sec_per_iter": seconds})
         if self.main:
             eta = seconds * (self.cfg.iterations - self.iteration)
             logger.info("iter %d/%d loss %.3f (%s) lr %.5f %.2f s/it eta %s", self.iteration, self.cfg.iterations,
-                        float(loss.detach()), " ".join(f"{k} {v:.3f}" for k, v in values.items()), lr, seconds,
+                        total, " ".join(f"{k} {v:.3f}" for k, v in values.items()), lr, seconds,
                         datetime.timedelta(seconds=round(max(eta, 0))))
 
     def _save(self) -> None:
@@ -714,7 +709,7 @@ def evaluate_model(model_name: str, data: str, *, output: str | os.PathLike[str]
     dev = dist_utils.select_device(device)
     model = _load_hub_model(model_name, "model", bundle=False, device=dev)
     class_names = model.hub_config.get("class_names")
-    dataset = _load(data, image_root, **({"class_names": class_names} if class_names else {}))
+    dataset = load_dataset(data, image_root=image_root, class_names=class_names or None)
     return run_evaluation(model, dataset, device=dev, batch_size=batch_size, score_threshold=score_threshold,
                           output_dir=output, num_visualize=num_visualize)
 
