@@ -255,7 +255,7 @@ def _step(setup: dict[str, Any], views: tuple[Any, ...], i: int) -> None:
     from insloc_hub.training.pretraining.engine import train_step
 
     train_step(setup["model"], setup["optimizer"], views, amp_dtype=setup["amp"],
-               generator=torch.Generator().manual_seed(i))
+               generator=torch.Generator().manual_seed(i), diagnostics=False)
 
 
 def pretraining(check: Check, arch: str, label: str, images: Any, variants: list[Variant],

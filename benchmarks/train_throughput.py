@@ -123,7 +123,7 @@ def step_throughput(cfg: PretrainConfig, setup: dict[str, Any], device: torch.de
         _sync(device)
         start = time.perf_counter()
         train_step(setup["model"], setup["optimizer"], (q, qb, k, kb), amp_dtype=setup["amp"],
-                   generator=torch.Generator().manual_seed(i))
+                   generator=torch.Generator().manual_seed(i), diagnostics=False)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -154,7 +154,7 @@ class Pipeline:
             if self.cfg.method == "moco":
                 qb = kb = None
             train_step(self.setup["model"], self.setup["optimizer"], (q, qb, k, kb), amp_dtype=self.setup["amp"],
-                       generator=torch.Generator().manual_seed(self.done))
+                       generator=torch.Generator().manual_seed(self.done), diagnostics=False)
             self.done += 1
 
     def measure(self, steps: int) -> float:
