@@ -22,7 +22,7 @@ import difflib
 import inspect
 import logging
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -105,11 +105,7 @@ class LoadReport:
         """One paragraph for logs: counts and the new/ignored module prefixes."""
         new_modules = sorted({".".join(k.split(".")[:2]) for k in self.new})
         lines = [f"loaded {len(self.loaded)} pretrained tensors; {len(self.new)} new tensors in {new_modules}"]
-        if self.ignored:
-            reasons: dict[str, int] = {}
-            for reason in self.ignored.values():
-                reasons[reason] = reasons.get(reason, 0) + 1
-            lines += [f"ignored {n} pretrained tensors: {r}" for r, n in reasons.items()]
+        lines += [f"ignored {n} pretrained tensors: {r}" for r, n in Counter(self.ignored.values()).items()]
         return "\n".join(lines)
 
 
@@ -232,10 +228,14 @@ def build_detector(
     if num_classes < 2:
         raise ConfigError(f"num_classes must be at least 2 (background + one class), got {num_classes}")
 
-    bundle = _resolve_pretrained(pretrained)
+    if pretrained is not None and not isinstance(pretrained, InsLocBackbone):
+        name = repr(str(pretrained)) if isinstance(pretrained, (str, Path)) else "name"
+        raise ConfigError(f"pretrained must be a backbone bundle (InsLocBackbone), not a {type(pretrained).__name__}: "
+                          f"load it first, pretrained=insloc_hub.from_pretrained({name}); a fine-tuned detector is "
+                          "used as it is")
     variant = "c4" if arch == "faster_rcnn_c4" else "fpn"
-    if bundle is not None:
-        cfg = dataclasses.replace(bundle.config, parts=None)
+    if pretrained is not None:
+        cfg = dataclasses.replace(pretrained.config, parts=None)
         if preset is not None and dataclasses.replace(backbone_config(preset), parts=None) != cfg:
             raise ConfigError(
                 f"preset={preset!r} conflicts with the pretrained weights' architecture "
@@ -263,20 +263,18 @@ def build_detector(
     )
     model.insloc_config.inference = inference_options(model)
     model.load_report = None
-    if bundle is not None:
-        model.load_report = load_pretrained_into_detector(model, bundle, strict=strict)
+    if pretrained is not None:
+        model.load_report = load_pretrained_into_detector(model, pretrained, strict=strict)
         logger.info("%s", model.load_report.summary())
+    if norm == "sync":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if norm == "frozen":
-        # like detectron2's FrozenBN: only the (pre)trained trunk, FPN and box head; the new RPN,
-        # predictor and mask head keep trainable BN
-        for prefix in PART_PREFIXES.values():
-            module_name = prefix.rstrip(".")
-            try:
-                convert_norm(model.get_submodule(module_name), "frozen")
-            except AttributeError:  # RetinaNet has no roi_heads.box_head
-                continue
-        return model
-    return convert_norm(model, norm)
+        # like detectron2's FrozenBN: only the (pre)trained trunk, FPN and box head (RetinaNet has none); the new
+        # RPN, predictor and mask head keep trainable BN
+        parts = {prefix.rstrip(".") for prefix in PART_PREFIXES.values()}
+        for module in [module for name, module in model.named_modules() if name in parts]:
+            _freeze_batchnorm(module)
+    return model
 
 
 _DETECTOR_CLASSES = {"faster_rcnn_fpn": FasterRCNN, "mask_rcnn_fpn": MaskRCNN, "faster_rcnn_c4": FasterRCNN,
@@ -306,20 +304,6 @@ def _is_json_value(value: Any) -> bool:
     return isinstance(value, (int, float, str, bool, type(None))) or (
         isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str, bool)) for v in value)
     )
-
-
-def _resolve_pretrained(pretrained: Any) -> InsLocBackbone | None:
-    if pretrained is None or isinstance(pretrained, InsLocBackbone):
-        return pretrained
-    if isinstance(pretrained, (str, Path)):
-        raise ConfigError(
-            f"pretrained={str(pretrained)!r}: load the backbone first and pass it, "
-            f"build_detector(..., pretrained=insloc_hub.from_pretrained({str(pretrained)!r}))"
-        )
-    if isinstance(pretrained, nn.Module):
-        raise ConfigError(f"pretrained must be an InsLocBackbone (a backbone bundle), not a "
-                          f"{type(pretrained).__name__}; a fine-tuned detector is used as it is")
-    raise ConfigError(f"pretrained must be an InsLocBackbone from from_pretrained, not {type(pretrained).__name__}")
 
 
 def _rcnn_fpn(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwargs: dict, masks: bool = False
@@ -431,25 +415,15 @@ def load_pretrained_into_detector(
     return report
 
 
-def convert_norm(model: nn.Module, mode: str) -> nn.Module:
-    """Turn every BatchNorm2d into FrozenBatchNorm2d (``"frozen"``) or SyncBatchNorm (``"sync"``)."""
-    if mode == "bn":
-        return model
-    if mode == "sync":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if mode != "frozen":
-        raise ConfigError(f"unknown norm mode {mode!r}; choose one of {NORM_MODES}")
-    for name, child in list(model.named_children()):
+def _freeze_batchnorm(module: nn.Module) -> None:
+    """Replace every BatchNorm2d under ``module`` with a FrozenBatchNorm2d holding its statistics and affine."""
+    for name, child in list(module.named_children()):
         if type(child) is nn.BatchNorm2d:
             frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-            frozen.weight.copy_(child.weight.detach())
-            frozen.bias.copy_(child.bias.detach())
-            frozen.running_mean.copy_(child.running_mean)
-            frozen.running_var.copy_(child.running_var)
-            setattr(model, name, frozen)
+            frozen.load_state_dict(child.state_dict())  # FrozenBatchNorm2d drops num_batches_tracked itself
+            setattr(module, name, frozen)
         else:
-            convert_norm(child, mode)
-    return model
+            _freeze_batchnorm(child)
 
 
 #: mask probabilities above this count as mask pixels (the usual threshold for torchvision's pasted masks)
