@@ -25,7 +25,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-__all__ = ["HubServer", "RecordedRequest", "git_blob_sha1"]
+__all__ = ["HubServer", "git_blob_sha1"]
 
 
 def git_blob_sha1(content: bytes) -> str:
@@ -47,22 +47,13 @@ class Repo:
     refs: dict[str, str] = field(default_factory=dict)  # "main", other branches, "refs/pr/N" -> commit oid
 
 
-@dataclass(frozen=True)
-class RecordedRequest:
-    """One request the server received (for assertions such as "no network call happened")."""
-
-    method: str
-    path: str
-    authorization: bool
-
-
 class HubServer:
     """The routes above on 127.0.0.1 and a random free port, served by uvicorn from a background thread."""
 
     def __init__(self, *, tokens: dict[str, str] | None = None) -> None:
         self.tokens = dict(tokens if tokens is not None else {"test-token": "write"})
         self.repos: dict[str, Repo] = {}
-        self.requests: list[RecordedRequest] = []
+        self.requests: list[str] = []  # "METHOD /path" of every request, for "no network call happened"
         self._lock = threading.RLock()
         self._counter = itertools.count()
         self._server: uvicorn.Server | None = None
@@ -100,10 +91,6 @@ class HubServer:
         self._server = self._thread = None
 
     # ------------------------------------------------------------------ inspection helpers for tests
-    def clear_requests(self) -> None:
-        with self._lock:
-            self.requests.clear()
-
     def branch_head(self, repo_id: str, branch: str = "main") -> str:
         with self._lock:
             return self.repos[repo_id].refs[branch]
@@ -128,13 +115,18 @@ class HubServer:
         repo.commits[oid] = files
         return oid
 
-    def _repo(self, request: Request, repo_id: str, *, write: bool = False) -> Repo:
+    def _role(self, request: Request, write: bool) -> str | None:
+        """The token's role (None without a token); 401 for an unknown token, or no token to write."""
         header = request.headers.get("authorization", "")
         role = self.tokens.get(header.removeprefix("Bearer ").strip()) if header else None
         if header and role is None:
             raise HubHTTPError(401, "Invalid credentials in Authorization header")
         if write and role is None:
             raise HubHTTPError(401, "You must be authenticated to write to a repo")
+        return role
+
+    def _repo(self, request: Request, repo_id: str, *, write: bool = False) -> Repo:
+        role = self._role(request, write)
         if repo_id not in self.repos:
             raise HubHTTPError(404, "Repository not found", "RepoNotFound")
         if write and role != "write":
@@ -148,9 +140,7 @@ class HubServer:
 
         @app.middleware("http")
         async def record(request: Request, call_next):
-            recorded = RecordedRequest(request.method, request.url.path, "authorization" in request.headers)
-            with hub._lock:
-                hub.requests.append(recorded)
+            hub.requests.append(f"{request.method} {request.url.path}")
             return await call_next(request)
 
         @app.exception_handler(HubHTTPError)
@@ -171,15 +161,11 @@ class HubServer:
             body = await request.json()
             repo_id = f"{body.get('organization') or 'test-user'}/{body['name']}"
             with hub._lock:
+                if hub._role(request, write=True) != "write":
+                    raise HubHTTPError(403, "You don't have the rights to create this repo (read-only token)")
                 if repo_id in hub.repos:
-                    hub._repo(request, repo_id, write=True)
                     raise HubHTTPError(409, "You already created this model repo", url=f"{hub.endpoint}/{repo_id}")
                 hub.repos[repo_id] = repo = Repo()
-                try:
-                    hub._repo(request, repo_id, write=True)
-                except HubHTTPError:
-                    del hub.repos[repo_id]
-                    raise
                 repo.refs["main"] = hub._commit(repo, {".gitattributes": b"*.safetensors filter=lfs\n"})
             return {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id}
 
