@@ -86,7 +86,6 @@ class HubServer:
             self._thread.join(10)
         self._server = self._thread = None
 
-    # ------------------------------------------------------------------ inspection helpers for tests
     def branch_head(self, repo_id: str, branch: str = "main") -> str:
         with self._lock:
             return self.repos[repo_id].refs[branch]
@@ -96,7 +95,6 @@ class HubServer:
             repo = self.repos[repo_id]
             return dict(repo.commits[self._resolve(repo, revision)])
 
-    # ------------------------------------------------------------------ state
     def _resolve(self, repo: Repo, revision: str) -> str:
         """Revision (branch, refs/heads/..., refs/pr/N or commit sha) -> commit oid."""
         rev = revision.removeprefix("refs/heads/")
@@ -129,7 +127,6 @@ class HubServer:
             raise HubHTTPError(403, "You don't have the rights to write to this repo (read-only token)")
         return self.repos[repo_id]
 
-    # ------------------------------------------------------------------ app
     def _build_app(self) -> FastAPI:
         app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
         hub = self
@@ -192,9 +189,7 @@ class HubServer:
             with hub._lock:
                 repo = hub._repo(request, f"{owner}/{name}", write=True)
                 files = dict(repo.commits[hub._resolve(repo, revision)])
-                for item in items[1:]:
-                    if item["key"] != "file":
-                        raise HubHTTPError(400, f"Unsupported commit operation {item['key']!r}")
+                for item in items[1:]:  # after the header: {"key": "file", "value": {"path", "content"}} each
                     files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
                 oid = hub._commit(repo, files)
                 ref = f"refs/pr/{sum(r.startswith('refs/pr/') for r in repo.refs) + 1}" if create_pr else revision
