@@ -36,9 +36,8 @@ from insloc_hub.models.resnet import RESNET_SPECS
 from insloc_hub.pretrained import from_pretrained, save_pretrained, sha256_file
 
 __all__ = [
-    "ConversionReport", "convert_moco", "convert_moco_to_folder", "convert_official", "convert_official_to_folder",
-    "convert_to_folder", "convert_torchvision_resnet", "convert_torchvision_resnet_to_folder", "export_detectron2",
-    "load_foreign_checkpoint",
+    "ConversionReport", "convert_moco", "convert_official", "convert_to_folder", "convert_torchvision_resnet",
+    "describe_unpickling_refusal", "export_detectron2", "load_foreign_checkpoint",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -487,11 +486,6 @@ def convert_to_folder(
     record["source_sha256"] = sha256_file(src) if not isinstance(src, Mapping) else None
     record.update(provenance or {})
     return save_pretrained(bundle, out_dir, name=name, provenance=record), report
-
-
-convert_official_to_folder = functools.partial(convert_to_folder, "official")
-convert_torchvision_resnet_to_folder = functools.partial(convert_to_folder, "torchvision")
-convert_moco_to_folder = functools.partial(convert_to_folder, "moco")
 
 
 _D2_BLOCK = [(re.compile(r"\.bn(\d)\."), r".conv\1.norm."), (re.compile(r"\.downsample\.0\."), ".shortcut."),
