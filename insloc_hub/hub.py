@@ -37,23 +37,9 @@ from huggingface_hub.utils import validate_repo_id
 from insloc_hub.errors import ConfigError, HubAccessError, ModelNotFoundError
 
 __all__ = [
-    "ALIASES",
-    "CANONICAL_MODELS",
-    "CONFIG_NAME",
-    "DEFAULT_FILES",
-    "DEFAULT_NAMESPACE",
-    "HubAccessError",
-    "ModelRef",
-    "WEIGHTS_NAME",
-    "alias_repo_id",
-    "download",
-    "list_cached",
-    "parse_model_name",
-    "push_folder_to_hub",
-    "push_target",
-    "read_json_object",
-    "required_files",
-    "resolve_model_dir",
+    "ALIASES", "CANONICAL_MODELS", "CONFIG_NAME", "DEFAULT_FILES", "DEFAULT_NAMESPACE", "HubAccessError", "ModelRef",
+    "WEIGHTS_NAME", "alias_repo_id", "download", "list_cached", "parse_model_name", "push_folder_to_hub",
+    "push_target", "read_json_object", "required_files", "resolve_model_dir",
 ]
 
 logger = logging.getLogger(__name__)
