@@ -92,7 +92,9 @@ class ConversionReport:
             lines.append(f"  architecture: ResNet-{arch['depth']} width {arch['width']}, variant {arch['variant']}, "
                          f"parts {', '.join(arch['parts'])}")
         for reason, keys in self.dropped_by_reason().items():
-            lines.append(f"  dropped {len(keys)}: {reason}: {_abbreviate(keys)}")
+            shown = _prefixes(keys)
+            more = f" (+{len(shown) - 4} more)" if len(shown) > 4 else ""
+            lines.append(f"  dropped {len(keys)}: {reason}: {', '.join(shown[:4])}{more}")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -106,11 +108,6 @@ class ConversionReport:
                         for reason, keys in self.dropped_by_reason().items()],
             "conversion_notes": list(self.notes),
         }
-
-
-def _abbreviate(keys: list[str], limit: int = 4) -> str:
-    shown = _prefixes(keys)
-    return ", ".join(shown[:limit]) + (f" (+{len(shown) - limit} more)" if len(shown) > limit else "")
 
 
 def _prefixes(keys: list[str]) -> list[str]:

@@ -359,7 +359,10 @@ def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *,
     key = f"{real}|{info.st_size}|{info.st_mtime_ns}|{info.st_ctime_ns}|{info.st_ino}"
     default_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "insloc_hub"
     record_path = Path(os.environ.get("INSLOC_HUB_CACHE") or default_cache) / _VERIFIED_RECORD
-    record = _read_record(record_path)
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, json.JSONDecodeError):  # none yet, or damaged: it only saves re-hashing
+        record = {}
     if not always and record.get(key) == expected:
         return header
     actual = sha256_file(real)
@@ -377,13 +380,6 @@ def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *,
     except OSError:  # a read-only home only costs a re-hash next time
         pass
     return header
-
-
-def _read_record(path: Path) -> dict[str, str]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def from_pretrained(

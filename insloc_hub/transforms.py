@@ -286,8 +286,3 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """Apply ImageNet mean/std to ``[..., 3, H, W]`` tensors in [0, 1] (what backbones expect)."""
     return TF.normalize(images, list(IMAGENET_MEAN), list(IMAGENET_STD))
-
-
-def load_image_tensor(source: Any, **limits: int) -> torch.Tensor:
-    """``decode_image`` then ``to_tensor``: the [0, 1] RGB tensor a torchvision detector takes."""
-    return to_tensor(decode_image(source, **limits))
