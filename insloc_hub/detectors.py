@@ -241,15 +241,12 @@ def build_detector(
                 f"preset={preset!r} conflicts with the pretrained weights' architecture "
                 f"({cfg.to_dict()}); leave preset out to use the pretrained one"
             )
-        if cfg.variant != variant:
-            raise ConfigError(
-                f"{arch} needs a {variant} backbone but the pretrained weights are a {cfg.variant} bundle; "
-                f"use arch={'faster_rcnn_c4' if cfg.variant == 'c4' else 'faster_rcnn_fpn'} or a {variant} model"
-            )
     else:
         cfg = backbone_config(preset if preset is not None else f"r50-{variant}")
-        if cfg.variant != variant:
-            raise ConfigError(f"{arch} needs a {variant} backbone, got a {cfg.variant} config")
+    if cfg.variant != variant:
+        raise ConfigError(f"{arch} needs a {variant} backbone, got a {cfg.variant} one (from the "
+                          f"{'pretrained weights' if pretrained is not None else 'preset'}); use arch="
+                          f"{'faster_rcnn_c4' if cfg.variant == 'c4' else 'faster_rcnn_fpn'} or a {variant} one")
     if box_head_extra_norm and arch == "retinanet_fpn":
         raise ConfigError("box_head_extra_norm applies to R-CNN box heads; retinanet_fpn has none")
     _check_options(arch, kwargs)
