@@ -511,8 +511,9 @@ def _d2_key(key: str, c4: bool) -> str:
         return f"roi_heads.box_head.conv{int(idx) + 1}{'.norm' if part == 'norm' else ''}.{leaf}"
     if key in ("box_head.fc1.weight", "box_head.fc1.bias") and not c4:
         return f"roi_heads.{key}"
-    raise ConfigError(f"{key!r} has no detectron2 counterpart in the {'C4' if c4 else 'FPN'} layout"
-                      + (" (an FPN / 4conv box head cannot go into a C4 detector)" if c4 else ""))
+    raise ConfigError(f"{key!r} has no detectron2 counterpart in the {'C4' if c4 else 'FPN'} layout" + (
+        ": an FPN or 4conv box head has no place in a C4 detector. Export with c4=False, or convert a trunk-only "
+        "bundle" if c4 else ""))
 
 
 def export_detectron2(
@@ -541,9 +542,6 @@ def export_detectron2(
             raise ConfigError(f"{source} is a fine-tuned detector; export_detectron2 takes a backbone bundle")
     cfg = bundle.config
     c4 = cfg.variant == "c4" if c4 is None else bool(c4)
-    if c4 and cfg.variant == "fpn" and cfg.parts != ("trunk",):
-        raise ConfigError(f"{source} is an FPN bundle with {', '.join(cfg.parts)}: its FPN and 4conv box head have no "
-                          "place in a C4 detector. Export with c4=False, or convert a trunk-only bundle.")
     report = ConversionReport(str(source), "insloc-hub", target_format="detectron2")
     model: dict[str, np.ndarray] = OrderedDict()
     for key, value in bundle.state_dict().items():
