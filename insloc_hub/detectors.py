@@ -38,7 +38,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign, roi_align
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from insloc_hub.configs import JsonConfig
@@ -110,18 +110,16 @@ class LoadReport:
 
 
 class FPNDetectorBackbone(nn.Module):
-    """Trunk + pretrained FPN + the extra levels a detector wants (P6 max-pool or P6/P7 convs)."""
+    """Trunk + pretrained FPN on ``levels`` + ``extra``, the levels a detector adds (torchvision's ``extra_blocks``)."""
 
-    def __init__(self, config: BackboneConfig, levels: list[str], extra: str) -> None:
+    def __init__(self, config: BackboneConfig, levels: list[str], extra: ExtraFPNBlock) -> None:
         super().__init__()
         self.trunk = ResNetTrunk(config.depth, config.width, num_stages=4)
         first = int(levels[0][1:]) - 2
         self.stages = [f"c{i + 2}" for i in range(first, 4)]
         self.fpn = FPN(config.stage_channels[first:], config.fpn_channels, levels)
         self.out_channels = config.fpn_channels
-        # P6 = subsampled P5 for the RPN's 512 anchors (R-CNNs), or P6/P7 convs from C5 (RetinaNet)
-        self.extra = LastLevelP6P7(config.stage_channels[3], config.fpn_channels) if extra == "p6p7" \
-            else LastLevelMaxPool()
+        self.extra = extra
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         c = self.trunk(images)
@@ -318,7 +316,8 @@ def _rcnn_fpn(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwargs: d
         options.update(mask_roi_pool=MultiScaleRoIAlign(FPN_LEVELS, output_size=14, sampling_ratio=2),
                        mask_head=MaskRCNNHeads(width, [width] * 4, 1, norm_layer=nn.BatchNorm2d),
                        mask_predictor=MaskRCNNPredictor(width, width, num_classes))
-    return (MaskRCNN if masks else FasterRCNN)(FPNDetectorBackbone(cfg, FPN_LEVELS, "maxpool"), **{**options, **kwargs})
+    body = FPNDetectorBackbone(cfg, FPN_LEVELS, LastLevelMaxPool())  # P6 = subsampled P5, for the 512 anchors
+    return (MaskRCNN if masks else FasterRCNN)(body, **{**options, **kwargs})
 
 
 def _faster_rcnn_c4(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwargs: dict) -> nn.Module:
@@ -346,8 +345,9 @@ def _retinanet_fpn(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwar
     head = RetinaNetHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
                          norm_layer=partial(nn.GroupNorm, groups))
     head.regression_head._loss_type = "giou"  # as torchvision's retinanet_resnet50_fpn_v2
-    return RetinaNet(FPNDetectorBackbone(cfg, ["p3", "p4", "p5"], "p6p7"), num_classes,
-                     **{**dict(anchor_generator=anchors, head=head), **kwargs})
+    # P6/P7 by convs from C5, as torchvision's RetinaNet
+    body = FPNDetectorBackbone(cfg, ["p3", "p4", "p5"], LastLevelP6P7(cfg.stage_channels[3], cfg.fpn_channels))
+    return RetinaNet(body, num_classes, **{**dict(anchor_generator=anchors, head=head), **kwargs})
 
 
 # pretrained parts an architecture has no place for, with the reason the load report gives
