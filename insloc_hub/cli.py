@@ -40,9 +40,9 @@ class DeprecatedAlias(argparse.Action):
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
 
@@ -150,10 +150,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from insloc_hub.detectors import build_detector
     from insloc_hub.models import InsLocBackbone
     from insloc_hub.pretrained import from_pretrained, save_pretrained
-    from insloc_hub.transforms import load_image_tensor
+    from insloc_hub.transforms import decode_image, to_tensor
 
     torch.manual_seed(0)
-    image = load_image_tensor(args.image) if args.image else _sample_photo()
+    image = to_tensor(decode_image(args.image) if args.image else _sample_photo())
     preset = args.preset or ("r50-c4" if args.arch == "faster_rcnn_c4" else "r50-fpn")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -190,9 +190,7 @@ def _sample_photo() -> Any:
                           "or pass --image PATH") from exc
     from PIL import Image
 
-    from insloc_hub.transforms import to_tensor
-
-    return to_tensor(Image.fromarray(data.astronaut()))
+    return Image.fromarray(data.astronaut())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from insloc_hub.errors import CheckpointError, ConfigError, WeightsMismatchError
 from insloc_hub.models import BackboneConfig, InsLocBackbone
@@ -35,9 +36,8 @@ from insloc_hub.models.resnet import RESNET_SPECS
 from insloc_hub.pretrained import from_pretrained, save_pretrained, sha256_file
 
 __all__ = [
-    "ConversionReport", "convert_moco", "convert_moco_to_folder", "convert_official", "convert_official_to_folder",
-    "convert_to_folder", "convert_torchvision_resnet", "convert_torchvision_resnet_to_folder", "export_detectron2",
-    "load_foreign_checkpoint",
+    "ConversionReport", "convert_moco", "convert_official", "convert_to_folder", "convert_torchvision_resnet",
+    "describe_unpickling_refusal", "export_detectron2", "load_foreign_checkpoint",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -92,7 +92,9 @@ class ConversionReport:
             lines.append(f"  architecture: ResNet-{arch['depth']} width {arch['width']}, variant {arch['variant']}, "
                          f"parts {', '.join(arch['parts'])}")
         for reason, keys in self.dropped_by_reason().items():
-            lines.append(f"  dropped {len(keys)}: {reason}: {_abbreviate(keys)}")
+            shown = _prefixes(keys)
+            more = f" (+{len(shown) - 4} more)" if len(shown) > 4 else ""
+            lines.append(f"  dropped {len(keys)}: {reason}: {', '.join(shown[:4])}{more}")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -106,11 +108,6 @@ class ConversionReport:
                         for reason, keys in self.dropped_by_reason().items()],
             "conversion_notes": list(self.notes),
         }
-
-
-def _abbreviate(keys: list[str], limit: int = 4) -> str:
-    shown = _prefixes(keys)
-    return ", ".join(shown[:limit]) + (f" (+{len(shown) - limit} more)" if len(shown) > limit else "")
 
 
 def _prefixes(keys: list[str]) -> list[str]:
@@ -176,7 +173,8 @@ def describe_unpickling_refusal(exc: BaseException) -> str:
 
 
 def _state_dict_of(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:
-    """The tensor dict of a checkpoint: ``checkpoint["state_dict"]`` (mmcv, MoCo), ``["model"]`` or itself."""
+    """The tensor dict of a checkpoint: ``checkpoint["state_dict"]`` (mmcv, MoCo), ``["model"]`` or itself, without
+    the ``module.`` prefix DistributedDataParallel adds."""
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"{source} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     state: Any = checkpoint
@@ -190,30 +188,24 @@ def _state_dict_of(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:
     others = sorted(set(state) - set(tensors))
     if others:
         raise CheckpointError(f"{source}: state dict entries that are not tensors: {others[:10]}")
+    consume_prefix_in_state_dict_if_present(tensors, "module.")
     return tensors
 
 
-def _strip_module(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove the ``module.`` prefix DistributedDataParallel adds."""
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-
-
 def _blocks(keys: list[str], prefix: str) -> int:
-    """Number of residual blocks under ``prefix`` (e.g. ``backbone.layer3.``)."""
+    """Number of residual blocks under ``prefix`` (e.g. ``trunk.layer3.``)."""
     found = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
     return max(found) + 1 if found else 0
 
 
-def _infer_resnet(state: StateDict, stem: str, layer_prefixes: list[str], depth: int | None,
-                  source: str) -> tuple[int, int]:
-    """(depth, width) of a ResNet from its tensors: blocks per stage, bottleneck or basic, stem width."""
-    keys = list(state)
-    stem_key = f"{stem}conv1.weight"
-    if stem_key not in state:
-        raise WeightsMismatchError(f"{source} has no ResNet stem ({stem_key}); is it the right format?")
-    width = int(state[stem_key].shape[0])
-    counts = tuple(_blocks(keys, p) for p in layer_prefixes)
-    bottleneck = f"{layer_prefixes[0]}0.conv3.weight" in state
+def _infer_resnet(state: StateDict, variant: str, depth: int | None, source: str) -> tuple[int, int]:
+    """(depth, width) of a bundle's ResNet from its tensors: blocks per stage, bottleneck or basic, stem width."""
+    if "trunk.conv1.weight" not in state:
+        raise WeightsMismatchError(f"{source} has no ResNet stem (trunk.conv1.weight); is it the right format?")
+    width = int(state["trunk.conv1.weight"].shape[0])
+    layer4 = "box_head.layer4." if variant == "c4" else "trunk.layer4."
+    counts = tuple(_blocks(list(state), p) for p in ["trunk.layer1.", "trunk.layer2.", "trunk.layer3.", layer4])
+    bottleneck = "trunk.layer1.0.conv3.weight" in state
     inferred = [d for d, (block, layers) in RESNET_SPECS.items()
                 if layers == counts and (block.expansion == 4) == bottleneck]
     if not inferred:
@@ -224,6 +216,60 @@ def _infer_resnet(state: StateDict, stem: str, layer_prefixes: list[str], depth:
         raise ConfigError(f"{source} holds a ResNet-{inferred[0]} (blocks {list(counts)}), not the ResNet-{depth} "
                           "you asked for; leave depth unset to use what the file holds")
     return inferred[0], width
+
+
+def _infer_config(mapped: StateDict, variant: str, depth: int | None, report: ConversionReport) -> BackboneConfig:
+    """The architecture the mapped tensors hold: the ResNet, and which parts (with their sizes) are there."""
+    depth, width = _infer_resnet(mapped, variant, depth, report.source)
+    if variant == "c4":
+        report.notes.append("C4 RoIAlign size is not stored in the checkpoint; set to 14 (mmdet/detectron2 C4)")
+        parts = ("trunk", "box_head") if any(k.startswith("box_head.") for k in mapped) else ("trunk",)
+        return BackboneConfig(depth=depth, width=width, variant="c4", roi_size=14, parts=parts)
+    parts = ["trunk"]
+    sizes: dict[str, Any] = {}
+    if "fpn.lateral.p2.conv.weight" in mapped:
+        parts.append("fpn")
+        sizes["fpn_channels"] = int(mapped["fpn.lateral.p2.conv.weight"].shape[0])
+    if "box_head.convs.0.conv.weight" in mapped:
+        parts.append("box_head")
+        head_channels = int(mapped["box_head.convs.0.conv.weight"].shape[0])
+        fc_in = int(mapped["box_head.fc1.weight"].shape[1]) if "box_head.fc1.weight" in mapped else 0
+        roi_size = math.isqrt(fc_in // head_channels) if head_channels else 0
+        if roi_size * roi_size * head_channels != fc_in:
+            raise WeightsMismatchError(f"{report.source}: box head fc input {fc_in} is not "
+                                       f"{head_channels} x roi_size^2; the box head is incomplete")
+        sizes.update(head_convs=_blocks(list(mapped), "box_head.convs."), head_channels=head_channels,
+                     roi_size=roi_size, head_fc=int(mapped["box_head.fc1.weight"].shape[0]))
+    return BackboneConfig(depth=depth, width=width, variant="fpn", parts=tuple(parts), **sizes)
+
+
+def _convert(state: StateDict, report: ConversionReport, variant: str, depth: int | None, strict: bool, *,
+             drop: Callable[[str], str | None], rename: Callable[[str], str | None], expected: str) -> InsLocBackbone:
+    """Map or drop (with a reason) every tensor of ``state``, infer the architecture and build the bundle.
+
+    ``drop`` gives the reason a key is left out (None: keep it), ``rename`` its bundle key (None: unknown);
+    unknown keys are an error naming ``expected`` (the layout the converter knows) unless ``strict=False``.
+    """
+    mapped: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for key, value in state.items():
+        reason = drop(key)
+        target = rename(key) if reason is None else None
+        if reason is not None:
+            report.dropped[key] = reason
+        elif target is None:
+            unknown.append(key)
+        else:
+            mapped[target] = value
+            report.mapped[key] = target
+    if unknown and strict:
+        raise WeightsMismatchError(
+            f"{report.source} ({report.source_format}) has {len(unknown)} keys this converter does not know: "
+            f"{', '.join(unknown[:20])}{' ...' if len(unknown) > 20 else ''}. {expected} "
+            "Pass strict=False to drop them (they are listed in the report)."
+        )
+    report.dropped.update(dict.fromkeys(unknown, UNKNOWN))
+    return _build(_infer_config(mapped, variant, depth, report), mapped, report)
 
 
 def _build(config: BackboneConfig, state: dict[str, torch.Tensor], report: ConversionReport) -> InsLocBackbone:
@@ -238,7 +284,7 @@ def _build(config: BackboneConfig, state: dict[str, torch.Tensor], report: Conve
         report.notes.append(f"{len(filled)} BN num_batches_tracked counters absent from the source; set to 0")
     WeightsMismatchError.check(expected, state, f"{report.source} does not convert to a complete {config.variant} "
                                f"bundle (ResNet-{config.depth}, width {config.width}, parts {list(config.parts)}):")
-    cast = sorted({str(v.dtype) for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32})
+    cast = sorted({str(v.dtype) for v in state.values() if v.is_floating_point() and v.dtype != torch.float32})
     if cast:
         report.notes.append(f"floating-point tensors cast from {', '.join(cast)} to float32")
     state = {k: (v.float() if v.is_floating_point() else v).clone().contiguous() for k, v in state.items()}
@@ -247,30 +293,17 @@ def _build(config: BackboneConfig, state: dict[str, torch.Tensor], report: Conve
     return model.eval()
 
 
-def _resolve_unknown(unknown: list[str], report: ConversionReport, strict: bool, hint: str) -> None:
-    if not unknown:
-        return
-    if strict:
-        raise WeightsMismatchError(
-            f"{report.source} ({report.source_format}) has {len(unknown)} keys this converter does not know: "
-            f"{', '.join(unknown[:20])}{' ...' if len(unknown) > 20 else ''}. {hint} "
-            "Pass strict=False to drop them (they are listed in the report)."
-        )
-    for key in unknown:
-        report.dropped[key] = UNKNOWN
-
-
-def _map_resnet_layers(key: str, variant: str) -> str:
-    """torchvision trunk key (``conv1.weight``, ``layer4.0.bn1.weight``) -> bundle key for ``variant``."""
-    if variant == "c4" and key.startswith("layer4."):
-        return f"box_head.{key}"
-    return f"trunk.{key}"
-
-
-_OFFICIAL_DROP: list[tuple[Callable[[str], bool], str]] = [
-    (lambda k: k in ("queue", "queues", "queue_ptr") or k.startswith(("queue.", "queues.")), QUEUE),
-    (lambda k: k.startswith(("backbone_k.", "neck_k.", "roi_head_k.", "rpn_head_k.")), MOMENTUM),
-]
+def _official_drop(key: str, variant: str) -> str | None:
+    """Why a key of an official checkpoint is not transferred (None: it is), as the official converter decides."""
+    if key in ("queue", "queues", "queue_ptr") or key.startswith(("queue.", "queues.")):
+        return QUEUE
+    if key.startswith(("backbone_k.", "neck_k.", "roi_head_k.", "rpn_head_k.")):
+        return MOMENTUM
+    if variant == "c4":
+        return C4_PROJ if key.startswith("roi_head.bbox_head.") else None
+    if key.startswith("roi_head.bbox_head.shared_fcs.") and not key.startswith("roi_head.bbox_head.shared_fcs.0."):
+        return PROJ_FC2
+    return PROJ_CLS if key.startswith("roi_head.bbox_head.fc_cls.") else None
 
 
 @functools.cache
@@ -345,92 +378,40 @@ def convert_official(
     """
     source = str(path)
     checkpoint = load_foreign_checkpoint(path)
-    state = _strip_module(_state_dict_of(checkpoint, source))
+    state = _state_dict_of(checkpoint, source)
     report = ConversionReport(source, "insloc-official")
-    meta = checkpoint.get("meta") if isinstance(checkpoint, Mapping) else None
+    meta = checkpoint.get("meta")  # a Mapping: _state_dict_of checked it
     if isinstance(meta, Mapping) and "epoch" in meta:
         report.notes.append(f"checkpoint saved after epoch {meta['epoch']}")
     variant = _detect_variant(state, variant, source)
-
-    mapped: dict[str, torch.Tensor] = {}
-    unknown: list[str] = []
-    for key, value in state.items():
-        reason = next((why for match, why in _OFFICIAL_DROP if match(key)), None)
-        if reason is None and variant == "fpn":
-            if key.startswith("roi_head.bbox_head.shared_fcs.") and not key.startswith(
-                    "roi_head.bbox_head.shared_fcs.0."):
-                reason = PROJ_FC2
-            elif key.startswith("roi_head.bbox_head.fc_cls."):
-                reason = PROJ_CLS
-        elif reason is None and key.startswith("roi_head.bbox_head."):
-            reason = C4_PROJ
-        if reason is not None:
-            report.dropped[key] = reason
-            continue
-        target = _from_official_key(key, variant)
-        if target is None:
-            unknown.append(key)
-            continue
-        mapped[target] = value
-        report.mapped[key] = target
-    _resolve_unknown(unknown, report, strict, "Expected the mmdet layout of limbo0000/InstanceLoc "
-                     "(backbone, neck, roi_head and their *_k momentum copies, queues).")
-
-    if variant == "fpn":
-        depth, width = _infer_resnet(mapped, "trunk.", [f"trunk.layer{i}." for i in range(1, 5)], depth, source)
-        parts = ["trunk"]
-        kwargs: dict[str, Any] = {}
-        if "fpn.lateral.p2.conv.weight" in mapped:
-            parts.append("fpn")
-            kwargs["fpn_channels"] = int(mapped["fpn.lateral.p2.conv.weight"].shape[0])
-        if "box_head.convs.0.conv.weight" in mapped:
-            parts.append("box_head")
-            head_convs = _blocks(list(mapped), "box_head.convs.")
-            head_channels = int(mapped["box_head.convs.0.conv.weight"].shape[0])
-            fc_in = int(mapped["box_head.fc1.weight"].shape[1]) if "box_head.fc1.weight" in mapped else 0
-            roi_size = math.isqrt(fc_in // head_channels) if head_channels else 0
-            if roi_size * roi_size * head_channels != fc_in:
-                raise WeightsMismatchError(f"{source}: box head fc input {fc_in} is not "
-                                           f"{head_channels} x roi_size^2; the box head is incomplete")
-            kwargs.update(head_convs=head_convs, head_channels=head_channels, roi_size=roi_size,
-                          head_fc=int(mapped["box_head.fc1.weight"].shape[0]))
-        config = BackboneConfig(depth=depth, width=width, variant="fpn", parts=tuple(parts), **kwargs)
-    else:
-        depth, width = _infer_resnet(mapped, "trunk.", [f"trunk.layer{i}." for i in range(1, 4)]
-                                     + ["box_head.layer4."], depth, source)
-        parts = ("trunk", "box_head") if any(k.startswith("box_head.") for k in mapped) else ("trunk",)
-        config = BackboneConfig(depth=depth, width=width, variant="c4", roi_size=14, parts=parts)
-        report.notes.append("C4 RoIAlign size is not stored in the checkpoint; set to 14 (mmdet/detectron2 C4)")
-    return _build(config, mapped, report), report
+    bundle = _convert(state, report, variant, depth, strict, drop=functools.partial(_official_drop, variant=variant),
+                      rename=functools.partial(_from_official_key, variant=variant),
+                      expected="Expected the mmdet layout of limbo0000/InstanceLoc (backbone, neck, roi_head and "
+                      "their *_k momentum copies, queues).")
+    return bundle, report
 
 
-def _convert_resnet(state: Mapping[str, torch.Tensor], report: ConversionReport, variant: str,
-                    depth: int | None, strict: bool, drop: Callable[[str], str | None], prefix: str = "",
-                    ) -> InsLocBackbone:
+def _convert_resnet(source: PathLike | StateDict, source_format: str, variant: str, depth: int | None,
+                    strict: bool, drop: Callable[[str], str | None], prefix: str = "",
+                    ) -> tuple[InsLocBackbone, ConversionReport]:
+    """A torchvision ResNet under ``prefix`` (``layer4`` in the res5 head for C4); ``drop`` says what else is there."""
     if variant not in ("fpn", "c4"):
         raise ConfigError(f"variant must be 'fpn' or 'c4', got {variant!r}")
-    mapped: dict[str, torch.Tensor] = {}
-    unknown: list[str] = []
-    for key, value in state.items():
-        reason = drop(key)
-        if reason is not None:
-            report.dropped[key] = reason
-            continue
-        local = key[len(prefix):] if key.startswith(prefix) else None
-        if local is None or not re.match(r"(conv1|bn1|layer[1-4])\.", local):
-            unknown.append(key)
-            continue
-        target = _map_resnet_layers(local, variant)
-        mapped[target] = value
-        report.mapped[key] = target
-    _resolve_unknown(unknown, report, strict, f"Expected a torchvision ResNet under {prefix or 'the top level'!r}.")
-    layers = [f"trunk.layer{i}." for i in range(1, 4)] + ["box_head.layer4." if variant == "c4" else "trunk.layer4."]
-    depth, width = _infer_resnet(mapped, "trunk.", layers, depth, report.source)
-    if variant == "fpn":
-        config = BackboneConfig(depth=depth, width=width, variant="fpn", parts=("trunk",))
-    else:
-        config = BackboneConfig(depth=depth, width=width, variant="c4", roi_size=14, parts=("trunk", "box_head"))
-    return _build(config, mapped, report)
+    in_memory = isinstance(source, Mapping)
+    report = ConversionReport("<state dict>" if in_memory else str(source), source_format)
+    state = _state_dict_of(source if in_memory else load_foreign_checkpoint(source), report.source)
+    if prefix and not any(k.startswith(prefix) for k in state):
+        raise CheckpointError(f"{report.source} has no {prefix}* keys: not a MoCo checkpoint "
+                              "(use convert_torchvision_resnet for a plain ResNet state dict)")
+
+    def rename(key: str) -> str | None:
+        local = key.removeprefix(prefix)
+        if not key.startswith(prefix) or not re.match(r"(conv1|bn1|layer[1-4])\.", local):
+            return None
+        return f"box_head.{local}" if variant == "c4" and local.startswith("layer4.") else f"trunk.{local}"
+
+    expected = f"Expected a torchvision ResNet under {prefix or 'the top level'!r}."
+    return _convert(state, report, variant, depth, strict, drop=drop, rename=rename, expected=expected), report
 
 
 def convert_torchvision_resnet(
@@ -454,13 +435,8 @@ def convert_torchvision_resnet(
         >>> bundle.config.depth, bundle.config.parts, sorted(report.dropped)
         (18, ('trunk',), ['fc.bias', 'fc.weight'])
     """
-    in_memory = isinstance(path_or_state_dict, Mapping)
-    source = "<state dict>" if in_memory else str(path_or_state_dict)
-    checkpoint = path_or_state_dict if in_memory else load_foreign_checkpoint(path_or_state_dict)
-    state = _strip_module(_state_dict_of(checkpoint, source))
-    report = ConversionReport(source, "torchvision")
-    return _convert_resnet(state, report, variant, depth, strict,
-                           lambda key: CLASSIFIER if key.startswith("fc.") else None), report
+    return _convert_resnet(path_or_state_dict, "torchvision", variant, depth, strict,
+                           lambda key: CLASSIFIER if key.startswith("fc.") else None)
 
 
 def convert_moco(
@@ -477,23 +453,14 @@ def convert_moco(
         >>> bundle.config.depth  # doctest: +SKIP
         50
     """
-    source = str(path)
-    state = _strip_module(_state_dict_of(load_foreign_checkpoint(path), source))
-    report = ConversionReport(source, "moco")
-    if not any(k.startswith("encoder_q.") for k in state):
-        raise CheckpointError(f"{source} has no encoder_q.* keys: not a MoCo checkpoint "
-                              "(use convert_torchvision_resnet for a plain ResNet state dict)")
-
     def drop(key: str) -> str | None:
         if key.startswith("encoder_k."):
             return MOMENTUM
         if key in ("queue", "queue_ptr"):
             return QUEUE
-        if key.startswith("encoder_q.fc."):
-            return MOCO_MLP
-        return None
+        return MOCO_MLP if key.startswith("encoder_q.fc.") else None
 
-    return _convert_resnet(state, report, variant, depth, strict, drop, prefix="encoder_q."), report
+    return _convert_resnet(path, "moco", variant, depth, strict, drop, prefix="encoder_q.")
 
 
 def convert_to_folder(
@@ -518,43 +485,22 @@ def convert_to_folder(
     return save_pretrained(bundle, out_dir, name=name, provenance=record), report
 
 
-convert_official_to_folder = functools.partial(convert_to_folder, "official")
-convert_torchvision_resnet_to_folder = functools.partial(convert_to_folder, "torchvision")
-convert_moco_to_folder = functools.partial(convert_to_folder, "moco")
-
-
 _D2_BLOCK = [(re.compile(r"\.bn(\d)\."), r".conv\1.norm."), (re.compile(r"\.downsample\.0\."), ".shortcut."),
              (re.compile(r"\.downsample\.1\."), ".shortcut.norm.")]
 
 
-def _d2_resnet_key(key: str, stem: str, stages: str) -> str:
-    """``conv1.weight``/``bn1.x``/``layerN.*`` (torchvision) -> detectron2 ResNet key."""
-    if key.startswith("conv1."):
-        return f"{stem}.conv1.{key[len('conv1.'):]}"
-    if key.startswith("bn1."):
-        return f"{stem}.conv1.norm.{key[len('bn1.'):]}"
-    m = re.match(r"layer([1-4])\.(.*)", key)
-    if m is None:
-        raise WeightsMismatchError(f"no detectron2 name for trunk key {key!r}")
-    stage, rest = int(m.group(1)), "." + m.group(2)
-    for pattern, replacement in _D2_BLOCK:
-        rest = pattern.sub(replacement, rest)
-    prefix = "roi_heads" if (stage == 4 and stages == "c4") else _stages_prefix(stages)
-    return f"{prefix}.res{stage + 1}{rest}"
-
-
-def _stages_prefix(stages: str) -> str:
-    """Prefix of res2-res4 (and res5 for FPN) in detectron2: ``backbone.bottom_up`` (FPN), ``backbone`` (C4)."""
-    return "backbone.bottom_up" if stages == "fpn" else "backbone"
-
-
 def _d2_key(key: str, c4: bool) -> str:
     """One bundle key -> its detectron2 key (FPN layout unless ``c4``)."""
-    layout = "c4" if c4 else "fpn"
-    if key.startswith("trunk."):
-        return _d2_resnet_key(key[len("trunk."):], "backbone.stem" if c4 else "backbone.bottom_up.stem", layout)
-    if key.startswith("box_head.layer4."):  # res5 of a C4 bundle
-        return _d2_resnet_key(key[len("box_head."):], "", layout)
+    resnet = "backbone" if c4 else "backbone.bottom_up"  # where the stem and res2-res4 (FPN: res5 too) live
+    m = re.fullmatch(r"(?:trunk\.(conv1|bn1|layer[1-4])|box_head\.(layer4))\.(.+)", key)
+    if m:
+        module, rest = m[1] or m[2], "." + m[3]
+        if module in ("conv1", "bn1"):
+            return f"{resnet}.stem.conv1{'.norm' if module == 'bn1' else ''}{rest}"
+        for pattern, replacement in _D2_BLOCK:
+            rest = pattern.sub(replacement, rest)
+        stage = int(module[-1])
+        return f"{'roi_heads' if c4 and stage == 4 else resnet}.res{stage + 1}{rest}"
     m = re.fullmatch(r"fpn\.(lateral|output)\.p([2-5])\.(conv|norm)\.(\w+)", key)
     if m and not c4:
         kind, level, part, leaf = m.groups()
@@ -563,11 +509,11 @@ def _d2_key(key: str, c4: bool) -> str:
     if m and not c4:
         idx, part, leaf = m.groups()
         return f"roi_heads.box_head.conv{int(idx) + 1}{'.norm' if part == 'norm' else ''}.{leaf}"
-    m = re.fullmatch(r"box_head\.fc1\.(weight|bias)", key)
-    if m and not c4:
-        return f"roi_heads.box_head.fc1.{m.group(1)}"
-    raise ConfigError(f"{key!r} has no detectron2 counterpart in the {layout.upper()} layout"
-                      + (" (an FPN / 4conv box head cannot go into a C4 detector)" if c4 else ""))
+    if key in ("box_head.fc1.weight", "box_head.fc1.bias") and not c4:
+        return f"roi_heads.{key}"
+    raise ConfigError(f"{key!r} has no detectron2 counterpart in the {'C4' if c4 else 'FPN'} layout" + (
+        ": an FPN or 4conv box head has no place in a C4 detector. Export with c4=False, or convert a trunk-only "
+        "bundle" if c4 else ""))
 
 
 def export_detectron2(
@@ -596,9 +542,6 @@ def export_detectron2(
             raise ConfigError(f"{source} is a fine-tuned detector; export_detectron2 takes a backbone bundle")
     cfg = bundle.config
     c4 = cfg.variant == "c4" if c4 is None else bool(c4)
-    if c4 and cfg.variant == "fpn" and cfg.parts != ("trunk",):
-        raise ConfigError(f"{source} is an FPN bundle with {', '.join(cfg.parts)}: its FPN and 4conv box head have no "
-                          "place in a C4 detector. Export with c4=False, or convert a trunk-only bundle.")
     report = ConversionReport(str(source), "insloc-hub", target_format="detectron2")
     model: dict[str, np.ndarray] = OrderedDict()
     for key, value in bundle.state_dict().items():

@@ -22,7 +22,7 @@ import difflib
 import inspect
 import logging
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -38,7 +38,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign, roi_align
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from insloc_hub.configs import JsonConfig
@@ -105,27 +105,21 @@ class LoadReport:
         """One paragraph for logs: counts and the new/ignored module prefixes."""
         new_modules = sorted({".".join(k.split(".")[:2]) for k in self.new})
         lines = [f"loaded {len(self.loaded)} pretrained tensors; {len(self.new)} new tensors in {new_modules}"]
-        if self.ignored:
-            reasons: dict[str, int] = {}
-            for reason in self.ignored.values():
-                reasons[reason] = reasons.get(reason, 0) + 1
-            lines += [f"ignored {n} pretrained tensors: {r}" for r, n in reasons.items()]
+        lines += [f"ignored {n} pretrained tensors: {r}" for r, n in Counter(self.ignored.values()).items()]
         return "\n".join(lines)
 
 
 class FPNDetectorBackbone(nn.Module):
-    """Trunk + pretrained FPN + the extra levels a detector wants (P6 max-pool or P6/P7 convs)."""
+    """Trunk + pretrained FPN on ``levels`` + ``extra``, the levels a detector adds (torchvision's ``extra_blocks``)."""
 
-    def __init__(self, config: BackboneConfig, levels: list[str], extra: str) -> None:
+    def __init__(self, config: BackboneConfig, levels: list[str], extra: ExtraFPNBlock) -> None:
         super().__init__()
         self.trunk = ResNetTrunk(config.depth, config.width, num_stages=4)
         first = int(levels[0][1:]) - 2
         self.stages = [f"c{i + 2}" for i in range(first, 4)]
         self.fpn = FPN(config.stage_channels[first:], config.fpn_channels, levels)
         self.out_channels = config.fpn_channels
-        # P6 = subsampled P5 for the RPN's 512 anchors (R-CNNs), or P6/P7 convs from C5 (RetinaNet)
-        self.extra = LastLevelP6P7(config.stage_channels[3], config.fpn_channels) if extra == "p6p7" \
-            else LastLevelMaxPool()
+        self.extra = extra
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         c = self.trunk(images)
@@ -232,24 +226,25 @@ def build_detector(
     if num_classes < 2:
         raise ConfigError(f"num_classes must be at least 2 (background + one class), got {num_classes}")
 
-    bundle = _resolve_pretrained(pretrained)
+    if pretrained is not None and not isinstance(pretrained, InsLocBackbone):
+        name = repr(str(pretrained)) if isinstance(pretrained, (str, Path)) else "name"
+        raise ConfigError(f"pretrained must be a backbone bundle (InsLocBackbone), not a {type(pretrained).__name__}: "
+                          f"load it first, pretrained=insloc_hub.from_pretrained({name}); a fine-tuned detector is "
+                          "used as it is")
     variant = "c4" if arch == "faster_rcnn_c4" else "fpn"
-    if bundle is not None:
-        cfg = dataclasses.replace(bundle.config, parts=None)
+    if pretrained is not None:
+        cfg = dataclasses.replace(pretrained.config, parts=None)
         if preset is not None and dataclasses.replace(backbone_config(preset), parts=None) != cfg:
             raise ConfigError(
                 f"preset={preset!r} conflicts with the pretrained weights' architecture "
                 f"({cfg.to_dict()}); leave preset out to use the pretrained one"
             )
-        if cfg.variant != variant:
-            raise ConfigError(
-                f"{arch} needs a {variant} backbone but the pretrained weights are a {cfg.variant} bundle; "
-                f"use arch={'faster_rcnn_c4' if cfg.variant == 'c4' else 'faster_rcnn_fpn'} or a {variant} model"
-            )
     else:
         cfg = backbone_config(preset if preset is not None else f"r50-{variant}")
-        if cfg.variant != variant:
-            raise ConfigError(f"{arch} needs a {variant} backbone, got a {cfg.variant} config")
+    if cfg.variant != variant:
+        raise ConfigError(f"{arch} needs a {variant} backbone, got a {cfg.variant} one (from the "
+                          f"{'pretrained weights' if pretrained is not None else 'preset'}); use arch="
+                          f"{'faster_rcnn_c4' if cfg.variant == 'c4' else 'faster_rcnn_fpn'} or a {variant} one")
     if box_head_extra_norm and arch == "retinanet_fpn":
         raise ConfigError("box_head_extra_norm applies to R-CNN box heads; retinanet_fpn has none")
     _check_options(arch, kwargs)
@@ -263,20 +258,18 @@ def build_detector(
     )
     model.insloc_config.inference = inference_options(model)
     model.load_report = None
-    if bundle is not None:
-        model.load_report = load_pretrained_into_detector(model, bundle, strict=strict)
+    if pretrained is not None:
+        model.load_report = load_pretrained_into_detector(model, pretrained, strict=strict)
         logger.info("%s", model.load_report.summary())
+    if norm == "sync":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if norm == "frozen":
-        # like detectron2's FrozenBN: only the (pre)trained trunk, FPN and box head; the new RPN,
-        # predictor and mask head keep trainable BN
-        for prefix in PART_PREFIXES.values():
-            module_name = prefix.rstrip(".")
-            try:
-                convert_norm(model.get_submodule(module_name), "frozen")
-            except AttributeError:  # RetinaNet has no roi_heads.box_head
-                continue
-        return model
-    return convert_norm(model, norm)
+        # like detectron2's FrozenBN: only the (pre)trained trunk, FPN and box head (RetinaNet has none); the new
+        # RPN, predictor and mask head keep trainable BN
+        parts = {prefix.rstrip(".") for prefix in PART_PREFIXES.values()}
+        for module in [module for name, module in model.named_modules() if name in parts]:
+            _freeze_batchnorm(module)
+    return model
 
 
 _DETECTOR_CLASSES = {"faster_rcnn_fpn": FasterRCNN, "mask_rcnn_fpn": MaskRCNN, "faster_rcnn_c4": FasterRCNN,
@@ -308,20 +301,6 @@ def _is_json_value(value: Any) -> bool:
     )
 
 
-def _resolve_pretrained(pretrained: Any) -> InsLocBackbone | None:
-    if pretrained is None or isinstance(pretrained, InsLocBackbone):
-        return pretrained
-    if isinstance(pretrained, (str, Path)):
-        raise ConfigError(
-            f"pretrained={str(pretrained)!r}: load the backbone first and pass it, "
-            f"build_detector(..., pretrained=insloc_hub.from_pretrained({str(pretrained)!r}))"
-        )
-    if isinstance(pretrained, nn.Module):
-        raise ConfigError(f"pretrained must be an InsLocBackbone (a backbone bundle), not a "
-                          f"{type(pretrained).__name__}; a fine-tuned detector is used as it is")
-    raise ConfigError(f"pretrained must be an InsLocBackbone from from_pretrained, not {type(pretrained).__name__}")
-
-
 def _rcnn_fpn(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwargs: dict, masks: bool = False
               ) -> nn.Module:
     """Faster R-CNN (or, with ``masks``, Mask R-CNN) on the FPN: torchvision's ``*_resnet50_fpn_v2`` structure."""
@@ -337,7 +316,8 @@ def _rcnn_fpn(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwargs: d
         options.update(mask_roi_pool=MultiScaleRoIAlign(FPN_LEVELS, output_size=14, sampling_ratio=2),
                        mask_head=MaskRCNNHeads(width, [width] * 4, 1, norm_layer=nn.BatchNorm2d),
                        mask_predictor=MaskRCNNPredictor(width, width, num_classes))
-    return (MaskRCNN if masks else FasterRCNN)(FPNDetectorBackbone(cfg, FPN_LEVELS, "maxpool"), **{**options, **kwargs})
+    body = FPNDetectorBackbone(cfg, FPN_LEVELS, LastLevelMaxPool())  # P6 = subsampled P5, for the 512 anchors
+    return (MaskRCNN if masks else FasterRCNN)(body, **{**options, **kwargs})
 
 
 def _faster_rcnn_c4(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwargs: dict) -> nn.Module:
@@ -365,8 +345,9 @@ def _retinanet_fpn(cfg: BackboneConfig, num_classes: int, extra_norm: bool, kwar
     head = RetinaNetHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
                          norm_layer=partial(nn.GroupNorm, groups))
     head.regression_head._loss_type = "giou"  # as torchvision's retinanet_resnet50_fpn_v2
-    return RetinaNet(FPNDetectorBackbone(cfg, ["p3", "p4", "p5"], "p6p7"), num_classes,
-                     **{**dict(anchor_generator=anchors, head=head), **kwargs})
+    # P6/P7 by convs from C5, as torchvision's RetinaNet
+    body = FPNDetectorBackbone(cfg, ["p3", "p4", "p5"], LastLevelP6P7(cfg.stage_channels[3], cfg.fpn_channels))
+    return RetinaNet(body, num_classes, **{**dict(anchor_generator=anchors, head=head), **kwargs})
 
 
 # pretrained parts an architecture has no place for, with the reason the load report gives
@@ -431,25 +412,15 @@ def load_pretrained_into_detector(
     return report
 
 
-def convert_norm(model: nn.Module, mode: str) -> nn.Module:
-    """Turn every BatchNorm2d into FrozenBatchNorm2d (``"frozen"``) or SyncBatchNorm (``"sync"``)."""
-    if mode == "bn":
-        return model
-    if mode == "sync":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if mode != "frozen":
-        raise ConfigError(f"unknown norm mode {mode!r}; choose one of {NORM_MODES}")
-    for name, child in list(model.named_children()):
+def _freeze_batchnorm(module: nn.Module) -> None:
+    """Replace every BatchNorm2d under ``module`` with a FrozenBatchNorm2d holding its statistics and affine."""
+    for name, child in list(module.named_children()):
         if type(child) is nn.BatchNorm2d:
             frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-            frozen.weight.copy_(child.weight.detach())
-            frozen.bias.copy_(child.bias.detach())
-            frozen.running_mean.copy_(child.running_mean)
-            frozen.running_var.copy_(child.running_var)
-            setattr(model, name, frozen)
+            frozen.load_state_dict(child.state_dict())  # FrozenBatchNorm2d drops num_batches_tracked itself
+            setattr(module, name, frozen)
         else:
-            convert_norm(child, mode)
-    return model
+            _freeze_batchnorm(child)
 
 
 #: mask probabilities above this count as mask pixels (the usual threshold for torchvision's pasted masks)

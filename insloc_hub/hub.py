@@ -37,23 +37,9 @@ from huggingface_hub.utils import validate_repo_id
 from insloc_hub.errors import ConfigError, HubAccessError, ModelNotFoundError
 
 __all__ = [
-    "ALIASES",
-    "CANONICAL_MODELS",
-    "CONFIG_NAME",
-    "DEFAULT_FILES",
-    "DEFAULT_NAMESPACE",
-    "HubAccessError",
-    "ModelRef",
-    "WEIGHTS_NAME",
-    "alias_repo_id",
-    "download",
-    "list_cached",
-    "parse_model_name",
-    "push_folder_to_hub",
-    "push_target",
-    "read_json_object",
-    "required_files",
-    "resolve_model_dir",
+    "ALIASES", "CANONICAL_MODELS", "CONFIG_NAME", "DEFAULT_FILES", "DEFAULT_NAMESPACE", "HubAccessError", "ModelRef",
+    "WEIGHTS_NAME", "alias_repo_id", "download", "list_cached", "parse_model_name", "push_folder_to_hub",
+    "push_target", "read_json_object", "required_files", "resolve_model_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -261,6 +247,13 @@ def _missing_files(folder: Path, files: list[str]) -> list[str]:
     return [f for f in files if not (folder / f).is_file()]
 
 
+def _check_complete(folder: Path, files: list[str], what: str, advice: str) -> None:
+    missing = _missing_files(folder, files)
+    if missing:
+        raise ModelNotFoundError(f"{what} is incomplete: {', '.join(missing)} listed in {CONFIG_NAME} "
+                                 f"{'is' if len(missing) == 1 else 'are'} missing{advice}")
+
+
 def _check_local_folder(folder: Path) -> list[str]:
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
@@ -269,12 +262,7 @@ def _check_local_folder(folder: Path) -> list[str]:
             f"{WEIGHTS_NAME} (written by `insloc-train` or `save_pretrained`)."
         )
     files = required_files(read_json_object(config_path), source=str(config_path))
-    missing = _missing_files(folder, files)
-    if missing:
-        raise ModelNotFoundError(
-            f"Hub folder {folder} is incomplete: {', '.join(missing)} listed in {CONFIG_NAME} "
-            f"{'is' if len(missing) == 1 else 'are'} missing. Copy the missing files or re-export the folder."
-        )
+    _check_complete(folder, files, f"Hub folder {folder}", ". Copy the missing files or re-export the folder.")
     return files
 
 
@@ -404,14 +392,10 @@ def resolve_model_dir(
     except _HUB_ERRORS as err:
         detail = ", ".join(_missing_files(snapshot, files)) if snapshot else CONFIG_NAME
         raise _translate_error(err, ref, endpoint=endpoint, detail=detail) from err
-    missing = _missing_files(folder, files)
-    if missing:
-        fetch = f"insloc-hub download {shlex.quote(str(ref.repo_id))} --revision {snapshot.name}"
-        raise ModelNotFoundError(
-            f"'{ref.repo_id}' at commit {snapshot.name} is incomplete: {', '.join(missing)} listed in {CONFIG_NAME} "
-            f"{'is' if len(missing) == 1 else 'are'} missing from {folder}. If the Hub has the file, fetch it with "
-            f"network access:\n    {fetch}\nIf it lacks it, push the missing file or use another revision."
-        )
+    fetch = f"insloc-hub download {shlex.quote(str(ref.repo_id))} --revision {snapshot.name}"
+    _check_complete(folder, files, f"'{ref.repo_id}' at commit {snapshot.name}",
+                    f" from {folder}. If the Hub has the file, fetch it with network access:\n    {fetch}\n"
+                    "If it lacks it, push the missing file or use another revision.")
     logger.debug("Resolved %s to %s", ref, folder)
     return folder
 

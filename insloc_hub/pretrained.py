@@ -8,6 +8,7 @@ never with pickle.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -358,7 +359,10 @@ def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *,
     key = f"{real}|{info.st_size}|{info.st_mtime_ns}|{info.st_ctime_ns}|{info.st_ino}"
     default_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "insloc_hub"
     record_path = Path(os.environ.get("INSLOC_HUB_CACHE") or default_cache) / _VERIFIED_RECORD
-    record = _read_record(record_path)
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, json.JSONDecodeError):  # none yet, or damaged: it only saves re-hashing
+        record = {}
     if not always and record.get(key) == expected:
         return header
     actual = sha256_file(real)
@@ -376,13 +380,6 @@ def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *,
     except OSError:  # a read-only home only costs a re-hash next time
         pass
     return header
-
-
-def _read_record(path: Path) -> dict[str, str]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def from_pretrained(
@@ -432,13 +429,10 @@ def from_pretrained(
         header = read_safetensors_header(folder / weights_file)
     _check_dtypes(header, source)
     if config.get("task") == "detection":
-        model, assign = build_detector_from_config(config["detector"]), False
-        fresh = model.state_dict  # the detector's own random init
-    else:
-        arch = BackboneConfig.from_dict(config["architecture"])
-        with torch.device("meta"):  # no random init: every tensor comes from the file
-            model = InsLocBackbone(arch)
-        assign, fresh = True, lambda: InsLocBackbone(arch).state_dict()
+        model = build_detector_from_config(config["detector"])
+    else:  # strict: no random init, every tensor comes from the file; else what the file lacks keeps its init
+        with torch.device("meta") if strict else contextlib.nullcontext():
+            model = InsLocBackbone(BackboneConfig.from_dict(config["architecture"]))
     if strict:  # keys and shapes from the header: nothing is read if they do not fit
         given = {key: torch.empty(entry["shape"], device="meta") for key, entry in header.items()}
         WeightsMismatchError.check(model.state_dict(), given, f"{source} does not match its architecture config:",
@@ -446,8 +440,8 @@ def from_pretrained(
                                    "weights.")
     state = load_file(folder / weights_file, device=str(device))
     if not strict:
-        _keep_what_fits(model, state, fresh)
-    model.load_state_dict(state, assign=assign)
+        state = _what_fits(model, state)
+    model.load_state_dict(state, strict=strict, assign=isinstance(model, InsLocBackbone))
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.hub_config = config
     model.hub_folder = folder
@@ -470,19 +464,16 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return parsed
 
 
-def _keep_what_fits(model: nn.Module, state: dict[str, torch.Tensor], fresh: Any) -> None:
-    """strict=False: drop the file's tensors that do not fit; the model's others come from ``fresh()``."""
+def _what_fits(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """strict=False: the file's tensors that fit the model (the others are logged, as are the model's left out)."""
     expected = model.state_dict()
-    skipped = [k for k in state if k not in expected or state[k].shape != expected[k].shape]
-    for key in skipped:
-        del state[key]
-    missing = [k for k in expected if k not in state]
-    if missing:
-        initial = fresh()
-        state.update({k: initial[k] for k in missing})
+    fits = {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}
+    skipped = [k for k in state if k not in fits]
+    missing = [k for k in expected if k not in fits]
     if skipped or missing:
         logger.warning("strict=False: skipped %d tensors that do not fit (%s); %d tensors keep a fresh init (%s)",
                        len(skipped), ", ".join(skipped[:6]), len(missing), ", ".join(missing[:6]))
+    return fits
 
 
 def push_to_hub(model_or_directory: nn.Module | str | os.PathLike[str], repo_id: str, **options: Any) -> str:

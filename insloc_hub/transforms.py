@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
 
 from insloc_hub.errors import InvalidImageError
@@ -279,17 +280,9 @@ def _flatten_to_rgb(image: Image.Image) -> Image.Image:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB ``PIL.Image`` -> float32 tensor ``[3, H, W]`` in [0, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+    return TF.pil_to_tensor(image.convert("RGB")).float().div_(255.0)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """Apply ImageNet mean/std to ``[..., 3, H, W]`` tensors in [0, 1] (what backbones expect)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    return (images - mean) / std
-
-
-def load_image_tensor(source: Any, **limits: int) -> torch.Tensor:
-    """``decode_image`` then ``to_tensor``: the [0, 1] RGB tensor a torchvision detector takes."""
-    return to_tensor(decode_image(source, **limits))
+    return TF.normalize(images, list(IMAGENET_MEAN), list(IMAGENET_STD))

@@ -14,7 +14,6 @@ import base64
 import hashlib
 import itertools
 import json
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-__all__ = ["HubServer", "RecordedRequest", "git_blob_sha1"]
+__all__ = ["HubServer", "git_blob_sha1"]
 
 
 def git_blob_sha1(content: bytes) -> str:
@@ -47,22 +46,13 @@ class Repo:
     refs: dict[str, str] = field(default_factory=dict)  # "main", other branches, "refs/pr/N" -> commit oid
 
 
-@dataclass(frozen=True)
-class RecordedRequest:
-    """One request the server received (for assertions such as "no network call happened")."""
-
-    method: str
-    path: str
-    authorization: bool
-
-
 class HubServer:
     """The routes above on 127.0.0.1 and a random free port, served by uvicorn from a background thread."""
 
     def __init__(self, *, tokens: dict[str, str] | None = None) -> None:
         self.tokens = dict(tokens if tokens is not None else {"test-token": "write"})
         self.repos: dict[str, Repo] = {}
-        self.requests: list[RecordedRequest] = []
+        self.requests: list[str] = []  # "METHOD /path" of every request, for "no network call happened"
         self._lock = threading.RLock()
         self._counter = itertools.count()
         self._server: uvicorn.Server | None = None
@@ -76,20 +66,17 @@ class HubServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> HubServer:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=2)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the test Hub server did not start")
             time.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]  # port 0: the system chose a free one
         return self
 
     def stop(self) -> None:
@@ -98,11 +85,6 @@ class HubServer:
             self._server.should_exit = True
             self._thread.join(10)
         self._server = self._thread = None
-
-    # ------------------------------------------------------------------ inspection helpers for tests
-    def clear_requests(self) -> None:
-        with self._lock:
-            self.requests.clear()
 
     def branch_head(self, repo_id: str, branch: str = "main") -> str:
         with self._lock:
@@ -113,7 +95,6 @@ class HubServer:
             repo = self.repos[repo_id]
             return dict(repo.commits[self._resolve(repo, revision)])
 
-    # ------------------------------------------------------------------ state
     def _resolve(self, repo: Repo, revision: str) -> str:
         """Revision (branch, refs/heads/..., refs/pr/N or commit sha) -> commit oid."""
         rev = revision.removeprefix("refs/heads/")
@@ -128,29 +109,31 @@ class HubServer:
         repo.commits[oid] = files
         return oid
 
-    def _repo(self, request: Request, repo_id: str, *, write: bool = False) -> Repo:
+    def _role(self, request: Request, write: bool) -> str | None:
+        """The token's role (None without a token); 401 for an unknown token, or no token to write."""
         header = request.headers.get("authorization", "")
         role = self.tokens.get(header.removeprefix("Bearer ").strip()) if header else None
         if header and role is None:
             raise HubHTTPError(401, "Invalid credentials in Authorization header")
         if write and role is None:
             raise HubHTTPError(401, "You must be authenticated to write to a repo")
+        return role
+
+    def _repo(self, request: Request, repo_id: str, *, write: bool = False) -> Repo:
+        role = self._role(request, write)
         if repo_id not in self.repos:
             raise HubHTTPError(404, "Repository not found", "RepoNotFound")
         if write and role != "write":
             raise HubHTTPError(403, "You don't have the rights to write to this repo (read-only token)")
         return self.repos[repo_id]
 
-    # ------------------------------------------------------------------ app
     def _build_app(self) -> FastAPI:
         app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
         hub = self
 
         @app.middleware("http")
         async def record(request: Request, call_next):
-            recorded = RecordedRequest(request.method, request.url.path, "authorization" in request.headers)
-            with hub._lock:
-                hub.requests.append(recorded)
+            hub.requests.append(f"{request.method} {request.url.path}")
             return await call_next(request)
 
         @app.exception_handler(HubHTTPError)
@@ -171,15 +154,11 @@ class HubServer:
             body = await request.json()
             repo_id = f"{body.get('organization') or 'test-user'}/{body['name']}"
             with hub._lock:
+                if hub._role(request, write=True) != "write":
+                    raise HubHTTPError(403, "You don't have the rights to create this repo (read-only token)")
                 if repo_id in hub.repos:
-                    hub._repo(request, repo_id, write=True)
                     raise HubHTTPError(409, "You already created this model repo", url=f"{hub.endpoint}/{repo_id}")
                 hub.repos[repo_id] = repo = Repo()
-                try:
-                    hub._repo(request, repo_id, write=True)
-                except HubHTTPError:
-                    del hub.repos[repo_id]
-                    raise
                 repo.refs["main"] = hub._commit(repo, {".gitattributes": b"*.safetensors filter=lfs\n"})
             return {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id}
 
@@ -210,9 +189,7 @@ class HubServer:
             with hub._lock:
                 repo = hub._repo(request, f"{owner}/{name}", write=True)
                 files = dict(repo.commits[hub._resolve(repo, revision)])
-                for item in items[1:]:
-                    if item["key"] != "file":
-                        raise HubHTTPError(400, f"Unsupported commit operation {item['key']!r}")
+                for item in items[1:]:  # after the header: {"key": "file", "value": {"path", "content"}} each
                     files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
                 oid = hub._commit(repo, files)
                 ref = f"refs/pr/{sum(r.startswith('refs/pr/') for r in repo.refs) + 1}" if create_pr else revision

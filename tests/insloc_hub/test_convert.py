@@ -22,11 +22,9 @@ from insloc_hub.convert import (
     QUEUE,
     UNKNOWN,
     convert_moco,
-    convert_moco_to_folder,
     convert_official,
-    convert_official_to_folder,
+    convert_to_folder,
     convert_torchvision_resnet,
-    convert_torchvision_resnet_to_folder,
     export_detectron2,
 )
 from insloc_hub.errors import CheckpointError, ConfigError, WeightsMismatchError
@@ -83,7 +81,7 @@ def test_official_checkpoint_round_trips_through_a_hub_folder(tmp_path, name, dd
     checkpoint = official_state_dict_from_bundle(original, ddp_prefix=ddp, path=src)
     assert checkpoint["meta"]["epoch"] == 200
 
-    folder, report = convert_official_to_folder(src, tmp_path / "hub", provenance={"epochs": 200})
+    folder, report = convert_to_folder("official", src, tmp_path / "hub", provenance={"epochs": 200})
     loaded = from_pretrained(folder)
     assert loaded.config == original.config
     _assert_same_outputs(original, loaded)
@@ -202,7 +200,7 @@ def test_torchvision_resnet_to_folder_matches_torchvision_features(tmp_path):
     reference = _randomised_resnet18()
     src = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), src)
-    folder, report = convert_torchvision_resnet_to_folder(src, tmp_path / "hub")
+    folder, report = convert_to_folder("torchvision", src, tmp_path / "hub")
     assert report.dropped == {"fc.weight": CLASSIFIER, "fc.bias": CLASSIFIER}
     loaded = from_pretrained(folder)
     assert loaded.config.parts == ("trunk",) and loaded.config.depth == 18 and loaded.config.width == 64
@@ -252,7 +250,7 @@ def test_moco_checkpoint_to_folder_matches_encoder_q(tmp_path, v2):
     reference = _randomised_resnet18()
     src = tmp_path / "moco.pth.tar"
     torch.save(_moco_checkpoint(reference, v2), src)
-    folder, report = convert_moco_to_folder(src, tmp_path / "hub")
+    folder, report = convert_to_folder("moco", src, tmp_path / "hub")
     loaded = from_pretrained(folder)
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -351,7 +349,7 @@ C4_EXPECTED = [
 def test_detectron2_export_matches_the_official_converter(tmp_path, name, expected):
     bundle = _trained_like(name)
     official_state_dict_from_bundle(bundle, path=tmp_path / "src.pth")
-    folder, _ = convert_official_to_folder(tmp_path / "src.pth", tmp_path / "hub")
+    folder, _ = convert_to_folder("official", tmp_path / "src.pth", tmp_path / "hub")
     out = tmp_path / "d2" / "model.pkl"
     report = export_detectron2(folder, out)
     with open(out, "rb") as f:  # our own file, just written

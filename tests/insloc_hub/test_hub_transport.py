@@ -99,7 +99,7 @@ def test_pinned_commit_in_cache_needs_no_network(hub_env, pushed, monkeypatch):
     first = hub.resolve_model_dir(REPO, revision=sha)
     assert hub.resolve_model_dir(REPO) == first  # caches the ref main -> sha as well
 
-    hub_env.server.clear_requests()
+    hub_env.server.requests.clear()
     assert hub.resolve_model_dir(REPO, revision=sha) == first
     assert hub_env.server.requests == []  # server up, yet not a single request
 
@@ -250,7 +250,7 @@ def test_hub_errors_become_actionable_model_not_found_errors(hub_env, pushed, tm
 def test_push_checks_the_folder_before_any_request(hub_env, tmp_path):
     folder = make_hub_folder(tmp_path / "broken")
     (folder / "model.safetensors").unlink()
-    hub_env.server.clear_requests()
+    hub_env.server.requests.clear()
     with pytest.raises(ModelNotFoundError, match="model.safetensors listed in config.json is missing"):
         hub.push_folder_to_hub(folder, REPO)
     with pytest.raises(ModelNotFoundError, match="no such folder"):

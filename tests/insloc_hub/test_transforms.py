@@ -13,7 +13,6 @@ from insloc_hub.transforms import (
     IMAGENET_MEAN,
     PREPROCESSING,
     decode_image,
-    load_image_tensor,
     normalize,
     to_tensor,
 )
@@ -115,7 +114,7 @@ def test_byte_limit():
 
 
 def test_tensor_contract():
-    tensor = load_image_tensor(photo_bytes("coffee", "PNG"))
+    tensor = to_tensor(decode_image(photo_bytes("coffee", "PNG")))
     assert tensor.dtype == torch.float32 and tensor.shape == (3, 400, 600)
     assert tensor.min() >= 0.0 and tensor.max() <= 1.0
     assert torch.equal(tensor, to_tensor(photo("coffee")))
