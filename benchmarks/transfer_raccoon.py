@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs))
     pending: dict[concurrent.futures.Future[tuple[float, float]], str] = {}
     pretrained: dict[str, str] = {}  # pretraining name -> its finished hub folder
+    queued: list[tuple[int, str, list[str]]] = []  # (seed, stage name, command) not yet submitted
 
     def submit_finetunes(row: str) -> None:
         spec = ROW_SPECS[row]
@@ -368,7 +369,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: reusing {out}", flush=True)
                 continue
             cmd = finetune_command(init, data, out, budget, args.device, seed) + list(spec.finetune_flags)
+            queued.append((seed, name, cmd))
+
+    def submit_queued() -> None:
+        # seed-major, so the rows advance together: a run stopped early still holds whole seeds of every row
+        for _, name, cmd in sorted(queued, key=lambda job: job[0]):
             pending[pool.submit(_run, cmd, work / "logs" / f"{name}.log", args.threads)] = name
+        queued.clear()
 
     def pretraining_done(name: str) -> None:
         pretrained[name] = str(work / f"pretrain-{name}" / "final")
@@ -391,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         if ROW_SPECS[row].pretraining is None:
             submit_finetunes(row)
+    submit_queued()
     while pending:
         done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
         for future in done:
@@ -399,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {timings[name]:.0f} s wall, {cpu_times[name]:.0f} s CPU", flush=True)
             if name.startswith("pretrain-"):
                 pretraining_done(name[len("pretrain-"):])
+                submit_queued()
     pool.shutdown()
 
     results = {row: [_metrics(work / f"finetune-{row}-seed{seed}") for seed in seeds] for row in rows}
