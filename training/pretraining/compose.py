@@ -526,26 +526,27 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# The colour operations work in place on float images in [0, 1]. Each equals torchvision's tensor
-# functional (torchvision.transforms.v2.functional.adjust_* / rgb_to_grayscale) with the same factor,
-# up to float rounding: torchvision blends ``ratio * img + (1 - ratio) * other`` clamped to [0, 1].
-def _brightness_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return x.mul_(_per_sample(factor, x)).clamp_(0.0, 1.0)
+# The colour operations work in place on float images in [0, peak] (peak 1, or 255 for grey levels: every
+# operation is scale invariant). Each equals torchvision's tensor functional
+# (torchvision.transforms.v2.functional.adjust_* / rgb_to_grayscale) with the same factor, up to float
+# rounding: torchvision blends ``ratio * img + (1 - ratio) * other`` clamped to [0, 1].
+def _brightness_(x: torch.Tensor, factor: torch.Tensor, peak: float) -> torch.Tensor:
+    return x.mul_(_per_sample(factor, x)).clamp_(max=peak)  # factor >= 0: never below 0
 
 
-def _contrast_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def _contrast_(x: torch.Tensor, factor: torch.Tensor, peak: float) -> torch.Tensor:
     # blend with the mean of the luma, i.e. the luma of the channel means
     luma_weights = _host_constant([0.2989, 0.587, 0.114], x.device, x.dtype)
     mean = (x.mean(dim=(-2, -1)) * luma_weights).sum(dim=-1).view(-1, 1, 1, 1)
     ratio = _per_sample(factor, x)
-    return x.mul_(ratio).add_(mean * (1.0 - ratio)).clamp_(0.0, 1.0)
+    return x.mul_(ratio).add_(mean * (1.0 - ratio)).clamp_(0.0, peak)
 
 
-def _saturation_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return x.lerp_(_luma(x).expand_as(x), 1.0 - _per_sample(factor, x)).clamp_(0.0, 1.0)
+def _saturation_(x: torch.Tensor, factor: torch.Tensor, peak: float) -> torch.Tensor:
+    return x.lerp_(_luma(x).expand_as(x), 1.0 - _per_sample(factor, x)).clamp_(0.0, peak)
 
 
-def _hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def _hue_(x: torch.Tensor, factor: torch.Tensor, peak: float) -> torch.Tensor:
     # torchvision's RGB -> HSV -> shift -> RGB round trip in closed form. A hue rotation keeps each
     # pixel's largest and smallest channel; with h the new hue in sixths of a turn, the channel whose
     # primary hue is c (r 0, g 2, b 4) becomes min + (max - min) * clamp(||h - c| - 3| - 1, 0, 1): the
@@ -647,13 +648,13 @@ def _on_rows(x: torch.Tensor, rows: list[int], op: Callable[..., torch.Tensor], 
     x[idx] = op(x[idx], *(a[idx if a.device == x.device else torch.as_tensor(rows)] for a in args))
 
 
-def apply_color_ops(x: torch.Tensor, views: Sequence[ViewParams]) -> torch.Tensor:
+def apply_color_ops(x: torch.Tensor, views: Sequence[ViewParams], peak: float = 1.0) -> torch.Tensor:
     """PixelAugPil on a batch: per-sample ColorJitter (random order) -> grayscale -> blur.
 
-    ``x`` is ``[N, 3, H, W]`` float in [0, 1] (modified in place and returned); ``views[i]`` holds the
-    parameters of row ``i``. Each jitter op equals torchvision's tensor functional
-    (``torchvision.transforms.v2.functional.adjust_*``) called with the same factor up to float
-    rounding, applied in the sample's ``jitter_order``. Row selections are made on the host from the
+    ``x`` is ``[N, 3, H, W]`` float in [0, ``peak``] (modified in place and returned; ``peak=255.0`` for
+    grey levels); ``views[i]`` holds the parameters of row ``i``. Each jitter op equals torchvision's
+    tensor functional (``torchvision.transforms.v2.functional.adjust_*``) called with the same factor up
+    to float rounding, applied in the sample's ``jitter_order``. Row selections are made on the host from the
     parameters, so no device synchronisation is needed.
     """
     if x.shape[0] != len(views):
@@ -666,12 +667,25 @@ def apply_color_ops(x: torch.Tensor, views: Sequence[ViewParams]) -> torch.Tenso
             for i in jittered:
                 by_op.setdefault(views[i].jitter_order[position], []).append(i)
             for op, rows in by_op.items():
-                _on_rows(x, rows, _COLOR_OPS[op], factors[:, op])
+                _on_rows(x, rows, lambda part, f, op=op: _COLOR_OPS[op](part, f, peak), factors[:, op])
     _on_rows(x, [i for i, v in enumerate(views) if v.grayscale], _grayscale_)
     blurred = [i for i, v in enumerate(views) if v.blur]
     if blurred:
         _on_rows(x, blurred, gaussian_blur_batch, torch.tensor([v.blur_sigma for v in views], dtype=torch.float32))
     return x
+
+
+def _planar_float(canvas: torch.Tensor, flips: Sequence[bool]) -> torch.Tensor:
+    """uint8 ``[N, 3, S, S]`` (any memory layout) -> contiguous float32 grey levels, rows with ``flips[i]``
+    mirrored left-right."""
+    if canvas.device.type == "cpu":  # numpy transposes (and mirrors, by a negative stride) about 2x faster
+        planar = torch.empty(canvas.shape, dtype=torch.uint8)
+        src, dst = canvas.permute(0, 2, 3, 1).numpy(), planar.numpy()
+        for i, flip in enumerate(flips):
+            np.copyto(dst[i], (src[i, :, ::-1] if flip else src[i]).transpose(2, 0, 1))
+        return planar.float()
+    _on_rows(canvas, [i for i, flip in enumerate(flips) if flip], lambda part: part.copy_(part.flip(-1)))
+    return torch.empty(canvas.shape, device=canvas.device).copy_(canvas)
 
 
 def _check_uint8_image(img: torch.Tensor, what: str) -> torch.Tensor:
@@ -686,12 +700,15 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """uint8 ``[N, C, H, W]`` -> uint8 ``[N, C, h, w]``, bilinear with antialias (PIL's BILINEAR filter).
 
     Rounded to grey levels like PIL's result. On the CPU torch's vectorised uint8 channels-last
-    kernel (several times faster than PIL); on other devices in float, then rounded.
+    kernel (several times faster than PIL), returning channels-last; on other devices in float, then rounded.
     """
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     if x.device.type == "cpu":
-        x = x.contiguous(memory_format=torch.channels_last)
+        # Channels-last strides, the batch stride included (an unsqueezed [C, H, W] view lacks it): torch
+        # checks them all, and for any other layout resizes a transposed copy and transposes the result.
+        x = x.permute(0, 2, 3, 1).contiguous()
+        x = (x[0].unsqueeze(0) if len(x) == 1 else x).permute(0, 3, 1, 2)
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
     return x.round_().clamp_(0.0, 255.0).to(torch.uint8)
@@ -811,8 +828,9 @@ def compose_batch(
     views = [p.query for p in params] + [p.key for p in params]
 
     # 1. Backgrounds, stretched to the canvas: rows [0, B) are query views, [B, 2B) key views. The
-    # composite is a uint8 image, like the reference's.
-    canvas = torch.empty((2 * batch, 3, size, size), dtype=torch.uint8, device=dev)
+    # composite is a uint8 image, like the reference's, channels-last in memory like the decoded images
+    # and the resizes (so that backgrounds and pastes are copied row by row).
+    canvas = torch.empty((2 * batch, 3, size, size), dtype=torch.uint8, device=dev, memory_format=torch.channels_last)
     _fill_backgrounds(backgrounds_q, canvas[:batch], size, batch)
     _fill_backgrounds(backgrounds_k, canvas[batch:], size, batch)
 
@@ -836,17 +854,18 @@ def compose_batch(
             canvas[row, :, y1:y2, x1:x2] = _resize(fg[:, top:bottom, left:right].unsqueeze(0), (y2 - y1, x2 - x1))[0]
 
     # 3. RandomFlip of image and box. The official code flips last; the colour operations commute
-    # with a horizontal flip (pointwise, a global mean, a symmetric blur), and a uint8 flip is cheaper.
-    _on_rows(canvas, [i for i, v in enumerate(views) if v.flip], lambda part: part.copy_(part.flip(-1)))
+    # with a horizontal flip (pointwise, a global mean, a symmetric blur), so it is done here, on the
+    # uint8 composite, while it becomes float planes.
+    x = _planar_float(canvas, [v.flip for v in views])
     boxes = torch.tensor([v.box(size) for v in views], dtype=torch.float32).to(dev, non_blocking=True)
 
-    # 4. PixelAugPil (colour jitter -> grayscale -> blur), per view, in float on [0, 1].
-    x = apply_color_ops(canvas.float().div_(255.0), views)
+    # 4. PixelAugPil (colour jitter -> grayscale -> blur), per view, in float grey levels [0, 255].
+    apply_color_ops(x, views, peak=255.0)
 
-    # 5. Normalise (ImageNet mean/std, 0-1 units): x / std - mean / std (addcmul with per-channel
+    # 5. Normalise (ImageNet mean/std, 0-1 units): x / (255 std) - mean / std (addcmul with per-channel
     # constants is three times slower on the CPU than these two passes).
     std = _host_constant(cfg.std, dev).view(1, 3, 1, 1)
-    x.mul_(1.0 / std).sub_(_host_constant(cfg.mean, dev).view(1, 3, 1, 1) / std)
+    x.mul_(1.0 / (255.0 * std)).sub_(_host_constant(cfg.mean, dev).view(1, 3, 1, 1) / std)
     return x[:batch], boxes[:batch], x[batch:], boxes[batch:]
 
 
