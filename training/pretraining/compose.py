@@ -30,6 +30,7 @@ is what makes a sample reproducible from ``(seed, epoch, index)`` alone (see ``p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -487,77 +488,92 @@ def foreground_reduction(params: CompositionParams) -> float:
 
 def _host_constant(values: Any, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     # torch.tensor(..., device=cuda) copies synchronously (the host waits for the stream); built on the
-    # host and sent with non_blocking=True, a small constant costs no synchronisation
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    # host and sent with non_blocking=True, a small constant costs no synchronisation. A tuple is a
+    # constant, built once (never modified in place).
+    made = _cpu_constant(values, dtype) if isinstance(values, tuple) else torch.tensor(values, dtype=dtype)
+    return made.to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _cpu_constant(values: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype)
 
 
 class _Workspace(threading.local):
     """Temporaries of the colour operations, kept between calls on the CPU (one set per thread).
 
     On the CPU a fresh image-sized tensor costs page faults that take longer than the arithmetic done
-    in it; elsewhere (CUDA has a caching allocator) a new tensor is returned each time.
+    in it; elsewhere (CUDA has a caching allocator) a new tensor is returned each time. Views of the
+    buffers are kept too: a sample makes a few hundred tensor calls, and each costs microseconds.
     """
 
     def __init__(self) -> None:
         self.buffers: dict[str, torch.Tensor] = {}
+        self.views: dict[tuple[Any, ...], Any] = {}
 
-    def get(self, name: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         if like.device.type != "cpu":
-            return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
-        numel = math.prod(shape)
-        buf = self.buffers.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != like.dtype:
-            buf = self.buffers[name] = torch.empty(numel, dtype=like.dtype)
-        return buf[:numel].view(tuple(shape))
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
+        view = self.views.get((name, shape, like.dtype))
+        if view is None:
+            numel = math.prod(shape)
+            buf = self.buffers.get(name)
+            if buf is None or buf.numel() < numel or buf.dtype != like.dtype:
+                buf = self.buffers[name] = torch.empty(numel, dtype=like.dtype)
+                self.views.clear()  # some may be views of the buffer just replaced
+            view = self.views[(name, shape, like.dtype)] = buf[:numel].view(shape)
+        return view
 
 
 _WORK = _Workspace()
+_LUMA_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's tensor rgb_to_grayscale
 
 
-def _per_sample(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return factor.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+def _row_factor(values: Sequence[float], x: torch.Tensor) -> float | torch.Tensor:
+    """Per-row factors for ``x``: a number for one row, else a tensor broadcasting over each row."""
+    if len(values) == 1:
+        return float(values[0])
+    return _host_constant(values, x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """``[N, 3, H, W]`` -> ``[N, 1, H, W]`` luma with torchvision's tensor weights (a workspace buffer)."""
     r, g, b = x.unbind(dim=-3)
     out = _WORK.get("luma", (x.shape[0], 1, *x.shape[-2:]), x)
-    torch.mul(r, 0.2989, out=out[:, 0]).add_(g, alpha=0.587).add_(b, alpha=0.114)
+    torch.mul(r, _LUMA_WEIGHTS[0], out=out[:, 0]).add_(g, alpha=_LUMA_WEIGHTS[1]).add_(b, alpha=_LUMA_WEIGHTS[2])
     return out
 
 
 # The colour operations work in place on float images in [0, peak] (peak 1, or 255 for grey levels: every
-# operation is scale invariant). Each equals torchvision's tensor functional
-# (torchvision.transforms.v2.functional.adjust_* / rgb_to_grayscale) with the same factor, up to float
-# rounding: torchvision blends ``ratio * img + (1 - ratio) * other`` clamped to [0, 1].
-def _brightness_(x: torch.Tensor, factor: torch.Tensor, peak: float) -> torch.Tensor:
-    return x.mul_(_per_sample(factor, x)).clamp_(max=peak)  # factor >= 0: never below 0
+# operation is scale invariant), with one factor per row (host numbers). Each equals torchvision's tensor
+# functional (torchvision.transforms.v2.functional.adjust_* / rgb_to_grayscale) with the same factor, up
+# to float rounding: torchvision blends ``ratio * img + (1 - ratio) * other`` clamped to [0, 1].
+def _brightness_(x: torch.Tensor, values: Sequence[float], peak: float) -> torch.Tensor:
+    return x.mul_(_row_factor(values, x)).clamp_(max=peak)  # factors >= 0: never below 0
 
 
-def _contrast_(x: torch.Tensor, factor: torch.Tensor, peak: float) -> torch.Tensor:
+def _contrast_(x: torch.Tensor, values: Sequence[float], peak: float) -> torch.Tensor:
     # blend with the mean of the luma, i.e. the luma of the channel means
-    luma_weights = _host_constant([0.2989, 0.587, 0.114], x.device, x.dtype)
-    mean = (x.mean(dim=(-2, -1)) * luma_weights).sum(dim=-1).view(-1, 1, 1, 1)
-    ratio = _per_sample(factor, x)
+    mean = torch.mv(x.mean(dim=(-2, -1)), _host_constant(_LUMA_WEIGHTS, x.device, x.dtype)).view(-1, 1, 1, 1)
+    ratio = _row_factor(values, x)
     return x.mul_(ratio).add_(mean * (1.0 - ratio)).clamp_(0.0, peak)
 
 
-def _saturation_(x: torch.Tensor, factor: torch.Tensor, peak: float) -> torch.Tensor:
-    return x.lerp_(_luma(x).expand_as(x), 1.0 - _per_sample(factor, x)).clamp_(0.0, peak)
+def _saturation_(x: torch.Tensor, values: Sequence[float], peak: float) -> torch.Tensor:
+    return x.lerp_(_luma(x).expand_as(x), 1.0 - _row_factor(values, x)).clamp_(0.0, peak)
 
 
-def _hue_(x: torch.Tensor, factor: torch.Tensor, peak: float) -> torch.Tensor:
+def _hue_(x: torch.Tensor, values: Sequence[float], peak: float) -> torch.Tensor:
     # torchvision's RGB -> HSV -> shift -> RGB round trip in closed form. A hue rotation keeps each
-    # pixel's largest and smallest channel; with h the new hue in sixths of a turn, the channel whose
-    # primary hue is c (r 0, g 2, b 4) becomes min + (max - min) * clamp(||h - c| - 3| - 1, 0, 1): the
-    # triangle-wave form of HSV -> RGB, where 3 - ||d| - 3| is the distance on the hue circle while
-    # |d| <= 6. Branches are blended arithmetically: torch.where and remainder are several times
-    # slower on the CPU than the elementwise passes used here.
+    # pixel's largest and smallest channel (high, low; spread = high - low); with h the new hue in sixths
+    # of a turn, the channel whose primary hue is c (r 0, g 2, b 4) becomes
+    # low + spread * clamp(||h - c| - 3| - 1, 0, 1): the triangle-wave form of HSV -> RGB, where
+    # 3 - ||d| - 3| is the distance on the hue circle while |d| <= 6. Computed from spread * h, without a
+    # division, as clamp(||spread (h - c)| - 3 spread| + low - spread, low, high). Branches are blended
+    # arithmetically: torch.where and remainder are several times slower on the CPU than these passes.
     n, _, height, width = x.shape
-    r, g, b = x.unbind(dim=-3)
-    high, low, spread, red, green, hue, tmp = (
-        _WORK.get(name, (n, height, width), x) for name in ("high", "low", "spread", "red", "green", "hue", "tmp")
-    )
+    r, g, b = x.split(1, dim=1)  # [N, 1, H, W] like the planes below, which broadcast over the channels
+    high, low, spread, red, green, hue, tmp = _WORK.get("hue", (7, n, 1, height, width), x).unbind(0)
     torch.maximum(g, b, out=high)
     torch.ge(r, high, out=red)  # the branch torchvision's _rgb_to_hsv takes; at ties both give one hue
     torch.ge(g, b, out=green)
@@ -565,17 +581,21 @@ def _hue_(x: torch.Tensor, factor: torch.Tensor, peak: float) -> torch.Tensor:
     torch.minimum(g, b, out=low)
     torch.minimum(low, r, out=low)
     torch.sub(high, low, out=spread)
+    # spread * hue before the shift, hue in [-1, 5): r - g + 4 (blue largest), b - r + 2 (green), g - b (red)
     torch.sub(r, g, out=hue).add_(spread, alpha=4.0)
     hue.lerp_(torch.sub(b, r, out=tmp).add_(spread, alpha=2.0), green)
     hue.lerp_(torch.sub(g, b, out=tmp), red)
-    hue.div_(torch.clamp(spread, min=1e-12, out=tmp))  # grey pixels: any hue gives the same result
-    hue.add_(_per_sample(factor * 6.0, hue))  # now in [-1 - 6 |factor|, 5 + 6 |factor|)
-    if x.device.type != "cpu" or float(factor.abs().max()) > 1.0 / 6.0:  # else |h - c| < 6 below: no wrap needed
-        hue.sub_(torch.mul(hue, 1.0 / 6.0, out=tmp).floor_(), alpha=6.0)  # mod 6
-    k = _WORK.get("hue_rgb", x.shape, x)
-    torch.sub(hue.unsqueeze(1), _host_constant([0.0, 2.0, 4.0], x.device, x.dtype).view(3, 1, 1), out=k)
-    k.abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
-    return torch.addcmul(low.unsqueeze(1), spread.unsqueeze(1), k, out=x)
+    shifts = [6.0 * v for v in values]
+    if max(abs(s) for s in shifts) > 1.0:  # else |h - c| < 6 below: no wrap needed
+        hue.div_(torch.clamp(spread, min=1e-12, out=tmp)).add_(_row_factor(shifts, hue))  # grey: any hue
+        hue.sub_(torch.mul(hue, 1.0 / 6.0, out=tmp).floor_(), alpha=6.0).mul_(spread)  # mod 6
+        shifts = [0.0] * n
+    shift_minus_c = _row_factor(shifts, x) - _host_constant((0.0, 2.0, 4.0), x.device, x.dtype).view(1, 3, 1, 1)
+    k = _WORK.get("hue_rgb", tuple(x.shape), x)
+    torch.addcmul(hue, spread, shift_minus_c, out=k).abs_()
+    k.sub_(spread, alpha=3.0).abs_()
+    torch.add(k, torch.sub(low, spread, out=tmp), out=x)
+    return x.clamp_(low, high)
 
 
 def _grayscale_(x: torch.Tensor) -> torch.Tensor:
@@ -583,6 +603,7 @@ def _grayscale_(x: torch.Tensor) -> torch.Tensor:
 
 
 _COLOR_OPS = {BRIGHTNESS: _brightness_, CONTRAST: _contrast_, SATURATION: _saturation_, HUE: _hue_}
+_JITTER_FIELDS = {BRIGHTNESS: "brightness", CONTRAST: "contrast", SATURATION: "saturation", HUE: "hue"}
 
 
 def _gaussian_kernel(sigma: torch.Tensor, radius: int) -> torch.Tensor:
@@ -590,6 +611,25 @@ def _gaussian_kernel(sigma: torch.Tensor, radius: int) -> torch.Tensor:
     taps = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
     kernel = torch.exp(-(taps.view(1, -1) ** 2) / (2.0 * sigma.view(-1, 1).float() ** 2))
     return kernel / kernel.sum(dim=1, keepdim=True)
+
+
+def _replicate_padded(img: torch.Tensor, axis: int, radius: int) -> list[torch.Tensor]:
+    """The ``2 radius + 1`` windows, shifted along ``axis``, of ``img`` padded by ``radius`` replicated
+    border pixels on each side (views of a workspace buffer holding the padded copy)."""
+    size = img.shape[axis]
+    key = ("windows", axis, radius, tuple(img.shape))
+    views = _WORK.views.get(key)
+    if views is None:
+        shape = list(img.shape)
+        shape[axis] += 2 * radius
+        padded = _WORK.get(f"blur{axis}", tuple(shape), img)
+        windows = [padded.narrow(axis, i, size) for i in range(2 * radius + 1)]
+        views = _WORK.views[key] = (padded.narrow(axis, 0, radius), padded.narrow(axis, radius + size, radius), windows)
+    left, right, windows = views
+    windows[radius].copy_(img)
+    left.copy_(img.narrow(axis, 0, 1).expand_as(left))
+    right.copy_(img.narrow(axis, size - 1, 1).expand_as(right))
+    return windows
 
 
 def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -607,19 +647,15 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return x
     if x.device.type == "cpu":
-        for row, s in zip(x, sigma.tolist(), strict=True):
-            radius = int(math.ceil(3.0 * s))
-            weights = _gaussian_kernel(torch.tensor([s]), radius)[0].tolist()
+        for img, s in zip(x, sigma.tolist(), strict=True):
+            radius = math.ceil(3.0 * s)
+            taps = [math.exp(-(i * i) / (2.0 * s * s)) for i in range(-radius, radius + 1)]
+            weights = [t / math.fsum(taps) for t in taps]
             for axis in (2, 1):
-                size = row.shape[axis]
-                padded = _WORK.get(f"blur{axis}", [*row.shape[:axis], size + 2 * radius, *row.shape[axis + 1 :]], x)
-                padded.narrow(axis, radius, size).copy_(row)
-                for start, edge in ((0, 0), (radius + size, size - 1)):  # replicate the border pixels
-                    border = padded.narrow(axis, start, radius)
-                    border.copy_(row.narrow(axis, edge, 1).expand_as(border))
-                torch.mul(padded.narrow(axis, 0, size), weights[0], out=row)
-                for i in range(1, 2 * radius + 1):
-                    row.add_(padded.narrow(axis, i, size), alpha=weights[i])
+                windows = _replicate_padded(img, axis, radius)
+                torch.mul(windows[0], weights[0], out=img)
+                for window, weight in zip(windows[1:], weights[1:], strict=True):
+                    img.add_(window, alpha=weight)
         return x
     radius = int(math.ceil(3.0 * float(sigma.max())))
     k, groups = 2 * radius + 1, n * c
@@ -635,17 +671,16 @@ def _index(rows: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.as_tensor(rows, dtype=torch.long).to(device, non_blocking=True)
 
 
-def _on_rows(x: torch.Tensor, rows: list[int], op: Callable[..., torch.Tensor], *args: torch.Tensor) -> None:
-    """``x[rows] = op(x[rows], *(a[rows] for a in args))`` for an in-place ``op``: on a view of ``x``
-    when the rows are consecutive (always so for one sample's two views), else gathered and scattered."""
+def _on_rows(x: torch.Tensor, rows: list[int], op: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """``x[rows] = op(x[rows])`` for an in-place ``op``: on a view of ``x`` when the rows are consecutive
+    (always so for one sample's two views), else gathered and scattered."""
     if not rows:
         return
     if rows[-1] - rows[0] + 1 == len(rows):
-        part = slice(rows[0], rows[-1] + 1)
-        op(x[part], *(a[part] for a in args))
+        op(x[rows[0] : rows[-1] + 1])
         return
     idx = _index(rows, x.device)
-    x[idx] = op(x[idx], *(a[idx if a.device == x.device else torch.as_tensor(rows)] for a in args))
+    x[idx] = op(x[idx])
 
 
 def apply_color_ops(x: torch.Tensor, views: Sequence[ViewParams], peak: float = 1.0) -> torch.Tensor:
@@ -654,24 +689,23 @@ def apply_color_ops(x: torch.Tensor, views: Sequence[ViewParams], peak: float = 
     ``x`` is ``[N, 3, H, W]`` float in [0, ``peak``] (modified in place and returned; ``peak=255.0`` for
     grey levels); ``views[i]`` holds the parameters of row ``i``. Each jitter op equals torchvision's
     tensor functional (``torchvision.transforms.v2.functional.adjust_*``) called with the same factor up
-    to float rounding, applied in the sample's ``jitter_order``. Row selections are made on the host from the
-    parameters, so no device synchronisation is needed.
+    to float rounding, applied in the sample's ``jitter_order``. Row selections and factors are taken on
+    the host from the parameters, so no device synchronisation is needed.
     """
     if x.shape[0] != len(views):
         raise ValueError(f"{x.shape[0]} images but {len(views)} parameter sets")
     jittered = [i for i, v in enumerate(views) if v.jitter]
-    if jittered:
-        factors = _host_constant([[v.brightness, v.contrast, v.saturation, v.hue] for v in views], x.device)
-        for position in range(4):
-            by_op: dict[int, list[int]] = {}
-            for i in jittered:
-                by_op.setdefault(views[i].jitter_order[position], []).append(i)
-            for op, rows in by_op.items():
-                _on_rows(x, rows, lambda part, f, op=op: _COLOR_OPS[op](part, f, peak), factors[:, op])
+    for position in range(4 if jittered else 0):
+        by_op: dict[int, list[int]] = {}
+        for i in jittered:
+            by_op.setdefault(views[i].jitter_order[position], []).append(i)
+        for op, rows in by_op.items():
+            values = [getattr(views[i], _JITTER_FIELDS[op]) for i in rows]
+            _on_rows(x, rows, lambda part, op=op, values=values: _COLOR_OPS[op](part, values, peak))
     _on_rows(x, [i for i, v in enumerate(views) if v.grayscale], _grayscale_)
     blurred = [i for i, v in enumerate(views) if v.blur]
-    if blurred:
-        _on_rows(x, blurred, gaussian_blur_batch, torch.tensor([v.blur_sigma for v in views], dtype=torch.float32))
+    sigmas = torch.tensor([views[i].blur_sigma for i in blurred], dtype=torch.float32)
+    _on_rows(x, blurred, lambda part: gaussian_blur_batch(part, sigmas))
     return x
 
 
