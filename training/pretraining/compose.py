@@ -573,28 +573,25 @@ def _hue_(x: torch.Tensor, values: Sequence[float], peak: float) -> torch.Tensor
     # arithmetically: torch.where and remainder are several times slower on the CPU than these passes.
     n, _, height, width = x.shape
     r, g, b = x.split(1, dim=1)  # [N, 1, H, W] like the planes below, which broadcast over the channels
-    high, low, spread, red, green, hue, tmp = _WORK.get("hue", (7, n, 1, height, width), x).unbind(0)
+    high, low, spread, hue, mask, tmp = _WORK.get("hue", (6, n, 1, height, width), x).unbind(0)
     torch.maximum(g, b, out=high)
-    torch.ge(r, high, out=red)  # the branch torchvision's _rgb_to_hsv takes; at ties both give one hue
-    torch.ge(g, b, out=green)
+    torch.ge(g, b, out=mask)  # green or red largest
     torch.maximum(high, r, out=high)
     torch.minimum(g, b, out=low)
     torch.minimum(low, r, out=low)
     torch.sub(high, low, out=spread)
     # spread * hue before the shift, hue in [-1, 5): r - g + 4 (blue largest), b - r + 2 (green), g - b (red)
     torch.sub(r, g, out=hue).add_(spread, alpha=4.0)
-    hue.lerp_(torch.sub(b, r, out=tmp).add_(spread, alpha=2.0), green)
-    hue.lerp_(torch.sub(g, b, out=tmp), red)
+    hue.lerp_(torch.sub(b, r, out=tmp).add_(spread, alpha=2.0), mask)
+    hue.lerp_(torch.sub(g, b, out=tmp), torch.eq(r, high, out=mask))  # torchvision's branch; ties give one hue
     shifts = [6.0 * v for v in values]
     if max(abs(s) for s in shifts) > 1.0:  # else |h - c| < 6 below: no wrap needed
         hue.div_(torch.clamp(spread, min=1e-12, out=tmp)).add_(_row_factor(shifts, hue))  # grey: any hue
         hue.sub_(torch.mul(hue, 1.0 / 6.0, out=tmp).floor_(), alpha=6.0).mul_(spread)  # mod 6
         shifts = [0.0] * n
     shift_minus_c = _row_factor(shifts, x) - _host_constant((0.0, 2.0, 4.0), x.device, x.dtype).view(1, 3, 1, 1)
-    k = _WORK.get("hue_rgb", tuple(x.shape), x)
-    torch.addcmul(hue, spread, shift_minus_c, out=k).abs_()
-    k.sub_(spread, alpha=3.0).abs_()
-    torch.add(k, torch.sub(low, spread, out=tmp), out=x)
+    torch.addcmul(hue, spread, shift_minus_c, out=x).abs_()  # r, g, b are no longer needed
+    x.sub_(spread, alpha=3.0).abs_().add_(torch.sub(low, spread, out=tmp))
     return x.clamp_(low, high)
 
 
