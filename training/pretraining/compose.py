@@ -610,23 +610,31 @@ def _gaussian_kernel(sigma: torch.Tensor, radius: int) -> torch.Tensor:
     return kernel / kernel.sum(dim=1, keepdim=True)
 
 
-def _replicate_padded(img: torch.Tensor, axis: int, radius: int) -> list[torch.Tensor]:
-    """The ``2 radius + 1`` windows, shifted along ``axis``, of ``img`` padded by ``radius`` replicated
-    border pixels on each side (views of a workspace buffer holding the padded copy)."""
-    size = img.shape[axis]
-    key = ("windows", axis, radius, tuple(img.shape))
+def _padded(img: torch.Tensor, axis: int, radius: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Views of a workspace buffer of ``img``'s shape padded by ``radius`` pixels on both sides of ``axis``:
+    the ``2 radius + 1`` shifted windows (the middle one is the interior) and the two borders."""
+    key = ("padded", axis, radius, tuple(img.shape))
     views = _WORK.views.get(key)
     if views is None:
-        shape = list(img.shape)
+        size, shape = img.shape[axis], list(img.shape)
         shape[axis] += 2 * radius
-        padded = _WORK.get(f"blur{axis}", tuple(shape), img)
-        windows = [padded.narrow(axis, i, size) for i in range(2 * radius + 1)]
-        views = _WORK.views[key] = (padded.narrow(axis, 0, radius), padded.narrow(axis, radius + size, radius), windows)
-    left, right, windows = views
-    windows[radius].copy_(img)
-    left.copy_(img.narrow(axis, 0, 1).expand_as(left))
-    right.copy_(img.narrow(axis, size - 1, 1).expand_as(right))
-    return windows
+        buf = _WORK.get(f"blur{axis}", tuple(shape), img)
+        windows = [buf.narrow(axis, i, size) for i in range(2 * radius + 1)]
+        views = _WORK.views[key] = (windows, buf.narrow(axis, 0, radius), buf.narrow(axis, radius + size, radius))
+    return views
+
+
+def _blur_axis(padded: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor], axis: int,
+               weights: Sequence[float], out: torch.Tensor) -> None:
+    """``out`` = the interior of ``padded`` (see :func:`_padded`), border pixels replicated, convolved
+    with ``weights`` along ``axis``."""
+    windows, left, right = padded
+    middle = windows[len(windows) // 2]
+    left.copy_(middle.narrow(axis, 0, 1).expand_as(left))
+    right.copy_(middle.narrow(axis, middle.shape[axis] - 1, 1).expand_as(right))
+    torch.mul(windows[0], weights[0], out=out)
+    for window, weight in zip(windows[1:], weights[1:], strict=True):
+        out.add_(window, alpha=weight)
 
 
 def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -648,11 +656,10 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             radius = math.ceil(3.0 * s)
             taps = [math.exp(-(i * i) / (2.0 * s * s)) for i in range(-radius, radius + 1)]
             weights = [t / math.fsum(taps) for t in taps]
-            for axis in (2, 1):
-                windows = _replicate_padded(img, axis, radius)
-                torch.mul(windows[0], weights[0], out=img)
-                for window, weight in zip(windows[1:], weights[1:], strict=True):
-                    img.add_(window, alpha=weight)
+            rows, cols = _padded(img, 2, radius), _padded(img, 1, radius)
+            rows[0][radius].copy_(img)
+            _blur_axis(rows, 2, weights, out=cols[0][radius])  # horizontally, into the vertical pass's input
+            _blur_axis(cols, 1, weights, out=img)
         return x
     radius = int(math.ceil(3.0 * float(sigma.max())))
     k, groups = 2 * radius + 1, n * c
