@@ -547,20 +547,25 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
 # The colour operations work in place on float images in [0, peak] (peak 1, or 255 for grey levels: every
 # operation is scale invariant), with one factor per row (host numbers). Each equals torchvision's tensor
 # functional (torchvision.transforms.v2.functional.adjust_* / rgb_to_grayscale) with the same factor, up
-# to float rounding: torchvision blends ``ratio * img + (1 - ratio) * other`` clamped to [0, 1].
+# to float rounding: torchvision blends ``ratio * img + (1 - ratio) * other`` clamped to [0, 1]. With
+# every ratio in [0, 1] the blend stays between two values of the range, and the clamp is skipped.
+def _clamp_(x: torch.Tensor, values: Sequence[float], peak: float) -> torch.Tensor:
+    return x.clamp_(0.0, peak) if max(values) > 1.0 else x
+
+
 def _brightness_(x: torch.Tensor, values: Sequence[float], peak: float) -> torch.Tensor:
-    return x.mul_(_row_factor(values, x)).clamp_(max=peak)  # factors >= 0: never below 0
+    return _clamp_(x.mul_(_row_factor(values, x)), values, peak)
 
 
 def _contrast_(x: torch.Tensor, values: Sequence[float], peak: float) -> torch.Tensor:
     # blend with the mean of the luma, i.e. the luma of the channel means
     mean = torch.mv(x.mean(dim=(-2, -1)), _host_constant(_LUMA_WEIGHTS, x.device, x.dtype)).view(-1, 1, 1, 1)
     ratio = _row_factor(values, x)
-    return x.mul_(ratio).add_(mean * (1.0 - ratio)).clamp_(0.0, peak)
+    return _clamp_(x.mul_(ratio).add_(mean * (1.0 - ratio)), values, peak)
 
 
 def _saturation_(x: torch.Tensor, values: Sequence[float], peak: float) -> torch.Tensor:
-    return x.lerp_(_luma(x).expand_as(x), 1.0 - _row_factor(values, x)).clamp_(0.0, peak)
+    return _clamp_(x.lerp_(_luma(x).expand_as(x), 1.0 - _row_factor(values, x)), values, peak)
 
 
 def _hue_(x: torch.Tensor, values: Sequence[float], peak: float) -> torch.Tensor:
