@@ -608,11 +608,11 @@ _COLOR_OPS = {BRIGHTNESS: _brightness_, CONTRAST: _contrast_, SATURATION: _satur
 _JITTER_FIELDS = {BRIGHTNESS: "brightness", CONTRAST: "contrast", SATURATION: "saturation", HUE: "hue"}
 
 
-def _gaussian_kernel(sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """``[N]`` sigmas -> ``[N, 2 * radius + 1]`` normalised sampled Gaussians."""
-    taps = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
-    kernel = torch.exp(-(taps.view(1, -1) ** 2) / (2.0 * sigma.view(-1, 1).float() ** 2))
-    return kernel / kernel.sum(dim=1, keepdim=True)
+def _gaussian_weights(sigma: float, radius: int) -> list[float]:
+    """The normalised sampled Gaussian of ``sigma`` at taps ``-radius .. radius``."""
+    taps = [math.exp(-(i * i) / (2.0 * sigma * sigma)) for i in range(-radius, radius + 1)]
+    total = math.fsum(taps)
+    return [t / total for t in taps]
 
 
 def _padded(img: torch.Tensor, axis: int, radius: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -651,24 +651,22 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     ``x`` is overwritten with the result and returned. On the CPU each image's taps are summed over
     shifted slices, its own kernel size (a grouped convolution is several times slower there); on
     other devices one grouped convolution per axis does the batch, the kernel size of its largest
-    sigma (read on the host when sigma lives there, as apply_color_ops passes it: no device wait).
+    sigma. ``sigma`` is read on the host (as apply_color_ops passes it: no device wait).
     """
     n, c, h, w = x.shape
-    if n == 0:
-        return x
-    if x.device.type == "cpu":
-        for img, s in zip(x, sigma.tolist(), strict=True):
+    sigmas = sigma.tolist()
+    if x.device.type == "cpu" or n == 0:
+        for img, s in zip(x, sigmas, strict=True):
             radius = math.ceil(3.0 * s)
-            taps = [math.exp(-(i * i) / (2.0 * s * s)) for i in range(-radius, radius + 1)]
-            weights = [t / math.fsum(taps) for t in taps]
+            weights = _gaussian_weights(s, radius)
             rows, cols = _padded(img, 2, radius), _padded(img, 1, radius)
             rows[0][radius].copy_(img)
             _blur_axis(rows, 2, weights, out=cols[0][radius])  # horizontally, into the vertical pass's input
             _blur_axis(cols, 1, weights, out=img)
         return x
-    radius = int(math.ceil(3.0 * float(sigma.max())))
+    radius = math.ceil(3.0 * max(sigmas))
     k, groups = 2 * radius + 1, n * c
-    kernel = _gaussian_kernel(sigma.to(x.device, non_blocking=True), radius).to(x.dtype).repeat_interleave(c, dim=0)
+    kernel = _host_constant([_gaussian_weights(s, radius) for s in sigmas], x.device, x.dtype).repeat_interleave(c, 0)
     y = F.pad(x.reshape(1, groups, h, w), (radius, radius, 0, 0), mode="replicate")
     y = F.conv2d(y, kernel.view(groups, 1, 1, k), groups=groups)
     y = F.pad(y, (0, 0, radius, radius), mode="replicate")
