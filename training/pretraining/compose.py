@@ -846,7 +846,7 @@ def compose_batch(
       antialias=True)`` (uint8 on the CPU, float then rounded elsewhere), the tensor counterpart of
       PIL's BILINEAR filter, into a uint8 composite like the reference's; mean abs difference about
       0.2 grey levels, a few pixels off by a couple of levels;
-    * colour ops run in float on [0, 1] without the reference's uint8 truncation after each op, and
+    * colour ops run in float (grey levels) without the reference's uint8 truncation after each op, and
       equal torchvision's tensor functional (``adjust_brightness/contrast/saturation/hue``,
       ``rgb_to_grayscale``) for the same factors; PIL's versions differ slightly (truncation: about
       one grey level darker on average; integer luma; hue quantised to 1/255 turn, HSV to 8 bits);
