@@ -604,8 +604,8 @@ def _grayscale_(x: torch.Tensor) -> torch.Tensor:
     return x.copy_(_luma(x).expand_as(x))
 
 
-_COLOR_OPS = {BRIGHTNESS: _brightness_, CONTRAST: _contrast_, SATURATION: _saturation_, HUE: _hue_}
-_JITTER_FIELDS = {BRIGHTNESS: "brightness", CONTRAST: "contrast", SATURATION: "saturation", HUE: "hue"}
+_COLOR_OPS = {BRIGHTNESS: (_brightness_, "brightness"), CONTRAST: (_contrast_, "contrast"),
+              SATURATION: (_saturation_, "saturation"), HUE: (_hue_, "hue")}  # the op and its ViewParams field
 
 
 def _gaussian_weights(sigma: float, radius: int) -> list[float]:
@@ -702,13 +702,14 @@ def apply_color_ops(x: torch.Tensor, views: Sequence[ViewParams], peak: float = 
     if x.shape[0] != len(views):
         raise ValueError(f"{x.shape[0]} images but {len(views)} parameter sets")
     jittered = [i for i, v in enumerate(views) if v.jitter]
-    for position in range(4 if jittered else 0):
+    for position in range(4):
         by_op: dict[int, list[int]] = {}
         for i in jittered:
             by_op.setdefault(views[i].jitter_order[position], []).append(i)
         for op, rows in by_op.items():
-            values = [getattr(views[i], _JITTER_FIELDS[op]) for i in rows]
-            _on_rows(x, rows, lambda part, op=op, values=values: _COLOR_OPS[op](part, values, peak))
+            fn, field = _COLOR_OPS[op]
+            values = [getattr(views[i], field) for i in rows]
+            _on_rows(x, rows, lambda part, fn=fn, values=values: fn(part, values, peak))
     _on_rows(x, [i for i, v in enumerate(views) if v.grayscale], _grayscale_)
     blurred = [i for i, v in enumerate(views) if v.blur]
     sigmas = torch.tensor([views[i].blur_sigma for i in blurred], dtype=torch.float32)
