@@ -299,20 +299,6 @@ def mmcv_rescale_size(width: int, height: int, bound_w: int, bound_h: int) -> tu
     return max(1, int(width * float(factor) + 0.5)), max(1, int(height * float(factor) + 0.5))
 
 
-def _sample_bound(cfg: CompositionConfig, rng: np.random.Generator) -> tuple[int, int]:
-    # CopyAndPaste.get_scale (L154-161): w = np.random.randint(128, 255); h likewise (exclusive top).
-    lo, hi = cfg.bound_range
-    return int(rng.integers(lo, hi)), int(rng.integers(lo, hi))
-
-
-def _sample_position(cfg: CompositionConfig, paste_w: int, paste_h: int, rng: np.random.Generator) -> tuple[int, int]:
-    # CopyAndPaste.get_position_param (L71-77): row ~ np.random.randint(0, 256 - rows) then
-    # col ~ np.random.randint(0, 256 - cols), exclusive tops: the paste is always fully inside.
-    row = int(rng.integers(0, cfg.canvas - paste_h))
-    col = int(rng.integers(0, cfg.canvas - paste_w))
-    return row, col
-
-
 def _sample_pixel_aug(cfg: CompositionConfig, rng: np.random.Generator) -> dict[str, Any]:
     # PixelAugPil (pixel_aug_pil.py L24-55) then RandomFlip, in the official order. The colour
     # parameters are always drawn (torchvision draws them only when RandomApply fires) so that every
@@ -348,30 +334,18 @@ def sample_composition_params(
     width, height = int(foreground_size[0]), int(foreground_size[1])
     if width < 1 or height < 1:
         raise ValueError(f"foreground size must be positive, got {foreground_size}")
-    crops = [
-        random_resized_crop_params(width, height, cfg.crop_scale, cfg.crop_ratio, gen, cfg.crop_attempts)
-        for _ in range(2)
-    ]
-    bounds = [_sample_bound(cfg, gen) for _ in range(2)]
+    crops = [random_resized_crop_params(width, height, cfg.crop_scale, cfg.crop_ratio, gen, cfg.crop_attempts)
+             for _ in range(2)]
+    # CopyAndPaste.get_scale (L154-161): w = np.random.randint(128, 255); h likewise (exclusive top).
+    lo, hi = cfg.bound_range
+    bounds = [(int(gen.integers(lo, hi)), int(gen.integers(lo, hi))) for _ in range(2)]
     sizes = [mmcv_rescale_size(c[3], c[2], b[0], b[1]) for c, b in zip(crops, bounds, strict=True)]
-    positions = [_sample_position(cfg, w, h, gen) for (w, h) in sizes]
+    # CopyAndPaste.get_position_param (L71-77): row ~ np.random.randint(0, 256 - rows) then
+    # col ~ np.random.randint(0, 256 - cols), exclusive tops: the paste is always fully inside.
+    positions = [(int(gen.integers(0, cfg.canvas - h)), int(gen.integers(0, cfg.canvas - w))) for w, h in sizes]
     augs = [_sample_pixel_aug(cfg, gen) for _ in range(2)]
-    views = [
-        ViewParams(
-            crop_top=c[0],
-            crop_left=c[1],
-            crop_height=c[2],
-            crop_width=c[3],
-            bound_w=b[0],
-            bound_h=b[1],
-            paste_width=s[0],
-            paste_height=s[1],
-            paste_top=p[0],
-            paste_left=p[1],
-            **a,
-        )
-        for c, b, s, p, a in zip(crops, bounds, sizes, positions, augs, strict=True)
-    ]
+    # crop (top, left, height, width), bound (w, h), paste (width, height), paste (top, left): the field order
+    views = [ViewParams(*c, *b, *s, *p, **a) for c, b, s, p, a in zip(crops, bounds, sizes, positions, augs)]
     return CompositionParams(views[0], views[1], (width, height))
 
 
