@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     image = torch.rand(1, 3, args.size, args.size)
     work = image.clone()
-    factor = torch.tensor([0.7])
+    factor = [0.7]  # one factor per row, on the host
     sigma = torch.tensor([1.0])
 
     def timed(op, *extra):
@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         return run
 
     cases = {
-        "brightness": (timed(compose._brightness_, factor), timed(TF.adjust_brightness, 0.7)),
-        "contrast": (timed(compose._contrast_, factor), timed(TF.adjust_contrast, 0.7)),
-        "saturation": (timed(compose._saturation_, factor), timed(TF.adjust_saturation, 0.7)),
-        "hue": (timed(compose._hue_, torch.tensor([0.05])), timed(TF.adjust_hue, 0.05)),
+        "brightness": (timed(compose._brightness_, factor, 1.0), timed(TF.adjust_brightness, 0.7)),
+        "contrast": (timed(compose._contrast_, factor, 1.0), timed(TF.adjust_contrast, 0.7)),
+        "saturation": (timed(compose._saturation_, factor, 1.0), timed(TF.adjust_saturation, 0.7)),
+        "hue": (timed(compose._hue_, [0.05], 1.0), timed(TF.adjust_hue, 0.05)),
         "grayscale": (timed(compose._grayscale_), timed(TF.rgb_to_grayscale, 3)),
         "gaussian blur sigma 1": (timed(compose.gaussian_blur_batch, sigma), timed(TF.gaussian_blur, [7, 7], [1.0])),
     }

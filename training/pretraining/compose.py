@@ -30,6 +30,7 @@ is what makes a sample reproducible from ``(seed, epoch, index)`` alone (see ``p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -298,20 +299,6 @@ def mmcv_rescale_size(width: int, height: int, bound_w: int, bound_h: int) -> tu
     return max(1, int(width * float(factor) + 0.5)), max(1, int(height * float(factor) + 0.5))
 
 
-def _sample_bound(cfg: CompositionConfig, rng: np.random.Generator) -> tuple[int, int]:
-    # CopyAndPaste.get_scale (L154-161): w = np.random.randint(128, 255); h likewise (exclusive top).
-    lo, hi = cfg.bound_range
-    return int(rng.integers(lo, hi)), int(rng.integers(lo, hi))
-
-
-def _sample_position(cfg: CompositionConfig, paste_w: int, paste_h: int, rng: np.random.Generator) -> tuple[int, int]:
-    # CopyAndPaste.get_position_param (L71-77): row ~ np.random.randint(0, 256 - rows) then
-    # col ~ np.random.randint(0, 256 - cols), exclusive tops: the paste is always fully inside.
-    row = int(rng.integers(0, cfg.canvas - paste_h))
-    col = int(rng.integers(0, cfg.canvas - paste_w))
-    return row, col
-
-
 def _sample_pixel_aug(cfg: CompositionConfig, rng: np.random.Generator) -> dict[str, Any]:
     # PixelAugPil (pixel_aug_pil.py L24-55) then RandomFlip, in the official order. The colour
     # parameters are always drawn (torchvision draws them only when RandomApply fires) so that every
@@ -347,30 +334,18 @@ def sample_composition_params(
     width, height = int(foreground_size[0]), int(foreground_size[1])
     if width < 1 or height < 1:
         raise ValueError(f"foreground size must be positive, got {foreground_size}")
-    crops = [
-        random_resized_crop_params(width, height, cfg.crop_scale, cfg.crop_ratio, gen, cfg.crop_attempts)
-        for _ in range(2)
-    ]
-    bounds = [_sample_bound(cfg, gen) for _ in range(2)]
+    crops = [random_resized_crop_params(width, height, cfg.crop_scale, cfg.crop_ratio, gen, cfg.crop_attempts)
+             for _ in range(2)]
+    # CopyAndPaste.get_scale (L154-161): w = np.random.randint(128, 255); h likewise (exclusive top).
+    lo, hi = cfg.bound_range
+    bounds = [(int(gen.integers(lo, hi)), int(gen.integers(lo, hi))) for _ in range(2)]
     sizes = [mmcv_rescale_size(c[3], c[2], b[0], b[1]) for c, b in zip(crops, bounds, strict=True)]
-    positions = [_sample_position(cfg, w, h, gen) for (w, h) in sizes]
+    # CopyAndPaste.get_position_param (L71-77): row ~ np.random.randint(0, 256 - rows) then
+    # col ~ np.random.randint(0, 256 - cols), exclusive tops: the paste is always fully inside.
+    positions = [(int(gen.integers(0, cfg.canvas - h)), int(gen.integers(0, cfg.canvas - w))) for w, h in sizes]
     augs = [_sample_pixel_aug(cfg, gen) for _ in range(2)]
-    views = [
-        ViewParams(
-            crop_top=c[0],
-            crop_left=c[1],
-            crop_height=c[2],
-            crop_width=c[3],
-            bound_w=b[0],
-            bound_h=b[1],
-            paste_width=s[0],
-            paste_height=s[1],
-            paste_top=p[0],
-            paste_left=p[1],
-            **a,
-        )
-        for c, b, s, p, a in zip(crops, bounds, sizes, positions, augs, strict=True)
-    ]
+    # crop (top, left, height, width), bound (w, h), paste (width, height), paste (top, left): the field order
+    views = [ViewParams(*c, *b, *s, *p, **a) for c, b, s, p, a in zip(crops, bounds, sizes, positions, augs)]
     return CompositionParams(views[0], views[1], (width, height))
 
 
@@ -487,108 +462,158 @@ def foreground_reduction(params: CompositionParams) -> float:
 
 def _host_constant(values: Any, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     # torch.tensor(..., device=cuda) copies synchronously (the host waits for the stream); built on the
-    # host and sent with non_blocking=True, a small constant costs no synchronisation
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    # host and sent with non_blocking=True, a small constant costs no synchronisation. A tuple is a
+    # constant, built once (never modified in place).
+    made = _cpu_constant(values, dtype) if isinstance(values, tuple) else torch.tensor(values, dtype=dtype)
+    return made.to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _cpu_constant(values: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype)
 
 
 class _Workspace(threading.local):
     """Temporaries of the colour operations, kept between calls on the CPU (one set per thread).
 
     On the CPU a fresh image-sized tensor costs page faults that take longer than the arithmetic done
-    in it; elsewhere (CUDA has a caching allocator) a new tensor is returned each time.
+    in it; elsewhere (CUDA has a caching allocator) a new tensor is returned each time. Views of the
+    buffers are kept too: a sample makes a few hundred tensor calls, and each costs microseconds.
     """
 
     def __init__(self) -> None:
         self.buffers: dict[str, torch.Tensor] = {}
+        self.views: dict[tuple[Any, ...], Any] = {}
 
-    def get(self, name: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         if like.device.type != "cpu":
-            return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
-        numel = math.prod(shape)
-        buf = self.buffers.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != like.dtype:
-            buf = self.buffers[name] = torch.empty(numel, dtype=like.dtype)
-        return buf[:numel].view(tuple(shape))
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
+        view = self.views.get((name, shape, like.dtype))
+        if view is None:
+            numel = math.prod(shape)
+            buf = self.buffers.get(name)
+            if buf is None or buf.numel() < numel or buf.dtype != like.dtype:
+                buf = self.buffers[name] = torch.empty(numel, dtype=like.dtype)
+                self.views.clear()  # some may be views of the buffer just replaced
+            view = self.views[(name, shape, like.dtype)] = buf[:numel].view(shape)
+        return view
 
 
 _WORK = _Workspace()
+_LUMA_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's tensor rgb_to_grayscale
 
 
-def _per_sample(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return factor.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+def _row_factor(values: Sequence[float], x: torch.Tensor) -> float | torch.Tensor:
+    """Per-row factors for ``x``: a number for one row, else a tensor broadcasting over each row."""
+    if len(values) == 1:
+        return float(values[0])
+    return _host_constant(values, x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """``[N, 3, H, W]`` -> ``[N, 1, H, W]`` luma with torchvision's tensor weights (a workspace buffer)."""
     r, g, b = x.unbind(dim=-3)
     out = _WORK.get("luma", (x.shape[0], 1, *x.shape[-2:]), x)
-    torch.mul(r, 0.2989, out=out[:, 0]).add_(g, alpha=0.587).add_(b, alpha=0.114)
+    torch.mul(r, _LUMA_WEIGHTS[0], out=out[:, 0]).add_(g, alpha=_LUMA_WEIGHTS[1]).add_(b, alpha=_LUMA_WEIGHTS[2])
     return out
 
 
-# The colour operations work in place on float images in [0, 1]. Each equals torchvision's tensor
-# functional (torchvision.transforms.v2.functional.adjust_* / rgb_to_grayscale) with the same factor,
-# up to float rounding: torchvision blends ``ratio * img + (1 - ratio) * other`` clamped to [0, 1].
-def _brightness_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return x.mul_(_per_sample(factor, x)).clamp_(0.0, 1.0)
+# The colour operations work in place on float images in [0, peak] (peak 1, or 255 for grey levels: every
+# operation is scale invariant), with one factor per row (host numbers). Each equals torchvision's tensor
+# functional (torchvision.transforms.v2.functional.adjust_* / rgb_to_grayscale) with the same factor, up
+# to float rounding: torchvision blends ``ratio * img + (1 - ratio) * other`` clamped to [0, 1]. With
+# every ratio in [0, 1] the blend stays between two values of the range, and the clamp is skipped.
+def _clamp_(x: torch.Tensor, values: Sequence[float], peak: float) -> torch.Tensor:
+    return x.clamp_(0.0, peak) if max(values) > 1.0 else x
 
 
-def _contrast_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def _brightness_(x: torch.Tensor, values: Sequence[float], peak: float) -> torch.Tensor:
+    return _clamp_(x.mul_(_row_factor(values, x)), values, peak)
+
+
+def _contrast_(x: torch.Tensor, values: Sequence[float], peak: float) -> torch.Tensor:
     # blend with the mean of the luma, i.e. the luma of the channel means
-    luma_weights = _host_constant([0.2989, 0.587, 0.114], x.device, x.dtype)
-    mean = (x.mean(dim=(-2, -1)) * luma_weights).sum(dim=-1).view(-1, 1, 1, 1)
-    ratio = _per_sample(factor, x)
-    return x.mul_(ratio).add_(mean * (1.0 - ratio)).clamp_(0.0, 1.0)
+    mean = torch.mv(x.mean(dim=(-2, -1)), _host_constant(_LUMA_WEIGHTS, x.device, x.dtype)).view(-1, 1, 1, 1)
+    ratio = _row_factor(values, x)
+    return _clamp_(x.mul_(ratio).add_(mean * (1.0 - ratio)), values, peak)
 
 
-def _saturation_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return x.lerp_(_luma(x).expand_as(x), 1.0 - _per_sample(factor, x)).clamp_(0.0, 1.0)
+def _saturation_(x: torch.Tensor, values: Sequence[float], peak: float) -> torch.Tensor:
+    return _clamp_(x.lerp_(_luma(x).expand_as(x), 1.0 - _row_factor(values, x)), values, peak)
 
 
-def _hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def _hue_(x: torch.Tensor, values: Sequence[float], peak: float) -> torch.Tensor:
     # torchvision's RGB -> HSV -> shift -> RGB round trip in closed form. A hue rotation keeps each
-    # pixel's largest and smallest channel; with h the new hue in sixths of a turn, the channel whose
-    # primary hue is c (r 0, g 2, b 4) becomes min + (max - min) * clamp(||h - c| - 3| - 1, 0, 1): the
-    # triangle-wave form of HSV -> RGB, where 3 - ||d| - 3| is the distance on the hue circle while
-    # |d| <= 6. Branches are blended arithmetically: torch.where and remainder are several times
-    # slower on the CPU than the elementwise passes used here.
+    # pixel's largest and smallest channel (high, low; spread = high - low); with h the new hue in sixths
+    # of a turn, the channel whose primary hue is c (r 0, g 2, b 4) becomes
+    # low + spread * clamp(||h - c| - 3| - 1, 0, 1): the triangle-wave form of HSV -> RGB, where
+    # 3 - ||d| - 3| is the distance on the hue circle while |d| <= 6. Computed from spread * h, without a
+    # division, as clamp(||spread (h - c)| - 3 spread| + low - spread, low, high). Branches are blended
+    # arithmetically: torch.where and remainder are several times slower on the CPU than these passes.
     n, _, height, width = x.shape
-    r, g, b = x.unbind(dim=-3)
-    high, low, spread, red, green, hue, tmp = (
-        _WORK.get(name, (n, height, width), x) for name in ("high", "low", "spread", "red", "green", "hue", "tmp")
-    )
+    r, g, b = x.split(1, dim=1)  # [N, 1, H, W] like the planes below, which broadcast over the channels
+    high, low, spread, hue, mask, tmp = _WORK.get("hue", (6, n, 1, height, width), x).unbind(0)
     torch.maximum(g, b, out=high)
-    torch.ge(r, high, out=red)  # the branch torchvision's _rgb_to_hsv takes; at ties both give one hue
-    torch.ge(g, b, out=green)
+    torch.ge(g, b, out=mask)  # green or red largest
     torch.maximum(high, r, out=high)
     torch.minimum(g, b, out=low)
     torch.minimum(low, r, out=low)
     torch.sub(high, low, out=spread)
+    # spread * hue before the shift, hue in [-1, 5): r - g + 4 (blue largest), b - r + 2 (green), g - b (red)
     torch.sub(r, g, out=hue).add_(spread, alpha=4.0)
-    hue.lerp_(torch.sub(b, r, out=tmp).add_(spread, alpha=2.0), green)
-    hue.lerp_(torch.sub(g, b, out=tmp), red)
-    hue.div_(torch.clamp(spread, min=1e-12, out=tmp))  # grey pixels: any hue gives the same result
-    hue.add_(_per_sample(factor * 6.0, hue))  # now in [-1 - 6 |factor|, 5 + 6 |factor|)
-    if x.device.type != "cpu" or float(factor.abs().max()) > 1.0 / 6.0:  # else |h - c| < 6 below: no wrap needed
-        hue.sub_(torch.mul(hue, 1.0 / 6.0, out=tmp).floor_(), alpha=6.0)  # mod 6
-    k = _WORK.get("hue_rgb", x.shape, x)
-    torch.sub(hue.unsqueeze(1), _host_constant([0.0, 2.0, 4.0], x.device, x.dtype).view(3, 1, 1), out=k)
-    k.abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
-    return torch.addcmul(low.unsqueeze(1), spread.unsqueeze(1), k, out=x)
+    hue.lerp_(torch.sub(b, r, out=tmp).add_(spread, alpha=2.0), mask)
+    hue.lerp_(torch.sub(g, b, out=tmp), torch.eq(r, high, out=mask))  # torchvision's branch; ties give one hue
+    shifts = [6.0 * v for v in values]
+    if max(abs(s) for s in shifts) > 1.0:  # else |h - c| < 6 below: no wrap needed
+        hue.div_(torch.clamp(spread, min=1e-12, out=tmp)).add_(_row_factor(shifts, hue))  # grey: any hue
+        hue.sub_(torch.mul(hue, 1.0 / 6.0, out=tmp).floor_(), alpha=6.0).mul_(spread)  # mod 6
+        shifts = [0.0] * n
+    shift_minus_c = _row_factor(shifts, x) - _host_constant((0.0, 2.0, 4.0), x.device, x.dtype).view(1, 3, 1, 1)
+    torch.addcmul(hue, spread, shift_minus_c, out=x).abs_()  # r, g, b are no longer needed
+    x.sub_(spread, alpha=3.0).abs_().add_(torch.sub(low, spread, out=tmp))
+    return x.clamp_(low, high)
 
 
 def _grayscale_(x: torch.Tensor) -> torch.Tensor:
     return x.copy_(_luma(x).expand_as(x))
 
 
-_COLOR_OPS = {BRIGHTNESS: _brightness_, CONTRAST: _contrast_, SATURATION: _saturation_, HUE: _hue_}
+_COLOR_OPS = {BRIGHTNESS: (_brightness_, "brightness"), CONTRAST: (_contrast_, "contrast"),
+              SATURATION: (_saturation_, "saturation"), HUE: (_hue_, "hue")}  # the op and its ViewParams field
 
 
-def _gaussian_kernel(sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """``[N]`` sigmas -> ``[N, 2 * radius + 1]`` normalised sampled Gaussians."""
-    taps = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
-    kernel = torch.exp(-(taps.view(1, -1) ** 2) / (2.0 * sigma.view(-1, 1).float() ** 2))
-    return kernel / kernel.sum(dim=1, keepdim=True)
+def _gaussian_weights(sigma: float, radius: int) -> list[float]:
+    """The normalised sampled Gaussian of ``sigma`` at taps ``-radius .. radius``."""
+    taps = [math.exp(-(i * i) / (2.0 * sigma * sigma)) for i in range(-radius, radius + 1)]
+    total = math.fsum(taps)
+    return [t / total for t in taps]
+
+
+def _padded(img: torch.Tensor, axis: int, radius: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Views of a workspace buffer of ``img``'s shape padded by ``radius`` pixels on both sides of ``axis``:
+    the ``2 radius + 1`` shifted windows (the middle one is the interior) and the two borders."""
+    key = ("padded", axis, radius, tuple(img.shape))
+    views = _WORK.views.get(key)
+    if views is None:
+        size, shape = img.shape[axis], list(img.shape)
+        shape[axis] += 2 * radius
+        buf = _WORK.get(f"blur{axis}", tuple(shape), img)
+        windows = [buf.narrow(axis, i, size) for i in range(2 * radius + 1)]
+        views = _WORK.views[key] = (windows, buf.narrow(axis, 0, radius), buf.narrow(axis, radius + size, radius))
+    return views
+
+
+def _blur_axis(padded: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor], axis: int,
+               weights: Sequence[float], out: torch.Tensor) -> None:
+    """``out`` = the interior of ``padded`` (see :func:`_padded`), border pixels replicated, convolved
+    with ``weights`` along ``axis``."""
+    windows, left, right = padded
+    middle = windows[len(windows) // 2]
+    left.copy_(middle.narrow(axis, 0, 1).expand_as(left))
+    right.copy_(middle.narrow(axis, middle.shape[axis] - 1, 1).expand_as(right))
+    torch.mul(windows[0], weights[0], out=out)
+    for window, weight in zip(windows[1:], weights[1:], strict=True):
+        out.add_(window, alpha=weight)
 
 
 def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -600,29 +625,22 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     ``x`` is overwritten with the result and returned. On the CPU each image's taps are summed over
     shifted slices, its own kernel size (a grouped convolution is several times slower there); on
     other devices one grouped convolution per axis does the batch, the kernel size of its largest
-    sigma (read on the host when sigma lives there, as apply_color_ops passes it: no device wait).
+    sigma. ``sigma`` is read on the host (as apply_color_ops passes it: no device wait).
     """
     n, c, h, w = x.shape
-    if n == 0:
+    sigmas = sigma.tolist()
+    if x.device.type == "cpu" or n == 0:
+        for img, s in zip(x, sigmas, strict=True):
+            radius = math.ceil(3.0 * s)
+            weights = _gaussian_weights(s, radius)
+            rows, cols = _padded(img, 2, radius), _padded(img, 1, radius)
+            rows[0][radius].copy_(img)
+            _blur_axis(rows, 2, weights, out=cols[0][radius])  # horizontally, into the vertical pass's input
+            _blur_axis(cols, 1, weights, out=img)
         return x
-    if x.device.type == "cpu":
-        for row, s in zip(x, sigma.tolist(), strict=True):
-            radius = int(math.ceil(3.0 * s))
-            weights = _gaussian_kernel(torch.tensor([s]), radius)[0].tolist()
-            for axis in (2, 1):
-                size = row.shape[axis]
-                padded = _WORK.get(f"blur{axis}", [*row.shape[:axis], size + 2 * radius, *row.shape[axis + 1 :]], x)
-                padded.narrow(axis, radius, size).copy_(row)
-                for start, edge in ((0, 0), (radius + size, size - 1)):  # replicate the border pixels
-                    border = padded.narrow(axis, start, radius)
-                    border.copy_(row.narrow(axis, edge, 1).expand_as(border))
-                torch.mul(padded.narrow(axis, 0, size), weights[0], out=row)
-                for i in range(1, 2 * radius + 1):
-                    row.add_(padded.narrow(axis, i, size), alpha=weights[i])
-        return x
-    radius = int(math.ceil(3.0 * float(sigma.max())))
+    radius = math.ceil(3.0 * max(sigmas))
     k, groups = 2 * radius + 1, n * c
-    kernel = _gaussian_kernel(sigma.to(x.device, non_blocking=True), radius).to(x.dtype).repeat_interleave(c, dim=0)
+    kernel = _host_constant([_gaussian_weights(s, radius) for s in sigmas], x.device, x.dtype).repeat_interleave(c, 0)
     y = F.pad(x.reshape(1, groups, h, w), (radius, radius, 0, 0), mode="replicate")
     y = F.conv2d(y, kernel.view(groups, 1, 1, k), groups=groups)
     y = F.pad(y, (0, 0, radius, radius), mode="replicate")
@@ -634,44 +652,56 @@ def _index(rows: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.as_tensor(rows, dtype=torch.long).to(device, non_blocking=True)
 
 
-def _on_rows(x: torch.Tensor, rows: list[int], op: Callable[..., torch.Tensor], *args: torch.Tensor) -> None:
-    """``x[rows] = op(x[rows], *(a[rows] for a in args))`` for an in-place ``op``: on a view of ``x``
-    when the rows are consecutive (always so for one sample's two views), else gathered and scattered."""
+def _on_rows(x: torch.Tensor, rows: list[int], op: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """``x[rows] = op(x[rows])`` for an in-place ``op``: on a view of ``x`` when the rows are consecutive
+    (always so for one sample's two views), else gathered and scattered."""
     if not rows:
         return
     if rows[-1] - rows[0] + 1 == len(rows):
-        part = slice(rows[0], rows[-1] + 1)
-        op(x[part], *(a[part] for a in args))
+        op(x[rows[0] : rows[-1] + 1])
         return
     idx = _index(rows, x.device)
-    x[idx] = op(x[idx], *(a[idx if a.device == x.device else torch.as_tensor(rows)] for a in args))
+    x[idx] = op(x[idx])
 
 
-def apply_color_ops(x: torch.Tensor, views: Sequence[ViewParams]) -> torch.Tensor:
+def apply_color_ops(x: torch.Tensor, views: Sequence[ViewParams], peak: float = 1.0) -> torch.Tensor:
     """PixelAugPil on a batch: per-sample ColorJitter (random order) -> grayscale -> blur.
 
-    ``x`` is ``[N, 3, H, W]`` float in [0, 1] (modified in place and returned); ``views[i]`` holds the
-    parameters of row ``i``. Each jitter op equals torchvision's tensor functional
-    (``torchvision.transforms.v2.functional.adjust_*``) called with the same factor up to float
-    rounding, applied in the sample's ``jitter_order``. Row selections are made on the host from the
-    parameters, so no device synchronisation is needed.
+    ``x`` is ``[N, 3, H, W]`` float in [0, ``peak``] (modified in place and returned; ``peak=255.0`` for
+    grey levels); ``views[i]`` holds the parameters of row ``i``. Each jitter op equals torchvision's
+    tensor functional (``torchvision.transforms.v2.functional.adjust_*``) called with the same factor up
+    to float rounding, applied in the sample's ``jitter_order``. Row selections and factors are taken on
+    the host from the parameters, so no device synchronisation is needed.
     """
     if x.shape[0] != len(views):
         raise ValueError(f"{x.shape[0]} images but {len(views)} parameter sets")
     jittered = [i for i, v in enumerate(views) if v.jitter]
-    if jittered:
-        factors = _host_constant([[v.brightness, v.contrast, v.saturation, v.hue] for v in views], x.device)
-        for position in range(4):
-            by_op: dict[int, list[int]] = {}
-            for i in jittered:
-                by_op.setdefault(views[i].jitter_order[position], []).append(i)
-            for op, rows in by_op.items():
-                _on_rows(x, rows, _COLOR_OPS[op], factors[:, op])
+    for position in range(4):
+        by_op: dict[int, list[int]] = {}
+        for i in jittered:
+            by_op.setdefault(views[i].jitter_order[position], []).append(i)
+        for op, rows in by_op.items():
+            fn, field = _COLOR_OPS[op]
+            values = [getattr(views[i], field) for i in rows]
+            _on_rows(x, rows, lambda part, fn=fn, values=values: fn(part, values, peak))
     _on_rows(x, [i for i, v in enumerate(views) if v.grayscale], _grayscale_)
     blurred = [i for i, v in enumerate(views) if v.blur]
-    if blurred:
-        _on_rows(x, blurred, gaussian_blur_batch, torch.tensor([v.blur_sigma for v in views], dtype=torch.float32))
+    sigmas = torch.tensor([views[i].blur_sigma for i in blurred], dtype=torch.float32)
+    _on_rows(x, blurred, lambda part: gaussian_blur_batch(part, sigmas))
     return x
+
+
+def _planar_float(canvas: torch.Tensor, flips: Sequence[bool]) -> torch.Tensor:
+    """uint8 ``[N, 3, S, S]`` (any memory layout) -> contiguous float32 grey levels, rows with ``flips[i]``
+    mirrored left-right."""
+    if canvas.device.type == "cpu":  # numpy transposes (and mirrors, by a negative stride) about 2x faster
+        planar = torch.empty(canvas.shape, dtype=torch.uint8)
+        src, dst = canvas.permute(0, 2, 3, 1).numpy(), planar.numpy()
+        for i, flip in enumerate(flips):
+            np.copyto(dst[i], (src[i, :, ::-1] if flip else src[i]).transpose(2, 0, 1))
+        return planar.float()
+    _on_rows(canvas, [i for i, flip in enumerate(flips) if flip], lambda part: part.copy_(part.flip(-1)))
+    return torch.empty(canvas.shape, device=canvas.device).copy_(canvas)
 
 
 def _check_uint8_image(img: torch.Tensor, what: str) -> torch.Tensor:
@@ -686,12 +716,15 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """uint8 ``[N, C, H, W]`` -> uint8 ``[N, C, h, w]``, bilinear with antialias (PIL's BILINEAR filter).
 
     Rounded to grey levels like PIL's result. On the CPU torch's vectorised uint8 channels-last
-    kernel (several times faster than PIL); on other devices in float, then rounded.
+    kernel (several times faster than PIL), returning channels-last; on other devices in float, then rounded.
     """
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     if x.device.type == "cpu":
-        x = x.contiguous(memory_format=torch.channels_last)
+        # Channels-last strides, the batch stride included (an unsqueezed [C, H, W] view lacks it): torch
+        # checks them all, and for any other layout resizes a transposed copy and transposes the result.
+        x = x.permute(0, 2, 3, 1).contiguous()
+        x = (x[0].unsqueeze(0) if len(x) == 1 else x).permute(0, 3, 1, 2)
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
     return x.round_().clamp_(0.0, 255.0).to(torch.uint8)
@@ -788,7 +821,7 @@ def compose_batch(
       antialias=True)`` (uint8 on the CPU, float then rounded elsewhere), the tensor counterpart of
       PIL's BILINEAR filter, into a uint8 composite like the reference's; mean abs difference about
       0.2 grey levels, a few pixels off by a couple of levels;
-    * colour ops run in float on [0, 1] without the reference's uint8 truncation after each op, and
+    * colour ops run in float (grey levels) without the reference's uint8 truncation after each op, and
       equal torchvision's tensor functional (``adjust_brightness/contrast/saturation/hue``,
       ``rgb_to_grayscale``) for the same factors; PIL's versions differ slightly (truncation: about
       one grey level darker on average; integer luma; hue quantised to 1/255 turn, HSV to 8 bits);
@@ -811,8 +844,9 @@ def compose_batch(
     views = [p.query for p in params] + [p.key for p in params]
 
     # 1. Backgrounds, stretched to the canvas: rows [0, B) are query views, [B, 2B) key views. The
-    # composite is a uint8 image, like the reference's.
-    canvas = torch.empty((2 * batch, 3, size, size), dtype=torch.uint8, device=dev)
+    # composite is a uint8 image, like the reference's, channels-last in memory like the decoded images
+    # and the resizes (so that backgrounds and pastes are copied row by row).
+    canvas = torch.empty((2 * batch, 3, size, size), dtype=torch.uint8, device=dev, memory_format=torch.channels_last)
     _fill_backgrounds(backgrounds_q, canvas[:batch], size, batch)
     _fill_backgrounds(backgrounds_k, canvas[batch:], size, batch)
 
@@ -836,17 +870,18 @@ def compose_batch(
             canvas[row, :, y1:y2, x1:x2] = _resize(fg[:, top:bottom, left:right].unsqueeze(0), (y2 - y1, x2 - x1))[0]
 
     # 3. RandomFlip of image and box. The official code flips last; the colour operations commute
-    # with a horizontal flip (pointwise, a global mean, a symmetric blur), and a uint8 flip is cheaper.
-    _on_rows(canvas, [i for i, v in enumerate(views) if v.flip], lambda part: part.copy_(part.flip(-1)))
+    # with a horizontal flip (pointwise, a global mean, a symmetric blur), so it is done here, on the
+    # uint8 composite, while it becomes float planes.
+    x = _planar_float(canvas, [v.flip for v in views])
     boxes = torch.tensor([v.box(size) for v in views], dtype=torch.float32).to(dev, non_blocking=True)
 
-    # 4. PixelAugPil (colour jitter -> grayscale -> blur), per view, in float on [0, 1].
-    x = apply_color_ops(canvas.float().div_(255.0), views)
+    # 4. PixelAugPil (colour jitter -> grayscale -> blur), per view, in float grey levels [0, 255].
+    apply_color_ops(x, views, peak=255.0)
 
-    # 5. Normalise (ImageNet mean/std, 0-1 units): x / std - mean / std (addcmul with per-channel
+    # 5. Normalise (ImageNet mean/std, 0-1 units): x / (255 std) - mean / std (addcmul with per-channel
     # constants is three times slower on the CPU than these two passes).
     std = _host_constant(cfg.std, dev).view(1, 3, 1, 1)
-    x.mul_(1.0 / std).sub_(_host_constant(cfg.mean, dev).view(1, 3, 1, 1) / std)
+    x.mul_(1.0 / (255.0 * std)).sub_(_host_constant(cfg.mean, dev).view(1, 3, 1, 1) / std)
     return x[:batch], boxes[:batch], x[batch:], boxes[batch:]
 
 
