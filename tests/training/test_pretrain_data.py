@@ -14,16 +14,14 @@ from torchvision.io import decode_jpeg
 
 from insloc_hub.errors import ConfigError, DatasetError, InvalidImageError
 from insloc_hub.training.pretraining import pretrain_data
-from insloc_hub.training.pretraining.compose import CompositionConfig, compose_batch
+from insloc_hub.training.pretraining.compose import CompositionConfig
 from insloc_hub.training.pretraining.pretrain_data import (
     DevicePrefetcher,
     EncodedImage,
     InsLocBytesDataset,
-    InsLocDecodeDataset,
     InsLocPretrainDataset,
     UnlabelledImages,
     apply_exif_orientation,
-    collate_decoded,
     collate_encoded,
     compose_encoded_batch,
     decode_batch,
@@ -180,27 +178,6 @@ def test_backgrounds_are_drawn_uniformly_with_replacement() -> None:
     draws = np.array([[sample_rng(0, 0, i).integers(0, 10) for _ in range(2)] for i in range(2000)])
     counts = np.bincount(draws.ravel(), minlength=10)
     assert counts.min() > 300 and counts.max() < 500
-
-
-# -- InsLocDecodeDataset (batched device path) ---------------------------------------------------
-def test_decode_dataset_feeds_the_batched_composer(tmp_path: Path) -> None:
-    _write_tree(tmp_path / "train")
-    images = UnlabelledImages(tmp_path / "train")
-    ref = InsLocPretrainDataset(images, TINY, seed=5)
-    dec = InsLocDecodeDataset(images, TINY, seed=5, max_side=512)
-    batch = collate_decoded([dec[i] for i in range(len(dec))])
-    assert batch["bg_q"].shape == (5, 3, 64, 64) and batch["bg_q"].dtype == torch.uint8
-    assert [tuple(f.shape[1:]) for f in batch["fg"]][0] == (160, 160)
-    q, qb, k, kb = compose_batch(batch["fg"], batch["bg_q"], batch["bg_k"], TINY, params=batch["params"])
-    assert q.shape == (5, 3, 64, 64)
-    for i in range(len(ref)):
-        s = ref[i]  # same draws -> same boxes as the CPU reference path
-        assert torch.equal(qb[i], s["q_box"]) and torch.equal(kb[i], s["k_box"])
-    small = InsLocDecodeDataset(images, TINY, seed=5, max_side=100)
-    fg = small[0]["fg"]
-    assert max(fg.shape[1:]) == 100
-    p = small[0]["params"]
-    assert p.foreground_size == (fg.shape[2], fg.shape[1])
 
 
 # -- fast CPU pipeline (default) -------------------------------------------------------------------

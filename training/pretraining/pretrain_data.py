@@ -6,8 +6,8 @@ epoch, never fatal. Every dataset draws the official sample (``ImageNetDataset.p
 ``mmdet/datasets/imagenet.py`` L66-91 at limbo0000/InstanceLoc @ a419bb6: foreground = image ``idx``,
 two backgrounds drawn uniformly with replacement from the whole set); they differ only in where the
 images are decoded and composed: :class:`InsLocPretrainDataset` in the CPU workers (fast tensor
-pipeline, or the PIL reference), :class:`InsLocDecodeDataset` (decoded in the workers) and
-:class:`InsLocBytesDataset` (bytes only; nvJPEG on CUDA) on the device.
+pipeline, or the PIL reference) and :class:`InsLocBytesDataset` (bytes only; decoded and composed on the
+device, nvJPEG on CUDA).
 
 Reproducibility. Sample ``idx`` of epoch ``e`` is a pure function of ``(seed, e, idx)`` and the
 files: every draw comes from ``numpy.random.default_rng(SeedSequence([seed, e, idx]))``, whatever the
@@ -44,9 +44,7 @@ from insloc_hub.training.pretraining.compose import (
     compose_batch,
     compose_pair,
     foreground_reduction,
-    mmcv_rescale_size,
     sample_composition_params,
-    stretch_background_pil,
     stretch_to_canvas,
 )
 from insloc_hub.transforms import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
@@ -56,7 +54,6 @@ __all__ = [
     "UnlabelledImages",
     "UnreadableReport",
     "InsLocPretrainDataset",
-    "InsLocDecodeDataset",
     "InsLocBytesDataset",
     "EncodedImage",
     "collate_decoded",
@@ -509,62 +506,8 @@ class InsLocPretrainDataset(PretrainSampleDataset):
                 enc = self._replace(enc, err, rng)
 
 
-class InsLocDecodeDataset(PretrainSampleDataset):
-    """Decode-only twin of :class:`InsLocPretrainDataset` for composing on the device.
-
-    ``dataset[idx]`` returns ``dict(fg, bg_q, bg_k, params, index)``:
-
-    * ``fg`` -- the foreground, uint8 ``[3, h, w]``, downscaled (bilinear, aspect kept) so that its
-      long side is at most ``max_side`` (bounds the memory of a batch of variable-size images);
-    * ``bg_q``, ``bg_k`` -- the backgrounds stretched to the canvas exactly as the reference does
-      (PIL bilinear), uint8 ``[3, S, S]``;
-    * ``params`` -- the sample's :class:`CompositionParams`, drawn for ``fg``'s size.
-
-    Batch with :func:`collate_decoded` and compose with ``compose_batch(fg, bg_q, bg_k, cfg,
-    params=params, device=...)``. Draws are the same as :class:`InsLocPretrainDataset`'s for the same
-    ``(seed, epoch, idx)``, so for foregrounds not larger than ``max_side`` the boxes are identical
-    to the CPU path. For larger ones the crops are taken from the downscaled image (one extra
-    resampling; no visible loss while ``max_side`` stays above about 1.6 x the largest paste side).
-    """
-
-    def __init__(
-        self,
-        images: UnlabelledImages,
-        cfg: CompositionConfig | None = None,
-        seed: int = 0,
-        *,
-        max_side: int = 512,
-    ) -> None:
-        super().__init__(images, cfg, seed)
-        if max_side < 1:
-            raise ValueError("max_side must be positive")
-        self.max_side = int(max_side)
-
-    def _load_foreground(self, index: int) -> Image.Image:
-        img = self.images.load(index)
-        if max(img.size) > self.max_side:  # long side to max_side, rounded as mmcv rounds
-            img = img.resize(mmcv_rescale_size(*img.size, self.max_side, self.max_side), Image.Resampling.BILINEAR)
-        return img
-
-    def _load_background(self, index: int) -> Image.Image:
-        return stretch_background_pil(self.images.load(index), self.cfg.canvas)  # on the CPU, as the reference
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, index = self._key(key)
-        rng = sample_rng(self.seed, epoch, index)
-        fg, bg_q, bg_k = self._draw(index, rng, self._load_foreground, self._load_background)
-        params = sample_composition_params(fg.size, self.cfg, rng)
-        return {
-            "fg": pil_to_tensor(fg),
-            "bg_q": pil_to_tensor(bg_q),
-            "bg_k": pil_to_tensor(bg_k),
-            "params": params,
-            "index": index,
-        }
-
-
 def collate_decoded(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Collate :class:`InsLocDecodeDataset` samples: ``fg`` and ``params`` stay lists, backgrounds stack.
+    """Collate decoded samples (``MocoDecodeDataset``): ``fg`` and ``params`` stay lists, backgrounds stack.
 
     Samples of :class:`InsLocBytesDataset` are passed on to :func:`collate_encoded`, so one collate
     function serves every device-composition dataset.
