@@ -7,6 +7,11 @@ raccoon TRAIN split and is scored on its TEST split (COCO AP / AP50 / AP75), ove
 * ``moco``: image-level MoCo v2 pretraining (``insloc-train pretrain --method moco``).
 * ``insloc``: InsLoc pretraining (``insloc-train pretrain --method insloc``).
 
+Diagnostic rows (``--rows``, see ``ROW_SPECS``): ``insloc-trunk`` / ``insloc-fpn`` keep only the trunk /
+the trunk and FPN of the InsLoc pretraining (the rest re-initialised); ``*-xnorm`` fine-tune with the
+official InsLoc fine-tuning head (``--box-head-extra-norm``: a new BN after the box head's fc);
+``insloc-batchbg`` pretrains with the backgrounds taken from the other images of the batch.
+
 Both pretrainings use the same unlabelled images, trunk, schedule and seed. The unlabelled folder
 is built here in the work folder: the photographs of the raccoon train split (never the test
 split; the script checks) plus the real photographs shipped with scikit-image. Labels are not used
