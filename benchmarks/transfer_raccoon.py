@@ -79,6 +79,8 @@ ROW_SPECS: dict[str, Row] = {
     "random-xnorm": Row("random init, extra head BN", finetune_flags=EXTRA_NORM),
     "moco-xnorm": Row("MoCo v2, extra head BN", "moco", finetune_flags=EXTRA_NORM),
     "insloc-xnorm": Row("InsLoc, extra head BN", "insloc", finetune_flags=EXTRA_NORM),
+    "insloc-trunk-xnorm": Row("InsLoc trunk (FPN, box head re-initialised), extra head BN", "insloc",
+                              parts=("trunk",), finetune_flags=EXTRA_NORM),
     "insloc-batchbg": Row("InsLoc, in-batch backgrounds", "insloc-batchbg"),
 }
 ROWS = ("random", "moco", "insloc")
