@@ -38,8 +38,9 @@ SMALL: dict[str, Any] = dict(projection_norm="batch", inbatch_negatives=True)
 #: AdamW at 1e-3 for batch 16 (0.016 per 256 under the linear scaling rule), wd 0.05, 5-epoch (55-step) warmup
 ADAMW: dict[str, Any] = dict(optimizer="adamw", lr=0.016, weight_decay=0.05, warmup_epochs=5)
 
-#: the current ``--preset small-data`` (projection BN, only the batch's keys as negatives, key momentum 0, AdamW 3e-3)
-PRESET: dict[str, Any] = {**SMALL, **ADAMW, "lr": 0.048, "queue_negatives": False, "key_momentum": 0.0}
+#: ``--preset small-data`` as the engine defines it (projection BN, only the batch's keys as negatives, key
+#: momentum 0, AdamW 3e-3); its batch, queue and method are BASE's
+PRESET: dict[str, Any] = dict(engine.PRETRAIN_PRESETS["small-data"])
 
 #: name -> (what changes, config overrides, InsLoc keyword overrides, optimizer change)
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
