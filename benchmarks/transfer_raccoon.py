@@ -81,6 +81,8 @@ ROW_SPECS: dict[str, Row] = {
     "insloc-xnorm": Row("InsLoc, extra head BN", "insloc", finetune_flags=EXTRA_NORM),
     "insloc-trunk-xnorm": Row("InsLoc trunk (FPN, box head re-initialised), extra head BN", "insloc",
                               parts=("trunk",), finetune_flags=EXTRA_NORM),
+    "insloc-fpn-xnorm": Row("InsLoc trunk and FPN (box head re-initialised), extra head BN", "insloc",
+                            parts=("trunk", "fpn"), finetune_flags=EXTRA_NORM),
     "insloc-batchbg": Row("InsLoc, in-batch backgrounds", "insloc-batchbg"),
 }
 ROWS = ("random", "moco", "insloc")
