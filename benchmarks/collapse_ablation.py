@@ -131,6 +131,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
     "preset+t-0.5": ("the small-data preset + temperature 0.5", {**PRESET, "temperature": 0.5}, {}, None),
     "preset+t-0.3": ("the small-data preset + temperature 0.3", {**PRESET, "temperature": 0.3}, {}, None),
     "preset+lr-x2": ("the small-data preset with AdamW 6e-3 (0.096 per 256)", {**PRESET, "lr": 0.096}, {}, None),
+    "preset+t-0.5+batchbg": ("the small-data preset + temperature 0.5 + in-batch backgrounds (device composer)", {
+        **PRESET, "temperature": 0.5, "gpu_composition": "on", "batch_backgrounds": True}, {}, None),
+    "preset+t-0.5+batchbg+symmetric": ("... + symmetric loss", {
+        **PRESET, "temperature": 0.5, "gpu_composition": "on", "batch_backgrounds": True, "symmetric_loss": True},
+        {}, None),
     "preset+p2-only": ("the small-data preset, loss on P2 only (level weights 1, 0, 0, 0)", PRESET,
                        {"level_weights": (1, 0, 0, 0)}, None),
     "projection-bn+inbatch+adamw+km-0.999": ("... + AdamW (as above) + key momentum 0.999", {
