@@ -136,6 +136,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
     "preset+t-0.5+batchbg+symmetric": ("... + symmetric loss", {
         **PRESET, "temperature": 0.5, "gpu_composition": "on", "batch_backgrounds": True, "symmetric_loss": True},
         {}, None),
+    "preset+epochs-240": ("the small-data preset over 4x the raccoon budget (240 epochs, 2,640 steps)", {
+        **PRESET, "epochs": 240}, {}, None),
     "preset+p2-only": ("the small-data preset, loss on P2 only (level weights 1, 0, 0, 0)", PRESET,
                        {"level_weights": (1, 0, 0, 0)}, None),
     "projection-bn+inbatch+adamw+km-0.999": ("... + AdamW (as above) + key momentum 0.999", {
