@@ -18,7 +18,6 @@ re-checked here (``verify=False``): the export tests prove it.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.runner import Row, measure, peak_memory_mb, print_table  # noqa: E402
+from benchmarks.runner import Row, measure, print_table  # noqa: E402
 from insloc_hub import build_detector  # noqa: E402
 from insloc_hub.export import export_onnx, ort_session  # noqa: E402
 from insloc_hub.export.parity import photographs  # noqa: E402
@@ -71,23 +70,6 @@ def _features_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
 CLOCK = {"name": "wall"}
 
 
-def measure_cpu(workload: str, variant: str, fn, *, images: int = 1, repeats: int = 5, warmup: int = 1,
-                baseline: bool = False, **extra: object) -> Row:
-    """Like ``runner.measure`` but timing the process's CPU time (``time.process_time``).
-
-    With one thread per runtime and no spinning this is the work a call costs, which a neighbour's
-    load on a shared machine barely changes (wall time on such a machine varies 2-3x between runs).
-    """
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return Row(workload, variant, statistics.median(times), images, baseline, peak_memory_mb(), dict(extra))
-
-
 def measure_interleaved(cases: list[dict], rounds: int) -> list[Row]:
     """``measure`` each case ``rounds`` times, alternating between cases; keep each case's fastest round.
 
@@ -97,7 +79,7 @@ def measure_interleaved(cases: list[dict], rounds: int) -> list[Row]:
     best: list[Row | None] = [None] * len(cases)
     for _ in range(rounds):
         for i, case in enumerate(cases):
-            row = measure_cpu(**case) if CLOCK["name"] == "cpu" else measure(**case)
+            row = measure(**case, clock=time.process_time if CLOCK["name"] == "cpu" else time.perf_counter)
             if best[i] is None or row.seconds < best[i].seconds:
                 best[i] = row
     return [r for r in best if r is not None]

@@ -70,32 +70,38 @@ def peak_memory_mb(device: str = "cpu") -> float:
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1,
-                   sync: Callable[[], object] | None = None) -> float:
-    """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` calls (``sync`` after each)."""
+                   sync: Callable[[], object] | None = None, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median time of ``fn`` over ``repeats`` calls after ``warmup`` calls (``sync`` after each).
+
+    ``clock`` is wall time by default; ``time.process_time`` times the process's CPU time instead, which a
+    neighbour's load on a shared machine barely changes when each runtime uses one thread and does not spin.
+    """
     for _ in range(warmup):
         fn()
         if sync:
             sync()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
         if sync:
             sync()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
 def measure(workload: str, variant: str, fn: Callable[[], object], *, images: int = 1, repeats: int = 5,
-            warmup: int = 1, baseline: bool = False, device: str = "cpu", **extra: object) -> Row:
-    """Time ``fn`` and return its :class:`Row` (peak memory read after the timing)."""
+            warmup: int = 1, baseline: bool = False, device: str = "cpu",
+            clock: Callable[[], float] = time.perf_counter, **extra: object) -> Row:
+    """Time ``fn`` (with ``clock``, see :func:`median_seconds`) and return its :class:`Row` (peak memory read
+    after the timing)."""
     sync = None
     if device.startswith("cuda"):
         import torch
 
         torch.cuda.reset_peak_memory_stats()
         sync = torch.cuda.synchronize
-    seconds = median_seconds(fn, repeats, warmup, sync)
+    seconds = median_seconds(fn, repeats, warmup, sync, clock)
     return Row(workload, variant, seconds, images, baseline, peak_memory_mb(device), dict(extra))
 
 
