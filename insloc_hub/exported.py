@@ -1,15 +1,53 @@
-"""Exported .onnx files as every reader sees them: onnxruntime sessions made one way.
+"""Exported .onnx files as every reader sees them: their ``insloc.*`` metadata and onnxruntime sessions.
 
-Export (parity checks, TensorRT comparisons), serving and the benchmarks open exported graphs with
-:func:`ort_session`, so they pick providers and threads alike. onnxruntime is imported on first use.
+Export writes the metadata with :func:`encode`; export and serving read it back with :func:`decode`
+(one place for the keys and their JSON). Export (parity checks, TensorRT comparisons), serving and the
+benchmarks open graphs with :func:`ort_session`, so they pick providers and threads alike.
+onnxruntime is imported on first use.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 from insloc_hub.errors import ConfigError, MissingDependencyError
+
+PREFIX = "insloc."
+#: keys whose values are JSON (the others are plain strings)
+JSON_KEYS = ("class_names", "preprocessing", "inputs", "outputs", "parity", "options")
+
+
+def encode(fields: dict[str, Any]) -> dict[str, str]:
+    """``{"task": "detector", "class_names": [...]}`` -> ``{"insloc.task": "detector", "insloc.class_names": "[..]"}``.
+
+    ``None`` values are left out.
+    """
+    props = {}
+    for key, value in fields.items():
+        if value is None:
+            continue
+        props[PREFIX + key] = json.dumps(value) if key in JSON_KEYS else str(value)
+    return props
+
+
+def decode(props: dict[str, str]) -> dict[str, Any]:
+    """The inverse of :func:`encode` for the ``insloc.*`` keys (other keys are ignored)."""
+    fields: dict[str, Any] = {}
+    for key, value in props.items():
+        if not key.startswith(PREFIX):
+            continue
+        name = key[len(PREFIX):]
+        if name in JSON_KEYS:
+            try:
+                fields[name] = json.loads(value)
+            except json.JSONDecodeError:
+                fields[name] = value
+        else:
+            fields[name] = value
+    return fields
+
 
 ORT_INSTALL = "pip install 'insloc-hub[onnxruntime]' (or 'insloc-hub[onnxruntime-gpu]' for CUDA)"
 

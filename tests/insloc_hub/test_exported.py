@@ -1,4 +1,4 @@
-"""insloc_hub.exported: the onnxruntime sessions export, serve and the benchmarks share."""
+"""insloc_hub.exported: the metadata encoding and onnxruntime sessions export, serve and the benchmarks share."""
 
 from __future__ import annotations
 
@@ -7,7 +7,18 @@ import sys
 import pytest
 
 from insloc_hub.errors import ConfigError, MissingDependencyError
-from insloc_hub.exported import import_onnxruntime, providers_for
+from insloc_hub.exported import decode, encode, import_onnxruntime, providers_for
+
+
+def test_metadata_round_trips_and_ignores_foreign_keys():
+    fields = {"task": "detector", "class_names": ["cat", "mug"], "opset": 18, "parity": {"passed": True},
+              "revision": None}
+    props = encode(fields)
+    assert props == {"insloc.task": "detector", "insloc.class_names": '["cat", "mug"]', "insloc.opset": "18",
+                     "insloc.parity": '{"passed": true}'}  # None values are left out; JSON for structured keys
+    assert decode({**props, "producer": "x"}) == {"task": "detector", "class_names": ["cat", "mug"], "opset": "18",
+                                                  "parity": {"passed": True}}
+    assert decode({"insloc.class_names": "not json"}) == {"class_names": "not json"}
 
 
 def test_missing_onnxruntime_says_what_to_install(monkeypatch):
