@@ -183,40 +183,6 @@ def _pretrain_config(sizes: Sizes, arch: str) -> Any:
                           canvas=sizes.canvas, queue_size=sizes.queue, workers=sizes.workers, device=sizes.device)
 
 
-def _setup(cfg: Any, variant: Variant, device: Any) -> dict[str, Any]:
-    import torch
-
-    from insloc_hub.training.pretraining.engine import build_model, compile_encoders
-
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    if variant.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if variant.compile:
-        compile_encoders(model)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.scaled_lr,
-                                momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    model.train()
-    return {"model": model, "optimizer": optimizer, "amp": torch.bfloat16 if variant.amp else None,
-            "channels_last": variant.channels_last}
-
-
-def _synthetic_views(cfg: Any, device: Any, channels_last: bool) -> tuple[Any, ...]:
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    b, s = cfg.batch_size, cfg.canvas
-    views = []
-    for _ in range(2):
-        img = torch.randn(b, 3, s, s, generator=g).to(device)
-        if channels_last:
-            img = img.contiguous(memory_format=torch.channels_last)
-        wh = (torch.rand(b, 2, generator=g) * 0.5 + 0.25) * s
-        xy = torch.rand(b, 2, generator=g) * (s - wh)
-        views += [img, torch.cat([xy, xy + wh], dim=1).floor().to(device)]
-    return tuple(views)
-
-
 class Pipeline:
     """Workers read bytes; the main process decodes (nvJPEG on CUDA), composes and steps."""
 
@@ -274,10 +240,12 @@ def _pretrain_variant(check: Check, cfg: Any, label: str, images: Any, variant: 
     import torch
 
     from benchmarks.runner import measure
+    from benchmarks.train_throughput import make_setup, synthetic_views
 
     sizes, device = check.sizes, torch.device(check.sizes.device)
-    setup = _setup(cfg, variant, device)
-    views = _synthetic_views(cfg, device, variant.channels_last)
+    setup = make_setup(cfg, device, amp=torch.bfloat16 if variant.amp else None, channels_last=variant.channels_last,
+                       compile_model=variant.compile)
+    views = synthetic_views(cfg, device, variant.channels_last)
     counter = iter(range(10**9))
     check.rows.append(measure(f"{label} step, {sizes.canvas} px, batch {sizes.batch}", variant.name,
                               lambda: _step(setup, views, next(counter)), images=cfg.batch_size, repeats=sizes.steps,

@@ -83,39 +83,51 @@ def write_photos(folder: Path, count: int, side: int = 500) -> Path:
     return folder
 
 
-def synthetic_views(cfg: PretrainConfig, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def synthetic_views(cfg: PretrainConfig, device: torch.device, channels_last: bool = False,
+                    seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Two random views ``(q, q_boxes, k, k_boxes)`` of ``cfg``'s batch and canvas, one box per image."""
     g = torch.Generator().manual_seed(seed)
     b, s = cfg.batch_size, cfg.canvas
-    images = [torch.randn(b, 3, s, s, generator=g) for _ in range(2)]
+    images = [torch.randn(b, 3, s, s, generator=g).to(device) for _ in range(2)]
+    if channels_last:
+        images = [img.contiguous(memory_format=torch.channels_last) for img in images]
     boxes = []
     for _ in range(2):
         wh = (torch.rand(b, 2, generator=g) * 0.5 + 0.25) * s
         xy = torch.rand(b, 2, generator=g) * (s - wh)
         boxes.append(torch.cat([xy, xy + wh], dim=1).floor())
-    return images[0].to(device), boxes[0].to(device), images[1].to(device), boxes[1].to(device)
+    return images[0], boxes[0].to(device), images[1], boxes[1].to(device)
 
 
-def make_setup(cfg: PretrainConfig, device: torch.device, optimised: bool, compile_model: bool) -> dict[str, Any]:
+def make_setup(cfg: PretrainConfig, device: torch.device, *, amp: torch.dtype | None = None,
+               channels_last: bool = False, compile_model: bool = False,
+               gpu_composition: bool = False) -> dict[str, Any]:
+    """``cfg``'s model on ``device`` in train mode, with pretraining's SGD, for timing steps."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device)
-    rt = resolve_runtime(cfg, device) if optimised else None
-    channels_last = bool(rt and rt.channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if optimised and compile_model:
+    if compile_model:
         compile_encoders(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.scaled_lr,
                                 momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     model.train()
-    return {"model": model, "optimizer": optimizer, "amp": rt.amp_dtype if rt else None,
-            "channels_last": channels_last, "gpu_composition": bool(rt and rt.gpu_composition)}
+    return {"model": model, "optimizer": optimizer, "amp": amp, "channels_last": channels_last,
+            "gpu_composition": gpu_composition}
+
+
+def runtime_setup(cfg: PretrainConfig, device: torch.device, optimised: bool, compile_model: bool) -> dict[str, Any]:
+    """:func:`make_setup` as pretraining runs: fp32 eager (baseline) or with ``resolve_runtime``'s choices."""
+    if not optimised:
+        return make_setup(cfg, device)
+    rt = resolve_runtime(cfg, device)
+    return make_setup(cfg, device, amp=rt.amp_dtype, channels_last=rt.channels_last, compile_model=compile_model,
+                      gpu_composition=rt.gpu_composition)
 
 
 def step_throughput(cfg: PretrainConfig, setup: dict[str, Any], device: torch.device, steps: int,
                     warmup: int) -> float:
-    q, qb, k, kb = synthetic_views(cfg, device)
-    if setup["channels_last"]:
-        q, k = q.contiguous(memory_format=torch.channels_last), k.contiguous(memory_format=torch.channels_last)
+    q, qb, k, kb = synthetic_views(cfg, device, setup["channels_last"])
     if cfg.method == "moco":
         qb = kb = None
     times = []
@@ -214,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
           f"canvas {cfg.canvas}, K {cfg.queue_size}, loader workers {workers}, steps {args.steps}", flush=True)
 
     rows = []
-    setups = {name: make_setup(cfg, device, name == "optimised", args.compile) for name in ("baseline", "optimised")}
+    setups = {name: runtime_setup(cfg, device, name == "optimised", args.compile) for name in ("baseline", "optimised")}
     for name, setup in setups.items():
         print(f"  {name}: amp {setup['amp']}, channels_last {setup['channels_last']}, device composition "
               f"{setup['gpu_composition']}", flush=True)

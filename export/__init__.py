@@ -10,7 +10,7 @@ Example:
 from insloc_hub.export.metadata import read_metadata
 from insloc_hub.export.onnx_export import ExportResult, export_onnx
 from insloc_hub.export.parity import ParityReport, Tolerance, match_detections, verify_onnx
-from insloc_hub.export.runtime import ort_session
+from insloc_hub.exported import ort_session
 
 __all__ = ["ExportResult", "ParityReport", "Tolerance", "export_onnx", "match_detections", "ort_session",
            "read_metadata", "verify_onnx"]

@@ -1,7 +1,8 @@
-"""``metadata_props`` of exported ONNX files (CONTRACT part 2): written by export, read by serving.
+"""``metadata_props`` of exported ONNX files (CONTRACT part 2), with onnx: written here, read by serving.
 
-Every key is prefixed ``insloc.``; structured values are JSON strings. :func:`read_metadata` returns
-them decoded, so ``read_metadata(path)["class_names"]`` is a list.
+The keys and their encoding (``insloc.`` prefix, JSON for structured values) live in
+:mod:`insloc_hub.exported`, which serving reads too. :func:`read_metadata` returns them decoded, so
+``read_metadata(path)["class_names"]`` is a list.
 """
 
 from __future__ import annotations
@@ -12,40 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from insloc_hub.errors import ConfigError
-
-PREFIX = "insloc."
-#: keys whose values are JSON (the others are plain strings)
-JSON_KEYS = ("class_names", "preprocessing", "inputs", "outputs", "parity", "options")
-
-
-def encode(fields: dict[str, Any]) -> dict[str, str]:
-    """``{"task": "detector", "class_names": [...]}`` -> ``{"insloc.task": "detector", "insloc.class_names": "[..]"}``.
-
-    ``None`` values are left out.
-    """
-    props = {}
-    for key, value in fields.items():
-        if value is None:
-            continue
-        props[PREFIX + key] = json.dumps(value) if key in JSON_KEYS else str(value)
-    return props
-
-
-def decode(props: dict[str, str]) -> dict[str, Any]:
-    """The inverse of :func:`encode` for the ``insloc.*`` keys (other keys are ignored)."""
-    fields: dict[str, Any] = {}
-    for key, value in props.items():
-        if not key.startswith(PREFIX):
-            continue
-        name = key[len(PREFIX):]
-        if name in JSON_KEYS:
-            try:
-                fields[name] = json.loads(value)
-            except json.JSONDecodeError:
-                fields[name] = value
-        else:
-            fields[name] = value
-    return fields
+from insloc_hub.exported import PREFIX, decode, encode
 
 
 def set_metadata(model: Any, fields: dict[str, Any]) -> None:

@@ -165,9 +165,9 @@ def export_onnx(
                               f"got {value}")
     output = Path(output)
     if verify:  # fail before the (slow) export when the check could not run
-        from insloc_hub.export.runtime import import_onnxruntime
+        from insloc_hub.exported import import_onnxruntime
 
-        import_onnxruntime()
+        import_onnxruntime("To export without the parity check, pass --no-verify (verify=False).")
     tmp = _writable_temp(output)
     try:
         model = load_model(model_or_name, revision).eval()

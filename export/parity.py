@@ -254,7 +254,7 @@ def verify_onnx(
         ...                      input_name="images")  # doctest: +SKIP
         >>> print(report.summary())  # doctest: +SKIP
     """
-    from insloc_hub.export.runtime import ort_session
+    from insloc_hub.exported import ort_session
 
     tol = tolerance or Tolerance()
     session = session or ort_session(path, threads=threads)

@@ -213,7 +213,7 @@ def verify_engine(engine_path: Path, onnx_path: str | os.PathLike[str], metadata
                   profile: dict[str, tuple[tuple[int, ...], ...]], precision: str) -> Any:
     """Compare the engine with onnxruntime on the parity pixels that fit the profile."""
     from insloc_hub.export.parity import ParityReport, Tolerance, compare_case, parity_inputs, photographs
-    from insloc_hub.export.runtime import ort_session
+    from insloc_hub.exported import ort_session
 
     task = metadata["task"]
     (input_name, (lo, _, hi)), = profile.items()

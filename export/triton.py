@@ -17,6 +17,7 @@ from typing import Any
 
 from insloc_hub.errors import ConfigError
 from insloc_hub.export.metadata import read_metadata
+from insloc_hub.exported import encode
 
 #: numpy dtype name -> Triton data type
 TRITON_TYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64",
@@ -67,13 +68,8 @@ def render_config(metadata: dict[str, Any], name: str, *, max_batch_size: int = 
         lines.append(f"dynamic_batching {{\n  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
                      f"  max_queue_delay_microseconds: {max_queue_delay_us}\n}}")
     lines.append(f"instance_group [\n  {{\n    count: {instances}\n    kind: {INSTANCE_KINDS[kind]}\n  }}\n]")
-    params = {
-        "insloc.task": metadata["task"],
-        "insloc.preprocessing": json.dumps(metadata.get("preprocessing", {})),
-        "insloc.model_name": str(metadata.get("model_name", "")),
-    }
-    if metadata.get("class_names") is not None:
-        params["insloc.class_names"] = json.dumps(metadata["class_names"])
+    params = encode({"task": metadata["task"], "preprocessing": metadata.get("preprocessing", {}),
+                     "model_name": metadata.get("model_name", ""), "class_names": metadata.get("class_names")})
     for key, value in params.items():
         lines.append(f"parameters {{\n  key: {_quote(key)}\n  value: {{ string_value: {_quote(value)} }}\n}}")
     inside = "resizing, normalisation and post-processing happen" if metadata["task"] == "detector" \

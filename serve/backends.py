@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from insloc_hub.errors import ConfigError
+from insloc_hub.exported import decode, ort_session, providers_for
 from insloc_hub.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
@@ -103,14 +104,6 @@ def _group_by_shape(images: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[
     for index, image in enumerate(images):
         groups.setdefault(image.shape, []).append(index)
     return groups
-
-
-def _json_field(meta: dict[str, str], key: str) -> dict[str, Any]:
-    try:
-        value = json.loads(meta.get(key, "{}"))
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _card_summary(folder: Path | None) -> str:
@@ -295,50 +288,36 @@ class OnnxBackend(Backend):
     """An .onnx file written by ``insloc-export onnx`` (the runtime contract's part 2), run by ONNX Runtime."""
 
     def __init__(self, path: str, *, name: str | None = None, device: str = "auto", threads: int = 0) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise ConfigError("the onnxruntime backend needs onnxruntime: pip install 'insloc-hub[onnxruntime]' "
-                              "(or onnxruntime-gpu)") from exc
         file = Path(path)
         if not file.is_file():
             raise ConfigError(f"ONNX file {path!r} does not exist")
-        available = ort.get_available_providers()
-        want_cuda = device.startswith("cuda") or (device == "auto" and "CUDAExecutionProvider" in available)
-        if device.startswith("cuda") and "CUDAExecutionProvider" not in available:
-            raise ConfigError("--device cuda needs onnxruntime-gpu (CUDAExecutionProvider is not available)")
-        providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
-            # idle ORT threads must not spin: they would steal the cores of the HTTP loop and other models
-            options.add_session_config_entry(key, "0")
+        providers = providers_for(device)
         try:
-            self.session = ort.InferenceSession(str(file), options, providers=providers)
+            self.session = ort_session(file, threads=threads, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
             raise ConfigError(f"ONNX Runtime cannot load {path!r}: {exc}") from exc
-        meta = self.session.get_modelmeta().custom_metadata_map
-        task = meta.get("insloc.task")
+        meta = decode(self.session.get_modelmeta().custom_metadata_map)
+        task = meta.get("task")
         if task not in ("features", "embedding", "detector"):
             raise ConfigError(f"{path!r} has no insloc.task metadata (features, embedding or detector); "
                               "export it with insloc-export onnx")
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.batched_detector = task == "detector" and self.input_name == "images"
-        exported_name = meta.get("insloc.model_name") or file.stem
+        exported_name = meta.get("model_name") or file.stem
         if exported_name.startswith(("/", ".", "~")) or Path(exported_name).is_dir():
             exported_name = Path(exported_name).name  # exported from a local folder: its name, not its path
+        preprocessing = meta.get("preprocessing")
         self.info = ModelInfo(
             name=served_name(name or exported_name),
-            revision=meta.get("insloc.revision") or "local", sha256=meta.get("insloc.weights_sha256", ""),
+            revision=meta.get("revision") or "local", sha256=meta.get("weights_sha256", ""),
             task="detection" if task == "detector" else task, backend="onnxruntime",
-            device="cuda" if want_cuda else "cpu", source=str(file),
-            class_names=list(json.loads(meta.get("insloc.class_names", "[]"))),
+            device="cuda" if providers[0] == "CUDAExecutionProvider" else "cpu", source=str(file),
+            class_names=list(meta.get("class_names", [])),
             feature_names=[n for n in self.output_names if n != "embedding"] if task == "features" else [],
-            embedding_dim=None, preprocessing=_json_field(meta, "insloc.preprocessing"),
-            card_summary=f"exported by {meta.get('insloc.exporter', '?')} (opset {meta.get('insloc.opset', '?')}); "
-                         f"parity {meta.get('insloc.parity', '?')}",
+            embedding_dim=None, preprocessing=preprocessing if isinstance(preprocessing, dict) else {},
+            card_summary=f"exported by {meta.get('exporter', '?')} (opset {meta.get('opset', '?')}); "
+                         f"parity {json.dumps(meta['parity']) if 'parity' in meta else '?'}",
         )
         if "embedding" in self.output_names:
             dim = self.session.get_outputs()[self.output_names.index("embedding")].shape[-1]

@@ -16,20 +16,23 @@ def label_name(label: int, class_names: list[str]) -> str:
     return class_names[label - 1] if 1 <= label <= len(class_names) else str(label)
 
 
-def filter_detections(det: Detections, opts: Options, class_names: list[str]) -> list[dict[str, Any]]:
-    """Detections above ``score_threshold``, of the asked ``classes``, best first, at most ``max_detections``."""
+def select_detections(det: Detections, opts: Options, class_names: list[str]) -> np.ndarray:
+    """Indices of the detections to answer with: ``score >= score_threshold``, of the asked ``classes``, best
+    first, at most ``max_detections`` (the one filter of /v1 lists and v2 tensors)."""
     order = np.argsort(-det.scores, kind="stable")
+    keep = [i for i in order if float(det.scores[i]) >= opts.score_threshold
+            and (opts.classes is None or label_name(int(det.labels[i]), class_names) in opts.classes)]
+    return np.array(keep[:opts.max_detections], dtype=np.int64)
+
+
+def filter_detections(det: Detections, opts: Options, class_names: list[str]) -> list[dict[str, Any]]:
+    """:func:`select_detections` as the /v1 list: label names, scores and boxes rounded for JSON."""
     out = []
-    for i in order:
-        score = float(det.scores[i])
-        name = label_name(int(det.labels[i]), class_names)
-        if score < opts.score_threshold or (opts.classes is not None and name not in opts.classes):
-            continue
+    for i in select_detections(det, opts, class_names):
+        label = int(det.labels[i])
         xmin, ymin, xmax, ymax = (round(float(v), 2) for v in det.boxes[i])
-        out.append({"label": name, "label_id": int(det.labels[i]), "score": round(score, 5),
+        out.append({"label": label_name(label, class_names), "label_id": label, "score": round(float(det.scores[i]), 5),
                     "box": {"xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax}})
-        if opts.max_detections is not None and len(out) >= opts.max_detections:
-            break
     return out
 
 

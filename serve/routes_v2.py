@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 
 from insloc_hub.serve.errors import ServiceError
 from insloc_hub.serve.inputs import Options, b64_image, decode_all, read_body
-from insloc_hub.serve.render import label_name
+from insloc_hub.serve.render import label_name, select_detections
 from insloc_hub.serve.service import ModelRuntime, Service
 from insloc_hub.version import __version__
 
@@ -153,15 +153,12 @@ def _tensor_outputs(runtime: ModelRuntime, results: list[Any], opts: Options) ->
         return {"embedding": np.stack(results).astype(np.float32)}
     boxes, scores, labels, names, index = [], [], [], [], []
     for i, det in enumerate(results):
-        keep = det.scores >= opts.score_threshold
-        order = np.argsort(-det.scores[keep], kind="stable")
-        if opts.max_detections is not None:
-            order = order[:opts.max_detections]
-        boxes.append(det.boxes[keep][order])
-        scores.append(det.scores[keep][order])
-        labels.append(det.labels[keep][order])
-        names += [label_name(int(x), runtime.info.class_names) for x in det.labels[keep][order]]
-        index.append(np.full(len(order), i, dtype=np.int64))
+        keep = select_detections(det, opts, runtime.info.class_names)
+        boxes.append(det.boxes[keep])
+        scores.append(det.scores[keep])
+        labels.append(det.labels[keep])
+        names += [label_name(int(x), runtime.info.class_names) for x in det.labels[keep]]
+        index.append(np.full(len(keep), i, dtype=np.int64))
     return {"boxes": np.concatenate(boxes).astype(np.float32).reshape(-1, 4),
             "scores": np.concatenate(scores).astype(np.float32), "labels": np.concatenate(labels).astype(np.int64),
             "label_names": np.array(names, dtype=object), "batch_index": np.concatenate(index)}
