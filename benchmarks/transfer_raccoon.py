@@ -68,6 +68,8 @@ PRETRAININGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "insloc": ("insloc", ()),
     # issue 13's option: both backgrounds from the other images of the batch (device composition, here on the CPU)
     "insloc-batchbg": ("insloc", ("--gpu-composition", "on", "--batch-backgrounds")),
+    # the preset's loss with the official optimiser: SGD, lr 0.03 per 256, wd 1e-4, no warmup
+    "insloc-sgd": ("insloc", ("--optimizer", "sgd", "--lr", "0.03", "--weight-decay", "1e-4", "--warmup-epochs", "0")),
 }
 EXTRA_NORM = ("--box-head-extra-norm",)  # the official InsLoc fine-tuning head (a new BN after the head's fc)
 ROW_SPECS: dict[str, Row] = {
@@ -85,6 +87,9 @@ ROW_SPECS: dict[str, Row] = {
     "insloc-fpn-xnorm": Row("InsLoc trunk and FPN (box head re-initialised), extra head BN", "insloc",
                             parts=("trunk", "fpn"), finetune_flags=EXTRA_NORM),
     "insloc-newfc": Row("InsLoc, box head fc re-initialised (its convs kept)", "insloc", reinit=("box_head.fc1.",)),
+    "insloc-sgd": Row("InsLoc, preset loss with SGD at the official lr", "insloc-sgd"),
+    "insloc-sgd-xnorm": Row("InsLoc, preset loss with SGD at the official lr, extra head BN", "insloc-sgd",
+                            finetune_flags=EXTRA_NORM),
     "insloc-batchbg": Row("InsLoc, in-batch backgrounds", "insloc-batchbg"),
 }
 ROWS = ("random", "moco", "insloc")
