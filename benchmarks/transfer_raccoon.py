@@ -87,6 +87,8 @@ ROW_SPECS: dict[str, Row] = {
     "insloc-fpn-xnorm": Row("InsLoc trunk and FPN (box head re-initialised), extra head BN", "insloc",
                             parts=("trunk", "fpn"), finetune_flags=EXTRA_NORM),
     "insloc-newfc": Row("InsLoc, box head fc re-initialised (its convs kept)", "insloc", reinit=("box_head.fc1.",)),
+    "insloc-newfc-xnorm": Row("InsLoc, box head fc re-initialised (its convs kept), extra head BN", "insloc",
+                              reinit=("box_head.fc1.",), finetune_flags=EXTRA_NORM),
     "insloc-sgd": Row("InsLoc, preset loss with SGD at the official lr", "insloc-sgd"),
     "insloc-sgd-xnorm": Row("InsLoc, preset loss with SGD at the official lr, extra head BN", "insloc-sgd",
                             finetune_flags=EXTRA_NORM),
