@@ -338,12 +338,13 @@ class InsLoc(nn.Module):
         """Write the keys of the global batch (``[B, L, dim]``, already gathered from every process) into
         every level's queue at the pointer."""
         batch_size = keys.shape[0]
-        ptr = int(self.queue_ptr)
         if self.K % batch_size != 0:
             raise ConfigError(f"the queue length K={self.K} must be a multiple of the global batch size "
                               f"{batch_size} (official: 65536 / 256); change --queue-size or --batch-size")
-        self.queue[:, :, ptr:ptr + batch_size] = keys.permute(1, 2, 0).to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + batch_size) % self.K
+        # columns ptr .. ptr + B - 1, indexed on the device: reading the pointer on the host would wait for the GPU
+        columns = (self.queue_ptr + torch.arange(batch_size, device=self.queue_ptr.device)) % self.K
+        self.queue.index_copy_(2, columns, keys.permute(1, 2, 0).to(self.queue.dtype))
+        self.queue_ptr.add_(batch_size).remainder_(self.K)
 
     @torch.no_grad()
     def _batch_shuffle_ddp(
