@@ -142,8 +142,8 @@ def _setup(images: UnlabelledImages, gpu_composition: bool, **overrides: Any) ->
 
 @pytest.mark.parametrize("gpu_composition", [False, True], ids=["cpu-composed", "device-composer"])
 @pytest.mark.parametrize("overrides", [{}, {"preset": "small-data", "arch": "tiny-fpn", "symmetric_loss": True,
-                                             "predictor_hidden": 16}, {"method": "moco"}],
-                         ids=["official", "small-data+symmetric+predictor", "moco"])
+                                             "predictor_hidden": 16}, {"arch": "tiny-c4"}, {"method": "moco"}],
+                         ids=["official", "small-data+symmetric+predictor", "c4", "moco"])
 def test_a_pretraining_step_without_diagnostics_reads_nothing_from_the_device(
         images: UnlabelledImages, gpu_composition: bool, overrides: dict[str, Any]) -> None:
     """``train_step`` as the trainer runs it (jitter drawn on the host first), on both data paths."""
