@@ -128,7 +128,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> UnlabelledImages:
 
 
 def _setup(images: UnlabelledImages, gpu_composition: bool, **overrides: Any) -> tuple[Any, ...]:
-    """A tiny-fpn model at 64 px, its optimizer and one loader batch of 2 images of the chosen path."""
+    """A tiny model at 64 px (tiny-fpn unless overridden), its optimizer and a loader batch of 2 images."""
     cfg = resolve_config({"preset": "tiny", "canvas": 64, "batch_size": 2, "queue_size": 4, "data": "d",
                           "output": "o", **overrides})
     torch.manual_seed(0)
@@ -172,6 +172,26 @@ def test_a_pretraining_step_without_diagnostics_reads_nothing_from_the_device(
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # a real step
     train_step(model, optimizer, views, generator=generator, diagnostics=True, jittered=jittered)  # log steps may read
     assert int(model.queue_ptr) == 0  # K = 4: the pointer wrapped around on the device
+
+
+def test_a_deliberate_host_read_inside_the_step_is_caught(images: UnlabelledImages,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The enqueue as it was before issue #13 (``int(queue_ptr)``): the recorder finds that read, and nothing else."""
+    cfg, model, optimizer, batch = _setup(images, False)
+    comp = composition_config(cfg)
+    views = batch_to_views(batch, comp, torch.device("cpu"), channels_last=False)
+    generator = torch.Generator().manual_seed(1)
+    jittered = jitter_on_host(model, host_boxes(batch, comp), generator, torch.device("cpu"))
+    enqueue = model._dequeue_and_enqueue
+
+    def reading_enqueue(keys: torch.Tensor) -> None:
+        int(model.queue_ptr)
+        enqueue(keys)
+
+    monkeypatch.setattr(model, "_dequeue_and_enqueue", reading_enqueue)
+    with HostReads() as reads:
+        train_step(model, optimizer, views, generator=generator, diagnostics=False, jittered=jittered)
+    assert reads.events == ["Tensor.__int__", "aten._local_scalar_dense.default"]
 
 
 def test_the_box_jitter_inside_the_step_would_read_from_the_device(images: UnlabelledImages) -> None:
