@@ -209,19 +209,25 @@ class Pipeline:
     def batch(self) -> Any:
         return next(self.iterator)
 
-    def views(self, channels_last: bool) -> tuple[Any, ...]:
-        from insloc_hub.training.pretraining.engine import batch_to_views
+    def views(self, channels_last: bool, batch: Any = None) -> tuple[Any, ...]:
+        """The views of ``batch`` (default: the next one), then its boxes on the host, as the trainer prepares them."""
+        from insloc_hub.training.pretraining.engine import batch_to_views, host_boxes
 
-        return batch_to_views(self.batch(), self.comp, self.device, channels_last)
+        batch = self.batch() if batch is None else batch
+        return batch_to_views(batch, self.comp, self.device, channels_last) + host_boxes(batch, self.comp)
 
 
-def _step(setup: dict[str, Any], views: tuple[Any, ...], i: int) -> None:
+def _step(setup: dict[str, Any], prepared: tuple[Any, ...], i: int) -> None:
+    """One trainer step of ``prepared`` (views, then host boxes): the box jitter drawn on the host first."""
     import torch
 
-    from insloc_hub.training.pretraining.engine import train_step
+    from insloc_hub.training.pretraining.engine import jitter_on_host, train_step
 
-    train_step(setup["model"], setup["optimizer"], views, amp_dtype=setup["amp"],
-               generator=torch.Generator().manual_seed(i), diagnostics=False)
+    q, q_box, k, k_box, *boxes = prepared
+    generator = torch.Generator().manual_seed(i)
+    jittered = jitter_on_host(setup["model"], boxes, generator, q.device)
+    train_step(setup["model"], setup["optimizer"], (q, q_box, k, k_box), amp_dtype=setup["amp"],
+               generator=generator, diagnostics=False, jittered=jittered)
 
 
 def pretraining(check: Check, arch: str, label: str, images: Any, variants: list[Variant],
@@ -245,7 +251,7 @@ def _pretrain_variant(check: Check, cfg: Any, label: str, images: Any, variant: 
     sizes, device = check.sizes, torch.device(check.sizes.device)
     setup = make_setup(cfg, device, amp=torch.bfloat16 if variant.amp else None, channels_last=variant.channels_last,
                        compile_model=variant.compile)
-    views = synthetic_views(cfg, device, variant.channels_last)
+    views = synthetic_views(cfg, device, variant.channels_last) + synthetic_views(cfg, torch.device("cpu"))[1::2]
     counter = iter(range(10**9))
     check.rows.append(measure(f"{label} step, {sizes.canvas} px, batch {sizes.batch}", variant.name,
                               lambda: _step(setup, views, next(counter)), images=cfg.batch_size, repeats=sizes.steps,
@@ -264,13 +270,14 @@ def _pretrain_variant(check: Check, cfg: Any, label: str, images: Any, variant: 
                               variant.name, run_pipeline, images=cfg.batch_size * sizes.pipeline_steps, repeats=3,
                               warmup=0, device=sizes.device, photos=len(images)))
     # the same, with the next batch decoded and composed on a side stream during the step
+    from insloc_hub.training.pretraining.engine import host_boxes
     from insloc_hub.training.pretraining.pretrain_data import DevicePrefetcher, compose_encoded_batch
 
     def prepare(batch: Any) -> tuple[Any, ...]:
         q, qb, k, kb = compose_encoded_batch(batch, pipe.comp, device)
         if variant.channels_last:
             q, k = q.contiguous(memory_format=torch.channels_last), k.contiguous(memory_format=torch.channels_last)
-        return q, qb, k, kb
+        return (q, qb, k, kb) + host_boxes(batch, pipe.comp)
 
     prefetcher = DevicePrefetcher(iter(pipe.batch, None), prepare, device)
 
@@ -297,12 +304,10 @@ def sync_check(check: Check, setup: dict[str, Any], pipe: Pipeline, variant: Var
     cuda = check.sizes.device == "cuda"
     result: dict[str, Any] = {"device": check.sizes.device}
     batches = [pipe.batch() for _ in range(2)]  # loaded first: waiting for workers is not the step's sync
-    from insloc_hub.training.pretraining.engine import batch_to_views
 
     def steps() -> None:
         for batch in batches:
-            views = batch_to_views(batch, pipe.comp, pipe.device, variant.channels_last)
-            _step(setup, views, next(counter))
+            _step(setup, pipe.views(variant.channels_last, batch), next(counter))
 
     if cuda:
         torch.cuda.synchronize()
@@ -336,8 +341,9 @@ def sync_check(check: Check, setup: dict[str, Any], pipe: Pipeline, variant: Var
     trace = check.out / "trace_pipeline_steps.json.gz"  # chrome://tracing or perfetto read it
     prof.export_chrome_trace(str(trace))
     result["trace"] = trace.name
-    result["note"] = ("2 whole-pipeline steps (decode on the device, composition, model step), batches already "
-                      "loaded; the final torch.cuda.synchronize of the profiled block is counted once")
+    result["note"] = ("2 whole-pipeline steps (decode on the device, composition, box jitter on the host, model "
+                      "step), batches already loaded; the final torch.cuda.synchronize of the profiled block is "
+                      "counted once")
     check.sections.setdefault("sync", {}).update(result)
 
 

@@ -51,6 +51,8 @@ from insloc_hub.training.pretraining.engine import (  # noqa: E402
     build_model,
     compile_encoders,
     composition_config,
+    host_boxes,
+    jitter_on_host,
     resolve_runtime,
     train_step,
 )
@@ -128,14 +130,17 @@ def runtime_setup(cfg: PretrainConfig, device: torch.device, optimised: bool, co
 def step_throughput(cfg: PretrainConfig, setup: dict[str, Any], device: torch.device, steps: int,
                     warmup: int) -> float:
     q, qb, k, kb = synthetic_views(cfg, device, setup["channels_last"])
+    boxes = synthetic_views(cfg, torch.device("cpu"))[1::2]  # the same boxes on the host, for the box jitter
     if cfg.method == "moco":
         qb = kb = None
     times = []
     for i in range(warmup + steps):
         _sync(device)
         start = time.perf_counter()
-        train_step(setup["model"], setup["optimizer"], (q, qb, k, kb), amp_dtype=setup["amp"],
-                   generator=torch.Generator().manual_seed(i), diagnostics=False)
+        generator = torch.Generator().manual_seed(i)
+        jittered = jitter_on_host(setup["model"], boxes, generator, device)
+        train_step(setup["model"], setup["optimizer"], (q, qb, k, kb), amp_dtype=setup["amp"], generator=generator,
+                   diagnostics=False, jittered=jittered)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -162,11 +167,15 @@ class Pipeline:
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
-            q, qb, k, kb = batch_to_views(self._batch(), self.comp, self.device, self.setup["channels_last"])
+            batch = self._batch()
+            q, qb, k, kb = batch_to_views(batch, self.comp, self.device, self.setup["channels_last"])
+            generator, jittered = torch.Generator().manual_seed(self.done), None
             if self.cfg.method == "moco":
                 qb = kb = None
+            else:  # drawn on the host, as the trainer does
+                jittered = jitter_on_host(self.setup["model"], host_boxes(batch, self.comp), generator, self.device)
             train_step(self.setup["model"], self.setup["optimizer"], (q, qb, k, kb), amp_dtype=self.setup["amp"],
-                       generator=torch.Generator().manual_seed(self.done), diagnostics=False)
+                       generator=generator, diagnostics=False, jittered=jittered)
             self.done += 1
 
     def measure(self, steps: int) -> float:

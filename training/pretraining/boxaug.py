@@ -80,7 +80,8 @@ class BoxJitter:
         q_boxes_p5 = jitter(q_boxes, generator=g)  # [B, 4] -> [B, 4]
 
     Works on any device (anchors are cached per device); deterministic given a ``torch.Generator``
-    (CPU or on the boxes' device).
+    (CPU or on the boxes' device). On a GPU it waits for the device (the candidates and the NMS have
+    data-dependent sizes), so the trainer runs it on the host (``engine.jitter_on_host``).
     """
 
     def __init__(self, stride: int = 16, scales: Sequence[float] = (2, 4, 8, 16),

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -51,7 +50,7 @@ from insloc_hub.models import PRESETS, BackboneConfig, InsLocBackbone, backbone_
 from insloc_hub.pretrained import save_pretrained
 from insloc_hub.training.pretraining.compose import CompositionConfig, compose_batch, make_composition_grid
 from insloc_hub.training.pretraining.diagnostics import CollapseMonitor, plot_curves, summarize
-from insloc_hub.training.pretraining.insloc import PROJECTION_NORMS, InsLoc
+from insloc_hub.training.pretraining.insloc import PROJECTION_NORMS, InsLoc, host_to_device
 from insloc_hub.training.pretraining.moco import MoCo, MocoDecodeDataset, MocoPretrainDataset, moco_backbone_config
 from insloc_hub.training.pretraining.pretrain_data import (
     DevicePrefetcher,
@@ -69,8 +68,8 @@ from insloc_hub.training.runtime.run import MetricsWriter, StepTimer, seed_every
 __all__ = ["Runtime", "build_dataset", "resolve_runtime", "PretrainConfig", "PRETRAIN_PRESETS",
            "RESUME_IGNORED_FIELDS", "CHECKPOINT_FORMAT", "ResumableDistributedSampler", "cosine_by_epoch",
            "set_schedule_epoch", "build_model", "compile_encoders", "train", "train_step", "batch_to_views",
-           "resolve_config", "export_checkpoint", "query_backbone_config", "device_batches",
-           "build_optimizer_and_schedule"]
+           "host_boxes", "jitter_on_host", "resolve_config", "export_checkpoint", "query_backbone_config",
+           "device_batches", "build_optimizer_and_schedule"]
 
 logger = logging.getLogger(__name__)
 
@@ -435,6 +434,28 @@ def batch_to_views(batch: dict[str, Any], comp: CompositionConfig, device: torch
     return q_img, q_box, k_img, k_box
 
 
+def host_boxes(batch: dict[str, Any], comp: CompositionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q_box, k_box)`` of an InsLoc loader batch on the host: the boxes :func:`batch_to_views` gives the step
+    (a batch for composition on the device holds its parameters, from which the boxes follow)."""
+    if "params" in batch:
+        q_box = torch.tensor([p.query.box(comp.canvas) for p in batch["params"]], dtype=torch.float32)
+        k_box = torch.tensor([p.key.box(comp.canvas) for p in batch["params"]], dtype=torch.float32)
+        return q_box, k_box
+    return batch["q_box"], batch["k_box"]
+
+
+def jitter_on_host(model: InsLoc, boxes: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator | None,
+                   device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``model.jitter_boxes`` of host ``boxes`` (:func:`host_boxes`), sent to ``device`` without waiting.
+
+    The box jitter's NMS has a data-dependent output size: drawn inside the step on a GPU it would make the
+    step wait for the device; on the host it needs nothing from the device (the boxes come from the loader).
+    """
+    q_box, k_box = model.jitter_boxes(*boxes, generator=generator)
+    return (None if q_box is None else host_to_device(q_box, device),
+            None if k_box is None else host_to_device(k_box, device))
+
+
 def deviations_from_official(cfg: PretrainConfig) -> list[str]:
     """Each setting that differs from the released recipe, with the reason when a preset documents one.
 
@@ -540,16 +561,20 @@ Views = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | No
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, views: Views, *,
                amp_dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
-               diagnostics: bool = True) -> dict[str, torch.Tensor]:
+               diagnostics: bool = True, jittered: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+               ) -> dict[str, torch.Tensor]:
     """One optimizer step: forward (autocast to ``amp_dtype`` if given), zero_grad, backward, SGD step.
 
     The order is mmcv's ``OptimizerHook`` (zero_grad, backward, step; no gradient clipping).
     ``diagnostics``: the outputs also hold the collapse diagnostics (see :meth:`InsLoc.forward`).
+    ``jittered``: the jittered boxes drawn beforehand (:func:`jitter_on_host`); ``None``: the model draws them.
+    Without diagnostics and with ``jittered`` the step reads nothing back from the device (held by
+    tests/training/test_sync_free.py).
     """
     q_img, q_box, k_img, k_box = views
     device_type = q_img.device.type
     with torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
-        out = model(q_img, q_box, k_img, k_box, generator=generator, diagnostics=diagnostics)
+        out = model(q_img, q_box, k_img, k_box, generator=generator, diagnostics=diagnostics, jittered=jittered)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     optimizer.step()
@@ -577,8 +602,8 @@ def build_optimizer_and_schedule(cfg: PretrainConfig, model: nn.Module
     return optimizer, cosine_by_epoch(optimizer, cfg.epochs, cfg.warmup_epochs)
 
 
-def device_batches(loader: Iterable[Any], prepare: Callable[[Any], Views], device: torch.device,
-                   prefetch: bool) -> Iterator[tuple[Views, float]]:
+def device_batches(loader: Iterable[Any], prepare: Callable[[Any], tuple[Any, ...]], device: torch.device,
+                   prefetch: bool) -> Iterator[tuple[tuple[Any, ...], float]]:
     """``(prepare(batch), seconds waited for the batch)`` for each batch of ``loader``.
 
     ``prefetch``: through :class:`~insloc_hub.training.pretraining.pretrain_data.DevicePrefetcher`, so on CUDA the
@@ -772,8 +797,12 @@ class _PretrainRun:
 
     def loop(self, callbacks: Sequence[Callback]) -> None:
         cfg = self.cfg
-        prepare = functools.partial(batch_to_views, comp=self.comp, device=self.device,
-                                    channels_last=self.rt.channels_last)
+        jitter = self.model.box_jitter is not None  # drawn on the host: see jitter_on_host
+
+        def prepare(batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:  # the views, then the host boxes
+            views = batch_to_views(batch, self.comp, self.device, self.rt.channels_last)
+            return views + host_boxes(batch, self.comp) if jitter else views
+
         prefetch = self.rt.gpu_composition and self.device.type == "cuda"
         self.train_model.train()
         wrote_grid = (self.run_dir / "composition.png").exists()
@@ -783,10 +812,13 @@ class _PretrainRun:
             self.sampler.set_start_step(self.step_in_epoch)
             self.dataset.set_epoch(self.epoch)
             lr = set_schedule_epoch(self.schedule, self.epoch)
-            for (q_img, q_box, k_img, k_box), waited in device_batches(self.loader, prepare, self.device, prefetch):
+            for (q_img, q_box, k_img, k_box, *boxes), waited in device_batches(self.loader, prepare, self.device,
+                                                                               prefetch):
                 generator = torch.Generator().manual_seed(_mix(cfg.seed, self.global_step, 0x3C0DE))
+                jittered = jitter_on_host(self.model, boxes, generator, self.device) if jitter else None
                 if self.is_main and not wrote_grid:
-                    _write_grid(self.run_dir, self.model, q_img, q_box, k_img, k_box, self.comp, cfg)
+                    _write_grid(self.run_dir, q_img, q_box, k_img, k_box, None if jittered is None else jittered[0],
+                                self.comp)
                     wrote_grid = True
                 if cfg.method == "moco":
                     q_box = k_box = None
@@ -795,7 +827,8 @@ class _PretrainRun:
                 finished = self.global_step >= self.total_steps
                 logged = self.global_step % cfg.log_every == 0 or finished  # the diagnostics are measured only then
                 out = train_step(self.train_model, self.optimizer, (q_img, q_box, k_img, k_box),
-                                 amp_dtype=self.rt.amp_dtype, generator=generator, diagnostics=logged)
+                                 amp_dtype=self.rt.amp_dtype, generator=generator, diagnostics=logged,
+                                 jittered=jittered)
                 timer.tick(waited)
                 for callback in callbacks:
                     callback("step", {"model": self.model, "step": self.global_step, "epoch": self.epoch,
@@ -874,12 +907,9 @@ class _PretrainRun:
 
 
 @torch.no_grad()
-def _write_grid(run_dir: Path, model: InsLoc, q_img: torch.Tensor, q_box: torch.Tensor, k_img: torch.Tensor,
-                k_box: torch.Tensor, comp: CompositionConfig, cfg: PretrainConfig) -> None:
-    """composition.png: query row (GT box green, jittered P5 box red) over the key row."""
-    jittered = None
-    if model.box_jitter is not None:
-        jittered = model.box_jitter(q_box.float(), generator=torch.Generator().manual_seed(cfg.seed))
+def _write_grid(run_dir: Path, q_img: torch.Tensor, q_box: torch.Tensor, k_img: torch.Tensor, k_box: torch.Tensor,
+                jittered: torch.Tensor | None, comp: CompositionConfig) -> None:
+    """composition.png: query row (GT box green, the step's jittered P5 box red) over the key row."""
     try:
         make_composition_grid(q_img.float(), q_box, k_img.float(), k_box, jittered, run_dir / "composition.png",
                               mean=comp.mean, std=comp.std)

@@ -58,7 +58,7 @@ from insloc_hub.training.pretraining.diagnostics import embedding_diagnostics
 from insloc_hub.training.runtime.distributed import all_gather_tensor, broadcast_tensor, get_rank, get_world_size
 
 __all__ = ["PROJECTION_NORMS", "FPN_LEVELS", "FPN_STRIDES", "Projection", "Encoder", "InsLoc", "info_nce_per_level",
-           "predictor_mlp"]
+           "predictor_mlp", "host_to_device"]
 
 FPN_LEVELS = ("p2", "p3", "p4", "p5")
 FPN_STRIDES = (4, 8, 16, 32)
@@ -160,6 +160,14 @@ class Encoder(nn.Module):
             x = predictor(x)
         x = x.float()
         return F.normalize(x, dim=1).view(images.shape[0], -1, x.shape[-1])
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for it: on CUDA pinned and copied non-blocking (a plain
+    ``.to(device)`` synchronises the stream)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def predictor_mlp(dim: int, hidden: int) -> nn.Sequential:
@@ -338,12 +346,13 @@ class InsLoc(nn.Module):
         """Write the keys of the global batch (``[B, L, dim]``, already gathered from every process) into
         every level's queue at the pointer."""
         batch_size = keys.shape[0]
-        ptr = int(self.queue_ptr)
         if self.K % batch_size != 0:
             raise ConfigError(f"the queue length K={self.K} must be a multiple of the global batch size "
                               f"{batch_size} (official: 65536 / 256); change --queue-size or --batch-size")
-        self.queue[:, :, ptr:ptr + batch_size] = keys.permute(1, 2, 0).to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + batch_size) % self.K
+        # columns ptr .. ptr + B - 1, indexed on the device: reading the pointer on the host would wait for the GPU
+        columns = (self.queue_ptr + torch.arange(batch_size, device=self.queue_ptr.device)) % self.K
+        self.queue.index_copy_(2, columns, keys.permute(1, 2, 0).to(self.queue.dtype))
+        self.queue_ptr.add_(batch_size).remainder_(self.K)
 
     @torch.no_grad()
     def _batch_shuffle_ddp(
@@ -361,7 +370,7 @@ class InsLoc(nn.Module):
         x_gather = all_gather_tensor(x)
         boxes_gather = all_gather_tensor(boxes)
         batch_all = x_gather.shape[0]
-        idx_shuffle = torch.randperm(batch_all, generator=generator).to(x.device)
+        idx_shuffle = host_to_device(torch.randperm(batch_all, generator=generator), x.device)
         broadcast_tensor(idx_shuffle, src=0)  # every rank uses rank 0's permutation
         idx_unshuffle = torch.argsort(idx_shuffle)
         idx_this = idx_shuffle.view(world, -1)[get_rank()]
@@ -381,11 +390,28 @@ class InsLoc(nn.Module):
                      for level in self.levels]
         return torch.stack(per_level)
 
-    def _query(self, img: torch.Tensor, box: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    def jitter_boxes(self, q_box: torch.Tensor | None, k_box: torch.Tensor | None,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The jittered boxes that :meth:`forward` pools at ``jitter_levels``: ``(query view's, key view's)``.
+
+        The key view's is drawn only with ``symmetric_loss`` (that view is then a query too); ``None`` where
+        there is no box or no box jitter. Drawn on the boxes' device with ``generator``. The jitter's NMS has a
+        data-dependent output size, which would make a GPU step wait for the device: the trainer calls this on
+        host copies of the boxes before the step and passes the result to :meth:`forward` (``jittered``).
+        """
+        if self.box_jitter is None:
+            return None, None
+        q_jittered = None if q_box is None else self.box_jitter(q_box.detach().float(), generator=generator)
+        if not self.symmetric_loss or k_box is None:
+            return q_jittered, None
+        return q_jittered, self.box_jitter(k_box.detach().float(), generator=generator)
+
+    def _query(self, img: torch.Tensor, box: torch.Tensor | None, jittered: torch.Tensor | None) -> torch.Tensor:
         """Query embeddings ``[B, L, dim]``: ground-truth boxes, the jittered box at ``jitter_levels``."""
         levels = None
         if box is not None:
-            jittered = self.box_jitter(box.detach().float(), generator=generator) if self.box_jitter else None
+            if self.box_jitter is not None and jittered is None:
+                raise ValueError("the box jitter is on but no jittered boxes were given for this view")
             levels = self._level_boxes(box, jittered)
         return self.encoder_q(img, levels, self.predictor)
 
@@ -414,6 +440,7 @@ class InsLoc(nn.Module):
         *,
         generator: torch.Generator | None = None,
         diagnostics: bool = True,
+        jittered: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """One InsLoc step.
 
@@ -424,12 +451,16 @@ class InsLoc(nn.Module):
                 seeds one per step, so a resumed run draws the same numbers).
             diagnostics: also measure the collapse diagnostics (the trainer asks at its log steps only;
                 under DDP every process must pass the same value: they gather the queries).
+            jittered: :meth:`jitter_boxes` drawn beforehand (the trainer draws them on the host, so that the
+                step never waits for the device); ``None``: drawn here with ``generator``.
 
         Returns:
             ``{"loss": sum of weighted per-level losses, "loss_<level>": ..., "acc_<level>": top-1 % against
             the queue, "inbatch_top1", "cos_q", "cos_k", "emb_std" (+ ``_<level>``; with ``diagnostics``)}``.
         """
-        q = self._query(q_img, q_box, generator)  # [B, L, dim]; query: GT boxes, jittered box at P5
+        if jittered is None:
+            jittered = self.jitter_boxes(q_box, k_box, generator)
+        q = self._query(q_img, q_box, jittered[0])  # [B, L, dim]; query: GT boxes, jittered box at P5
         with torch.no_grad():  # key: momentum update first, then the shuffled forward with GT boxes on every level
             self._momentum_update_key_encoder()
         k = self._key(k_img, k_box, generator)
@@ -437,7 +468,7 @@ class InsLoc(nn.Module):
         queue = self.queue.clone().detach() if self.queue_negatives else None
         losses, accuracies = self._info_nce(q, k, queue)
         if self.symmetric_loss:  # the key view as query of the query view, against the same queue
-            q2 = self._query(k_img, k_box, generator)
+            q2 = self._query(k_img, k_box, jittered[1])
             k2 = self._key(q_img, q_box, generator)
             losses = (losses + self._info_nce(q2, k2, queue)[0]) / 2
         loss = (losses * self.level_weights.to(losses.device)).sum()

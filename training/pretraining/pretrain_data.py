@@ -732,8 +732,8 @@ class DevicePrefetcher:
         if self.stream is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_stream(self.stream)
-            for t in ready:  # allocated on the side stream, used on the step's stream
-                if isinstance(t, torch.Tensor):
+            for t in ready:  # allocated on the side stream, used on the step's stream (host tensors: not)
+                if isinstance(t, torch.Tensor) and t.is_cuda:
                     t.record_stream(current)
         self._queue()
         return ready
