@@ -23,7 +23,7 @@ import inspect
 import logging
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -169,6 +169,7 @@ def build_detector(
     norm: str = "bn",
     strict: bool = True,
     box_head_extra_norm: bool = False,
+    reinit: Sequence[str] = (),
     **kwargs: Any,
 ) -> nn.Module:
     """Build a torchvision detector, optionally with InsLoc-pretrained trunk, FPN and box head.
@@ -192,6 +193,10 @@ def build_detector(
         box_head_extra_norm: an extra BN in the RoI head, new (randomly initialised): after the 4conv1fc
             head's fc (the official InsLoc fine-tuning head, ``FastRCNNConvFCHeadExtraNorm``) or after
             res5 for C4 (MoCo's ``Res5ROIHeadsExtraNorm``). R-CNNs only.
+        reinit: pretrained layers, by their name in the bundle (``"box_head.fc1"``, ``"box_head"``,
+            ``"fpn"``...), that are not loaded: they keep the detector's fresh initialisation and the
+            load report lists them. On raccoon, InsLoc's box-head convs with a fresh fc
+            (``reinit=["box_head.fc1"]``) transferred best (docs/results.md). Needs ``pretrained``.
         **kwargs: passed to torchvision's detector class (``min_size``, ``max_size``,
             ``box_score_thresh``, ``box_detections_per_img``, ``rpn_*``, ``image_mean``...).
 
@@ -247,6 +252,9 @@ def build_detector(
                           f"{'faster_rcnn_c4' if cfg.variant == 'c4' else 'faster_rcnn_fpn'} or a {variant} one")
     if box_head_extra_norm and arch == "retinanet_fpn":
         raise ConfigError("box_head_extra_norm applies to R-CNN box heads; retinanet_fpn has none")
+    reinit = [reinit] if isinstance(reinit, str) else list(reinit)
+    if reinit and pretrained is None:
+        raise ConfigError(f"reinit={list(reinit)} names pretrained layers to leave out: it needs pretrained=")
     _check_options(arch, kwargs)
 
     model = _ASSEMBLERS[arch](cfg, num_classes, box_head_extra_norm, kwargs)
@@ -259,7 +267,7 @@ def build_detector(
     model.insloc_config.inference = inference_options(model)
     model.load_report = None
     if pretrained is not None:
-        model.load_report = load_pretrained_into_detector(model, pretrained, strict=strict)
+        model.load_report = load_pretrained_into_detector(model, pretrained, strict=strict, reinit=reinit)
         logger.info("%s", model.load_report.summary())
     if norm == "sync":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -373,22 +381,33 @@ def load_pretrained_into_detector(
     pretrained: InsLocBackbone | Mapping[str, torch.Tensor],
     *,
     strict: bool = True,
+    reinit: Sequence[str] = (),
 ) -> LoadReport:
-    """Copy a bundle's trunk, FPN and box head into a detector built by :func:`build_detector`.
+    """Copy a bundle's trunk, FPN and box head into a detector built by :func:`build_detector`
+    (except the layers named in ``reinit``, see there).
 
     Raises:
         WeightsMismatchError: (``strict=True``) a pretrained tensor has no place in the detector or
             another shape, or a detector tensor of a pretrained part is absent; the keys are listed.
+        ConfigError: a ``reinit`` name matches no pretrained tensor.
     """
     bundle_state = pretrained.state_dict() if isinstance(pretrained, nn.Module) else dict(pretrained)
+    for name in reinit:
+        if not any(_is_under(key, name) for key in bundle_state):
+            layers = sorted({".".join(key.split(".")[:2]) for key in bundle_state})
+            raise ConfigError(f"reinit {name!r} names no pretrained layer; the bundle's layers are {layers}")
     target = detector.state_dict()
     unused_parts = _UNUSED_PARTS.get(detector.insloc_config.arch, {})
     report = LoadReport()
     source_of: dict[str, str] = {}  # detector key -> pretrained key
+    left_fresh: set[str] = set()  # detector keys of reinit layers
     for key in bundle_state:
         part, _, rest = key.partition(".")
         dest = PART_PREFIXES[part] + rest if part in PART_PREFIXES else key
         reason = next((r for prefix, r in unused_parts.items() if key.startswith(prefix)), None)
+        if reason is None and any(_is_under(key, name) for name in reinit):
+            reason = "left at its fresh initialisation (reinit)"
+            left_fresh.add(dest)
         if reason is None and dest not in target and key.endswith("num_batches_tracked"):
             reason = "the detector's norm layers keep no batch counter (frozen BN)"
         if reason is not None:
@@ -397,7 +416,7 @@ def load_pretrained_into_detector(
             source_of[dest] = key
     given = {dest: bundle_state[key] for dest, key in source_of.items()}
     parts = tuple(PART_PREFIXES[p] for p in {k.split(".", 1)[0] for k in bundle_state} if p in PART_PREFIXES)
-    expected = {k: v for k, v in target.items() if k.startswith(parts) and (
+    expected = {k: v for k, v in target.items() if k.startswith(parts) and k not in left_fresh and (
         k in given or (".extra_norm." not in k and not k.endswith("num_batches_tracked")))}  # new layers, counters
     if strict:
         WeightsMismatchError.check(expected, given, "pretrained weights do not fit the detector (detector names):",
@@ -410,6 +429,11 @@ def load_pretrained_into_detector(
     report.loaded = sorted(to_load)
     report.new = sorted(k for k in target if k not in to_load)
     return report
+
+
+def _is_under(key: str, name: str) -> bool:
+    """``box_head.fc1.weight`` is under ``box_head.fc1`` and ``box_head``, not under ``box_head.fc``."""
+    return key == name or key.startswith(name + ".")
 
 
 def _freeze_batchnorm(module: nn.Module) -> None:

@@ -155,6 +155,33 @@ def test_trunk_only_bundle_leaves_fpn_and_head_new():
     assert all(k.startswith("backbone.trunk.") for k in model.load_report.loaded)
 
 
+def test_reinit_leaves_the_named_layers_fresh_and_loads_the_rest():
+    torch.manual_seed(0)
+    bundle = InsLocBackbone("tiny-fpn")
+    with torch.no_grad():
+        for p in bundle.parameters():
+            p.add_(1.0)  # pretrained values no fresh init produces
+    model = build_detector("faster_rcnn_fpn", 3, pretrained=bundle, reinit="box_head.fc1")
+    state, pretrained = model.state_dict(), bundle.state_dict()
+    assert torch.equal(state["roi_heads.box_head.convs.0.conv.weight"], pretrained["box_head.convs.0.conv.weight"])
+    assert torch.equal(state["roi_heads.box_head.fc1.bias"], torch.zeros_like(state["roi_heads.box_head.fc1.bias"]))
+    assert not torch.equal(state["roi_heads.box_head.fc1.weight"], pretrained["box_head.fc1.weight"])
+    report = model.load_report
+    assert report.ignored == {"box_head.fc1.weight": "left at its fresh initialisation (reinit)",
+                              "box_head.fc1.bias": "left at its fresh initialisation (reinit)"}
+    assert "roi_heads.box_head.fc1.weight" in report.new and "roi_heads.box_head.fc1.weight" not in report.loaded
+    whole_head = build_detector("faster_rcnn_fpn", 3, pretrained=bundle, reinit=["box_head", "fpn"])
+    assert all(k.startswith("backbone.trunk.") for k in whole_head.load_report.loaded)
+
+
+def test_reinit_names_are_checked():
+    bundle = InsLocBackbone("tiny-fpn")
+    with pytest.raises(ConfigError, match=r"reinit 'box_head.fc' names no pretrained layer.*box_head.fc1"):
+        build_detector("faster_rcnn_fpn", 3, pretrained=bundle, reinit=["box_head.fc"])
+    with pytest.raises(ConfigError, match="needs pretrained="):
+        build_detector("faster_rcnn_fpn", 3, preset="tiny-fpn", reinit=["box_head.fc1"])
+
+
 def test_variant_mismatch_is_a_clear_error():
     with pytest.raises(ConfigError, match="needs a fpn backbone"):
         build_detector("faster_rcnn_fpn", 3, pretrained=InsLocBackbone("tiny-c4"))

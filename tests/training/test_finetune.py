@@ -246,6 +246,25 @@ def test_trunk_only_folder_loads_the_trunk_and_leaves_fpn_and_head_fresh(tmp_pat
     assert model.roi_heads.box_predictor.cls_score.out_features == 2
 
 
+def test_reinit_flag_leaves_the_named_layers_fresh(tmp_path: Path) -> None:
+    from insloc_hub.models import InsLocBackbone
+    from insloc_hub.pretrained import save_pretrained
+    from insloc_hub.training.cli import build_parser
+
+    folder = save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "insloc")
+    args = build_parser().parse_args(["finetune", "--data", "d", "--output", str(tmp_path / "run"), "--init",
+                                      str(folder), "--reinit", "box_head.fc1, fpn"])
+    cfg, _ = ft.resolve_config(args)
+    assert cfg.reinit == ["box_head.fc1", "fpn"]
+    _, report = ft.build_model(cfg, ["raccoon"], "bn")
+    assert report["ignored"]["box_head.fc1.weight"] == "left at its fresh initialisation (reinit)"
+    assert "roi_heads.box_head.fc1.weight" in report["new"]
+    assert any(k.startswith("backbone.fpn.") for k in report["new"])
+    assert "roi_heads.box_head.convs.0.conv.weight" in report["loaded"]
+    with pytest.raises(ConfigError, match="needs a pretrained --init"):
+        ft.build_model(_cfg(tmp_path, reinit=["box_head.fc1"]), ["raccoon"], "bn")
+
+
 def test_c4_folder_fills_the_res5_head_and_fpn_folder_is_refused_for_c4(tmp_path: Path) -> None:
     from insloc_hub.models import InsLocBackbone
     from insloc_hub.pretrained import save_pretrained

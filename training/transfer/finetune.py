@@ -192,6 +192,9 @@ class FinetuneConfig(JsonConfig):
                                   "parts", choices=("auto", "bn", "sync", "frozen"))
     box_head_extra_norm: bool = flag(False, help="new BatchNorm in the RoI head: after the 4conv1fc head's fc (the "
                                                  "official InsLoc head) or after res5 for C4 (Res5ROIHeadsExtraNorm)")
+    reinit: list[str] = flag(default_factory=list, parse=lambda text: [n.strip() for n in text.split(",")],
+                             help="pretrained layers to leave at their fresh init, comma-separated bundle names "
+                                  "(box_head.fc1, box_head, fpn...); listed in load_report.json")
     strict_load: bool = flag(True, help="fail when a pretrained tensor does not fit (--no-strict-load loads what "
                                         "fits and lists the rest in load_report.json)")
     detector_options: dict[str, Any] = field(default_factory=dict)
@@ -227,8 +230,9 @@ class FinetuneConfig(JsonConfig):
     def fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with the checkpoint it continues."""
         fields = {k: v for k, v in self.to_dict().items() if k not in RESUME_IGNORED}
-        if fields.get("classes") is None:  # absent from checkpoints written before --classes existed
-            fields.pop("classes", None)
+        for name in ("classes", "reinit"):  # absent from checkpoints written before these flags existed
+            if not fields.get(name):
+                fields.pop(name, None)
         return fields
 
 
@@ -425,10 +429,13 @@ def _load_hub_model(name: str, what: str, bundle: bool, device: torch.device | N
 
 def build_model(cfg: FinetuneConfig, class_names: Sequence[str], norm: str) -> tuple[nn.Module, dict[str, Any]]:
     """The detector to fine-tune and its load report as a JSON-ready dict."""
+    if cfg.reinit and cfg.init == "random":
+        raise ConfigError(f"--reinit {','.join(cfg.reinit)} names pretrained layers; it needs a pretrained --init")
     bundle = None if cfg.init == "random" else _load_hub_model(cfg.init, "--init", bundle=True)
     options = {"min_size": tuple(cfg.min_size), "max_size": cfg.max_size, **cfg.detector_options}
     model = build_detector(cfg.arch, class_names=list(class_names), preset=cfg.preset, pretrained=bundle,
-                           norm=norm, strict=cfg.strict_load, box_head_extra_norm=cfg.box_head_extra_norm, **options)
+                           norm=norm, strict=cfg.strict_load, box_head_extra_norm=cfg.box_head_extra_norm,
+                           reinit=cfg.reinit, **options)
     if bundle is None:
         keys = sorted(model.state_dict())
         report: dict[str, Any] = {"init": "random", "loaded": [], "new": keys, "ignored": {},
