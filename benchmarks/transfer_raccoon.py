@@ -68,6 +68,8 @@ PRETRAININGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "insloc": ("insloc", ()),
     # issue 13's option: both backgrounds from the other images of the batch (device composition, here on the CPU)
     "insloc-batchbg": ("insloc", ("--gpu-composition", "on", "--batch-backgrounds")),
+    # four times the pretraining budget (240 epochs; the cosine stretched to match)
+    "insloc-e240": ("insloc", ("--epochs", "240")),
     # the preset's loss with the official optimiser: SGD, lr 0.03 per 256, wd 1e-4, no warmup
     "insloc-sgd": ("insloc", ("--optimizer", "sgd", "--lr", "0.03", "--weight-decay", "1e-4", "--warmup-epochs", "0")),
 }
@@ -92,6 +94,10 @@ ROW_SPECS: dict[str, Row] = {
     "insloc-sgd": Row("InsLoc, preset loss with SGD at the official lr", "insloc-sgd"),
     "insloc-sgd-xnorm": Row("InsLoc, preset loss with SGD at the official lr, extra head BN", "insloc-sgd",
                             finetune_flags=EXTRA_NORM),
+    "insloc-e240-fpn": Row("InsLoc, 4x pretraining steps: trunk and FPN, box head re-initialised", "insloc-e240",
+                           parts=("trunk", "fpn")),
+    "insloc-e240-newfc": Row("InsLoc, 4x pretraining steps: box head fc re-initialised (its convs kept)",
+                             "insloc-e240", reinit=("box_head.fc1.",)),
     "insloc-batchbg": Row("InsLoc, in-batch backgrounds", "insloc-batchbg"),
 }
 ROWS = ("random", "moco", "insloc")
