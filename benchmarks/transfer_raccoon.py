@@ -10,7 +10,9 @@ raccoon TRAIN split and is scored on its TEST split (COCO AP / AP50 / AP75), ove
 Diagnostic rows (``--rows``, see ``ROW_SPECS``): ``insloc-trunk`` / ``insloc-fpn`` keep only the trunk /
 the trunk and FPN of the InsLoc pretraining (the rest re-initialised); ``*-xnorm`` fine-tune with the
 official InsLoc fine-tuning head (``--box-head-extra-norm``: a new BN after the box head's fc);
-``insloc-batchbg`` pretrains with the backgrounds taken from the other images of the batch.
+``insloc-newfc`` keeps everything but the box head's fc (re-initialised); ``insloc-batchbg`` pretrains
+with the backgrounds taken from the other images of the batch, ``insloc-sgd`` with SGD at the official lr,
+``insloc-e240-*`` over four times the pretraining steps.
 
 Both pretrainings use the same unlabelled images, trunk, schedule and seed. The unlabelled folder
 is built here in the work folder: the photographs of the raccoon train split (never the test
