@@ -251,7 +251,8 @@ def _pretrain_variant(check: Check, cfg: Any, label: str, images: Any, variant: 
     sizes, device = check.sizes, torch.device(check.sizes.device)
     setup = make_setup(cfg, device, amp=torch.bfloat16 if variant.amp else None, channels_last=variant.channels_last,
                        compile_model=variant.compile)
-    views = synthetic_views(cfg, device, variant.channels_last) + synthetic_views(cfg, torch.device("cpu"))[1::2]
+    views = synthetic_views(cfg, device, variant.channels_last)
+    views += (views[1].cpu(), views[3].cpu())  # the boxes on the host too, for the box jitter
     counter = iter(range(10**9))
     check.rows.append(measure(f"{label} step, {sizes.canvas} px, batch {sizes.batch}", variant.name,
                               lambda: _step(setup, views, next(counter)), images=cfg.batch_size, repeats=sizes.steps,

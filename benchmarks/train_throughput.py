@@ -130,7 +130,7 @@ def runtime_setup(cfg: PretrainConfig, device: torch.device, optimised: bool, co
 def step_throughput(cfg: PretrainConfig, setup: dict[str, Any], device: torch.device, steps: int,
                     warmup: int) -> float:
     q, qb, k, kb = synthetic_views(cfg, device, setup["channels_last"])
-    boxes = synthetic_views(cfg, torch.device("cpu"))[1::2]  # the same boxes on the host, for the box jitter
+    boxes = (qb.cpu(), kb.cpu())  # on the host, for the box jitter (as the trainer); copied once, before timing
     if cfg.method == "moco":
         qb = kb = None
     times = []
