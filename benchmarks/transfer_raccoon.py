@@ -60,7 +60,6 @@ class Row:
     title: str
     pretraining: str | None = None  # a key of PRETRAININGS; None: random init
     parts: tuple[str, ...] | None = None  # keep only these parts of the pretrained bundle (the rest re-initialised)
-    reinit: tuple[str, ...] = ()  # tensors under these prefixes get a fresh init (e.g. "box_head.fc1")
     finetune_flags: tuple[str, ...] = ()
 
 
@@ -76,6 +75,7 @@ PRETRAININGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "insloc-sgd": ("insloc", ("--optimizer", "sgd", "--lr", "0.03", "--weight-decay", "1e-4", "--warmup-epochs", "0")),
 }
 EXTRA_NORM = ("--box-head-extra-norm",)  # the official InsLoc fine-tuning head (a new BN after the head's fc)
+NEW_FC = ("--reinit", "box_head.fc1")  # the pretrained box head's convs, its fc left at a fresh init
 ROW_SPECS: dict[str, Row] = {
     "random": Row("random init"),
     "moco": Row("MoCo v2 (image-level)", "moco"),
@@ -90,16 +90,16 @@ ROW_SPECS: dict[str, Row] = {
                               parts=("trunk",), finetune_flags=EXTRA_NORM),
     "insloc-fpn-xnorm": Row("InsLoc trunk and FPN (box head re-initialised), extra head BN", "insloc",
                             parts=("trunk", "fpn"), finetune_flags=EXTRA_NORM),
-    "insloc-newfc": Row("InsLoc, box head fc re-initialised (its convs kept)", "insloc", reinit=("box_head.fc1.",)),
+    "insloc-newfc": Row("InsLoc, box head fc re-initialised (its convs kept)", "insloc", finetune_flags=NEW_FC),
     "insloc-newfc-xnorm": Row("InsLoc, box head fc re-initialised (its convs kept), extra head BN", "insloc",
-                              reinit=("box_head.fc1.",), finetune_flags=EXTRA_NORM),
+                              finetune_flags=NEW_FC + EXTRA_NORM),
     "insloc-sgd": Row("InsLoc, preset loss with SGD at the official lr", "insloc-sgd"),
     "insloc-sgd-xnorm": Row("InsLoc, preset loss with SGD at the official lr, extra head BN", "insloc-sgd",
                             finetune_flags=EXTRA_NORM),
     "insloc-e240-fpn": Row("InsLoc, 4x pretraining steps: trunk and FPN, box head re-initialised", "insloc-e240",
                            parts=("trunk", "fpn")),
     "insloc-e240-newfc": Row("InsLoc, 4x pretraining steps: box head fc re-initialised (its convs kept)",
-                             "insloc-e240", reinit=("box_head.fc1.",)),
+                             "insloc-e240", finetune_flags=NEW_FC),
     "insloc-batchbg": Row("InsLoc, in-batch backgrounds", "insloc-batchbg"),
 }
 ROWS = ("random", "moco", "insloc")
@@ -203,22 +203,17 @@ def build_unlabelled_folder(data: Path, folder: Path) -> dict[str, int]:
     return {"raccoon_train": len(train), "skimage": extra, "total": len(present)}
 
 
-def parts_folder(folder: Path, out: Path, parts: tuple[str, ...] | None, reinit: tuple[str, ...] = ()) -> Path:
-    """A copy of a backbone hub folder holding only ``parts`` (e.g. the trunk, like a converted MoCo ResNet;
-    None: all of them), the tensors under the ``reinit`` prefixes replaced by a fresh module's own init."""
+def parts_folder(folder: Path, out: Path, parts: tuple[str, ...]) -> Path:
+    """A copy of a backbone hub folder holding only ``parts`` (e.g. the trunk, like a converted MoCo ResNet)."""
     import dataclasses
 
     from insloc_hub.models import InsLocBackbone
     from insloc_hub.pretrained import from_pretrained, save_pretrained
 
     full = from_pretrained(folder)
-    parts = tuple(full.config.parts) if parts is None else parts
-    kept = InsLocBackbone(dataclasses.replace(full.config, parts=parts))  # freshly initialised
-    fresh = kept.state_dict()
-    kept.load_state_dict({k: fresh[k] if k.startswith(reinit) else v for k, v in full.state_dict().items()
-                          if k.split(".")[0] in parts})
-    derived = "+".join(parts) + (f", {'+'.join(reinit)} re-initialised" if reinit else "")
-    provenance = {**full.hub_config.get("provenance", {}), "derived": f"{derived} of {folder}"}
+    kept = InsLocBackbone(dataclasses.replace(full.config, parts=parts))
+    kept.load_state_dict({k: v for k, v in full.state_dict().items() if k.split(".")[0] in parts})
+    provenance = {**full.hub_config.get("provenance", {}), "derived": f"{'+'.join(parts)} of {folder}"}
     return save_pretrained(kept, out, name=out.name, provenance=provenance)
 
 
@@ -391,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         init = "random"
         if spec.pretraining is not None:
             init = pretrained[spec.pretraining]
-            if spec.parts is not None or spec.reinit:
-                init = str(parts_folder(Path(init), work / f"{row}-init", spec.parts, spec.reinit))
+            if spec.parts is not None:
+                init = str(parts_folder(Path(init), work / f"{row}-init", spec.parts))
         for seed in seeds:
             name = f"finetune-{row}-seed{seed}"
             out = work / name
