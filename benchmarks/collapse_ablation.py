@@ -140,6 +140,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
         **PRESET, "epochs": 240}, {}, None),
     "preset+p2-only": ("the small-data preset, loss on P2 only (level weights 1, 0, 0, 0)", PRESET,
                        {"level_weights": (1, 0, 0, 0)}, None),
+    "preset+r18-fpn": ("the small-data preset on r18-fpn (ResNet-18 at full width: 16x tiny-fpn's trunk channels "
+                       "squared)", {**PRESET, "arch": "r18-fpn"}, {}, None),
+    "moco+r18-fpn": ("MoCo v2 image-level baseline on r18-fpn", {"method": "moco", "arch": "r18-fpn"}, {}, None),
     "projection-bn+inbatch+adamw+km-0.999": ("... + AdamW (as above) + key momentum 0.999", {
         **SMALL, **ADAMW, "key_momentum": 0.999}, {}, None),
     "projection-bn+inbatch+adamw+km-0.9": ("... + AdamW (as above) + key momentum 0.9", {
