@@ -108,6 +108,9 @@ def render_card(config: dict[str, Any], folder: str | os.PathLike[str] | None = 
              "(detectors normalise internally).", "", "## Training"]
     body += [f"- {k}: {_one_line(v)}" for k, v in provenance.items() if not isinstance(v, (dict, list))]
     body += [] if provenance else ["- not recorded"]
+    deviations = provenance.get("deviations_from_official")
+    if isinstance(deviations, list) and deviations:  # one bullet each: a reason can run to a paragraph
+        body += ["", "### Deviations from the official recipe", *(f"- {_one_line(d)}" for d in deviations)]
     body += _diagnostics_lines(provenance.get("diagnostics"))
     if any(_metrics(r) for r in config.get("results") or []):
         body += ["", "## Results", "", "| dataset | metric | value |", "|---|---|---|"]

@@ -494,7 +494,7 @@ def _provenance(cfg: PretrainConfig, position: dict[str, Any]) -> dict[str, Any]
         prov["data"] = cfg.dataset_name
     deviations = deviations_from_official(cfg)
     if deviations:
-        prov["deviations_from_official"] = "; ".join(deviations)
+        prov["deviations_from_official"] = deviations
     notes = []
     if cfg.method == "insloc" and variant == "c4":
         notes.append(f"C4 head is a reconstruction (official config unreleased, issue #14): RoIAlign "
