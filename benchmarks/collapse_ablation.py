@@ -144,6 +144,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
                        "squared)", {**PRESET, "arch": "r18-fpn"}, {}, None),
     "preset+r18-fpn+lr-div3": ("the small-data preset on r18-fpn with AdamW 1e-3 (0.016 per 256)", {
         **PRESET, "arch": "r18-fpn", "lr": 0.016}, {}, None),
+    "preset+canvas-256": ("the small-data preset at the official 256-pixel canvas (4x the pixels per instance)", {
+        **PRESET, "canvas": 256}, {}, None),
     "moco+r18-fpn": ("MoCo v2 image-level baseline on r18-fpn", {"method": "moco", "arch": "r18-fpn"}, {}, None),
     "projection-bn+inbatch+adamw+km-0.999": ("... + AdamW (as above) + key momentum 0.999", {
         **SMALL, **ADAMW, "key_momentum": 0.999}, {}, None),
