@@ -146,6 +146,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
         **PRESET, "arch": "r18-fpn", "lr": 0.016}, {}, None),
     "preset+canvas-256": ("the small-data preset at the official 256-pixel canvas (4x the pixels per instance)", {
         **PRESET, "canvas": 256}, {}, None),
+    "preset+canvas-256+lr-x2": ("the small-data preset at canvas 256 with AdamW 6e-3 (0.096 per 256)", {
+        **PRESET, "canvas": 256, "lr": 0.096}, {}, None),
+    "preset+canvas-384": ("the small-data preset at canvas 384 (2.25x the pixels of 256)", {
+        **PRESET, "canvas": 384}, {}, None),
+    "preset+canvas-256+epochs-120": ("the small-data preset at canvas 256 over twice the raccoon budget (120 "
+                                     "epochs, 1,320 steps)", {**PRESET, "canvas": 256, "epochs": 120}, {}, None),
+    "moco+canvas-256": ("MoCo v2 image-level baseline at canvas 256", {"method": "moco", "canvas": 256}, {}, None),
     "moco+r18-fpn": ("MoCo v2 image-level baseline on r18-fpn", {"method": "moco", "arch": "r18-fpn"}, {}, None),
     "projection-bn+inbatch+adamw+km-0.999": ("... + AdamW (as above) + key momentum 0.999", {
         **SMALL, **ADAMW, "key_momentum": 0.999}, {}, None),
