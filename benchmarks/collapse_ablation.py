@@ -17,6 +17,7 @@ Usage (one variant per process, so several can run side by side; finished runs a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -42,7 +43,8 @@ ADAMW: dict[str, Any] = dict(optimizer="adamw", lr=0.016, weight_decay=0.05, war
 #: momentum 0, AdamW 3e-3); its batch, queue and method are BASE's
 PRESET: dict[str, Any] = dict(engine.PRETRAIN_PRESETS["small-data"])
 
-#: name -> (what changes, config overrides, InsLoc keyword overrides, optimizer change)
+#: name -> (what changes, config overrides, InsLoc keyword overrides, a named patch of the engine: "no_wd_norm"
+#: (SGD without decay on BN and biases) or "blur_scaled" (the blur sigma range scaled by canvas / 256))
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
     "official": ("the official recipe (raccoon CPU configuration)", {}, {}, None),
     "moco": ("MoCo v2 image-level baseline (same everything)", {"method": "moco"}, {}, None),
@@ -153,6 +155,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
     "preset+canvas-256+epochs-120": ("the small-data preset at canvas 256 over twice the raccoon budget (120 "
                                      "epochs, 1,320 steps)", {**PRESET, "canvas": 256, "epochs": 120}, {}, None),
     "moco+canvas-256": ("MoCo v2 image-level baseline at canvas 256", {"method": "moco", "canvas": 256}, {}, None),
+    "preset+blur-scaled": ("the small-data preset with the blur sigma range scaled to the canvas (0.05-1.0 px at "
+                           "128, as 0.1-2.0 px at the official 256)", PRESET, {}, "blur_scaled"),
     "moco+r18-fpn": ("MoCo v2 image-level baseline on r18-fpn", {"method": "moco", "arch": "r18-fpn"}, {}, None),
     "projection-bn+inbatch+adamw+km-0.999": ("... + AdamW (as above) + key momentum 0.999", {
         **SMALL, **ADAMW, "key_momentum": 0.999}, {}, None),
@@ -161,8 +165,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
 }
 
 
-def _patch(model_kwargs: dict[str, Any], optimizer_change: str | None) -> None:
-    """Route the variant's InsLoc keywords and optimizer change into ``engine.train``."""
+def _patch(model_kwargs: dict[str, Any], change: str | None) -> None:
+    """Route the variant's InsLoc keywords and engine patch into ``engine.train``."""
     if model_kwargs:
         build = engine.build_model
 
@@ -176,7 +180,16 @@ def _patch(model_kwargs: dict[str, Any], optimizer_change: str | None) -> None:
                        **{**kwargs, **model_kwargs})
 
         engine.build_model = build_model
-    if optimizer_change == "no_wd_norm":
+    if change == "blur_scaled":  # the official sigmas are pixels of a 256 canvas
+        official = engine.composition_config
+
+        def composition_config(cfg: engine.PretrainConfig) -> Any:
+            comp = official(cfg)
+            lo, hi = comp.blur_sigma
+            return dataclasses.replace(comp, blur_sigma=(lo * cfg.canvas / 256, hi * cfg.canvas / 256))
+
+        engine.composition_config = composition_config
+    if change == "no_wd_norm":
         sgd = torch.optim.SGD
 
         def split_sgd(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
@@ -190,13 +203,13 @@ def _patch(model_kwargs: dict[str, Any], optimizer_change: str | None) -> None:
 
 def run(name: str, data: str, work: Path, steps: int) -> Path:
     """Pretrain one variant for ``steps`` steps into ``work/name``; returns its metrics.jsonl."""
-    _, overrides, model_kwargs, optimizer_change = VARIANTS[name]
+    _, overrides, model_kwargs, change = VARIANTS[name]
     out = work / name
     metrics = out / "metrics.jsonl"
     final = out / "final" / "config.json"
     if final.exists() and json.loads(final.read_text())["provenance"]["steps"] >= steps:
         return metrics  # done; a larger --steps continues the run from its last checkpoint
-    _patch(model_kwargs, optimizer_change)
+    _patch(model_kwargs, change)
     values = {**BASE, **overrides, "data": data, "output": str(out), "max_steps": steps, "resume": "auto"}
     if values["queue_size"] % values["batch_size"]:
         values["queue_size"] = values["batch_size"] * 16
