@@ -12,7 +12,8 @@ the trunk and FPN of the InsLoc pretraining (the rest re-initialised); ``*-xnorm
 official InsLoc fine-tuning head (``--box-head-extra-norm``: a new BN after the box head's fc);
 ``insloc-newfc`` keeps everything but the box head's fc (re-initialised); ``insloc-batchbg`` pretrains
 with the backgrounds taken from the other images of the batch, ``insloc-sgd`` with SGD at the official lr,
-``insloc-e240-*`` over four times the pretraining steps.
+``insloc-e240-*`` over four times the pretraining steps; ``*-c256`` rows pretrain (InsLoc and MoCo v2 alike) at
+the official 256-pixel canvas instead of the configuration's.
 
 Both pretrainings use the same unlabelled images, trunk, schedule and seed. The unlabelled folder
 is built here in the work folder: the photographs of the raccoon train split (never the test
@@ -73,6 +74,9 @@ PRETRAININGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "insloc-e240": ("insloc", ("--epochs", "240")),
     # the preset's loss with the official optimiser: SGD, lr 0.03 per 256, wd 1e-4, no warmup
     "insloc-sgd": ("insloc", ("--optimizer", "sgd", "--lr", "0.03", "--weight-decay", "1e-4", "--warmup-epochs", "0")),
+    # the official 256-pixel canvas instead of the config's (both methods, so MoCo v2 keeps the same budget)
+    "insloc-c256": ("insloc", ("--canvas", "256")),
+    "moco-c256": ("moco", ("--canvas", "256")),
 }
 EXTRA_NORM = ("--box-head-extra-norm",)  # the official InsLoc fine-tuning head (a new BN after the head's fc)
 NEW_FC = ("--reinit", "box_head.fc1")  # the pretrained box head's convs, its fc left at a fresh init
@@ -101,6 +105,17 @@ ROW_SPECS: dict[str, Row] = {
     "insloc-e240-newfc": Row("InsLoc, 4x pretraining steps: box head fc re-initialised (its convs kept)",
                              "insloc-e240", finetune_flags=NEW_FC),
     "insloc-batchbg": Row("InsLoc, in-batch backgrounds", "insloc-batchbg"),
+    "moco-c256": Row("MoCo v2, canvas 256", "moco-c256"),
+    "insloc-c256": Row("InsLoc, canvas 256", "insloc-c256"),
+    "insloc-c256-fpn": Row("InsLoc, canvas 256: trunk and FPN, box head re-initialised", "insloc-c256",
+                           parts=("trunk", "fpn")),
+    "insloc-c256-newfc": Row("InsLoc, canvas 256: box head fc re-initialised (its convs kept)", "insloc-c256",
+                             finetune_flags=NEW_FC),
+    "moco-c256-xnorm": Row("MoCo v2, canvas 256, extra head BN", "moco-c256", finetune_flags=EXTRA_NORM),
+    "insloc-c256-trunk-xnorm": Row("InsLoc, canvas 256: trunk (FPN, box head re-initialised), extra head BN",
+                                   "insloc-c256", parts=("trunk",), finetune_flags=EXTRA_NORM),
+    "insloc-c256-fpn-xnorm": Row("InsLoc, canvas 256: trunk and FPN (box head re-initialised), extra head BN",
+                                 "insloc-c256", parts=("trunk", "fpn"), finetune_flags=EXTRA_NORM),
 }
 ROWS = ("random", "moco", "insloc")
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raccoon"
@@ -284,7 +299,7 @@ def pretrain_settings(run: Path) -> str:
     scaled = cfg.get("resolved", {}).get("scaled_lr", cfg["lr"] * cfg["batch_size"] / 256)
     parts = [f"{cfg.get('optimizer', 'sgd')} lr {scaled:g} ({cfg['lr']:g} per 256)", f"wd {cfg['weight_decay']:g}",
              f"warmup {cfg.get('warmup_epochs', 0)} epochs", f"key momentum {cfg['key_momentum']:g}",
-             f"T {cfg['temperature']:g}"]
+             f"T {cfg['temperature']:g}", f"canvas {cfg['canvas']}"]
     for name in ("projection_norm", "inbatch_negatives", "symmetric_loss", "predictor_hidden"):
         if cfg.get(name) not in (None, False, 0, "off"):
             parts.append(f"{name} {cfg[name]}")

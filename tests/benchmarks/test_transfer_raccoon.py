@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import torch
 
 from insloc_hub import InsLocBackbone, build_detector, from_pretrained, save_pretrained
 from insloc_hub.models.backbone import backbone_config
+from insloc_hub.training.pretraining import pretrain
+from insloc_hub.training.pretraining.engine import PretrainConfig, resolve_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import transfer_raccoon  # noqa: E402
@@ -45,3 +49,18 @@ def test_unknown_row_is_refused_with_the_choices(tmp_path: Path, capsys: pytest.
         transfer_raccoon.main(["--work", str(tmp_path), "--table", str(tmp_path / "t.md"), "--rows", "random,nope"])
     assert exit_info.value.code == 2
     assert "unknown rows ['nope']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["insloc-c256", "moco-c256"])
+def test_c256_pretrainings_resolve_to_the_official_canvas_and_keep_the_rest_of_the_budget(tmp_path: Path,
+                                                                                       name: str) -> None:
+    method, flags = transfer_raccoon.PRETRAININGS[name]
+    budget = transfer_raccoon.CONFIGS["cpu"]
+    preset = "small-data" if method == "insloc" else None
+    cmd = transfer_raccoon.pretrain_command(method, tmp_path, tmp_path / "out", budget, "cpu", 0, preset) + list(flags)
+    parser = argparse.ArgumentParser()
+    pretrain.add_subcommands(parser.add_subparsers())
+    args = parser.parse_args(cmd[len(transfer_raccoon.CLI):])
+    cfg = resolve_config({f.name: getattr(args, f.name, None) for f in dataclasses.fields(PretrainConfig)})
+    assert cfg.canvas == 256 and budget.pretrain_canvas == 128
+    assert (cfg.method, cfg.epochs, cfg.batch_size, cfg.queue_size) == (method, 60, 16, 256)
