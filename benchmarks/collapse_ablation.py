@@ -130,6 +130,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
     "projection-bn+inbatch+no-queue+adamw-x3+km-0": ("... + no queue negatives + AdamW lr 3e-3 (0.048 per 256) + "
                                                      "key momentum 0", {
         **SMALL, **ADAMW, "lr": 0.048, "queue_negatives": False, "key_momentum": 0.0}, {}, None),
+    "preset": ("the small-data preset (reference)", PRESET, {}, None),
     "preset+t-0.5": ("the small-data preset + temperature 0.5", {**PRESET, "temperature": 0.5}, {}, None),
     "preset+t-0.3": ("the small-data preset + temperature 0.3", {**PRESET, "temperature": 0.3}, {}, None),
     "preset+lr-x2": ("the small-data preset with AdamW 6e-3 (0.096 per 256)", {**PRESET, "lr": 0.096}, {}, None),
@@ -201,16 +202,17 @@ def _patch(model_kwargs: dict[str, Any], change: str | None) -> None:
         engine.torch.optim.SGD = split_sgd  # type: ignore[misc]
 
 
-def run(name: str, data: str, work: Path, steps: int) -> Path:
-    """Pretrain one variant for ``steps`` steps into ``work/name``; returns its metrics.jsonl."""
+def run(name: str, data: str, work: Path, steps: int, seed: int = 0) -> Path:
+    """Pretrain one variant for ``steps`` steps into ``work/name`` (``name-seedN`` for another seed); returns
+    its metrics.jsonl."""
     _, overrides, model_kwargs, change = VARIANTS[name]
-    out = work / name
+    out = work / (name if seed == 0 else f"{name}-seed{seed}")
     metrics = out / "metrics.jsonl"
     final = out / "final" / "config.json"
     if final.exists() and json.loads(final.read_text())["provenance"]["steps"] >= steps:
         return metrics  # done; a larger --steps continues the run from its last checkpoint
     _patch(model_kwargs, change)
-    values = {**BASE, **overrides, "data": data, "output": str(out), "max_steps": steps, "resume": "auto"}
+    values = {**BASE, **overrides, "data": data, "output": str(out), "max_steps": steps, "resume": "auto", "seed": seed}
     if values["queue_size"] % values["batch_size"]:
         values["queue_size"] = values["batch_size"] * 16
     cfg = engine.PretrainConfig.from_dict(values)
@@ -311,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--data", required=True, help="folder of unlabelled images")
     p_run.add_argument("--work", type=Path, required=True)
     p_run.add_argument("--steps", type=int, default=300)
+    p_run.add_argument("--seed", type=int, default=0, help="pretraining seed (another seed runs in NAME-seedN)")
     p_table = sub.add_parser("table", help="print the markdown table of the finished variants")
     p_table.add_argument("--work", type=Path, required=True)
     p_table.add_argument("--at", default="50,150,300", help="steps (comma separated)")
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "run":
-        print(run(args.variant, args.data, args.work, args.steps))
+        print(run(args.variant, args.data, args.work, args.steps, args.seed))
     elif args.command == "probe":
         print(probe(args.data, args.steps))
     elif args.command == "table":
