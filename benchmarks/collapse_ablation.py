@@ -151,10 +151,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
         **PRESET, "canvas": 256}, {}, None),
     "preset+canvas-256+lr-x2": ("the small-data preset at canvas 256 with AdamW 6e-3 (0.096 per 256)", {
         **PRESET, "canvas": 256, "lr": 0.096}, {}, None),
-    "preset+canvas-384": ("the small-data preset at canvas 384 (2.25x the pixels of 256)", {
-        **PRESET, "canvas": 384}, {}, None),
-    "preset+canvas-256+epochs-120": ("the small-data preset at canvas 256 over twice the raccoon budget (120 "
-                                     "epochs, 1,320 steps)", {**PRESET, "canvas": 256, "epochs": 120}, {}, None),
     "moco+canvas-256": ("MoCo v2 image-level baseline at canvas 256", {"method": "moco", "canvas": 256}, {}, None),
     "preset+blur-scaled": ("the small-data preset with the blur sigma range scaled to the canvas (0.05-1.0 px at "
                            "128, as 0.1-2.0 px at the official 256)", PRESET, {}, "blur_scaled"),
