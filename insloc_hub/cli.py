@@ -69,7 +69,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         classes = ", ".join(map(str, det.get("class_names") or [])) or det.get("num_classes", "?")
         print(f"detector:    {det.get('arch', '?')}, classes: {classes}")
     for key, value in _dict(config.get("provenance")).items():
-        if not isinstance(value, (dict, list)):
+        if isinstance(value, list):  # e.g. deviations_from_official: one line each
+            print(f"provenance:  {key} =")
+            for item in value:
+                print(f"               - {item}")
+        elif not isinstance(value, dict):
             print(f"provenance:  {key} = {value}")
     for result in [r for r in config.get("results") or [] if isinstance(r, dict)]:
         metrics = ", ".join(f"{k} {v}" for k, v in _dict(result.get("metrics")).items())

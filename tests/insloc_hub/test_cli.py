@@ -29,6 +29,16 @@ def test_info_prints_summary_files_and_sha(folder, capsys):
     assert json.loads(capsys.readouterr().out)["config"]["task"] == "backbone"
 
 
+def test_info_lists_the_deviations_from_the_official_recipe_one_per_line(tmp_path, capsys):
+    deviations = ["batch_size 16 (official 256): one machine", "canvas 128 (official 256)"]
+    folder = save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "tiny",
+                             provenance={"deviations_from_official": deviations})
+    assert main(["info", str(folder)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("provenance:  deviations_from_official =")
+    assert [line.strip() for line in lines[start + 1:start + 3]] == [f"- {d}" for d in deviations]
+
+
 def test_info_of_a_missing_model_exits_2_with_a_message(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nothing-here")]) == 2
     assert "error:" in capsys.readouterr().err
