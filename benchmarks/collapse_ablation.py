@@ -143,8 +143,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
         **PRESET, "epochs": 240}, {}, None),
     "preset+p2-only": ("the small-data preset, loss on P2 only (level weights 1, 0, 0, 0)", PRESET,
                        {"level_weights": (1, 0, 0, 0)}, None),
-    "preset+r18-fpn": ("the small-data preset on r18-fpn (ResNet-18 at full width: 16x tiny-fpn's trunk channels "
-                       "squared)", {**PRESET, "arch": "r18-fpn"}, {}, None),
+    "preset+r18-fpn": ("the small-data preset on r18-fpn (ResNet-18 at full width: 4x tiny-fpn's channels, 16x its "
+                       "trunk's multiply-adds)", {**PRESET, "arch": "r18-fpn"}, {}, None),
     "preset+r18-fpn+lr-div3": ("the small-data preset on r18-fpn with AdamW 1e-3 (0.016 per 256)", {
         **PRESET, "arch": "r18-fpn", "lr": 0.016}, {}, None),
     "preset+canvas-256": ("the small-data preset at the official 256-pixel canvas (4x the pixels per instance)", {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import torch
 from insloc_hub import InsLocBackbone, build_detector, from_pretrained, save_pretrained
 from insloc_hub.models.backbone import backbone_config
 from insloc_hub.training.pretraining import pretrain
-from insloc_hub.training.pretraining.engine import PretrainConfig, resolve_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import transfer_raccoon  # noqa: E402
@@ -61,6 +59,6 @@ def test_c256_pretrainings_resolve_to_the_official_canvas_and_keep_the_rest_of_t
     parser = argparse.ArgumentParser()
     pretrain.add_subcommands(parser.add_subparsers())
     args = parser.parse_args(cmd[len(transfer_raccoon.CLI):])
-    cfg = resolve_config({f.name: getattr(args, f.name, None) for f in dataclasses.fields(PretrainConfig)})
+    cfg = pretrain.config_from_args(args)
     assert cfg.canvas == 256 and budget.pretrain_canvas == 128
     assert (cfg.method, cfg.epochs, cfg.batch_size, cfg.queue_size) == (method, 60, 16, 256)

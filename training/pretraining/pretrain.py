@@ -21,7 +21,7 @@ import logging
 from insloc_hub.configs import add_config_flags, output_folder
 from insloc_hub.training.pretraining.engine import PretrainConfig, export_checkpoint, resolve_config, train
 
-__all__ = ["add_subcommands", "run_pretrain", "run_export"]
+__all__ = ["add_subcommands", "config_from_args", "run_pretrain", "run_export"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,13 @@ _GROUPS = {
 }
 
 
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    """The run's config from parsed ``pretrain`` flags: defaults < ``--preset`` < the flags given."""
+    return resolve_config({f.name: getattr(args, f.name, None) for f in dataclasses.fields(PretrainConfig)})
+
+
 def run_pretrain(args: argparse.Namespace) -> int:
-    cfg = resolve_config({f.name: getattr(args, f.name, None) for f in dataclasses.fields(PretrainConfig)})
-    logger.info("done: %s", train(cfg))
+    logger.info("done: %s", train(config_from_args(args)))
     return 0
 
 
