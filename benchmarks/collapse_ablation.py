@@ -152,6 +152,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str | None]] = {
     "preset+canvas-256+lr-x2": ("the small-data preset at canvas 256 with AdamW 6e-3 (0.096 per 256)", {
         **PRESET, "canvas": 256, "lr": 0.096}, {}, None),
     "moco+canvas-256": ("MoCo v2 image-level baseline at canvas 256", {"method": "moco", "canvas": 256}, {}, None),
+    "preset+canvas-256+epochs-240": ("the small-data preset at canvas 256 over 4x the raccoon budget (240 epochs, "
+                                     "2,640 steps)", {**PRESET, "canvas": 256, "epochs": 240}, {}, None),
+    "moco+canvas-256+epochs-240": ("MoCo v2 at canvas 256 over 4x the raccoon budget (240 epochs, 2,640 steps)", {
+        "method": "moco", "canvas": 256, "epochs": 240}, {}, None),
     "preset+blur-scaled": ("the small-data preset with the blur sigma range scaled to the canvas (0.05-1.0 px at "
                            "128, as 0.1-2.0 px at the official 256)", PRESET, {}, "blur_scaled"),
     "moco+r18-fpn": ("MoCo v2 image-level baseline on r18-fpn", {"method": "moco", "arch": "r18-fpn"}, {}, None),
