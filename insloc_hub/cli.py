@@ -259,13 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None, *, long_running: bool = False,
-            interrupted_hint: str = "") -> int:
+def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None, *, long_running: bool = False) -> int:
     """Parse ``argv`` and run ``args.func(args)``: how every insloc CLI starts, fails and stops.
 
     Logs WARNING and up (INFO with timestamps if ``long_running``; DEBUG with ``-v``). A user error
     (:class:`InsLocError`) prints one line, ``prog command: error: ...``, and returns 2 like a bad flag;
-    Ctrl-C prints one line and returns 130.
+    Ctrl-C prints one line and returns 130: the interrupt's own message (a training run says which
+    checkpoint it saved), else the subcommand's ``interrupted_hint`` default, if it set one.
     Used by ``insloc-hub``, ``insloc-train``, ``insloc-export`` and ``insloc-serve``.
 
     Example:
@@ -282,8 +282,9 @@ def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None, *, l
     except InsLocError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted{interrupted_hint}", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        detail = str(exc) or getattr(args, "interrupted_hint", "")
+        print(f"{name}: interrupted" + (f"; {detail}" if detail else ""), file=sys.stderr)
         return 130
 
 

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), argv, long_running=True, interrupted_hint="; resume with --resume auto")
+    return run_cli(build_parser(), argv, long_running=True)
 
 
 if __name__ == "__main__":

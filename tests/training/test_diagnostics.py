@@ -69,6 +69,18 @@ def test_collapse_warning_once_with_the_step(caplog):
     assert len(warnings) == 1 and "step 30" in warnings[0].getMessage() and monitor.collapsed_at == 30
 
 
+def test_a_resumed_run_keeps_its_collapse_step_and_does_not_warn_again(caplog):
+    healthy = {"cos_k": 0.6, "emb_std": 0.07, "inbatch_top1": 40.0}
+    collapsed = {"cos_k": 0.99, "emb_std": 0.002, "inbatch_top1": 6.25}
+    logged = [{"step": 1, **healthy}, {"step": 2, **collapsed}, {"step": 3, **collapsed}]
+    monitor = CollapseMonitor(dim=128, batch_size=16)
+    with caplog.at_level(logging.WARNING):
+        assert monitor.replay(logged) == 2
+        assert not monitor.update(4, collapsed)
+    assert monitor.collapsed_at == 2 and "COLLAPSE" not in caplog.text
+    assert CollapseMonitor(dim=128, batch_size=16).replay(logged[:1]) is None
+
+
 def test_summary_of_the_last_records():
     records = [{"step": s, "loss": 1.0, "inbatch_top1": float(s), "cos_k": 0.5, "cos_q": 0.4, "emb_std": 0.05,
                 "inbatch_top1_p2": 1.0} for s in range(10, 110, 10)]

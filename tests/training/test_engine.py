@@ -37,6 +37,7 @@ from insloc_hub.training.pretraining.engine import (
 )
 from insloc_hub.training.pretraining.pretrain_data import InsLocPretrainDataset, UnlabelledImages, collate_decoded
 from insloc_hub.training.runtime.checkpoint import list_checkpoints, load_checkpoint
+from insloc_hub.training.runtime.run import Stopped
 from tests.photos import photo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -217,6 +218,28 @@ def test_sigkill_and_resume_gives_bit_identical_weights(photos, reference_run, t
     w_got = load_file(str(out / "final" / "model.safetensors"))
     assert w_ref.keys() == w_got.keys() and all(torch.equal(w_ref[k], w_got[k]) for k in w_ref)
     # metrics of the killed steps after the checkpoint were dropped, then rewritten once
+    assert [line.count('"step": ') for line in (out / "metrics.jsonl").read_text().splitlines()] == [1] * 6
+
+
+def test_ctrl_c_saves_the_current_step_and_resume_gives_bit_identical_weights(photos, reference_run, tmp_path):
+    """Ctrl-C mid-epoch, long after the last periodic checkpoint: the step in progress finishes and is saved."""
+    out = tmp_path / "stopped"
+
+    def interrupt_at_step_3(event, info):
+        if event == "step" and info["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    said = r"SIGINT at step 3/6, saved .*checkpoint_000000003\.pt; continue .*--resume auto"
+    with pytest.raises(Stopped, match=said):
+        train(tiny_config(photos, out, checkpoint_every_steps=0), callbacks=[interrupt_at_step_3])
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is the caller's again
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint_000000002.pt", "checkpoint_000000003.pt"]
+    assert not (out / "final").exists()
+    train(tiny_config(photos, out, checkpoint_every_steps=0, resume="auto"))
+    w_ref = load_file(str(reference_run / "final" / "model.safetensors"))
+    w_got = load_file(str(out / "final" / "model.safetensors"))
+    assert w_ref.keys() == w_got.keys() and all(torch.equal(w_ref[k], w_got[k]) for k in w_ref)
     assert [line.count('"step": ') for line in (out / "metrics.jsonl").read_text().splitlines()] == [1] * 6
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from safetensors.torch import load_file
 from insloc_hub.models import InsLocBackbone
 from insloc_hub.pretrained import from_pretrained, save_pretrained
 from insloc_hub.training.cli import main
+from insloc_hub.training.runtime.run import StepTimer
 from insloc_hub.transforms import to_tensor
 from tests.photos import photo
 from tests.training.test_finetune import make_coco, make_voc, tiny_args
@@ -122,6 +125,29 @@ def test_resume_auto_continues_from_the_newest_checkpoint(voc: Path, tmp_path: P
     # the data stream, the RNG and the optimizer state are restored: the same weights come out
     for key, value in uninterrupted.items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_ctrl_c_saves_the_iteration_and_says_how_to_continue(voc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "stopped"
+    args = flags(tiny_args(voc, run, iterations=4, checkpoint_every=100, steps="3"))
+    ticks, tick = [], StepTimer.tick
+
+    def tick_then_interrupt(self: StepTimer, *rest: Any) -> None:  # the timer ticks once per iteration
+        tick(self, *rest)
+        ticks.append(1)
+        if len(ticks) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(StepTimer, "tick", tick_then_interrupt)
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; SIGINT at iteration 2/4, saved" in err and "checkpoint_000000002.pt" in err
+    assert "--resume auto" in err and not (run / "final").exists()
+    monkeypatch.undo()
+    assert main([*args, "--resume", "auto"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "loss" in r] == [1, 2, 3, 4]
 
 
 def test_resume_refuses_other_settings_and_unasked_reuse(voc: Path, tmp_path: Path,

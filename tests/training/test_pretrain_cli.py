@@ -176,3 +176,21 @@ def test_in_batch_backgrounds_flag_needs_device_composition(photos, tmp_path, ca
     code, err = run(["pretrain", "--data", photos, "--output", tmp_path / "cpu", *TINY, "--gpu-composition", "off",
                      "--batch-backgrounds", "--max-steps", "1"], capsys)
     assert code != 0 and "--gpu-composition on" in err and "Traceback" not in err
+
+
+def test_ctrl_c_before_a_save_says_what_is_lost_and_eval_offers_no_resume(monkeypatch, capsys):
+    """Only commands that resume say how; a run stopped before it could save says that steps are lost."""
+    from insloc_hub.training.pretraining import pretrain
+    from insloc_hub.training.transfer import finetune
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "run_pretrain", interrupted)
+    monkeypatch.setattr(finetune, "_run_eval", interrupted)
+    assert cli.main(["pretrain", "--data", "photos", "--output", "run"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("insloc-train pretrain: interrupted; the steps since the newest checkpoint in --output are "
+                          "lost") and "--resume auto" in err
+    assert cli.main(["eval", "run/final", "--data", "voc"]) == 130
+    assert capsys.readouterr().err == "insloc-train eval: interrupted\n"

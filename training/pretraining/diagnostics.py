@@ -106,6 +106,11 @@ class CollapseMonitor:
         degenerate = record["cos_k"] > COLLAPSE_COS_K or record.get("emb_std", 1.0) < self.std_floor
         return degenerate and record.get("inbatch_top1", 0.0) <= 2.0 * self.chance
 
+    def replay(self, records: Sequence[dict[str, Any]]) -> int | None:
+        """Take the collapse step from records logged before a resume, without warning again."""
+        self.collapsed_at = next((r["step"] for r in records if self.is_collapsed(r)), None)
+        return self.collapsed_at
+
     def update(self, step: int, record: dict[str, Any]) -> bool:
         """Check one metrics record; returns True (and warns) the first time the run looks collapsed."""
         if self.collapsed_at is not None or not self.is_collapsed(record):

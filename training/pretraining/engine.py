@@ -545,8 +545,7 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.Path
     records, collapsed = [], None
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
         records = run_lib.read_metrics(run_dir / "metrics.jsonl", state["global_step"])
-        monitor = CollapseMonitor(cfg.dim, cfg.batch_size)
-        collapsed = next((r["step"] for r in records if monitor.is_collapsed(r)), None)
+        collapsed = CollapseMonitor(cfg.dim, cfg.batch_size).replay(records)
     return _export(state["model"], Path(out_dir), cfg, prov, run_dir, records, collapsed)
 
 
@@ -657,7 +656,8 @@ def train(cfg: PretrainConfig, *, callbacks: Sequence[Callback] = ()) -> Path:
         run.resume()  # before anything of the run is written
         run.write_config()
         try:
-            run.loop(callbacks)
+            with run_lib.StopRequest(enabled=info.world_size == 1) as stop:  # Ctrl-C / SIGTERM: save, then stop
+                run.loop(callbacks, stop)
         except torch.cuda.OutOfMemoryError as err:
             world = info.world_size
             raise ConfigError(
@@ -791,11 +791,12 @@ class _PretrainRun:
                 "launcher": self.info.launcher, "backbone": query_backbone_config(cfg).to_dict()}})
         self.metrics = MetricsWriter(self.run_dir, self.is_main, self.global_step, tensorboard=cfg.tensorboard)
         self.monitor = CollapseMonitor(cfg.dim, cfg.batch_size)
+        self.monitor.replay(self.metrics.records)  # a resumed run keeps the step it collapsed at
         self.loss_at_chance = chance_loss(self.model, cfg.batch_size)
         self.bar = tqdm(total=self.total_steps, initial=self.global_step, unit="step", dynamic_ncols=True,
                         file=sys.stderr, disable=not (self.is_main and sys.stderr.isatty()))  # disabled: no-ops
 
-    def loop(self, callbacks: Sequence[Callback]) -> None:
+    def loop(self, callbacks: Sequence[Callback], stop: run_lib.StopRequest) -> None:
         cfg = self.cfg
         jitter = self.model.box_jitter is not None  # drawn on the host: see jitter_on_host
 
@@ -836,12 +837,17 @@ class _PretrainRun:
                 if logged:
                     self._log(out, lr, timer)
                 self.bar.update(1)
+                saved = None
                 if self.step_in_epoch == self.steps_per_epoch:
-                    self._save(self.epoch + 1, 0)
-                elif finished or (cfg.checkpoint_every_steps and self.global_step % cfg.checkpoint_every_steps == 0):
-                    self._save(self.epoch, self.step_in_epoch)
+                    saved = self._save(self.epoch + 1, 0)
+                elif (finished or stop.requested
+                      or (cfg.checkpoint_every_steps and self.global_step % cfg.checkpoint_every_steps == 0)):
+                    saved = self._save(self.epoch, self.step_in_epoch)
                 if finished:
                     break
+                if stop.requested:
+                    raise run_lib.Stopped(f"{stop.requested} at step {self.global_step}/{self.total_steps}, saved "
+                                          f"{saved}; continue with the same command and --resume auto")
             report = self.images.pop_epoch_report()
             if report and self.is_main:
                 self.metrics.write({"step": self.global_step, "epoch": self.epoch, "unreadable_draws": report.events,
@@ -868,15 +874,17 @@ class _PretrainRun:
                         values["loss"], self.loss_at_chance, values["inbatch_top1"], values["cos_q"],
                         values["cos_k"], values["emb_std"], lr, record["img_per_s"])
 
-    def _save(self, epoch: int, step_in_epoch: int) -> None:
+    def _save(self, epoch: int, step_in_epoch: int) -> Path | None:
+        """Write the checkpoint of this position (rank 0; other ranks return ``None``)."""
         if not self.is_main:
-            return
-        run_lib.save(self.run_dir, self.global_step, {
+            return None
+        path = run_lib.save(self.run_dir, self.global_step, {
             "format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
             **self._position(epoch, step_in_epoch), "world_size": self.info.world_size,
         }, self.cfg.keep_checkpoints)
         self._draw_curves()
+        return path
 
     def _position(self, epoch: int, step_in_epoch: int) -> dict[str, int]:
         """Where the run stands: the checkpoint fields that the card's provenance reads too."""

@@ -20,6 +20,7 @@ import logging
 
 from insloc_hub.configs import add_config_flags, output_folder
 from insloc_hub.training.pretraining.engine import PretrainConfig, export_checkpoint, resolve_config, train
+from insloc_hub.training.runtime.run import INTERRUPTED_HINT
 
 __all__ = ["add_subcommands", "config_from_args", "run_pretrain", "run_export"]
 
@@ -60,7 +61,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                     "Run under torchrun for several GPUs; --batch-size is the global batch.",
     )
     add_config_flags(pretrain, PretrainConfig, required=("data", "output"), groups=_GROUPS)
-    pretrain.set_defaults(func=run_pretrain)
+    pretrain.set_defaults(func=run_pretrain, interrupted_hint=INTERRUPTED_HINT)
 
     export = subparsers.add_parser(
         "export-weights",

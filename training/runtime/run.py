@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,10 +36,14 @@ from insloc_hub.training.runtime.checkpoint import (
     save_checkpoint,
 )
 
-__all__ = ["MetricsWriter", "StepTimer", "choose_resume", "read_metrics", "resume", "save", "seed_everything",
-           "wrap_ddp", "write_json"]
+__all__ = ["INTERRUPTED_HINT", "MetricsWriter", "StepTimer", "StopRequest", "Stopped", "choose_resume", "read_metrics",
+           "resume", "save", "seed_everything", "wrap_ddp", "write_json"]
 
 logger = logging.getLogger(__name__)
+
+# what Ctrl-C prints when a run stopped before it could save (a second Ctrl-C, a multi-process run)
+INTERRUPTED_HINT = ("the steps since the newest checkpoint in --output are lost (if it holds none, nothing "
+                    "was kept); continue from it with the same command and --resume auto")
 
 
 def choose_resume(run_dir: Path, resume: str | os.PathLike[str] | None) -> list[Path]:
@@ -92,6 +98,57 @@ def save(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     path = save_checkpoint(checkpoint_path(run_dir, step), {**state, "rng": capture_rng_state()})
     prune_checkpoints(run_dir, keep)
     return path
+
+
+class Stopped(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM after saving where it stood; ``str()`` says where and how to go on."""
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM during a training loop: finish the step, save a checkpoint, then stop.
+
+    Used as a context manager around the loop, which checks :attr:`requested` after each step and,
+    if set, saves and raises :class:`Stopped`. A second signal stops at once (``KeyboardInterrupt``),
+    so a slow save can still be cut short; the checkpoints already written stay (they are atomic).
+    Only a single process on the main thread handles the signals: the ranks of a multi-process
+    run would stop after different steps and hang in their next collective, so there a signal
+    stops at once and the run resumes from its newest periodic checkpoint.
+
+    Example:
+        >>> with StopRequest(enabled=True) as stop:  # doctest: +SKIP
+        ...     for step in steps:
+        ...         train_one(step)
+        ...         if stop.requested:
+        ...             save(step)
+        ...             raise Stopped(f"saved step {step}; resume with --resume auto")
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested: str | None = None  # the signal's name once one arrived
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if self.enabled:
+            for name in self.SIGNALS:
+                number = getattr(signal, name, None)
+                if number is not None:
+                    self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _handle(self, number: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(number).name
+        logger.warning("%s: stopping after this step and saving a checkpoint (press Ctrl-C again to stop at once, "
+                       "losing the steps since the last checkpoint)", self.requested)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -498,7 +498,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         run.build_model()
         run.resume()  # before the run's files are written
         run.write_config()
-        run.loop()
+        with run_lib.StopRequest(enabled=info.world_size == 1) as stop:  # Ctrl-C / SIGTERM: save, then stop
+            run.loop(stop)
         return run.finish(start_time)  # final evaluation, data report, RUN/final
     finally:
         dist_utils.cleanup()
@@ -586,7 +587,7 @@ class _FinetuneRun:
                     cfg.iterations, cfg.batch_size, self.per_rank, self.info.world_size, cfg.lr, cfg.steps,
                     cfg.warmup, cfg.min_size, cfg.max_size, cfg.test_size, self.norm, self.amp, self.device)
 
-    def loop(self) -> None:
+    def loop(self, stop: run_lib.StopRequest) -> None:
         cfg, device = self.cfg, self.device
         self.train_model.train()
         batches = iter(self.loader)
@@ -622,6 +623,10 @@ class _FinetuneRun:
                     self.log.write({"iteration": it, "eval": _metrics_for_card(result)})
                 dist_utils.barrier()
                 self.train_model.train()
+            if stop.requested and it < cfg.iterations:
+                saved = self._save() if it % cfg.checkpoint_every else ckpt.checkpoint_path(self.run_dir, it)
+                raise run_lib.Stopped(f"{stop.requested} at iteration {it}/{cfg.iterations}, saved {saved}; continue "
+                                      "with the same command and --resume auto")
         del batches
         if self.start_iter < cfg.iterations or not ckpt.list_checkpoints(self.run_dir):
             self._save()
@@ -637,12 +642,15 @@ class _FinetuneRun:
                         total, " ".join(f"{k} {v:.3f}" for k, v in values.items()), lr, seconds,
                         datetime.timedelta(seconds=round(max(eta, 0))))
 
-    def _save(self) -> None:
+    def _save(self) -> Path:
+        """Write this iteration's checkpoint (rank 0) and return its path."""
+        path = ckpt.checkpoint_path(self.run_dir, self.iteration)
         if self.main:
             run_lib.save(self.run_dir, self.iteration, {
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "iteration": self.iteration, "config": self.cfg.fingerprint()}, self.cfg.keep_checkpoints)
         dist_utils.barrier()
+        return path
 
     def finish(self, start_time: float) -> FinetuneResult:
         """Final evaluation, RUN/data_report.json and the hub folder RUN/final (rank 0)."""
@@ -758,7 +766,7 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--backbone", choices=sorted(ARCH_PRESETS), help="deprecated: use --preset")
     p.add_argument("--detector-opt", action="append", metavar="KEY=VALUE",
                    help="torchvision detector argument, e.g. rpn_post_nms_top_n_train=1000 (repeatable)")
-    p.set_defaults(func=_run_finetune)
+    p.set_defaults(func=_run_finetune, interrupted_hint=run_lib.INTERRUPTED_HINT)
 
     e = subparsers.add_parser(
         "eval", help="COCO-style evaluation of a fine-tuned detector",
