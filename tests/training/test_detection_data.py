@@ -207,6 +207,15 @@ def test_voc_reports_missing_images_unknown_classes_and_bad_xml(
     assert "b.jpg" in warnings[0].getMessage()
 
 
+def test_classes_that_match_no_box_are_refused_with_the_names_found(tmp_path: Path) -> None:
+    root = make_voc(tmp_path / "voc", {"a": {"objects": [{"name": "raccoon", "box": (1, 1, 5, 5)}]},
+                                       "b": {"objects": [{"name": "raccoon", "box": (2, 2, 9, 9)}]}})
+    with pytest.raises(DatasetError, match=r"none of its boxes belongs to the classes \['dog', 'cat'\]: 2 boxes of "
+                                           r"unknown classes dropped \(e\.g\. .*raccoon"):
+        load_voc(root, class_names=["dog", "cat"])
+    assert load_voc(root, class_names=["raccoon", "dog"]).report.num_boxes == 2  # one matching class is enough
+
+
 def test_voc_without_any_usable_image_raises_and_says_why(tmp_path: Path) -> None:
     items = {f"{i:02d}": {"objects": [{"name": "dog", "box": (1, 1, 5, 5)}], "image": False} for i in range(12)}
     root = make_voc(tmp_path / "voc", items)

@@ -399,6 +399,9 @@ def _finish(records: list[DetectionRecord], class_names: Sequence[str], report: 
         why = report.describe(_IMAGE_LEVEL) or "no images listed"
         raise DatasetError(f"{report.source}: 0 of {report.num_images} images usable: {why}. Check the image folder, "
                            "the split and the annotation files.")
+    if report.num_boxes == 0 and report.unknown_classes:  # every box named another class: surely a typo
+        raise DatasetError(f"{report.source}: none of its boxes belongs to the classes {list(class_names)}: "
+                           f"{report.describe(['unknown_classes'])}. Name classes the annotations use (--classes).")
     return DetectionDataset(kept, class_names, category_ids=category_ids, keep_difficult=keep_difficult, report=report,
                             source=report.source)
 
