@@ -147,6 +147,8 @@ def test_flags_override_the_recipe() -> None:
         ({"min_size": "big"}, "cannot read sizes"),
         ({"detector_opt": ["min_size=3"]}, "--min-size"),
         ({"detector_opt": ["nonsense"]}, "KEY=VALUE"),
+        ({"steps": "10,20", "iterations": 2}, r"--steps \[10, 20\]: an LR decay at or after the last iteration"),
+        ({"eval_every": 5}, "--eval-every needs --val-data"),
     ],
 )
 def test_bad_recipe_values_are_refused(flags: dict[str, Any], message: str) -> None:

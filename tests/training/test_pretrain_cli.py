@@ -89,6 +89,9 @@ def test_moco_baseline_and_c4_reconstruction_smoke(photos, tmp_path, capsys, fla
         (["--queue-size", "20"], "--queue-size 20 must be a multiple of the global --batch-size 8"),
         (["--canvas", "70"], "--canvas must be a multiple of 16"),
         (["--epochs", "0"], "--epochs: must be >= 1, got 0"),
+        (["--method", "moco", "--no-box-jitter"], "--no-box-jitter applies to --method insloc only"),
+        (["--method", "moco", "--projection-norm", "level"], "MoCo v2 has one level: use batch"),
+        (["--arch", "tiny-c4", "--projection-norm", "level"], "tiny-c4 has one level: use batch"),
     ],
 )
 def test_config_errors(photos, tmp_path, capsys, extra, message):

@@ -191,6 +191,11 @@ class PretrainConfig(JsonConfig):
             raise ConfigError("--no-queue-negatives needs --inbatch-negatives (otherwise the loss has no negatives)")
         if self.canvas % 16 != 0:
             raise ConfigError(f"--canvas must be a multiple of 16 (box-jitter anchors), got {self.canvas}")
+        if self.method == "moco" and not self.box_jitter:
+            raise ConfigError("--no-box-jitter applies to --method insloc only (MoCo v2 has no boxes); drop it")
+        if self.projection_norm == "level" and (self.method == "moco" or self.arch.endswith("-c4")):
+            raise ConfigError("--projection-norm level keeps statistics per FPN level, and "
+                              f"{'MoCo v2' if self.method == 'moco' else self.arch} has one level: use batch")
 
     @property
     def scaled_lr(self) -> float:

@@ -164,7 +164,8 @@ class UnlabelledImages:
         if paths and not any(os.path.exists(p) for p in paths[:8]):
             raise DatasetError(
                 f"the first entries of {str(list_file)!r} do not exist (e.g. {paths[0]!r}); paths in the "
-                f"list are relative to {str(base)!r}: pass root= the folder they are relative to"
+                f"list are relative to {str(base)!r}: pass the folder they are relative to as --data-root (root= "
+                "in Python)"
             )
         return paths
 

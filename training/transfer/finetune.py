@@ -168,7 +168,7 @@ class FinetuneConfig(JsonConfig):
     val_image_root: str | None = flag(None, help="image folder of a COCO --val-data json")
     init: str = flag("random", help="pretrained backbone: hub alias, owner/repo[@rev] or local folder; 'random' "
                                     "for none")
-    arch: str = flag("faster_rcnn_fpn", help="detector (default: the recipe's)", choices=ARCHITECTURES)
+    arch: str = flag("faster_rcnn_fpn", help="detector architecture; a --recipe brings its own", choices=ARCHITECTURES)
     # a schedule name is still accepted here for one release (deprecated: the old meaning of --preset)
     preset: str | None = flag(None, help="architecture preset (tiny-fpn, r50-fpn, ...) for --init random; a "
                                          "pretrained --init brings its own", choices=[*sorted(ARCH_PRESETS), *RECIPES])
@@ -325,6 +325,11 @@ def resolve_config(args: argparse.Namespace | Mapping[str, Any]) -> tuple[Finetu
     lr = float(given("lr", lr))
     if sorted(steps) != steps or any(s < 0 for s in steps):
         raise ConfigError(f"--steps must be increasing non-negative iterations, got {steps}")
+    if get("steps") is not None and any(s >= iterations for s in steps):
+        raise ConfigError(f"--steps {steps}: an LR decay at or after the last iteration ({iterations}) never happens; "
+                          "give steps below --iterations")
+    if get("eval_every") and not get("val_data"):
+        raise ConfigError("--eval-every needs --val-data (the set to evaluate on)")
 
     min_size = parse_sizes(given("min_size", sizes["min_size"]))
     max_size = int(given("max_size", sizes["max_size"]))
