@@ -22,7 +22,9 @@ from insloc_hub.serve.errors import ServiceError, image_error
 from insloc_hub.transforms import decode_image
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
-RAW_TYPES = ("image/", "application/octet-stream")
+#: content types read as one raw image body, sniffed by content. curl's --data-binary and -d send
+#: application/x-www-form-urlencoded unless told otherwise, and no route here takes HTML forms.
+RAW_TYPES = ("image/", "application/octet-stream", "application/x-www-form-urlencoded")
 
 
 @dataclass
@@ -144,7 +146,8 @@ async def images_and_options(request: Request, body: bytes, max_images: int) -> 
     else:
         raise ServiceError(415, "unsupported_media_type",
                            f"unsupported Content-Type {content_type!r}; send multipart/form-data, an image body "
-                           "(image/jpeg, image/png...) or application/json with base64 images")
+                           "(image/jpeg, image/png..., application/octet-stream) or application/json with base64 "
+                           "images")
     if not images:
         raise ServiceError(422, "no_images", "the request has no image")
     if len(images) > max_images:

@@ -1,0 +1,54 @@
+"""How requests are read: content types, JSON, base64, options and Accept, as clients really send them."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from insloc_hub.serve.settings import Settings
+from tests.serve.conftest import image_bytes
+
+DET, BB = "tiny-detector", "tiny-backbone"
+#: what curl sends with --data-binary and no -H 'Content-Type: ...'
+CURL_DEFAULT = {"content-type": "application/x-www-form-urlencoded"}
+V2_INFER = f"/v2/models/{DET}/infer"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, start_server):
+    return start_server(Settings(models=[str(tiny_models.detector), str(tiny_models.backbone)], max_wait_ms=1))
+
+
+def _error(response: httpx.Response, status: int, code: str) -> str:
+    """The message of a /v1 or /hf error, after checking its status and shape."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["code"] == code, body
+    return body["error"]["message"]
+
+
+def _v2_error(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str), body
+    return body["error"]
+
+
+def _v2_request(data: list) -> dict:
+    return {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [len(data)], "data": data}]}
+
+
+def test_curl_data_binary_without_a_content_type_is_an_image_body(server):
+    """The README's curl lines: --data-binary sends application/x-www-form-urlencoded unless told otherwise."""
+    data = image_bytes(64, 48, "JPEG", seed=1)
+    drawn = httpx.post(server.url + f"/v1/detect?model={DET}&annotated=1", content=data, headers=CURL_DEFAULT)
+    assert drawn.status_code == 200 and drawn.headers["content-type"] == "image/png", drawn.text
+    embedded = httpx.post(server.url + f"/v1/features?model={BB}", content=data, headers=CURL_DEFAULT)
+    assert embedded.status_code == 200 and len(embedded.json()["results"][0]["embedding"]) == 128, embedded.text
+    maps = httpx.post(server.url + f"/v1/features?model={BB}", content=data,
+                      headers={**CURL_DEFAULT, "accept": "application/octet-stream"})
+    assert maps.status_code == 200 and maps.headers["content-type"] == "application/octet-stream", maps.text
+    # a non-image body under that type is still refused as what it is: not an image
+    _error(httpx.post(server.url + f"/v1/detect?model={DET}", content=b"a=1&b=2", headers=CURL_DEFAULT),
+           415, "unsupported_image")
