@@ -73,12 +73,17 @@ def b64_image(value: Any, index: int) -> bytes:
     return data
 
 
-def parse_json(body: bytes) -> Any:
-    """The JSON body, or the service's 422 ``invalid_json`` error."""
+def parse_json(body: bytes, status: int = 422) -> Any:
+    """The JSON document in ``body``, or error ``status`` with code ``invalid_json`` (v1 and /hf: 422, KServe v2: 400).
+
+    The one JSON reader of every protocol, so all of them refuse the same documents the same way.
+    """
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ServiceError(422, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # the decoder recurses once per [ or {: deep nesting hits Python's stack guard
+        raise ServiceError(status, "invalid_json", "the JSON body is nested too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer over Python's digit limit
+        raise ServiceError(status, "invalid_json", f"the body is not valid JSON: {exc}") from exc
 
 
 def looks_like_json(body: bytes, content_type: str) -> bool:

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from insloc_hub.serve.errors import ServiceError
-from insloc_hub.serve.inputs import Options, b64_image, decode_all, read_body
+from insloc_hub.serve.inputs import Options, b64_image, decode_all, parse_json, read_body
 from insloc_hub.serve.render import label_name, select_detections
 from insloc_hub.serve.service import ModelRuntime, Service
 from insloc_hub.version import __version__
@@ -112,10 +112,7 @@ def _parse_request(body: bytes, header_length: str | None, max_images: int) -> t
         header_bytes, binary = body[:n], body[n:]
     else:
         header_bytes, binary = body, b""
-    try:
-        header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ServiceError(400, "invalid_json", f"the inference request is not valid JSON: {exc}") from exc
+    header = parse_json(header_bytes, status=400)
     inputs = header.get("inputs") if isinstance(header, dict) else None
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ServiceError(400, "invalid_request", "expected exactly one input: a BYTES tensor of encoded images "

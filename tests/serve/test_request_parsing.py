@@ -52,3 +52,13 @@ def test_curl_data_binary_without_a_content_type_is_an_image_body(server):
     # a non-image body under that type is still refused as what it is: not an image
     _error(httpx.post(server.url + f"/v1/detect?model={DET}", content=b"a=1&b=2", headers=CURL_DEFAULT),
            415, "unsupported_image")
+
+
+def test_deeply_nested_json_is_a_client_error_on_every_protocol(server):
+    nested = b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    json_type = {"content-type": "application/json"}
+    for path in (f"/v1/detect?model={DET}", f"/v1/features?model={BB}", f"/hf/{DET}"):
+        message = _error(httpx.post(server.url + path, content=nested, headers=json_type), 422, "invalid_json")
+        assert "nested" in message
+    assert "nested" in _v2_error(httpx.post(server.url + V2_INFER, content=nested, headers=json_type), 400)
+    assert httpx.post(server.url + f"/v1/detect?model={DET}", content=image_bytes()).status_code == 200
