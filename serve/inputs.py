@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,9 @@ from insloc_hub.serve.errors import ServiceError, image_error
 from insloc_hub.transforms import decode_image
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
+_INTEGER_TEXT = re.compile(r"[+-]?\d{1,18}")
+#: the most detections a request may ask for
+MAX_DETECTIONS = 10_000
 #: content types read as one raw image body, sniffed by content. curl's --data-binary and -d send
 #: application/x-www-form-urlencoded unless told otherwise, and no route here takes HTML forms.
 RAW_TYPES = ("image/", "application/octet-stream", "application/x-www-form-urlencoded")
@@ -160,6 +162,48 @@ async def images_and_options(request: Request, body: bytes, max_images: int) -> 
     return images, options
 
 
+def _shown(value: Any) -> str:
+    """A client's value for an error message, cut short (it may be megabytes long)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer over Python's digit limit for str()
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def float_option(name: str, value: Any, low: float, high: float, status: int = 422) -> float:
+    """``value`` (a JSON number or the text of a form field / query value) as a float in [low, high].
+
+    Everything else is error ``status`` with code ``invalid_option``: bools, non-numbers, NaN, infinities
+    (a JSON ``1e999`` reads as inf) and integers too large for a float.
+    """
+    problem = ServiceError(status, "invalid_option", f"{name} must be a number within [{low:g}, {high:g}], "
+                                                     f"got {_shown(value)}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise problem
+    try:
+        number = float(value)
+    except (ValueError, OverflowError) as exc:  # not a number; an integer beyond float's range
+        raise problem from exc
+    if not low <= number <= high:  # also false for NaN and the infinities
+        raise problem
+    return number
+
+
+def int_option(name: str, value: Any, low: int, high: int, status: int = 422) -> int:
+    """``value`` (a JSON integer or the text of one) as an int in [low, high]; else error ``status``.
+
+    Floats are refused even when whole (``2.0``, ``1e999``), as are bools and texts that are not plain integers.
+    """
+    problem = ServiceError(status, "invalid_option", f"{name} must be an integer within [{low}, {high}], "
+                                                     f"got {_shown(value)}")
+    if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value.strip()):
+        value = int(value)  # at most 18 digits: never near Python's conversion limit
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise problem
+    return value
+
+
 def parse_options(raw: dict[str, Any], class_names: list[str]) -> Options:
     """Validate option values (422 on anything wrong or unknown)."""
     known = {"model", "score_threshold", "threshold", "max_detections", "classes"}
@@ -173,22 +217,9 @@ def parse_options(raw: dict[str, Any], class_names: list[str]) -> Options:
         opts.model = raw["model"]
     threshold = raw.get("score_threshold", raw.get("threshold"))
     if threshold is not None:
-        try:
-            opts.score_threshold = float(threshold)
-        except (TypeError, ValueError) as exc:
-            raise ServiceError(422, "invalid_option", f"score_threshold must be a number, got {threshold!r}") from exc
-        if isinstance(threshold, bool) or not (0.0 <= opts.score_threshold <= 1.0) or math.isnan(opts.score_threshold):
-            raise ServiceError(422, "invalid_option", f"score_threshold must be within [0, 1], got {threshold!r}")
+        opts.score_threshold = float_option("score_threshold", threshold, 0.0, 1.0)
     if raw.get("max_detections") is not None:
-        value = raw["max_detections"]
-        try:
-            opts.max_detections = int(value)
-            if isinstance(value, (bool, float)) or str(opts.max_detections) != str(value).strip():
-                raise ValueError(value)
-        except (TypeError, ValueError) as exc:
-            raise ServiceError(422, "invalid_option", f"max_detections must be an integer, got {value!r}") from exc
-        if not 0 <= opts.max_detections <= 10_000:
-            raise ServiceError(422, "invalid_option", f"max_detections must be within [0, 10000], got {value}")
+        opts.max_detections = int_option("max_detections", raw["max_detections"], 0, MAX_DETECTIONS)
     if raw.get("classes") is not None:
         classes = raw["classes"]
         if isinstance(classes, str):

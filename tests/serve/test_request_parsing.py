@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import httpx
 import pytest
 
@@ -52,6 +55,34 @@ def test_curl_data_binary_without_a_content_type_is_an_image_body(server):
     # a non-image body under that type is still refused as what it is: not an image
     _error(httpx.post(server.url + f"/v1/detect?model={DET}", content=b"a=1&b=2", headers=CURL_DEFAULT),
            415, "unsupported_image")
+
+
+def test_infinite_nan_and_huge_numbers_are_422_options(server):
+    encoded = base64.b64encode(image_bytes()).decode()
+    url = server.url + f"/v1/detect?model={DET}"
+    for name, literal in [("max_detections", "1e999"), ("max_detections", "-1e999"), ("max_detections", "NaN"),
+                          ("max_detections", "Infinity"), ("max_detections", "1e300"), ("max_detections", "9" * 400),
+                          ("score_threshold", "1e999"), ("score_threshold", "NaN"), ("score_threshold", "-Infinity"),
+                          ("score_threshold", "9" * 400), ("threshold", "1e999")]:
+        body = f'{{"images": ["{encoded}"], "{name}": {literal}}}'.encode()
+        message = _error(httpx.post(url, content=body, headers={"content-type": "application/json"}),
+                         422, "invalid_option")
+        assert name.replace("threshold", "score_threshold").replace("score_score", "score") in message
+        assert len(message) < 200  # the offending value is shown cut short
+    for query in ("max_detections=1e999", "max_detections=inf", "max_detections=" + "9" * 5000,
+                  "score_threshold=inf", "score_threshold=1e999", "score_threshold=" + "9" * 400):
+        _error(httpx.post(f"{url}&{query}", content=image_bytes()), 422, "invalid_option")
+    json_type = {"content-type": "application/json"}
+    hf = f'{{"inputs": "{encoded}", "parameters": {{"threshold": 1e999}}}}'.encode()
+    _error(httpx.post(server.url + f"/hf/{DET}", content=hf, headers=json_type), 422, "invalid_option")
+    # an integer literal longer than Python's conversion limit is a JSON error, not a server error
+    too_long = f'{{"images": ["{encoded}"], "max_detections": {"9" * 5000}}}'.encode()
+    _error(httpx.post(url, content=too_long, headers=json_type), 422, "invalid_json")
+    v2 = json.dumps(_v2_request([encoded]))[:-1]
+    for parameters in ('{"max_detections": 1e999}', '{"score_threshold": NaN}', '{"max_detections": 1e300}'):
+        body = f'{v2}, "parameters": {parameters}}}'.encode()
+        assert "must be" in _v2_error(httpx.post(server.url + V2_INFER, content=body, headers=json_type), 400)
+    assert httpx.post(url, json={"images": [encoded], "max_detections": 1}).status_code == 200
 
 
 def test_deeply_nested_json_is_a_client_error_on_every_protocol(server):
