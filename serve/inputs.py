@@ -104,7 +104,7 @@ async def images_and_options(request: Request, body: bytes, max_images: int) -> 
     content_type = request.headers.get("content-type", "").lower()
     options: dict[str, Any] = {k: v for k, v in request.query_params.items() if k != "annotated"}
     if "classes" in request.query_params:
-        options["classes"] = request.query_params.getlist("classes")
+        options["classes"] = split_classes(request.query_params.getlist("classes"))
     images: list[bytes]
     if content_type.startswith("multipart/form-data"):
         try:
@@ -117,11 +117,8 @@ async def images_and_options(request: Request, body: bytes, max_images: int) -> 
         for key, value in form.multi_items():
             if hasattr(value, "read"):
                 images.append(await value.read())
-            elif key == "classes":
-                options.setdefault("classes", [])
-                if isinstance(options["classes"], str):
-                    options["classes"] = [options["classes"]]
-                options["classes"] += [c for c in str(value).split(",") if c]
+            elif key == "classes":  # repeated fields add up, like a repeated query parameter
+                options["classes"] = options.get("classes", []) + split_classes([str(value)])
             else:
                 options[key] = value
         await form.close()
@@ -160,6 +157,15 @@ async def images_and_options(request: Request, body: bytes, max_images: int) -> 
     if len(images) > max_images:
         raise ServiceError(413, "too_many_images", f"{len(images)} images in one request; the limit is {max_images}")
     return images, options
+
+
+def split_classes(texts: list[str]) -> list[str]:
+    """``["cat,dog", "raccoon"]`` -> ``["cat", "dog", "raccoon"]``.
+
+    The one reading of class names given as text: query values, form fields and a JSON string alike
+    (a JSON list is taken as it is).
+    """
+    return [name.strip() for text in texts for name in text.split(",") if name.strip()]
 
 
 def _shown(value: Any) -> str:
@@ -223,7 +229,7 @@ def parse_options(raw: dict[str, Any], class_names: list[str]) -> Options:
     if raw.get("classes") is not None:
         classes = raw["classes"]
         if isinstance(classes, str):
-            classes = [c for c in classes.split(",") if c]
+            classes = split_classes([classes])
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
             raise ServiceError(422, "invalid_option", "classes must be a list of class names")
         missing = [c for c in classes if c not in class_names]

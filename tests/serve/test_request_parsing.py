@@ -93,3 +93,21 @@ def test_deeply_nested_json_is_a_client_error_on_every_protocol(server):
         assert "nested" in message
     assert "nested" in _v2_error(httpx.post(server.url + V2_INFER, content=nested, headers=json_type), 400)
     assert httpx.post(server.url + f"/v1/detect?model={DET}", content=image_bytes()).status_code == 200
+
+
+def test_query_classes_split_on_commas_like_the_body(server):
+    data = image_bytes(80, 60, seed=2)
+    encoded = base64.b64encode(data).decode()
+    url = server.url + f"/v1/detect?model={DET}"
+    from_json = httpx.post(url, json={"images": [encoded], "classes": ["cat", "dog"]})
+    from_form = httpx.post(url, files={"image": ("a.png", data)}, data={"classes": "cat,dog"})
+    from_query = httpx.post(url + "&classes=cat,dog", content=data)
+    repeated = httpx.post(url + "&classes=cat&classes=dog", content=data)
+    for response in (from_json, from_form, from_query, repeated):
+        assert response.status_code == 200, response.text
+    expected = from_json.json()["results"][0]["detections"]
+    assert expected and {d["label"] for d in expected} <= {"cat", "dog"}
+    for response in (from_form, from_query, repeated):
+        assert response.json()["results"][0]["detections"] == expected
+    message = _error(httpx.post(url + "&classes=cat,unicorn", content=data), 422, "invalid_option")
+    assert "['unicorn']" in message
