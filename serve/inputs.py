@@ -168,6 +168,15 @@ def split_classes(texts: list[str]) -> list[str]:
     return [name.strip() for text in texts for name in text.split(",") if name.strip()]
 
 
+def model_option(raw: dict[str, Any]) -> str | None:
+    """The served model a request names (None: not named); a name of the wrong type is a 422 that says so."""
+    model = raw.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ServiceError(422, "invalid_option", f"model must be a string (a served model name), "
+                                                  f"got {type(model).__name__} {_shown(model)}")
+    return model
+
+
 def _shown(value: Any) -> str:
     """A client's value for an error message, cut short (it may be megabytes long)."""
     try:
@@ -217,10 +226,7 @@ def parse_options(raw: dict[str, Any], class_names: list[str]) -> Options:
     if unknown:
         raise ServiceError(422, "invalid_option", f"unknown option(s) {unknown}; allowed: {sorted(known)}")
     opts = Options()
-    if raw.get("model") is not None:
-        if not isinstance(raw["model"], str):
-            raise ServiceError(422, "invalid_option", "model must be a string (a served model name)")
-        opts.model = raw["model"]
+    opts.model = model_option(raw)
     threshold = raw.get("score_threshold", raw.get("threshold"))
     if threshold is not None:
         opts.score_threshold = float_option("score_threshold", threshold, 0.0, 1.0)

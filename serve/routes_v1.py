@@ -15,6 +15,7 @@ from insloc_hub.serve.inputs import (
     decode_all,
     images_and_options,
     looks_like_json,
+    model_option,
     parse_json,
     parse_options,
     read_body,
@@ -58,10 +59,8 @@ async def _prepare(request: Request) -> tuple[Service, ModelRuntime, list, Any, 
     body = await read_body(request, s.max_body_bytes)
     images, raw_options = await images_and_options(request, body, s.max_images)
     # the model must be known before its class names can validate ``classes``
-    runtime = service.model(raw_options.get("model") if isinstance(raw_options.get("model"), str) else None)
+    runtime = service.model(model_option(raw_options))
     opts = parse_options(raw_options, runtime.info.class_names)
-    if opts.model is not None and opts.model != runtime.info.name:
-        runtime = service.model(opts.model)
     arrays = await decode_all(images, service.decode_limiter, max_pixels=s.max_pixels, max_bytes=s.max_body_bytes)
     return service, runtime, arrays, opts, {"started": started, "decode_ms": (time.perf_counter() - started) * 1e3}
 

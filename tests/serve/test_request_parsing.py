@@ -111,3 +111,12 @@ def test_query_classes_split_on_commas_like_the_body(server):
         assert response.json()["results"][0]["detections"] == expected
     message = _error(httpx.post(url + "&classes=cat,unicorn", content=data), 422, "invalid_option")
     assert "['unicorn']" in message
+
+
+def test_a_model_of_the_wrong_type_is_named_as_such(server):
+    """Several models are served: a list where the name belongs must not read as 'no model given'."""
+    encoded = base64.b64encode(image_bytes()).decode()
+    for model in (["tiny-detector"], 3, {"name": DET}):
+        message = _error(httpx.post(server.url + "/v1/detect", json={"images": [encoded], "model": model}),
+                         422, "invalid_option")
+        assert "model must be a string" in message
