@@ -21,6 +21,8 @@ from insloc_hub.serve.errors import ServiceError, image_error
 from insloc_hub.transforms import decode_image
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
+_ASCII_SPACE = re.compile(r"[ \t\n\r\f\v]+")  # str.isspace and \s would also pass Unicode spaces
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/= \t\n\r\f\v]")
 _INTEGER_TEXT = re.compile(r"[+-]?\d{1,18}")
 #: the most detections a request may ask for
 MAX_DETECTIONS = 10_000
@@ -61,18 +63,27 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def b64_image(value: Any, index: int) -> bytes:
-    """Decode one base64 image string (a ``data:...;base64,`` prefix is allowed); 422 otherwise."""
+    """Decode one base64 image string (a ``data:...;base64,`` prefix is allowed); 422 otherwise.
+
+    ASCII whitespace inside is skipped, as MIME decoders do, so line-wrapped base64 (Python's
+    ``base64.encodebytes``, GNU ``base64`` without ``-w0``) is accepted; any other character outside
+    the standard alphabet is refused, naming the character and its position.
+    """
     if not isinstance(value, str):
         raise ServiceError(422, "invalid_image_field",
                            f"image {index} must be a base64 string, got {type(value).__name__}")
     text = _DATA_URL.sub("", value.strip())
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
+    stray = _NOT_BASE64.search(text)
+    if stray is not None:
         hint = " (file paths and URLs are not accepted: send the image bytes)" if ("/" in text[:200] and "." in
                                                                                   text[:200]) else ""
-        raise ServiceError(422, "invalid_base64", f"image {index} is not valid base64{hint}: {exc}") from exc
-    return data
+        raise ServiceError(422, "invalid_base64", f"image {index} is not valid base64{hint}: character "
+                                                     f"{stray.group()!r} at position {stray.start()} is not in "
+                                                     "the base64 alphabet (A-Z a-z 0-9 + / =)")
+    try:
+        return base64.b64decode(_ASCII_SPACE.sub("", text), validate=True)
+    except (binascii.Error, ValueError) as exc:  # wrong length or misplaced padding
+        raise ServiceError(422, "invalid_base64", f"image {index} is not valid base64: {exc}") from exc
 
 
 def parse_json(body: bytes, status: int = 422) -> Any:

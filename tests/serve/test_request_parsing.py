@@ -120,3 +120,22 @@ def test_a_model_of_the_wrong_type_is_named_as_such(server):
         message = _error(httpx.post(server.url + "/v1/detect", json={"images": [encoded], "model": model}),
                          422, "invalid_option")
         assert "model must be a string" in message
+
+
+def test_line_wrapped_base64_is_accepted_other_characters_are_not(server):
+    data = image_bytes(64, 64, seed=4)
+    plain = base64.b64encode(data).decode()
+    url = server.url + f"/v1/detect?model={DET}"
+    expected = httpx.post(url, json={"images": [plain]}).json()["results"]
+    wrapped = {"python encodebytes": base64.encodebytes(data).decode(),
+               "CRLF, 64 columns": "\r\n".join(plain[i:i + 64] for i in range(0, len(plain), 64)),
+               "data URL, tabs and spaces": "data:image/png;base64," + " \t".join(plain[i:i + 40]
+                                                                                for i in range(0, len(plain), 40))}
+    for name, text in wrapped.items():
+        response = httpx.post(url, json={"images": [text]})
+        assert response.status_code == 200, (name, response.text)
+        assert response.json()["results"] == expected, name
+    v2 = httpx.post(server.url + V2_INFER, json=_v2_request([base64.encodebytes(data).decode()]))
+    assert v2.status_code == 200, v2.text
+    message = _error(httpx.post(url, json={"images": [plain[:100] + "*" + plain[100:]]}), 422, "invalid_base64")
+    assert "image 0" in message and "'*'" in message and "100" in message
