@@ -62,28 +62,28 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
-def b64_image(value: Any, index: int) -> bytes:
-    """Decode one base64 image string (a ``data:...;base64,`` prefix is allowed); 422 otherwise.
+def b64_image(value: Any, index: int, status: int = 422) -> bytes:
+    """Decode one base64 image string (a ``data:...;base64,`` prefix is allowed); error ``status`` otherwise.
 
     ASCII whitespace inside is skipped, as MIME decoders do, so line-wrapped base64 (Python's
     ``base64.encodebytes``, GNU ``base64`` without ``-w0``) is accepted; any other character outside
     the standard alphabet is refused, naming the character and its position.
     """
     if not isinstance(value, str):
-        raise ServiceError(422, "invalid_image_field",
+        raise ServiceError(status, "invalid_image_field",
                            f"image {index} must be a base64 string, got {type(value).__name__}")
     text = _DATA_URL.sub("", value.strip())
     stray = _NOT_BASE64.search(text)
     if stray is not None:
         hint = " (file paths and URLs are not accepted: send the image bytes)" if ("/" in text[:200] and "." in
                                                                                   text[:200]) else ""
-        raise ServiceError(422, "invalid_base64", f"image {index} is not valid base64{hint}: character "
+        raise ServiceError(status, "invalid_base64", f"image {index} is not valid base64{hint}: character "
                                                      f"{stray.group()!r} at position {stray.start()} is not in "
                                                      "the base64 alphabet (A-Z a-z 0-9 + / =)")
     try:
         return base64.b64decode(_ASCII_SPACE.sub("", text), validate=True)
     except (binascii.Error, ValueError) as exc:  # wrong length or misplaced padding
-        raise ServiceError(422, "invalid_base64", f"image {index} is not valid base64: {exc}") from exc
+        raise ServiceError(status, "invalid_base64", f"image {index} is not valid base64: {exc}") from exc
 
 
 def parse_json(body: bytes, status: int = 422) -> Any:

@@ -146,7 +146,7 @@ def _parse_request(body: bytes, header_length: str | None, max_images: int) -> t
         flat = data
         while flat and isinstance(flat[0], list):  # nested JSON tensors are flattened, row-major
             flat = [x for row in flat for x in (row if isinstance(row, list) else [row])]
-        images = [b64_image(v, i) for i, v in enumerate(flat)]
+        images = [b64_image(v, i, status=400) for i, v in enumerate(flat)]
     if not images:
         raise ServiceError(400, "no_images", "the input tensor is empty")
     if len(images) > max_images:

@@ -139,3 +139,11 @@ def test_line_wrapped_base64_is_accepted_other_characters_are_not(server):
     assert v2.status_code == 200, v2.text
     message = _error(httpx.post(url, json={"images": [plain[:100] + "*" + plain[100:]]}), 422, "invalid_base64")
     assert "image 0" in message and "'*'" in message and "100" in message
+
+
+def test_v2_malformed_requests_are_400(server):
+    """KServe v2 answers every malformed inference request with 400, bad base64 included."""
+    _v2_error(httpx.post(server.url + V2_INFER, content=b"{not json", headers={"content-type": "application/json"}),
+              400)
+    message = _v2_error(httpx.post(server.url + V2_INFER, json=_v2_request(["%%%not base64"])), 400)
+    assert "base64" in message
