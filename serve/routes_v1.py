@@ -20,10 +20,14 @@ from insloc_hub.serve.inputs import (
     parse_options,
     read_body,
 )
+from insloc_hub.serve.negotiate import preferred_type
 from insloc_hub.serve.render import annotated_png, filter_detections, safetensors_bytes
 from insloc_hub.serve.service import ModelRuntime, Service
 
 router = APIRouter()
+
+#: what /v1/features answers, the default (on a tie or without Accept) first
+_FEATURE_TYPES = ("application/json", "application/octet-stream")
 
 _IMAGE_BODY = {
     "requestBody": {
@@ -97,8 +101,14 @@ async def detect(request: Request, annotated: bool = False) -> Response:
              openapi_extra=_IMAGE_BODY)
 async def features(request: Request) -> Response:
     """Pooled embedding per image as JSON; with ``Accept: application/octet-stream`` every map as safetensors."""
+    accept = ", ".join(request.headers.getlist("accept"))
+    answer = preferred_type(accept, _FEATURE_TYPES)
+    if answer is None:  # refused before the body is read: nothing would be worth computing
+        raise ServiceError(406, "not_acceptable", f"nothing in Accept: {accept[:200]!r} is offered; /v1/features "
+                                                  "answers application/json (embeddings) or "
+                                                  "application/octet-stream (safetensors maps)")
     service, runtime, arrays, _opts, t = await _prepare(request)
-    binary = "application/octet-stream" in request.headers.get("accept", "")
+    binary = answer == "application/octet-stream"
     inference_started = time.perf_counter()
     if binary:
         results = await service.run(runtime, "features", arrays)

@@ -8,6 +8,7 @@ import json
 import httpx
 import pytest
 
+from insloc_hub.serve.negotiate import preferred_type
 from insloc_hub.serve.settings import Settings
 from tests.serve.conftest import image_bytes
 
@@ -139,6 +140,39 @@ def test_line_wrapped_base64_is_accepted_other_characters_are_not(server):
     assert v2.status_code == 200, v2.text
     message = _error(httpx.post(url, json={"images": [plain[:100] + "*" + plain[100:]]}), 422, "invalid_base64")
     assert "image 0" in message and "'*'" in message and "100" in message
+
+
+def test_features_accept_header_uses_q_values(server):
+    url = server.url + f"/v1/features?model={BB}"
+    data = image_bytes(64, 64, seed=5)
+    answers = {"application/json, application/octet-stream;q=0.1": "application/json",
+               "application/octet-stream;q=0.1, application/json": "application/json",
+               "application/json;q=0.5, application/octet-stream": "application/octet-stream",
+               "text/html, */*;q=0.8": "application/json",
+               "application/*": "application/json"}
+    for accept, expected in answers.items():
+        response = httpx.post(url, content=data, headers={"accept": accept})
+        assert response.status_code == 200 and response.headers["content-type"] == expected, (accept, response.text)
+    message = _error(httpx.post(url, content=data, headers={"accept": "text/html, image/*"}), 406, "not_acceptable")
+    assert "application/json" in message and "application/octet-stream" in message
+
+
+@pytest.mark.parametrize(("accept", "expected"), [
+    (None, "application/json"),
+    ("", "application/json"),
+    ("*/*", "application/json"),
+    ("application/octet-stream", "application/octet-stream"),
+    ("application/JSON;q=0.2, Application/Octet-Stream;q=0.3", "application/octet-stream"),
+    ("application/octet-stream;q=0.5, application/json;q=0.5", "application/json"),  # tie: the first offered
+    ("*/*;q=0.9, application/json;q=0", "application/octet-stream"),  # the more specific range wins
+    ("application/*;q=0.1, application/octet-stream;q=0.2", "application/octet-stream"),
+    ("text/html", None),
+    ("application/json;q=0, application/octet-stream;q=0", None),
+    ("application/json;q=high, application/octet-stream", "application/octet-stream"),  # a bad q drops its range
+    ("nonsense", "application/json"),  # nothing parseable: as if absent
+])
+def test_preferred_type_follows_q_values_and_specificity(accept, expected):
+    assert preferred_type(accept, ("application/json", "application/octet-stream")) == expected
 
 
 def test_v2_malformed_requests_are_400(server):
