@@ -41,8 +41,12 @@ class Options:
     classes: list[str] | None = None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) more than ``limit`` bytes as soon as the header or stream shows it."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, refusing (413) more than ``limit`` bytes as soon as the header or stream shows it.
+
+    A body still incomplete after ``timeout_s`` (the request timeout) is a 408 that closes the connection,
+    so a client that stalls mid-upload cannot hold an in-flight slot past the deadline.
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -52,11 +56,17 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise ServiceError(413, "body_too_large", f"request body is {size:,} bytes, over the limit of {limit:,}")
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ServiceError(413, "body_too_large", f"request body is over the limit of {limit:,} bytes")
-        chunks.append(chunk)
+    with anyio.move_on_after(timeout_s) as reading:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise ServiceError(413, "body_too_large", f"request body is over the limit of {limit:,} bytes")
+            chunks.append(chunk)
+    if reading.cancelled_caught:
+        # the rest of the body may still come: the connection cannot carry another request, so it closes
+        raise ServiceError(408, "request_timeout", f"the request body did not arrive within {timeout_s:g} s "
+                                                   f"({total:,} bytes received); send it at once",
+                           {"Connection": "close"})
     body = b"".join(chunks)
     request._body = body  # lets Starlette's form parser read the body we already hold
     return body

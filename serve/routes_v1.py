@@ -60,7 +60,7 @@ async def _prepare(request: Request) -> tuple[Service, ModelRuntime, list, Any, 
     service = _service(request)
     s = service.settings
     started = time.perf_counter()
-    body = await read_body(request, s.max_body_bytes)
+    body = await read_body(request, s.max_body_bytes, s.request_timeout_s)
     images, raw_options = await images_and_options(request, body, s.max_images)
     # the model must be known before its class names can validate ``classes``
     runtime = service.model(model_option(raw_options))
@@ -143,7 +143,7 @@ async def hugging_face(request: Request, model_name: str) -> JSONResponse:
     service = _service(request)
     s = service.settings
     runtime = service.model(model_name)
-    body = await read_body(request, s.max_body_bytes)
+    body = await read_body(request, s.max_body_bytes, s.request_timeout_s)
     raw_options: dict[str, Any] = {}
     if looks_like_json(body, request.headers.get("content-type", "").lower()):
         payload = parse_json(body)

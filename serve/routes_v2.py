@@ -188,7 +188,7 @@ async def infer(request: Request, model_name: str, version: str | None = None) -
     service = _service(request)
     s = service.settings
     runtime = _runtime(request, model_name)
-    body = await read_body(request, s.max_body_bytes)
+    body = await read_body(request, s.max_body_bytes, s.request_timeout_s)
     header, images = _parse_request(body, request.headers.get("inference-header-content-length"), s.max_images)
     params = header.get("parameters") or {}
     if not isinstance(params, dict):
