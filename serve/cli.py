@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                         help="torch backend: auto (default) = bf16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--request-timeout-s", type=float, help="deadline per request, then 504 (default 30)")
+    parser.add_argument("--request-timeout-s", type=float,
+                        help="deadline per request: 408 if its body has not arrived by then, 504 if its result "
+                             "has not (default 30)")
     parser.add_argument("--max-body-bytes", type=int, help="largest request body (default 20 MiB)")
     parser.add_argument("--max-images", type=int, help="most images per request (default 16)")
     parser.add_argument("--max-pixels", type=int, help="most pixels per image (default 40,000,000)")

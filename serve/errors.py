@@ -47,7 +47,7 @@ def image_error(exc: InvalidImageError, index: int) -> ServiceError:
 
 def _status_code_name(status: int) -> str:
     return {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-            406: "not_acceptable", 413: "too_large", 415: "unsupported_media_type",
+            406: "not_acceptable", 408: "request_timeout", 413: "too_large", 415: "unsupported_media_type",
             422: "invalid_request", 503: "unavailable"}.get(status, "error")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,14 @@ from insloc_hub.serve.errors import ServiceError, image_error
 from insloc_hub.transforms import decode_image
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
-RAW_TYPES = ("image/", "application/octet-stream")
+_ASCII_SPACE = re.compile(r"[ \t\n\r\f\v]+")  # str.isspace and \s would also pass Unicode spaces
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/= \t\n\r\f\v]")
+_INTEGER_TEXT = re.compile(r"[+-]?\d{1,18}")
+#: the most detections a request may ask for
+MAX_DETECTIONS = 10_000
+#: content types read as one raw image body, sniffed by content. curl's --data-binary and -d send
+#: application/x-www-form-urlencoded unless told otherwise, and no route here takes HTML forms.
+RAW_TYPES = ("image/", "application/octet-stream", "application/x-www-form-urlencoded")
 
 
 @dataclass
@@ -35,8 +41,12 @@ class Options:
     classes: list[str] | None = None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) more than ``limit`` bytes as soon as the header or stream shows it."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, refusing (413) more than ``limit`` bytes as soon as the header or stream shows it.
+
+    A body still incomplete after ``timeout_s`` (the request timeout) is a 408 that closes the connection,
+    so a client that stalls mid-upload cannot hold an in-flight slot past the deadline.
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -46,37 +56,57 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise ServiceError(413, "body_too_large", f"request body is {size:,} bytes, over the limit of {limit:,}")
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ServiceError(413, "body_too_large", f"request body is over the limit of {limit:,} bytes")
-        chunks.append(chunk)
+    with anyio.move_on_after(timeout_s) as reading:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise ServiceError(413, "body_too_large", f"request body is over the limit of {limit:,} bytes")
+            chunks.append(chunk)
+    if reading.cancelled_caught:
+        # the rest of the body may still come: the connection cannot carry another request, so it closes
+        raise ServiceError(408, "request_timeout", f"the request body did not arrive within {timeout_s:g} s "
+                                                   f"({total:,} bytes received); send it at once",
+                           {"Connection": "close"})
     body = b"".join(chunks)
     request._body = body  # lets Starlette's form parser read the body we already hold
     return body
 
 
-def b64_image(value: Any, index: int) -> bytes:
-    """Decode one base64 image string (a ``data:...;base64,`` prefix is allowed); 422 otherwise."""
+def b64_image(value: Any, index: int, status: int = 422) -> bytes:
+    """Decode one base64 image string (a ``data:...;base64,`` prefix is allowed); error ``status`` otherwise.
+
+    ASCII whitespace inside is skipped, as MIME decoders do, so line-wrapped base64 (Python's
+    ``base64.encodebytes``, GNU ``base64`` without ``-w0``) is accepted; any other character outside
+    the standard alphabet is refused, naming the character and its position.
+    """
     if not isinstance(value, str):
-        raise ServiceError(422, "invalid_image_field",
+        raise ServiceError(status, "invalid_image_field",
                            f"image {index} must be a base64 string, got {type(value).__name__}")
     text = _DATA_URL.sub("", value.strip())
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
+    stray = _NOT_BASE64.search(text)
+    if stray is not None:
         hint = " (file paths and URLs are not accepted: send the image bytes)" if ("/" in text[:200] and "." in
                                                                                   text[:200]) else ""
-        raise ServiceError(422, "invalid_base64", f"image {index} is not valid base64{hint}: {exc}") from exc
-    return data
+        raise ServiceError(status, "invalid_base64", f"image {index} is not valid base64{hint}: character "
+                                                     f"{stray.group()!r} at position {stray.start()} is not in "
+                                                     "the base64 alphabet (A-Z a-z 0-9 + / =)")
+    try:
+        return base64.b64decode(_ASCII_SPACE.sub("", text), validate=True)
+    except (binascii.Error, ValueError) as exc:  # wrong length or misplaced padding
+        raise ServiceError(status, "invalid_base64", f"image {index} is not valid base64: {exc}") from exc
 
 
-def parse_json(body: bytes) -> Any:
-    """The JSON body, or the service's 422 ``invalid_json`` error."""
+def parse_json(body: bytes, status: int = 422) -> Any:
+    """The JSON document in ``body``, or error ``status`` with code ``invalid_json`` (v1 and /hf: 422, KServe v2: 400).
+
+    The one JSON reader of every protocol, so all of them refuse the same documents the same way.
+    """
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ServiceError(422, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # the decoder recurses once per [ or {: deep nesting hits Python's stack guard
+        raise ServiceError(status, "invalid_json", "the JSON body is nested too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer over Python's digit limit
+        raise ServiceError(status, "invalid_json", f"the body is not valid JSON: {exc}") from exc
 
 
 def looks_like_json(body: bytes, content_type: str) -> bool:
@@ -95,7 +125,7 @@ async def images_and_options(request: Request, body: bytes, max_images: int) -> 
     content_type = request.headers.get("content-type", "").lower()
     options: dict[str, Any] = {k: v for k, v in request.query_params.items() if k != "annotated"}
     if "classes" in request.query_params:
-        options["classes"] = request.query_params.getlist("classes")
+        options["classes"] = split_classes(request.query_params.getlist("classes"))
     images: list[bytes]
     if content_type.startswith("multipart/form-data"):
         try:
@@ -108,11 +138,8 @@ async def images_and_options(request: Request, body: bytes, max_images: int) -> 
         for key, value in form.multi_items():
             if hasattr(value, "read"):
                 images.append(await value.read())
-            elif key == "classes":
-                options.setdefault("classes", [])
-                if isinstance(options["classes"], str):
-                    options["classes"] = [options["classes"]]
-                options["classes"] += [c for c in str(value).split(",") if c]
+            elif key == "classes":  # repeated fields add up, like a repeated query parameter
+                options["classes"] = options.get("classes", []) + split_classes([str(value)])
             else:
                 options[key] = value
         await form.close()
@@ -144,12 +171,73 @@ async def images_and_options(request: Request, body: bytes, max_images: int) -> 
     else:
         raise ServiceError(415, "unsupported_media_type",
                            f"unsupported Content-Type {content_type!r}; send multipart/form-data, an image body "
-                           "(image/jpeg, image/png...) or application/json with base64 images")
+                           "(image/jpeg, image/png..., application/octet-stream) or application/json with base64 "
+                           "images")
     if not images:
         raise ServiceError(422, "no_images", "the request has no image")
     if len(images) > max_images:
         raise ServiceError(413, "too_many_images", f"{len(images)} images in one request; the limit is {max_images}")
     return images, options
+
+
+def split_classes(texts: list[str]) -> list[str]:
+    """``["cat,dog", "raccoon"]`` -> ``["cat", "dog", "raccoon"]``.
+
+    The one reading of class names given as text: query values, form fields and a JSON string alike
+    (a JSON list is taken as it is).
+    """
+    return [name.strip() for text in texts for name in text.split(",") if name.strip()]
+
+
+def model_option(raw: dict[str, Any]) -> str | None:
+    """The served model a request names (None: not named); a name of the wrong type is a 422 that says so."""
+    model = raw.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ServiceError(422, "invalid_option", f"model must be a string (a served model name), "
+                                                  f"got {type(model).__name__} {_shown(model)}")
+    return model
+
+
+def _shown(value: Any) -> str:
+    """A client's value for an error message, cut short (it may be megabytes long)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer over Python's digit limit for str()
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def float_option(name: str, value: Any, low: float, high: float, status: int = 422) -> float:
+    """``value`` (a JSON number or the text of a form field / query value) as a float in [low, high].
+
+    Everything else is error ``status`` with code ``invalid_option``: bools, non-numbers, NaN, infinities
+    (a JSON ``1e999`` reads as inf) and integers too large for a float.
+    """
+    problem = ServiceError(status, "invalid_option", f"{name} must be a number within [{low:g}, {high:g}], "
+                                                     f"got {_shown(value)}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise problem
+    try:
+        number = float(value)
+    except (ValueError, OverflowError) as exc:  # not a number; an integer beyond float's range
+        raise problem from exc
+    if not low <= number <= high:  # also false for NaN and the infinities
+        raise problem
+    return number
+
+
+def int_option(name: str, value: Any, low: int, high: int, status: int = 422) -> int:
+    """``value`` (a JSON integer or the text of one) as an int in [low, high]; else error ``status``.
+
+    Floats are refused even when whole (``2.0``, ``1e999``), as are bools and texts that are not plain integers.
+    """
+    problem = ServiceError(status, "invalid_option", f"{name} must be an integer within [{low}, {high}], "
+                                                     f"got {_shown(value)}")
+    if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value.strip()):
+        value = int(value)  # at most 18 digits: never near Python's conversion limit
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise problem
+    return value
 
 
 def parse_options(raw: dict[str, Any], class_names: list[str]) -> Options:
@@ -159,32 +247,16 @@ def parse_options(raw: dict[str, Any], class_names: list[str]) -> Options:
     if unknown:
         raise ServiceError(422, "invalid_option", f"unknown option(s) {unknown}; allowed: {sorted(known)}")
     opts = Options()
-    if raw.get("model") is not None:
-        if not isinstance(raw["model"], str):
-            raise ServiceError(422, "invalid_option", "model must be a string (a served model name)")
-        opts.model = raw["model"]
+    opts.model = model_option(raw)
     threshold = raw.get("score_threshold", raw.get("threshold"))
     if threshold is not None:
-        try:
-            opts.score_threshold = float(threshold)
-        except (TypeError, ValueError) as exc:
-            raise ServiceError(422, "invalid_option", f"score_threshold must be a number, got {threshold!r}") from exc
-        if isinstance(threshold, bool) or not (0.0 <= opts.score_threshold <= 1.0) or math.isnan(opts.score_threshold):
-            raise ServiceError(422, "invalid_option", f"score_threshold must be within [0, 1], got {threshold!r}")
+        opts.score_threshold = float_option("score_threshold", threshold, 0.0, 1.0)
     if raw.get("max_detections") is not None:
-        value = raw["max_detections"]
-        try:
-            opts.max_detections = int(value)
-            if isinstance(value, (bool, float)) or str(opts.max_detections) != str(value).strip():
-                raise ValueError(value)
-        except (TypeError, ValueError) as exc:
-            raise ServiceError(422, "invalid_option", f"max_detections must be an integer, got {value!r}") from exc
-        if not 0 <= opts.max_detections <= 10_000:
-            raise ServiceError(422, "invalid_option", f"max_detections must be within [0, 10000], got {value}")
+        opts.max_detections = int_option("max_detections", raw["max_detections"], 0, MAX_DETECTIONS)
     if raw.get("classes") is not None:
         classes = raw["classes"]
         if isinstance(classes, str):
-            classes = [c for c in classes.split(",") if c]
+            classes = split_classes([classes])
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
             raise ServiceError(422, "invalid_option", "classes must be a list of class names")
         missing = [c for c in classes if c not in class_names]

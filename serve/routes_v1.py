@@ -15,14 +15,19 @@ from insloc_hub.serve.inputs import (
     decode_all,
     images_and_options,
     looks_like_json,
+    model_option,
     parse_json,
     parse_options,
     read_body,
 )
+from insloc_hub.serve.negotiate import preferred_type
 from insloc_hub.serve.render import annotated_png, filter_detections, safetensors_bytes
 from insloc_hub.serve.service import ModelRuntime, Service
 
 router = APIRouter()
+
+#: what /v1/features answers, the default (on a tie or without Accept) first
+_FEATURE_TYPES = ("application/json", "application/octet-stream")
 
 _IMAGE_BODY = {
     "requestBody": {
@@ -55,13 +60,11 @@ async def _prepare(request: Request) -> tuple[Service, ModelRuntime, list, Any, 
     service = _service(request)
     s = service.settings
     started = time.perf_counter()
-    body = await read_body(request, s.max_body_bytes)
+    body = await read_body(request, s.max_body_bytes, s.request_timeout_s)
     images, raw_options = await images_and_options(request, body, s.max_images)
     # the model must be known before its class names can validate ``classes``
-    runtime = service.model(raw_options.get("model") if isinstance(raw_options.get("model"), str) else None)
+    runtime = service.model(model_option(raw_options))
     opts = parse_options(raw_options, runtime.info.class_names)
-    if opts.model is not None and opts.model != runtime.info.name:
-        runtime = service.model(opts.model)
     arrays = await decode_all(images, service.decode_limiter, max_pixels=s.max_pixels, max_bytes=s.max_body_bytes)
     return service, runtime, arrays, opts, {"started": started, "decode_ms": (time.perf_counter() - started) * 1e3}
 
@@ -98,8 +101,14 @@ async def detect(request: Request, annotated: bool = False) -> Response:
              openapi_extra=_IMAGE_BODY)
 async def features(request: Request) -> Response:
     """Pooled embedding per image as JSON; with ``Accept: application/octet-stream`` every map as safetensors."""
+    accept = ", ".join(request.headers.getlist("accept"))
+    answer = preferred_type(accept, _FEATURE_TYPES)
+    if answer is None:  # refused before the body is read: nothing would be worth computing
+        raise ServiceError(406, "not_acceptable", f"nothing in Accept: {accept[:200]!r} is offered; /v1/features "
+                                                  "answers application/json (embeddings) or "
+                                                  "application/octet-stream (safetensors maps)")
     service, runtime, arrays, _opts, t = await _prepare(request)
-    binary = "application/octet-stream" in request.headers.get("accept", "")
+    binary = answer == "application/octet-stream"
     inference_started = time.perf_counter()
     if binary:
         results = await service.run(runtime, "features", arrays)
@@ -134,7 +143,7 @@ async def hugging_face(request: Request, model_name: str) -> JSONResponse:
     service = _service(request)
     s = service.settings
     runtime = service.model(model_name)
-    body = await read_body(request, s.max_body_bytes)
+    body = await read_body(request, s.max_body_bytes, s.request_timeout_s)
     raw_options: dict[str, Any] = {}
     if looks_like_json(body, request.headers.get("content-type", "").lower()):
         payload = parse_json(body)

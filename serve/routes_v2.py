@@ -19,7 +19,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from insloc_hub.serve.errors import ServiceError
-from insloc_hub.serve.inputs import Options, b64_image, decode_all, read_body
+from insloc_hub.serve.inputs import (
+    MAX_DETECTIONS,
+    Options,
+    b64_image,
+    decode_all,
+    float_option,
+    int_option,
+    parse_json,
+    read_body,
+)
 from insloc_hub.serve.render import label_name, select_detections
 from insloc_hub.serve.service import ModelRuntime, Service
 from insloc_hub.version import __version__
@@ -112,10 +121,7 @@ def _parse_request(body: bytes, header_length: str | None, max_images: int) -> t
         header_bytes, binary = body[:n], body[n:]
     else:
         header_bytes, binary = body, b""
-    try:
-        header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ServiceError(400, "invalid_json", f"the inference request is not valid JSON: {exc}") from exc
+    header = parse_json(header_bytes, status=400)
     inputs = header.get("inputs") if isinstance(header, dict) else None
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ServiceError(400, "invalid_request", "expected exactly one input: a BYTES tensor of encoded images "
@@ -140,7 +146,7 @@ def _parse_request(body: bytes, header_length: str | None, max_images: int) -> t
         flat = data
         while flat and isinstance(flat[0], list):  # nested JSON tensors are flattened, row-major
             flat = [x for row in flat for x in (row if isinstance(row, list) else [row])]
-        images = [b64_image(v, i) for i, v in enumerate(flat)]
+        images = [b64_image(v, i, status=400) for i, v in enumerate(flat)]
     if not images:
         raise ServiceError(400, "no_images", "the input tensor is empty")
     if len(images) > max_images:
@@ -182,22 +188,16 @@ async def infer(request: Request, model_name: str, version: str | None = None) -
     service = _service(request)
     s = service.settings
     runtime = _runtime(request, model_name)
-    body = await read_body(request, s.max_body_bytes)
+    body = await read_body(request, s.max_body_bytes, s.request_timeout_s)
     header, images = _parse_request(body, request.headers.get("inference-header-content-length"), s.max_images)
     params = header.get("parameters") or {}
     if not isinstance(params, dict):
         raise ServiceError(400, "invalid_request", "request parameters must be an object")
     opts = Options()
     if "score_threshold" in params:
-        threshold = params["score_threshold"]
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-            raise ServiceError(400, "invalid_option", f"score_threshold must be a number in [0, 1], got {threshold!r}")
-        opts.score_threshold = float(threshold)
+        opts.score_threshold = float_option("score_threshold", params["score_threshold"], 0.0, 1.0, status=400)
     if "max_detections" in params:
-        value = params["max_detections"]
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10_000:
-            raise ServiceError(400, "invalid_option", f"max_detections must be an integer in [0, 10000], got {value!r}")
-        opts.max_detections = value
+        opts.max_detections = int_option("max_detections", params["max_detections"], 0, MAX_DETECTIONS, status=400)
     arrays = await decode_all(images, service.decode_limiter, max_pixels=s.max_pixels, max_bytes=s.max_body_bytes)
     operation = "detect" if runtime.info.task == "detection" else "embed"
     tensors = _tensor_outputs(runtime, await service.run(runtime, operation, arrays), opts)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import random
+import socket
 import time
 
 import httpx
@@ -267,4 +269,44 @@ def test_requests_in_progress_are_bounded_503_busy(start_server):
     busy = [r for r in responses if r.status_code == 503]
     assert busy and all(r.json()["error"]["code"] == "busy" and r.headers["retry-after"] for r in busy)
     assert any(r.status_code == 200 for r in responses)
+    assert httpx.post(server.url + "/v1/detect", content=image_bytes(5, 20)).status_code == 200
+
+
+def _read_reply(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response read off a raw socket: status, headers (lower-case names), body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed without a reply: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    while len(body) < int(headers["content-length"]):
+        body += sock.recv(65536)
+    return int(status_line.split()[1]), headers, body
+
+
+def test_a_stalled_upload_is_408_within_the_deadline_and_frees_its_slot(start_server):
+    """Clients that declare a body and never send it cannot hold the in-flight slots past the request timeout."""
+    server = start_server(Settings(max_inflight_requests=2, request_timeout_s=1.5, warmup=False),
+                          backends=[SlowBackend()])
+    stalled = (b"POST /v1/detect HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+               b"Content-Length: 100000\r\n\r\n\x89PNG")
+    sockets = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+    try:
+        started = time.monotonic()
+        for sock in sockets:
+            sock.sendall(stalled)
+        time.sleep(0.3)  # both are now reading their bodies: the two slots are taken
+        _error(httpx.post(server.url + "/v1/detect", content=image_bytes(5, 20)), 503, "busy")
+        for sock in sockets:
+            status, headers, body = _read_reply(sock)
+            assert status == 408 and headers["connection"] == "close"
+            error = json.loads(body)["error"]
+            assert error["code"] == "request_timeout" and "1.5 s" in error["message"]
+        assert time.monotonic() - started < 5
+    finally:
+        for sock in sockets:
+            sock.close()
     assert httpx.post(server.url + "/v1/detect", content=image_bytes(5, 20)).status_code == 200
