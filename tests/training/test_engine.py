@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -241,6 +242,33 @@ def test_ctrl_c_saves_the_current_step_and_resume_gives_bit_identical_weights(ph
     w_got = load_file(str(out / "final" / "model.safetensors"))
     assert w_ref.keys() == w_got.keys() and all(torch.equal(w_ref[k], w_got[k]) for k in w_ref)
     assert [line.count('"step": ') for line in (out / "metrics.jsonl").read_text().splitlines()] == [1] * 6
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_130(photos, tmp_path):
+    """A scheduler's SIGTERM reaches the DataLoader workers too: they keep serving while the step is saved."""
+    out = tmp_path / "preempted"
+    cfg = tiny_config(photos, out, epochs=200, checkpoint_every_steps=0, workers=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "insloc_hub.training.cli", *cli_args(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 240
+    try:
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "no third step within the time limit"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"insloc-train pretrain: interrupted; SIGTERM at step (\d+)/400, saved .*checkpoint_0+\1\.pt; "
+                        r"continue with the same command and --resume auto", last), last
+    assert "killed by signal" not in err and "Traceback" not in err
+    step = int(re.search(r"step (\d+)/", last).group(1))
+    assert load_checkpoint(list_checkpoints(out)[-1])["global_step"] == step
 
 
 def test_resume_auto_passes_over_a_corrupt_newest_checkpoint(photos, reference_run, tmp_path, caplog):

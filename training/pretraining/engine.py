@@ -737,7 +737,7 @@ class _PretrainRun:
             self.dataset, batch_size=self.batch_per_rank, sampler=self.sampler, num_workers=cfg.workers,
             collate_fn=collate_decoded if self.rt.gpu_composition else None,
             pin_memory=self.device.type == "cuda", persistent_workers=cfg.workers > 0,
-            generator=torch.Generator().manual_seed(cfg.seed))
+            worker_init_fn=run_lib.ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.seed))
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.epochs
         if cfg.max_steps:

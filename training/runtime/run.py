@@ -36,8 +36,8 @@ from insloc_hub.training.runtime.checkpoint import (
     save_checkpoint,
 )
 
-__all__ = ["INTERRUPTED_HINT", "MetricsWriter", "StepTimer", "StopRequest", "Stopped", "choose_resume", "read_metrics",
-           "resume", "save", "seed_everything", "wrap_ddp", "write_json"]
+__all__ = ["INTERRUPTED_HINT", "MetricsWriter", "StepTimer", "StopRequest", "Stopped", "choose_resume",
+           "ignore_stop_signals", "read_metrics", "resume", "save", "seed_everything", "wrap_ddp", "write_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ class StopRequest:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.requested: str | None = None  # the signal's name once one arrived
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> StopRequest:
         if self.enabled:
@@ -144,11 +145,24 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, number: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: Ctrl-C reaches the whole process group,
+            return  # and the worker must keep serving batches until the main process has saved
         if self.requested:
             raise KeyboardInterrupt
         self.requested = signal.Signals(number).name
         logger.warning("%s: stopping after this step and saving a checkpoint (press Ctrl-C again to stop at once, "
                        "losing the steps since the last checkpoint)", self.requested)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore Ctrl-C and SIGTERM, which the main process handles.
+
+    Both reach every process of the group; torch makes a worker die of SIGTERM, and a dead worker
+    raises in the main process wherever it is, even while :class:`StopRequest` saves the checkpoint.
+    The main process still stops its workers when it exits (they also exit if it dies).
+    """
+    for name in StopRequest.SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def write_json(path: Path, obj: Any) -> None:

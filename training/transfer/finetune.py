@@ -572,7 +572,8 @@ class _FinetuneRun:
                                     start=self.start_iter * self.per_rank),
             num_workers=cfg.workers, collate_fn=collate_detection, drop_last=True,
             generator=torch.Generator().manual_seed(cfg.seed + 1000 * rank + 7919 * self.start_iter),
-            pin_memory=self.device.type == "cuda", persistent_workers=cfg.workers > 0)
+            pin_memory=self.device.type == "cuda", persistent_workers=cfg.workers > 0,
+            worker_init_fn=run_lib.ignore_stop_signals)
 
     def write_config(self) -> None:
         cfg = self.cfg
