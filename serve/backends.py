@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from insloc_hub.errors import ConfigError
-from insloc_hub.exported import decode, ort_session, providers_for
+from insloc_hub.exported import LEGACY_LOCAL_REVISIONS, LOCAL_REVISION, decode, ort_session, providers_for
 from insloc_hub.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class TorchBackend(Backend):
         folder = getattr(model, "hub_folder", None)
         features = [f["name"] for f in config.get("features", [])] if not self.is_detector else []
         self.info = ModelInfo(
-            name=served_name(name or config.get("name") or Path(spec).name), revision=rev or "local",
+            name=served_name(name or config.get("name") or Path(spec).name), revision=rev or LOCAL_REVISION,
             sha256=str(config.get("weights", {}).get("sha256", "")),
             task="detection" if self.is_detector else "features", backend="torch", device=str(self.device),
             source=spec, class_names=list(config.get("class_names") or []), feature_names=features,
@@ -308,14 +308,19 @@ class OnnxBackend(Backend):
         if exported_name.startswith(("/", ".", "~")) or Path(exported_name).is_dir():
             exported_name = Path(exported_name).name  # exported from a local folder: its name, not its path
         preprocessing = meta.get("preprocessing")
+        revision = meta.get("revision") or LOCAL_REVISION
+        if revision in LEGACY_LOCAL_REVISIONS:  # one label for local sources, whichever backend serves them
+            revision = LOCAL_REVISION
+        options = meta.get("options")  # a detector's effective inference options, as config.json has them
         self.info = ModelInfo(
             name=served_name(name or exported_name),
-            revision=meta.get("revision") or "local", sha256=meta.get("weights_sha256", ""),
+            revision=revision, sha256=meta.get("weights_sha256", ""),
             task="detection" if task == "detector" else task, backend="onnxruntime",
             device="cuda" if providers[0] == "CUDAExecutionProvider" else "cpu", source=str(file),
             class_names=list(meta.get("class_names", [])),
             feature_names=[n for n in self.output_names if n != "embedding"] if task == "features" else [],
             embedding_dim=None, preprocessing=preprocessing if isinstance(preprocessing, dict) else {},
+            inference=dict(options) if isinstance(options, dict) else {},
             card_summary=f"exported by {meta.get('exporter', '?')} (opset {meta.get('opset', '?')}); "
                          f"parity {json.dumps(meta['parity']) if 'parity' in meta else '?'}",
         )

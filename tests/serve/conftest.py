@@ -1,6 +1,8 @@
 """Fixtures for the service tests: tiny hub folders and a real uvicorn server on 127.0.0.1.
 
 - ``tiny_models``: a tiny-fpn backbone folder and a tiny faster_rcnn_fpn detector folder (session).
+- ``tiny_onnx``: those folders exported by ``insloc-export`` (no parity run): the detector with dynamic
+  sides, and fixed-shape graphs as users export them for TensorRT/Triton (session).
 - ``start_server(settings)``: starts ``create_app(settings)`` under uvicorn on an ephemeral port, waits
   until /readyz answers 200 and returns a :class:`RunningServer` (``.url``); stopped after the test
   module, or earlier with ``.stop()``.
@@ -47,6 +49,35 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     detector = build_detector("faster_rcnn_fpn", class_names=CLASS_NAMES, preset="tiny-fpn", **DETECTOR_OPTIONS)
     detector_dir = save_pretrained(detector, root / "tiny-detector", name="tiny-detector")
     return TinyModels(backbone=backbone, detector=detector_dir)
+
+
+@dataclass
+class TinyOnnx:
+    detector: Path  # dynamic height and width (the default export)
+    embedding_fixed: Path  # --task embedding --batch 4 --height 64 --width 64 --opset 17
+    features_fixed: Path  # --task features --batch 2 --height 64 --width 96
+    detector_fixed: Path  # --height 96 --width 128
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> TinyOnnx:
+    from insloc_hub.export import export_onnx
+
+    root = tmp_path_factory.mktemp("serve-onnx")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # parity is insloc-export's own test; here the files only need to be what it writes
+        return TinyOnnx(
+            detector=export_onnx(tiny_models.detector, root / "det.onnx", verify=False).path,
+            embedding_fixed=export_onnx(tiny_models.backbone, root / "emb.onnx", task="embedding", batch=4,
+                                        height=64, width=64, opset=17, verify=False).path,
+            features_fixed=export_onnx(tiny_models.backbone, root / "features.onnx", task="features", batch=2,
+                                       height=64, width=96, verify=False).path,
+            detector_fixed=export_onnx(tiny_models.detector, root / "det-fixed.onnx", height=96, width=128,
+                                       verify=False).path,
+        )
+    finally:
+        torch.set_num_threads(threads)
 
 
 def image_bytes(width: int = 80, height: int = 60, fmt: str = "PNG", seed: int = 0) -> bytes:

@@ -65,3 +65,20 @@ def test_onnx_without_insloc_metadata_is_refused(tiny_models, tmp_path):
 def test_served_names_and_aliases(tiny_models):
     backend = load_backend(f"my-detector={tiny_models.detector}", device="cpu")
     assert backend.info.name == "my-detector" and backend.info.tag == "my-detector@local"
+
+
+def test_onnx_detector_reports_its_inference_options_and_the_local_revision(tiny_models, tiny_onnx, tmp_path):
+    torch_info = load_backend(str(tiny_models.detector), device="cpu").info
+    onnx_info = load_backend(str(tiny_onnx.detector), device="cpu", threads=1).info
+    # the options /v1/models promises (score_thresh...) come from the file's metadata, as torch's from config.json
+    assert onnx_info.inference == torch_info.inference
+    assert onnx_info.inference["score_thresh"] == 0.0 and onnx_info.inference["min_size"] == 96
+    assert onnx_info.revision == torch_info.revision == "local"
+    assert onnx_info.tag == "tiny-detector@local"
+    # files exported before the label was unified say "local folder": served as "local" too
+    model = onnx.load(str(tiny_onnx.detector))
+    for prop in model.metadata_props:
+        if prop.key == "insloc.revision":
+            prop.value = "local folder"
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    assert load_backend(str(tmp_path / "old.onnx"), device="cpu", threads=1).info.revision == "local"
