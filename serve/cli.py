@@ -64,14 +64,15 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from insloc_hub.serve.app import create_app
-    from insloc_hub.serve.backends import load_backend
 
     logging.getLogger().setLevel(settings.log_level.upper())
-    # load before listening: a wrong name or file fails here with one clear line (warm-up runs at start)
-    backends = [load_backend(spec, backend=settings.backend, revision=settings.revision, device=settings.device,
-                             compile=settings.compile, threads=settings.threads, precision=settings.precision)
-                for spec in settings.models]
-    app = create_app(settings, backends=backends)
+    app = create_app(settings)
+    service = app.state.service
+    try:  # load, check names and warm up before listening: any failure ends here with one clear line
+        service.prepare()
+    except BaseException:
+        service.device_thread.shutdown(wait=False, cancel_futures=True)
+        raise
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 timeout_graceful_shutdown=settings.request_timeout_s)
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import threading
@@ -102,12 +103,19 @@ class RunningServer:
         config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10,
                                 limit_concurrency=None, backlog=256)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn's exit on a failed startup; start() reports it
+            self.server.run(sockets=[self.sock])
 
     def start(self, timeout: float = 60.0, wait_ready: bool = True) -> RunningServer:
         self.thread.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if not self.thread.is_alive():  # uvicorn exits when the lifespan startup (loading) fails
+                self.sock.close()
+                raise RuntimeError(f"the service failed to start: {self.app.state.service.load_error}")
             try:
                 response = httpx.get(self.url + ("/readyz" if wait_ready else "/healthz"), timeout=2)
                 if response.status_code == 200:
