@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 from torchvision.ops import box_iou
 
+from insloc_hub import from_pretrained
 from insloc_hub.errors import ConfigError
 from insloc_hub.serve.backends import TorchBackend, load_backend
+from insloc_hub.transforms import normalize
+from tests.serve.conftest import image_bytes
 from tests.serve.contract_onnx import export_features
 
 
@@ -52,8 +57,6 @@ def test_bad_model_specs_are_config_errors(tiny_models, tmp_path):
 
 
 def test_onnx_without_insloc_metadata_is_refused(tiny_models, tmp_path):
-    from insloc_hub import from_pretrained
-
     path = export_features(from_pretrained(tiny_models.backbone), tmp_path / "f.onnx")
     model = onnx.load(str(path))
     del model.metadata_props[:]
@@ -82,3 +85,57 @@ def test_onnx_detector_reports_its_inference_options_and_the_local_revision(tiny
             prop.value = "local folder"
     onnx.save(model, str(tmp_path / "old.onnx"))
     assert load_backend(str(tmp_path / "old.onnx"), device="cpu", threads=1).info.revision == "local"
+
+
+def _resized(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+
+
+def test_fixed_shape_embedding_graph_runs_any_count_and_size(tiny_models, tiny_onnx):
+    # exported as README shows for TensorRT/Triton: --task embedding --batch 4 --height 64 --width 64
+    backend = load_backend(str(tiny_onnx.embedding_fixed), device="cpu", threads=1)
+    assert backend.info.input["fixed_batch"] == 4 and backend.info.input["fixed_size"] == [64, 64]
+    assert "resized to 64x64" in backend.info.input["resize"]  # clients can read what the server does
+    backend.warmup()  # one 64x64 image in a batch-4 graph
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in
+              ((64, 64), (48, 80), (100, 30), (64, 64), (33, 47), (70, 70))]  # 6 images: chunks of 4, 2 padded
+    served = backend.embed(images)
+    assert len(served) == 6 and all(e.shape == (128,) for e in served)
+    model = from_pretrained(tiny_models.backbone)
+    batch = torch.stack([torch.from_numpy(_resized(im, 64, 64).copy()).permute(2, 0, 1) for im in images])
+    with torch.inference_mode():
+        expected = model.forward_embedding(normalize(batch.float() / 255)).numpy()
+    np.testing.assert_allclose(np.stack(served), expected, rtol=1e-4, atol=1e-4)
+    # each image's answer does not depend on what it was batched (or padded) with
+    np.testing.assert_allclose(backend.embed([images[5]])[0], served[5], rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_shape_features_graph_answers_maps_of_the_resized_image(tiny_onnx):
+    backend = load_backend(str(tiny_onnx.features_fixed), device="cpu", threads=1)
+    backend.warmup()
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((40, 40), (64, 96), (90, 50))]
+    maps = backend.features(images)
+    assert len(maps) == 3 and all(m["p2"].shape == (32, 16, 24) and m["embedding"].shape == (128,) for m in maps)
+
+
+def test_fixed_size_detector_graph_is_refused_at_load_with_how_to_reexport(tiny_onnx):
+    with pytest.raises(ConfigError) as caught:
+        load_backend(str(tiny_onnx.detector_fixed), device="cpu", threads=1)
+    message = str(caught.value)
+    assert "fixed input shape [3, 96, 128]" in message and "insloc-export onnx" in message
+    assert "no --height/--width" in message and "\n" not in message
+
+
+def test_server_with_a_fixed_shape_graph_becomes_ready_and_answers(tiny_onnx, start_server):
+    from insloc_hub.serve.settings import Settings
+
+    server = start_server(Settings(models=[f"emb={tiny_onnx.embedding_fixed}", f"det={tiny_onnx.detector}"]))
+    response = httpx.post(server.url + "/v1/features?model=emb", content=image_bytes(90, 40))
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    assert (result["width"], result["height"]) == (90, 40) and len(result["embedding"]) == 128
+    models = {m["name"]: m for m in httpx.get(server.url + "/v1/models").json()["models"]}
+    assert models["emb"]["input"]["fixed_size"] == [64, 64] and models["emb"]["input"]["fixed_batch"] == 4
+    assert httpx.post(server.url + "/v1/detect?model=det", content=image_bytes()).status_code == 200
