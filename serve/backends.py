@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from insloc_hub.errors import ConfigError
+from insloc_hub.errors import ConfigError, ImageGeometryError
 from insloc_hub.exported import LEGACY_LOCAL_REVISIONS, LOCAL_REVISION, decode, ort_session, providers_for
 from insloc_hub.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -85,6 +85,40 @@ class Backend:
 
     def features(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         raise ConfigError(f"model {self.info.name!r} is a detector; feature maps need a backbone model")
+
+    def resize_limits(self) -> tuple[float, float] | None:
+        """A detector's resize: shorter side to ``min_size``, longer side at most ``max_size`` (None: unknown)."""
+        options = self.info.inference
+        if self.info.task == "detection" and "min_size" in options and "max_size" in options:
+            min_size = options["min_size"]
+            return float(min_size[-1] if isinstance(min_size, (list, tuple)) else min_size), float(options["max_size"])
+        return None
+
+    def check_images(self, images: Sequence[np.ndarray]) -> None:
+        """Refuse, before inference, an image the detector's resize would shrink to nothing (1 x 3000 px...).
+
+        Raises:
+            ImageGeometryError: naming the image's index, its size and what to crop or pad.
+        """
+        limits = self.resize_limits()
+        if limits is None:
+            return
+        min_size, max_size = limits
+        for index, image in enumerate(images):
+            height, width = image.shape[:2]
+            short, long = min(height, width), max(height, width)
+            # torchvision computes the scale in float32 and the new side as floor(side * scale); torch and ONNX
+            # Runtime both round that product as float32 (measured: 25 x 3200 px at max_size 128 runs, 1 px)
+            scale = min(np.float32(min_size) / np.float32(short), np.float32(max_size) / np.float32(long))
+            resized = math.floor(np.float32(short) * scale)
+            if resized >= 1:
+                continue
+            side, other = ("height", "width") if height <= width else ("width", "height")
+            need = math.ceil(long / max_size)
+            raise ImageGeometryError(
+                f"image {index} is {width}x{height} pixels (width x height): model {self.info.name!r} resizes its "
+                f"longer side to at most {max_size:g} px, which leaves its {side} under 1 px; crop its {other} or "
+                f"pad its {side} to at least {need} px (an aspect ratio up to about {max_size:g}:1 works)", index)
 
     def warmup(self) -> None:
         """Run every operation once on a small image so the first request pays no setup cost."""
@@ -236,9 +270,16 @@ class TorchBackend(Backend):
         divisor = transform.size_divisible
         return tuple(math.ceil(math.floor(d * scale) / divisor) * divisor for d in (height, width))  # type: ignore
 
+    def resize_limits(self) -> tuple[float, float] | None:
+        if not self.is_detector:
+            return None
+        transform = self.model.transform  # what really runs, whatever config.json says
+        return float(transform.min_size[-1]), float(transform.max_size)
+
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         if not self.is_detector:
             return super().detect(images)
+        self.check_images(images)
         # torchvision resizes, normalises and pads a list of any sizes itself; images are grouped by the
         # padded size so that a batch answers exactly what each image alone would (padding moves RPN proposals)
         buckets: dict[tuple[int, int], list[int]] = {}
@@ -400,6 +441,7 @@ class OnnxBackend(Backend):
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         if self.info.task != "detection":
             return super().detect(images)
+        self.check_images(images)
         results = []
         for image in images:  # the contract's detector graph takes one image
             feed = self._chw(image)[None] if self.batched_detector else self._chw(image)

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from insloc_hub.errors import ConfigError, InsLocError
+from insloc_hub.errors import ConfigError, ImageGeometryError, InsLocError
 from insloc_hub.serve.backends import WARMUP_SIZE, Backend, load_backend, served_name
 from insloc_hub.serve.batching import Batcher, DeadlineExceeded, QueueFull
 from insloc_hub.serve.errors import ServiceError
@@ -180,6 +180,11 @@ class Service:
         if batcher is None:
             what = "a detector" if runtime.info.task == "detection" else f"a {runtime.info.task} model"
             raise ServiceError(422, "wrong_task", f"model {runtime.info.name!r} is {what}; it cannot {operation}")
+        if operation == "detect":
+            try:  # here, where the index is the request's own, not the batch's
+                runtime.backend.check_images(images)
+            except ImageGeometryError as exc:
+                raise ServiceError(422, "unsupported_image_size", str(exc)) from exc
         deadline = time.monotonic() + self.settings.request_timeout_s
         self.queued_requests += 1
         try:

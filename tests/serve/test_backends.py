@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from insloc_hub import from_pretrained
-from insloc_hub.errors import ConfigError
+from insloc_hub.errors import ConfigError, ImageGeometryError
 from insloc_hub.serve.backends import TorchBackend, load_backend
 from insloc_hub.transforms import normalize
 from tests.serve.conftest import image_bytes
@@ -139,3 +139,31 @@ def test_server_with_a_fixed_shape_graph_becomes_ready_and_answers(tiny_onnx, st
     models = {m["name"]: m for m in httpx.get(server.url + "/v1/models").json()["models"]}
     assert models["emb"]["input"]["fixed_size"] == [64, 64] and models["emb"]["input"]["fixed_batch"] == 4
     assert httpx.post(server.url + "/v1/detect?model=det", content=image_bytes()).status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_thin_images_are_refused_before_inference_with_what_to_do(tiny_models, tiny_onnx, kind):
+    spec = str(tiny_models.detector) if kind == "torch" else str(tiny_onnx.detector)
+    backend = load_backend(spec, device="cpu", threads=1)
+    ok = np.full((40, 60, 3), 100, np.uint8)
+    for height, width in ((1, 3000), (3000, 1), (23, 3000)):  # max_size 128: 3000/128 needs 24 px
+        with pytest.raises(ImageGeometryError) as caught:
+            backend.detect([ok, np.full((height, width, 3), 100, np.uint8)])
+        message = str(caught.value)
+        assert caught.value.index == 1 and message.startswith(f"image 1 is {width}x{height} pixels")
+        assert "at least 24 px" in message and "crop" in message
+    # the limit is exact: the thinnest image the resize keeps at 1 px still runs
+    assert len(backend.detect([np.full((24, 3000, 3), 100, np.uint8), np.full((1, 128, 3), 9, np.uint8)])) == 2
+
+
+def test_thin_image_is_422_naming_its_index_over_http(tiny_models, start_server):
+    from insloc_hub.serve.settings import Settings
+
+    server = start_server(Settings(models=[str(tiny_models.detector)]))
+    files = [("image", ("a.png", image_bytes())), ("image", ("b.png", image_bytes(3000, 1)))]
+    response = httpx.post(server.url + "/v1/detect", files=files)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_image_size" and error["message"].startswith("image 1 is 3000x1 pixels")
+    assert "Input and output sizes" not in error["message"]  # no raw torch text
+    assert httpx.post(server.url + "/v1/detect", content=image_bytes()).status_code == 200
