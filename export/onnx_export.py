@@ -32,6 +32,7 @@ from insloc_hub.errors import ConfigError, ExportError
 from insloc_hub.export.metadata import set_metadata, tensor_specs
 from insloc_hub.export.parity import ParityReport, Tolerance, verify_onnx
 from insloc_hub.export.wrappers import TASKS, PixelBackbone, PixelDetector, feature_names, has_embedding
+from insloc_hub.exported import LOCAL_REVISION
 from insloc_hub.models import PRESETS, InsLocBackbone
 from insloc_hub.pretrained import default_file_mode
 from insloc_hub.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -391,7 +392,7 @@ def _revision(model: nn.Module, name: str, revision: str | None) -> str:
         parts = Path(folder).parts
         if "snapshots" in parts[:-1]:  # a Hugging Face cache snapshot: snapshots/<commit>/
             return parts[parts.index("snapshots") + 1]
-        return "local folder"
+        return LOCAL_REVISION
     return "unsaved"
 
 

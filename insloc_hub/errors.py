@@ -40,6 +40,20 @@ class InvalidImageError(InsLocError, ValueError):
         return (type(self), (str(self), self.reason))
 
 
+class ImageGeometryError(InsLocError, ValueError):
+    """A decoded image a model cannot take as it is (a side that its resize would shrink below 1 pixel).
+
+    ``index`` is the image's position in the list given to the model; the message says how to fix it.
+    """
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.index))
+
+
 class ConfigError(InsLocError, ValueError):
     """An argument or a config value is invalid (unknown architecture, bad combination...)."""
 

@@ -15,6 +15,10 @@ from typing import Any
 from insloc_hub.errors import ConfigError, MissingDependencyError
 
 PREFIX = "insloc."
+#: the revision of a model that came from a local folder, in metadata and wherever a model is served
+LOCAL_REVISION = "local"
+#: what export wrote before LOCAL_REVISION (files in the wild still say it)
+LEGACY_LOCAL_REVISIONS = ("local folder",)
 #: keys whose values are JSON (the others are plain strings)
 JSON_KEYS = ("class_names", "preprocessing", "inputs", "outputs", "parity", "options")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import stat
 import warnings
 from pathlib import Path
@@ -80,6 +81,8 @@ def decode_image(
 
     * Limits are checked before any pixel is decoded: ``max_bytes`` on the encoded input, then
       ``max_pixels`` and (for JPEG) a plausible byte count for the pixel count, from the header.
+      ``max_pixels`` is the one pixel limit: a header over PIL's own decompression-bomb guard gets
+      the same "W x H = N pixels, over the limit" message, and PIL's global limit is left alone.
     * EXIF orientation is applied.
     * Conversion to RGB: grayscale, palette, CMYK... as PIL converts them; alpha is composited on
       white; 16-bit images are scaled by their type's range (``v * 255 / 65535``, never stretched
@@ -88,7 +91,9 @@ def decode_image(
 
     Raises:
         InvalidImageError: with ``.reason`` one of ``empty``, ``missing``, ``too_large``,
-            ``unsupported``, ``truncated``, ``corrupt``; the message says what to do.
+            ``unsupported``, ``truncated``, ``corrupt``; the message says what to do. Bytes that
+            start like a JPEG, PNG, GIF, WebP, BMP or TIFF but do not open are ``corrupt``, not
+            ``unsupported``.
 
     Example:
         >>> img = decode_image(Path("photo.jpg"))  # doctest: +SKIP
@@ -134,8 +139,49 @@ def read_image_size(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 def _bomb_error(name: str, exc: Exception) -> InvalidImageError:
-    return InvalidImageError(f"{name} is over the limit of PIL's decompression-bomb guard ({exc}); raise "
-                             "PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels to decode it", "too_large")
+    """PIL's own guard fired where ours could not look first (a format that checks while decoding)."""
+    pixels = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"declares {int(pixels[1]):,} pixels" if pixels else "declares more pixels than can be decoded safely"
+    return InvalidImageError(f"{name} {size}, over the decompression-bomb limit; downscale it first", "too_large")
+
+
+def _open_unguarded(data: bytes) -> Image.Image | None:
+    """The header parsed by the format's own reader, as ``Image.open`` does, minus PIL's bomb guard.
+
+    Used only after that guard refused the image: ``max_pixels`` is then checked on the real size, so the
+    client hears the size and the limit, and PIL's process-wide ``MAX_IMAGE_PIXELS`` is never raised.
+    """
+    Image.init()
+    prefix = data[:16]
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        accepted = accept(prefix) if accept is not None else True
+        if isinstance(accepted, str) or not accepted:  # a str is PIL's "possibly this format" warning
+            continue
+        try:
+            return factory(io.BytesIO(data), "")
+        except Exception:  # noqa: BLE001 - another reader may accept the bytes, as in Image.open
+            continue
+    return None
+
+
+#: first bytes of the formats the decoder serves: a file that starts like one but does not open is damaged
+_MAGIC = ((b"\xff\xd8", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def _claimed_format(data: bytes) -> str | None:
+    """The format the file's magic bytes announce (JPEG, PNG, GIF, WebP, BMP, TIFF), or None."""
+    for magic, fmt in _MAGIC:
+        if data.startswith(magic):
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    # "BM" alone is too common in text: also ask for a known DIB header size at byte 14
+    if data[:2] == b"BM" and len(data) >= 18 and int.from_bytes(data[14:18], "little") in (12, 40, 52, 56, 64, 108,
+                                                                                             124):
+        return "BMP"
+    return None
 
 
 def _open_checked(name: str, data: bytes, max_pixels: int) -> Image.Image:
@@ -145,15 +191,23 @@ def _open_checked(name: str, data: bytes, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # our own max_pixels check below replaces PIL's warning; its hard error (over twice
-            # Image.MAX_IMAGE_PIXELS) still applies and is reported below
+            # Image.MAX_IMAGE_PIXELS) is caught below and the header read again without it
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
+        claimed = _claimed_format(data)
+        if claimed is not None:  # the bytes say what they are: a damaged file, not a wrong format
+            raise InvalidImageError(
+                f"{name} starts like a {claimed} file but its header cannot be read (corrupt {claimed}); "
+                "send an undamaged file", "corrupt") from exc
         raise InvalidImageError(
             f"{name} is not a recognised image format (JPEG, PNG, WebP, BMP, TIFF...)", "unsupported"
         ) from exc
     except Image.DecompressionBombError as exc:
-        raise _bomb_error(name, exc) from exc
+        unguarded = _open_unguarded(data)
+        if unguarded is None:
+            raise _bomb_error(name, exc) from exc
+        image = unguarded
     except (OSError, SyntaxError, ValueError, EOFError, struct_error) as exc:
         reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         raise InvalidImageError(f"{name} has an unreadable header ({reason}): {exc}", reason) from exc

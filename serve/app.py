@@ -1,6 +1,9 @@
 """The app factory: ``create_app(settings)`` builds the FastAPI app any ASGI server can run.
 
     uvicorn --factory insloc_hub.serve.app:app_from_env   # settings from INSLOC_SERVE_* variables
+
+Models load and warm up during the lifespan startup (before the server listens); a failure fails the
+startup, so the server exits with its one-line reason instead of answering 503 forever.
 """
 
 from __future__ import annotations
@@ -45,7 +48,11 @@ def create_app(settings: Settings | None = None, *, backends: list[Backend] | No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await service.start()
+        try:  # a model that fails to load or warm up fails the startup: uvicorn exits, nothing half-serves
+            await service.start()
+        except BaseException:
+            await service.stop()
+            raise
         try:
             yield
         finally:  # the server stopped accepting and finished open requests; drain the queues
@@ -94,6 +101,9 @@ class _EdgeMiddleware:
         self.app, self.service, self.api_key = app, service, api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._one_line_startup_failure(send))
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -130,6 +140,16 @@ class _EdgeMiddleware:
             metrics = self.service.metrics
             metrics.requests.labels(template, scope["method"], str(status["code"])).inc()
             metrics.latency.labels(template).observe(time.perf_counter() - started)
+
+    def _one_line_startup_failure(self, send: Send) -> Send:
+        """The server logs a failed startup's message: the load error's one line, not Starlette's traceback."""
+
+        async def send_lifespan(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.service.load_error:
+                message = {**message, "message": f"insloc-serve: error: {self.service.load_error}"}
+            await send(message)
+
+        return send_lifespan
 
     def _authorised(self, scope: Scope) -> bool:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from insloc_hub.errors import ConfigError
-from insloc_hub.exported import decode, ort_session, providers_for
+from insloc_hub.errors import ConfigError, ImageGeometryError
+from insloc_hub.exported import LEGACY_LOCAL_REVISIONS, LOCAL_REVISION, decode, ort_session, providers_for
 from insloc_hub.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class ModelInfo:
     #: detectors: the effective inference options (config.json ``detector.inference``: resize, score_thresh...)
     inference: dict[str, Any] = field(default_factory=dict)
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    #: ONNX graphs: the input as the graph declares it, and what the server does for fixed dims
+    #: (``fixed_batch``, ``fixed_size`` [H, W], ``resize``: how images are brought to that size)
+    input: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tag(self) -> str:
@@ -64,7 +68,7 @@ class ModelInfo:
                 "backend": self.backend, "device": self.device, "classes": self.class_names,
                 "feature_names": self.feature_names, "embedding_dim": self.embedding_dim,
                 "card_summary": self.card_summary, "inference": self.inference,
-                "preprocessing": self.preprocessing}
+                "preprocessing": self.preprocessing, "input": self.input}
 
 
 class Backend:
@@ -81,6 +85,40 @@ class Backend:
 
     def features(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         raise ConfigError(f"model {self.info.name!r} is a detector; feature maps need a backbone model")
+
+    def resize_limits(self) -> tuple[float, float] | None:
+        """A detector's resize: shorter side to ``min_size``, longer side at most ``max_size`` (None: unknown)."""
+        options = self.info.inference
+        if self.info.task == "detection" and "min_size" in options and "max_size" in options:
+            min_size = options["min_size"]
+            return float(min_size[-1] if isinstance(min_size, (list, tuple)) else min_size), float(options["max_size"])
+        return None
+
+    def check_images(self, images: Sequence[np.ndarray]) -> None:
+        """Refuse, before inference, an image the detector's resize would shrink to nothing (1 x 3000 px...).
+
+        Raises:
+            ImageGeometryError: naming the image's index, its size and what to crop or pad.
+        """
+        limits = self.resize_limits()
+        if limits is None:
+            return
+        min_size, max_size = limits
+        for index, image in enumerate(images):
+            height, width = image.shape[:2]
+            short, long = min(height, width), max(height, width)
+            # torchvision computes the scale in float32 and the new side as floor(side * scale); torch and ONNX
+            # Runtime both round that product as float32 (measured: 25 x 3200 px at max_size 128 runs, 1 px)
+            scale = min(np.float32(min_size) / np.float32(short), np.float32(max_size) / np.float32(long))
+            resized = math.floor(np.float32(short) * scale)
+            if resized >= 1:
+                continue
+            side, other = ("height", "width") if height <= width else ("width", "height")
+            need = math.ceil(long / max_size)
+            raise ImageGeometryError(
+                f"image {index} is {width}x{height} pixels (width x height): model {self.info.name!r} resizes its "
+                f"longer side to at most {max_size:g} px, which leaves its {side} under 1 px; crop its {other} or "
+                f"pad its {side} to at least {need} px (an aspect ratio up to about {max_size:g}:1 works)", index)
 
     def warmup(self) -> None:
         """Run every operation once on a small image so the first request pays no setup cost."""
@@ -190,7 +228,7 @@ class TorchBackend(Backend):
         folder = getattr(model, "hub_folder", None)
         features = [f["name"] for f in config.get("features", [])] if not self.is_detector else []
         self.info = ModelInfo(
-            name=served_name(name or config.get("name") or Path(spec).name), revision=rev or "local",
+            name=served_name(name or config.get("name") or Path(spec).name), revision=rev or LOCAL_REVISION,
             sha256=str(config.get("weights", {}).get("sha256", "")),
             task="detection" if self.is_detector else "features", backend="torch", device=str(self.device),
             source=spec, class_names=list(config.get("class_names") or []), feature_names=features,
@@ -232,9 +270,16 @@ class TorchBackend(Backend):
         divisor = transform.size_divisible
         return tuple(math.ceil(math.floor(d * scale) / divisor) * divisor for d in (height, width))  # type: ignore
 
+    def resize_limits(self) -> tuple[float, float] | None:
+        if not self.is_detector:
+            return None
+        transform = self.model.transform  # what really runs, whatever config.json says
+        return float(transform.min_size[-1]), float(transform.max_size)
+
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         if not self.is_detector:
             return super().detect(images)
+        self.check_images(images)
         # torchvision resizes, normalises and pads a list of any sizes itself; images are grouped by the
         # padded size so that a batch answers exactly what each image alone would (padding moves RPN proposals)
         buckets: dict[tuple[int, int], list[int]] = {}
@@ -308,27 +353,95 @@ class OnnxBackend(Backend):
         if exported_name.startswith(("/", ".", "~")) or Path(exported_name).is_dir():
             exported_name = Path(exported_name).name  # exported from a local folder: its name, not its path
         preprocessing = meta.get("preprocessing")
+        revision = meta.get("revision") or LOCAL_REVISION
+        if revision in LEGACY_LOCAL_REVISIONS:  # one label for local sources, whichever backend serves them
+            revision = LOCAL_REVISION
+        options = meta.get("options")  # a detector's effective inference options, as config.json has them
         self.info = ModelInfo(
             name=served_name(name or exported_name),
-            revision=meta.get("revision") or "local", sha256=meta.get("weights_sha256", ""),
+            revision=revision, sha256=meta.get("weights_sha256", ""),
             task="detection" if task == "detector" else task, backend="onnxruntime",
             device="cuda" if providers[0] == "CUDAExecutionProvider" else "cpu", source=str(file),
             class_names=list(meta.get("class_names", [])),
             feature_names=[n for n in self.output_names if n != "embedding"] if task == "features" else [],
             embedding_dim=None, preprocessing=preprocessing if isinstance(preprocessing, dict) else {},
+            inference=dict(options) if isinstance(options, dict) else {},
             card_summary=f"exported by {meta.get('exporter', '?')} (opset {meta.get('opset', '?')}); "
                          f"parity {json.dumps(meta['parity']) if 'parity' in meta else '?'}",
         )
         if "embedding" in self.output_names:
             dim = self.session.get_outputs()[self.output_names.index("embedding")].shape[-1]
             self.info.embedding_dim = dim if isinstance(dim, int) else None
+        self.fixed_batch, self.fixed_size = self._read_input(file)
+
+    def _read_input(self, file: Path) -> tuple[int | None, tuple[int, int] | None]:
+        """The graph's fixed batch and (height, width), from its declared input; refuse what cannot be served.
+
+        Users export fixed shapes for TensorRT and Triton and point the server at the same file: a fixed
+        batch is served in chunks of exactly that batch, a fixed size by resizing every image to it
+        (backbones only: a detector's boxes would come out of a distorted image).
+        """
+        graph_input = self.session.get_inputs()[0]
+        shape = list(graph_input.shape or [])
+        detector = self.info.task == "detection"
+        rank = 4 if self.batched_detector or not detector else 3
+        reexport = f"re-export it: insloc-export onnx FOLDER --output {file.name}"
+        channels = shape[-3] if len(shape) == rank else None
+        if graph_input.type != "tensor(uint8)" or len(shape) != rank or (isinstance(channels, int) and channels != 3):
+            raise ConfigError(f"{file} takes {graph_input.type} {shape}, not uint8 RGB pixels "
+                              f"{'[3, H, W]' if rank == 3 else '[N, 3, H, W]'}; {reexport}")
+        fixed = [d if isinstance(d, int) else None for d in shape]
+        height, width = fixed[-2], fixed[-1]
+        batch = fixed[0] if rank == 4 else None
+        self.info.input = {"name": graph_input.name, "shape": shape, "fixed_batch": batch,
+                           "fixed_size": [height, width] if height or width else None}
+        if detector:
+            if height or width or (self.batched_detector and batch not in (None, 1)):
+                raise ConfigError(f"{file} is a detector graph with a fixed input shape {shape}; insloc-serve "
+                                  "serves detectors only with dynamic height and width (resizing images to one "
+                                  f"size would distort the boxes): {reexport} (dynamic axes: no --height/--width)")
+            return None, None
+        size = (height, width) if height or width else None
+        if size is not None:
+            self.info.input["resize"] = (
+                f"the graph has a fixed input size: every image is resized to {height or 'H'}x{width or 'W'} "
+                "(height x width, bilinear, aspect ratio not kept) before it; feature maps describe the resized "
+                "image (multiply map coordinates by original/resized height and width to reach the original "
+                "pixels); the width and height in responses stay the original image's")
+        return batch, size  # type: ignore[return-value]
 
     def _chw(self, image: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(image.transpose(2, 0, 1))
 
+    def _fit(self, image: np.ndarray) -> np.ndarray:
+        """The image at the graph's fixed size (unchanged for dynamic sides)."""
+        if self.fixed_size is None:
+            return image
+        height = self.fixed_size[0] or image.shape[0]
+        width = self.fixed_size[1] or image.shape[1]
+        if image.shape[:2] == (height, width):
+            return image
+        return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run ``[n, 3, H, W]``; a fixed-batch graph gets chunks of exactly its batch, the last one padded."""
+        step = self.fixed_batch or len(batch)
+        parts: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(batch), step):
+            chunk = batch[start:start + step]
+            real = len(chunk)
+            if real < step:  # pad with copies of the last image; their outputs are dropped below
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - real, axis=0)])
+            out = self.session.run(None, {self.input_name: chunk})
+            parts.append({name: value[:real] for name, value in zip(self.output_names, out)})
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([part[name] for part in parts]) for name in self.output_names}
+
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         if self.info.task != "detection":
             return super().detect(images)
+        self.check_images(images)
         results = []
         for image in images:  # the contract's detector graph takes one image
             feed = self._chw(image)[None] if self.batched_detector else self._chw(image)
@@ -339,10 +452,10 @@ class OnnxBackend(Backend):
         return results
 
     def _run_grouped(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        images = [self._fit(image) for image in images]
         results: list[dict[str, np.ndarray]] = [{}] * len(images)
         for indices in _group_by_shape(images).values():
-            batch = np.stack([self._chw(images[i]) for i in indices])
-            out = dict(zip(self.output_names, self.session.run(None, {self.input_name: batch})))
+            out = self._run(np.stack([self._chw(images[i]) for i in indices]))
             for row, index in enumerate(indices):
                 results[index] = {k: v[row] for k, v in out.items()}
         return results

@@ -7,19 +7,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
 from insloc_hub.cli import ArgumentParser, run_cli
 from insloc_hub.errors import InsLocError
-from insloc_hub.serve.settings import Settings
+from insloc_hub.serve.settings import Settings, env_help
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="insloc-serve", description=__doc__.split("\n\n")[0],
-        epilog="Every flag can also come from the environment: INSLOC_SERVE_<FLAG> (INSLOC_SERVE_MODELS is "
-               "comma-separated). Flags win over the environment.")
+        epilog="Every flag can also come from the environment variable named in its help line (INSLOC_SERVE_ and "
+               "the flag's name in capitals, - as _). Flags win over the environment; an unknown INSLOC_SERVE_* "
+               "variable is an error.")
     parser.add_argument("--model", dest="models", action="append", metavar="[NAME=]MODEL",
                         help="hub name, alias, folder or exported .onnx file; repeat to serve several (requests "
                              "then pick one with model=); NAME= sets the served name")
@@ -47,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
                         help="skip the warm-up pass before ready")
     parser.add_argument("--log-level", help="debug, info (default), warning")
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    for action in parser._actions:  # each help line names its exact variable, from the one table settings reads
+        if action.dest in fields:
+            action.help = f"{action.help} [{env_help(action.dest)}]"
     parser.set_defaults(func=serve)
     return parser
 
@@ -60,14 +66,15 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from insloc_hub.serve.app import create_app
-    from insloc_hub.serve.backends import load_backend
 
     logging.getLogger().setLevel(settings.log_level.upper())
-    # load before listening: a wrong name or file fails here with one clear line (warm-up runs at start)
-    backends = [load_backend(spec, backend=settings.backend, revision=settings.revision, device=settings.device,
-                             compile=settings.compile, threads=settings.threads, precision=settings.precision)
-                for spec in settings.models]
-    app = create_app(settings, backends=backends)
+    app = create_app(settings)
+    service = app.state.service
+    try:  # load, check names and warm up before listening: any failure ends here with one clear line
+        service.prepare()
+    except BaseException:
+        service.device_thread.shutdown(wait=False, cancel_futures=True)
+        raise
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 timeout_graceful_shutdown=settings.request_timeout_s)
 

@@ -9,16 +9,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
 import numpy as np
 
-from insloc_hub.errors import ConfigError, InsLocError
-from insloc_hub.serve.backends import Backend, load_backend
+from insloc_hub.errors import ConfigError, ImageGeometryError, InsLocError
+from insloc_hub.serve.backends import WARMUP_SIZE, Backend, load_backend, served_name
 from insloc_hub.serve.batching import Batcher, DeadlineExceeded, QueueFull
 from insloc_hub.serve.errors import ServiceError
 from insloc_hub.serve.metrics import ServiceMetrics
@@ -50,55 +52,81 @@ class Service:
         self.models: dict[str, ModelRuntime] = {}
         self.ready = False
         self.load_error: str | None = None
-        self._preloaded = backends
+        self._given = backends
+        self._prepared: list[Backend] | None = None
         # one thread feeds the device: batches never compete for it
         self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="insloc-device")
         self.decode_limiter = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
         self.inflight = 0  # requests past the edge (reading, decoding, queued or running); set by the app
         self.queued_requests = 0  # of those, requests waiting in a batcher
-        self._load_task: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Load and warm up every model in the background; ``ready`` turns true when all are."""
-        self._load_task = asyncio.get_running_loop().create_task(self._load_all())
+    def prepare(self) -> None:
+        """Load every model, check their names and warm them up, on the device thread; once.
 
-    async def _load_all(self) -> None:
-        loop = asyncio.get_running_loop()
+        The CLI calls this before the port listens, so every way a model can fail ends the process with
+        one line; the app's lifespan calls it (through :meth:`start`) for servers that build the app.
+
+        Raises:
+            InsLocError: a model that cannot be loaded or warmed up, two models with one name, no model.
+        """
         try:
-            if self.settings.threads:
-                import torch
+            self.device_thread.submit(self._prepare).result()
+        except Exception as exc:
+            self.load_error = str(exc) if isinstance(exc, InsLocError) else _first_line(exc)
+            raise
 
-                await loop.run_in_executor(self.device_thread, torch.set_num_threads, self.settings.threads)
-            backends = self._preloaded
-            if backends is None:
-                backends = []
-                for spec in self.settings.models:
-                    backends.append(await loop.run_in_executor(self.device_thread, self._load_one, spec))
-            if not backends:
-                raise ConfigError("no model to serve; pass --model NAME (a hub name, folder or .onnx file)")
+    async def start(self) -> None:
+        """Prepare (unless the CLI already did), then start a batcher per model: ready, or raise.
+
+        Raising here fails the ASGI lifespan startup, so uvicorn exits instead of serving a service that
+        can never become ready.
+        """
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.device_thread, self._prepare)
+        except Exception as exc:
+            self.load_error = str(exc) if isinstance(exc, InsLocError) else _first_line(exc)
+            raise
+        for backend in self._prepared or []:
+            self.models[backend.info.name] = ModelRuntime(backend, self._batchers(backend))
+        self.ready = True
+        logger.info("ready: %s", ", ".join(m.info.tag for m in self.models.values()))
+
+    def _prepare(self) -> None:
+        if self._prepared is not None:
+            return
+        if self.settings.threads:  # on this thread: the one that runs every batch
+            import torch
+
+            torch.set_num_threads(self.settings.threads)
+        if self._given is not None:
+            backends = list(self._given)
+            _check_names(backends, [b.info.source for b in backends])
+        else:
+            if not self.settings.models:
+                raise ConfigError("no model to serve; pass --model NAME (a hub name, folder or .onnx file) or set "
+                                  "INSLOC_SERVE_MODELS")
+            backends = []
+            for spec in self.settings.models:
+                backends.append(self._load_one(spec))
+                _check_names(backends, self.settings.models)  # before loading (and warming) the rest
+        if not backends:
+            raise ConfigError("no model to serve; pass --model NAME (a hub name, folder or .onnx file)")
+        if self.settings.warmup:
             for backend in backends:
-                if backend.info.name in self.models:
-                    raise ConfigError(f"two models are named {backend.info.name!r}; name them with --model NAME=SPEC")
-                if self.settings.warmup:
-                    started = time.monotonic()
-                    await loop.run_in_executor(self.device_thread, backend.warmup)
-                    logger.info("warmed up %s in %.2f s", backend.info.tag, time.monotonic() - started)
-                self.models[backend.info.name] = ModelRuntime(backend, self._batchers(backend))
-            self.ready = True
-            logger.info("ready: %s", ", ".join(m.info.tag for m in self.models.values()))
-        except (InsLocError, OSError) as exc:
-            self.load_error = str(exc)
-            logger.error("could not load the models: %s", exc)
-        except Exception as exc:  # an unexpected failure still ends as a clear "not ready" with the reason
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            logger.exception("could not load the models")
+                _warm_up(backend)
+        self._prepared = backends
 
     def _load_one(self, spec: str) -> Backend:
         s = self.settings
         started = time.monotonic()
-        backend = load_backend(spec, backend=s.backend, revision=s.revision, device=s.device, compile=s.compile,
-                               threads=s.threads, precision=s.precision)
+        try:
+            backend = load_backend(spec, backend=s.backend, revision=s.revision, device=s.device,
+                                   compile=s.compile, threads=s.threads, precision=s.precision)
+        except InsLocError:
+            raise
+        except Exception as exc:  # a library's own error type: still one line naming the model
+            raise ConfigError(f"could not load --model {spec}: {_first_line(exc)}") from exc
         logger.info("loaded %s (%s on %s) in %.2f s", backend.info.tag, backend.info.backend, backend.info.device,
                     time.monotonic() - started)
         return backend
@@ -126,8 +154,6 @@ class Service:
 
     async def stop(self) -> None:
         """Finish queued work, then release the device thread."""
-        if self._load_task is not None and not self._load_task.done():
-            self._load_task.cancel()
         for runtime in self.models.values():
             for batcher in runtime.batchers.values():
                 await batcher.close()
@@ -154,6 +180,11 @@ class Service:
         if batcher is None:
             what = "a detector" if runtime.info.task == "detection" else f"a {runtime.info.task} model"
             raise ServiceError(422, "wrong_task", f"model {runtime.info.name!r} is {what}; it cannot {operation}")
+        if operation == "detect":
+            try:  # here, where the index is the request's own, not the batch's
+                runtime.backend.check_images(images)
+            except ImageGeometryError as exc:
+                raise ServiceError(422, "unsupported_image_size", str(exc)) from exc
         deadline = time.monotonic() + self.settings.request_timeout_s
         self.queued_requests += 1
         try:
@@ -171,3 +202,41 @@ class Service:
         finally:
             self.queued_requests -= 1
         return results
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _check_names(backends: list[Backend], specs: list[str]) -> None:
+    """Two models under one name would shadow each other: refuse, suggesting NAME=PATH for each."""
+    seen: dict[str, int] = {}
+    for index, backend in enumerate(backends):
+        name = backend.info.name
+        if name in seen:
+            first, second = specs[seen[name]], specs[index]
+            raise ConfigError(f"two models are named {name!r} (from their config or ONNX metadata): {first} and "
+                              f"{second}; name each with NAME=PATH, e.g. --model {_suggest(first, name, '1')} "
+                              f"--model {_suggest(second, name, '2')}")
+        seen[name] = index
+
+
+def _suggest(spec: str, name: str, suffix: str) -> str:
+    """``NAME=PATH`` for one clashing model: its file or folder name, unless that is the clashing name too."""
+    match = re.fullmatch(r"[A-Za-z0-9._-]+=(.+)", spec)
+    path = match.group(1) if match else spec
+    stem = served_name(Path(path.rstrip("/")).stem or name)
+    return f"{stem if stem != name else f'{name}-{suffix}'}={path}"
+
+
+def _warm_up(backend: Backend) -> None:
+    """One warm-up pass; a model that cannot run its first image will not run a client's either."""
+    started = time.monotonic()
+    try:
+        backend.warmup()
+    except Exception as exc:
+        raise ConfigError(f"model {backend.info.tag} ({backend.info.source}) failed its warm-up pass on a "
+                          f"{WARMUP_SIZE}x{WARMUP_SIZE} image: {_first_line(exc)}; it cannot serve requests: "
+                          "re-export or re-save it, or check --device and --backend") from exc
+    logger.info("warmed up %s in %.2f s", backend.info.tag, time.monotonic() - started)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +12,11 @@ from pathlib import Path
 from insloc_hub.errors import ConfigError
 
 ENV_PREFIX = "INSLOC_SERVE_"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+#: inclusive ranges of the integer settings (the upper bounds only stop values nothing could honour)
+_INT_RANGES = {"port": (0, 65535), "max_batch_size": (1, 1 << 20), "max_queue": (1, 1 << 30),
+               "max_body_bytes": (1, 1 << 40), "max_images": (1, 1 << 20), "max_pixels": (1, 1 << 40),
+               "max_inflight_requests": (1, 1 << 30), "threads": (0, 4096)}
 
 
 @dataclass
@@ -17,7 +24,8 @@ class Settings:
     """Everything the service can be configured with.
 
     Each field is also an environment variable ``INSLOC_SERVE_<FIELD>`` (``INSLOC_SERVE_MODELS`` takes
-    a comma-separated list; booleans accept 1/0, true/false).
+    a comma-separated list; booleans accept 1/0, true/false); :data:`ENV_ALIASES` adds the flag-named
+    ``INSLOC_SERVE_MODEL`` and ``INSLOC_SERVE_NO_WARMUP``. Any other ``INSLOC_SERVE_*`` is an error.
 
     Example:
         >>> Settings(models=["out/tiny-detector"], max_batch_size=8).max_wait_ms
@@ -46,17 +54,24 @@ class Settings:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        checks = {"max_batch_size": 1, "max_queue": 1, "max_body_bytes": 1, "max_images": 1, "max_pixels": 1,
-                  "max_inflight_requests": 1, "port": 0}
-        for name, low in checks.items():
-            if int(getattr(self, name)) < low:
-                raise ConfigError(f"{name} must be at least {low}, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.request_timeout_s <= 0:
-            raise ConfigError("max_wait_ms must be >= 0 and request_timeout_s > 0")
+        # ranges checked here so a bad value is one clear line, not a traceback from the socket or torch
+        for name, (low, high) in _INT_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{name} must be an integer from {low:,} to {high:,}, got {value!r}")
+        for name, low, strict in (("max_wait_ms", 0.0, False), ("request_timeout_s", 0.0, True)):
+            value = getattr(self, name)
+            finite = isinstance(value, (int, float)) and math.isfinite(value)
+            if not finite or value < low or (strict and value == low):
+                raise ConfigError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
         if self.backend not in ("auto", "torch", "onnxruntime"):
             raise ConfigError(f"unknown backend {self.backend!r}; choose torch, onnxruntime or auto")
         if self.device not in ("auto", "cuda", "cpu") and not self.device.startswith("cuda:"):
             raise ConfigError(f"unknown device {self.device!r}; choose auto, cuda or cpu")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"unknown precision {self.precision!r}; choose auto, fp32 or bf16")
+        if str(self.log_level).lower() not in LOG_LEVELS:
+            raise ConfigError(f"unknown log level {self.log_level!r}; choose one of {', '.join(LOG_LEVELS)}")
 
     def api_key(self) -> str | None:
         """The API key read from ``api_key_file`` (stripped), or None when no key is required."""
@@ -73,15 +88,63 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
-        """Settings from ``INSLOC_SERVE_*`` variables, then ``overrides`` (non-None values win)."""
+        """Settings from ``INSLOC_SERVE_*`` variables, then ``overrides`` (non-None values win).
+
+        Raises:
+            ConfigError: an ``INSLOC_SERVE_*`` variable that names no setting (a typo would otherwise be
+                ignored silently), a value that does not parse, or two names for one setting that disagree.
+        """
         environ = dict(os.environ if environ is None else environ)
+        accepted = env_names()
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
         values: dict[str, object] = {}
-        for f in dataclasses.fields(cls):
-            raw = environ.get(ENV_PREFIX + f.name.upper())
-            if raw is not None:
-                values[f.name] = _parse(f.name, raw, f.type)
+        source: dict[str, str] = {}
+        for key in sorted(k for k in environ if k.startswith(ENV_PREFIX)):
+            if key not in accepted:
+                raise ConfigError(_unknown_variable(key, accepted))
+            name, inverted = accepted[key]
+            value = _parse(key, environ[key], types[name])
+            if inverted:
+                value = not value
+            if name in values and values[name] != value:
+                raise ConfigError(f"{source[name]} and {key} are both set and disagree; keep one of them")
+            values[name], source[name] = value, key
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+
+#: names that follow the flag rather than the field (--model, --no-warmup), accepted as well:
+#: variable -> (field, whether the boolean is inverted)
+ENV_ALIASES: dict[str, tuple[str, bool]] = {
+    ENV_PREFIX + "MODEL": ("models", False),
+    ENV_PREFIX + "NO_WARMUP": ("warmup", True),
+}
+
+
+def env_names() -> dict[str, tuple[str, bool]]:
+    """Every accepted ``INSLOC_SERVE_*`` variable -> (settings field, inverted boolean)."""
+    names = {ENV_PREFIX + f.name.upper(): (f.name, False) for f in dataclasses.fields(Settings)}
+    return {**names, **ENV_ALIASES}
+
+
+def env_help(field_name: str) -> str:
+    """How ``--help`` names the variables of one field, e.g. ``env INSLOC_SERVE_PORT``."""
+    main = ENV_PREFIX + field_name.upper()
+    aliases = [k for k, (name, _) in ENV_ALIASES.items() if name == field_name]
+    if field_name == "models":
+        return f"env {main}, comma-separated; or {', '.join(aliases)}"
+    if field_name == "warmup":
+        return f"env {aliases[0]}=1 or {main}=0"
+    if any(f.name == field_name and str(f.type) == "bool" for f in dataclasses.fields(Settings)):
+        return f"env {main}=1"
+    return f"env {main}"
+
+
+def _unknown_variable(key: str, accepted: dict[str, tuple[str, bool]]) -> str:
+    close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return (f"unknown environment variable {key}; {hint}unset it or use one of: "
+            f"{', '.join(sorted(accepted))}")
 
 
 def _parse(name: str, raw: str, type_name: object) -> object:
@@ -98,5 +161,5 @@ def _parse(name: str, raw: str, type_name: object) -> object:
         if text == "float":
             return float(raw)
     except ValueError as exc:
-        raise ConfigError(f"environment variable {ENV_PREFIX}{name.upper()}={raw!r} is not a valid {text}") from exc
+        raise ConfigError(f"environment variable {name}={raw!r} is not a valid {text}") from exc
     return raw or None if "None" in text else raw

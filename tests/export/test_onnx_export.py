@@ -58,7 +58,7 @@ def test_features_metadata_follows_the_contract(features_onnx: Path, tiny_fpn_fo
     config = read_config(tiny_fpn_folder)
     assert meta["task"] == "features"
     assert meta["weights_sha256"] == config["weights"]["sha256"]
-    assert meta["model_name"] == str(tiny_fpn_folder) and meta["revision"] == "local folder"
+    assert meta["model_name"] == str(tiny_fpn_folder) and meta["revision"] == "local"
     assert meta["arch"] == "tiny-fpn"
     assert meta["inputs"] == [{"name": "images", "dtype": "uint8", "shape": ["batch", 3, "height", "width"]}]
     assert [o["name"] for o in meta["outputs"]] == ["p2", "p3", "p4", "p5", "embedding"]

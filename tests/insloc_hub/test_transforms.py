@@ -14,6 +14,7 @@ from insloc_hub.transforms import (
     PREPROCESSING,
     decode_image,
     normalize,
+    read_image_size,
     to_tensor,
 )
 from tests.photos import photo, photo_bytes
@@ -106,6 +107,44 @@ def test_enormous_dimensions_rejected_before_decoding():
         decode_image(header + chunk(b"IEND", b""))
     with pytest.raises(InvalidImageError, match="over the limit"):
         decode_image(photo_bytes("coffee"), max_pixels=1000)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A valid PNG that declares ``width x height`` pixels and holds none."""
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(("width", "height"), [(10_000, 10_000), (100_000, 100_000), (60_000, 40_000)])
+def test_every_size_over_the_limit_gets_the_same_message(width, height):
+    # 100 MP passes PIL's open but 10 GP and 2.4 GP trip its decompression-bomb error: the client hears
+    # the same size-and-limit message either way, and nothing tells it to change PIL's global limit
+    with pytest.raises(InvalidImageError) as caught:
+        decode_image(_png_header(width, height))
+    message = str(caught.value)
+    assert f"{width}x{height} = {width * height:,} pixels, over the limit of 40,000,000" in message
+    assert "MAX_IMAGE_PIXELS" not in message and caught.value.reason == "too_large"
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # the process-wide guard is left as PIL sets it
+
+
+def test_max_pixels_above_pils_guard_is_the_one_limit():
+    # a header between PIL's hard limit (~179 MP) and the caller's max_pixels is sized, not refused
+    assert read_image_size(_png_header(20_000, 10_000), max_pixels=300_000_000) == (20_000, 10_000)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485
+
+
+@pytest.mark.parametrize("damage", [slice(2, 20), slice(20, 200)])
+def test_damaged_jpeg_header_is_corrupt_not_unsupported(damage):
+    data = bytearray(_encode(photo("coffee").resize((64, 48)), "JPEG"))
+    data[damage] = b"\x00" * (damage.stop - damage.start)  # the FF D8 start marker stays
+    with pytest.raises(InvalidImageError, match="corrupt JPEG") as caught:
+        decode_image(bytes(data))
+    assert caught.value.reason == "corrupt"
 
 
 def test_byte_limit():

@@ -1,6 +1,8 @@
 """Fixtures for the service tests: tiny hub folders and a real uvicorn server on 127.0.0.1.
 
 - ``tiny_models``: a tiny-fpn backbone folder and a tiny faster_rcnn_fpn detector folder (session).
+- ``tiny_onnx``: those folders exported by ``insloc-export`` (no parity run): the detector with dynamic
+  sides, and fixed-shape graphs as users export them for TensorRT/Triton (session).
 - ``start_server(settings)``: starts ``create_app(settings)`` under uvicorn on an ephemeral port, waits
   until /readyz answers 200 and returns a :class:`RunningServer` (``.url``); stopped after the test
   module, or earlier with ``.stop()``.
@@ -8,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import threading
@@ -49,6 +52,35 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     return TinyModels(backbone=backbone, detector=detector_dir)
 
 
+@dataclass
+class TinyOnnx:
+    detector: Path  # dynamic height and width (the default export)
+    embedding_fixed: Path  # --task embedding --batch 4 --height 64 --width 64 --opset 17
+    features_fixed: Path  # --task features --batch 2 --height 64 --width 96
+    detector_fixed: Path  # --height 96 --width 128
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> TinyOnnx:
+    from insloc_hub.export import export_onnx
+
+    root = tmp_path_factory.mktemp("serve-onnx")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # parity is insloc-export's own test; here the files only need to be what it writes
+        return TinyOnnx(
+            detector=export_onnx(tiny_models.detector, root / "det.onnx", verify=False).path,
+            embedding_fixed=export_onnx(tiny_models.backbone, root / "emb.onnx", task="embedding", batch=4,
+                                        height=64, width=64, opset=17, verify=False).path,
+            features_fixed=export_onnx(tiny_models.backbone, root / "features.onnx", task="features", batch=2,
+                                       height=64, width=96, verify=False).path,
+            detector_fixed=export_onnx(tiny_models.detector, root / "det-fixed.onnx", height=96, width=128,
+                                       verify=False).path,
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
 def image_bytes(width: int = 80, height: int = 60, fmt: str = "PNG", seed: int = 0) -> bytes:
     """A small random RGB image, encoded."""
     rng = np.random.default_rng(seed)
@@ -71,12 +103,19 @@ class RunningServer:
         config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10,
                                 limit_concurrency=None, backlog=256)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn's exit on a failed startup; start() reports it
+            self.server.run(sockets=[self.sock])
 
     def start(self, timeout: float = 60.0, wait_ready: bool = True) -> RunningServer:
         self.thread.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if not self.thread.is_alive():  # uvicorn exits when the lifespan startup (loading) fails
+                self.sock.close()
+                raise RuntimeError(f"the service failed to start: {self.app.state.service.load_error}")
             try:
                 response = httpx.get(self.url + ("/readyz" if wait_ready else "/healthz"), timeout=2)
                 if response.status_code == 200:
