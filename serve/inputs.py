@@ -9,6 +9,7 @@ import base64
 import binascii
 import json
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,12 +42,14 @@ class Options:
     classes: list[str] | None = None
 
 
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+async def read_body(request: Request, limit: int, deadline: float) -> bytes:
     """The whole body, refusing (413) more than ``limit`` bytes as soon as the header or stream shows it.
 
-    A body still incomplete after ``timeout_s`` (the request timeout) is a 408 that closes the connection,
-    so a client that stalls mid-upload cannot hold an in-flight slot past the deadline.
+    A body still incomplete at ``deadline`` (``time.monotonic()`` seconds, the request's deadline) is a
+    408 that closes the connection, so a client that stalls mid-upload cannot hold an in-flight slot
+    past it.
     """
+    timeout_s = max(deadline - time.monotonic(), 0.0)
     declared = request.headers.get("content-length")
     if declared is not None:
         try:

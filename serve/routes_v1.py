@@ -59,14 +59,15 @@ def _service(request: Request) -> Service:
 async def _prepare(request: Request) -> tuple[Service, ModelRuntime, list, Any, dict[str, float]]:
     service = _service(request)
     s = service.settings
-    started = time.perf_counter()
-    body = await read_body(request, s.max_body_bytes, s.request_timeout_s)
+    started, deadline = time.perf_counter(), service.deadline()
+    body = await read_body(request, s.max_body_bytes, deadline)
     images, raw_options = await images_and_options(request, body, s.max_images)
     # the model must be known before its class names can validate ``classes``
     runtime = service.model(model_option(raw_options))
     opts = parse_options(raw_options, runtime.info.class_names)
     arrays = await decode_all(images, service.decode_limiter, max_pixels=s.max_pixels, max_bytes=s.max_body_bytes)
-    return service, runtime, arrays, opts, {"started": started, "decode_ms": (time.perf_counter() - started) * 1e3}
+    return service, runtime, arrays, opts, {"started": started, "deadline": deadline,
+                                            "decode_ms": (time.perf_counter() - started) * 1e3}
 
 
 def _timings(t: dict[str, float], inference_started: float) -> dict[str, float]:
@@ -82,7 +83,7 @@ async def detect(request: Request, annotated: bool = False) -> Response:
     if annotated and len(arrays) != 1:
         raise ServiceError(422, "invalid_option", f"annotated=1 draws one image; this request has {len(arrays)}")
     inference_started = time.perf_counter()
-    results = await service.run(runtime, "detect", arrays)
+    results = await service.run(runtime, "detect", arrays, t["deadline"])
     names = runtime.info.class_names
     per_image = [filter_detections(det, opts, names) for det in results]
     if annotated:
@@ -111,10 +112,10 @@ async def features(request: Request) -> Response:
     binary = answer == "application/octet-stream"
     inference_started = time.perf_counter()
     if binary:
-        results = await service.run(runtime, "features", arrays)
+        results = await service.run(runtime, "features", arrays, t["deadline"])
         data = await anyio.to_thread.run_sync(safetensors_bytes, results, runtime.info.tag)
         return Response(data, media_type="application/octet-stream", headers={"X-Model": runtime.info.tag})
-    embeddings = await service.run(runtime, "embed", arrays)
+    embeddings = await service.run(runtime, "embed", arrays, t["deadline"])
     return JSONResponse({
         "model": runtime.info.tag,
         "results": [{"index": i, "width": int(a.shape[1]), "height": int(a.shape[0]),
@@ -141,9 +142,9 @@ async def hugging_face(request: Request, model_name: str) -> JSONResponse:
     {"threshold": t}}``. Detectors answer ``[{"label", "score", "box"}]``; backbones ``[[floats]]``.
     """
     service = _service(request)
-    s = service.settings
+    s, deadline = service.settings, service.deadline()
     runtime = service.model(model_name)
-    body = await read_body(request, s.max_body_bytes, s.request_timeout_s)
+    body = await read_body(request, s.max_body_bytes, deadline)
     raw_options: dict[str, Any] = {}
     if looks_like_json(body, request.headers.get("content-type", "").lower()):
         payload = parse_json(body)
@@ -160,8 +161,8 @@ async def hugging_face(request: Request, model_name: str) -> JSONResponse:
     opts = parse_options(raw_options, runtime.info.class_names)
     arrays = await decode_all(images, service.decode_limiter, max_pixels=s.max_pixels, max_bytes=s.max_body_bytes)
     if runtime.info.task == "detection":
-        (det,) = await service.run(runtime, "detect", arrays)
+        (det,) = await service.run(runtime, "detect", arrays, deadline)
         return JSONResponse([{k: d[k] for k in ("label", "score", "box")}
                              for d in filter_detections(det, opts, runtime.info.class_names)])
-    (embedding,) = await service.run(runtime, "embed", arrays)
+    (embedding,) = await service.run(runtime, "embed", arrays, deadline)
     return JSONResponse([[float(x) for x in embedding]])

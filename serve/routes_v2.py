@@ -186,9 +186,9 @@ def _binary(array: np.ndarray) -> bytes:
 @router.post("/models/{model_name}/versions/{version}/infer", include_in_schema=False)
 async def infer(request: Request, model_name: str, version: str | None = None) -> Response:
     service = _service(request)
-    s = service.settings
+    s, deadline = service.settings, service.deadline()
     runtime = _runtime(request, model_name)
-    body = await read_body(request, s.max_body_bytes, s.request_timeout_s)
+    body = await read_body(request, s.max_body_bytes, deadline)
     header, images = _parse_request(body, request.headers.get("inference-header-content-length"), s.max_images)
     params = header.get("parameters") or {}
     if not isinstance(params, dict):
@@ -200,7 +200,7 @@ async def infer(request: Request, model_name: str, version: str | None = None) -
         opts.max_detections = int_option("max_detections", params["max_detections"], 0, MAX_DETECTIONS, status=400)
     arrays = await decode_all(images, service.decode_limiter, max_pixels=s.max_pixels, max_bytes=s.max_body_bytes)
     operation = "detect" if runtime.info.task == "detection" else "embed"
-    tensors = _tensor_outputs(runtime, await service.run(runtime, operation, arrays), opts)
+    tensors = _tensor_outputs(runtime, await service.run(runtime, operation, arrays, deadline), opts)
 
     requested = header.get("outputs")
     binary_default = bool(params.get("binary_data_output", False))

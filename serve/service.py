@@ -174,8 +174,14 @@ class Service:
             raise ServiceError(404, "model_not_found", f"no model named {name!r}; served: {sorted(self.models)}")
         return self.models[name]
 
-    async def run(self, runtime: ModelRuntime, operation: str, images: list[np.ndarray]) -> list[Any]:
-        """Queue the images for ``operation`` and wait; 503 when the queue is full, 504 past the deadline."""
+    def deadline(self) -> float:
+        """The ``time.monotonic()`` by which a request arriving now must be answered (``--request-timeout-s``)."""
+        return time.monotonic() + self.settings.request_timeout_s
+
+    async def run(self, runtime: ModelRuntime, operation: str, images: list[np.ndarray], deadline: float
+                  ) -> list[Any]:
+        """Queue the images for ``operation`` and wait; 503 when the queue is full, 504 past ``deadline``
+        (from :meth:`deadline` when the request arrived: reading and decoding its body count too)."""
         batcher = runtime.batchers.get(operation)
         if batcher is None:
             what = "a detector" if runtime.info.task == "detection" else f"a {runtime.info.task} model"
@@ -185,7 +191,6 @@ class Service:
                 runtime.backend.check_images(images)
             except ImageGeometryError as exc:
                 raise ServiceError(422, "unsupported_image_size", str(exc)) from exc
-        deadline = time.monotonic() + self.settings.request_timeout_s
         self.queued_requests += 1
         try:
             results = await batcher.submit(images, deadline)

@@ -45,7 +45,7 @@ class Settings:
     compile: bool = False  # torch.compile on CUDA
     precision: str = "auto"  # torch backend: auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16
     threads: int = 0  # torch intra-op threads for the device worker (0: library default)
-    request_timeout_s: float = 30.0  # a request still waiting after this answers 504
+    request_timeout_s: float = 30.0  # from arrival: a body not read by then is a 408, a result not ready a 504
     max_body_bytes: int = 20 * 1024 * 1024
     max_images: int = 16  # per request
     max_pixels: int = 40_000_000  # per image, checked from the header before decoding

@@ -310,3 +310,17 @@ def test_a_stalled_upload_is_408_within_the_deadline_and_frees_its_slot(start_se
         for sock in sockets:
             sock.close()
     assert httpx.post(server.url + "/v1/detect", content=image_bytes(5, 20)).status_code == 200
+
+
+def test_the_deadline_counts_from_arrival_not_from_the_queue(start_server):
+    """Reading a slow body and then computing must fit in one --request-timeout-s, not one each."""
+    server = start_server(Settings(request_timeout_s=1.0, warmup=False), backends=[SlowBackend()])
+    body = image_bytes(70, 20)  # 0.7 s of "device" time
+    head = (f"POST /v1/detect HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head + body[:10])
+        time.sleep(0.5)  # half the deadline goes on the upload
+        sock.sendall(body[10:])
+        status, _, reply = _read_reply(sock)
+    assert status == 504 and json.loads(reply)["error"]["code"] == "deadline_exceeded"
