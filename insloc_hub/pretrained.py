@@ -204,7 +204,9 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     Checked: size (at most ``hub.MAX_CONFIG_BYTES``), UTF-8, JSON (nesting included), the
     insloc-hub markers, ``weights.file`` (a plain file name in the folder), ``files`` (relative
     names inside it), and every value used to build a model (:data:`ARCHITECTURE_RANGES`,
-    ``num_classes`` up to :data:`MAX_NUM_CLASSES`, image sizes up to :data:`MAX_IMAGE_SIDE`).
+    ``num_classes`` up to :data:`MAX_NUM_CLASSES`, image sizes up to :data:`MAX_IMAGE_SIDE`) or to
+    feed it (``preprocessing.mean``/``std`` and ``detector.options.image_mean``/``image_std``: 3 finite
+    numbers, std > 0; ``embedding_dim``: the architecture's).
 
     Raises:
         ConfigError: naming the field and the accepted values.
@@ -235,6 +237,10 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(config["architecture"], dict):
         raise ConfigError(f"{path}: 'architecture' must be an object")
     _check_architecture(config["architecture"], "architecture", path)
+    if "preprocessing" in config:
+        _check_preprocessing(config["preprocessing"], path)
+    if "embedding_dim" in config:
+        _check_embedding_dim(config["embedding_dim"], config["architecture"], path)
     if task == "detection":
         _check_detector(config["detector"], path)
     return config
@@ -274,6 +280,32 @@ def _check_architecture(arch: Mapping[str, Any], prefix: str, source: Any) -> No
     _require(parts is None or _is_list_of_str(parts), source, f"{prefix}.parts", "a list of names", parts)
 
 
+def _check_channel_stats(value: Any, field: str, source: Any, *, positive: bool) -> None:
+    """Per-channel mean/std: a list of 3 finite numbers (std > 0: the graph divides by it)."""
+    ok = (isinstance(value, list) and len(value) == 3
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+          and (not positive or all(v > 0 for v in value)))
+    _require(ok, source, field, f"a list of 3 finite numbers{' > 0' if positive else ''} (one per RGB channel)",
+             value)
+
+
+def _check_preprocessing(preprocessing: Any, source: Any) -> None:
+    _require(isinstance(preprocessing, dict), source, "preprocessing", "an object", preprocessing)
+    for name in ("mean", "std"):
+        if name in preprocessing:
+            _check_channel_stats(preprocessing[name], f"preprocessing.{name}", source, positive=name == "std")
+
+
+def _check_embedding_dim(value: Any, architecture: Mapping[str, Any], source: Any) -> None:
+    """``embedding_dim`` is the pooled C5 width the architecture (which the weights are loaded against) gives."""
+    try:
+        expected = BackboneConfig.from_dict(architecture).stage_channels[3]
+    except ConfigError:  # the architecture's own error is raised when the model is built
+        return
+    _require(_is_int(value) and value == expected, source, "embedding_dim",
+             f"{expected} (the C5 channels of the architecture and its weights)", value)
+
+
 def _check_detector(detector: Mapping[str, Any], source: Any) -> None:
     if "num_classes" in detector:
         _check_int(detector["num_classes"], "detector.num_classes", 1, MAX_NUM_CLASSES, source)
@@ -292,6 +324,9 @@ def _check_detector(detector: Mapping[str, Any], source: Any) -> None:
         _require(bool(sizes), source, f"detector.options.{name}", "one size or a non-empty list", sizes)
         for value in sizes:
             _check_int(value, f"detector.options.{name}", 1, MAX_IMAGE_SIDE, source)
+    for name in ("image_mean", "image_std"):  # the detector normalises with these inside
+        if name in options:
+            _check_channel_stats(options[name], f"detector.options.{name}", source, positive=name == "image_std")
     for name, value in options.items():
         finite = math.isfinite(value) and value >= 0 if isinstance(value, (int, float)) else True
         _require(finite, source, f"detector.options.{name}", "a finite number >= 0", value)
