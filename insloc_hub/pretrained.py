@@ -36,10 +36,18 @@ from insloc_hub.detectors import (
     build_detector_from_config,
     inference_options,
 )
-from insloc_hub.errors import ConfigError, IntegrityError, WeightsMismatchError
+from insloc_hub.errors import (
+    ConfigError,
+    InsLocError,
+    IntegrityError,
+    ModelNotFoundError,
+    WeightsMismatchError,
+    reworded,
+)
 from insloc_hub.hub import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    check_local_folder,
     is_hex_digest,
     push_folder_to_hub,
     push_target,
@@ -368,13 +376,16 @@ def _check_dtypes(header: Mapping[str, Mapping[str, Any]], source: Any) -> None:
             )
 
 
+_REDOWNLOAD = "Delete it and download again (insloc-hub download NAME)."
+
+
 def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *,
-                   always: bool = False) -> dict[str, dict[str, Any]]:
+                   always: bool = False, advice: str = _REDOWNLOAD) -> dict[str, dict[str, Any]]:
     """Check the weights file against config.json's sha256.
 
     A file already verified (same path, size, mtime, ctime and inode) is not hashed again unless
     ``always``: the record lives in ``$INSLOC_HUB_CACHE`` (default ``$XDG_CACHE_HOME/insloc_hub``, else
-    ``~/.cache/insloc_hub``).
+    ``~/.cache/insloc_hub``). ``advice`` ends the message of a mismatch (default: download it again).
 
     Returns:
         The weights file's header (:func:`read_safetensors_header`), checked before hashing.
@@ -404,7 +415,7 @@ def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *,
     if actual != expected:
         raise IntegrityError(
             f"{path} has sha256 {actual} but config.json records {expected}: the file is corrupted or was "
-            "modified. Delete it and download again (insloc-hub download NAME)."
+            f"modified. {advice}"
         )
     record[key] = expected
     try:
@@ -531,16 +542,31 @@ def push_to_hub(model_or_directory: nn.Module | str | os.PathLike[str], repo_id:
         staged = Path(staging) / target.split("/")[-1]
         if isinstance(model_or_directory, nn.Module):
             save_pretrained(model_or_directory, staged, repo_id=target, **save_options)
+            shown = f"the {type(model_or_directory).__name__} (saved for the push)"
         elif save_options:
             raise ConfigError(f"push_to_hub of a folder takes no {sorted(save_options)}; those are for a model")
         else:
-            _stage_folder(Path(model_or_directory), staged, target)
-        return push_folder_to_hub(staged, repo_id, **push_options)
+            shown = str(Path(model_or_directory).expanduser())
+            _stage_folder(Path(model_or_directory).expanduser(), staged, target)
+        try:
+            return push_folder_to_hub(staged, repo_id, **push_options)
+        except InsLocError as exc:  # the staging copy is gone when the user reads this: name what they gave
+            raise reworded(exc, str(exc).replace(str(staged), shown)) from exc
 
 
 def _stage_folder(folder: Path, staged: Path, repo_id: str) -> None:
-    """Link the folder's listed files into ``staged``, with config.json and the card naming ``repo_id``."""
+    """Link the folder's listed files into ``staged``, with config.json and the card naming ``repo_id``.
+
+    The folder must be a complete hub folder whose weights match config.json's sha256: a folder
+    edited after it was saved is refused here, before it reaches the Hub where every download of
+    it would fail the same check.
+    """
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"Cannot push {str(folder)!r}: no such folder.")
+    check_local_folder(folder)  # config.json and every file it lists are there
     config = read_config(folder)
+    verify_weights(folder, config, always=True, advice=(
+        "Refusing to push it: re-save the model with save_pretrained (or restore the file) and push again."))
     staged.mkdir(parents=True)
     for file_name in config.get("files", [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME]):
         if file_name in (CONFIG_NAME, CARD_NAME):

@@ -56,6 +56,16 @@ def test_push_download_and_list_against_a_local_hub(hub_env, folder, capsys):
     assert "insloc-r50" in out and "team/cli-model" in out
 
 
+def test_push_of_an_empty_or_missing_folder_says_what_is_missing(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["push", str(empty), "team/x"]) == 2
+    err = capsys.readouterr().err
+    assert f"{empty} is not a hub folder: it has no config.json" in err and "not valid JSON" not in err
+    assert main(["push", str(tmp_path / "nowhere"), "team/x"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arch,preset", [("faster_rcnn_fpn", "tiny-fpn"), ("mask_rcnn_fpn", "tiny-fpn"),
                                          ("faster_rcnn_c4", "tiny-c4"), ("retinanet_fpn", "tiny-fpn")])
 def test_demo_runs_every_architecture_on_a_tiny_preset(arch, preset, capsys):

@@ -326,6 +326,32 @@ def test_push_uploads_only_the_hub_files_and_names_the_repo_in_the_card(hub_env,
     assert "repo_id" not in read_config(folder)  # the user's folder is untouched
 
 
+def test_push_refuses_weights_changed_after_saving_before_any_request(hub_env, tmp_path):
+    folder = save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "m")
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one flipped byte in the last tensor: still a valid safetensors file
+    weights.write_bytes(bytes(data))
+    hub_env.server.requests.clear()
+    with pytest.raises(IntegrityError, match="sha256") as info:
+        push_to_hub(folder, "team/tampered")
+    message = str(info.value)
+    assert str(weights) in message and "re-save the model" in message and "insloc-push-" not in message
+    assert hub_env.server.requests == []  # nothing was published
+
+
+def test_push_errors_name_the_users_folder_not_the_staging_copy(hub_env, tmp_path):
+    from insloc_hub.errors import HubAccessError
+
+    folder = save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "m")
+    with pytest.raises(HubAccessError, match="403") as info:
+        push_to_hub(folder, "team/read-only", token="read-token")
+    assert f"Push of {folder} to 'team/read-only' failed" in str(info.value)
+    assert "insloc-push-" not in str(info.value)
+    with pytest.raises(HubAccessError, match="Push of the InsLocBackbone \\(saved for the push\\)"):
+        push_to_hub(InsLocBackbone("tiny-fpn"), "team/read-only", token="read-token")
+
+
 @pytest.mark.parametrize(("arch", "preset", "expected"), [
     ("faster_rcnn_fpn", "tiny-fpn", {"detections_per_img": 100, "rpn_post_nms_top_n_test": 1000}),
     ("mask_rcnn_fpn", "tiny-fpn", {"mask_thresh": 0.5, "nms_thresh": 0.5}),
