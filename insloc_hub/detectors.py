@@ -232,10 +232,12 @@ def build_detector(
         raise ConfigError(f"num_classes must be at least 2 (background + one class), got {num_classes}")
 
     if pretrained is not None and not isinstance(pretrained, InsLocBackbone):
-        name = repr(str(pretrained)) if isinstance(pretrained, (str, Path)) else "name"
-        raise ConfigError(f"pretrained must be a backbone bundle (InsLocBackbone), not a {type(pretrained).__name__}: "
-                          f"load it first, pretrained=insloc_hub.from_pretrained({name}); a fine-tuned detector is "
-                          "used as it is")
+        # names are resolved by the caller (this module never loads files): say exactly how
+        name = repr(str(pretrained)) if isinstance(pretrained, (str, Path)) else "NAME"
+        raise ConfigError(f"pretrained must be a loaded backbone bundle (InsLocBackbone), not a "
+                          f"{type(pretrained).__name__}: load it first with build_detector(..., "
+                          f"pretrained=from_pretrained({name})) (from insloc_hub import from_pretrained). A fine-tuned "
+                          "detector needs no build_detector: from_pretrained returns it ready to use")
     variant = "c4" if arch == "faster_rcnn_c4" else "fpn"
     if pretrained is not None:
         cfg = dataclasses.replace(pretrained.config, parts=None)

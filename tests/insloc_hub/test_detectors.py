@@ -1,5 +1,7 @@
 """build_detector: structure, torchvision parity, training and inference on real photos, loading."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2, maskrcnn_resnet50_fpn_v2
@@ -257,6 +259,14 @@ def test_torchvision_knobs_pass_through_and_config_round_trips():
     rebuilt = build_detector_from_config(model.insloc_config.to_dict())
     assert rebuilt.state_dict().keys() == model.state_dict().keys()
     assert rebuilt.insloc_config == model.insloc_config
+
+
+@pytest.mark.parametrize("given, shown", [("exp1", "'exp1'"), (Path("runs/exp1/final"), "'runs/exp1/final'"),
+                                          (42, "NAME")])
+def test_a_name_as_pretrained_says_exactly_what_to_call(given, shown):
+    with pytest.raises(ConfigError, match="not a (str|PosixPath|int)") as info:
+        build_detector("faster_rcnn_fpn", class_names=["raccoon"], pretrained=given)
+    assert f"build_detector(..., pretrained=from_pretrained({shown}))" in str(info.value)
 
 
 def test_bad_arguments_are_clear_errors():

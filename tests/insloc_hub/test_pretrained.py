@@ -173,7 +173,7 @@ def test_dtype_and_loaded_backbone_into_build_detector(tmp_path):
     detector = build_detector("faster_rcnn_fpn", class_names=["a"], pretrained=from_pretrained(folder))
     assert len(detector.load_report.loaded) == len(InsLocBackbone("tiny-fpn").state_dict())
     # names are resolved by the caller: a path gets an error that shows how
-    with pytest.raises(ConfigError, match=r"pretrained=insloc_hub.from_pretrained\("):
+    with pytest.raises(ConfigError, match=r"build_detector\(\.\.\., pretrained=from_pretrained\("):
         build_detector("faster_rcnn_fpn", class_names=["a"], pretrained=str(folder))
 
 
