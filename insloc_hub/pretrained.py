@@ -30,11 +30,15 @@ from torch import nn
 
 from insloc_hub.card import render_card
 from insloc_hub.detectors import (
+    MAX_NUM_CLASSES,
     PART_PREFIXES,
+    SIZE_OPTIONS,
     DetectorConfig,
     LoadReport,
     build_detector_from_config,
+    check_class_names,
     inference_options,
+    size_option_problem,
 )
 from insloc_hub.errors import (
     ConfigError,
@@ -64,10 +68,6 @@ logger = logging.getLogger(__name__)
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 _VERIFIED_RECORD = "verified-weights.json"
-#: the most classes a detection config may ask for (LVIS has 1203): the predictor is allocated from it
-MAX_NUM_CLASSES = 10_000
-#: the longest image side a detector config may resize to
-MAX_IMAGE_SIDE = 10_000
 #: integer architecture fields of config.json and their accepted ranges (BackboneConfig's limits)
 ARCHITECTURE_RANGES = {f.name: (f.metadata["min"], f.metadata["max"]) for f in dataclasses.fields(BackboneConfig)
                        if "max" in f.metadata}
@@ -212,7 +212,8 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     Checked: size (at most ``hub.MAX_CONFIG_BYTES``), UTF-8, JSON (nesting included), the
     insloc-hub markers, ``weights.file`` (a plain file name in the folder), ``files`` (relative
     names inside it), and every value used to build a model (:data:`ARCHITECTURE_RANGES`,
-    ``num_classes`` up to :data:`MAX_NUM_CLASSES`, image sizes up to :data:`MAX_IMAGE_SIDE`) or to
+    ``num_classes`` up to :data:`~insloc_hub.detectors.MAX_NUM_CLASSES`, image sizes as
+    :func:`~insloc_hub.detectors.size_option_problem` says, distinct class names) or to
     feed it (``preprocessing.mean``/``std`` and ``detector.options.image_mean``/``image_std``: 3 finite
     numbers, std > 0; ``embedding_dim``: the architecture's).
 
@@ -317,8 +318,8 @@ def _check_embedding_dim(value: Any, architecture: Mapping[str, Any], source: An
 def _check_detector(detector: Mapping[str, Any], source: Any) -> None:
     if "num_classes" in detector:
         _check_int(detector["num_classes"], "detector.num_classes", 1, MAX_NUM_CLASSES, source)
-    names = detector.get("class_names")
-    _require(names is None or _is_list_of_str(names), source, "detector.class_names", "a list of strings", names)
+    if detector.get("class_names") is not None:
+        check_class_names(detector["class_names"], "detector.class_names", source)
     for name in ("arch", "norm"):
         _require(isinstance(detector.get(name, ""), str), source, f"detector.{name}", "a string", detector.get(name))
     field = "architecture" if "architecture" in detector else "backbone"  # its name in insloc-hub 0.1
@@ -327,11 +328,9 @@ def _check_detector(detector: Mapping[str, Any], source: Any) -> None:
     _check_architecture(architecture, f"detector.{field}", source)
     options = detector.get("options", {})
     _require(isinstance(options, dict), source, "detector.options", "an object", options)
-    for name in ("min_size", "max_size"):
-        sizes = options.get(name, [1]) if isinstance(options.get(name), list) else [options.get(name, 1)]
-        _require(bool(sizes), source, f"detector.options.{name}", "one size or a non-empty list", sizes)
-        for value in sizes:
-            _check_int(value, f"detector.options.{name}", 1, MAX_IMAGE_SIDE, source)
+    for name in SIZE_OPTIONS:
+        problem = size_option_problem(name, options[name]) if name in options else None
+        _require(problem is None, source, f"detector.options.{name}", str(problem), options.get(name))
     for name in ("image_mean", "image_std"):  # the detector normalises with these inside
         if name in options:
             _check_channel_stats(options[name], f"detector.options.{name}", source, positive=name == "image_std")

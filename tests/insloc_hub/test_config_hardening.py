@@ -51,6 +51,15 @@ def test_bad_image_sizes_are_refused(template, tmp_path, name, value):
         from_pretrained(folder)
 
 
+@pytest.mark.parametrize("value, message", [("ab", "bare string 'ab'"), (["a", "a"], "must be distinct"),
+                                            (["a", ""], "non-empty strings"), (["a", 1], "non-empty strings")])
+def test_bad_class_names_are_refused(template, tmp_path, value, message):
+    folder = copy_folder(template, tmp_path / "m")
+    edit_config(folder, lambda c: _detection(c, class_names=value, num_classes=3))
+    with pytest.raises(ConfigError, match=rf"detector\.class_names .*{message}"):
+        read_config(folder)
+
+
 @pytest.mark.parametrize("value", [-1, float("inf"), float("nan"), -0.5])
 def test_negative_or_non_finite_detector_options_are_refused(template, tmp_path, value):
     folder = copy_folder(template, tmp_path / "m")
