@@ -103,6 +103,40 @@ def test_convert_official_and_export_d2(tmp_path, capsys):
     assert "backbone.fpn_lateral2.norm.weight" in d2["model"]
 
 
+def test_convert_and_export_d2_hints_name_the_flags_not_python_arguments(tmp_path, capsys):
+    import torch
+    from torchvision.models import resnet18
+
+    from insloc_hub.convert import convert_torchvision_resnet, export_detectron2
+    from insloc_hub.errors import ConfigError, WeightsMismatchError
+
+    state = resnet18(weights=None).state_dict()
+    state["attention.weight"] = torch.zeros(1)
+    checkpoint = tmp_path / "r18.pth"
+    torch.save(state, checkpoint)
+    assert main(["convert", "torchvision", str(checkpoint), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "attention.weight" in err and "Pass --no-strict to drop them" in err and "strict=False" not in err
+    assert main(["convert", "torchvision", str(checkpoint), str(tmp_path / "out"), "--no-strict"]) == 0
+    assert "strict=False" not in capsys.readouterr().out  # the report says why a key was dropped in flags too
+
+    fpn = save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "fpn")
+    assert main(["export-d2", str(fpn), str(tmp_path / "d2.pkl"), "--c4"]) == 2
+    err = capsys.readouterr().err
+    assert "Omit --c4" in err and "c4=False" not in err
+    # API callers keep the Python wording
+    with pytest.raises(WeightsMismatchError, match="Pass strict=False"):
+        convert_torchvision_resnet(state)
+    with pytest.raises(ConfigError, match="Export with c4=False"):
+        export_detectron2(fpn, tmp_path / "d2.pkl", c4=True)
+
+
+def test_hub_hints_name_the_flags(folder, capsys):
+    assert main(["info", str(folder), "--revision", "v1"]) == 2
+    err = capsys.readouterr().err
+    assert "--revision 'v1' was given for the local folder" in err and "revision=" not in err
+
+
 def test_convert_refuses_a_missing_file(tmp_path, capsys):
     assert main(["convert", "moco", str(tmp_path / "nope.pth"), str(tmp_path / "out")]) == 2
     assert "error:" in capsys.readouterr().err
