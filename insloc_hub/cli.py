@@ -60,7 +60,7 @@ _HUB_WORDS = {"revision=": "--revision ", "local_files_only=True": "--local-file
               "create_pr=True": "--create-pr", "namespace= or ": ""}
 _CONVERT_WORDS = {"Pass strict=False": "Pass --no-strict", "because strict=False": "because of --no-strict",
                   "pass variant='fpn' or 'c4'": "pass --variant fpn or --variant c4",
-                  "use variant='auto'": "omit --variant to detect it"}
+                  "use variant='auto'": "omit --variant to detect it", "pass overwrite=True": "pass --overwrite"}
 _EXPORT_D2_WORDS = {"Export with c4=False": "Omit --c4 (the FPN layout)"}
 
 
@@ -157,7 +157,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     options: dict[str, Any] = {"variant": args.variant} if args.variant else {}
     folder, report = convert_to_folder(args.source_format, args.source, args.output, strict=not args.no_strict,
-                                       **options)
+                                       overwrite=args.overwrite, **options)
     print(in_cli_words(report.summary(), args.cli_words))
     print(f"wrote {folder}")
     return 0
@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", type=output_folder, help="hub folder to write")
     p.add_argument("--variant", choices=["fpn", "c4"], help="default: detected (official) or fpn")
     p.add_argument("--no-strict", action="store_true", help="drop unknown keys instead of failing")
+    p.add_argument("--overwrite", action="store_true", help="replace the model OUTPUT holds even if it is another "
+                   "kind (e.g. a fine-tuned detector), removing its files the new folder does not list")
     p.set_defaults(func=cmd_convert, cli_words=_CONVERT_WORDS)
 
     p = sub.add_parser("export-d2", help="write a detectron2 .pkl as the official convert_pretrained.py does")

@@ -85,12 +85,16 @@ def save_pretrained(
     license: str = "apache-2.0",
     extra_files: Mapping[str, str | os.PathLike[str]] | None = None,
     repo_id: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` as a hub folder and return its path.
 
     Args:
         model: an :class:`InsLocBackbone`, or a detector from :func:`insloc_hub.build_detector`.
-        directory: target folder (created; existing hub files in it are replaced).
+        directory: target folder (created). A hub folder of the same kind (task) is replaced;
+            another kind of model, a folder whose config.json lists files this save does not write,
+            or files of the hub folder's names that no hub folder's config.json lists, only with
+            ``overwrite``.
         name: display name for the card (default: the folder name).
         provenance: how it was made (recipe, epochs, data, ...); stored in config.json and the card.
         results: evaluation results, ``[{"dataset": "voc07", "metrics": {"AP": 55.1}}]``; they become
@@ -98,6 +102,8 @@ def save_pretrained(
         license: SPDX-style licence id for the card.
         extra_files: more files to copy in (``{"metrics.jsonl": path}``), listed in config.json.
         repo_id: the Hub repo the folder is meant for (used in the card's usage snippet).
+        overwrite: replace whatever model the folder holds, and remove the files its config.json
+            listed that the new one does not (no stale file stays beside the new model).
 
     A model loaded with :func:`from_pretrained` keeps its name, provenance and results when saved
     again, unless new ones are given.
@@ -125,6 +131,9 @@ def save_pretrained(
         config["repo_id"] = repo_id or previous["repo_id"]
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     files = [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME]
+    for file_name in extra_files or {}:
+        _plain_file_name(file_name, "extra_files", "save_pretrained")
+    stale = _previous_model_files(directory, config["task"], files + list(extra_files or {}), overwrite)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as staging:
         staging_dir = Path(staging)
         save_file(state, str(staging_dir / WEIGHTS_NAME), metadata={"format": "pt", "library": "insloc-hub"})
@@ -135,7 +144,6 @@ def save_pretrained(
             "num_parameters": sum(p.numel() for p in model.parameters()),
         }
         for file_name, source in (extra_files or {}).items():
-            _plain_file_name(file_name, "extra_files", "save_pretrained")
             shutil.copyfile(source, staging_dir / file_name)
             files.append(file_name)
         config["files"] = files
@@ -146,7 +154,60 @@ def save_pretrained(
         for file_name in [f for f in files if f != WEIGHTS_NAME] + [WEIGHTS_NAME]:
             os.chmod(staging_dir / file_name, mode)
             os.replace(staging_dir / file_name, directory / file_name)
+    for file_name in stale:  # after the new model is in place: an interrupted save never leaves a folder without one
+        _remove_inside(directory, file_name)
     return directory
+
+
+def _previous_model_files(directory: Path, task: str, files: list[str], overwrite: bool) -> list[str]:
+    """The files the folder's previous model lists that this save does not write (to remove after it).
+
+    Without ``overwrite`` a save replaces only a hub folder of the same task whose files it all
+    rewrites; anything else (another kind of model, another program's config.json, files the save
+    would leave stale or overwrite unlisted) is a ConfigError that says so.
+    """
+    config_path = directory / CONFIG_NAME
+    how = "Choose another folder, delete this one, or pass overwrite=True to replace it"
+    if not config_path.exists():
+        clobbered = [f for f in files if (directory / f).exists()]
+        if clobbered and not overwrite:
+            raise ConfigError(f"{directory} holds {', '.join(clobbered)} but no {CONFIG_NAME}, so they are not a hub "
+                              f"folder's: saving would replace them. {how}.")
+        return []
+    try:
+        previous = read_json_object(config_path)
+        listed = required_files(previous, source=str(config_path))
+    except ConfigError:
+        previous, listed = {}, []
+    if previous.get("library") != "insloc-hub":
+        if not overwrite:
+            raise ConfigError(f"{config_path} is not a hub folder's config.json (a training run's, or another "
+                              f"program's): saving a model there would replace it. {how}.")
+        return []
+    previous_task = previous.get("task", "backbone")
+    stale = sorted(set(listed) - set(files))
+    if overwrite:
+        return stale
+    if previous_task != task:
+        raise ConfigError(f"{directory} holds a {previous_task} model ({previous.get('name')!r}); saving a {task} "
+                          f"model there would replace it. {how}.")
+    if stale:
+        raise ConfigError(f"{directory} holds a model that also lists {', '.join(stale)}, which this save does not "
+                          f"write: they would stay beside the new model, describing the old one. {how} and remove "
+                          "them.")
+    return []
+
+
+def _remove_inside(directory: Path, file_name: str) -> None:
+    """Remove ``directory / file_name`` (a relative name from config.json) if it lies inside ``directory``."""
+    path = directory / file_name
+    root = directory.resolve()
+    if root not in path.parent.resolve().parents and path.parent.resolve() != root:
+        return  # a listed name under a symlinked folder: never delete outside the hub folder
+    path.unlink(missing_ok=True)
+    for parent in path.relative_to(directory).parents[:-1]:  # folders the listed name made, if now empty
+        with contextlib.suppress(OSError):
+            (directory / parent).rmdir()
 
 
 def default_file_mode() -> int:

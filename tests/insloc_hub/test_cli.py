@@ -137,6 +137,26 @@ def test_hub_hints_name_the_flags(folder, capsys):
     assert "--revision 'v1' was given for the local folder" in err and "revision=" not in err
 
 
+def test_convert_into_a_detector_folder_needs_overwrite_and_leaves_no_stale_file(tmp_path, capsys):
+    import torch
+    from torchvision.models import resnet18
+
+    from insloc_hub.detectors import build_detector
+
+    (tmp_path / "load_report.json").write_text("{}")
+    detector = build_detector("faster_rcnn_fpn", class_names=["raccoon"], preset="tiny-fpn")
+    out = save_pretrained(detector, tmp_path / "out", extra_files={"load_report.json": tmp_path / "load_report.json"})
+    checkpoint = tmp_path / "r18.pth"
+    torch.save(resnet18(weights=None).state_dict(), checkpoint)
+    assert main(["convert", "torchvision", str(checkpoint), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a detection model" in err and "pass --overwrite" in err and "overwrite=True" not in err
+    assert json.loads((out / "config.json").read_text())["task"] == "detection"
+    assert main(["convert", "torchvision", str(checkpoint), str(out), "--overwrite"]) == 0
+    assert not (out / "load_report.json").exists()
+    assert json.loads((out / "config.json").read_text())["task"] == "backbone"
+
+
 def test_convert_refuses_a_missing_file(tmp_path, capsys):
     assert main(["convert", "moco", str(tmp_path / "nope.pth"), str(tmp_path / "out")]) == 2
     assert "error:" in capsys.readouterr().err
