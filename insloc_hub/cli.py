@@ -6,8 +6,11 @@ Subcommands: ``info``, ``download``, ``push``, ``list``, ``convert``, ``export-d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -293,7 +296,7 @@ def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None, *, l
     Logs WARNING and up (INFO with timestamps if ``long_running``; DEBUG with ``-v``). A user error
     (:class:`InsLocError`) prints one line, ``prog command: error: ...`` (Python arguments in it
     named as the command's flags, see :func:`in_cli_words`), and returns 2 like a bad flag; Ctrl-C
-    prints one line and returns 130.
+    prints one line and returns 130; a closed stdout (``| head -1``) ends quietly with 141.
     Used by ``insloc-hub``, ``insloc-train``, ``insloc-export`` and ``insloc-serve``.
 
     Example:
@@ -306,7 +309,15 @@ def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None, *, l
     logging.basicConfig(level=level, format=stamp + "%(levelname)s %(name)s: %(message)s")
     name = " ".join(filter(None, (parser.prog, getattr(args, "command", None))))
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, not as a traceback at interpreter exit
+        return code
+    except BrokenPipeError:
+        # `insloc-hub info X --json | head -1`: stop quietly, as Unix tools do. Python's recipe (signal module
+        # docs, "Note on SIGPIPE"): point stdout at devnull so that the flush at exit cannot fail again
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # what a shell reports for a tool that SIGPIPE ended
     except InsLocError as exc:
         print(f"{name}: error: {in_cli_words(str(exc), getattr(args, 'cli_words', {}))}", file=sys.stderr)
         return 2

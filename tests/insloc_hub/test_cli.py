@@ -39,6 +39,19 @@ def test_info_lists_the_deviations_from_the_official_recipe_one_per_line(tmp_pat
     assert [line.strip() for line in lines[start + 1:start + 3]] == [f"- {d}" for d in deviations]
 
 
+def test_info_into_a_closed_pipe_exits_quietly(folder):
+    """`insloc-hub info X --json | head -1`: the reader is gone; no BrokenPipeError traceback, status 141."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "insloc_hub.cli", "info", str(folder), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # closed before anything is written: deterministic, unlike a race with head
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141
+    assert "BrokenPipeError" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
 def test_info_of_a_missing_model_exits_2_with_a_message(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nothing-here")]) == 2
     assert "error:" in capsys.readouterr().err
