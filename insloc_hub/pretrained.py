@@ -91,10 +91,10 @@ def save_pretrained(
 
     Args:
         model: an :class:`InsLocBackbone`, or a detector from :func:`insloc_hub.build_detector`.
-        directory: target folder (created). A hub folder of the same kind (task) is replaced;
-            another kind of model, a folder whose config.json lists files this save does not write,
-            or files of the hub folder's names that no hub folder's config.json lists, only with
-            ``overwrite``.
+        directory: target folder (created). A hub folder of the same task whose files this save
+            all rewrites is replaced; anything else it would replace or leave stale (another kind of
+            model, another program's config.json, a listed file this save does not write) needs
+            ``overwrite``. Files no config.json lists are left alone.
         name: display name for the card (default: the folder name).
         provenance: how it was made (recipe, epochs, data, ...); stored in config.json and the card.
         results: evaluation results, ``[{"dataset": "voc07", "metrics": {"AP": 55.1}}]``; they become
@@ -588,7 +588,8 @@ def push_to_hub(model_or_directory: nn.Module | str | os.PathLike[str], repo_id:
     ``options`` go to :func:`~insloc_hub.hub.push_folder_to_hub` (``revision``, ``private``, ``token``,
     ``commit_message``, ``create_pr``...) and, for a model, the rest to :func:`save_pretrained`
     (``provenance``, ``results``...). config.json and the card are written naming ``repo_id``; the
-    user's folder is left untouched, and only the files its config.json lists travel.
+    user's folder is left untouched, and only the files its config.json lists travel. A folder's
+    weights are checked against config.json's sha256 first: :class:`IntegrityError`, nothing uploaded.
 
     Example:
         >>> push_to_hub("runs/insloc/final", "me/insloc-r50-fpn", revision="v1")  # doctest: +SKIP
