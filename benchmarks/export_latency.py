@@ -97,7 +97,7 @@ def _detector_rows(arch: str, args: argparse.Namespace, workdir: Path) -> list[R
         options = {} if post_nms is None else {"rpn_post_nms_top_n_test": post_nms}
         backbone = f"r{args.depth}-c4" if arch == "faster_rcnn_c4" else f"r{args.depth}-fpn"
         torch.manual_seed(0)
-        detector = build_detector(arch, class_names=["object"] * 80, preset=backbone, **options).eval()
+        detector = build_detector(arch, 81, preset=backbone, **options).eval()
         default = detector.rpn._post_nms_top_n["testing"] if hasattr(detector, "rpn") else None
         label = f" ({post_nms or default} proposals)" if default else ""
         onnx_path = workdir / f"{arch}-{post_nms}.onnx"

@@ -135,7 +135,8 @@ def compare_features(reference: dict[str, np.ndarray], exported: dict[str, np.nd
             result[name] = {"max_abs": float("inf"), "max_rel": float("inf"),
                             "shape": f"onnx {list(got.shape)} vs torch {list(ref.shape)}"}
             continue
-        diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) if ref.size else 0.0
+        with np.errstate(invalid="ignore"):  # inf - inf is NaN, and compare_case reports non-finite outputs
+            diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) if ref.size else 0.0
         scale = float(np.abs(ref).max()) if ref.size else 0.0
         result[name] = {"max_abs": diff, "max_rel": diff / max(scale, 1e-12)}
     return result
@@ -190,24 +191,38 @@ def match_detections(reference: dict[str, np.ndarray], exported: dict[str, np.nd
     return result
 
 
+def non_finite_outputs(outputs: dict[str, np.ndarray]) -> dict[str, int]:
+    """``{name: count}`` of the floating-point outputs holding NaN or inf."""
+    counts = {name: int(np.count_nonzero(~np.isfinite(array))) for name, array in outputs.items()
+              if np.issubdtype(np.asarray(array).dtype, np.floating)}
+    return {name: n for name, n in counts.items() if n}
+
+
 def check_detections(figures: dict[str, Any], tol: Tolerance, case: str) -> list[str]:
     """The tolerance failures (as sentences) of one :func:`match_detections` result."""
     failures = []
-    if figures["match_rate"] < tol.match_rate:
+    # written as "not within", so that a NaN figure (which compares False with anything) fails
+    if not figures["match_rate"] >= tol.match_rate:
         failures.append(f"{case}: matched {figures['matched']} of torch {figures['torch']} / onnx {figures['onnx']} "
                         f"detections at IoU >= {tol.match_iou} (rate {figures['match_rate']:.3f} < {tol.match_rate})")
-    if figures.get("label_agreement", 1.0) < tol.label_agreement:
+    if not figures.get("label_agreement", 1.0) >= tol.label_agreement:
         failures.append(f"{case}: label agreement {figures['label_agreement']:.3f} < {tol.label_agreement}")
-    if figures.get("max_score_diff", 0.0) > tol.score_abs:
+    if not figures.get("max_score_diff", 0.0) <= tol.score_abs:
         failures.append(f"{case}: score difference {figures['max_score_diff']:.3g} > {tol.score_abs}")
-    if figures.get("mask_mean_abs", 0.0) > tol.mask_mean_abs:
+    if not figures.get("mask_mean_abs", 0.0) <= tol.mask_mean_abs:
         failures.append(f"{case}: mask mean |diff| {figures['mask_mean_abs']:.3g} > {tol.mask_mean_abs}")
     return failures
 
 
 def compare_case(report: ParityReport, label: str, task: str, reference: dict[str, np.ndarray],
                  exported: dict[str, np.ndarray], tol: Tolerance) -> None:
-    """Compare one input's outputs (detections by IoU matching, features by relative difference) into ``report``."""
+    """Compare one input's outputs (detections by IoU matching, features by relative difference) into ``report``.
+
+    NaN or inf in either runtime's outputs is a failure: equal garbage is not parity.
+    """
+    for runtime, outputs in (("torch", reference), ("onnx", exported)):
+        for name, count in non_finite_outputs(outputs).items():
+            report.failures.append(f"{label} {name}: {count} non-finite values (NaN/inf) in the {runtime} output")
     if task == "detector":
         figures = match_detections(reference, exported, tol.match_iou)
         report.cases.append({"case": label, **figures})
@@ -216,7 +231,7 @@ def compare_case(report: ParityReport, label: str, task: str, reference: dict[st
     per_output = compare_features(reference, exported)
     report.cases.append({"case": label, "outputs": per_output})
     for name, fig in per_output.items():
-        if fig["max_rel"] > tol.feature_rel:
+        if not fig["max_rel"] <= tol.feature_rel:  # NaN fails too
             shape = f", {fig['shape']}" if "shape" in fig else ""
             report.failures.append(f"{label} {name}: max rel diff {fig['max_rel']:.3g} > {tol.feature_rel} "
                                    f"(max abs {fig['max_abs']:.3g}{shape})")

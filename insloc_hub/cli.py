@@ -6,12 +6,16 @@ Subcommands: ``info``, ``download``, ``push``, ``list``, ``convert``, ``export-d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,6 +41,30 @@ class DeprecatedAlias(argparse.Action):
         warnings.warn(f"{option_string} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
         print(f"{parser.prog}: warning: {option_string} is deprecated; use {new}", file=sys.stderr)
         setattr(namespace, self.dest, values)
+
+
+def in_cli_words(text: str, words: Mapping[str, str]) -> str:
+    """``text`` with the library's Python wording (``strict=False``) replaced by the command's flags.
+
+    Library errors speak to API callers; a command line user needs the flag that does the same.
+    Each subcommand lists its replacements as the ``cli_words`` default of its parser.
+
+    Example:
+        >>> in_cli_words("Pass strict=False to drop them", {"Pass strict=False": "Pass --no-strict"})
+        'Pass --no-strict to drop them'
+    """
+    for python, flag in words.items():
+        text = text.replace(python, flag)
+    return text
+
+
+#: the Python wording of the Hub layer's messages -> the flags of info/download/push
+_HUB_WORDS = {"revision=": "--revision ", "local_files_only=True": "--local-files-only", "pass token=": "pass --token",
+              "create_pr=True": "--create-pr", "namespace= or ": ""}
+_CONVERT_WORDS = {"Pass strict=False": "Pass --no-strict", "because strict=False": "because of --no-strict",
+                  "pass variant='fpn' or 'c4'": "pass --variant fpn or --variant c4",
+                  "use variant='auto'": "omit --variant to detect it", "pass overwrite=True": "pass --overwrite"}
+_EXPORT_D2_WORDS = {"Export with c4=False": "Omit --c4 (the FPN layout)"}
 
 
 def _human(n: float) -> str:
@@ -132,8 +160,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     options: dict[str, Any] = {"variant": args.variant} if args.variant else {}
     folder, report = convert_to_folder(args.source_format, args.source, args.output, strict=not args.no_strict,
-                                       **options)
-    print(report.summary())
+                                       overwrite=args.overwrite, **options)
+    print(in_cli_words(report.summary(), args.cli_words))
     print(f"wrote {folder}")
     return 0
 
@@ -210,14 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-files-only", action="store_true")
     p.add_argument("--verify", action="store_true", help="re-hash the weights against config.json")
     p.add_argument("--json", action="store_true", help="print the config as JSON")
-    p.set_defaults(func=cmd_info)
+    p.set_defaults(func=cmd_info, cli_words=_HUB_WORDS)
 
     p = sub.add_parser("download", help="fetch a model into the Hugging Face cache (for offline use)")
     p.add_argument("name")
     p.add_argument("--revision")
     p.add_argument("--cache-dir")
     p.add_argument("--token")
-    p.set_defaults(func=cmd_download)
+    p.set_defaults(func=cmd_download, cli_words=_HUB_WORDS)
 
     p = sub.add_parser("push", help="upload a hub folder to the Hugging Face Hub")
     p.add_argument("directory")
@@ -227,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token")
     p.add_argument("--message", help="commit message")
     p.add_argument("--create-pr", action="store_true")
-    p.set_defaults(func=cmd_push)
+    p.set_defaults(func=cmd_push, cli_words=_HUB_WORDS)
 
     p = sub.add_parser("list", help="known aliases and cached models")
     p.add_argument("--cache-dir")
@@ -239,13 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", type=output_folder, help="hub folder to write")
     p.add_argument("--variant", choices=["fpn", "c4"], help="default: detected (official) or fpn")
     p.add_argument("--no-strict", action="store_true", help="drop unknown keys instead of failing")
-    p.set_defaults(func=cmd_convert)
+    p.add_argument("--overwrite", action="store_true", help="replace the model OUTPUT holds even if it is another "
+                   "kind (e.g. a fine-tuned detector), removing its files the new folder does not list")
+    p.set_defaults(func=cmd_convert, cli_words=_CONVERT_WORDS)
 
     p = sub.add_parser("export-d2", help="write a detectron2 .pkl as the official convert_pretrained.py does")
     p.add_argument("name", help="alias, repo or folder of a backbone")
     p.add_argument("output", type=output_file, help="output .pkl")
     p.add_argument("--c4", action="store_true", help="C4 layout (res5 as roi_heads.res5)")
-    p.set_defaults(func=cmd_export_d2)
+    p.set_defaults(func=cmd_export_d2, cli_words=_EXPORT_D2_WORDS)
 
     p = sub.add_parser("demo", help="save/load a backbone, build a detector, train a step, detect on a photo")
     p.add_argument("--arch", default="faster_rcnn_fpn", choices=ARCHITECTURES)
@@ -263,9 +293,11 @@ def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None, *, l
     """Parse ``argv`` and run ``args.func(args)``: how every insloc CLI starts, fails and stops.
 
     Logs WARNING and up (INFO with timestamps if ``long_running``; DEBUG with ``-v``). A user error
-    (:class:`InsLocError`) prints one line, ``prog command: error: ...``, and returns 2 like a bad flag;
-    Ctrl-C prints one line and returns 130: the interrupt's own message (a training run says which
-    checkpoint it saved), else the subcommand's ``interrupted_hint`` default, if it set one.
+    (:class:`InsLocError`) prints one line, ``prog command: error: ...`` (Python arguments in it
+    named as the command's flags, see :func:`in_cli_words`), and returns 2 like a bad flag; Ctrl-C
+    prints one line and returns 130: the interrupt's own message (a training run says which
+    checkpoint it saved), else the subcommand's ``interrupted_hint`` default, if it set one; a closed
+    stdout (``| head -1``) ends quietly with 141.
     Used by ``insloc-hub``, ``insloc-train``, ``insloc-export`` and ``insloc-serve``.
 
     Example:
@@ -278,9 +310,17 @@ def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None, *, l
     logging.basicConfig(level=level, format=stamp + "%(levelname)s %(name)s: %(message)s")
     name = " ".join(filter(None, (parser.prog, getattr(args, "command", None))))
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, not as a traceback at interpreter exit
+        return code
+    except BrokenPipeError:
+        # `insloc-hub info X --json | head -1`: stop quietly, as Unix tools do. Python's recipe (signal module
+        # docs, "Note on SIGPIPE"): point stdout at devnull so that the flush at exit cannot fail again
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # what a shell reports for a tool that SIGPIPE ended
     except InsLocError as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {in_cli_words(str(exc), getattr(args, 'cli_words', {}))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         detail = str(exc) or getattr(args, "interrupted_hint", "")

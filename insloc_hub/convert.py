@@ -465,11 +465,12 @@ def convert_moco(
 
 def convert_to_folder(
     source_format: str, src: PathLike | StateDict, out_dir: PathLike, *, name: str | None = None,
-    provenance: Mapping[str, Any] | None = None, **options: Any,
+    provenance: Mapping[str, Any] | None = None, overwrite: bool = False, **options: Any,
 ) -> tuple[Path, ConversionReport]:
     """Convert (``"official"``, ``"torchvision"`` or ``"moco"``, with the converter's ``options``) and save a
     hub folder whose provenance records the source file, its sha256, its format, what was dropped and
-    ``provenance`` (e.g. ``{"epochs": 200}``).
+    ``provenance`` (e.g. ``{"epochs": 200}``). ``overwrite``: as :func:`save_pretrained`'s (replace a
+    folder holding another kind of model, removing its files the new folder does not list).
 
     Example:
         >>> folder, report = convert_to_folder("official", "insloc_fpn_200ep.pth", "hub/r50")  # doctest: +SKIP
@@ -482,7 +483,7 @@ def convert_to_folder(
     record["converted_with"] = f"insloc_hub.convert.{converters[source_format].__name__}"
     record["source_sha256"] = sha256_file(src) if not isinstance(src, Mapping) else None
     record.update(provenance or {})
-    return save_pretrained(bundle, out_dir, name=name, provenance=record), report
+    return save_pretrained(bundle, out_dir, name=name, provenance=record, overwrite=overwrite), report
 
 
 _D2_BLOCK = [(re.compile(r"\.bn(\d)\."), r".conv\1.norm."), (re.compile(r"\.downsample\.0\."), ".shortcut."),

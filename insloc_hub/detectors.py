@@ -52,6 +52,42 @@ NORM_MODES = ("bn", "frozen", "sync")
 # where each part of a pretrained bundle lives inside a detector
 PART_PREFIXES = {"trunk": "backbone.trunk.", "fpn": "backbone.fpn.", "box_head": "roi_heads.box_head."}
 FPN_LEVELS = ["p2", "p3", "p4", "p5"]
+#: the most classes a detector may have (LVIS has 1203): the predictor is allocated from it
+MAX_NUM_CLASSES = 10_000
+#: the longest image side a detector may resize to
+MAX_IMAGE_SIDE = 10_000
+#: torchvision's resize options: ``min_size`` one size or several (multi-scale training), ``max_size`` one
+SIZE_OPTIONS = ("min_size", "max_size")
+
+
+def size_option_problem(name: str, value: Any) -> str | None:
+    """What the resize option ``name`` must be, when ``value`` is not that; ``None`` when it is fine.
+
+    The one rule for ``build_detector`` and for config.json (``from_pretrained``).
+    """
+    many = name == "min_size" and isinstance(value, (list, tuple))
+    sizes = list(value) if many else [value]
+    if sizes and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_IMAGE_SIDE for v in sizes):
+        return None
+    return f"an integer in [1, {MAX_IMAGE_SIDE}]" + (" or a non-empty list of them" if name == "min_size" else "")
+
+
+def check_class_names(names: Any, field: str = "class_names", source: str = "") -> list[str]:
+    """``names`` as a list, if it is a list or tuple of distinct non-empty strings; ConfigError naming ``field``.
+
+    Label ``i`` is ``names[i - 1]``: a bare string would become one class per letter, a repeated
+    name two labels no one can tell apart.
+    """
+    where = f"{source}: {field}" if source else field
+    if isinstance(names, str):
+        raise ConfigError(f"{where} must be a list of names, got the bare string {names!r} (one class per letter); "
+                          f"for one class use [{names!r}]")
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ConfigError(f"{where} must be a list of non-empty strings, got {names!r}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"{where} must be distinct names; {repeated} appear more than once in {list(names)!r}")
+    return list(names)
 
 
 @dataclass
@@ -178,8 +214,8 @@ def build_detector(
         arch: one of ``faster_rcnn_fpn``, ``mask_rcnn_fpn``, ``faster_rcnn_c4``, ``retinanet_fpn``.
         num_classes: torchvision's convention, background included (91 for COCO). Derived from
             ``class_names`` (``len + 1``) when omitted; 91 when both are omitted.
-        class_names: foreground class names, stored with the model (label ``i`` is
-            ``class_names[i - 1]``).
+        class_names: foreground class names, a list of distinct non-empty strings, stored with the
+            model (label ``i`` is ``class_names[i - 1]``).
         preset: architecture preset (``"r50-fpn"``, ``"r50-c4"``, ``"tiny-fpn"``...) or a
             :class:`BackboneConfig`; taken from ``pretrained`` when that is given. Default: ``r50-fpn`` /
             ``r50-c4`` by arch. ``backbone=`` is its deprecated old name.
@@ -197,7 +233,8 @@ def build_detector(
             ``"fpn"``...), that are not loaded: they keep the detector's fresh initialisation and the
             load report lists them. On raccoon, InsLoc's box-head convs with a fresh fc
             (``reinit=["box_head.fc1"]``) transferred best (docs/results.md). Needs ``pretrained``.
-        **kwargs: passed to torchvision's detector class (``min_size``, ``max_size``,
+        **kwargs: passed to torchvision's detector class (``min_size``, ``max_size``: positive
+            integers up to :data:`MAX_IMAGE_SIDE`,
             ``box_score_thresh``, ``box_detections_per_img``, ``rpn_*``, ``image_mean``...).
 
     Returns:
@@ -220,7 +257,7 @@ def build_detector(
     if norm not in NORM_MODES:
         raise ConfigError(f"unknown norm mode {norm!r}; choose one of {NORM_MODES}")
     if class_names is not None:
-        class_names = [str(c) for c in class_names]
+        class_names = check_class_names(class_names)
         if num_classes is not None and num_classes != len(class_names) + 1:
             raise ConfigError(
                 f"num_classes={num_classes} disagrees with {len(class_names)} class names "
@@ -228,14 +265,21 @@ def build_detector(
             )
         num_classes = len(class_names) + 1
     num_classes = 91 if num_classes is None else int(num_classes)
-    if num_classes < 2:
-        raise ConfigError(f"num_classes must be at least 2 (background + one class), got {num_classes}")
+    if not 2 <= num_classes <= MAX_NUM_CLASSES:
+        raise ConfigError(f"num_classes must be at least 2 (background + one class) and at most {MAX_NUM_CLASSES}, "
+                          f"got {num_classes}")
+    for name in SIZE_OPTIONS:  # checked here, not when forward or from_pretrained meets them
+        problem = size_option_problem(name, kwargs[name]) if name in kwargs else None
+        if problem:
+            raise ConfigError(f"{name} must be {problem}, got {kwargs[name]!r}")
 
     if pretrained is not None and not isinstance(pretrained, InsLocBackbone):
-        name = repr(str(pretrained)) if isinstance(pretrained, (str, Path)) else "name"
-        raise ConfigError(f"pretrained must be a backbone bundle (InsLocBackbone), not a {type(pretrained).__name__}: "
-                          f"load it first, pretrained=insloc_hub.from_pretrained({name}); a fine-tuned detector is "
-                          "used as it is")
+        # names are resolved by the caller (this module never loads files): say exactly how
+        name = repr(str(pretrained)) if isinstance(pretrained, (str, Path)) else "NAME"
+        raise ConfigError(f"pretrained must be a loaded backbone bundle (InsLocBackbone), not a "
+                          f"{type(pretrained).__name__}: load it first with build_detector(..., "
+                          f"pretrained=from_pretrained({name})) (from insloc_hub import from_pretrained). A fine-tuned "
+                          "detector needs no build_detector: from_pretrained returns it ready to use")
     variant = "c4" if arch == "faster_rcnn_c4" else "fpn"
     if pretrained is not None:
         cfg = dataclasses.replace(pretrained.config, parts=None)

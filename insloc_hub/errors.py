@@ -6,12 +6,26 @@ would naturally catch (``ValueError``, ``FileNotFoundError``...), so existing ha
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
+
+E = TypeVar("E", bound=BaseException)
 
 
 class InsLocError(Exception):
     """Base class of every error raised on purpose by insloc-hub."""
+
+
+def reworded(exc: E, message: str) -> E:
+    """A copy of ``exc`` (same type and attributes, e.g. ``reason``) with ``message`` as its text.
+
+    For callers that know better words for the same error: the CLI names its flags instead of Python
+    arguments, ``push_to_hub`` names the user's folder instead of its staging copy.
+    """
+    clone = copy.copy(exc)
+    clone.args = (message,)
+    return clone
 
 
 class InvalidImageError(InsLocError, ValueError):

@@ -38,8 +38,8 @@ from insloc_hub.errors import ConfigError, HubAccessError, ModelNotFoundError
 
 __all__ = [
     "ALIASES", "CANONICAL_MODELS", "CONFIG_NAME", "DEFAULT_FILES", "DEFAULT_NAMESPACE", "HubAccessError", "ModelRef",
-    "WEIGHTS_NAME", "alias_repo_id", "download", "list_cached", "parse_model_name", "push_folder_to_hub",
-    "push_target", "read_json_object", "required_files", "resolve_model_dir",
+    "WEIGHTS_NAME", "alias_repo_id", "check_local_folder", "download", "list_cached", "parse_model_name",
+    "push_folder_to_hub", "push_target", "read_json_object", "required_files", "resolve_model_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -254,7 +254,8 @@ def _check_complete(folder: Path, files: list[str], what: str, advice: str) -> N
                                  f"{'is' if len(missing) == 1 else 'are'} missing{advice}")
 
 
-def _check_local_folder(folder: Path) -> list[str]:
+def check_local_folder(folder: Path) -> list[str]:
+    """The files a local hub folder lists; ModelNotFoundError if config.json or a listed file is missing."""
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise ModelNotFoundError(
@@ -376,7 +377,7 @@ def resolve_model_dir(
     ref = parse_model_name(name, revision=revision, namespace=namespace)
     if ref.kind == "local":
         assert ref.path is not None
-        _check_local_folder(ref.path)
+        check_local_folder(ref.path)
         return ref.path
     kwargs: dict[str, Any] = dict(cache_dir=cache_dir, local_files_only=bool(local_files_only), token=token,
                                   endpoint=endpoint)
@@ -459,7 +460,7 @@ def push_folder_to_hub(
     if not folder.is_dir():
         raise ModelNotFoundError(f"Cannot push {str(folder)!r}: no such folder.")
     # only the hub folder travels: never checkpoints, logs or half-written saves lying beside it
-    upload_files = set(_check_local_folder(folder)) | {f for f in _OPTIONAL_FILES if (folder / f).is_file()}
+    upload_files = set(check_local_folder(folder)) | {f for f in _OPTIONAL_FILES if (folder / f).is_file()}
     target, revision = push_target(repo_id, revision, namespace)
     if create_pr and revision not in (None, constants.DEFAULT_REVISION):
         raise ConfigError(f"create_pr=True opens a pull request against '{constants.DEFAULT_REVISION}'; "

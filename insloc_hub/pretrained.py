@@ -30,16 +30,28 @@ from torch import nn
 
 from insloc_hub.card import render_card
 from insloc_hub.detectors import (
+    MAX_NUM_CLASSES,
     PART_PREFIXES,
+    SIZE_OPTIONS,
     DetectorConfig,
     LoadReport,
     build_detector_from_config,
+    check_class_names,
     inference_options,
+    size_option_problem,
 )
-from insloc_hub.errors import ConfigError, IntegrityError, WeightsMismatchError
+from insloc_hub.errors import (
+    ConfigError,
+    InsLocError,
+    IntegrityError,
+    ModelNotFoundError,
+    WeightsMismatchError,
+    reworded,
+)
 from insloc_hub.hub import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    check_local_folder,
     is_hex_digest,
     push_folder_to_hub,
     push_target,
@@ -56,10 +68,6 @@ logger = logging.getLogger(__name__)
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 _VERIFIED_RECORD = "verified-weights.json"
-#: the most classes a detection config may ask for (LVIS has 1203): the predictor is allocated from it
-MAX_NUM_CLASSES = 10_000
-#: the longest image side a detector config may resize to
-MAX_IMAGE_SIDE = 10_000
 #: integer architecture fields of config.json and their accepted ranges (BackboneConfig's limits)
 ARCHITECTURE_RANGES = {f.name: (f.metadata["min"], f.metadata["max"]) for f in dataclasses.fields(BackboneConfig)
                        if "max" in f.metadata}
@@ -77,12 +85,16 @@ def save_pretrained(
     license: str = "apache-2.0",
     extra_files: Mapping[str, str | os.PathLike[str]] | None = None,
     repo_id: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` as a hub folder and return its path.
 
     Args:
         model: an :class:`InsLocBackbone`, or a detector from :func:`insloc_hub.build_detector`.
-        directory: target folder (created; existing hub files in it are replaced).
+        directory: target folder (created). A hub folder of the same task whose files this save
+            all rewrites is replaced; anything else it would replace or leave stale (another kind of
+            model, another program's config.json, a listed file this save does not write) needs
+            ``overwrite``. Files no config.json lists are left alone.
         name: display name for the card (default: the folder name).
         provenance: how it was made (recipe, epochs, data, ...); stored in config.json and the card.
         results: evaluation results, ``[{"dataset": "voc07", "metrics": {"AP": 55.1}}]``; they become
@@ -90,6 +102,8 @@ def save_pretrained(
         license: SPDX-style licence id for the card.
         extra_files: more files to copy in (``{"metrics.jsonl": path}``), listed in config.json.
         repo_id: the Hub repo the folder is meant for (used in the card's usage snippet).
+        overwrite: replace whatever model the folder holds, and remove the files its config.json
+            listed that the new one does not (no stale file stays beside the new model).
 
     A model loaded with :func:`from_pretrained` keeps its name, provenance and results when saved
     again, unless new ones are given.
@@ -117,6 +131,9 @@ def save_pretrained(
         config["repo_id"] = repo_id or previous["repo_id"]
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     files = [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME]
+    for file_name in extra_files or {}:
+        _plain_file_name(file_name, "extra_files", "save_pretrained")
+    stale = _previous_model_files(directory, config["task"], files + list(extra_files or {}), overwrite)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as staging:
         staging_dir = Path(staging)
         save_file(state, str(staging_dir / WEIGHTS_NAME), metadata={"format": "pt", "library": "insloc-hub"})
@@ -127,7 +144,6 @@ def save_pretrained(
             "num_parameters": sum(p.numel() for p in model.parameters()),
         }
         for file_name, source in (extra_files or {}).items():
-            _plain_file_name(file_name, "extra_files", "save_pretrained")
             shutil.copyfile(source, staging_dir / file_name)
             files.append(file_name)
         config["files"] = files
@@ -138,7 +154,60 @@ def save_pretrained(
         for file_name in [f for f in files if f != WEIGHTS_NAME] + [WEIGHTS_NAME]:
             os.chmod(staging_dir / file_name, mode)
             os.replace(staging_dir / file_name, directory / file_name)
+    for file_name in stale:  # after the new model is in place: an interrupted save never leaves a folder without one
+        _remove_inside(directory, file_name)
     return directory
+
+
+def _previous_model_files(directory: Path, task: str, files: list[str], overwrite: bool) -> list[str]:
+    """The files the folder's previous model lists that this save does not write (to remove after it).
+
+    Without ``overwrite`` a save replaces only a hub folder of the same task whose files it all
+    rewrites; anything else (another kind of model, another program's config.json, files the save
+    would leave stale or overwrite unlisted) is a ConfigError that says so.
+    """
+    config_path = directory / CONFIG_NAME
+    how = "Choose another folder, delete this one, or pass overwrite=True to replace it"
+    if not config_path.exists():
+        clobbered = [f for f in files if (directory / f).exists()]
+        if clobbered and not overwrite:
+            raise ConfigError(f"{directory} holds {', '.join(clobbered)} but no {CONFIG_NAME}, so they are not a hub "
+                              f"folder's: saving would replace them. {how}.")
+        return []
+    try:
+        previous = read_json_object(config_path)
+        listed = required_files(previous, source=str(config_path))
+    except ConfigError:
+        previous, listed = {}, []
+    if previous.get("library") != "insloc-hub":
+        if not overwrite:
+            raise ConfigError(f"{config_path} is not a hub folder's config.json (a training run's, or another "
+                              f"program's): saving a model there would replace it. {how}.")
+        return []
+    previous_task = previous.get("task", "backbone")
+    stale = sorted(set(listed) - set(files))
+    if overwrite:
+        return stale
+    if previous_task != task:
+        raise ConfigError(f"{directory} holds a {previous_task} model ({previous.get('name')!r}); saving a {task} "
+                          f"model there would replace it. {how}.")
+    if stale:
+        raise ConfigError(f"{directory} holds a model that also lists {', '.join(stale)}, which this save does not "
+                          f"write: they would stay beside the new model, describing the old one. {how} and remove "
+                          "them.")
+    return []
+
+
+def _remove_inside(directory: Path, file_name: str) -> None:
+    """Remove ``directory / file_name`` (a relative name from config.json) if it lies inside ``directory``."""
+    path = directory / file_name
+    root = directory.resolve()
+    if root not in path.parent.resolve().parents and path.parent.resolve() != root:
+        return  # a listed name under a symlinked folder: never delete outside the hub folder
+    path.unlink(missing_ok=True)
+    for parent in path.relative_to(directory).parents[:-1]:  # folders the listed name made, if now empty
+        with contextlib.suppress(OSError):
+            (directory / parent).rmdir()
 
 
 def default_file_mode() -> int:
@@ -204,7 +273,10 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     Checked: size (at most ``hub.MAX_CONFIG_BYTES``), UTF-8, JSON (nesting included), the
     insloc-hub markers, ``weights.file`` (a plain file name in the folder), ``files`` (relative
     names inside it), and every value used to build a model (:data:`ARCHITECTURE_RANGES`,
-    ``num_classes`` up to :data:`MAX_NUM_CLASSES`, image sizes up to :data:`MAX_IMAGE_SIDE`).
+    ``num_classes`` up to :data:`~insloc_hub.detectors.MAX_NUM_CLASSES`, image sizes as
+    :func:`~insloc_hub.detectors.size_option_problem` says, distinct class names) or to
+    feed it (``preprocessing.mean``/``std`` and ``detector.options.image_mean``/``image_std``: 3 finite
+    numbers, std > 0; ``embedding_dim``: the architecture's).
 
     Raises:
         ConfigError: naming the field and the accepted values.
@@ -235,6 +307,10 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(config["architecture"], dict):
         raise ConfigError(f"{path}: 'architecture' must be an object")
     _check_architecture(config["architecture"], "architecture", path)
+    if "preprocessing" in config:
+        _check_preprocessing(config["preprocessing"], path)
+    if "embedding_dim" in config:
+        _check_embedding_dim(config["embedding_dim"], config["architecture"], path)
     if task == "detection":
         _check_detector(config["detector"], path)
     return config
@@ -274,11 +350,37 @@ def _check_architecture(arch: Mapping[str, Any], prefix: str, source: Any) -> No
     _require(parts is None or _is_list_of_str(parts), source, f"{prefix}.parts", "a list of names", parts)
 
 
+def _check_channel_stats(value: Any, field: str, source: Any, *, positive: bool) -> None:
+    """Per-channel mean/std: a list of 3 finite numbers (std > 0: the graph divides by it)."""
+    ok = (isinstance(value, list) and len(value) == 3
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+          and (not positive or all(v > 0 for v in value)))
+    _require(ok, source, field, f"a list of 3 finite numbers{' > 0' if positive else ''} (one per RGB channel)",
+             value)
+
+
+def _check_preprocessing(preprocessing: Any, source: Any) -> None:
+    _require(isinstance(preprocessing, dict), source, "preprocessing", "an object", preprocessing)
+    for name in ("mean", "std"):
+        if name in preprocessing:
+            _check_channel_stats(preprocessing[name], f"preprocessing.{name}", source, positive=name == "std")
+
+
+def _check_embedding_dim(value: Any, architecture: Mapping[str, Any], source: Any) -> None:
+    """``embedding_dim`` is the pooled C5 width the architecture (which the weights are loaded against) gives."""
+    try:
+        expected = BackboneConfig.from_dict(architecture).stage_channels[3]
+    except ConfigError:  # the architecture's own error is raised when the model is built
+        return
+    _require(_is_int(value) and value == expected, source, "embedding_dim",
+             f"{expected} (the C5 channels of the architecture and its weights)", value)
+
+
 def _check_detector(detector: Mapping[str, Any], source: Any) -> None:
     if "num_classes" in detector:
         _check_int(detector["num_classes"], "detector.num_classes", 1, MAX_NUM_CLASSES, source)
-    names = detector.get("class_names")
-    _require(names is None or _is_list_of_str(names), source, "detector.class_names", "a list of strings", names)
+    if detector.get("class_names") is not None:
+        check_class_names(detector["class_names"], "detector.class_names", source)
     for name in ("arch", "norm"):
         _require(isinstance(detector.get(name, ""), str), source, f"detector.{name}", "a string", detector.get(name))
     field = "architecture" if "architecture" in detector else "backbone"  # its name in insloc-hub 0.1
@@ -287,11 +389,12 @@ def _check_detector(detector: Mapping[str, Any], source: Any) -> None:
     _check_architecture(architecture, f"detector.{field}", source)
     options = detector.get("options", {})
     _require(isinstance(options, dict), source, "detector.options", "an object", options)
-    for name in ("min_size", "max_size"):
-        sizes = options.get(name, [1]) if isinstance(options.get(name), list) else [options.get(name, 1)]
-        _require(bool(sizes), source, f"detector.options.{name}", "one size or a non-empty list", sizes)
-        for value in sizes:
-            _check_int(value, f"detector.options.{name}", 1, MAX_IMAGE_SIDE, source)
+    for name in SIZE_OPTIONS:
+        problem = size_option_problem(name, options[name]) if name in options else None
+        _require(problem is None, source, f"detector.options.{name}", str(problem), options.get(name))
+    for name in ("image_mean", "image_std"):  # the detector normalises with these inside
+        if name in options:
+            _check_channel_stats(options[name], f"detector.options.{name}", source, positive=name == "image_std")
     for name, value in options.items():
         finite = math.isfinite(value) and value >= 0 if isinstance(value, (int, float)) else True
         _require(finite, source, f"detector.options.{name}", "a finite number >= 0", value)
@@ -333,13 +436,16 @@ def _check_dtypes(header: Mapping[str, Mapping[str, Any]], source: Any) -> None:
             )
 
 
+_REDOWNLOAD = "Delete it and download again (insloc-hub download NAME)."
+
+
 def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *,
-                   always: bool = False) -> dict[str, dict[str, Any]]:
+                   always: bool = False, advice: str = _REDOWNLOAD) -> dict[str, dict[str, Any]]:
     """Check the weights file against config.json's sha256.
 
     A file already verified (same path, size, mtime, ctime and inode) is not hashed again unless
     ``always``: the record lives in ``$INSLOC_HUB_CACHE`` (default ``$XDG_CACHE_HOME/insloc_hub``, else
-    ``~/.cache/insloc_hub``).
+    ``~/.cache/insloc_hub``). ``advice`` ends the message of a mismatch (default: download it again).
 
     Returns:
         The weights file's header (:func:`read_safetensors_header`), checked before hashing.
@@ -369,7 +475,7 @@ def verify_weights(folder: str | os.PathLike[str], config: Mapping[str, Any], *,
     if actual != expected:
         raise IntegrityError(
             f"{path} has sha256 {actual} but config.json records {expected}: the file is corrupted or was "
-            "modified. Delete it and download again (insloc-hub download NAME)."
+            f"modified. {advice}"
         )
     record[key] = expected
     try:
@@ -482,7 +588,8 @@ def push_to_hub(model_or_directory: nn.Module | str | os.PathLike[str], repo_id:
     ``options`` go to :func:`~insloc_hub.hub.push_folder_to_hub` (``revision``, ``private``, ``token``,
     ``commit_message``, ``create_pr``...) and, for a model, the rest to :func:`save_pretrained`
     (``provenance``, ``results``...). config.json and the card are written naming ``repo_id``; the
-    user's folder is left untouched, and only the files its config.json lists travel.
+    user's folder is left untouched, and only the files its config.json lists travel. A folder's
+    weights are checked against config.json's sha256 first: :class:`IntegrityError`, nothing uploaded.
 
     Example:
         >>> push_to_hub("runs/insloc/final", "me/insloc-r50-fpn", revision="v1")  # doctest: +SKIP
@@ -496,16 +603,31 @@ def push_to_hub(model_or_directory: nn.Module | str | os.PathLike[str], repo_id:
         staged = Path(staging) / target.split("/")[-1]
         if isinstance(model_or_directory, nn.Module):
             save_pretrained(model_or_directory, staged, repo_id=target, **save_options)
+            shown = f"the {type(model_or_directory).__name__} (saved for the push)"
         elif save_options:
             raise ConfigError(f"push_to_hub of a folder takes no {sorted(save_options)}; those are for a model")
         else:
-            _stage_folder(Path(model_or_directory), staged, target)
-        return push_folder_to_hub(staged, repo_id, **push_options)
+            shown = str(Path(model_or_directory).expanduser())
+            _stage_folder(Path(model_or_directory).expanduser(), staged, target)
+        try:
+            return push_folder_to_hub(staged, repo_id, **push_options)
+        except InsLocError as exc:  # the staging copy is gone when the user reads this: name what they gave
+            raise reworded(exc, str(exc).replace(str(staged), shown)) from exc
 
 
 def _stage_folder(folder: Path, staged: Path, repo_id: str) -> None:
-    """Link the folder's listed files into ``staged``, with config.json and the card naming ``repo_id``."""
+    """Link the folder's listed files into ``staged``, with config.json and the card naming ``repo_id``.
+
+    The folder must be a complete hub folder whose weights match config.json's sha256: a folder
+    edited after it was saved is refused here, before it reaches the Hub where every download of
+    it would fail the same check.
+    """
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"Cannot push {str(folder)!r}: no such folder.")
+    check_local_folder(folder)  # config.json and every file it lists are there
     config = read_config(folder)
+    verify_weights(folder, config, always=True, advice=(
+        "Refusing to push it: re-save the model with save_pretrained (or restore the file) and push again."))
     staged.mkdir(parents=True)
     for file_name in config.get("files", [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME]):
         if file_name in (CONFIG_NAME, CARD_NAME):

@@ -39,6 +39,19 @@ def test_info_lists_the_deviations_from_the_official_recipe_one_per_line(tmp_pat
     assert [line.strip() for line in lines[start + 1:start + 3]] == [f"- {d}" for d in deviations]
 
 
+def test_info_into_a_closed_pipe_exits_quietly(folder):
+    """`insloc-hub info X --json | head -1`: the reader is gone; no BrokenPipeError traceback, status 141."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "insloc_hub.cli", "info", str(folder), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # closed before anything is written: deterministic, unlike a race with head
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141
+    assert "BrokenPipeError" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
 def test_info_of_a_missing_model_exits_2_with_a_message(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nothing-here")]) == 2
     assert "error:" in capsys.readouterr().err
@@ -54,6 +67,16 @@ def test_push_download_and_list_against_a_local_hub(hub_env, folder, capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "insloc-r50" in out and "team/cli-model" in out
+
+
+def test_push_of_an_empty_or_missing_folder_says_what_is_missing(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["push", str(empty), "team/x"]) == 2
+    err = capsys.readouterr().err
+    assert f"{empty} is not a hub folder: it has no config.json" in err and "not valid JSON" not in err
+    assert main(["push", str(tmp_path / "nowhere"), "team/x"]) == 2
+    assert "no such folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch,preset", [("faster_rcnn_fpn", "tiny-fpn"), ("mask_rcnn_fpn", "tiny-fpn"),
@@ -91,6 +114,60 @@ def test_convert_official_and_export_d2(tmp_path, capsys):
         d2 = pickle.load(f)
     assert d2["matching_heuristics"] is True
     assert "backbone.fpn_lateral2.norm.weight" in d2["model"]
+
+
+def test_convert_and_export_d2_hints_name_the_flags_not_python_arguments(tmp_path, capsys):
+    import torch
+    from torchvision.models import resnet18
+
+    from insloc_hub.convert import convert_torchvision_resnet, export_detectron2
+    from insloc_hub.errors import ConfigError, WeightsMismatchError
+
+    state = resnet18(weights=None).state_dict()
+    state["attention.weight"] = torch.zeros(1)
+    checkpoint = tmp_path / "r18.pth"
+    torch.save(state, checkpoint)
+    assert main(["convert", "torchvision", str(checkpoint), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "attention.weight" in err and "Pass --no-strict to drop them" in err and "strict=False" not in err
+    assert main(["convert", "torchvision", str(checkpoint), str(tmp_path / "out"), "--no-strict"]) == 0
+    assert "strict=False" not in capsys.readouterr().out  # the report says why a key was dropped in flags too
+
+    fpn = save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "fpn")
+    assert main(["export-d2", str(fpn), str(tmp_path / "d2.pkl"), "--c4"]) == 2
+    err = capsys.readouterr().err
+    assert "Omit --c4" in err and "c4=False" not in err
+    # API callers keep the Python wording
+    with pytest.raises(WeightsMismatchError, match="Pass strict=False"):
+        convert_torchvision_resnet(state)
+    with pytest.raises(ConfigError, match="Export with c4=False"):
+        export_detectron2(fpn, tmp_path / "d2.pkl", c4=True)
+
+
+def test_hub_hints_name_the_flags(folder, capsys):
+    assert main(["info", str(folder), "--revision", "v1"]) == 2
+    err = capsys.readouterr().err
+    assert "--revision 'v1' was given for the local folder" in err and "revision=" not in err
+
+
+def test_convert_into_a_detector_folder_needs_overwrite_and_leaves_no_stale_file(tmp_path, capsys):
+    import torch
+    from torchvision.models import resnet18
+
+    from insloc_hub.detectors import build_detector
+
+    (tmp_path / "load_report.json").write_text("{}")
+    detector = build_detector("faster_rcnn_fpn", class_names=["raccoon"], preset="tiny-fpn")
+    out = save_pretrained(detector, tmp_path / "out", extra_files={"load_report.json": tmp_path / "load_report.json"})
+    checkpoint = tmp_path / "r18.pth"
+    torch.save(resnet18(weights=None).state_dict(), checkpoint)
+    assert main(["convert", "torchvision", str(checkpoint), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a detection model" in err and "pass --overwrite" in err and "overwrite=True" not in err
+    assert json.loads((out / "config.json").read_text())["task"] == "detection"
+    assert main(["convert", "torchvision", str(checkpoint), str(out), "--overwrite"]) == 0
+    assert not (out / "load_report.json").exists()
+    assert json.loads((out / "config.json").read_text())["task"] == "backbone"
 
 
 def test_convert_refuses_a_missing_file(tmp_path, capsys):

@@ -51,6 +51,15 @@ def test_bad_image_sizes_are_refused(template, tmp_path, name, value):
         from_pretrained(folder)
 
 
+@pytest.mark.parametrize("value, message", [("ab", "bare string 'ab'"), (["a", "a"], "must be distinct"),
+                                            (["a", ""], "non-empty strings"), (["a", 1], "non-empty strings")])
+def test_bad_class_names_are_refused(template, tmp_path, value, message):
+    folder = copy_folder(template, tmp_path / "m")
+    edit_config(folder, lambda c: _detection(c, class_names=value, num_classes=3))
+    with pytest.raises(ConfigError, match=rf"detector\.class_names .*{message}"):
+        read_config(folder)
+
+
 @pytest.mark.parametrize("value", [-1, float("inf"), float("nan"), -0.5])
 def test_negative_or_non_finite_detector_options_are_refused(template, tmp_path, value):
     folder = copy_folder(template, tmp_path / "m")
@@ -72,6 +81,48 @@ def test_bad_detector_architecture_values(template, tmp_path, name, value, field
 
     edit_config(folder, edit)
     with pytest.raises(ConfigError, match=rf"detector\.{field}\.{name}"):
+        from_pretrained(folder)
+
+
+BAD_STATS = [[0.5, 0.5], [0.2, float("nan"), 0.2], [0.2, float("inf"), 0.2], ["0.2", 0.2, 0.2], [True, 0.2, 0.2],
+             0.2, None]
+BAD_STATS_CASES = [("mean", v) for v in BAD_STATS] + [("std", v) for v in [*BAD_STATS, [0, 0, 0], [0.2, -0.1, 0.2]]]
+
+
+@pytest.mark.parametrize("name, value", BAD_STATS_CASES)
+def test_bad_preprocessing_statistics_name_the_field_and_value(template, tmp_path, name, value):
+    folder = copy_folder(template, tmp_path / "m")
+    edit_config(folder, lambda c: c["preprocessing"].update({name: value}))
+    with pytest.raises(ConfigError, match=rf"preprocessing\.{name} must be a list of 3 finite numbers") as info:
+        from_pretrained(folder)
+    assert repr(value) in str(info.value)
+
+
+def test_zero_std_fails_the_onnx_export_in_one_line_before_exporting(template, tmp_path, capsys):
+    from insloc_hub.export.cli import main
+
+    folder = copy_folder(template, tmp_path / "m")
+    edit_config(folder, lambda c: c["preprocessing"].update(std=[0, 0, 0]))
+    out = tmp_path / "x.onnx"
+    assert main(["onnx", str(folder), "--output", str(out), "--height", "64", "--width", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "preprocessing.std must be a list of 3 finite numbers > 0" in err and "[0, 0, 0]" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("value", [256, 0, "128", 128.0, None])
+def test_embedding_dim_must_be_the_architectures(template, tmp_path, value):
+    folder = copy_folder(template, tmp_path / "m")
+    edit_config(folder, lambda c: c.update(embedding_dim=value))
+    with pytest.raises(ConfigError, match=rf"embedding_dim must be 128 .*got {value!r}"):
+        from_pretrained(folder)
+
+
+@pytest.mark.parametrize("name", ["image_mean", "image_std"])
+def test_bad_detector_normalisation_is_refused(template, tmp_path, name):
+    folder = copy_folder(template, tmp_path / "m")
+    edit_config(folder, lambda c: _detection(c, options={name: [0.5, 0.5]}))
+    with pytest.raises(ConfigError, match=rf"detector\.options\.{name} must be a list of 3"):
         from_pretrained(folder)
 
 

@@ -1,5 +1,8 @@
 """build_detector: structure, torchvision parity, training and inference on real photos, loading."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2, maskrcnn_resnet50_fpn_v2
@@ -257,6 +260,45 @@ def test_torchvision_knobs_pass_through_and_config_round_trips():
     rebuilt = build_detector_from_config(model.insloc_config.to_dict())
     assert rebuilt.state_dict().keys() == model.state_dict().keys()
     assert rebuilt.insloc_config == model.insloc_config
+
+
+@pytest.mark.parametrize("given, shown", [("exp1", "'exp1'"), (Path("runs/exp1/final"), "'runs/exp1/final'"),
+                                          (42, "NAME")])
+def test_a_name_as_pretrained_says_exactly_what_to_call(given, shown):
+    with pytest.raises(ConfigError, match="not a (str|PosixPath|int)") as info:
+        build_detector("faster_rcnn_fpn", class_names=["raccoon"], pretrained=given)
+    assert f"build_detector(..., pretrained=from_pretrained({shown}))" in str(info.value)
+
+
+def test_class_names_must_be_a_list_of_distinct_non_empty_names():
+    with pytest.raises(ConfigError, match=r"bare string 'raccoon' .*for one class use \['raccoon'\]"):
+        build_detector("faster_rcnn_fpn", class_names="raccoon", preset="tiny-fpn")
+    with pytest.raises(ConfigError, match=r"class_names must be distinct names; \['a'\] appear more than once"):
+        build_detector("faster_rcnn_fpn", class_names=["a", "b", "a"], preset="tiny-fpn")
+    for bad in (["a", ""], ["a", " "], ["a", 3], [None], {"a": 1}):
+        with pytest.raises(ConfigError, match="class_names must be a list of non-empty strings"):
+            build_detector("faster_rcnn_fpn", class_names=bad, preset="tiny-fpn")
+    model = build_detector("faster_rcnn_fpn", class_names=("cat", "dog"), preset="tiny-fpn")
+    assert model.insloc_config.class_names == ["cat", "dog"] and model.insloc_config.num_classes == 3
+
+
+@pytest.mark.parametrize("name, value", [("min_size", -5), ("min_size", 0), ("min_size", 2.5), ("min_size", True),
+                                         ("min_size", "800"), ("min_size", 10_001), ("min_size", []),
+                                         ("min_size", [800, -1]), ("max_size", -5), ("max_size", [1333]),
+                                         ("max_size", 10**6)])
+def test_size_options_are_refused_up_front(name, value):
+    with pytest.raises(ConfigError, match=rf"^{name} must be an integer in \[1, 10000\].*got {re.escape(repr(value))}"):
+        build_detector("faster_rcnn_fpn", class_names=["a"], preset="tiny-fpn", **{name: value})
+
+
+def test_what_build_detector_accepts_from_pretrained_loads(tmp_path):
+    from insloc_hub.detectors import MAX_IMAGE_SIDE
+    from insloc_hub.pretrained import from_pretrained, save_pretrained
+
+    model = build_detector("faster_rcnn_fpn", class_names=["a"], preset="tiny-fpn", min_size=(96, 128),
+                           max_size=MAX_IMAGE_SIDE)
+    loaded = from_pretrained(save_pretrained(model, tmp_path / "d"))
+    assert list(loaded.transform.min_size) == [96, 128] and loaded.transform.max_size == MAX_IMAGE_SIDE
 
 
 def test_bad_arguments_are_clear_errors():

@@ -173,7 +173,7 @@ def test_dtype_and_loaded_backbone_into_build_detector(tmp_path):
     detector = build_detector("faster_rcnn_fpn", class_names=["a"], pretrained=from_pretrained(folder))
     assert len(detector.load_report.loaded) == len(InsLocBackbone("tiny-fpn").state_dict())
     # names are resolved by the caller: a path gets an error that shows how
-    with pytest.raises(ConfigError, match=r"pretrained=insloc_hub.from_pretrained\("):
+    with pytest.raises(ConfigError, match=r"build_detector\(\.\.\., pretrained=from_pretrained\("):
         build_detector("faster_rcnn_fpn", class_names=["a"], pretrained=str(folder))
 
 
@@ -324,6 +324,80 @@ def test_push_uploads_only_the_hub_files_and_names_the_repo_in_the_card(hub_env,
     assert loaded.hub_config["repo_id"] == "team/clean"
     assert 'from_pretrained("team/clean")' in (loaded.hub_folder / "README.md").read_text()
     assert "repo_id" not in read_config(folder)  # the user's folder is untouched
+
+
+def _detector_folder(folder):
+    report = folder.parent / "load_report.json"
+    report.write_text("{}")
+    detector = build_detector("faster_rcnn_fpn", class_names=["raccoon"], preset="tiny-fpn")
+    return save_pretrained(detector, folder, extra_files={"load_report.json": report})
+
+
+def test_saving_a_backbone_over_a_detector_is_refused_unless_overwrite(tmp_path):
+    folder = _detector_folder(tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ConfigError, match=r"holds a detection model .*saving a backbone model there would replace "
+                                          r"it.*overwrite=True"):
+        save_pretrained(InsLocBackbone("tiny-fpn"), folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # untouched
+    save_pretrained(InsLocBackbone("tiny-fpn"), folder, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert from_pretrained(folder).hub_config["task"] == "backbone"
+
+
+def test_a_save_that_would_leave_a_listed_file_stale_is_refused_unless_overwrite(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("{}\n")
+    folder = save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "m", extra_files={"metrics.jsonl": metrics})
+    save_pretrained(InsLocBackbone("tiny-fpn"), folder, extra_files={"metrics.jsonl": metrics})  # same files: fine
+    with pytest.raises(ConfigError, match="also lists metrics.jsonl, which this save does not write"):
+        save_pretrained(InsLocBackbone("tiny-fpn"), folder)
+    save_pretrained(InsLocBackbone("tiny-fpn"), folder, overwrite=True)
+    assert not (folder / "metrics.jsonl").exists() and "metrics.jsonl" not in read_config(folder)["files"]
+
+
+def test_saving_over_files_that_are_not_a_hub_folder_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"lr": 0.03}))  # a training run's config
+    with pytest.raises(ConfigError, match="is not a hub folder's config.json"):
+        save_pretrained(InsLocBackbone("tiny-fpn"), run)
+    assert json.loads((run / "config.json").read_text()) == {"lr": 0.03}
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.md").write_text("my notes")
+    with pytest.raises(ConfigError, match=r"holds README.md but no config.json"):
+        save_pretrained(InsLocBackbone("tiny-fpn"), notes)
+    (notes / "README.md").unlink()
+    (notes / "other.txt").write_text("kept")  # files a hub folder does not write are left alone
+    save_pretrained(InsLocBackbone("tiny-fpn"), notes)
+    assert (notes / "other.txt").read_text() == "kept"
+
+
+def test_push_refuses_weights_changed_after_saving_before_any_request(hub_env, tmp_path):
+    folder = save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "m")
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one flipped byte in the last tensor: still a valid safetensors file
+    weights.write_bytes(bytes(data))
+    hub_env.server.requests.clear()
+    with pytest.raises(IntegrityError, match="sha256") as info:
+        push_to_hub(folder, "team/tampered")
+    message = str(info.value)
+    assert str(weights) in message and "re-save the model" in message and "insloc-push-" not in message
+    assert hub_env.server.requests == []  # nothing was published
+
+
+def test_push_errors_name_the_users_folder_not_the_staging_copy(hub_env, tmp_path):
+    from insloc_hub.errors import HubAccessError
+
+    folder = save_pretrained(InsLocBackbone("tiny-fpn"), tmp_path / "m")
+    with pytest.raises(HubAccessError, match="403") as info:
+        push_to_hub(folder, "team/read-only", token="read-token")
+    assert f"Push of {folder} to 'team/read-only' failed" in str(info.value)
+    assert "insloc-push-" not in str(info.value)
+    with pytest.raises(HubAccessError, match="Push of the InsLocBackbone \\(saved for the push\\)"):
+        push_to_hub(InsLocBackbone("tiny-fpn"), "team/read-only", token="read-token")
 
 
 @pytest.mark.parametrize(("arch", "preset", "expected"), [
