@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from insloc_hub import build_detector
-from insloc_hub.pretrained import from_pretrained
+from insloc_hub.pretrained import from_pretrained, save_pretrained
 from insloc_hub.training import cli
 from insloc_hub.training.pretraining.engine import PretrainConfig
 from insloc_hub.training.pretraining.insloc import InsLoc
@@ -53,6 +53,15 @@ def test_tiny_preset_smoke_run_and_export_weights(photos, tmp_path, capsys):
     assert config["architecture"]["depth"] == 18 and config["provenance"]["epochs"] == 2
     code, _ = run(["export-weights", out, tmp_path / "exported"], capsys)
     assert code == 0 and (tmp_path / "exported" / "README.md").is_file()
+    # a fine-tuned detector's folder is not replaced by accident, and --overwrite leaves nothing of it behind
+    (tmp_path / "load_report.json").write_text("{}")
+    detector = save_pretrained(build_detector("faster_rcnn_fpn", class_names=["raccoon"], preset="tiny-fpn"),
+                               tmp_path / "detector", extra_files={"load_report.json": tmp_path / "load_report.json"})
+    code, err = run(["export-weights", out, detector], capsys)
+    assert code == 2 and "holds a detection model" in err and "pass --overwrite" in err and "=True" not in err
+    code, err = run(["export-weights", out, detector, "--overwrite"], capsys)
+    assert code == 0, err
+    assert from_pretrained(detector).hub_config["task"] == "backbone" and not (detector / "load_report.json").exists()
 
 
 def test_device_composition_amp_and_channels_last_paths_on_cpu(photos, tmp_path, capsys):

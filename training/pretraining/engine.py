@@ -513,7 +513,8 @@ def _provenance(cfg: PretrainConfig, position: dict[str, Any]) -> dict[str, Any]
 
 
 def _export(model_state: dict[str, torch.Tensor], out_dir: Path, cfg: PretrainConfig, provenance: dict[str, Any],
-            run_dir: Path | None, records: Sequence[dict[str, Any]], collapsed_at: int | None) -> Path:
+            run_dir: Path | None, records: Sequence[dict[str, Any]], collapsed_at: int | None,
+            overwrite: bool = False) -> Path:
     """The query backbone of ``model_state`` as a hub folder; the card also gets the run's diagnostics."""
     prefix = "encoder_q.backbone."
     backbone = InsLocBackbone(query_backbone_config(cfg))
@@ -527,7 +528,7 @@ def _export(model_state: dict[str, torch.Tensor], out_dir: Path, cfg: PretrainCo
     files = {"metrics.jsonl": "metrics.jsonl", "training_args.json": "config.json"}
     extra = {name: run_dir / file for name, file in files.items() if run_dir is not None and (run_dir / file).is_file()}
     name = f"insloc-{cfg.arch}" if cfg.method == "insloc" else f"moco-{cfg.arch}"
-    return save_pretrained(backbone, out_dir, name=name, provenance=provenance, extra_files=extra)
+    return save_pretrained(backbone, out_dir, name=name, provenance=provenance, extra_files=extra, overwrite=overwrite)
 
 
 def _check_format(path: Path, state: dict[str, Any]) -> None:
@@ -535,9 +536,10 @@ def _check_format(path: Path, state: dict[str, Any]) -> None:
         raise CheckpointError(f"{path} is not an insloc-train pretraining checkpoint (format {state.get('format')!r})")
 
 
-def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                      overwrite: bool = False) -> Path:
     """Write the query-side backbone of a pretraining checkpoint, or of the newest usable checkpoint of a run
-    folder, as a hub folder (``export-weights``)."""
+    folder, as a hub folder (``export-weights``); ``overwrite`` replaces another model already there."""
     path = Path(checkpoint)
     candidates = list(reversed(list_checkpoints(path))) if path.is_dir() else [path]
     if not candidates:
@@ -551,7 +553,7 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.Path
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
         records = run_lib.read_metrics(run_dir / "metrics.jsonl", state["global_step"])
         collapsed = CollapseMonitor(cfg.dim, cfg.batch_size).replay(records)
-    return _export(state["model"], Path(out_dir), cfg, prov, run_dir, records, collapsed)
+    return _export(state["model"], Path(out_dir), cfg, prov, run_dir, records, collapsed, overwrite)
 
 
 def chance_loss(model: InsLoc, batch_size: int) -> float:

@@ -48,7 +48,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    print(export_checkpoint(args.checkpoint, args.directory))
+    print(export_checkpoint(args.checkpoint, args.directory, overwrite=args.overwrite))
     return 0
 
 
@@ -71,4 +71,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     )
     export.add_argument("checkpoint", help="checkpoint_*.pt file, or a run folder (its newest checkpoint)")
     export.add_argument("directory", type=output_folder, help="output hub folder")
-    export.set_defaults(func=run_export)
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace another model already in the folder (a fine-tuned detector, another program's "
+                             "files), removing its files")
+    export.set_defaults(func=run_export, cli_words={"pass overwrite=True": "pass --overwrite"})
