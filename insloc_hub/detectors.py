@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import inspect
 import logging
+import math
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
@@ -345,6 +346,24 @@ def _check_options(arch: str, kwargs: Mapping[str, Any]) -> None:
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"{key!r} is not an option of {arch} (torchvision {_DETECTOR_CLASSES[arch].__name__})"
                               f"{hint}")
+    # a value of the wrong type would only fail inside torchvision, mid-training: judge it by the default's type
+    params = inspect.signature(_DETECTOR_CLASSES[arch].__init__).parameters
+    for key, value in kwargs.items():
+        default = params[key].default if key in params else None
+        if isinstance(default, bool):
+            ok, wanted = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            wanted = "a finite number"
+        elif isinstance(default, (list, tuple)):
+            ok, wanted = isinstance(value, (list, tuple)), "a list"
+        else:  # None or an object: torchvision checks what it takes
+            continue
+        if not ok:
+            raise ConfigError(f"{key}={value!r}: torchvision {_DETECTOR_CLASSES[arch].__name__} takes {wanted} "
+                              f"there (default {default!r})")
 
 
 def _is_json_value(value: Any) -> bool:

@@ -206,6 +206,18 @@ def test_faster_rcnn_fpn_computes_what_torchvision_v2_computes():
     torch.testing.assert_close(a["scores"], b["scores"])
 
 
+@pytest.mark.parametrize(("option", "value", "wanted"), [
+    ("box_batch_size_per_image", "abc", "an integer"), ("box_batch_size_per_image", 1.5, "an integer"),
+    ("box_batch_size_per_image", True, "an integer"), ("box_score_thresh", float("nan"), "a finite number"),
+    ("box_score_thresh", "0.5", "a finite number"),
+])
+def test_option_values_of_the_wrong_type_are_refused_before_training(option, value, wanted):
+    """What --detector-opt KEY=abc would otherwise send to torchvision, to fail at the first training step."""
+    with pytest.raises(ConfigError, match=f"{option}=.*takes {wanted} there"):
+        build_detector("faster_rcnn_fpn", 3, preset="tiny-fpn", **{option: value})
+    build_detector("faster_rcnn_fpn", 3, preset="tiny-fpn", box_score_thresh=0, box_batch_size_per_image=64)
+
+
 def test_unknown_or_misapplied_options_are_errors():
     with pytest.raises(ConfigError, match="'bogus_knob' is not an option of faster_rcnn_fpn"):
         build_detector("faster_rcnn_fpn", 3, preset="tiny-fpn", bogus_knob=1)
