@@ -77,6 +77,9 @@ PRETRAININGS: dict[str, tuple[str, tuple[str, ...]]] = {
     # the official 256-pixel canvas instead of the config's (both methods, so MoCo v2 keeps the same budget)
     "insloc-c256": ("insloc", ("--canvas", "256")),
     "moco-c256": ("moco", ("--canvas", "256")),
+    # both at canvas 256 over four times the budget: where the preset's in-batch top-1 passes 50 %
+    "insloc-c256-e240": ("insloc", ("--canvas", "256", "--epochs", "240")),
+    "moco-c256-e240": ("moco", ("--canvas", "256", "--epochs", "240")),
 }
 EXTRA_NORM = ("--box-head-extra-norm",)  # the official InsLoc fine-tuning head (a new BN after the head's fc)
 NEW_FC = ("--reinit", "box_head.fc1")  # the pretrained box head's convs, its fc left at a fresh init
@@ -116,6 +119,14 @@ ROW_SPECS: dict[str, Row] = {
                                    "insloc-c256", parts=("trunk",), finetune_flags=EXTRA_NORM),
     "insloc-c256-fpn-xnorm": Row("InsLoc, canvas 256: trunk and FPN (box head re-initialised), extra head BN",
                                  "insloc-c256", parts=("trunk", "fpn"), finetune_flags=EXTRA_NORM),
+    "moco-c256-e240": Row("MoCo v2, canvas 256, 4x pretraining steps", "moco-c256-e240"),
+    "insloc-c256-e240-fpn": Row("InsLoc, canvas 256, 4x pretraining steps: trunk and FPN, box head re-initialised",
+                                "insloc-c256-e240", parts=("trunk", "fpn")),
+    "moco-c256-e240-xnorm": Row("MoCo v2, canvas 256, 4x pretraining steps, extra head BN", "moco-c256-e240",
+                                finetune_flags=EXTRA_NORM),
+    "insloc-c256-e240-trunk-xnorm": Row("InsLoc, canvas 256, 4x pretraining steps: trunk (FPN, box head "
+                                        "re-initialised), extra head BN", "insloc-c256-e240", parts=("trunk",),
+                                        finetune_flags=EXTRA_NORM),
 }
 ROWS = ("random", "moco", "insloc")
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raccoon"

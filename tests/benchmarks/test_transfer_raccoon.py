@@ -49,9 +49,10 @@ def test_unknown_row_is_refused_with_the_choices(tmp_path: Path, capsys: pytest.
     assert "unknown rows ['nope']" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["insloc-c256", "moco-c256"])
-def test_c256_pretrainings_resolve_to_the_official_canvas_and_keep_the_rest_of_the_budget(tmp_path: Path,
-                                                                                       name: str) -> None:
+@pytest.mark.parametrize(("name", "epochs"), [("insloc-c256", 60), ("moco-c256", 60), ("insloc-c256-e240", 240),
+                                             ("moco-c256-e240", 240)])
+def test_c256_pretrainings_resolve_to_the_official_canvas_and_keep_the_rest_of_the_budget(tmp_path: Path, name: str,
+                                                                                       epochs: int) -> None:
     method, flags = transfer_raccoon.PRETRAININGS[name]
     budget = transfer_raccoon.CONFIGS["cpu"]
     preset = "small-data" if method == "insloc" else None
@@ -61,4 +62,4 @@ def test_c256_pretrainings_resolve_to_the_official_canvas_and_keep_the_rest_of_t
     args = parser.parse_args(cmd[len(transfer_raccoon.CLI):])
     cfg = pretrain.config_from_args(args)
     assert cfg.canvas == 256 and budget.pretrain_canvas == 128
-    assert (cfg.method, cfg.epochs, cfg.batch_size, cfg.queue_size) == (method, 60, 16, 256)
+    assert (cfg.method, cfg.epochs, cfg.batch_size, cfg.queue_size) == (method, epochs, 16, 256)
