@@ -353,7 +353,9 @@ def _check_options(arch: str, kwargs: Mapping[str, Any]) -> None:
         if isinstance(default, bool):
             ok, wanted = isinstance(value, bool), "true or false"
         elif isinstance(default, int):
-            ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            # min_size may also be several sizes (multi-scale training draws one per image)
+            values = value if key == "min_size" and isinstance(value, (list, tuple)) and value else [value]
+            ok, wanted = all(isinstance(v, int) and not isinstance(v, bool) for v in values), "an integer"
         elif isinstance(default, float):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             wanted = "a finite number"
