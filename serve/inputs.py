@@ -67,8 +67,9 @@ async def read_body(request: Request, limit: int, deadline: float) -> bytes:
             chunks.append(chunk)
     if reading.cancelled_caught:
         # the rest of the body may still come: the connection cannot carry another request, so it closes
-        raise ServiceError(408, "request_timeout", f"the request body did not arrive within {timeout_s:g} s "
-                                                   f"({total:,} bytes received); send it at once",
+        raise ServiceError(408, "request_timeout", f"the request body did not arrive within {timeout_s:.1f} s, "
+                                                   f"the request's deadline ({total:,} bytes received); send it "
+                                                   "at once",
                            {"Connection": "close"})
     body = b"".join(chunks)
     request._body = body  # lets Starlette's form parser read the body we already hold
