@@ -194,6 +194,7 @@ class TorchBackend(Backend):
         import torch
 
         from insloc_hub import from_pretrained
+        from insloc_hub.detectors import inference_options
 
         self.torch = torch
         if device == "auto":
@@ -234,7 +235,8 @@ class TorchBackend(Backend):
             source=spec, class_names=list(config.get("class_names") or []), feature_names=features,
             embedding_dim=None if self.is_detector else int(model.embedding_dim),
             card_summary=_card_summary(Path(folder) if folder else None),
-            inference=dict(config.get("detector", {}).get("inference", {})),
+            # what the loaded detector really applies, read from its modules (not config.json's record of it)
+            inference=inference_options(model) if self.is_detector else {},
             preprocessing=dict(config.get("preprocessing", {})),
         )
         # backbones take normalised images unless the folder says the model normalises (CONTRACT part 1)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import httpx
 import numpy as np
 import onnx
@@ -68,6 +71,17 @@ def test_onnx_without_insloc_metadata_is_refused(tiny_models, tmp_path):
 def test_served_names_and_aliases(tiny_models):
     backend = load_backend(f"my-detector={tiny_models.detector}", device="cpu")
     assert backend.info.name == "my-detector" and backend.info.tag == "my-detector@local"
+
+
+def test_torch_detector_reports_the_options_it_runs_with_not_an_edited_record(tiny_models, tmp_path):
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_models.detector, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["detector"]["inference"]["score_thresh"] = 0.5  # a record only: the weights' sha256 does not cover it
+    (folder / "config.json").write_text(json.dumps(config))
+    backend = load_backend(str(folder), device="cpu")
+    assert backend.info.inference["score_thresh"] == backend.model.roi_heads.score_thresh
+    assert backend.info.inference == load_backend(str(tiny_models.detector), device="cpu").info.inference
 
 
 def test_onnx_detector_reports_its_inference_options_and_the_local_revision(tiny_models, tiny_onnx, tmp_path):
