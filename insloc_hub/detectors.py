@@ -349,13 +349,13 @@ def _check_options(arch: str, kwargs: Mapping[str, Any]) -> None:
     # a value of the wrong type would only fail inside torchvision, mid-training: judge it by the default's type
     params = inspect.signature(_DETECTOR_CLASSES[arch].__init__).parameters
     for key, value in kwargs.items():
+        if key in SIZE_OPTIONS:  # build_detector judged them already (size_option_problem)
+            continue
         default = params[key].default if key in params else None
         if isinstance(default, bool):
             ok, wanted = isinstance(value, bool), "true or false"
         elif isinstance(default, int):
-            # min_size may also be several sizes (multi-scale training draws one per image)
-            values = value if key == "min_size" and isinstance(value, (list, tuple)) and value else [value]
-            ok, wanted = all(isinstance(v, int) and not isinstance(v, bool) for v in values), "an integer"
+            ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
         elif isinstance(default, float):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             wanted = "a finite number"
