@@ -853,8 +853,7 @@ class _PretrainRun:
                 if finished:
                     break
                 if stop.requested:
-                    raise run_lib.Stopped(f"{stop.requested} at step {self.global_step}/{self.total_steps}, saved "
-                                          f"{saved}; continue with the same command and --resume auto")
+                    raise stop.stopped(f"step {self.global_step}/{self.total_steps}", saved)
             report = self.images.pop_epoch_report()
             if report and self.is_main:
                 self.metrics.write({"step": self.global_step, "epoch": self.epoch, "unreadable_draws": report.events,

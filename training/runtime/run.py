@@ -119,8 +119,7 @@ class StopRequest:
         ...     for step in steps:
         ...         train_one(step)
         ...         if stop.requested:
-        ...             save(step)
-        ...             raise Stopped(f"saved step {step}; resume with --resume auto")
+        ...             raise stop.stopped(f"step {step}", save(step))
     """
 
     SIGNALS = ("SIGINT", "SIGTERM")
@@ -143,6 +142,11 @@ class StopRequest:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
+
+    def stopped(self, where: str, saved: Path | None) -> Stopped:
+        """The :class:`Stopped` to raise once the loop saved ``where`` it stood (``"step 3/6"``) to ``saved``."""
+        return Stopped(f"{self.requested} at {where}, saved {saved}; continue with the same command and "
+                       "--resume auto")
 
     def _handle(self, number: int, frame: Any) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: Ctrl-C reaches the whole process group,

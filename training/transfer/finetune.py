@@ -631,8 +631,7 @@ class _FinetuneRun:
                 self.train_model.train()
             if stop.requested and it < cfg.iterations:
                 saved = self._save() if it % cfg.checkpoint_every else ckpt.checkpoint_path(self.run_dir, it)
-                raise run_lib.Stopped(f"{stop.requested} at iteration {it}/{cfg.iterations}, saved {saved}; continue "
-                                      "with the same command and --resume auto")
+                raise stop.stopped(f"iteration {it}/{cfg.iterations}", saved)
         del batches
         if self.start_iter < cfg.iterations or not ckpt.list_checkpoints(self.run_dir):
             self._save()
