@@ -82,11 +82,7 @@ class Service:
         Raising here fails the ASGI lifespan startup, so uvicorn exits instead of serving a service that
         can never become ready.
         """
-        try:
-            await asyncio.get_running_loop().run_in_executor(self.device_thread, self._prepare)
-        except Exception as exc:
-            self.load_error = str(exc) if isinstance(exc, InsLocError) else _first_line(exc)
-            raise
+        await asyncio.to_thread(self.prepare)  # waits for the device thread without blocking the loop
         for backend in self._prepared or []:
             self.models[backend.info.name] = ModelRuntime(backend, self._batchers(backend))
         self.ready = True
@@ -103,15 +99,13 @@ class Service:
             backends = list(self._given)
             _check_names(backends, [b.info.source for b in backends])
         else:
-            if not self.settings.models:
-                raise ConfigError("no model to serve; pass --model NAME (a hub name, folder or .onnx file) or set "
-                                  "INSLOC_SERVE_MODELS")
             backends = []
             for spec in self.settings.models:
                 backends.append(self._load_one(spec))
                 _check_names(backends, self.settings.models)  # before loading (and warming) the rest
         if not backends:
-            raise ConfigError("no model to serve; pass --model NAME (a hub name, folder or .onnx file)")
+            raise ConfigError("no model to serve; pass --model NAME (a hub name, folder or .onnx file) or set "
+                              "INSLOC_SERVE_MODELS")
         if self.settings.warmup:
             for backend in backends:
                 _warm_up(backend)
